@@ -1,0 +1,250 @@
+//! Identities: an Ed25519 signing key and an X25519 key-exchange key.
+//!
+//! Nodes and users each have one. The Ed25519 public key *is* the id
+//! ([`NodeId`], [`UserId`]); the X25519 public key is what epoch keys are sealed to.
+//! This module only encodes and decodes the identity file's bytes; reading and
+//! writing the file (mode 0600, load-or-create) is the runtime's job, since actors
+//! never touch the file system.
+
+use core::fmt;
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use rand_core::CryptoRng;
+use serde::{Deserialize, Serialize};
+use x25519_dalek::{PublicKey as ExchangePublic, StaticSecret};
+use zeroize::Zeroizing;
+
+use crate::ids::{NodeId, UserId};
+
+/// The first bytes of an identity file: a magic tag and the format version.
+const FILE_MAGIC: &[u8; 7] = b"CNCLVID";
+/// The identity file format version.
+const FILE_VERSION: u8 = 1;
+/// magic ‖ version ‖ ed25519 secret ‖ x25519 secret ‖ ed25519 public ‖ x25519 public.
+/// The public halves are stored so that a damaged secret is detected on load.
+pub const IDENTITY_FILE_BYTES: usize = 7 + 1 + 32 * 4;
+
+/// Why identity bytes were refused. Each one means the file is damaged or is not an
+/// identity file: it is never silently replaced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The file is shorter or longer than an identity file.
+    #[error("identity file is {len} bytes, expected {IDENTITY_FILE_BYTES} (truncated or not an identity file)")]
+    WrongLength {
+        /// Bytes found.
+        len: usize,
+    },
+    /// The file does not start with the identity magic.
+    #[error("not a conclave identity file (bad magic)")]
+    BadMagic,
+    /// The file is of a format version this build does not read.
+    #[error(
+        "identity file version {0} is not supported (this build reads version {FILE_VERSION})"
+    )]
+    UnsupportedVersion(u8),
+    /// The stored public keys do not derive from the stored secrets.
+    #[error("identity file is corrupt: its public keys do not match its secret keys")]
+    KeyMismatch,
+}
+
+/// A secret identity. Its secrets are zeroized on drop and never printed.
+#[derive(Clone)]
+pub struct Identity {
+    signing: SigningKey,
+    exchange: StaticSecret,
+}
+
+/// The public half of an identity: what others need to verify its signatures and to
+/// seal keys to it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublicIdentity {
+    /// Ed25519 public key: the node or user id.
+    pub signing: [u8; 32],
+    /// X25519 public key: epoch keys are sealed to it.
+    pub exchange: [u8; 32],
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for PublicIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicIdentity({:?})", UserId(self.signing))
+    }
+}
+
+impl PublicIdentity {
+    /// The Ed25519 verifying key, or `None` if the bytes are not a valid point.
+    pub fn verifying_key(&self) -> Option<VerifyingKey> {
+        VerifyingKey::from_bytes(&self.signing).ok()
+    }
+
+    /// The X25519 public key.
+    pub fn exchange_key(&self) -> ExchangePublic {
+        ExchangePublic::from(self.exchange)
+    }
+}
+
+impl Identity {
+    /// A fresh identity from `rng` (the actor context's, or OS entropy in the runtime).
+    pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R) -> Self {
+        let signing = SigningKey::generate(rng);
+        let exchange = StaticSecret::random_from_rng(rng);
+        Self { signing, exchange }
+    }
+
+    /// An identity from its two 32-byte secrets.
+    pub fn from_secrets(signing: &[u8; 32], exchange: [u8; 32]) -> Self {
+        Self {
+            signing: SigningKey::from_bytes(signing),
+            exchange: StaticSecret::from(exchange),
+        }
+    }
+
+    /// The public half.
+    pub fn public(&self) -> PublicIdentity {
+        PublicIdentity {
+            signing: self.signing.verifying_key().to_bytes(),
+            exchange: ExchangePublic::from(&self.exchange).to_bytes(),
+        }
+    }
+
+    /// This identity as a node id.
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.signing.verifying_key().to_bytes())
+    }
+
+    /// This identity as a user id.
+    pub fn user_id(&self) -> UserId {
+        UserId(self.signing.verifying_key().to_bytes())
+    }
+
+    /// The Ed25519 signing key.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signing
+    }
+
+    /// The X25519 secret that opens keys sealed to this identity.
+    pub fn exchange_secret(&self) -> &StaticSecret {
+        &self.exchange
+    }
+
+    /// The identity file's bytes (secret: zeroized when dropped).
+    pub fn to_file_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let public = self.public();
+        let mut out = Zeroizing::new(Vec::with_capacity(IDENTITY_FILE_BYTES));
+        out.extend_from_slice(FILE_MAGIC);
+        out.push(FILE_VERSION);
+        out.extend_from_slice(&self.signing.to_bytes());
+        out.extend_from_slice(self.exchange.as_bytes());
+        out.extend_from_slice(&public.signing);
+        out.extend_from_slice(&public.exchange);
+        debug_assert_eq!(out.len(), IDENTITY_FILE_BYTES);
+        out
+    }
+
+    /// Parses an identity file's bytes, checking that the stored public keys derive
+    /// from the stored secrets.
+    pub fn from_file_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
+        if bytes.len() != IDENTITY_FILE_BYTES {
+            return Err(IdentityError::WrongLength { len: bytes.len() });
+        }
+        let (magic, rest) = bytes.split_at(FILE_MAGIC.len());
+        if magic != FILE_MAGIC {
+            return Err(IdentityError::BadMagic);
+        }
+        let (&version, rest) = rest
+            .split_first()
+            .ok_or(IdentityError::WrongLength { len: bytes.len() })?;
+        if version != FILE_VERSION {
+            return Err(IdentityError::UnsupportedVersion(version));
+        }
+        let chunk = |i: usize| -> [u8; 32] {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(&rest[32 * i..32 * (i + 1)]);
+            out
+        };
+        let signing_secret = Zeroizing::new(chunk(0));
+        let identity = Self::from_secrets(&signing_secret, chunk(1));
+        let stored = PublicIdentity {
+            signing: chunk(2),
+            exchange: chunk(3),
+        };
+        if identity.public() != stored {
+            return Err(IdentityError::KeyMismatch);
+        }
+        Ok(identity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed() -> Identity {
+        Identity::from_secrets(&[7u8; 32], [9u8; 32])
+    }
+
+    #[test]
+    fn file_bytes_round_trip() {
+        let id = fixed();
+        let bytes = id.to_file_bytes();
+        let back = Identity::from_file_bytes(&bytes).expect("valid file");
+        assert_eq!(back.public(), id.public());
+        assert_eq!(back.signing_key().to_bytes(), id.signing_key().to_bytes());
+    }
+
+    #[test]
+    fn truncated_and_extended_files_are_refused() {
+        let bytes = fixed().to_file_bytes();
+        for len in [0, 1, 8, IDENTITY_FILE_BYTES - 1] {
+            assert_eq!(
+                Identity::from_file_bytes(&bytes[..len]).unwrap_err(),
+                IdentityError::WrongLength { len }
+            );
+        }
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert_eq!(
+            Identity::from_file_bytes(&longer).unwrap_err(),
+            IdentityError::WrongLength {
+                len: IDENTITY_FILE_BYTES + 1
+            }
+        );
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let bytes = fixed().to_file_bytes();
+        for i in 0..bytes.len() {
+            let mut bad = bytes.to_vec();
+            bad[i] ^= 0x01;
+            let err = Identity::from_file_bytes(&bad).unwrap_err();
+            let expected = match i {
+                0..=6 => IdentityError::BadMagic,
+                7 => IdentityError::UnsupportedVersion(FILE_VERSION ^ 1),
+                _ => IdentityError::KeyMismatch,
+            };
+            assert_eq!(err, expected, "flipped byte {i}");
+        }
+    }
+
+    #[test]
+    fn debug_never_prints_secrets() {
+        let id = fixed();
+        let text = format!("{id:?}");
+        let secret_hex: String = id
+            .signing_key()
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(!text.contains(&secret_hex[..8]));
+        assert!(text.contains("PublicIdentity"));
+    }
+}

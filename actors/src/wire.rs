@@ -1,0 +1,132 @@
+//! The typed wire format.
+//!
+//! Everything that crosses a node boundary is an [`Envelope`]: one version byte, then
+//! the postcard encoding of the envelope body. Decoding is bounded: input longer than
+//! [`ENVELOPE_BYTES_MAX`] is refused before it is parsed, every length inside it is
+//! checked against the bytes actually present, and trailing bytes are an error. A
+//! decode never panics; it returns a [`WireError`].
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::actor::ActorRef;
+
+/// The wire version this build speaks. Bumped on any incompatible change.
+pub const WIRE_VERSION: u8 = 1;
+
+/// The hard upper bound on one encoded envelope, version byte included.
+pub const ENVELOPE_BYTES_MAX: usize = 1024 * 1024;
+
+/// Why bytes did not decode (or a value did not encode).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The input is longer than the limit for its kind.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Bytes offered.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The input is empty.
+    #[error("empty message")]
+    Empty,
+    /// The envelope names a version this build does not speak.
+    #[error("unsupported wire version {got} (this build speaks {WIRE_VERSION})")]
+    UnsupportedVersion {
+        /// Version byte found.
+        got: u8,
+    },
+    /// The input ended before the value did.
+    #[error("message truncated")]
+    Truncated,
+    /// Bytes are left over after a complete value.
+    #[error("{0} trailing bytes after a complete message")]
+    TrailingBytes(usize),
+    /// The bytes are not a valid encoding of the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+impl From<postcard::Error> for WireError {
+    fn from(e: postcard::Error) -> Self {
+        match e {
+            postcard::Error::DeserializeUnexpectedEnd => WireError::Truncated,
+            other => WireError::Malformed(other.to_string()),
+        }
+    }
+}
+
+/// Encodes `value` with postcard, refusing results longer than `max` bytes.
+pub fn encode_bounded<T: Serialize + ?Sized>(value: &T, max: usize) -> Result<Vec<u8>, WireError> {
+    let bytes = postcard::to_stdvec(value)?;
+    if bytes.len() > max {
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes exactly one `T` from `bytes`, which must be at most `max` bytes long.
+///
+/// Allocation is bounded by the input: postcard checks each length prefix against
+/// the bytes that remain, so a forged length cannot make it reserve more.
+pub fn decode_bounded<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireError> {
+    if bytes.len() > max {
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
+    }
+    let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    Ok(value)
+}
+
+/// One message between two actors on different nodes.
+///
+/// `M` is the message universe of the system (see [`crate::actor::System`]). The
+/// sending node is not in the envelope: the transport attributes every envelope to
+/// the peer it authenticated, so a body can never claim another sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<M> {
+    /// The sending actor (its node is checked against the authenticated peer).
+    pub from: ActorRef,
+    /// The receiving actor.
+    pub to: ActorRef,
+    /// The message.
+    pub msg: M,
+}
+
+impl<M: Serialize + DeserializeOwned> Envelope<M> {
+    /// Encodes the envelope: the version byte, then the postcard body.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let mut out = vec![WIRE_VERSION];
+        postcard::to_io(self, &mut out).map_err(WireError::from)?;
+        if out.len() > ENVELOPE_BYTES_MAX {
+            return Err(WireError::TooLarge {
+                len: out.len(),
+                max: ENVELOPE_BYTES_MAX,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes an envelope produced by [`Envelope::encode`], of any origin.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > ENVELOPE_BYTES_MAX {
+            return Err(WireError::TooLarge {
+                len: bytes.len(),
+                max: ENVELOPE_BYTES_MAX,
+            });
+        }
+        let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
+        if version != WIRE_VERSION {
+            return Err(WireError::UnsupportedVersion { got: version });
+        }
+        decode_bounded(body, ENVELOPE_BYTES_MAX - 1)
+    }
+}

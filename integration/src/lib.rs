@@ -1,0 +1,2 @@
+//! Tests that start real conclave nodes, in-process and as processes, over real QUIC.
+//! They live under `tests/`; this library is empty.

@@ -287,3 +287,53 @@ impl<'a, S: System> Context<'a, S> {
         self.effects.push(Effect::Stop);
     }
 }
+
+/// Declares a system's message union: an enum with one variant per actor's message
+/// type, and the conversions that [`Context::send`] (`From`) and [`Actor::Msg`]
+/// (`TryFrom`, handing the message back when it is of another kind) rely on.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// pub enum CounterMsg { Incr, Get }
+/// #[derive(Debug, Serialize, Deserialize)]
+/// pub enum EchoMsg { Say(String) }
+///
+/// conclave_actors::message_union! {
+///     #[derive(Debug, Serialize, Deserialize)]
+///     pub enum Msg { Counter(CounterMsg), Echo(EchoMsg) }
+/// }
+///
+/// let msg: Msg = CounterMsg::Incr.into();
+/// assert!(EchoMsg::try_from(msg).is_err());
+/// ```
+#[macro_export]
+macro_rules! message_union {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($variant:ident($ty:ty)),+ $(,)? }) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $(
+                #[allow(missing_docs)]
+                $variant($ty),
+            )+
+        }
+        $(
+            impl ::core::convert::From<$ty> for $name {
+                fn from(msg: $ty) -> Self {
+                    $name::$variant(msg)
+                }
+            }
+            impl ::core::convert::TryFrom<$name> for $ty {
+                type Error = $name;
+                #[allow(unreachable_patterns)]
+                fn try_from(msg: $name) -> ::core::result::Result<Self, $name> {
+                    match msg {
+                        $name::$variant(msg) => Ok(msg),
+                        other => Err(other),
+                    }
+                }
+            }
+        )+
+    };
+}

@@ -42,9 +42,18 @@ pub enum IdentityError {
         "identity file version {0} is not supported (this build reads version {FILE_VERSION})"
     )]
     UnsupportedVersion(u8),
-    /// The stored public keys do not derive from the stored secrets.
+    /// The stored keys are inconsistent: a public key does not derive from its
+    /// secret, or the X25519 secret is not in its clamped form.
     #[error("identity file is corrupt: its public keys do not match its secret keys")]
     KeyMismatch,
+}
+
+/// Clamps an X25519 secret as RFC 7748 §5 does before every use.
+fn clamp(mut secret: [u8; 32]) -> [u8; 32] {
+    secret[0] &= 248;
+    secret[31] &= 127;
+    secret[31] |= 64;
+    secret
 }
 
 /// A secret identity. Its secrets are zeroized on drop and never printed.
@@ -93,16 +102,19 @@ impl PublicIdentity {
 impl Identity {
     /// A fresh identity from `rng` (the actor context's, or OS entropy in the runtime).
     pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R) -> Self {
-        let signing = SigningKey::generate(rng);
-        let exchange = StaticSecret::random_from_rng(rng);
-        Self { signing, exchange }
+        let signing = Zeroizing::new(SigningKey::generate(rng).to_bytes());
+        let mut exchange = [0u8; 32];
+        rng.fill_bytes(&mut exchange);
+        Self::from_secrets(&signing, exchange)
     }
 
-    /// An identity from its two 32-byte secrets.
+    /// An identity from its two 32-byte secrets. The X25519 secret is stored
+    /// clamped (RFC 7748), so that every bit of an identity file is significant and
+    /// a damaged bit can be detected.
     pub fn from_secrets(signing: &[u8; 32], exchange: [u8; 32]) -> Self {
         Self {
             signing: SigningKey::from_bytes(signing),
-            exchange: StaticSecret::from(exchange),
+            exchange: StaticSecret::from(clamp(exchange)),
         }
     }
 
@@ -170,7 +182,12 @@ impl Identity {
             out
         };
         let signing_secret = Zeroizing::new(chunk(0));
-        let identity = Self::from_secrets(&signing_secret, chunk(1));
+        let exchange_secret = Zeroizing::new(chunk(1));
+        if clamp(*exchange_secret) != *exchange_secret {
+            // Clamping would hide the damage: the bits it fixes do not change the key.
+            return Err(IdentityError::KeyMismatch);
+        }
+        let identity = Self::from_secrets(&signing_secret, *exchange_secret);
         let stored = PublicIdentity {
             signing: chunk(2),
             exchange: chunk(3),

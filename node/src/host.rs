@@ -310,8 +310,8 @@ impl<S: System> Runtime<S> {
 
     /// Delivers `msg` to `to` from outside any actor (the embedding API's way in).
     /// `to` must be on this node.
-    pub fn tell(&self, to: ActorRef, msg: S::Msg) {
-        self.shared.route(None, to, msg);
+    pub fn tell(&self, to: ActorRef, msg: impl Into<S::Msg>) {
+        self.shared.route(None, to, msg.into());
     }
 
     /// How many actors are active (activated and not passivated).

@@ -20,16 +20,37 @@ const COUNTER: ActorKind = ActorKind(103);
 const COUNTS: Table<u64, u64> = Table::new("test_counts");
 const WAIT: Duration = Duration::from_secs(20);
 
+// Each actor kind has its own typed messages; `Msg` is the system's union of them.
 #[derive(Debug, Serialize, Deserialize)]
-enum Msg {
+enum PingerMsg {
     Start { rounds: u32, ponger: ActorRef },
-    Ping(u32),
     Pong(u32),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Ping(u32);
+
+#[derive(Debug, Serialize, Deserialize)]
+enum TimerMsg {
     Arm { after_ms: u64 },
     Fired { armed_at_micros: u64 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum CounterMsg {
     Incr,
     Get,
     Passivate,
+}
+
+conclave_actors::message_union! {
+    #[derive(Debug, Serialize, Deserialize)]
+    enum Msg {
+        Pinger(PingerMsg),
+        Ponger(Ping),
+        Timer(TimerMsg),
+        Counter(CounterMsg),
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -78,21 +99,20 @@ struct Pinger {
 }
 
 impl Actor<TestSystem> for Pinger {
-    type Msg = Msg;
-    fn handle(&mut self, msg: Msg, cx: &mut Context<'_, TestSystem>) {
+    type Msg = PingerMsg;
+    fn handle(&mut self, msg: PingerMsg, cx: &mut Context<'_, TestSystem>) {
         match msg {
-            Msg::Start { rounds, ponger } => {
+            PingerMsg::Start { rounds, ponger } => {
                 self.rounds = rounds;
-                cx.send(ponger, Msg::Ping(1));
+                cx.send(ponger, Ping(1));
             }
-            Msg::Pong(n) if n == self.rounds => {
+            PingerMsg::Pong(n) if n == self.rounds => {
                 let _ = self.events.send(Event::Done { rounds: n });
             }
-            Msg::Pong(n) => {
+            PingerMsg::Pong(n) => {
                 let ponger = *cx.sender().expect("pong has a sender");
-                cx.send(ponger, Msg::Ping(n + 1));
+                cx.send(ponger, Ping(n + 1));
             }
-            other => panic!("pinger got {other:?}"),
         }
     }
 }
@@ -100,13 +120,10 @@ impl Actor<TestSystem> for Pinger {
 struct Ponger;
 
 impl Actor<TestSystem> for Ponger {
-    type Msg = Msg;
-    fn handle(&mut self, msg: Msg, cx: &mut Context<'_, TestSystem>) {
-        let Msg::Ping(n) = msg else {
-            panic!("ponger got {msg:?}")
-        };
+    type Msg = Ping;
+    fn handle(&mut self, Ping(n): Ping, cx: &mut Context<'_, TestSystem>) {
         let pinger = *cx.sender().expect("ping has a sender");
-        cx.send(pinger, Msg::Pong(n));
+        cx.send(pinger, PingerMsg::Pong(n));
     }
 }
 
@@ -115,22 +132,21 @@ struct Timer {
 }
 
 impl Actor<TestSystem> for Timer {
-    type Msg = Msg;
-    fn handle(&mut self, msg: Msg, cx: &mut Context<'_, TestSystem>) {
+    type Msg = TimerMsg;
+    fn handle(&mut self, msg: TimerMsg, cx: &mut Context<'_, TestSystem>) {
         match msg {
-            Msg::Arm { after_ms } => {
+            TimerMsg::Arm { after_ms } => {
                 let armed_at_micros = cx.now().unix_micros();
                 cx.timer(
                     Duration::from_millis(after_ms),
-                    Msg::Fired { armed_at_micros },
+                    TimerMsg::Fired { armed_at_micros },
                 );
             }
-            Msg::Fired { armed_at_micros } => {
+            TimerMsg::Fired { armed_at_micros } => {
                 assert!(cx.sender().is_none(), "timers have no sender");
                 let elapsed = Duration::from_micros(cx.now().unix_micros() - armed_at_micros);
                 let _ = self.events.send(Event::Fired { elapsed });
             }
-            other => panic!("timer got {other:?}"),
         }
     }
 }
@@ -142,10 +158,10 @@ struct Counter {
 }
 
 impl Actor<TestSystem> for Counter {
-    type Msg = Msg;
-    fn handle(&mut self, msg: Msg, cx: &mut Context<'_, TestSystem>) {
+    type Msg = CounterMsg;
+    fn handle(&mut self, msg: CounterMsg, cx: &mut Context<'_, TestSystem>) {
         match msg {
-            Msg::Incr => {
+            CounterMsg::Incr => {
                 let mut txn = cx.store().write().expect("write txn");
                 COUNTS
                     .put(&mut *txn, &self.key, &(self.count + 1))
@@ -154,14 +170,13 @@ impl Actor<TestSystem> for Counter {
                 // Only a committed count becomes the actor's state.
                 self.count += 1;
             }
-            Msg::Get => {
+            CounterMsg::Get => {
                 let _ = self.events.send(Event::Count {
                     key: self.key,
                     count: self.count,
                 });
             }
-            Msg::Passivate => cx.stop(),
-            other => panic!("counter got {other:?}"),
+            CounterMsg::Passivate => cx.stop(),
         }
     }
 }
@@ -204,7 +219,7 @@ fn two_actors_ping_pong_on_one_node() {
     let ponger = ActorRef::new(node, PONGER, ActorKey::Unit);
     runtime.tell(
         ActorRef::new(node, PINGER, ActorKey::Unit),
-        Msg::Start {
+        PingerMsg::Start {
             rounds: 500,
             ponger,
         },
@@ -223,7 +238,7 @@ fn ping_pong_across_two_nodes_goes_through_the_transport() {
     let ponger = ActorRef::new(b, PONGER, ActorKey::Unit);
     node_a.tell(
         ActorRef::new(a, PINGER, ActorKey::Unit),
-        Msg::Start {
+        PingerMsg::Start {
             rounds: 200,
             ponger,
         },
@@ -246,7 +261,7 @@ fn a_timer_fires_no_earlier_than_asked() {
     let (runtime, rx) = start(node, Arc::new(MemStore::new()), &MemNetwork::new());
     runtime.tell(
         ActorRef::new(node, TIMER, ActorKey::Unit),
-        Msg::Arm { after_ms: 50 },
+        TimerMsg::Arm { after_ms: 50 },
     );
     match next(&rx) {
         Event::Fired { elapsed } => assert!(
@@ -269,21 +284,21 @@ fn state_survives_passivation_and_a_restart_through_lmdb() {
 
     let (runtime, rx) = start(node, open(), &MemNetwork::new());
     for _ in 0..3 {
-        runtime.tell(counter, Msg::Incr);
+        runtime.tell(counter, CounterMsg::Incr);
     }
-    runtime.tell(counter, Msg::Get);
+    runtime.tell(counter, CounterMsg::Get);
     assert_eq!(next(&rx), Event::Count { key: 7, count: 3 });
 
     // Passivate, then the next message activates it again from storage.
-    runtime.tell(counter, Msg::Passivate);
-    runtime.tell(counter, Msg::Incr);
-    runtime.tell(counter, Msg::Get);
+    runtime.tell(counter, CounterMsg::Passivate);
+    runtime.tell(counter, CounterMsg::Incr);
+    runtime.tell(counter, CounterMsg::Get);
     assert_eq!(next(&rx), Event::Count { key: 7, count: 4 });
     runtime.shutdown();
 
     // A new runtime on the same data directory starts from what was committed.
     let (runtime, rx) = start(node, open(), &MemNetwork::new());
-    runtime.tell(counter, Msg::Get);
+    runtime.tell(counter, CounterMsg::Get);
     assert_eq!(
         rx.recv_timeout(WAIT).expect("activation"),
         Event::Activated(COUNTER)
@@ -293,7 +308,7 @@ fn state_survives_passivation_and_a_restart_through_lmdb() {
 }
 
 #[test]
-fn messages_to_unknown_actors_and_spoofed_envelopes_are_dropped() {
+fn garbage_spoofed_misrouted_and_unknown_messages_are_dropped() {
     use conclave_actors::wire::Envelope;
     use conclave_transports::Transport;
 
@@ -304,23 +319,36 @@ fn messages_to_unknown_actors_and_spoofed_envelopes_are_dropped() {
 
     // Garbage and an envelope claiming to come from node b, sent by mallory.
     mallory_tx.send(a, vec![0xff; 10]).expect("send");
-    let spoofed = Envelope {
+    let spoofed = Envelope::<Msg> {
         from: ActorRef::new(b, PONGER, ActorKey::Unit),
         to: ActorRef::new(a, COUNTER, ActorKey::Id(1)),
-        msg: Msg::Incr,
+        msg: CounterMsg::Incr.into(),
     };
     mallory_tx
         .send(a, spoofed.encode().expect("encode"))
         .expect("send");
     // An actor kind node a does not host.
-    node_a.tell(ActorRef::new(a, ActorKind(999), ActorKey::Unit), Msg::Get);
+    node_a.tell(
+        ActorRef::new(a, ActorKind(999), ActorKey::Unit),
+        CounterMsg::Get,
+    );
+
+    // A message of the wrong kind for the counter is dropped, not a panic.
+    let wrong_kind = Envelope::<Msg> {
+        from: ActorRef::new(mallory, PINGER, ActorKey::Unit),
+        to: ActorRef::new(a, COUNTER, ActorKey::Id(1)),
+        msg: TimerMsg::Arm { after_ms: 1 }.into(),
+    };
+    mallory_tx
+        .send(a, wrong_kind.encode().expect("encode"))
+        .expect("send");
 
     // An honest envelope from mallory, behind the others on the same channel: the
     // node still serves, and the counter was never incremented by the spoof.
-    let honest = Envelope {
+    let honest = Envelope::<Msg> {
         from: ActorRef::new(mallory, PINGER, ActorKey::Unit),
         to: ActorRef::new(a, COUNTER, ActorKey::Id(1)),
-        msg: Msg::Get,
+        msg: CounterMsg::Get.into(),
     };
     mallory_tx
         .send(a, honest.encode().expect("encode"))

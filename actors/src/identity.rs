@@ -236,18 +236,20 @@ mod tests {
     }
 
     #[test]
-    fn every_flipped_byte_is_detected() {
+    fn every_flipped_bit_is_detected() {
         let bytes = fixed().to_file_bytes();
         for i in 0..bytes.len() {
-            let mut bad = bytes.to_vec();
-            bad[i] ^= 0x01;
-            let err = Identity::from_file_bytes(&bad).unwrap_err();
-            let expected = match i {
-                0..=6 => IdentityError::BadMagic,
-                7 => IdentityError::UnsupportedVersion(FILE_VERSION ^ 1),
-                _ => IdentityError::KeyMismatch,
-            };
-            assert_eq!(err, expected, "flipped byte {i}");
+            for bit in 0..8 {
+                let mut bad = bytes.to_vec();
+                bad[i] ^= 1 << bit;
+                let err = Identity::from_file_bytes(&bad).unwrap_err();
+                let expected = match i {
+                    0..=6 => IdentityError::BadMagic,
+                    7 => IdentityError::UnsupportedVersion(FILE_VERSION ^ (1 << bit)),
+                    _ => IdentityError::KeyMismatch,
+                };
+                assert_eq!(err, expected, "flipped bit {bit} of byte {i}");
+            }
         }
     }
 

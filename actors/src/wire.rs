@@ -2,9 +2,11 @@
 //!
 //! Everything that crosses a node boundary is an [`Envelope`]: one version byte, then
 //! the postcard encoding of the envelope body. Decoding is bounded: input longer than
-//! [`ENVELOPE_BYTES_MAX`] is refused before it is parsed, every length inside it is
-//! checked against the bytes actually present, and trailing bytes are an error. A
-//! decode never panics; it returns a [`WireError`].
+//! [`ENVELOPE_BYTES_MAX`] is refused before it is parsed, a sequence never reserves
+//! room for more elements than the remaining bytes could hold, and trailing bytes are
+//! an error. A decode never panics; it returns a [`WireError`]. Memory use is
+//! proportional to the input: at most a small multiple of it (the in-memory size of
+//! an element per encoded byte), which `tests/wire_decode.rs` measures.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -70,8 +72,9 @@ pub fn encode_bounded<T: Serialize + ?Sized>(value: &T, max: usize) -> Result<Ve
 
 /// Decodes exactly one `T` from `bytes`, which must be at most `max` bytes long.
 ///
-/// Allocation is bounded by the input: postcard checks each length prefix against
-/// the bytes that remain, so a forged length cannot make it reserve more.
+/// Allocation is bounded by the input: postcard does not reserve space for a
+/// sequence whose claimed length exceeds the bytes that remain, so a forged length
+/// cannot make it reserve more. (Maps are `BTreeMap`s, which never reserve.)
 pub fn decode_bounded<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireError> {
     if bytes.len() > max {
         return Err(WireError::TooLarge {

@@ -1,5 +1,6 @@
 //! Feeds arbitrary bytes to the envelope and frame decoders: they must return a typed
-//! error or a value that round-trips, and never panic.
+//! error or a value, never panic; a decoded envelope must re-encode to a fixed point,
+//! and a decoded frame's signature check must return (not panic).
 #![no_main]
 
 use conclave_actors::crypto::Frame;

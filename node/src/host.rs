@@ -9,6 +9,7 @@
 //! touching an actor.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 /// The wall clock, as actor time.
 fn wall_now() -> Time {
     // A clock before 1970 is a broken host; actors then see time zero rather than a
-    // panic, and timestamps stay monotone from there.
+    // panic. (Wall time can step backwards; actors must not assume it is monotonic.)
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -37,6 +38,41 @@ fn wall_now() -> Time {
 /// Counts a message the runtime dropped, by reason.
 fn count_dropped(reason: &'static str) {
     metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => reason).increment(1);
+}
+
+/// How many messages from outside (the embedding API, the transport) may wait in one
+/// actor's mailbox before further ones are refused with [`RouteError::Backpressure`].
+pub const MAILBOX_DEPTH_MAX: usize = 4096;
+
+/// How many actors may be active at once. Activation from outside beyond this is
+/// refused with [`RouteError::TooManyActive`], so a peer cannot make a node hold
+/// unbounded actors by addressing made-up ones.
+pub const ACTIVE_ACTORS_MAX: usize = 1 << 20;
+
+/// Why the runtime refused a message from outside.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The address is on another node; only actors send across nodes.
+    #[error("actor {0:?} is not on this node")]
+    NotLocal(ActorRef),
+    /// The actor's mailbox is full: retry later.
+    #[error("mailbox of {0:?} is full (backpressure)")]
+    Backpressure(ActorRef),
+    /// Activating one more actor would exceed [`ACTIVE_ACTORS_MAX`].
+    #[error("too many active actors ({ACTIVE_ACTORS_MAX})")]
+    TooManyActive,
+    /// The runtime has stopped (shut down, or an actor panicked).
+    #[error("the actor runtime has stopped")]
+    Stopped,
+}
+
+/// Where a message comes from decides which limits apply: messages from outside are
+/// bounded and refused when over a limit; messages between actors are the actors'
+/// own protocol and are always delivered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Outside,
+    Actor,
 }
 
 /// What the runtime needs to start: the actors, where they live and how to reach
@@ -54,59 +90,120 @@ pub struct HostConfig<S: System> {
     pub incoming: mpsc::Receiver<Incoming>,
 }
 
+/// One active address.
+enum Slot<S: System> {
+    /// Its host takes messages.
+    Running(Mailbox<S>),
+    /// Its host asked to passivate and is finishing what was queued before; messages
+    /// that arrive meanwhile wait here and go to the next activation, so two copies
+    /// of one actor never run at once.
+    Stopping {
+        mailbox: Mailbox<S>,
+        buffer: Vec<Deliver<S::Msg>>,
+    },
+}
+
+/// A host's address and how many messages wait for it.
+struct Mailbox<S: System> {
+    addr: actix::Addr<Host<S>>,
+    depth: Arc<AtomicUsize>,
+}
+
+impl<S: System> Mailbox<S> {
+    fn send(&self, d: Deliver<S::Msg>) {
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        self.addr.do_send(d);
+    }
+}
+
 struct Shared<S: System> {
     node: NodeId,
     system: S,
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport>,
     arbiter: actix_rt::ArbiterHandle,
-    /// The activated actors. Activation and passivation both happen under this lock,
-    /// which is what makes a passivating actor lose no message (see `passivate`).
-    active: Mutex<BTreeMap<ActorRef, actix::Addr<Host<S>>>>,
+    /// The active actors. Every transition (activate, begin and end passivation)
+    /// happens under this lock. It is never held while actor code runs: activation
+    /// runs on the arbiter thread inside the new host (see `spawn`).
+    active: Mutex<BTreeMap<ActorRef, Slot<S>>>,
 }
 
 impl<S: System> Shared<S> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ActorRef, Slot<S>>> {
+        // Every critical section leaves the map consistent before anything that can
+        // panic, so a poisoned lock still guards a valid map.
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Delivers `msg` to `to`: into a local mailbox (activating the actor if needed)
     /// or, for another node, encoded to the transport.
-    fn route(self: &Arc<Self>, from: Option<ActorRef>, to: ActorRef, msg: S::Msg) {
+    fn route(
+        self: &Arc<Self>,
+        origin: Origin,
+        from: Option<ActorRef>,
+        to: ActorRef,
+        msg: S::Msg,
+    ) -> Result<(), RouteError> {
         if to.node != self.node {
-            return self.send_remote(from, to, msg);
+            if origin == Origin::Outside {
+                return Err(RouteError::NotLocal(to));
+            }
+            self.send_remote(from, to, msg);
+            return Ok(());
         }
-        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(addr) = active.get(&to) {
-            addr.do_send(Deliver { from, msg });
-            return;
+        let d = Deliver { from, msg };
+        let mut active = self.lock();
+        let active_count = active.len();
+        match active.get_mut(&to) {
+            Some(Slot::Running(mailbox)) => {
+                if origin == Origin::Outside
+                    && mailbox.depth.load(Ordering::Relaxed) >= MAILBOX_DEPTH_MAX
+                {
+                    return Err(RouteError::Backpressure(to));
+                }
+                mailbox.send(d);
+            }
+            Some(Slot::Stopping { buffer, .. }) => {
+                if origin == Origin::Outside && buffer.len() >= MAILBOX_DEPTH_MAX {
+                    return Err(RouteError::Backpressure(to));
+                }
+                buffer.push(d);
+            }
+            None => {
+                if origin == Origin::Outside && active_count >= ACTIVE_ACTORS_MAX {
+                    return Err(RouteError::TooManyActive);
+                }
+                let mailbox = self.spawn(to, vec![d]);
+                active.insert(to, Slot::Running(mailbox));
+            }
         }
-        let mut effects = Vec::new();
-        let mut rng = UnwrapErr(SysRng);
-        let handler = {
-            let mut cx = Context::new(
-                to,
-                None,
-                wall_now(),
-                &mut rng,
-                self.store.as_ref(),
-                &mut effects,
-            );
-            self.system.activate(&to, &mut cx)
-        };
-        let Some(handler) = handler else {
-            tracing::warn!(actor = ?to, ?from, "message to an actor this node does not have dropped");
-            count_dropped("unknown_actor");
-            return;
-        };
+        Ok(())
+    }
+
+    /// Starts a host for `me` with `pending` as its first messages. Must be called
+    /// with the `active` lock held (the caller inserts the result), so nothing can be
+    /// sent to the new host ahead of `pending`.
+    fn spawn(self: &Arc<Self>, me: ActorRef, pending: Vec<Deliver<S::Msg>>) -> Mailbox<S> {
         let shared = Arc::clone(self);
+        let depth = Arc::new(AtomicUsize::new(0));
+        let host_depth = Arc::clone(&depth);
+        // actix runs this closure later, on the arbiter thread (`spawn_fn`), never
+        // inside this call: the activation below may therefore take the lock.
         let addr = Host::start_in_arbiter(&self.arbiter, move |ctx| {
             let mut host = Host {
-                me: to,
-                handler,
+                me,
+                handler: None,
+                depth: host_depth,
                 shared,
             };
-            host.apply(effects, ctx);
+            host.activate(ctx);
             host
         });
-        addr.do_send(Deliver { from, msg });
-        active.insert(to, addr);
+        let mailbox = Mailbox { addr, depth };
+        for d in pending {
+            mailbox.send(d);
+        }
+        mailbox
     }
 
     fn send_remote(&self, from: Option<ActorRef>, to: ActorRef, msg: S::Msg) {
@@ -125,7 +222,8 @@ impl<S: System> Shared<S> {
             }
         };
         if let Err(error) = self.transport.send(to.node, bytes) {
-            tracing::debug!(?from, ?to, %error, "transport refused a message");
+            // Reliability is the outbox actor's job: it resends until acknowledged.
+            tracing::warn!(?from, ?to, %error, "transport refused a message; dropped");
             count_dropped("transport");
         }
     }
@@ -146,30 +244,70 @@ impl<S: System> Shared<S> {
             count_dropped("spoofed_sender");
             return;
         }
-        if envelope.to.node != self.node {
-            tracing::warn!(peer = ?incoming.from, to = ?envelope.to, "envelope for another node dropped");
-            count_dropped("misaddressed");
-            return;
+        if let Err(error) = self.route(
+            Origin::Outside,
+            Some(envelope.from),
+            envelope.to,
+            envelope.msg,
+        ) {
+            // The sender's outbox resends what it does not see acknowledged.
+            tracing::warn!(peer = ?incoming.from, to = ?envelope.to, %error, "incoming envelope refused");
+            count_dropped(match error {
+                RouteError::NotLocal(_) => "misaddressed",
+                RouteError::Backpressure(_) => "backpressure",
+                RouteError::TooManyActive => "too_many_active",
+                RouteError::Stopped => "stopped",
+            });
         }
-        self.route(Some(envelope.from), envelope.to, envelope.msg);
     }
 
-    /// Forgets `me`, then tells its host to stop. Every message routed to it before
-    /// the removal is already in its mailbox, ahead of the stop; every message after
-    /// activates a fresh instance. So passivation loses nothing.
-    fn passivate(&self, me: &ActorRef, addr: actix::Addr<Host<S>>) {
-        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        if active.get(me) == Some(&addr) {
-            active.remove(me);
+    /// The host of `me` asked to passivate: from now on its messages wait in a
+    /// buffer, and it is told to stop behind everything already in its mailbox.
+    fn begin_passivation(&self, me: &ActorRef, addr: &actix::Addr<Host<S>>) {
+        let mut active = self.lock();
+        let Some(slot) = active.remove(me) else {
+            return;
+        };
+        let slot = match slot {
+            Slot::Running(mailbox) if mailbox.addr == *addr => {
+                mailbox.addr.do_send(Passivate);
+                Slot::Stopping {
+                    mailbox,
+                    buffer: Vec::new(),
+                }
+            }
+            other => other,
+        };
+        active.insert(*me, slot);
+    }
+
+    /// The host of `me` has handled everything sent to it before it asked to stop.
+    /// It goes away; what arrived meanwhile activates a fresh copy from storage.
+    fn end_passivation(self: &Arc<Self>, me: &ActorRef, addr: &actix::Addr<Host<S>>) {
+        let mut active = self.lock();
+        match active.remove(me) {
+            // Nothing arrived while it stopped: it is gone until the next message.
+            Some(Slot::Stopping { mailbox, buffer })
+                if mailbox.addr == *addr && buffer.is_empty() => {}
+            Some(Slot::Stopping { mailbox, buffer }) if mailbox.addr == *addr => {
+                let mailbox = self.spawn(*me, buffer);
+                active.insert(*me, Slot::Running(mailbox));
+            }
+            Some(other) => {
+                active.insert(*me, other);
+            }
+            None => {}
         }
-        addr.do_send(Passivate);
     }
 }
 
 /// One sans-IO actor hosted in an actix actor.
 pub struct Host<S: System> {
     me: ActorRef,
-    handler: Box<dyn Handler<S>>,
+    /// `None` when the system has no actor at this address: its messages are
+    /// counted and dropped, and the host passivates.
+    handler: Option<Box<dyn Handler<S>>>,
+    depth: Arc<AtomicUsize>,
     shared: Arc<Shared<S>>,
 }
 
@@ -178,7 +316,33 @@ impl<S: System> actix::Actor for Host<S> {
 }
 
 impl<S: System> Host<S> {
+    /// Builds the actor from its stored state, on the arbiter thread.
+    fn activate(&mut self, ctx: &mut actix::Context<Self>) {
+        let mut effects = Vec::new();
+        let mut rng = UnwrapErr(SysRng);
+        {
+            let mut cx = Context::new(
+                self.me,
+                None,
+                wall_now(),
+                &mut rng,
+                self.shared.store.as_ref(),
+                &mut effects,
+            );
+            self.handler = self.shared.system.activate(&self.me, &mut cx);
+        }
+        if self.handler.is_none() {
+            tracing::warn!(actor = ?self.me, "messages to an actor this node does not have are dropped");
+            effects.push(Effect::Stop);
+        }
+        self.apply(effects, ctx);
+    }
+
     fn deliver(&mut self, from: Option<ActorRef>, msg: S::Msg, ctx: &mut actix::Context<Self>) {
+        let Some(handler) = self.handler.as_mut() else {
+            count_dropped("unknown_actor");
+            return;
+        };
         let mut effects = Vec::new();
         let mut rng = UnwrapErr(SysRng);
         {
@@ -190,7 +354,7 @@ impl<S: System> Host<S> {
                 self.shared.store.as_ref(),
                 &mut effects,
             );
-            self.handler.handle_any(msg, &mut cx);
+            handler.handle_any(msg, &mut cx);
         }
         self.apply(effects, ctx);
     }
@@ -199,11 +363,14 @@ impl<S: System> Host<S> {
     fn apply(&mut self, effects: Vec<Effect<S::Msg>>, ctx: &mut actix::Context<Self>) {
         for effect in effects {
             match effect {
-                Effect::Send { from, to, msg } => self.shared.route(Some(from), to, msg),
+                Effect::Send { from, to, msg } => {
+                    // Sends between actors are never refused (see `Origin`).
+                    let _ = self.shared.route(Origin::Actor, Some(from), to, msg);
+                }
                 Effect::Timer { after, msg } => {
                     ctx.run_later(after, move |host, ctx| host.deliver(None, msg, ctx));
                 }
-                Effect::Stop => self.shared.passivate(&self.me, ctx.address()),
+                Effect::Stop => self.shared.begin_passivation(&self.me, &ctx.address()),
                 Effect::Misrouted => count_dropped("wrong_kind"),
             }
         }
@@ -222,6 +389,7 @@ impl<M: 'static> actix::Message for Deliver<M> {
 impl<S: System> actix::Handler<Deliver<S::Msg>> for Host<S> {
     type Result = ();
     fn handle(&mut self, d: Deliver<S::Msg>, ctx: &mut actix::Context<Self>) {
+        self.depth.fetch_sub(1, Ordering::Relaxed);
         self.deliver(d.from, d.msg, ctx);
     }
 }
@@ -235,6 +403,7 @@ impl actix::Message for Passivate {
 impl<S: System> actix::Handler<Passivate> for Host<S> {
     type Result = ();
     fn handle(&mut self, _: Passivate, ctx: &mut actix::Context<Self>) {
+        self.shared.end_passivation(&self.me, &ctx.address());
         ctx.stop();
     }
 }
@@ -309,9 +478,13 @@ impl<S: System> Runtime<S> {
     }
 
     /// Delivers `msg` to `to` from outside any actor (the embedding API's way in).
-    /// `to` must be on this node.
-    pub fn tell(&self, to: ActorRef, msg: impl Into<S::Msg>) {
-        self.shared.route(None, to, msg.into());
+    /// `to` must be on this node. A message to an address the system has no actor for
+    /// is accepted here, then dropped and counted when activation finds nothing.
+    pub fn tell(&self, to: ActorRef, msg: impl Into<S::Msg>) -> Result<(), RouteError> {
+        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            return Err(RouteError::Stopped);
+        }
+        self.shared.route(Origin::Outside, None, to, msg.into())
     }
 
     /// How many actors are active (activated and not passivated).
@@ -324,7 +497,8 @@ impl<S: System> Runtime<S> {
     }
 
     /// Stops every actor and waits for the runtime thread to end. Storage writes
-    /// are synchronous inside handlers, so nothing is left half-written.
+    /// are synchronous inside handlers, so nothing is left half-written; messages
+    /// still waiting in mailboxes are dropped (durable delivery is the outbox's job).
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }

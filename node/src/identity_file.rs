@@ -1,8 +1,8 @@
 //! Identity files on disk: load-or-create, mode 0600, never silently replaced.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use conclave_actors::identity::{IdentityError, IDENTITY_FILE_BYTES};
@@ -100,30 +100,27 @@ pub fn load(path: &Path) -> Result<Identity, IdentityFileError> {
 /// Writes `identity` to a new file at `path` with mode 0600, durably. Fails if the
 /// file exists: an identity is never overwritten.
 pub fn write_new(path: &Path, identity: &Identity) -> Result<(), IdentityFileError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io_error(path))?;
-    }
-    // Write under a temporary name and link it into place, so a crash never leaves
-    // a truncated identity under the real name.
-    let tmp = path.with_extension("tmp-new");
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&identity.to_file_bytes())?;
-        file.sync_all()?;
-        // hard_link fails if `path` exists, unlike rename, which would replace it.
-        fs::hard_link(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    let _ = fs::remove_file(&tmp);
-    result.map_err(io_error(path))
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir).map_err(io_error(path))?;
+    // Write under a unique temporary name (created 0600) and link it into place
+    // without replacing anything, so a crash never leaves a truncated identity under
+    // the real name and two concurrent creators cannot swap files.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".identity-")
+        .permissions(fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(io_error(path))?;
+    tmp.write_all(&identity.to_file_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(io_error(path))?;
+    tmp.persist_noclobber(path)
+        .map_err(|e| io_error(path)(e.error))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(path))
 }
 
 #[cfg(test)]
@@ -141,7 +138,10 @@ mod tests {
         let (second, created) = load_or_create(&path).expect("load");
         assert!(!created);
         assert_eq!(first.public(), second.public());
-        assert!(!path.with_extension("tmp-new").exists());
+        let leftovers = fs::read_dir(path.parent().expect("dir"))
+            .expect("ls")
+            .count();
+        assert_eq!(leftovers, 1, "only the identity file remains");
     }
 
     #[test]

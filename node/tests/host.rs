@@ -41,6 +41,12 @@ enum CounterMsg {
     Incr,
     Get,
     Passivate,
+    /// Passivate, and send itself an increment and a report while doing so.
+    PassivateThenIncrAndGet,
+    /// Block the actor for a while, so that a backlog builds up behind it.
+    Stall {
+        ms: u64,
+    },
 }
 
 conclave_actors::message_union! {
@@ -177,6 +183,13 @@ impl Actor<TestSystem> for Counter {
                 });
             }
             CounterMsg::Passivate => cx.stop(),
+            CounterMsg::Stall { ms } => std::thread::sleep(Duration::from_millis(ms)),
+            CounterMsg::PassivateThenIncrAndGet => {
+                cx.stop();
+                let me = *cx.me();
+                cx.send(me, CounterMsg::Incr);
+                cx.send(me, CounterMsg::Get);
+            }
         }
     }
 }
@@ -199,6 +212,18 @@ fn start(
     (runtime, rx)
 }
 
+/// Polls `done` until it holds, failing the test after [`WAIT`].
+fn wait_until(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached in time"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// The next event that is not an activation notice.
 fn next(rx: &Receiver<Event>) -> Event {
     loop {
@@ -217,13 +242,15 @@ fn two_actors_ping_pong_on_one_node() {
     let node = NodeId([1; 32]);
     let (runtime, rx) = start(node, Arc::new(MemStore::new()), &MemNetwork::new());
     let ponger = ActorRef::new(node, PONGER, ActorKey::Unit);
-    runtime.tell(
-        ActorRef::new(node, PINGER, ActorKey::Unit),
-        PingerMsg::Start {
-            rounds: 500,
-            ponger,
-        },
-    );
+    runtime
+        .tell(
+            ActorRef::new(node, PINGER, ActorKey::Unit),
+            PingerMsg::Start {
+                rounds: 500,
+                ponger,
+            },
+        )
+        .expect("accepted");
     assert_eq!(next(&rx), Event::Done { rounds: 500 });
     assert_eq!(runtime.active_actors(), 2);
     runtime.shutdown();
@@ -236,13 +263,15 @@ fn ping_pong_across_two_nodes_goes_through_the_transport() {
     let (node_a, rx_a) = start(a, Arc::new(MemStore::new()), &net);
     let (node_b, rx_b) = start(b, Arc::new(MemStore::new()), &net);
     let ponger = ActorRef::new(b, PONGER, ActorKey::Unit);
-    node_a.tell(
-        ActorRef::new(a, PINGER, ActorKey::Unit),
-        PingerMsg::Start {
-            rounds: 200,
-            ponger,
-        },
-    );
+    node_a
+        .tell(
+            ActorRef::new(a, PINGER, ActorKey::Unit),
+            PingerMsg::Start {
+                rounds: 200,
+                ponger,
+            },
+        )
+        .expect("accepted");
     assert_eq!(next(&rx_a), Event::Done { rounds: 200 });
     // The ponger was activated on node b, by messages that crossed the transport.
     assert_eq!(
@@ -259,10 +288,12 @@ fn ping_pong_across_two_nodes_goes_through_the_transport() {
 fn a_timer_fires_no_earlier_than_asked() {
     let node = NodeId([1; 32]);
     let (runtime, rx) = start(node, Arc::new(MemStore::new()), &MemNetwork::new());
-    runtime.tell(
-        ActorRef::new(node, TIMER, ActorKey::Unit),
-        TimerMsg::Arm { after_ms: 50 },
-    );
+    runtime
+        .tell(
+            ActorRef::new(node, TIMER, ActorKey::Unit),
+            TimerMsg::Arm { after_ms: 50 },
+        )
+        .expect("accepted");
     match next(&rx) {
         Event::Fired { elapsed } => assert!(
             elapsed >= Duration::from_millis(50),
@@ -284,26 +315,67 @@ fn state_survives_passivation_and_a_restart_through_lmdb() {
 
     let (runtime, rx) = start(node, open(), &MemNetwork::new());
     for _ in 0..3 {
-        runtime.tell(counter, CounterMsg::Incr);
+        runtime.tell(counter, CounterMsg::Incr).expect("accepted");
     }
-    runtime.tell(counter, CounterMsg::Get);
+    runtime.tell(counter, CounterMsg::Get).expect("accepted");
     assert_eq!(next(&rx), Event::Count { key: 7, count: 3 });
 
-    // Passivate, then the next message activates it again from storage.
-    runtime.tell(counter, CounterMsg::Passivate);
-    runtime.tell(counter, CounterMsg::Incr);
-    runtime.tell(counter, CounterMsg::Get);
-    assert_eq!(next(&rx), Event::Count { key: 7, count: 4 });
-    runtime.shutdown();
-
-    // A new runtime on the same data directory starts from what was committed.
-    let (runtime, rx) = start(node, open(), &MemNetwork::new());
-    runtime.tell(counter, CounterMsg::Get);
+    // Passivate, wait until it is gone, and the next message activates it again from
+    // storage.
+    runtime
+        .tell(counter, CounterMsg::Passivate)
+        .expect("accepted");
+    wait_until(|| runtime.active_actors() == 0);
+    runtime.tell(counter, CounterMsg::Incr).expect("accepted");
+    runtime.tell(counter, CounterMsg::Get).expect("accepted");
     assert_eq!(
         rx.recv_timeout(WAIT).expect("activation"),
         Event::Activated(COUNTER)
     );
     assert_eq!(next(&rx), Event::Count { key: 7, count: 4 });
+
+    // Messages that arrive while an actor passivates wait for the next activation:
+    // the old copy first handles everything already queued for it (a backlog of
+    // 1000 increments built while it stalls), and only then does a new copy start
+    // from storage. Two copies never run at once, so no increment is lost.
+    runtime
+        .tell(counter, CounterMsg::Stall { ms: 100 })
+        .expect("accepted");
+    runtime
+        .tell(counter, CounterMsg::PassivateThenIncrAndGet)
+        .expect("accepted");
+    for _ in 0..1000 {
+        runtime.tell(counter, CounterMsg::Incr).expect("accepted");
+    }
+    match next(&rx) {
+        // Reported by the new copy, after at least its own increment.
+        Event::Count { key: 7, count } => assert!((5..=1005).contains(&count), "{count}"),
+        other => panic!("expected a count, got {other:?}"),
+    }
+    runtime.tell(counter, CounterMsg::Get).expect("accepted");
+    assert_eq!(
+        next(&rx),
+        Event::Count {
+            key: 7,
+            count: 1005
+        }
+    );
+    runtime.shutdown();
+
+    // A new runtime on the same data directory starts from what was committed.
+    let (runtime, rx) = start(node, open(), &MemNetwork::new());
+    runtime.tell(counter, CounterMsg::Get).expect("accepted");
+    assert_eq!(
+        rx.recv_timeout(WAIT).expect("activation"),
+        Event::Activated(COUNTER)
+    );
+    assert_eq!(
+        next(&rx),
+        Event::Count {
+            key: 7,
+            count: 1005
+        }
+    );
     runtime.shutdown();
 }
 
@@ -328,10 +400,12 @@ fn garbage_spoofed_misrouted_and_unknown_messages_are_dropped() {
         .send(a, spoofed.encode().expect("encode"))
         .expect("send");
     // An actor kind node a does not host.
-    node_a.tell(
-        ActorRef::new(a, ActorKind(999), ActorKey::Unit),
-        CounterMsg::Get,
-    );
+    node_a
+        .tell(
+            ActorRef::new(a, ActorKind(999), ActorKey::Unit),
+            CounterMsg::Get,
+        )
+        .expect("accepted");
 
     // A message of the wrong kind for the counter is dropped, not a panic.
     let wrong_kind = Envelope::<Msg> {

@@ -65,6 +65,16 @@ pub struct LmdbStore {
 
 const MAP_SIZE_GRANULE: usize = 64 * 1024;
 
+/// fsyncs a directory, so that entries created in it survive power loss.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Io {
+            op: "sync the store directory",
+            source,
+        })
+}
+
 impl LmdbStore {
     /// Opens the store in `dir`, creating the directory and the database if needed.
     ///
@@ -102,6 +112,14 @@ impl LmdbStore {
             },
             e => map_err("open the LMDB environment", map_size_bytes, opts.max_tables)(e),
         })?;
+        // LMDB fsyncs its data file on commit, but not the directory: make the
+        // directory entries of a freshly created store (and the store directory
+        // itself) durable, or the first commits could vanish with the file on power
+        // loss.
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
         let mut store = LmdbStore {
             env,
             handles: Mutex::new(Handles::default()),

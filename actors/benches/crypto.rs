@@ -1,14 +1,15 @@
 //! The cryptography every message and every rekey pays for.
 //!
-//! Sizes are the common case: one 32-byte epoch key sealed to one member, and a
-//! 256-byte frame plaintext. Sample sizes are kept small so the whole run stays
+//! Sizes are the common case: one 32-byte epoch key sealed (and signed) to one member,
+//! and a 256-byte frame plaintext. Sample sizes are kept small so the whole run stays
 //! under a minute on a small machine.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use conclave_actors::crypto::{
-    open_epoch_key, open_frame, seal_epoch_key, seal_frame, verify_frame, EpochKey, Frame,
+    open_epoch_key, open_frame, seal_epoch_key, seal_frame, verify_frame, verify_sealed_key,
+    EpochKey, Frame,
 };
 use conclave_actors::{Epoch, MessageId, RoomId};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -24,8 +25,10 @@ fn epoch_keys(c: &mut Criterion) {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let member = StaticSecret::random_from_rng(&mut rng);
     let member_public = PublicKey::from(&member);
+    let sealer = SigningKey::generate(&mut rng);
     let key = EpochKey::generate(&mut rng);
-    let sealed = seal_epoch_key(&mut rng, &member_public, ROOM, EPOCH, &key).expect("seals");
+    let sealed =
+        seal_epoch_key(&mut rng, &sealer, &member_public, ROOM, EPOCH, &key).expect("seals");
 
     let mut group = c.benchmark_group("epoch_key");
     group.sample_size(30);
@@ -33,11 +36,24 @@ fn epoch_keys(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(2));
     group.bench_function("seal_epoch_key", |b| {
         b.iter(|| {
-            seal_epoch_key(&mut rng, black_box(&member_public), ROOM, EPOCH, &key).expect("seals")
+            seal_epoch_key(
+                &mut rng,
+                &sealer,
+                black_box(&member_public),
+                ROOM,
+                EPOCH,
+                &key,
+            )
+            .expect("seals")
         })
     });
     group.bench_function("open_epoch_key", |b| {
         b.iter(|| open_epoch_key(&member, ROOM, EPOCH, black_box(&sealed)).expect("opens"))
+    });
+    group.bench_function("verify_sealed_key", |b| {
+        b.iter(|| {
+            verify_sealed_key(black_box(&sealed), &member_public, ROOM, EPOCH).expect("verifies")
+        })
     });
     group.finish();
 }

@@ -17,20 +17,17 @@
 //!   sender (32) ‖ id (u128 BE) ‖ nonce (12) ‖ ciphertext length (u64 BE) ‖ ciphertext`.
 //!
 //! On the wire a frame is its postcard encoding ([`Frame::encode`]). The signature is
-//! a [`FrameSignature`]: 64 raw bytes serialized as a fixed-size tuple, which postcard
-//! writes as exactly 64 bytes with no length prefix (serde has no impl for `[u8; 64]`,
-//! and ed25519-dalek's `serde` feature is not enabled in this workspace).
-
-use core::fmt;
+//! a [`SignatureBytes`]: 64 raw bytes, written by postcard with no length prefix.
+//! It is checked by the same strict verification as a sealed key's (the sender must
+//! be a valid, non-small-order Ed25519 key; non-canonical signatures are refused).
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use rand_core::CryptoRng;
-use serde::de::{self, SeqAccess, Visitor};
-use serde::ser::SerializeTuple;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
+use super::sig::{verify_strict, SignatureBytes, VerifyError};
 use super::EpochKey;
 use crate::ids::{Epoch, MessageId, RoomId, UserId};
 use crate::wire::{decode_bounded, encode_bounded, WireError};
@@ -51,58 +48,6 @@ const TAG_BYTES: usize = 16;
 const AAD_TAG: &[u8] = b"conclave/frame-aad/v1";
 const SIG_TAG: &[u8] = b"conclave/frame-sig/v1";
 
-/// An Ed25519 signature over a frame: 64 raw bytes.
-///
-/// Serialized as a 64-element tuple of `u8` (postcard: 64 bytes, no length prefix).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FrameSignature(pub [u8; 64]);
-
-impl fmt::Debug for FrameSignature {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("FrameSignature(")?;
-        for b in &self.0[..4] {
-            write!(f, "{b:02x}")?;
-        }
-        f.write_str("…)")
-    }
-}
-
-impl Serialize for FrameSignature {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut tuple = serializer.serialize_tuple(64)?;
-        for b in &self.0 {
-            tuple.serialize_element(b)?;
-        }
-        tuple.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for FrameSignature {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct SignatureVisitor;
-
-        impl<'de> Visitor<'de> for SignatureVisitor {
-            type Value = FrameSignature;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("64 signature bytes")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut out = [0u8; 64];
-                for (i, slot) in out.iter_mut().enumerate() {
-                    *slot = seq
-                        .next_element()?
-                        .ok_or_else(|| de::Error::invalid_length(i, &self))?;
-                }
-                Ok(FrameSignature(out))
-            }
-        }
-
-        deserializer.deserialize_tuple(64, SignatureVisitor)
-    }
-}
-
 /// One message in a room: encrypted under the epoch key, signed by its sender.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
@@ -119,7 +64,7 @@ pub struct Frame {
     /// The ciphertext, tag included.
     pub ciphertext: Vec<u8>,
     /// The sender's signature over every other field.
-    pub signature: FrameSignature,
+    pub signature: SignatureBytes,
 }
 
 /// Why a frame could not be sealed, encoded, decoded, verified or opened.
@@ -213,8 +158,11 @@ fn signed_message(frame: &Frame) -> Vec<u8> {
     out
 }
 
+/// The frame cipher for `key`. Borrows the key bytes rather than copying them; the
+/// cipher's own copy is zeroized when it drops (chacha20poly1305's `zeroize` feature).
 fn cipher(key: &EpochKey) -> ChaCha20Poly1305 {
-    ChaCha20Poly1305::new(&Key::from(*key.as_bytes()))
+    let key: &Key = key.as_bytes().into();
+    ChaCha20Poly1305::new(key)
 }
 
 /// Encrypts `plaintext` for `room` at `epoch` under `key` and signs the frame with
@@ -258,9 +206,9 @@ pub fn seal_frame<R: CryptoRng + ?Sized>(
         id,
         nonce,
         ciphertext,
-        signature: FrameSignature([0u8; 64]),
+        signature: SignatureBytes([0u8; 64]),
     };
-    frame.signature = FrameSignature(signer.sign(&signed_message(&frame)).to_bytes());
+    frame.signature = SignatureBytes::sign(signer, &signed_message(&frame));
     Ok(frame)
 }
 
@@ -273,17 +221,15 @@ pub fn verify_frame(frame: &Frame) -> Result<(), FrameError> {
             max: FRAME_CIPHERTEXT_BYTES_MAX,
         });
     }
-    let sender = VerifyingKey::from_bytes(frame.sender.as_bytes())
-        .map_err(|_| FrameError::InvalidSenderKey)?;
-    // A small-order key would let anyone forge signatures that verify under it.
-    if sender.is_weak() {
-        return Err(FrameError::InvalidSenderKey);
-    }
-    let signature = Signature::from_bytes(&frame.signature.0);
-    // Strict verification also rejects non-canonical signatures (no malleability).
-    sender
-        .verify_strict(&signed_message(frame), &signature)
-        .map_err(|_| FrameError::BadSignature)
+    verify_strict(
+        frame.sender.as_bytes(),
+        &signed_message(frame),
+        &frame.signature,
+    )
+    .map_err(|e| match e {
+        VerifyError::InvalidKey => FrameError::InvalidSenderKey,
+        VerifyError::BadSignature => FrameError::BadSignature,
+    })
 }
 
 /// Verifies, then checks the frame is for `room` at `epoch`, then decrypts it with
@@ -322,6 +268,7 @@ pub fn open_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::VerifyingKey;
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
 
@@ -357,7 +304,7 @@ mod tests {
     type Tamper = Box<dyn Fn(&mut Frame)>;
 
     fn resign(frame: &mut Frame, signer: &SigningKey) {
-        frame.signature = FrameSignature(signer.sign(&signed_message(frame)).to_bytes());
+        frame.signature = SignatureBytes::sign(signer, &signed_message(frame));
     }
 
     #[test]
@@ -612,15 +559,54 @@ mod tests {
     }
 
     #[test]
-    fn signature_serializes_as_64_raw_bytes() {
+    fn signature_serializes_as_64_raw_bytes_inside_a_frame() {
         let s = setup();
-        let bytes = postcard::to_stdvec(&s.frame.signature).expect("encode");
-        assert_eq!(bytes, s.frame.signature.0.to_vec());
-        let back: FrameSignature = postcard::from_bytes(&bytes).expect("decode");
-        assert_eq!(back, s.frame.signature);
+        let bytes = s.frame.encode().expect("encode");
+        // The signature is the last field: its 64 raw bytes end the encoding.
+        assert_eq!(&bytes[bytes.len() - 64..], &s.frame.signature.0);
+    }
+
+    /// Changes `field`, re-signs with Alice's (the real sender's) key so the signature
+    /// holds, and opens with the room and epoch the changed frame names: decryption
+    /// must fail, which shows the field is bound in the associated data.
+    fn assert_bound_in_aad(field: &str, change: impl Fn(&mut Frame)) {
+        let s = setup();
+        let mut changed = s.frame.clone();
+        change(&mut changed);
+        assert_ne!(changed, s.frame, "{field}");
+        resign(&mut changed, &s.alice);
+        assert_eq!(verify_frame(&changed), Ok(()), "{field}");
         assert_eq!(
-            postcard::from_bytes::<FrameSignature>(&bytes[..63]),
-            Err(postcard::Error::DeserializeUnexpectedEnd)
+            open_frame(&changed, changed.room, changed.epoch, &s.key),
+            Err(FrameError::Decrypt),
+            "{field}"
+        );
+    }
+
+    #[test]
+    fn room_is_bound_in_the_associated_data() {
+        assert_bound_in_aad("room", |f| f.room = RoomId([0x22; 16]));
+    }
+
+    #[test]
+    fn epoch_is_bound_in_the_associated_data() {
+        assert_bound_in_aad("epoch", |f| f.epoch = Epoch(f.epoch.0 + 1));
+    }
+
+    #[test]
+    fn id_is_bound_in_the_associated_data() {
+        assert_bound_in_aad("id", |f| f.id = MessageId(f.id.0 ^ 1));
+    }
+
+    #[test]
+    fn resigned_unchanged_frame_still_opens() {
+        // The control for the three tests above: re-signing alone changes nothing.
+        let s = setup();
+        let mut same = s.frame.clone();
+        resign(&mut same, &s.alice);
+        assert_eq!(
+            open_frame(&same, ROOM, EPOCH, &s.key).expect("open"),
+            b"hello, room"
         );
     }
 }

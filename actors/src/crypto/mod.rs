@@ -1,17 +1,30 @@
-//! Cryptography: sealing epoch keys (HPKE) and frames.
+//! Cryptography: sealing epoch keys (HPKE, signed) and frames.
 //!
 //! Two things are protected here:
 //!
 //! - **Epoch keys.** A room's symmetric key for one epoch ([`EpochKey`]) is created by
 //!   a member's client and sealed to each member's X25519 key with HPKE (RFC 9180,
 //!   base mode, DHKEM(X25519, HKDF-SHA256) + HKDF-SHA256 + ChaCha20-Poly1305). The
-//!   room and epoch are bound into the HPKE `info`, so a sealed key cannot be replayed
-//!   into another room or epoch. See [`seal_epoch_key`] and [`open_epoch_key`].
+//!   room, epoch and sealer are bound into the HPKE `info`. HPKE base mode does not
+//!   say who sealed a key, so the sealing member also signs the [`SealedKey`] with
+//!   their Ed25519 key, over room, epoch, sealer, the recipient's X25519 public key,
+//!   the encapsulated key and the ciphertext. A sealed key therefore cannot be
+//!   replayed into another room or epoch, re-targeted at another member, or forged
+//!   by a node that routes it. See [`seal_epoch_key`], [`verify_sealed_key`] (what a
+//!   node checks, with no secret) and [`open_epoch_key`] (signature first, then HPKE).
+//!
+//!   The signature proves only *who* sealed a key ([`SealedKey::sealer`]). Whether
+//!   that member may set the room's key is an authorization decision the caller (the
+//!   room/keys actors) must still make; without it, anyone could seal and sign a key.
 //! - **Frames.** A message is encrypted under the epoch key with ChaCha20-Poly1305
 //!   (room, epoch, sender and message id bound as associated data) and signed with
 //!   the sender's Ed25519 key over every other field. A node, which has no epoch key,
 //!   can still check the signature ([`verify_frame`]); a member verifies, checks the
 //!   room and epoch, then decrypts ([`open_frame`]).
+//!
+//! Both signatures are [`SignatureBytes`] and go through one strict check: the signer
+//! must be a valid, non-small-order Ed25519 key, and the signature must pass
+//! `verify_strict` (canonical, not malleable).
 //!
 //! Nothing here touches the operating system: every random byte comes from the `rng`
 //! argument (the actor context's random source), so the simulator can replay it.
@@ -23,24 +36,25 @@ use zeroize::Zeroize;
 
 mod frame;
 mod seal;
+mod sig;
 
 pub use frame::{
-    open_frame, seal_frame, verify_frame, Frame, FrameError, FrameSignature, FRAME_BYTES_MAX,
+    open_frame, seal_frame, verify_frame, Frame, FrameError, FRAME_BYTES_MAX,
     FRAME_CIPHERTEXT_BYTES_MAX, FRAME_PLAINTEXT_BYTES_MAX,
 };
 pub use seal::{
-    epoch_key_info, open_epoch_key, seal_epoch_key, SealError, SealedKey,
-    SEALED_KEY_CIPHERTEXT_BYTES,
+    epoch_key_info, open_epoch_key, seal_epoch_key, verify_sealed_key, SealError, SealedKey,
+    EPOCH_KEY_INFO_BYTES, SEALED_KEY_CIPHERTEXT_BYTES,
 };
-#[doc(hidden)]
-pub use seal::{hpke_open_with_info, hpke_seal_with_info};
+pub use sig::{SignatureBytes, SIGNATURE_BYTES};
 
 /// Length of an epoch key in bytes.
 pub const EPOCH_KEY_BYTES: usize = 32;
 
 /// A room's symmetric key for one epoch: the ChaCha20-Poly1305 key of its frames.
 ///
-/// The bytes are zeroized when the key is dropped and never printed by `Debug`.
+/// The bytes are zeroized when the key is dropped (including every clone) and never
+/// printed by `Debug`.
 /// There is deliberately no `PartialEq`: comparing keys is not something protocol
 /// code should do (and a naive comparison would not be constant-time).
 #[derive(Clone)]
@@ -49,12 +63,15 @@ pub struct EpochKey([u8; EPOCH_KEY_BYTES]);
 impl EpochKey {
     /// A fresh random key drawn from `rng`.
     pub fn generate<R: CryptoRng + ?Sized>(rng: &mut R) -> Self {
-        let mut bytes = [0u8; EPOCH_KEY_BYTES];
-        rng.fill_bytes(&mut bytes);
-        Self(bytes)
+        // Fill the key in place: no unzeroized copy of the bytes is left behind.
+        let mut key = Self([0u8; EPOCH_KEY_BYTES]);
+        rng.fill_bytes(&mut key.0);
+        key
     }
 
-    /// A key from its raw bytes (for example, just opened from a [`SealedKey`]).
+    /// A key from its raw bytes. The caller's array is a copy this type cannot
+    /// zeroize; prefer [`open_epoch_key`] and [`EpochKey::generate`], which build the
+    /// key in place.
     pub fn from_bytes(bytes: [u8; EPOCH_KEY_BYTES]) -> Self {
         Self(bytes)
     }

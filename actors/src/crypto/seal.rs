@@ -1,18 +1,53 @@
-//! Sealing epoch keys to members with HPKE (RFC 9180).
+//! Sealing epoch keys to members with HPKE (RFC 9180), signed by the member who
+//! sealed them.
+//!
+//! # Confidentiality
 //!
 //! Suite: base mode, DHKEM(X25519, HKDF-SHA256) (KEM 0x0020), HKDF-SHA256 (KDF 0x0001),
-//! ChaCha20-Poly1305 (AEAD 0x0003). The room and epoch go into the HPKE `info` (see
-//! [`epoch_key_info`]), so the key schedule itself differs per (room, epoch): a sealed
-//! key moved to another room or epoch fails to open rather than being accepted.
+//! ChaCha20-Poly1305 (AEAD 0x0003). The room, epoch and sealer go into the HPKE `info`
+//! (see [`epoch_key_info`]), so the key schedule itself differs per (room, epoch,
+//! sealer): a ciphertext moved to another room or epoch, or claimed by another sealer,
+//! fails to open rather than being accepted.
+//!
+//! # Authentication
+//!
+//! HPKE base mode authenticates nobody: anyone who knows a member's X25519 public key
+//! (every node that routes keys does) can seal a key of their own choosing to it. So
+//! every [`SealedKey`] names its `sealer` (the Ed25519 key of the member whose client
+//! created and sealed it) and carries that member's signature over the fixed-layout
+//! message
+//!
+//! ```text
+//! b"conclave/epoch-key-sig/v1" ‖ room (16) ‖ epoch (u64 BE) ‖ sealer (32)
+//!     ‖ recipient X25519 public key (32) ‖ enc (32) ‖ ciphertext (48)
+//! ```
+//!
+//! Every field has a fixed length, so the encoding is unambiguous. Signing the
+//! recipient's public key means a sealed key cannot be re-targeted at another member;
+//! signing `enc` and the ciphertext means a node cannot substitute its own.
+//!
+//! [`open_epoch_key`] checks the signature (strictly: the sealer must be a valid,
+//! non-small-order Ed25519 key and the signature canonical) *before* it opens anything.
+//! [`verify_sealed_key`] runs the same check with only the recipient's public key,
+//! which is what a node, holding no secret, does before it stores or routes a bundle.
+//!
+//! **What this does not decide:** a valid signature proves *who* sealed the key, not
+//! that they were allowed to. The caller must still check that `sealed.sealer` is
+//! authorized to set keys for this room at this epoch (for example, is a member with
+//! the right role in the room's state); that is the room/keys actors' decision.
+//! Without that check, any identity at all — including a node's own — could sign a
+//! key and have it accepted.
 
+use ed25519_dalek::SigningKey;
 use hpke::{Deserializable, OpModeR, OpModeS, Serializable};
 use rand_core::CryptoRng;
 use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
+use super::sig::{verify_strict, SignatureBytes, VerifyError};
 use super::{EpochKey, EPOCH_KEY_BYTES};
-use crate::ids::{Epoch, RoomId};
+use crate::ids::{Epoch, RoomId, UserId};
 
 type Kem = hpke::kem::X25519HkdfSha256;
 type Kdf = hpke::kdf::HkdfSha256;
@@ -21,33 +56,59 @@ type Aead = hpke::aead::ChaCha20Poly1305;
 /// Length of a sealed epoch key's ciphertext: the 32 key bytes plus the 16-byte tag.
 pub const SEALED_KEY_CIPHERTEXT_BYTES: usize = EPOCH_KEY_BYTES + 16;
 
-/// Domain tag at the front of every epoch-key `info`; bump `v1` on any format change.
-const INFO_TAG: &[u8] = b"conclave/epoch-key/v1";
+/// Domain tag at the front of every epoch-key `info`; bump the version on any format
+/// change. (v2: the sealer was added.)
+const INFO_TAG: &[u8] = b"conclave/epoch-key/v2";
 
-/// Length of [`epoch_key_info`]: tag ‖ room (16) ‖ epoch (8, big-endian).
-const INFO_BYTES: usize = INFO_TAG.len() + 16 + 8;
+/// Length of [`epoch_key_info`]: tag ‖ room (16) ‖ epoch (8, big-endian) ‖ sealer (32).
+pub const EPOCH_KEY_INFO_BYTES: usize = INFO_TAG.len() + 16 + 8 + 32;
+
+/// Domain tag at the front of every signed sealed-key message.
+const SIG_TAG: &[u8] = b"conclave/epoch-key-sig/v1";
+
+/// Length of the signed message: tag ‖ room ‖ epoch ‖ sealer ‖ recipient ‖ enc ‖
+/// ciphertext, all fixed-length.
+const SIGNED_BYTES: usize = SIG_TAG.len() + 16 + 8 + 32 + 32 + 32 + SEALED_KEY_CIPHERTEXT_BYTES;
 
 /// Upper bound on `info` for the low-level helpers. HPKE itself panics when
 /// `info` approaches 2¹⁶ bytes, so the helpers refuse long inputs up front.
 const HPKE_INFO_BYTES_MAX: usize = 1024;
 
-/// An epoch key sealed to one member's X25519 key. Nodes store and route it; only
-/// the member can open it.
+/// An epoch key sealed to one member's X25519 key and signed by the member who sealed
+/// it. Nodes check the signature ([`verify_sealed_key`]), store and route it; only the
+/// recipient can open it ([`open_epoch_key`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedKey {
+    /// Who created and sealed the key: their Ed25519 public key, which the signature
+    /// is checked against. Crypto proves only that this key signed; whether this
+    /// member may set the room's key is for the caller to decide.
+    pub sealer: UserId,
     /// The HPKE encapsulated key (the sender's ephemeral X25519 public key).
     pub enc: [u8; 32],
     /// The HPKE ciphertext of the 32 key bytes: always
     /// [`SEALED_KEY_CIPHERTEXT_BYTES`] long when well formed.
     pub ciphertext: Vec<u8>,
+    /// The sealer's signature over room, epoch, sealer, recipient public key, `enc`
+    /// and `ciphertext`.
+    pub signature: SignatureBytes,
 }
 
-/// Why an epoch key could not be sealed or opened.
+/// Why an epoch key could not be sealed, verified or opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
-    /// Authentication failed: the key was sealed to someone else, for another room or
-    /// epoch, or the encapsulated key or ciphertext was altered.
-    #[error("sealed key does not open (wrong recipient, room or epoch, or tampered)")]
+    /// The signature does not verify for the named sealer over this room, epoch,
+    /// recipient, `enc` and ciphertext: the key was sealed for another recipient, room
+    /// or epoch, or a signed field (sealer included) was altered.
+    #[error("sealed key signature does not verify")]
+    BadSignature,
+    /// The sealer bytes are not a usable Ed25519 public key (not a curve point, or a
+    /// small-order point).
+    #[error("sealer is not a valid Ed25519 public key")]
+    InvalidSealerKey,
+    /// The signature verified but HPKE authentication failed: the sealer signed a
+    /// ciphertext that was not sealed to this recipient for this room, epoch and
+    /// sealer (for example, someone else's ciphertext claimed as their own).
+    #[error("sealed key does not open")]
     Open,
     /// The ciphertext has the wrong length for a sealed epoch key.
     #[error("sealed key ciphertext is {got} bytes, expected {expected}")]
@@ -77,50 +138,133 @@ pub enum SealError {
     Seal,
 }
 
-/// The HPKE `info` for an epoch key: `b"conclave/epoch-key/v1" ‖ room ‖ epoch (u64 BE)`.
+/// The HPKE `info` for an epoch key:
+/// `b"conclave/epoch-key/v2" ‖ room (16) ‖ epoch (u64 BE) ‖ sealer (32)`.
 ///
 /// Every field after the tag has a fixed length, so the encoding is unambiguous.
-pub fn epoch_key_info(room: RoomId, epoch: Epoch) -> [u8; INFO_BYTES] {
-    let mut info = [0u8; INFO_BYTES];
+pub fn epoch_key_info(room: RoomId, epoch: Epoch, sealer: UserId) -> [u8; EPOCH_KEY_INFO_BYTES] {
+    let mut info = [0u8; EPOCH_KEY_INFO_BYTES];
     let (tag, rest) = info.split_at_mut(INFO_TAG.len());
     tag.copy_from_slice(INFO_TAG);
-    let (room_bytes, epoch_bytes) = rest.split_at_mut(16);
+    let (room_bytes, rest) = rest.split_at_mut(16);
     room_bytes.copy_from_slice(room.as_bytes());
+    let (epoch_bytes, sealer_bytes) = rest.split_at_mut(8);
     epoch_bytes.copy_from_slice(&epoch.0.to_be_bytes());
+    sealer_bytes.copy_from_slice(sealer.as_bytes());
     info
 }
 
+/// The message the sealer signs (see the module docs for the layout).
+fn signed_message(
+    room: RoomId,
+    epoch: Epoch,
+    sealer: UserId,
+    recipient: &PublicKey,
+    enc: &[u8; 32],
+    ciphertext: &[u8; SEALED_KEY_CIPHERTEXT_BYTES],
+) -> [u8; SIGNED_BYTES] {
+    let mut out = [0u8; SIGNED_BYTES];
+    let mut at = 0;
+    for field in [
+        SIG_TAG,
+        room.as_bytes().as_slice(),
+        &epoch.0.to_be_bytes(),
+        sealer.as_bytes(),
+        recipient.as_bytes(),
+        enc,
+        ciphertext,
+    ] {
+        out[at..at + field.len()].copy_from_slice(field);
+        at += field.len();
+    }
+    debug_assert_eq!(at, SIGNED_BYTES);
+    out
+}
+
+/// The ciphertext as the fixed-size array it must be, or [`SealError::BadLength`].
+fn fixed_ciphertext(ciphertext: &[u8]) -> Result<&[u8; SEALED_KEY_CIPHERTEXT_BYTES], SealError> {
+    ciphertext.try_into().map_err(|_| SealError::BadLength {
+        expected: SEALED_KEY_CIPHERTEXT_BYTES,
+        got: ciphertext.len(),
+    })
+}
+
 /// Seals `key` to `recipient` for `room` and `epoch`, drawing the ephemeral key from
-/// `rng`.
+/// `rng`, and signs the result with `sealer`, whose public key becomes the sealed
+/// key's [`SealedKey::sealer`].
 pub fn seal_epoch_key<R: CryptoRng + ?Sized>(
     rng: &mut R,
+    sealer: &SigningKey,
     recipient: &PublicKey,
     room: RoomId,
     epoch: Epoch,
     key: &EpochKey,
 ) -> Result<SealedKey, SealError> {
-    let info = epoch_key_info(room, epoch);
+    let sealer_id = UserId(sealer.verifying_key().to_bytes());
+    let info = epoch_key_info(room, epoch, sealer_id);
     let (enc, ciphertext) = hpke_seal_with_info(rng, recipient, &info, &[], key.as_bytes())?;
-    Ok(SealedKey { enc, ciphertext })
+    // A 32-byte plaintext always gives 48 bytes; stay total anyway.
+    let fixed = fixed_ciphertext(&ciphertext).map_err(|_| SealError::Seal)?;
+    let message = signed_message(room, epoch, sealer_id, recipient, &enc, fixed);
+    let signature = SignatureBytes::sign(sealer, &message);
+    Ok(SealedKey {
+        sealer: sealer_id,
+        enc,
+        ciphertext,
+        signature,
+    })
+}
+
+/// Checks a sealed key's signature, without opening it: what a node, which holds no
+/// secret, does before it stores or routes a sealed key addressed to the member whose
+/// X25519 public key is `recipient`.
+///
+/// Fails with [`SealError::BadLength`] if the ciphertext has the wrong length,
+/// [`SealError::InvalidSealerKey`] if the sealer is not a usable Ed25519 key, and
+/// [`SealError::BadSignature`] unless `sealed.sealer` signed exactly this room, epoch,
+/// recipient, `enc` and ciphertext.
+///
+/// Success proves only who sealed the key. The caller must still check that
+/// `sealed.sealer` is authorized to set this room's key.
+pub fn verify_sealed_key(
+    sealed: &SealedKey,
+    recipient: &PublicKey,
+    room: RoomId,
+    epoch: Epoch,
+) -> Result<(), SealError> {
+    let ciphertext = fixed_ciphertext(&sealed.ciphertext)?;
+    let message = signed_message(
+        room,
+        epoch,
+        sealed.sealer,
+        recipient,
+        &sealed.enc,
+        ciphertext,
+    );
+    verify_strict(sealed.sealer.as_bytes(), &message, &sealed.signature).map_err(|e| match e {
+        VerifyError::InvalidKey => SealError::InvalidSealerKey,
+        VerifyError::BadSignature => SealError::BadSignature,
+    })
 }
 
 /// Opens a key sealed to `recipient` for `room` and `epoch`.
 ///
-/// Fails with [`SealError::Open`] unless the key was sealed to this recipient for
-/// exactly this room and epoch and arrived unaltered.
+/// First runs [`verify_sealed_key`] against the public key of `recipient` (so a key
+/// sealed or signed for anyone else, or altered in any signed field, fails with
+/// [`SealError::BadSignature`] before any decryption), then opens the HPKE ciphertext
+/// with `info` [`epoch_key_info`]`(room, epoch, sealed.sealer)`.
+///
+/// The returned key is authenticated as sealed by `sealed.sealer`; the caller must
+/// still check that this member is authorized to set keys for this room and epoch
+/// before using it.
 pub fn open_epoch_key(
     recipient: &StaticSecret,
     room: RoomId,
     epoch: Epoch,
     sealed: &SealedKey,
 ) -> Result<EpochKey, SealError> {
-    if sealed.ciphertext.len() != SEALED_KEY_CIPHERTEXT_BYTES {
-        return Err(SealError::BadLength {
-            expected: SEALED_KEY_CIPHERTEXT_BYTES,
-            got: sealed.ciphertext.len(),
-        });
-    }
-    let info = epoch_key_info(room, epoch);
+    verify_sealed_key(sealed, &PublicKey::from(recipient), room, epoch)?;
+    let info = epoch_key_info(room, epoch, sealed.sealer);
     let plaintext = Zeroizing::new(hpke_open_with_info(
         recipient,
         &sealed.enc,
@@ -128,23 +272,23 @@ pub fn open_epoch_key(
         &[],
         &sealed.ciphertext,
     )?);
-    // The length check above fixes the plaintext at 32 bytes; stay total anyway.
-    let bytes: [u8; EPOCH_KEY_BYTES] =
-        plaintext
-            .as_slice()
-            .try_into()
-            .map_err(|_| SealError::BadLength {
-                expected: SEALED_KEY_CIPHERTEXT_BYTES,
-                got: sealed.ciphertext.len(),
-            })?;
-    Ok(EpochKey::from_bytes(bytes))
+    // The length check fixes the plaintext at 32 bytes; stay total anyway.
+    if plaintext.len() != EPOCH_KEY_BYTES {
+        return Err(SealError::BadLength {
+            expected: SEALED_KEY_CIPHERTEXT_BYTES,
+            got: sealed.ciphertext.len(),
+        });
+    }
+    // Copy straight into the key (zeroized on drop), with no intermediate array.
+    let mut key = EpochKey([0u8; EPOCH_KEY_BYTES]);
+    key.0.copy_from_slice(&plaintext);
+    Ok(key)
 }
 
 /// Single-shot HPKE seal (base mode, this module's suite) with explicit `info` and
-/// `aad`. This is the exact call [`seal_epoch_key`] makes; it is public only so the
-/// RFC 9180 known-answer tests can drive it with the RFC's `info` and `aad`.
-#[doc(hidden)]
-pub fn hpke_seal_with_info<R: CryptoRng + ?Sized>(
+/// `aad`: the exact call [`seal_epoch_key`] makes. Private: it bypasses the domain
+/// separation of [`epoch_key_info`]; the RFC 9180 known-answer test below drives it.
+fn hpke_seal_with_info<R: CryptoRng + ?Sized>(
     rng: &mut R,
     recipient: &PublicKey,
     info: &[u8],
@@ -177,9 +321,8 @@ pub fn hpke_seal_with_info<R: CryptoRng + ?Sized>(
 }
 
 /// Single-shot HPKE open matching [`hpke_seal_with_info`]; what [`open_epoch_key`]
-/// calls after its length check.
-#[doc(hidden)]
-pub fn hpke_open_with_info(
+/// calls once the signature has verified.
+fn hpke_open_with_info(
     recipient: &StaticSecret,
     enc: &[u8; 32],
     info: &[u8],
@@ -206,187 +349,4 @@ pub fn hpke_open_with_info(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand_chacha::ChaCha20Rng;
-    use rand_core::SeedableRng;
-
-    const ROOM: RoomId = RoomId([0x11; 16]);
-    const EPOCH: Epoch = Epoch(7);
-
-    struct Setup {
-        rng: ChaCha20Rng,
-        alice: StaticSecret,
-        bob: StaticSecret,
-        key: EpochKey,
-        sealed: SealedKey,
-    }
-
-    fn setup() -> Setup {
-        let mut rng = ChaCha20Rng::seed_from_u64(42);
-        let alice = StaticSecret::random_from_rng(&mut rng);
-        let bob = StaticSecret::random_from_rng(&mut rng);
-        let key = EpochKey::generate(&mut rng);
-        let sealed =
-            seal_epoch_key(&mut rng, &PublicKey::from(&alice), ROOM, EPOCH, &key).expect("seal");
-        Setup {
-            rng,
-            alice,
-            bob,
-            key,
-            sealed,
-        }
-    }
-
-    #[test]
-    fn round_trip() {
-        let s = setup();
-        assert_eq!(s.sealed.ciphertext.len(), SEALED_KEY_CIPHERTEXT_BYTES);
-        let opened = open_epoch_key(&s.alice, ROOM, EPOCH, &s.sealed).expect("open");
-        assert_eq!(opened.as_bytes(), s.key.as_bytes());
-    }
-
-    #[test]
-    fn round_trip_through_a_dyn_rng_and_postcard() {
-        let mut s = setup();
-        let rng: &mut dyn CryptoRng = &mut s.rng;
-        let sealed =
-            seal_epoch_key(rng, &PublicKey::from(&s.bob), ROOM, EPOCH, &s.key).expect("seal");
-        let bytes = postcard::to_stdvec(&sealed).expect("encode");
-        let back: SealedKey = postcard::from_bytes(&bytes).expect("decode");
-        assert_eq!(back, sealed);
-        let opened = open_epoch_key(&s.bob, ROOM, EPOCH, &back).expect("open");
-        assert_eq!(opened.as_bytes(), s.key.as_bytes());
-    }
-
-    #[test]
-    fn wrong_recipient() {
-        let s = setup();
-        assert_eq!(
-            open_epoch_key(&s.bob, ROOM, EPOCH, &s.sealed).unwrap_err(),
-            SealError::Open
-        );
-    }
-
-    #[test]
-    fn wrong_room() {
-        let s = setup();
-        assert_eq!(
-            open_epoch_key(&s.alice, RoomId([0x12; 16]), EPOCH, &s.sealed).unwrap_err(),
-            SealError::Open
-        );
-    }
-
-    #[test]
-    fn wrong_epoch() {
-        let s = setup();
-        assert_eq!(
-            open_epoch_key(&s.alice, ROOM, Epoch(8), &s.sealed).unwrap_err(),
-            SealError::Open
-        );
-    }
-
-    #[test]
-    fn tampered_enc() {
-        let s = setup();
-        for i in [0, 15, 31] {
-            let mut bad = s.sealed.clone();
-            bad.enc[i] ^= 0x01;
-            assert_eq!(
-                open_epoch_key(&s.alice, ROOM, EPOCH, &bad).unwrap_err(),
-                SealError::Open,
-                "enc byte {i}"
-            );
-        }
-    }
-
-    #[test]
-    fn low_order_enc_is_invalid() {
-        let s = setup();
-        let mut bad = s.sealed.clone();
-        // u = 0 is a low-order point: the X25519 output is all zeros.
-        bad.enc = [0u8; 32];
-        assert_eq!(
-            open_epoch_key(&s.alice, ROOM, EPOCH, &bad).unwrap_err(),
-            SealError::InvalidEncappedKey
-        );
-    }
-
-    #[test]
-    fn low_order_recipient_is_refused() {
-        let mut s = setup();
-        assert_eq!(
-            seal_epoch_key(&mut s.rng, &PublicKey::from([0u8; 32]), ROOM, EPOCH, &s.key)
-                .unwrap_err(),
-            SealError::InvalidRecipientKey
-        );
-    }
-
-    #[test]
-    fn tampered_ciphertext() {
-        let s = setup();
-        for i in 0..SEALED_KEY_CIPHERTEXT_BYTES {
-            let mut bad = s.sealed.clone();
-            bad.ciphertext[i] ^= 0x80;
-            assert_eq!(
-                open_epoch_key(&s.alice, ROOM, EPOCH, &bad).unwrap_err(),
-                SealError::Open,
-                "ciphertext byte {i}"
-            );
-        }
-    }
-
-    #[test]
-    fn truncated_or_extended_ciphertext() {
-        let s = setup();
-        for len in [0, 1, 16, SEALED_KEY_CIPHERTEXT_BYTES - 1] {
-            let mut bad = s.sealed.clone();
-            bad.ciphertext.truncate(len);
-            assert_eq!(
-                open_epoch_key(&s.alice, ROOM, EPOCH, &bad).unwrap_err(),
-                SealError::BadLength {
-                    expected: SEALED_KEY_CIPHERTEXT_BYTES,
-                    got: len
-                }
-            );
-        }
-        let mut longer = s.sealed.clone();
-        longer.ciphertext.push(0);
-        assert_eq!(
-            open_epoch_key(&s.alice, ROOM, EPOCH, &longer).unwrap_err(),
-            SealError::BadLength {
-                expected: SEALED_KEY_CIPHERTEXT_BYTES,
-                got: SEALED_KEY_CIPHERTEXT_BYTES + 1
-            }
-        );
-    }
-
-    #[test]
-    fn info_is_domain_separated_and_fixed_length() {
-        let info = epoch_key_info(RoomId([0xaa; 16]), Epoch(0x0102_0304_0506_0708));
-        assert_eq!(info.len(), INFO_TAG.len() + 24);
-        assert!(info.starts_with(b"conclave/epoch-key/v1"));
-        assert_eq!(&info[INFO_TAG.len()..INFO_TAG.len() + 16], &[0xaa; 16]);
-        assert_eq!(&info[INFO_TAG.len() + 16..], &[1, 2, 3, 4, 5, 6, 7, 8]);
-    }
-
-    #[test]
-    fn helpers_refuse_long_info() {
-        let mut s = setup();
-        let long = vec![0u8; HPKE_INFO_BYTES_MAX + 1];
-        let expected = SealError::InfoTooLong {
-            len: HPKE_INFO_BYTES_MAX + 1,
-            max: HPKE_INFO_BYTES_MAX,
-        };
-        assert_eq!(
-            hpke_seal_with_info(&mut s.rng, &PublicKey::from(&s.alice), &long, &[], b"x")
-                .unwrap_err(),
-            expected
-        );
-        assert_eq!(
-            hpke_open_with_info(&s.alice, &s.sealed.enc, &long, &[], &s.sealed.ciphertext)
-                .unwrap_err(),
-            expected
-        );
-    }
-}
+mod tests;

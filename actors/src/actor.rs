@@ -21,9 +21,10 @@ use core::time::Duration;
 
 use conclave_storage::Store;
 use rand_core::CryptoRng;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, RoomId};
+use crate::wire::WireMessage;
 
 /// A point in time: microseconds since the Unix epoch, supplied by the driver (wall
 /// time in production, virtual time in the simulator).
@@ -129,7 +130,7 @@ impl ActorRef {
 /// nodes inside a [`crate::wire::Envelope`], so it must be serializable.
 pub trait System: Send + Sync + Sized + 'static {
     /// The union of the messages of every actor in the system.
-    type Msg: fmt::Debug + Send + Serialize + DeserializeOwned + 'static;
+    type Msg: fmt::Debug + WireMessage;
 
     /// Activates the actor at `addr` from its stored state, on the first message to
     /// it. `None` means this system has no actor at that address; the message is

@@ -89,6 +89,25 @@ pub fn decode_bounded<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T
     Ok(value)
 }
 
+/// What can travel between nodes: a serializable message that says which stream
+/// class it travels on, so that a large transfer does not hold up small control
+/// messages.
+pub trait WireMessage: Serialize + DeserializeOwned + Send + 'static {
+    /// The stream class of this message.
+    fn class(&self) -> MessageClass {
+        MessageClass::Data
+    }
+}
+
+/// Which long-lived stream a message travels on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MessageClass {
+    /// Small, latency-sensitive messages (membership, keys, acknowledgements).
+    Control,
+    /// Frames and other bulk traffic.
+    Data,
+}
+
 /// One message between two actors on different nodes.
 ///
 /// `M` is the message universe of the system (see [`crate::actor::System`]). The

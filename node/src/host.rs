@@ -85,9 +85,9 @@ pub struct HostConfig<S: System> {
     /// The node's store.
     pub store: Arc<dyn Store>,
     /// Outgoing transport.
-    pub transport: Arc<dyn Transport>,
+    pub transport: Arc<dyn Transport<S::Msg>>,
     /// What the transport receives for this node.
-    pub incoming: mpsc::Receiver<Incoming>,
+    pub incoming: mpsc::Receiver<Incoming<S::Msg>>,
 }
 
 /// One active address.
@@ -120,7 +120,7 @@ struct Shared<S: System> {
     node: NodeId,
     system: S,
     store: Arc<dyn Store>,
-    transport: Arc<dyn Transport>,
+    transport: Arc<dyn Transport<S::Msg>>,
     arbiter: actix_rt::ArbiterHandle,
     /// The active actors. Every transition (activate, begin and end passivation)
     /// happens under this lock. It is never held while actor code runs: activation
@@ -213,32 +213,18 @@ impl<S: System> Shared<S> {
             count_dropped("remote_without_sender");
             return;
         };
-        let bytes = match (Envelope { from, to, msg }).encode() {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                tracing::warn!(?from, ?to, %error, "outgoing message does not encode; dropped");
-                count_dropped("encode");
-                return;
-            }
-        };
-        if let Err(error) = self.transport.send(to.node, bytes) {
+        if let Err(error) = self.transport.send(to.node, &Envelope { from, to, msg }) {
             // Reliability is the outbox actor's job: it resends until acknowledged.
             tracing::warn!(?from, ?to, %error, "transport refused a message; dropped");
             count_dropped("transport");
         }
     }
 
-    /// Routes one envelope from the transport, checking that the sender it names is
-    /// the peer the transport authenticated and that it is addressed here.
-    fn receive(self: &Arc<Self>, incoming: Incoming) {
-        let envelope = match Envelope::<S::Msg>::decode(&incoming.bytes) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                tracing::warn!(peer = ?incoming.from, %error, "undecodable envelope dropped");
-                count_dropped("decode");
-                return;
-            }
-        };
+    /// Routes one envelope from the transport (which decoded it), checking that the
+    /// sender it names is the peer the transport authenticated and that it is
+    /// addressed here.
+    fn receive(self: &Arc<Self>, incoming: Incoming<S::Msg>) {
+        let envelope = incoming.envelope;
         if envelope.from.node != incoming.from {
             tracing::warn!(peer = ?incoming.from, claimed = ?envelope.from, "envelope claims another sender; dropped");
             count_dropped("spoofed_sender");

@@ -1,24 +1,42 @@
 //! The in-memory transport: nodes in one process, joined through a [`MemNetwork`].
+//!
+//! Every envelope is encoded and decoded on the way, as on a real wire, so what does
+//! not serialize or exceeds the limit fails here too.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use conclave_actors::wire::ENVELOPE_BYTES_MAX;
+use conclave_actors::wire::Envelope;
 use conclave_actors::NodeId;
 use tokio::sync::mpsc;
 
-use crate::{Incoming, SendError, Transport};
+use crate::{Incoming, SendError, Transport, WireMessage};
 
-/// How many messages may wait for a receiving node before senders see backpressure.
+/// How many envelopes may wait for a receiving node before senders see backpressure.
 pub const MEM_QUEUE_DEPTH_MAX: usize = 1024;
 
 /// A hub that connects in-process nodes by id.
-#[derive(Clone, Default)]
-pub struct MemNetwork {
-    nodes: Arc<Mutex<BTreeMap<NodeId, mpsc::Sender<Incoming>>>>,
+pub struct MemNetwork<M> {
+    nodes: Arc<Mutex<BTreeMap<NodeId, mpsc::Sender<Incoming<M>>>>>,
 }
 
-impl MemNetwork {
+impl<M> Clone for MemNetwork<M> {
+    fn clone(&self) -> Self {
+        Self {
+            nodes: Arc::clone(&self.nodes),
+        }
+    }
+}
+
+impl<M> Default for MemNetwork<M> {
+    fn default() -> Self {
+        Self {
+            nodes: Arc::default(),
+        }
+    }
+}
+
+impl<M: WireMessage> MemNetwork<M> {
     /// An empty network.
     pub fn new() -> Self {
         Self::default()
@@ -26,7 +44,7 @@ impl MemNetwork {
 
     /// Attaches `node`, replacing any earlier attachment of the same id (a restart),
     /// and returns its transport and the receiver of what is sent to it.
-    pub fn join(&self, node: NodeId) -> (MemTransport, mpsc::Receiver<Incoming>) {
+    pub fn join(&self, node: NodeId) -> (MemTransport<M>, mpsc::Receiver<Incoming<M>>) {
         let (tx, rx) = mpsc::channel(MEM_QUEUE_DEPTH_MAX);
         self.nodes
             .lock()
@@ -49,24 +67,28 @@ impl MemNetwork {
 }
 
 /// One node's handle on a [`MemNetwork`].
-#[derive(Clone)]
-pub struct MemTransport {
+pub struct MemTransport<M> {
     local: NodeId,
-    network: MemNetwork,
+    network: MemNetwork<M>,
 }
 
-impl Transport for MemTransport {
+impl<M> Clone for MemTransport<M> {
+    fn clone(&self) -> Self {
+        Self {
+            local: self.local,
+            network: self.network.clone(),
+        }
+    }
+}
+
+impl<M: WireMessage> Transport<M> for MemTransport<M> {
     fn local_id(&self) -> NodeId {
         self.local
     }
 
-    fn send(&self, to: NodeId, bytes: Vec<u8>) -> Result<(), SendError> {
-        if bytes.len() > ENVELOPE_BYTES_MAX {
-            return Err(SendError::TooLarge {
-                len: bytes.len(),
-                max: ENVELOPE_BYTES_MAX,
-            });
-        }
+    fn send(&self, to: NodeId, envelope: &Envelope<M>) -> Result<(), SendError> {
+        let bytes = envelope.encode().map_err(SendError::Encode)?;
+        let envelope = Envelope::decode(&bytes).map_err(SendError::Encode)?;
         let tx = self
             .network
             .nodes
@@ -77,7 +99,7 @@ impl Transport for MemTransport {
             .ok_or(SendError::Unreachable(to))?;
         tx.try_send(Incoming {
             from: self.local,
-            bytes,
+            envelope,
         })
         .map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::Backpressure(to),
@@ -89,32 +111,54 @@ impl Transport for MemTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use conclave_actors::actor::{ActorKey, ActorKind, ActorRef};
+    use conclave_actors::wire::{WireError, ENVELOPE_BYTES_MAX};
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Bytes(Vec<u8>);
+
+    impl WireMessage for Bytes {}
+
+    fn envelope(from: NodeId, to: NodeId, msg: Vec<u8>) -> Envelope<Bytes> {
+        Envelope {
+            from: ActorRef::new(from, ActorKind(1), ActorKey::Unit),
+            to: ActorRef::new(to, ActorKind(1), ActorKey::Unit),
+            msg: Bytes(msg),
+        }
+    }
 
     #[test]
     fn delivers_attributed_to_the_sender_and_reports_backpressure() {
-        let net = MemNetwork::new();
+        let net = MemNetwork::<Bytes>::new();
         let a = NodeId([1; 32]);
         let b = NodeId([2; 32]);
         let (ta, _ra) = net.join(a);
         let (_tb, mut rb) = net.join(b);
-        ta.send(b, vec![1, 2, 3]).expect("send");
+        ta.send(b, &envelope(a, b, vec![1, 2, 3])).expect("send");
         let got = rb.try_recv().expect("delivered");
         assert_eq!(got.from, a);
-        assert_eq!(got.bytes, vec![1, 2, 3]);
+        assert_eq!(got.envelope.msg, Bytes(vec![1, 2, 3]));
 
         for _ in 0..MEM_QUEUE_DEPTH_MAX {
-            ta.send(b, vec![0]).expect("within depth");
+            ta.send(b, &envelope(a, b, vec![0])).expect("within depth");
         }
-        assert_eq!(ta.send(b, vec![0]), Err(SendError::Backpressure(b)));
         assert_eq!(
-            ta.send(NodeId([3; 32]), vec![0]),
-            Err(SendError::Unreachable(NodeId([3; 32])))
+            ta.send(b, &envelope(a, b, vec![0])),
+            Err(SendError::Backpressure(b))
+        );
+        let c = NodeId([3; 32]);
+        assert_eq!(
+            ta.send(c, &envelope(a, c, vec![0])),
+            Err(SendError::Unreachable(c))
         );
         assert!(matches!(
-            ta.send(b, vec![0; ENVELOPE_BYTES_MAX + 1]),
-            Err(SendError::TooLarge { .. })
+            ta.send(b, &envelope(a, b, vec![0; ENVELOPE_BYTES_MAX])),
+            Err(SendError::Encode(WireError::TooLarge { .. }))
         ));
         net.leave(b);
-        assert_eq!(ta.send(b, vec![0]), Err(SendError::Unreachable(b)));
+        assert_eq!(
+            ta.send(b, &envelope(a, b, vec![0])),
+            Err(SendError::Unreachable(b))
+        );
     }
 }

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod mem;
+pub mod quic;
 
 use core::fmt;
 

@@ -1,0 +1,398 @@
+//! Loopback tests of the QUIC transport: connecting both ways, every
+//! authentication failure seen by both sides, framing limits, backpressure and
+//! reconnecting.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use conclave_actors::actor::{ActorKey, ActorKind, ActorRef};
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum TestMsg {
+    Control(u32),
+    Data(Vec<u8>),
+}
+
+impl WireMessage for TestMsg {
+    fn class(&self) -> MessageClass {
+        match self {
+            TestMsg::Control(_) => MessageClass::Control,
+            TestMsg::Data(_) => MessageClass::Data,
+        }
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn identity(seed: u8) -> Identity {
+    Identity::from_secrets(&[seed; 32], [seed.wrapping_add(100); 32])
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_addr() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr")
+}
+
+fn config(me: &Identity, listen: SocketAddr, peers: &[(&Identity, SocketAddr)]) -> QuicConfig {
+    let mut config = QuicConfig::new(me.clone(), listen);
+    config.peers = peers
+        .iter()
+        .map(|(id, addr)| (id.node_id(), *addr))
+        .collect();
+    config.reconnect_delay_min = Duration::from_millis(20);
+    config.reconnect_delay_max = Duration::from_millis(200);
+    config
+}
+
+type Node = (QuicTransport<TestMsg>, QuicChannels<TestMsg>);
+
+fn start(config: QuicConfig) -> Node {
+    QuicTransport::start(config).expect("transport starts")
+}
+
+fn envelope(from: NodeId, to: NodeId, msg: TestMsg) -> Envelope<TestMsg> {
+    Envelope {
+        from: ActorRef::new(from, ActorKind(1), ActorKey::Unit),
+        to: ActorRef::new(to, ActorKind(1), ActorKey::Unit),
+        msg,
+    }
+}
+
+async fn recv(node: &mut Node) -> Incoming<TestMsg> {
+    tokio::time::timeout(WAIT, node.1.incoming.recv())
+        .await
+        .expect("an envelope in time")
+        .expect("transport alive")
+}
+
+/// Waits for an event matching `want`, skipping others.
+async fn wait_event(node: &mut Node, want: impl Fn(&TransportEvent) -> bool) -> TransportEvent {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let event = tokio::time::timeout_at(deadline, node.1.events.recv())
+            .await
+            .expect("the event in time")
+            .expect("transport alive");
+        if want(&event) {
+            return event;
+        }
+    }
+}
+
+fn auth_failed(reason: AuthFailure, side: Side) -> impl Fn(&TransportEvent) -> bool {
+    move |e| matches!(e, TransportEvent::AuthFailed { reason: r, side: s, .. } if *r == reason && *s == side)
+}
+
+/// Sends until the peer receives one (the first sends may race the handshake).
+async fn send_until_received(from: &Node, to: &mut Node, msg: TestMsg) -> Incoming<TestMsg> {
+    let (a, b) = (from.0.local_id(), to.0.local_id());
+    from.0.send(b, &envelope(a, b, msg)).expect("queued");
+    recv(to).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fresh_nodes_connect_both_ways() {
+    let (ia, ib) = (identity(1), identity(2));
+    let (aa, ab) = (free_addr(), free_addr());
+    let mut a = start(config(&ia, aa, &[(&ib, ab)]));
+    let mut b = start(config(&ib, ab, &[(&ia, aa)]));
+
+    let got = send_until_received(&a, &mut b, TestMsg::Control(7)).await;
+    assert_eq!(
+        got.from,
+        ia.node_id(),
+        "attributed to the authenticated peer"
+    );
+    assert_eq!(got.envelope.msg, TestMsg::Control(7));
+    let got = send_until_received(&b, &mut a, TestMsg::Data(vec![9; 1000])).await;
+    assert_eq!(got.from, ib.node_id());
+    assert_eq!(got.envelope.msg, TestMsg::Data(vec![9; 1000]));
+
+    wait_event(
+        &mut a,
+        |e| matches!(e, TransportEvent::Connected { peer } if *peer == ib.node_id()),
+    )
+    .await;
+    wait_event(
+        &mut b,
+        |e| matches!(e, TransportEvent::Connected { peer } if *peer == ia.node_id()),
+    )
+    .await;
+
+    // Order is kept per class, and a large data message does not reorder control.
+    for i in 0..100 {
+        a.0.send(
+            ib.node_id(),
+            &envelope(ia.node_id(), ib.node_id(), TestMsg::Control(i)),
+        )
+        .expect("queued");
+    }
+    let mut controls = Vec::new();
+    while controls.len() < 100 {
+        if let TestMsg::Control(i) = recv(&mut b).await.envelope.msg {
+            controls.push(i);
+        }
+    }
+    assert_eq!(controls, (0..100).collect::<Vec<_>>());
+    a.0.shutdown().await;
+    b.0.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_peer_is_seen_by_both_sides() {
+    let (ia, ib) = (identity(1), identity(2));
+    let (aa, ab) = (free_addr(), free_addr());
+    let mut a = start(config(&ia, aa, &[(&ib, ab)]));
+    let mut b = start(config(&ib, ab, &[]));
+    wait_event(&mut b, auth_failed(AuthFailure::UnknownPeer, Side::Local)).await;
+    wait_event(&mut a, auth_failed(AuthFailure::UnknownPeer, Side::Remote)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_peer_is_seen_by_both_sides() {
+    let (ia, ib) = (identity(1), identity(2));
+    let (aa, ab) = (free_addr(), free_addr());
+    let mut a = start(config(&ia, aa, &[(&ib, ab)]));
+    let mut cb = config(&ib, ab, &[(&ia, aa)]);
+    cb.revoked.insert(ia.node_id());
+    let mut b = start(cb);
+    wait_event(&mut b, auth_failed(AuthFailure::RevokedPeer, Side::Local)).await;
+    wait_event(&mut a, auth_failed(AuthFailure::RevokedPeer, Side::Remote)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_mismatch_is_seen_by_both_sides() {
+    let (ia, ib, ic) = (identity(1), identity(2), identity(3));
+    let (aa, ab) = (free_addr(), free_addr());
+    // A believes C lives at B's address.
+    let mut a = start(config(&ia, aa, &[(&ic, ab)]));
+    let mut b = start(config(&ib, ab, &[(&ia, aa)]));
+    wait_event(
+        &mut a,
+        auth_failed(AuthFailure::IdentityMismatch, Side::Local),
+    )
+    .await;
+    wait_event(
+        &mut b,
+        auth_failed(AuthFailure::IdentityMismatch, Side::Remote),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_version_is_seen_by_both_sides() {
+    let (ia, ib) = (identity(1), identity(2));
+    let (aa, ab) = (free_addr(), free_addr());
+    let mut ca = config(&ia, aa, &[(&ib, ab)]);
+    ca.protocol_version = WIRE_VERSION + 1;
+    let mut a = start(ca);
+    let mut b = start(config(&ib, ab, &[(&ia, aa)]));
+    wait_event(
+        &mut b,
+        auth_failed(AuthFailure::ProtocolVersion, Side::Local),
+    )
+    .await;
+    wait_event(
+        &mut a,
+        auth_failed(AuthFailure::ProtocolVersion, Side::Remote),
+    )
+    .await;
+}
+
+/// A client endpoint presenting `spki` as its raw public key while signing with
+/// `identity`'s key: the way to offer a certificate that is not an Ed25519 identity.
+fn raw_client(
+    identity: &Identity,
+    spki: Option<Vec<u8>>,
+) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let provider = tls::crypto_provider();
+    let mut key = tls::certified_key(identity, &provider).expect("key");
+    if let Some(spki) = spki {
+        let mut forged = (*key).clone();
+        forged.cert = vec![rustls::pki_types::CertificateDer::from(spki)];
+        key = Arc::new(forged);
+    }
+    let crypto = tls::client_crypto(key, tls::alpn(WIRE_VERSION)).expect("client tls");
+    let endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    (endpoint, quinn::ClientConfig::new(crypto))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificate_is_seen_by_both_sides() {
+    let (ia, ib) = (identity(1), identity(2));
+    let ab = free_addr();
+    let mut b = start(config(&ib, ab, &[(&ia, free_addr())]));
+    let (endpoint, client) = raw_client(&ia, Some(b"not a public key".to_vec()));
+    let connecting = endpoint
+        .connect_with(client, ab, "conclave")
+        .expect("connect");
+    // In TLS 1.3 the client finishes its side of the handshake before the server has
+    // checked the client's certificate: the refusal may arrive just after.
+    let error = match connecting.await {
+        Err(error) => error,
+        Ok(conn) => tokio::time::timeout(WAIT, conn.closed())
+            .await
+            .expect("refused in time"),
+    };
+    assert_eq!(
+        auth_failure_of(&error),
+        Some((AuthFailure::BadCertificate, Side::Remote)),
+        "client saw {error}"
+    );
+    wait_event(
+        &mut b,
+        auth_failed(AuthFailure::BadCertificate, Side::Local),
+    )
+    .await;
+}
+
+/// Connects to `server` as `identity` and returns the connection.
+async fn raw_connect(
+    identity: &Identity,
+    server: SocketAddr,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let (endpoint, client) = raw_client(identity, None);
+    let conn = endpoint
+        .connect_with(client, server, "conclave")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (endpoint, conn)
+}
+
+/// Writes `bytes` to a fresh stream of `conn`, `chunk` bytes at a time.
+async fn write_chunked(conn: &quinn::Connection, bytes: &[u8], chunk: usize) {
+    let mut stream = conn.open_uni().await.expect("stream");
+    for piece in bytes.chunks(chunk) {
+        stream.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stream.finish().expect("finish");
+}
+
+fn framed(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_arriving_in_pieces_reassemble() {
+    let (ia, ib) = (identity(1), identity(2));
+    let ab = free_addr();
+    let mut b = start(config(&ib, ab, &[(&ia, free_addr())]));
+    let (_endpoint, conn) = raw_connect(&ia, ab).await;
+    let first = envelope(ia.node_id(), ib.node_id(), TestMsg::Data(vec![5; 300]));
+    let second = envelope(ia.node_id(), ib.node_id(), TestMsg::Control(77));
+    let mut bytes = framed(&first.encode().expect("encode"));
+    bytes.extend_from_slice(&framed(&second.encode().expect("encode")));
+    // One byte at a time: every read returns less than a whole frame.
+    write_chunked(&conn, &bytes, 1).await;
+    assert_eq!(recv(&mut b).await.envelope, first);
+    assert_eq!(recv(&mut b).await.envelope, second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_garbage_frames_close_the_connection_but_not_the_node() {
+    let (ia, ib, ic) = (identity(1), identity(2), identity(3));
+    let (ab, ac) = (free_addr(), free_addr());
+    let mut b = start(config(&ib, ab, &[(&ia, free_addr()), (&ic, ac)]));
+
+    // A frame claiming more than the limit.
+    let (_e1, conn) = raw_connect(&ia, ab).await;
+    let too_big = ((ENVELOPE_BYTES_MAX + 1) as u32).to_be_bytes();
+    write_chunked(&conn, &too_big, 4).await;
+    match tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("closed in time")
+    {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, VarInt::from_u32(code::FRAME_TOO_LARGE));
+            assert!(close.reason.starts_with(b"frame_too_large"));
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+
+    // A frame of garbage.
+    let (_e2, conn) = raw_connect(&ia, ab).await;
+    write_chunked(&conn, &framed(&[0xff; 64]), 64).await;
+    match tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("closed in time")
+    {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, VarInt::from_u32(code::MALFORMED_FRAME));
+            assert!(close.reason.starts_with(b"malformed_frame"));
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+
+    // The node still serves another peer.
+    let mut c = start(config(&ic, ac, &[(&ib, ab)]));
+    let got = send_until_received(&c, &mut b, TestMsg::Control(1)).await;
+    assert_eq!(got.from, ic.node_id());
+    c.0.shutdown().await;
+    let _ = &mut c;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_send_queue_reports_backpressure() {
+    let (ia, ib) = (identity(1), identity(2));
+    // Nobody listens at B's address: everything queues.
+    let mut ca = config(&ia, free_addr(), &[(&ib, free_addr())]);
+    ca.send_queue_depth_max = 8;
+    let a = start(ca);
+    let env = envelope(ia.node_id(), ib.node_id(), TestMsg::Control(0));
+    let mut accepted = 0;
+    let refused = loop {
+        match a.0.send(ib.node_id(), &env) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted <= 9, "queue grew past its bound");
+    };
+    assert_eq!(refused, SendError::Backpressure(ib.node_id()));
+    // The peer task may hold one message it took for sending.
+    assert!((8..=9).contains(&accepted), "accepted {accepted}");
+    let stranger = identity(9).node_id();
+    assert_eq!(
+        a.0.send(stranger, &env),
+        Err(SendError::Unreachable(stranger))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_peer_restarts_on_the_same_address() {
+    let (ia, ib) = (identity(1), identity(2));
+    let (aa, ab) = (free_addr(), free_addr());
+    let mut a = start(config(&ia, aa, &[(&ib, ab)]));
+    let mut b = start(config(&ib, ab, &[(&ia, aa)]));
+    send_until_received(&a, &mut b, TestMsg::Control(1)).await;
+
+    b.0.shutdown().await;
+    drop(b);
+    wait_event(&mut a, |e| matches!(e, TransportEvent::Disconnected { .. })).await;
+
+    // The old socket is released once its last task ends: retry the bind briefly.
+    let mut restarted = None;
+    for _ in 0..100 {
+        match QuicTransport::start(config(&ib, ab, &[(&ia, aa)])) {
+            Ok(node) => {
+                restarted = Some(node);
+                break;
+            }
+            Err(StartError::Bind { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(other) => panic!("restart failed: {other}"),
+        }
+    }
+    let mut b = restarted.expect("B restarts on its address");
+    let got = send_until_received(&a, &mut b, TestMsg::Control(2)).await;
+    assert_eq!(got.envelope.msg, TestMsg::Control(2));
+    a.0.shutdown().await;
+    b.0.shutdown().await;
+}

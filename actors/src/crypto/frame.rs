@@ -62,6 +62,9 @@ pub struct Frame {
     /// The ChaCha20-Poly1305 nonce, random per frame.
     pub nonce: [u8; 12],
     /// The ciphertext, tag included.
+    // As bytes, not a sequence of u8: the same postcard encoding (length, then the
+    // bytes), copied in one go instead of element by element.
+    #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
     /// The sender's signature over every other field.
     pub signature: SignatureBytes,

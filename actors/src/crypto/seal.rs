@@ -87,6 +87,9 @@ pub struct SealedKey {
     pub enc: [u8; 32],
     /// The HPKE ciphertext of the 32 key bytes: always
     /// [`SEALED_KEY_CIPHERTEXT_BYTES`] long when well formed.
+    // As bytes, not a sequence of u8: the same postcard encoding (length, then the
+    // bytes), copied in one go instead of element by element.
+    #[serde(with = "serde_bytes")]
     pub ciphertext: Vec<u8>,
     /// The sealer's signature over room, epoch, sealer, recipient public key, `enc`
     /// and `ciphertext`.

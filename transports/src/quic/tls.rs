@@ -72,7 +72,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The identity as rustls presents it: the SPKI as a raw public key, and the signer.
-pub(crate) fn certified_key(
+pub fn certified_key(
     identity: &Identity,
     provider: &CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, TlsSetupError> {
@@ -214,7 +214,7 @@ impl ClientCertVerifier for IdentityVerifier {
 }
 
 /// The rustls server side: TLS 1.3, client authentication mandatory, 0-RTT off.
-pub(crate) fn server_crypto(
+pub fn server_crypto(
     key: Arc<CertifiedKey>,
     alpn: Vec<u8>,
 ) -> Result<Arc<QuicServerConfig>, TlsSetupError> {
@@ -235,7 +235,7 @@ pub(crate) fn server_crypto(
 }
 
 /// The rustls client side: TLS 1.3, presenting our identity, 0-RTT off.
-pub(crate) fn client_crypto(
+pub fn client_crypto(
     key: Arc<CertifiedKey>,
     alpn: Vec<u8>,
 ) -> Result<Arc<QuicClientConfig>, TlsSetupError> {
@@ -256,6 +256,6 @@ pub(crate) fn client_crypto(
 }
 
 /// The rustls crypto provider used throughout (ring).
-pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
+pub fn crypto_provider() -> Arc<CryptoProvider> {
     provider()
 }

@@ -12,13 +12,20 @@
 //! key it presents; right after it, the acceptor refuses revoked and unknown keys and
 //! the dialer refuses a key other than the one it dialed, each closing the
 //! connection with an application code and reason text that the other side reports
-//! as well. A peer of another protocol version fails in the handshake (ALPN).
+//! as well. A peer of another protocol version fails in the handshake (ALPN). A
+//! connection is used, and reported connected, only once both sides have accepted
+//! each other: each sends a hello stream after its own checks pass.
+//!
+//! Order is kept per class within a connection. When a connection is replaced (a
+//! reconnect, or the simultaneous-dial tie-break), messages written just before may
+//! arrive after some written on the new one; restoring order across connections,
+//! and resending what a lost connection swallowed, is the durable outbox's job.
 
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use conclave_actors::wire::{
@@ -26,7 +33,8 @@ use conclave_actors::wire::{
 };
 use conclave_actors::{Identity, NodeId};
 use quinn::{ConnectionError, VarInt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::{AuthFailure, Incoming, SendError, Side, Transport, TransportEvent};
 
@@ -172,14 +180,41 @@ pub struct QuicChannels<M> {
 /// Events that may wait before new ones are dropped.
 const EVENTS_DEPTH_MAX: usize = 1024;
 
+/// Handshakes that may be in progress at once: enough for a cluster, not a flood.
+const INCOMING_HANDSHAKES_MAX: usize = 256;
+/// Authorized connections from one peer that may wait for its task.
+const ACCEPTED_DEPTH_MAX: usize = 2;
+/// The largest reconnect delay a configuration may ask for.
+const RECONNECT_DELAY_CEILING: Duration = Duration::from_secs(3600);
+/// How long each side waits for the other's hello after the handshake.
+const HELLO_WAIT_MAX: Duration = Duration::from_secs(5);
+/// How long a connection that lost the simultaneous-dial tie-break may take to drain.
+const RETIRE_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// The first byte of every unidirectional stream says what it carries.
+mod kind {
+    /// "I accept you": sent once, after this side's own checks passed.
+    pub const HELLO: u8 = 0;
+    /// Frames of control messages.
+    pub const CONTROL: u8 = 1;
+    /// Frames of data messages.
+    pub const DATA: u8 = 2;
+}
+
 struct Outgoing {
-    class: MessageClass,
     bytes: Vec<u8>,
 }
 
+/// A connection both sides have accepted.
+struct Authorized {
+    conn: quinn::Connection,
+    dialed_by: NodeId,
+}
+
 struct PeerHandle {
-    queue: mpsc::Sender<Outgoing>,
-    accepted: mpsc::Sender<quinn::Connection>,
+    control: mpsc::Sender<Outgoing>,
+    data: mpsc::Sender<Outgoing>,
+    accepted: mpsc::Sender<Authorized>,
 }
 
 struct Shared<M> {
@@ -192,8 +227,10 @@ struct Shared<M> {
     events: mpsc::Sender<TransportEvent>,
     reconnect_delay_min: Duration,
     reconnect_delay_max: Duration,
-    /// Set once by `shutdown`: every peer task then ends, releasing the endpoint.
-    stop: tokio::sync::watch::Sender<bool>,
+    /// Set once by `shutdown`: every task then ends, releasing the endpoint.
+    stop: watch::Sender<bool>,
+    /// The long-lived tasks, awaited by `shutdown`.
+    tasks: Mutex<JoinSet<()>>,
 }
 
 /// The QUIC transport. Cheap to clone; [`QuicTransport::shutdown`] closes it.
@@ -213,11 +250,21 @@ impl<M: WireMessage> QuicTransport<M> {
     /// Binds the endpoint and starts accepting and dialing. Must be called within a
     /// tokio runtime, which then runs the transport's tasks.
     pub fn start(config: QuicConfig) -> Result<(Self, QuicChannels<M>), StartError> {
-        if config.keep_alive >= config.idle_timeout {
-            return Err(StartError::Config("keep_alive must be below idle_timeout"));
+        if config.keep_alive.is_zero() || config.keep_alive >= config.idle_timeout {
+            return Err(StartError::Config(
+                "keep_alive must be above zero and below idle_timeout",
+            ));
         }
         if config.send_queue_depth_max == 0 || config.incoming_depth_max == 0 {
             return Err(StartError::Config("queue depths must be at least 1"));
+        }
+        if config.reconnect_delay_min.is_zero()
+            || config.reconnect_delay_min > config.reconnect_delay_max
+            || config.reconnect_delay_max > RECONNECT_DELAY_CEILING
+        {
+            return Err(StartError::Config(
+                "reconnect delays must satisfy 0 < min <= max <= 1 hour",
+            ));
         }
         let provider = tls::crypto_provider();
         let key = tls::certified_key(&config.identity, &provider)?;
@@ -227,6 +274,7 @@ impl<M: WireMessage> QuicTransport<M> {
         let mut server =
             quinn::ServerConfig::with_crypto(tls::server_crypto(Arc::clone(&key), alpn.clone())?);
         server.transport_config(Arc::clone(&transport));
+        server.max_incoming(INCOMING_HANDSHAKES_MAX);
         let mut client = quinn::ClientConfig::new(tls::client_crypto(key, alpn)?);
         client.transport_config(transport);
 
@@ -239,15 +287,24 @@ impl<M: WireMessage> QuicTransport<M> {
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_depth_max);
         let (events_tx, events_rx) = mpsc::channel(EVENTS_DEPTH_MAX);
         let mut peers = BTreeMap::new();
-        let mut tasks = Vec::new();
+        let mut per_peer = Vec::new();
         for (&peer, &addr) in &config.peers {
-            if peer == config.identity.node_id() {
+            // Nobody dials itself, or a peer it has revoked.
+            if peer == config.identity.node_id() || config.revoked.contains(&peer) {
                 continue;
             }
-            let (queue, queue_rx) = mpsc::channel(config.send_queue_depth_max);
-            let (accepted, accepted_rx) = mpsc::channel(4);
-            peers.insert(peer, PeerHandle { queue, accepted });
-            tasks.push((peer, addr, queue_rx, accepted_rx));
+            let (control, control_rx) = mpsc::channel(config.send_queue_depth_max);
+            let (data, data_rx) = mpsc::channel(config.send_queue_depth_max);
+            let (accepted, accepted_rx) = mpsc::channel(ACCEPTED_DEPTH_MAX);
+            peers.insert(
+                peer,
+                PeerHandle {
+                    control,
+                    data,
+                    accepted,
+                },
+            );
+            per_peer.push((peer, addr, control_rx, data_rx, accepted_rx));
         }
         let shared = Arc::new(Shared {
             local: config.identity.node_id(),
@@ -259,19 +316,22 @@ impl<M: WireMessage> QuicTransport<M> {
             events: events_tx,
             reconnect_delay_min: config.reconnect_delay_min,
             reconnect_delay_max: config.reconnect_delay_max,
-            stop: tokio::sync::watch::Sender::new(false),
+            stop: watch::Sender::new(false),
+            tasks: Mutex::new(JoinSet::new()),
         });
-        for (peer, addr, queue_rx, accepted_rx) in tasks {
-            let mut stop = shared.stop.subscribe();
-            let task = run_peer(Arc::clone(&shared), peer, addr, queue_rx, accepted_rx);
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.wait_for(|stopped| *stopped) => {}
-                    () = task => {}
-                }
-            });
+        for (peer, addr, control_rx, data_rx, accepted_rx) in per_peer {
+            let (link_tx, link_rx) = watch::channel(None);
+            shared.spawn(run_peer(
+                Arc::clone(&shared),
+                peer,
+                addr,
+                accepted_rx,
+                link_tx,
+            ));
+            shared.spawn(run_writer(kind::CONTROL, control_rx, link_rx.clone()));
+            shared.spawn(run_writer(kind::DATA, data_rx, link_rx));
         }
-        tokio::spawn(accept_loop(Arc::clone(&shared)));
+        shared.spawn(accept_loop(Arc::clone(&shared)));
         Ok((
             Self { shared },
             QuicChannels {
@@ -286,13 +346,21 @@ impl<M: WireMessage> QuicTransport<M> {
         self.shared.endpoint.local_addr()
     }
 
-    /// Closes every connection (telling peers why), stops dialing, and waits until
-    /// the connections are gone.
+    /// Closes every connection (telling peers why), ends every task and waits for
+    /// them, so the socket is released once the last handle is dropped.
     pub async fn shutdown(&self) {
         self.shared.stop.send_replace(true);
         self.shared
             .endpoint
             .close(VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+        let mut tasks = std::mem::take(
+            &mut *self
+                .shared
+                .tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        while tasks.join_next().await.is_some() {}
         self.shared.endpoint.wait_idle().await;
     }
 }
@@ -309,11 +377,11 @@ impl<M: WireMessage> Transport<M> for QuicTransport<M> {
             .get(&to)
             .ok_or(SendError::Unreachable(to))?;
         let bytes = envelope.encode().map_err(SendError::Encode)?;
-        let outgoing = Outgoing {
-            class: envelope.msg.class(),
-            bytes,
+        let queue = match envelope.msg.class() {
+            MessageClass::Control => &peer.control,
+            MessageClass::Data => &peer.data,
         };
-        peer.queue.try_send(outgoing).map_err(|e| match e {
+        queue.try_send(Outgoing { bytes }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::Backpressure(to),
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })?;
@@ -329,13 +397,29 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Start
     transport
         .max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(config.keep_alive))
-        // One stream per message class and direction, with room to reopen one.
+        // A hello and one stream per message class, with room to reopen one.
         .max_concurrent_uni_streams(VarInt::from_u32(4))
-        .max_concurrent_bidi_streams(VarInt::from_u32(0));
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        // Datagrams are never used: buffer none.
+        .datagram_receive_buffer_size(None);
     Ok(transport)
 }
 
 impl<M> Shared<M> {
+    /// Runs `task` until it ends or the transport shuts down.
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut stop = self.stop.subscribe();
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .spawn(async move {
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => {}
+                    () = task => {}
+                }
+            });
+    }
+
     fn event(&self, event: TransportEvent) {
         if self.events.try_send(event).is_err() {
             metrics::counter!("conclave_transport_events_dropped_total").increment(1);
@@ -386,11 +470,52 @@ impl<M> Shared<M> {
             None => false,
         }
     }
+
+    /// Completes the mutual acceptance on a connection whose handshake finished:
+    /// this side sends its hello (its own checks have passed), then waits for the
+    /// peer's. A refusal by the peer arrives here as the connection's close reason.
+    async fn exchange_hellos(&self, conn: &quinn::Connection, peer: NodeId) -> Result<(), String> {
+        let hello = async {
+            let mut out = conn.open_uni().await.map_err(|e| e.to_string())?;
+            out.write_all(&[kind::HELLO])
+                .await
+                .map_err(|e| e.to_string())?;
+            out.finish().map_err(|e| e.to_string())?;
+            let mut stream = conn.accept_uni().await.map_err(|e| e.to_string())?;
+            let mut first = [0u8; 1];
+            stream
+                .read_exact(&mut first)
+                .await
+                .map_err(|e| e.to_string())?;
+            if first[0] == kind::HELLO {
+                Ok(())
+            } else {
+                Err("peer did not start with a hello".to_string())
+            }
+        };
+        let result = match tokio::time::timeout(HELLO_WAIT_MAX, hello).await {
+            Ok(result) => result,
+            Err(_) => Err("no hello from the peer in time".to_string()),
+        };
+        if result.is_err() {
+            // If the peer refused us, its reason is the close reason: report it.
+            let closed = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
+            if let Ok(error) = closed {
+                if self.report_connection_error(Some(peer), conn.remote_address(), &error) {
+                    return Err(error.to_string());
+                }
+            }
+            conn.close(VarInt::from_u32(code::MALFORMED_FRAME), b"no_hello");
+        }
+        result
+    }
 }
 
 async fn accept_loop<M: WireMessage>(shared: Arc<Shared<M>>) {
     while let Some(incoming) = shared.endpoint.accept().await {
-        tokio::spawn(accept_one(Arc::clone(&shared), incoming));
+        let shared = Arc::clone(&shared);
+        // Short-lived and bounded by INCOMING_HANDSHAKES_MAX plus the hello wait.
+        tokio::spawn(accept_one(shared, incoming));
     }
 }
 
@@ -420,17 +545,27 @@ async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Inc
         return;
     };
     metrics::counter!("conclave_transport_handshakes_total", "result" => "ok").increment(1);
-    if handle.accepted.send(conn.clone()).await.is_err() {
-        conn.close(VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+    if let Err(error) = shared.exchange_hellos(&conn, peer).await {
+        tracing::debug!(?peer, %addr, %error, "incoming connection not accepted by the peer");
+        return;
+    }
+    let authorized = Authorized {
+        conn,
+        dialed_by: peer,
+    };
+    if let Err(e) = handle.accepted.try_send(authorized) {
+        // The peer is opening connections faster than we adopt them.
+        let authorized = match e {
+            mpsc::error::TrySendError::Full(a) | mpsc::error::TrySendError::Closed(a) => a,
+        };
+        authorized
+            .conn
+            .close(VarInt::from_u32(code::DUPLICATE_CONNECTION), b"busy");
     }
 }
 
-/// Dials `peer` at `addr` and checks that it is who we dialed.
-async fn dial<M>(
-    shared: &Shared<M>,
-    peer: NodeId,
-    addr: SocketAddr,
-) -> Result<quinn::Connection, String> {
+/// Dials `peer` at `addr`, checks it is who we dialed, and exchanges hellos.
+async fn dial<M>(shared: &Shared<M>, peer: NodeId, addr: SocketAddr) -> Result<Authorized, String> {
     let connecting = shared
         .endpoint
         .connect_with(shared.client.clone(), addr, "conclave")
@@ -457,38 +592,11 @@ async fn dial<M>(
         return Err(AuthFailure::IdentityMismatch.to_string());
     }
     metrics::counter!("conclave_transport_handshakes_total", "result" => "ok").increment(1);
-    Ok(conn)
-}
-
-/// An established connection to one peer and the streams we send on.
-struct Link {
-    conn: quinn::Connection,
-    dialed_by: NodeId,
-    control: Option<quinn::SendStream>,
-    data: Option<quinn::SendStream>,
-}
-
-impl Link {
-    async fn write(&mut self, out: &Outgoing) -> Result<(), String> {
-        let slot = match out.class {
-            MessageClass::Control => &mut self.control,
-            MessageClass::Data => &mut self.data,
-        };
-        if slot.is_none() {
-            *slot = Some(self.conn.open_uni().await.map_err(|e| e.to_string())?);
-        }
-        let Some(stream) = slot.as_mut() else {
-            return Err("stream unavailable".into());
-        };
-        let len = u32::try_from(out.bytes.len()).map_err(|_| "frame too large".to_string())?;
-        let mut frame = Vec::with_capacity(4 + out.bytes.len());
-        frame.extend_from_slice(&len.to_be_bytes());
-        frame.extend_from_slice(&out.bytes);
-        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
-        metrics::counter!("conclave_transport_frames_out_total").increment(1);
-        metrics::counter!("conclave_transport_bytes_out_total").increment(frame.len() as u64);
-        Ok(())
-    }
+    shared.exchange_hellos(&conn, peer).await?;
+    Ok(Authorized {
+        conn,
+        dialed_by: shared.local,
+    })
 }
 
 /// Full-jitter exponential backoff.
@@ -513,7 +621,7 @@ impl Backoff {
 
     fn delay(&mut self) -> Duration {
         let ceiling = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         // Full jitter spreads the reconnects of many nodes after a shared outage.
         let mut bytes = [0u8; 8];
         if getrandom::fill(&mut bytes).is_err() {
@@ -524,153 +632,251 @@ impl Backoff {
     }
 }
 
-/// Owns everything about one peer: dialing, reconnecting, the single connection,
-/// and writing its send queue.
+/// The link in use, as the peer task sees it.
+struct Link {
+    conn: quinn::Connection,
+    dialed_by: NodeId,
+}
+
+/// Owns the connection to one peer: dials (in the background, so a finished dial is
+/// never dropped), adopts what the peer dials, settles simultaneous dials, reports
+/// what happens, and backs off after every failure or loss. The writers follow the
+/// link it publishes.
 async fn run_peer<M: WireMessage>(
     shared: Arc<Shared<M>>,
     peer: NodeId,
     addr: SocketAddr,
-    mut queue: mpsc::Receiver<Outgoing>,
-    mut accepted: mpsc::Receiver<quinn::Connection>,
+    mut accepted: mpsc::Receiver<Authorized>,
+    link_tx: watch::Sender<Option<quinn::Connection>>,
 ) {
     let mut backoff = Backoff::new(shared.reconnect_delay_min, shared.reconnect_delay_max);
+    let (dialed_tx, mut dialed) = mpsc::channel::<Result<Authorized, String>>(1);
+    let mut dialing = false;
+    let mut next_dial = tokio::time::Instant::now();
     let mut link: Option<Link> = None;
-    // A message taken from the queue whose write failed: sent first once reconnected.
-    let mut pending: Option<Outgoing> = None;
-    let mut attempts: u64 = 0;
+    let mut had_link = false;
     loop {
-        let Some(current) = link.as_mut() else {
-            // Not connected: dial, unless the peer's connection arrives first.
-            tokio::select! {
-                conn = accepted.recv() => {
-                    let Some(conn) = conn else { return };
-                    link = Some(adopt(&shared, peer, conn, peer));
-                    backoff.reset();
-                }
-                result = dial(&shared, peer, addr) => match result {
-                    Ok(conn) => {
-                        if attempts > 0 {
-                            metrics::counter!("conclave_transport_reconnects_total").increment(1);
-                            attempts = 0;
-                        }
-                        link = Some(adopt(&shared, peer, conn, shared.local));
+        if link.is_none() && !dialing && tokio::time::Instant::now() >= next_dial {
+            dialing = true;
+            let (shared, tx) = (Arc::clone(&shared), dialed_tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(dial(&shared, peer, addr).await).await;
+            });
+        }
+        let closed = async {
+            match &link {
+                Some(current) => current.conn.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            authorized = accepted.recv() => {
+                let Some(authorized) = authorized else { return };
+                settle(&shared, peer, &mut link, authorized, &link_tx, &mut had_link);
+                backoff.reset();
+            }
+            result = dialed.recv() => {
+                dialing = false;
+                match result {
+                    Some(Ok(authorized)) => {
+                        settle(&shared, peer, &mut link, authorized, &link_tx, &mut had_link);
                         backoff.reset();
                     }
-                    Err(error) => {
-                        attempts += 1;
+                    Some(Err(error)) => {
                         let delay = backoff.delay();
                         tracing::debug!(?peer, %addr, %error, ?delay, "dial failed; retrying");
-                        tokio::select! {
-                            conn = accepted.recv() => {
-                                let Some(conn) = conn else { return };
-                                link = Some(adopt(&shared, peer, conn, peer));
-                                backoff.reset();
-                            }
-                            () = tokio::time::sleep(delay) => {}
-                        }
+                        next_dial = tokio::time::Instant::now() + delay;
                     }
-                },
-            }
-            continue;
-        };
-        if let Some(out) = pending.take() {
-            if let Err(error) = current.write(&out).await {
-                tracing::debug!(?peer, %error, "write failed; reconnecting");
-                pending = Some(out);
-                link = None;
-            }
-            continue;
-        }
-        tokio::select! {
-            conn = accepted.recv() => {
-                let Some(conn) = conn else { return };
-                // Both sides dialed at once. Both keep writing only to the connection
-                // dialed by the smaller id; each still reads everything the other
-                // already wrote on the loser, and the side that wrote on it closes it
-                // once the peer has read it all, so the switch loses nothing.
-                if current.dialed_by == shared.local.min(peer) {
-                    tokio::spawn(read_connection(Arc::clone(&shared), peer, conn));
-                } else if let Some(loser) = link.replace(adopt(&shared, peer, conn, peer)) {
-                    retire(loser);
+                    None => return,
                 }
             }
-            out = queue.recv() => {
-                let Some(out) = out else { return };
-                metrics::gauge!("conclave_transport_send_queue_depth").decrement(1.0);
-                if let Err(error) = current.write(&out).await {
-                    tracing::debug!(?peer, %error, "write failed; reconnecting");
-                    pending = Some(out);
-                    link = None;
-                }
-            }
-            error = current.conn.closed() => {
+            error = closed => {
                 if !shared.report_connection_error(Some(peer), addr, &error) {
                     let reason = error.to_string();
-                    tracing::info!(?peer, %reason, "connection closed");
-                    shared.event(TransportEvent::Disconnected { peer, reason });
+                    tracing::info!(?peer, %reason, "connection lost");
                 }
+                shared.event(TransportEvent::Disconnected {
+                    peer,
+                    reason: error.to_string(),
+                });
                 metrics::gauge!("conclave_transport_connections_open").decrement(1.0);
                 link = None;
+                link_tx.send_replace(None);
+                next_dial = tokio::time::Instant::now() + backoff.delay();
             }
+            () = tokio::time::sleep_until(next_dial), if link.is_none() && !dialing => {}
         }
     }
 }
 
-/// Takes `conn` as the link to `peer`: starts reading it and reports it.
-fn adopt<M: WireMessage>(
+/// Takes an authorized connection as the link, or not, by one rule applied on both
+/// sides: the connection dialed by the smaller id wins; between two dialed by the
+/// same side, the newer wins (the older is from before a restart). A loser is
+/// drained by its writer and closed by its reader.
+fn settle<M: WireMessage>(
     shared: &Arc<Shared<M>>,
     peer: NodeId,
-    conn: quinn::Connection,
-    dialed_by: NodeId,
-) -> Link {
-    tracing::info!(?peer, addr = %conn.remote_address(), "connected");
-    metrics::gauge!("conclave_transport_connections_open").increment(1.0);
+    link: &mut Option<Link>,
+    new: Authorized,
+    link_tx: &watch::Sender<Option<quinn::Connection>>,
+    had_link: &mut bool,
+) {
+    let preferred = shared.local.min(peer);
+    let replace = match link {
+        None => true,
+        Some(current) => new.dialed_by == current.dialed_by || new.dialed_by == preferred,
+    };
+    if !replace {
+        // The peer will move off it; read what it sent, then let it close.
+        tokio::spawn(read_connection(Arc::clone(shared), peer, new.conn, true));
+        return;
+    }
+    tracing::info!(?peer, addr = %new.conn.remote_address(), "connected");
+    if *had_link {
+        metrics::counter!("conclave_transport_reconnects_total").increment(1);
+    }
+    *had_link = true;
+    tokio::spawn(read_connection(
+        Arc::clone(shared),
+        peer,
+        new.conn.clone(),
+        false,
+    ));
+    if let Some(old) = link.replace(Link {
+        conn: new.conn.clone(),
+        dialed_by: new.dialed_by,
+    }) {
+        // The writers move to the new link and finish their streams on the old one;
+        // the peer's reader closes it once drained (or we do, after a bound).
+        shared.event(TransportEvent::Disconnected {
+            peer,
+            reason: "replaced by a newer connection".into(),
+        });
+        tokio::spawn(async move {
+            if tokio::time::timeout(RETIRE_WAIT_MAX, old.conn.closed())
+                .await
+                .is_err()
+            {
+                old.conn.close(
+                    VarInt::from_u32(code::DUPLICATE_CONNECTION),
+                    b"duplicate_connection",
+                );
+            }
+        });
+    } else {
+        metrics::gauge!("conclave_transport_connections_open").increment(1.0);
+    }
+    link_tx.send_replace(Some(new.conn));
     shared.event(TransportEvent::Connected { peer });
-    tokio::spawn(read_connection(Arc::clone(shared), peer, conn.clone()));
-    Link {
-        conn,
-        dialed_by,
-        control: None,
-        data: None,
+}
+
+/// Writes one message class to the current link: one long-lived stream per link,
+/// opened with the class byte. A message whose write failed is written first on the
+/// next link. Each class has its own writer, so a blocked data stream never holds
+/// up control messages.
+async fn run_writer(
+    class: u8,
+    mut queue: mpsc::Receiver<Outgoing>,
+    mut link: watch::Receiver<Option<quinn::Connection>>,
+) {
+    let mut pending: Option<Outgoing> = None;
+    loop {
+        let conn = match link.wait_for(Option::is_some).await {
+            Ok(conn) => conn.clone(),
+            Err(_) => return,
+        };
+        let Some(conn) = conn else { continue };
+        let mut stream = match conn.open_uni().await {
+            Ok(stream) => stream,
+            Err(_) => {
+                // The link is going away: wait for the next one.
+                if link.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if stream.write_all(&[class]).await.is_err() {
+            if link.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        loop {
+            let out = match pending.take() {
+                Some(out) => out,
+                None => tokio::select! {
+                    out = queue.recv() => match out {
+                        Some(out) => {
+                            metrics::gauge!("conclave_transport_send_queue_depth").decrement(1.0);
+                            out
+                        }
+                        None => return,
+                    },
+                    changed = link.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // A new link: finish this stream so the peer can drain it.
+                        let _ = stream.finish();
+                        break;
+                    }
+                },
+            };
+            let Ok(len) = u32::try_from(out.bytes.len()) else {
+                continue;
+            };
+            let mut frame = Vec::with_capacity(4 + out.bytes.len());
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(&out.bytes);
+            if stream.write_all(&frame).await.is_err() {
+                pending = Some(out);
+                // Make sure the link is seen as lost, then wait for the next one.
+                conn.close(VarInt::from_u32(code::MALFORMED_FRAME), b"stream_error");
+                if link.changed().await.is_err() {
+                    return;
+                }
+                break;
+            }
+            metrics::counter!("conclave_transport_frames_out_total").increment(1);
+            metrics::counter!("conclave_transport_bytes_out_total").increment(frame.len() as u64);
+        }
     }
 }
 
-/// Stops writing to a connection that lost the simultaneous-dial tie-break: finish
-/// its streams, wait (bounded) until the peer has read them, then close it.
-fn retire(link: Link) {
-    metrics::gauge!("conclave_transport_connections_open").decrement(1.0);
-    tokio::spawn(async move {
-        let Link {
-            conn,
-            control,
-            data,
-            ..
-        } = link;
-        let drained = async {
-            for mut stream in [control, data].into_iter().flatten() {
-                if stream.finish().is_ok() {
-                    let _ = stream.stopped().await;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(RETIRE_WAIT_MAX, drained).await;
-        conn.close(
-            VarInt::from_u32(code::DUPLICATE_CONNECTION),
-            b"duplicate_connection",
-        );
-    });
-}
-
-/// How long a retired connection may take to deliver what was written to it.
-const RETIRE_WAIT_MAX: Duration = Duration::from_secs(5);
-
+/// Reads every stream the peer opens on `conn`. For a connection that lost the
+/// simultaneous-dial tie-break (`retired`), closes it once the peer has finished
+/// every stream it opened (or after a bound).
 async fn read_connection<M: WireMessage>(
     shared: Arc<Shared<M>>,
     peer: NodeId,
     conn: quinn::Connection,
+    retired: bool,
 ) {
-    while let Ok(stream) = conn.accept_uni().await {
-        tokio::spawn(read_stream(Arc::clone(&shared), peer, conn.clone(), stream));
+    let mut readers = JoinSet::new();
+    let deadline = tokio::time::Instant::now() + RETIRE_WAIT_MAX;
+    loop {
+        tokio::select! {
+            stream = conn.accept_uni() => match stream {
+                Ok(stream) => {
+                    readers.spawn(read_stream(Arc::clone(&shared), peer, conn.clone(), stream));
+                }
+                Err(_) => break,
+            },
+            Some(_) = readers.join_next(), if !readers.is_empty() => {
+                if retired && readers.is_empty() {
+                    break;
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if retired => break,
+        }
+    }
+    if retired {
+        while readers.join_next().await.is_some() {}
+        conn.close(
+            VarInt::from_u32(code::DUPLICATE_CONNECTION),
+            b"duplicate_connection",
+        );
     }
 }
 
@@ -688,8 +894,33 @@ async fn read_stream<M: WireMessage>(
     conn: quinn::Connection,
     mut stream: quinn::RecvStream,
 ) {
-    let end = loop {
-        match read_frame(&mut stream).await {
+    let mut first = [0u8; 1];
+    let end = match stream.read_exact(&mut first).await {
+        Err(_) => StreamEnd::Closed,
+        // A late hello (a replaced link's) carries nothing more.
+        Ok(()) if first[0] == kind::HELLO => StreamEnd::Closed,
+        Ok(()) if first[0] == kind::CONTROL || first[0] == kind::DATA => {
+            read_frames(&shared, peer, &mut stream).await
+        }
+        Ok(()) => StreamEnd::Violation(
+            code::MALFORMED_FRAME,
+            format!("malformed_frame: unknown stream kind {}", first[0]),
+        ),
+    };
+    if let StreamEnd::Violation(code, reason) = end {
+        tracing::warn!(?peer, %reason, "closing connection: peer broke the framing");
+        metrics::counter!("conclave_transport_frames_rejected_total").increment(1);
+        conn.close(VarInt::from_u32(code), reason.as_bytes());
+    }
+}
+
+async fn read_frames<M: WireMessage>(
+    shared: &Shared<M>,
+    peer: NodeId,
+    stream: &mut quinn::RecvStream,
+) -> StreamEnd {
+    loop {
+        match read_frame(stream).await {
             Ok(Some(bytes)) => match Envelope::<M>::decode(&bytes) {
                 Ok(envelope) => {
                     metrics::counter!("conclave_transport_frames_in_total").increment(1);
@@ -697,33 +928,24 @@ async fn read_stream<M: WireMessage>(
                         .increment(4 + bytes.len() as u64);
                     // Waiting here, not dropping, is the backpressure: QUIC flow
                     // control slows the sender while the runtime catches up.
-                    if shared
-                        .incoming
-                        .send(Incoming {
-                            from: peer,
-                            envelope,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        break StreamEnd::Closed;
+                    let incoming = Incoming {
+                        from: peer,
+                        envelope,
+                    };
+                    if shared.incoming.send(incoming).await.is_err() {
+                        return StreamEnd::Closed;
                     }
                 }
                 Err(error) => {
-                    break StreamEnd::Violation(
+                    return StreamEnd::Violation(
                         code::MALFORMED_FRAME,
                         format!("malformed_frame: {error}"),
                     )
                 }
             },
-            Ok(None) => break StreamEnd::Closed,
-            Err(end) => break end,
+            Ok(None) => return StreamEnd::Closed,
+            Err(end) => return end,
         }
-    };
-    if let StreamEnd::Violation(code, reason) = end {
-        tracing::warn!(?peer, %reason, "closing connection: peer broke the framing");
-        metrics::counter!("conclave_transport_frames_rejected_total").increment(1);
-        conn.close(VarInt::from_u32(code), reason.as_bytes());
     }
 }
 

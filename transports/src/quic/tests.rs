@@ -153,15 +153,31 @@ async fn unknown_peer_is_seen_by_both_sides() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_peer_is_seen_by_both_sides() {
+async fn revoked_peer_is_refused_by_the_acceptor_and_seen_by_both_sides() {
     let (ia, ib) = (identity(1), identity(2));
     let (aa, ab) = (free_addr(), free_addr());
     let mut a = start(config(&ia, aa, &[(&ib, ab)]));
+    // B lists A but revoked it: B never dials A, so only its acceptor can refuse.
     let mut cb = config(&ib, ab, &[(&ia, aa)]);
     cb.revoked.insert(ia.node_id());
     let mut b = start(cb);
     wait_event(&mut b, auth_failed(AuthFailure::RevokedPeer, Side::Local)).await;
     wait_event(&mut a, auth_failed(AuthFailure::RevokedPeer, Side::Remote)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_peer_is_refused_by_the_dialer_and_seen_by_both_sides() {
+    let (ia, ib, ic) = (identity(1), identity(2), identity(3));
+    let (aa, ab) = (free_addr(), free_addr());
+    // A dials C at B's address and meets B, whom A revoked.
+    let mut ca = config(&ia, aa, &[(&ic, ab)]);
+    ca.revoked.insert(ib.node_id());
+    let mut a = start(ca);
+    // B accepts A (listing it at an address where nobody answers, so B's own dials
+    // go nowhere): only A's dialer check can refuse.
+    let mut b = start(config(&ib, ab, &[(&ia, free_addr())]));
+    wait_event(&mut a, auth_failed(AuthFailure::RevokedPeer, Side::Local)).await;
+    wait_event(&mut b, auth_failed(AuthFailure::RevokedPeer, Side::Remote)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +267,45 @@ async fn bad_certificate_is_seen_by_both_sides() {
     .await;
 }
 
-/// Connects to `server` as `identity` and returns the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presenting_another_nodes_key_is_a_bad_certificate_on_both_sides() {
+    use ed25519_dalek::pkcs8::EncodePublicKey;
+    let (ia, ib, mallory) = (identity(1), identity(2), identity(9));
+    let ab = free_addr();
+    let mut b = start(config(&ib, ab, &[(&ia, free_addr())]));
+    // Mallory presents A's public key but can only sign with her own.
+    let a_spki = ia
+        .signing_key()
+        .verifying_key()
+        .to_public_key_der()
+        .expect("spki")
+        .as_bytes()
+        .to_vec();
+    let (endpoint, client) = raw_client(&mallory, Some(a_spki));
+    let connecting = endpoint
+        .connect_with(client, ab, "conclave")
+        .expect("connect");
+    let error = match connecting.await {
+        Err(error) => error,
+        Ok(conn) => tokio::time::timeout(WAIT, conn.closed())
+            .await
+            .expect("refused in time"),
+    };
+    assert_eq!(
+        auth_failure_of(&error),
+        Some((AuthFailure::BadCertificate, Side::Remote)),
+        "client saw {error}"
+    );
+    wait_event(
+        &mut b,
+        auth_failed(AuthFailure::BadCertificate, Side::Local),
+    )
+    .await;
+    // Nothing from mallory was attributed to A.
+    assert!(b.1.incoming.try_recv().is_err());
+}
+
+/// Connects to `server` as `identity`, exchanges hellos, and returns the connection.
 async fn raw_connect(
     identity: &Identity,
     server: SocketAddr,
@@ -262,12 +316,20 @@ async fn raw_connect(
         .expect("connect")
         .await
         .expect("handshake");
+    let mut hello = conn.open_uni().await.expect("hello stream");
+    hello.write_all(&[kind::HELLO]).await.expect("hello");
+    hello.finish().expect("finish");
+    let mut theirs = conn.accept_uni().await.expect("their hello");
+    let mut first = [0u8; 1];
+    theirs.read_exact(&mut first).await.expect("hello byte");
+    assert_eq!(first[0], kind::HELLO);
     (endpoint, conn)
 }
 
-/// Writes `bytes` to a fresh stream of `conn`, `chunk` bytes at a time.
+/// Writes `bytes` to a fresh data stream of `conn`, `chunk` bytes at a time.
 async fn write_chunked(conn: &quinn::Connection, bytes: &[u8], chunk: usize) {
     let mut stream = conn.open_uni().await.expect("stream");
+    stream.write_all(&[kind::DATA]).await.expect("kind");
     for piece in bytes.chunks(chunk) {
         stream.write_all(piece).await.expect("write");
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -318,9 +380,11 @@ async fn oversized_and_garbage_frames_close_the_connection_but_not_the_node() {
         other => panic!("expected an application close, got {other}"),
     }
 
-    // A frame of garbage.
+    // A frame of garbage behind a valid version byte, so postcard has to refuse it.
     let (_e2, conn) = raw_connect(&ia, ab).await;
-    write_chunked(&conn, &framed(&[0xff; 64]), 64).await;
+    let mut garbage = vec![WIRE_VERSION];
+    garbage.extend_from_slice(&[0xff; 64]);
+    write_chunked(&conn, &framed(&garbage), 65).await;
     match tokio::time::timeout(WAIT, conn.closed())
         .await
         .expect("closed in time")
@@ -395,4 +459,72 @@ async fn reconnects_after_the_peer_restarts_on_the_same_address() {
     assert_eq!(got.envelope.msg, TestMsg::Control(2));
     a.0.shutdown().await;
     b.0.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_messages_overtake_a_large_data_transfer() {
+    let (ia, ib) = (identity(1), identity(2));
+    let (aa, ab) = (free_addr(), free_addr());
+    let a = start(config(&ia, aa, &[(&ib, ab)]));
+    let mut b = start(config(&ib, ab, &[(&ia, aa)]));
+    send_until_received(&a, &mut b, TestMsg::Control(0)).await;
+
+    let (from, to) = (ia.node_id(), ib.node_id());
+    let data = 30;
+    for _ in 0..data {
+        a.0.send(to, &envelope(from, to, TestMsg::Data(vec![1; 512 * 1024])))
+            .expect("queued");
+    }
+    for i in 1..=10 {
+        a.0.send(to, &envelope(from, to, TestMsg::Control(i)))
+            .expect("queued");
+    }
+    // Queued after 15 MiB of data, the control messages still arrive before the
+    // data is through: they travel on their own stream with their own writer.
+    let (mut data_seen, mut controls_done_at) = (0, None);
+    while data_seen < data {
+        match recv(&mut b).await.envelope.msg {
+            TestMsg::Data(_) => data_seen += 1,
+            TestMsg::Control(10) => controls_done_at = Some(data_seen),
+            TestMsg::Control(_) => {}
+        }
+    }
+    let at = controls_done_at.expect("all control messages arrived");
+    assert!(at < data, "control waited for all {data} data messages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_causes_backpressure_not_growth() {
+    let (ia, ib) = (identity(1), identity(2));
+    let (aa, ab) = (free_addr(), free_addr());
+    let mut ca = config(&ia, aa, &[(&ib, ab)]);
+    ca.send_queue_depth_max = 8;
+    let a = start(ca);
+    let mut cb = config(&ib, ab, &[(&ia, aa)]);
+    cb.incoming_depth_max = 4;
+    let mut b = start(cb);
+    send_until_received(&a, &mut b, TestMsg::Control(0)).await;
+
+    // B's runtime never reads again. What A accepts is bounded by its queue, the
+    // QUIC flow-control windows and B's small incoming queue.
+    let (from, to) = (ia.node_id(), ib.node_id());
+    let env = envelope(from, to, TestMsg::Data(vec![7; 64 * 1024]));
+    let mut accepted = 0u32;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let refused = loop {
+        match a.0.send(to, &env) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            accepted < 400,
+            "accepted {accepted} envelopes without backpressure"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no backpressure in time"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert_eq!(refused, SendError::Backpressure(to));
 }

@@ -230,6 +230,9 @@ pub fn server_crypto(
     tls.alpn_protocols = vec![alpn];
     // 0-RTT data could be replayed; nothing here may be.
     tls.max_early_data_size = 0;
+    // No session tickets: every connection authenticates from scratch, and peers
+    // cannot link connections through tickets.
+    tls.send_tls13_tickets = 0;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsSetupError::Config(e.to_string()))?;
     Ok(Arc::new(quic))
 }
@@ -251,6 +254,7 @@ pub fn client_crypto(
         .with_client_cert_resolver(Arc::new(AlwaysResolvesClientRawPublicKeys::new(key)));
     tls.alpn_protocols = vec![alpn];
     tls.enable_early_data = false;
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsSetupError::Config(e.to_string()))?;
     Ok(Arc::new(quic))
 }

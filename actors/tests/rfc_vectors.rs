@@ -11,8 +11,6 @@
 //!   example (<https://www.rfc-editor.org/rfc/rfc8439>); the §2.8.2 bytes also appear
 //!   in the chacha20poly1305 crate's own test suite.
 
-use std::convert::Infallible;
-
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use conclave_actors::crypto::{
@@ -21,63 +19,14 @@ use conclave_actors::crypto::{
 use conclave_actors::{Epoch, RoomId, UserId};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
-use rand_core::{TryCryptoRng, TryRng};
 
 type Kem = hpke::kem::X25519HkdfSha256;
 type Kdf = hpke::kdf::HkdfSha256;
 type Aead9180 = hpke::aead::ChaCha20Poly1305;
 
-fn h(text: &str) -> Vec<u8> {
-    hex::decode(text).expect("vector hex")
-}
-
-fn h32(text: &str) -> [u8; 32] {
-    h(text).try_into().expect("32 bytes")
-}
-
-/// An "rng" that returns exactly the given bytes, then panics: it lets a test feed
-/// the RFC's ikmE to code that draws its ephemeral key from an rng, and proves
-/// (via [`FixedRng::assert_drained`]) that the code drew exactly those bytes.
-struct FixedRng {
-    bytes: Vec<u8>,
-    pos: usize,
-}
-
-impl FixedRng {
-    fn new(bytes: Vec<u8>) -> Self {
-        Self { bytes, pos: 0 }
-    }
-
-    fn assert_drained(&self) {
-        assert_eq!(self.pos, self.bytes.len(), "rng bytes left unused");
-    }
-}
-
-impl TryRng for FixedRng {
-    type Error = Infallible;
-
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        let mut b = [0u8; 4];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        let mut b = [0u8; 8];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        let end = self.pos + dst.len();
-        assert!(end <= self.bytes.len(), "FixedRng exhausted");
-        dst.copy_from_slice(&self.bytes[self.pos..end]);
-        self.pos = end;
-        Ok(())
-    }
-}
-
-impl TryCryptoRng for FixedRng {}
+#[path = "support/vectors.rs"]
+mod vectors;
+use vectors::{h, h32, FixedRng};
 
 // ---------------------------------------------------------------------------------
 // RFC 9180 Appendix A.2.1

@@ -1,11 +1,9 @@
 //! Tests of sealing, signing, verifying and opening epoch keys, and the RFC 9180
 //! known-answer test of the private HPKE helpers.
 
-use std::convert::Infallible;
-
 use ed25519_dalek::VerifyingKey;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{SeedableRng, TryCryptoRng, TryRng};
+use rand_core::SeedableRng;
 
 use super::*;
 
@@ -516,55 +514,9 @@ const A_2_1_AAD_0: &str = "436f756e742d30";
 const A_2_1_CT_0: &str =
     "1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28";
 
-fn h(text: &str) -> Vec<u8> {
-    hex::decode(text).expect("vector hex")
-}
-
-fn h32(text: &str) -> [u8; 32] {
-    h(text).try_into().expect("32 bytes")
-}
-
-/// An "rng" that returns exactly the given bytes, then panics.
-struct FixedRng {
-    bytes: Vec<u8>,
-    pos: usize,
-}
-
-impl FixedRng {
-    fn new(bytes: Vec<u8>) -> Self {
-        Self { bytes, pos: 0 }
-    }
-
-    fn assert_drained(&self) {
-        assert_eq!(self.pos, self.bytes.len(), "rng bytes left unused");
-    }
-}
-
-impl TryRng for FixedRng {
-    type Error = Infallible;
-
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        let mut b = [0u8; 4];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        let mut b = [0u8; 8];
-        self.try_fill_bytes(&mut b)?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        let end = self.pos + dst.len();
-        assert!(end <= self.bytes.len(), "FixedRng exhausted");
-        dst.copy_from_slice(&self.bytes[self.pos..end]);
-        self.pos = end;
-        Ok(())
-    }
-}
-
-impl TryCryptoRng for FixedRng {}
+#[path = "../../../tests/support/vectors.rs"]
+mod vectors;
+use vectors::{h, h32, FixedRng};
 
 /// The exact HPKE call `seal_epoch_key` makes reproduces the RFC's enc and first
 /// ciphertext when fed the RFC's ikmE, info and aad; the open path opens it.

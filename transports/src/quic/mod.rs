@@ -47,6 +47,8 @@ mod code {
     pub const PROTOCOL_VERSION: u32 = 0x14;
     pub const FRAME_TOO_LARGE: u32 = 0x20;
     pub const MALFORMED_FRAME: u32 = 0x21;
+    pub const NO_HELLO: u32 = 0x22;
+    pub const STREAM_ERROR: u32 = 0x23;
     pub const DUPLICATE_CONNECTION: u32 = 0x30;
     pub const SHUTDOWN: u32 = 0x31;
 }
@@ -505,7 +507,7 @@ impl<M> Shared<M> {
                     return Err(error.to_string());
                 }
             }
-            conn.close(VarInt::from_u32(code::MALFORMED_FRAME), b"no_hello");
+            conn.close(VarInt::from_u32(code::NO_HELLO), b"no_hello");
         }
         result
     }
@@ -832,7 +834,7 @@ async fn run_writer(
             if stream.write_all(&frame).await.is_err() {
                 pending = Some(out);
                 // Make sure the link is seen as lost, then wait for the next one.
-                conn.close(VarInt::from_u32(code::MALFORMED_FRAME), b"stream_error");
+                conn.close(VarInt::from_u32(code::STREAM_ERROR), b"stream_error");
                 if link.changed().await.is_err() {
                     return;
                 }

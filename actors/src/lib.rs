@@ -10,6 +10,7 @@ pub mod actor;
 pub mod crypto;
 pub mod identity;
 pub mod ids;
+pub mod outbox;
 pub mod wire;
 
 pub use actor::{Actor, ActorKind, ActorRef, Context, Effect, Handler, System, Time};

@@ -1,0 +1,176 @@
+//! Durable once-in-order delivery between two nodes, as storage operations.
+//!
+//! The sending half is a per-destination outbox: a message is written to storage
+//! (and so survives a crash) before it is sent, gets the next sequence number for
+//! its destination, and stays until the destination acknowledges it. The receiving
+//! half is a per-origin high-water mark: a message is taken only if it is the next
+//! in sequence, in the same transaction as whatever the receiver does with it, so a
+//! crash can neither lose it nor take it twice. Duplicates are dropped; a message
+//! after a gap is refused until the gap is filled (the sender resends in order).
+//! Together: every message is delivered once and in order per (origin,
+//! destination), however the network drops, duplicates or reorders, and however
+//! often either side restarts.
+//!
+//! These are plain functions over a transaction; the outbox actor drives them with
+//! its timers and the transport.
+
+use conclave_storage::{Order, ReadTxn, StoreError, Table, WriteTxn};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, Seq};
+
+/// How many unacknowledged messages one destination's outbox may hold. Beyond it,
+/// [`enqueue`] fails with [`OutboxError::Full`] rather than growing without bound.
+pub const OUTBOX_DEPTH_MAX: u64 = 65_536;
+
+/// The stored message bytes (serialized as bytes, not as a sequence of u8).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Payload(#[serde(with = "serde_bytes")] Vec<u8>);
+
+/// Per destination: the last sequence number assigned and the last acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Head {
+    sent: u64,
+    acked: u64,
+}
+
+const MESSAGES: Table<([u8; 32], u64), Payload> = Table::new("outbox.messages");
+const HEADS: Table<[u8; 32], Head> = Table::new("outbox.heads");
+const HIGH_WATER: Table<[u8; 32], u64> = Table::new("inbox.high_water");
+
+/// Why an outbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The destination's outbox holds [`OUTBOX_DEPTH_MAX`] unacknowledged messages.
+    #[error("outbox to {dest} is full ({depth} unacknowledged messages): retry later")]
+    Full {
+        /// The destination.
+        dest: NodeId,
+        /// Messages waiting.
+        depth: u64,
+    },
+    /// An acknowledgement names a sequence number that was never sent: the peer is
+    /// confused or lying, and nothing is removed.
+    #[error("acknowledgement from {dest} up to {upto} but only {sent} were sent")]
+    AckBeyondSent {
+        /// The destination that acknowledged.
+        dest: NodeId,
+        /// What it acknowledged.
+        upto: u64,
+        /// The last sequence number sent to it.
+        sent: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Durably queues `payload` for `dest` and returns its sequence number (from 1).
+/// Nothing is queued unless the caller commits `txn`.
+pub fn enqueue(txn: &mut dyn WriteTxn, dest: NodeId, payload: Vec<u8>) -> Result<Seq, OutboxError> {
+    let mut head = HEADS.get(&*txn, &dest.0)?.unwrap_or_default();
+    let depth = head.sent - head.acked;
+    if depth >= OUTBOX_DEPTH_MAX {
+        return Err(OutboxError::Full { dest, depth });
+    }
+    head.sent += 1;
+    MESSAGES.put(txn, &(dest.0, head.sent), &Payload(payload))?;
+    HEADS.put(txn, &dest.0, &head)?;
+    Ok(Seq(head.sent))
+}
+
+/// Removes every message to `dest` up to and including `upto`. Acknowledgements
+/// arrive duplicated and out of order: one at or below what is already
+/// acknowledged changes nothing. Returns how many messages were removed.
+pub fn ack(txn: &mut dyn WriteTxn, dest: NodeId, upto: Seq) -> Result<u64, OutboxError> {
+    let Some(mut head) = HEADS.get(&*txn, &dest.0)? else {
+        return Err(OutboxError::AckBeyondSent {
+            dest,
+            upto: upto.0,
+            sent: 0,
+        });
+    };
+    if upto.0 > head.sent {
+        return Err(OutboxError::AckBeyondSent {
+            dest,
+            upto: upto.0,
+            sent: head.sent,
+        });
+    }
+    if upto.0 <= head.acked {
+        return Ok(0);
+    }
+    let removed = upto.0 - head.acked;
+    for seq in head.acked + 1..=upto.0 {
+        let existed = MESSAGES.delete(txn, &(dest.0, seq))?;
+        debug_assert!(existed, "every unacknowledged message is stored");
+    }
+    head.acked = upto.0;
+    HEADS.put(txn, &dest.0, &head)?;
+    Ok(removed)
+}
+
+/// The first `limit` unacknowledged messages to `dest`, in sequence order: what to
+/// (re)send.
+pub fn unacked(
+    txn: &dyn ReadTxn,
+    dest: NodeId,
+    limit: usize,
+) -> Result<Vec<(Seq, Vec<u8>)>, OutboxError> {
+    let head = HEADS.get(txn, &dest.0)?.unwrap_or_default();
+    let entries = MESSAGES.scan(
+        txn,
+        (dest.0, head.acked + 1)..=(dest.0, head.sent),
+        Order::Ascending,
+        limit,
+    )?;
+    Ok(entries
+        .into_iter()
+        .map(|((_, seq), Payload(bytes))| (Seq(seq), bytes))
+        .collect())
+}
+
+/// How many messages to `dest` wait for acknowledgement.
+pub fn depth(txn: &dyn ReadTxn, dest: NodeId) -> Result<u64, OutboxError> {
+    let head = HEADS.get(txn, &dest.0)?.unwrap_or_default();
+    Ok(head.sent - head.acked)
+}
+
+/// What the receiver should do with an arriving message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// The next in sequence: it was taken (the high-water mark moved, effective
+    /// when the caller commits together with its handling of the message).
+    Fresh,
+    /// Already taken before: drop it, acknowledge again.
+    Duplicate,
+    /// A message is missing before it: drop it; the sender resends in order.
+    Gap {
+        /// The sequence number the receiver waits for.
+        expected: Seq,
+    },
+}
+
+/// Takes message `seq` from `origin` if it is the next one. Commit `txn` together
+/// with the message's effects, so that taking it and acting on it are one step.
+pub fn accept(txn: &mut dyn WriteTxn, origin: NodeId, seq: Seq) -> Result<Arrival, StoreError> {
+    let high = HIGH_WATER.get(&*txn, &origin.0)?.unwrap_or(0);
+    if seq.0 <= high {
+        return Ok(Arrival::Duplicate);
+    }
+    if seq.0 != high + 1 {
+        return Ok(Arrival::Gap {
+            expected: Seq(high + 1),
+        });
+    }
+    HIGH_WATER.put(txn, &origin.0, &seq.0)?;
+    Ok(Arrival::Fresh)
+}
+
+/// The last sequence number taken from `origin` (0 if none): what to acknowledge.
+pub fn high_water(txn: &dyn ReadTxn, origin: NodeId) -> Result<Seq, StoreError> {
+    Ok(Seq(HIGH_WATER.get(txn, &origin.0)?.unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -196,11 +196,48 @@ impl Actor<TestSystem> for Counter {
     }
 }
 
+/// The process-wide metrics recorder of this test binary. Only the test that
+/// triggers a drop reason reads that reason's counter, so tests can share it.
+fn snapshotter() -> &'static metrics_util::debugging::Snapshotter {
+    static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+        std::sync::OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder in this binary");
+        snapshotter
+    })
+}
+
+/// How many messages the runtime has dropped, by reason. One snapshot: taking it
+/// resets the recorder's counters.
+fn dropped_by_reason() -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (key, _, _, value) in snapshotter().snapshot().into_vec() {
+        if key.key().name() != "conclave_runtime_messages_dropped_total" {
+            continue;
+        }
+        let reason = key
+            .key()
+            .labels()
+            .find(|l| l.key() == "reason")
+            .map(|l| l.value().to_string())
+            .unwrap_or_default();
+        if let metrics_util::debugging::DebugValue::Counter(n) = value {
+            *out.entry(reason).or_insert(0) += n;
+        }
+    }
+    out
+}
+
 fn start(
     node: NodeId,
     store: Arc<dyn Store>,
     net: &MemNetwork<Msg>,
 ) -> (Runtime<TestSystem>, Receiver<Event>) {
+    snapshotter();
     let (events, rx) = channel();
     let (transport, incoming) = net.join(node);
     let runtime = Runtime::start(HostConfig {
@@ -424,5 +461,10 @@ fn spoofed_misrouted_and_unknown_messages_are_dropped() {
     };
     mallory_tx.send(a, &honest).expect("send");
     assert_eq!(next(&rx_a), Event::Count { key: 1, count: 0 });
+    // Each drop was counted under its reason (no other test causes these).
+    let dropped = dropped_by_reason();
+    for reason in ["spoofed_sender", "wrong_kind", "unknown_actor"] {
+        assert_eq!(dropped.get(reason), Some(&1), "{reason} in {dropped:?}");
+    }
     node_a.shutdown();
 }

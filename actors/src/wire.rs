@@ -61,13 +61,16 @@ impl From<postcard::Error> for WireError {
 /// Encodes `value` with postcard, refusing results longer than `max` bytes.
 pub fn encode_bounded<T: Serialize + ?Sized>(value: &T, max: usize) -> Result<Vec<u8>, WireError> {
     let bytes = postcard::to_stdvec(value)?;
-    if bytes.len() > max {
-        return Err(WireError::TooLarge {
-            len: bytes.len(),
-            max,
-        });
-    }
+    within(bytes.len(), max)?;
     Ok(bytes)
+}
+
+/// The one size check of this module: `len` bytes against the limit `max`.
+fn within(len: usize, max: usize) -> Result<(), WireError> {
+    if len > max {
+        return Err(WireError::TooLarge { len, max });
+    }
+    Ok(())
 }
 
 /// Decodes exactly one `T` from `bytes`, which must be at most `max` bytes long.
@@ -76,12 +79,7 @@ pub fn encode_bounded<T: Serialize + ?Sized>(value: &T, max: usize) -> Result<Ve
 /// sequence whose claimed length exceeds the bytes that remain, so a forged length
 /// cannot make it reserve more. (Maps are `BTreeMap`s, which never reserve.)
 pub fn decode_bounded<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireError> {
-    if bytes.len() > max {
-        return Err(WireError::TooLarge {
-            len: bytes.len(),
-            max,
-        });
-    }
+    within(bytes.len(), max)?;
     let (value, rest) = postcard::take_from_bytes::<T>(bytes)?;
     if !rest.is_empty() {
         return Err(WireError::TrailingBytes(rest.len()));
@@ -128,23 +126,13 @@ impl<M: Serialize + DeserializeOwned> Envelope<M> {
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         let mut out = vec![WIRE_VERSION];
         postcard::to_io(self, &mut out).map_err(WireError::from)?;
-        if out.len() > ENVELOPE_BYTES_MAX {
-            return Err(WireError::TooLarge {
-                len: out.len(),
-                max: ENVELOPE_BYTES_MAX,
-            });
-        }
+        within(out.len(), ENVELOPE_BYTES_MAX)?;
         Ok(out)
     }
 
     /// Decodes an envelope produced by [`Envelope::encode`], of any origin.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        if bytes.len() > ENVELOPE_BYTES_MAX {
-            return Err(WireError::TooLarge {
-                len: bytes.len(),
-                max: ENVELOPE_BYTES_MAX,
-            });
-        }
+        within(bytes.len(), ENVELOPE_BYTES_MAX)?;
         let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
         if version != WIRE_VERSION {
             return Err(WireError::UnsupportedVersion { got: version });

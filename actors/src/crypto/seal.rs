@@ -185,6 +185,24 @@ fn signed_message(
 }
 
 /// The ciphertext as the fixed-size array it must be, or [`SealError::BadLength`].
+/// The bytes `sealed`'s signature must cover, for `recipient`, `room` and `epoch`.
+fn sealed_key_message(
+    sealed: &SealedKey,
+    recipient: &PublicKey,
+    room: RoomId,
+    epoch: Epoch,
+) -> Result<[u8; SIGNED_BYTES], SealError> {
+    let ciphertext = fixed_ciphertext(&sealed.ciphertext)?;
+    Ok(signed_message(
+        room,
+        epoch,
+        sealed.sealer,
+        recipient,
+        &sealed.enc,
+        ciphertext,
+    ))
+}
+
 fn fixed_ciphertext(ciphertext: &[u8]) -> Result<&[u8; SEALED_KEY_CIPHERTEXT_BYTES], SealError> {
     ciphertext.try_into().map_err(|_| SealError::BadLength {
         expected: SEALED_KEY_CIPHERTEXT_BYTES,
@@ -235,15 +253,7 @@ pub fn verify_sealed_key(
     room: RoomId,
     epoch: Epoch,
 ) -> Result<(), SealError> {
-    let ciphertext = fixed_ciphertext(&sealed.ciphertext)?;
-    let message = signed_message(
-        room,
-        epoch,
-        sealed.sealer,
-        recipient,
-        &sealed.enc,
-        ciphertext,
-    );
+    let message = sealed_key_message(sealed, recipient, room, epoch)?;
     verify_strict(sealed.sealer.as_bytes(), &message, &sealed.signature).map_err(|e| match e {
         VerifyError::InvalidKey => SealError::InvalidSealerKey,
         VerifyError::BadSignature => SealError::BadSignature,

@@ -72,15 +72,7 @@ fn resign(
     room: RoomId,
     epoch: Epoch,
 ) {
-    let ciphertext = fixed_ciphertext(&sealed.ciphertext).expect("48 bytes");
-    let message = signed_message(
-        room,
-        epoch,
-        sealed.sealer,
-        recipient,
-        &sealed.enc,
-        ciphertext,
-    );
+    let message = sealed_key_message(sealed, recipient, room, epoch).expect("48 bytes");
     sealed.signature = SignatureBytes::sign(signer, &message);
 }
 

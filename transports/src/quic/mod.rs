@@ -828,10 +828,13 @@ async fn run_writer(
             let Ok(len) = u32::try_from(out.bytes.len()) else {
                 continue;
             };
-            let mut frame = Vec::with_capacity(4 + out.bytes.len());
-            frame.extend_from_slice(&len.to_be_bytes());
-            frame.extend_from_slice(&out.bytes);
-            if stream.write_all(&frame).await.is_err() {
+            // Prefix and body go to the stream as they are: no copy into a frame
+            // buffer (quinn buffers the stream anyway).
+            let written = match stream.write_all(&len.to_be_bytes()).await {
+                Ok(()) => stream.write_all(&out.bytes).await,
+                Err(e) => Err(e),
+            };
+            if written.is_err() {
                 pending = Some(out);
                 // Make sure the link is seen as lost, then wait for the next one.
                 conn.close(VarInt::from_u32(code::STREAM_ERROR), b"stream_error");
@@ -841,7 +844,8 @@ async fn run_writer(
                 break;
             }
             metrics::counter!("conclave_transport_frames_out_total").increment(1);
-            metrics::counter!("conclave_transport_bytes_out_total").increment(frame.len() as u64);
+            metrics::counter!("conclave_transport_bytes_out_total")
+                .increment(4 + out.bytes.len() as u64);
         }
     }
 }

@@ -77,6 +77,10 @@ impl ActorKind {
     pub const PEER: ActorKind = ActorKind(4);
     /// The durable outbox towards one remote node.
     pub const OUTBOX: ActorKind = ActorKind(5);
+    /// The driver's own endpoint for replies and notifications to clients (the
+    /// embedding API, the client protocol, the simulator's workload). Not a domain
+    /// actor: each driver hosts it itself.
+    pub const GATEWAY: ActorKind = ActorKind(6);
 }
 
 impl fmt::Debug for ActorKind {
@@ -87,6 +91,7 @@ impl fmt::Debug for ActorKind {
             ActorKind::KEYS => f.write_str("keys"),
             ActorKind::PEER => f.write_str("peer"),
             ActorKind::OUTBOX => f.write_str("outbox"),
+            ActorKind::GATEWAY => f.write_str("gateway"),
             ActorKind(other) => write!(f, "kind{other}"),
         }
     }
@@ -262,8 +267,9 @@ impl<'a, S: System> Context<'a, S> {
         &mut *self.rng
     }
 
-    /// The node's store: synchronous and transactional.
-    pub fn store(&self) -> &dyn Store {
+    /// The node's store: synchronous and transactional. The reference outlives the
+    /// borrow of the context, so a transaction can stay open across [`Context::send`].
+    pub fn store(&self) -> &'a dyn Store {
         self.store
     }
 

@@ -8,6 +8,7 @@
 
 pub mod actor;
 pub mod crypto;
+pub mod domain;
 pub mod identity;
 pub mod ids;
 pub mod outbox;

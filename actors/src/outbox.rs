@@ -136,6 +136,17 @@ pub fn depth(txn: &dyn ReadTxn, dest: NodeId) -> Result<u64, OutboxError> {
     Ok(head.sent - head.acked)
 }
 
+/// Every destination with messages waiting for acknowledgement, in id order: what a
+/// node must resume sending when it starts.
+pub fn pending_destinations(txn: &dyn ReadTxn) -> Result<Vec<NodeId>, StoreError> {
+    Ok(HEADS
+        .scan(txn, .., Order::Ascending, usize::MAX)?
+        .into_iter()
+        .filter(|(_, head)| head.sent > head.acked)
+        .map(|(dest, _)| NodeId(dest))
+        .collect())
+}
+
 /// What the receiver should do with an arriving message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arrival {

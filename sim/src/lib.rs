@@ -1,5 +1,11 @@
 //! conclave's deterministic simulator: whole clusters of the real actors in one
 //! process, faults drawn from a seed, oracles checked during and after every run.
 //!
-//! It is built in its own issue; this crate holds its place in the workspace and the
-//! clippy rules (`clippy.toml`) that keep it deterministic.
+//! [`cluster::Cluster`] is the deterministic driver: the domain's actors on one
+//! thread, a virtual clock, one seeded random source, an in-memory network and
+//! in-memory disks with crash semantics.
+#![warn(missing_docs)]
+
+pub mod cluster;
+
+pub use cluster::Cluster;

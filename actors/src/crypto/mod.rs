@@ -46,6 +46,7 @@ pub use seal::{
     epoch_key_info, open_epoch_key, seal_epoch_key, verify_sealed_key, SealError, SealedKey,
     EPOCH_KEY_INFO_BYTES, SEALED_KEY_CIPHERTEXT_BYTES,
 };
+pub(crate) use sig::verify_strict as verify_signature;
 pub use sig::{SignatureBytes, SIGNATURE_BYTES};
 
 /// Length of an epoch key in bytes.

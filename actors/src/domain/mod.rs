@@ -1,0 +1,771 @@
+//! The domain: users, rooms, epoch keys, peers and outboxes as five actors.
+//!
+//! | actor | address | does |
+//! |---|---|---|
+//! | [`members::Members`] | `MEMBERS`, unit | the node's user registry; authorizes every request of a local user (default-deny) and forwards room requests to the room's home |
+//! | [`room::Room`] | `ROOM`, room id | on the room's home: sequences frames, admits and removes members, rekeys; on member nodes: the local copy of the room's frames and members |
+//! | [`keys::Keys`] | `KEYS`, unit | receives sealed epoch keys for local users from room homes, checks them against the registry, stores them |
+//! | [`peer::Peer`] | `PEER`, remote node | receives what a remote node's outbox sends: drops duplicates, hands the rest in order to local actors, acknowledges once they are applied |
+//! | [`outbox::Outbox`] | `OUTBOX`, remote node | sends what is durably queued for a remote node, resends with backoff and jitter until acknowledged |
+//!
+//! # How state changes travel
+//!
+//! An actor that changes state and must tell another node writes the message into
+//! that node's outbox ([`crate::outbox::enqueue`]) **in the same transaction** as its
+//! own change, then kicks the outbox actor. So a crash can never keep the change and
+//! lose the message, or the reverse. The receiving [`peer::Peer`] hands messages to
+//! their target in order; every target is idempotent (a frame is stored once per
+//! sequence number, a publish once per message id, a key once per (room, epoch,
+//! user)), and the peer records its durable high-water mark and acknowledges only
+//! after the target has committed. Delivery is therefore once and in order per
+//! (origin, destination), across crashes of either side.
+//!
+//! Replies to clients are best effort: a room sends them straight to the caller's
+//! gateway ([`ActorKind::GATEWAY`]). A lost reply leaves the caller with `queued`,
+//! never with a wrong answer; the outcome itself is durable.
+//!
+//! Every actor here is stateless between messages except for delivery bookkeeping
+//! (peer, outbox): what matters lives in the store, so activation after a crash is
+//! just a read.
+
+use core::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::actor::{ActorKey, ActorKind, ActorRef, Context, Handler, System};
+use crate::crypto::{SealedKey, SignatureBytes};
+use crate::identity::{Identity, PublicIdentity};
+use crate::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
+use crate::wire::{MessageClass, WireMessage};
+
+pub mod client;
+pub mod keys;
+pub mod members;
+pub mod outbox;
+pub mod peer;
+pub mod room;
+
+pub use keys::{Keys, KeysMsg};
+pub use members::{Members, MembersMsg};
+pub use outbox::{Outbox, OutboxMsg};
+pub use peer::{Peer, PeerMsg};
+pub use room::{Room, RoomMsg};
+
+/// The most members one room may have. Bounds every bundle and membership snapshot
+/// (a bundle of this many sealed keys fits in one envelope with room to spare).
+pub const ROOM_MEMBERS_MAX: usize = 1_000;
+
+/// How far a request's issue time may be from the node's clock before it is refused
+/// as [`Denial::Expired`]: bounds how long a captured request can be replayed.
+pub const REQUEST_SKEW_MAX: Duration = Duration::from_secs(300);
+
+/// A user's role in a node's registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum UserRole {
+    /// May add and revoke users.
+    Admin,
+    /// May create and join rooms.
+    Member,
+}
+
+/// A user's status in a node's registry. Revoking flips it; nothing is deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserStatus {
+    /// May act.
+    Active,
+    /// Every request is refused with [`Denial::Revoked`].
+    Revoked,
+}
+
+/// A member's role in a room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum RoomRole {
+    /// The creator: cannot be removed by others.
+    Owner,
+    /// May invite and remove members.
+    Admin,
+    /// May publish and read.
+    Member,
+}
+
+impl RoomRole {
+    /// Whether this role may invite and remove members.
+    pub fn manages_members(self) -> bool {
+        matches!(self, RoomRole::Owner | RoomRole::Admin)
+    }
+}
+
+/// What a new member may read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum History {
+    /// Frames from the moment they joined.
+    #[default]
+    FromJoin,
+    /// Every frame of the epoch current when they joined (they receive that epoch's
+    /// key in any case).
+    FromEpoch,
+}
+
+/// A room's policy. Every room is end-to-end encrypted and every frame signed: a
+/// node never sees plaintext, and there is no switch to turn that off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Keep the room's frames as history (on the home and on every member node). If
+    /// false, only the last [`room::EPHEMERAL_FRAMES_KEPT`] frames are kept, enough
+    /// for live subscribers to catch up after a short disconnection.
+    pub persist: bool,
+    /// What a new member may read.
+    pub history: History,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            persist: true,
+            history: History::FromJoin,
+        }
+    }
+}
+
+/// Why a request was refused. Every refusal reaches the caller with one of these,
+/// is logged, and is counted by [`Denial::reason`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Denial {
+    /// The user, room or member named does not exist here.
+    #[error("not found: {what}")]
+    NotFound {
+        /// What was looked up.
+        what: String,
+    },
+    /// The acting user has been revoked.
+    #[error("user is revoked")]
+    Revoked,
+    /// The acting user's role does not allow this.
+    #[error("missing capability: {needed}")]
+    MissingCapability {
+        /// What would have been needed.
+        needed: String,
+    },
+    /// The acting user is not a member of the room (or not homed where it claims).
+    #[error("not a member of the room")]
+    NotAMember,
+    /// A signature (of the request, the frame or a sealed key) does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// The request was issued too far from the node's clock.
+    #[error("request expired (issued too far from the node's clock)")]
+    Expired,
+    /// The frame is of another epoch than the room's current one.
+    #[error("frame is of epoch {}, the room is at epoch {}", .got.0, .current.0)]
+    StaleEpoch {
+        /// The room's epoch.
+        current: Epoch,
+        /// The frame's.
+        got: Epoch,
+    },
+    /// A frame with this message id was already committed, at `seq`.
+    #[error("duplicate message, committed at seq {}", .seq.0)]
+    Duplicate {
+        /// Where the original was committed.
+        seq: Seq,
+    },
+    /// The thing to create exists already; nothing was changed.
+    #[error("conflict: {what}")]
+    Conflict {
+        /// What exists.
+        what: String,
+    },
+    /// A key bundle is not exactly the next epoch sealed to exactly the members.
+    #[error("bad key bundle: {problem}")]
+    BadBundle {
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The request is malformed (for example a frame naming another room).
+    #[error("malformed request: {problem}")]
+    Malformed {
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The outbox towards a node the request must reach is full: retry later.
+    #[error("outbox towards {node} is full: retry later")]
+    OutboxFull {
+        /// The destination.
+        node: NodeId,
+    },
+    /// The room has [`ROOM_MEMBERS_MAX`] members.
+    #[error("room is full ({ROOM_MEMBERS_MAX} members)")]
+    RoomFull,
+    /// The node's storage failed; nothing was changed.
+    #[error("storage error")]
+    Storage,
+}
+
+impl Denial {
+    /// The reason as a short label (for logs and the `reason` metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::NotFound { .. } => "not_found",
+            Denial::Revoked => "revoked",
+            Denial::MissingCapability { .. } => "missing_capability",
+            Denial::NotAMember => "not_a_member",
+            Denial::BadSignature => "bad_signature",
+            Denial::Expired => "expired",
+            Denial::StaleEpoch { .. } => "stale_epoch",
+            Denial::Duplicate { .. } => "duplicate",
+            Denial::Conflict { .. } => "conflict",
+            Denial::BadBundle { .. } => "bad_bundle",
+            Denial::Malformed { .. } => "malformed",
+            Denial::OutboxFull { .. } => "outbox_full",
+            Denial::RoomFull => "room_full",
+            Denial::Storage => "storage",
+        }
+    }
+
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
+        Denial::NotFound { what: what.into() }
+    }
+
+    pub(crate) fn missing(needed: impl Into<String>) -> Self {
+        Denial::MissingCapability {
+            needed: needed.into(),
+        }
+    }
+
+    pub(crate) fn bundle(problem: impl Into<String>) -> Self {
+        Denial::BadBundle {
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn malformed(problem: impl Into<String>) -> Self {
+        Denial::Malformed {
+            problem: problem.into(),
+        }
+    }
+}
+
+impl From<conclave_storage::StoreError> for Denial {
+    fn from(error: conclave_storage::StoreError) -> Self {
+        tracing::error!(%error, "storage error; request refused");
+        Denial::Storage
+    }
+}
+
+/// One member of a room as the room records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMember {
+    /// The user.
+    pub user: UserId,
+    /// Their X25519 key, to which epoch keys are sealed.
+    pub exchange: [u8; 32],
+    /// The node the user is homed on.
+    pub home: NodeId,
+    /// Their role.
+    pub role: RoomRole,
+    /// The first sequence number they may read.
+    pub since: Seq,
+}
+
+/// Someone to invite: who, where they are homed, and in what role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invitee {
+    /// Their public identity (the X25519 half is what keys are sealed to).
+    pub user: PublicIdentity,
+    /// The node they are homed on.
+    pub home: NodeId,
+    /// Their role in the room.
+    pub role: RoomRole,
+}
+
+/// What a user asks for. Signed as a [`SignedRequest`]; publishing is separate
+/// ([`MembersMsg::Publish`]) because a frame carries its own signature.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Register a user on this node (admins only).
+    AddUser {
+        /// The new user.
+        user: PublicIdentity,
+        /// Their role.
+        role: UserRole,
+    },
+    /// Revoke a user of this node (admins only).
+    RevokeUser {
+        /// Whom.
+        user: UserId,
+    },
+    /// List this node's users (admins only).
+    ListUsers,
+    /// Create a room homed on this node, with its first epoch key sealed to the creator.
+    CreateRoom {
+        /// The new room's id (random, drawn by the creator).
+        room: RoomId,
+        /// Its policy.
+        policy: Policy,
+        /// Epoch 1's key, sealed by and to the creator.
+        key: SealedKey,
+    },
+    /// Add a member (owners and admins), with the current epoch key sealed to them.
+    Invite {
+        /// The room.
+        room: RoomId,
+        /// Whom.
+        invitee: Invitee,
+        /// The room's current epoch.
+        epoch: Epoch,
+        /// That epoch's key, sealed by the inviter to the invitee.
+        key: SealedKey,
+    },
+    /// Remove a member (owners and admins; anyone may remove themselves) and move
+    /// the room to the next epoch, whose key is sealed to every remaining member.
+    Remove {
+        /// The room.
+        room: RoomId,
+        /// Whom.
+        user: UserId,
+        /// The next epoch.
+        epoch: Epoch,
+        /// Its key, sealed by the remover to each remaining member.
+        bundle: Vec<(UserId, SealedKey)>,
+    },
+    /// The room's home, policy, epoch and members (members only).
+    RoomInfo {
+        /// The room.
+        room: RoomId,
+    },
+    /// The rooms the acting user belongs to (as this node knows them).
+    ListRooms,
+}
+
+impl Op {
+    /// The room the request is about, for requests its home must handle.
+    pub fn room(&self) -> Option<RoomId> {
+        match self {
+            Op::CreateRoom { room, .. }
+            | Op::Invite { room, .. }
+            | Op::Remove { room, .. }
+            | Op::RoomInfo { room } => Some(*room),
+            Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms => None,
+        }
+    }
+}
+
+/// A request as signed: who, when, a nonce (so two identical requests differ) and what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The acting user.
+    pub user: UserId,
+    /// When the client issued it (checked against [`REQUEST_SKEW_MAX`]).
+    pub issued: crate::actor::Time,
+    /// Random, chosen by the client.
+    pub nonce: u64,
+    /// What is asked.
+    pub op: Op,
+}
+
+/// A request and its user's Ed25519 signature over
+/// `b"conclave/request/v1" ‖ postcard(request)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRequest {
+    /// The request.
+    pub request: Request,
+    /// The acting user's signature.
+    pub signature: SignatureBytes,
+}
+
+const REQUEST_SIG_TAG: &[u8] = b"conclave/request/v1";
+
+impl SignedRequest {
+    fn signed_bytes(request: &Request) -> Option<Vec<u8>> {
+        let mut out = REQUEST_SIG_TAG.to_vec();
+        postcard::to_io(request, &mut out).ok()?;
+        Some(out)
+    }
+
+    /// Signs `request` as `identity` (who must be `request.user`).
+    pub fn sign(identity: &Identity, request: Request) -> Self {
+        // Encoding an in-memory request cannot fail; an empty message would only
+        // make the signature fail to verify, never pass.
+        let bytes = Self::signed_bytes(&request).unwrap_or_default();
+        let signature = SignatureBytes::sign(identity.signing_key(), &bytes);
+        Self { request, signature }
+    }
+
+    /// Checks the signature against `request.user`.
+    pub fn verify(&self) -> Result<(), Denial> {
+        let bytes = Self::signed_bytes(&self.request).ok_or(Denial::BadSignature)?;
+        crate::crypto::verify_signature(self.request.user.as_bytes(), &bytes, &self.signature)
+            .map_err(|_| Denial::BadSignature)
+    }
+}
+
+/// Where a reply goes: a gateway and the caller's request number there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyTo {
+    /// The gateway ([`ActorKind::GATEWAY`]) on the caller's node.
+    pub to: ActorRef,
+    /// The caller's request number.
+    pub request: u64,
+}
+
+/// A registry entry, as listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserEntry {
+    /// The user's public identity.
+    pub user: PublicIdentity,
+    /// Their role.
+    pub role: UserRole,
+    /// Their status.
+    pub status: UserStatus,
+}
+
+/// A room as its home describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfo {
+    /// The room.
+    pub room: RoomId,
+    /// Its home node.
+    pub home: NodeId,
+    /// Its policy.
+    pub policy: Policy,
+    /// Its current epoch.
+    pub epoch: Epoch,
+    /// The sequence number the next frame will get.
+    pub next_seq: Seq,
+    /// Its members.
+    pub members: Vec<RoomMember>,
+}
+
+/// The answer to a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Done; nothing to return.
+    Done,
+    /// The request went into the durable outbox towards the room's home (which is
+    /// not this node); its outcome follows when the home has handled it.
+    Forwarded,
+    /// A frame was committed at `seq`.
+    Committed {
+        /// The frame's message id.
+        id: MessageId,
+        /// Its sequence number.
+        seq: Seq,
+    },
+    /// The node's users.
+    Users(Vec<UserEntry>),
+    /// The acting user's rooms and their homes.
+    Rooms(Vec<(RoomId, NodeId)>),
+    /// A room.
+    Room(RoomInfo),
+    /// Refused.
+    Denied(Denial),
+}
+
+/// What actors tell a gateway.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// The outcome of request `request`.
+    Reply {
+        /// The caller's request number.
+        request: u64,
+        /// The outcome.
+        outcome: Outcome,
+    },
+    /// Something in `room` changed on this node (a frame, a key or the members):
+    /// subscribers read the store again.
+    Changed {
+        /// The room.
+        room: RoomId,
+    },
+}
+
+/// What travels through an outbox: the messages that change state on another node.
+/// Deliberately not recursive, so decoding it is bounded.
+// Rooms get nearly all of it; boxing would add an allocation per frame.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Deliverable {
+    /// To a room.
+    Room(RoomMsg),
+    /// To a node's keys actor.
+    Keys(KeysMsg),
+}
+
+impl From<Deliverable> for Msg {
+    fn from(d: Deliverable) -> Self {
+        match d {
+            Deliverable::Room(m) => Msg::Room(m),
+            Deliverable::Keys(m) => Msg::Keys(m),
+        }
+    }
+}
+
+impl Deliverable {
+    /// Whether this message may be addressed to `to` (its kind matches).
+    fn fits(&self, to: &ActorRef) -> bool {
+        match (self, to.key) {
+            (Deliverable::Room(_), ActorKey::Room(_)) => to.kind == ActorKind::ROOM,
+            (Deliverable::Keys(_), ActorKey::Unit) => to.kind == ActorKind::KEYS,
+            _ => false,
+        }
+    }
+}
+
+/// One outbox entry: the target actor on the destination node and the message.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Routed {
+    /// The target actor.
+    pub to: ActorRef,
+    /// The message.
+    pub msg: Deliverable,
+}
+
+crate::message_union! {
+    /// Every message of the domain.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub enum Msg {
+        Members(MembersMsg),
+        Room(RoomMsg),
+        Keys(KeysMsg),
+        Peer(PeerMsg),
+        Outbox(OutboxMsg),
+        Client(ClientMsg),
+    }
+}
+
+impl WireMessage for Msg {
+    fn class(&self) -> MessageClass {
+        match self {
+            // Everything an outbox sends shares one stream, so it arrives in order.
+            Msg::Peer(PeerMsg::Deliver { .. }) => MessageClass::Data,
+            _ => MessageClass::Control,
+        }
+    }
+}
+
+/// Timing of the domain's retries and passivation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DomainConfig {
+    /// The first resend delay of an outbox.
+    pub retry_base: Duration,
+    /// The longest resend delay.
+    pub retry_max: Duration,
+    /// How long a room, peer or outbox stays active without messages.
+    pub idle: Duration,
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        Self {
+            retry_base: Duration::from_millis(200),
+            retry_max: Duration::from_secs(5),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The domain's actors, for either driver.
+#[derive(Clone, Debug, Default)]
+pub struct Domain {
+    /// Timing.
+    pub config: DomainConfig,
+}
+
+impl Domain {
+    /// The domain with `config`.
+    pub fn new(config: DomainConfig) -> Self {
+        Self { config }
+    }
+
+    /// Activates the domain actor at `addr`, or `None` if there is none there
+    /// (drivers that host more kinds, like the gateway, call this for the rest).
+    pub fn activate<S>(
+        &self,
+        addr: &ActorRef,
+        cx: &mut Context<'_, S>,
+    ) -> Option<Box<dyn Handler<S>>>
+    where
+        S: System<Msg = Msg>,
+    {
+        match (addr.kind, addr.key) {
+            (ActorKind::MEMBERS, ActorKey::Unit) => Some(Box::new(Members::activate(cx))),
+            (ActorKind::ROOM, ActorKey::Room(room)) => {
+                Some(Box::new(Room::activate(room, self.config, cx)))
+            }
+            (ActorKind::KEYS, ActorKey::Unit) => Some(Box::new(Keys::activate(cx))),
+            (ActorKind::PEER, ActorKey::Node(remote)) if remote != addr.node => {
+                Some(Box::new(Peer::activate(remote, self.config, cx)))
+            }
+            (ActorKind::OUTBOX, ActorKey::Node(dest)) if dest != addr.node => {
+                Some(Box::new(Outbox::activate(dest, self.config, cx)))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl System for Domain {
+    type Msg = Msg;
+
+    fn activate(
+        &self,
+        addr: &ActorRef,
+        cx: &mut Context<'_, Self>,
+    ) -> Option<Box<dyn Handler<Self>>> {
+        Domain::activate(self, addr, cx)
+    }
+}
+
+/// The messages a driver sends when a node starts: every outbox with messages
+/// waiting is kicked, so that what was queued before a crash is sent again.
+pub fn boot(
+    node: NodeId,
+    store: &dyn conclave_storage::Store,
+) -> Result<Vec<(ActorRef, Msg)>, conclave_storage::StoreError> {
+    let txn = store.read()?;
+    let pending = crate::outbox::pending_destinations(&*txn)?;
+    Ok(pending
+        .into_iter()
+        .map(|dest| (outbox_of(node, dest), Msg::Outbox(OutboxMsg::Kick)))
+        .collect())
+}
+
+/// The address of a node's members actor.
+pub fn members_of(node: NodeId) -> ActorRef {
+    ActorRef::new(node, ActorKind::MEMBERS, ActorKey::Unit)
+}
+
+/// The address of `room` on `node`.
+pub fn room_of(node: NodeId, room: RoomId) -> ActorRef {
+    ActorRef::new(node, ActorKind::ROOM, ActorKey::Room(room))
+}
+
+/// The address of a node's keys actor.
+pub fn keys_of(node: NodeId) -> ActorRef {
+    ActorRef::new(node, ActorKind::KEYS, ActorKey::Unit)
+}
+
+/// The address, on `node`, of the peer actor for `remote`.
+pub fn peer_of(node: NodeId, remote: NodeId) -> ActorRef {
+    ActorRef::new(node, ActorKind::PEER, ActorKey::Node(remote))
+}
+
+/// The address, on `node`, of the outbox towards `dest`.
+pub fn outbox_of(node: NodeId, dest: NodeId) -> ActorRef {
+    ActorRef::new(node, ActorKind::OUTBOX, ActorKey::Node(dest))
+}
+
+/// The address of a node's gateway hub (notifications, and replies by request number).
+pub fn gateway_of(node: NodeId) -> ActorRef {
+    ActorRef::new(node, ActorKind::GATEWAY, ActorKey::Unit)
+}
+
+/// The node a message came from: for messages a [`Peer`] hands over, the remote
+/// node it speaks for; for local senders (and injected messages), this node.
+/// `None` for a remote actor that addressed a domain actor directly, bypassing the
+/// outbox: that is not part of the protocol and is refused.
+pub(crate) fn origin<S: System>(cx: &Context<'_, S>) -> Option<NodeId> {
+    match cx.sender() {
+        None => Some(cx.node()),
+        Some(s) if s.node != cx.node() => None,
+        Some(s) => match (s.kind, s.key) {
+            (ActorKind::PEER, ActorKey::Node(remote)) => Some(remote),
+            _ => Some(cx.node()),
+        },
+    }
+}
+
+/// Tells the peer that handed over the current message whether it has been
+/// applied (committed, or refused for good: `done`) or must be offered again (the
+/// store failed). Targets call this last, for every message.
+pub(crate) fn applied<S: System<Msg = Msg>>(cx: &mut Context<'_, S>, done: bool) {
+    if let Some(&sender) = cx.sender() {
+        if sender.kind == ActorKind::PEER && sender.node == cx.node() {
+            cx.send(sender, PeerMsg::Applied { done });
+        }
+    }
+}
+
+/// Logs and counts a refusal, and returns it as an outcome.
+pub(crate) fn denied(actor: &'static str, user: Option<UserId>, denial: Denial) -> Outcome {
+    tracing::info!(actor, ?user, reason = denial.reason(), %denial, "request denied");
+    metrics::counter!("conclave_requests_denied_total", "reason" => denial.reason()).increment(1);
+    Outcome::Denied(denial)
+}
+
+/// Sends `outcome` to `reply`, if the gateway it names is on the node the request
+/// came from (a remote cannot make this node message a third party).
+pub(crate) fn reply<S: System<Msg = Msg>>(
+    cx: &mut Context<'_, S>,
+    from: NodeId,
+    reply: ReplyTo,
+    outcome: Outcome,
+) {
+    if reply.to.kind == ActorKind::GATEWAY && reply.to.node == from {
+        cx.send(
+            reply.to,
+            ClientMsg::Reply {
+                request: reply.request,
+                outcome,
+            },
+        );
+    } else {
+        tracing::warn!(to = ?reply.to, "reply address is not a gateway on the requesting node; reply dropped");
+    }
+}
+
+/// Queues `msg` for `to` (on another node) in `txn`. Nothing is sent until the
+/// caller commits and kicks the outbox.
+pub(crate) fn enqueue(
+    txn: &mut dyn conclave_storage::WriteTxn,
+    to: ActorRef,
+    msg: Deliverable,
+) -> Result<(), Denial> {
+    let routed = Routed { to, msg };
+    let bytes = crate::wire::encode_bounded(&routed, crate::wire::ENVELOPE_BYTES_MAX / 2)
+        .map_err(|e| Denial::malformed(format!("message does not fit an envelope: {e}")))?;
+    match crate::outbox::enqueue(txn, to.node, bytes) {
+        Ok(_) => Ok(()),
+        Err(crate::outbox::OutboxError::Full { dest, .. }) => {
+            Err(Denial::OutboxFull { node: dest })
+        }
+        Err(crate::outbox::OutboxError::Store(e)) => Err(e.into()),
+        Err(e @ crate::outbox::OutboxError::AckBeyondSent { .. }) => {
+            Err(Denial::malformed(e.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_messages_share_one_stream_and_replies_are_control() {
+        let deliver = Msg::Peer(PeerMsg::Deliver {
+            seq: Seq(1),
+            to: keys_of(NodeId([1; 32])),
+            msg: Deliverable::Keys(KeysMsg::Store {
+                room: RoomId([0; 16]),
+                epoch: Epoch(1),
+                keys: Vec::new(),
+            }),
+        });
+        assert_eq!(deliver.class(), MessageClass::Data);
+        let ack = Msg::Outbox(OutboxMsg::Ack { upto: Seq(1) });
+        assert_eq!(ack.class(), MessageClass::Control);
+    }
+
+    #[test]
+    fn a_deliverable_fits_only_its_kind() {
+        let node = NodeId([1; 32]);
+        let keys = Deliverable::Keys(KeysMsg::Store {
+            room: RoomId([0; 16]),
+            epoch: Epoch(1),
+            keys: Vec::new(),
+        });
+        assert!(keys.fits(&keys_of(node)));
+        assert!(!keys.fits(&room_of(node, RoomId([0; 16]))));
+        assert!(!keys.fits(&members_of(node)));
+    }
+}

@@ -1,0 +1,210 @@
+//! The outbox actor: one per destination node, on the sending side.
+//!
+//! Messages are written to the outbox by whoever changes state, in the same
+//! transaction as the change ([`super::enqueue`]); this actor only sends them. It
+//! keeps up to [`WINDOW`] messages in flight to the destination's peer actor,
+//! slides the window as acknowledgements arrive, and when a retry timer finds no
+//! progress it resends everything unacknowledged (in order, so the receiver sees no
+//! gap) and doubles its delay, up to a maximum, with jitter so that many outboxes do
+//! not resend in step. The queue itself is in the store, so it survives restarts of
+//! either side; on start the driver kicks every outbox that has messages waiting
+//! ([`super::boot`]).
+
+use core::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{peer_of, DomainConfig, Msg, PeerMsg, Routed};
+use crate::actor::{Actor, Context, System};
+use crate::ids::{NodeId, Seq};
+use crate::wire::{decode_bounded, ENVELOPE_BYTES_MAX};
+
+/// How many unacknowledged messages an outbox sends before waiting for an
+/// acknowledgement.
+pub const WINDOW: usize = 256;
+
+/// Messages to an outbox actor.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum OutboxMsg {
+    /// Something was queued, or the destination is reachable again: send.
+    Kick,
+    /// From the destination's peer actor: everything up to `upto` is applied.
+    Ack {
+        /// The destination's high-water mark for this node.
+        upto: Seq,
+    },
+    /// The retry timer of round `round`.
+    Retry {
+        /// Which arming of the timer this is (older ones are ignored).
+        round: u64,
+    },
+}
+
+/// The outbox actor (see the module docs).
+#[derive(Debug)]
+pub struct Outbox {
+    dest: NodeId,
+    config: DomainConfig,
+    /// The highest sequence number sent since the last (re)send from the start.
+    sent_upto: u64,
+    backoff: Duration,
+    round: u64,
+    armed: bool,
+    /// Whether an acknowledgement advanced since the retry timer was armed.
+    progress: bool,
+    /// The depth last added to the node's depth gauge.
+    reported: u64,
+}
+
+impl Outbox {
+    pub(crate) fn activate<S: System<Msg = Msg>>(
+        dest: NodeId,
+        config: DomainConfig,
+        _cx: &mut Context<'_, S>,
+    ) -> Self {
+        Outbox {
+            dest,
+            config,
+            sent_upto: 0,
+            backoff: config.retry_base,
+            round: 0,
+            armed: false,
+            progress: false,
+            reported: 0,
+        }
+    }
+}
+
+impl<S: System<Msg = Msg>> Actor<S> for Outbox {
+    type Msg = OutboxMsg;
+
+    fn handle(&mut self, msg: OutboxMsg, cx: &mut Context<'_, S>) {
+        let me = cx.node();
+        match msg {
+            OutboxMsg::Kick => self.pump(cx),
+            OutboxMsg::Ack { upto } => {
+                if cx.sender() != Some(&peer_of(self.dest, me)) {
+                    tracing::warn!(dest = ?self.dest, sender = ?cx.sender(), "acknowledgement not from the destination's peer dropped");
+                    metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_peer").increment(1);
+                    return;
+                }
+                let result = cx
+                    .store()
+                    .write()
+                    .map_err(crate::outbox::OutboxError::from)
+                    .and_then(|mut txn| {
+                        let removed = crate::outbox::ack(&mut *txn, self.dest, upto)?;
+                        let depth = crate::outbox::depth(&*txn, self.dest)?;
+                        txn.commit()?;
+                        Ok((removed, depth))
+                    });
+                match result {
+                    Ok((removed, depth)) => {
+                        self.report(depth);
+                        if removed > 0 {
+                            self.progress = true;
+                            self.backoff = self.config.retry_base;
+                        }
+                        if depth == 0 {
+                            // Drained: cancel the timer and passivate until the next kick.
+                            self.round += 1;
+                            self.armed = false;
+                            cx.stop();
+                        } else {
+                            self.pump(cx);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(dest = ?self.dest, %error, "acknowledgement refused");
+                        metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "bad_ack").increment(1);
+                    }
+                }
+            }
+            OutboxMsg::Retry { round } => {
+                if round != self.round {
+                    return;
+                }
+                self.armed = false;
+                if !self.progress {
+                    // Nothing acknowledged for a whole delay: resend everything
+                    // unacknowledged, in order, and wait longer next time.
+                    self.sent_upto = 0;
+                    self.backoff = (self.backoff * 2).min(self.config.retry_max);
+                    metrics::counter!("conclave_outbox_retries_total").increment(1);
+                }
+                self.progress = false;
+                self.pump(cx);
+            }
+        }
+    }
+}
+
+impl Outbox {
+    /// Sends what is queued and not yet sent (within the window), and arms the retry
+    /// timer while anything waits. Passivates when nothing does.
+    fn pump<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        let me = cx.node();
+        let pending = match cx
+            .store()
+            .read()
+            .map_err(crate::outbox::OutboxError::from)
+            .and_then(|txn| {
+                let pending = crate::outbox::unacked(&*txn, self.dest, WINDOW)?;
+                Ok((pending, crate::outbox::depth(&*txn, self.dest)?))
+            }) {
+            Ok((pending, depth)) => {
+                self.report(depth);
+                pending
+            }
+            Err(error) => {
+                tracing::error!(dest = ?self.dest, %error, "could not read the outbox; retrying later");
+                self.arm(cx);
+                return;
+            }
+        };
+        if pending.is_empty() {
+            self.round += 1;
+            self.armed = false;
+            cx.stop();
+            return;
+        }
+        let peer = peer_of(self.dest, me);
+        for (seq, bytes) in pending {
+            if seq.0 <= self.sent_upto {
+                continue;
+            }
+            match decode_bounded::<Routed>(&bytes, ENVELOPE_BYTES_MAX) {
+                Ok(Routed { to, msg }) => cx.send(peer, PeerMsg::Deliver { seq, to, msg }),
+                // Written by this node's own code, so this is a bug or a corrupt
+                // store; the receiver sees a gap and the rest waits behind it.
+                Err(error) => {
+                    tracing::error!(dest = ?self.dest, seq = seq.0, %error, "outbox entry does not decode");
+                }
+            }
+            self.sent_upto = seq.0;
+        }
+        self.arm(cx);
+    }
+
+    /// Keeps `conclave_outbox_depth` (the node's total) in step with this outbox.
+    fn report(&mut self, depth: u64) {
+        let delta = depth as f64 - self.reported as f64;
+        if delta != 0.0 {
+            metrics::gauge!("conclave_outbox_depth").increment(delta);
+            self.reported = depth;
+        }
+    }
+
+    fn arm<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        if self.armed {
+            return;
+        }
+        // Equal jitter: half the delay fixed, half uniformly random.
+        let half = u64::try_from(self.backoff.as_micros() / 2).unwrap_or(u64::MAX);
+        let jitter = cx.rng().next_u64() % (half + 1);
+        let delay = Duration::from_micros(half + jitter);
+        self.round += 1;
+        self.armed = true;
+        cx.timer(delay, OutboxMsg::Retry { round: self.round });
+    }
+}

@@ -1,0 +1,661 @@
+//! The domain actors end to end on the deterministic driver: three nodes, an
+//! in-memory network carrying encoded envelopes, in-memory stores with crash
+//! semantics.
+
+use conclave_actors::crypto::SealedKey;
+use conclave_actors::domain::{
+    client, Denial, History, Invitee, Op, Outcome, Policy, RoomRole, UserRole,
+};
+use conclave_actors::ids::{Epoch, RoomId, Seq};
+use conclave_actors::{Identity, Time};
+use conclave_sim::Cluster;
+use conclave_storage::Store;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::MetricKind;
+
+type Bundle = Vec<(conclave_actors::UserId, SealedKey)>;
+
+/// Three nodes; alice on node 0, bob on node 1, carol on node 2, each added by
+/// their node's admin.
+struct World {
+    c: Cluster,
+    alice: Identity,
+    bob: Identity,
+    carol: Identity,
+}
+
+fn world(seed: u64) -> World {
+    let mut c = Cluster::new(3, seed);
+    let mut users = Vec::new();
+    for i in 0..3 {
+        let admin = Identity::generate(c.rng());
+        c.seed_admin(i, &admin);
+        let user = Identity::generate(c.rng());
+        let outcome = c.call(
+            i,
+            &admin,
+            Op::AddUser {
+                user: user.public(),
+                role: UserRole::Member,
+            },
+        );
+        assert_eq!(outcome, Outcome::Done);
+        users.push(user);
+    }
+    let carol = users.pop().unwrap();
+    let bob = users.pop().unwrap();
+    let alice = users.pop().unwrap();
+    World {
+        c,
+        alice,
+        bob,
+        carol,
+    }
+}
+
+/// A room of alice's (home: node 0) with bob and carol invited.
+fn room_of_three(w: &mut World, policy: Policy) -> RoomId {
+    let room = w.c.create_room(0, &w.alice, policy);
+    let (bob, carol) = (w.bob.clone(), w.carol.clone());
+    assert_eq!(
+        w.c.invite(0, &w.alice, room, &bob, 1, RoomRole::Member),
+        Outcome::Done
+    );
+    assert_eq!(
+        w.c.invite(0, &w.alice, room, &carol, 2, RoomRole::Member),
+        Outcome::Done
+    );
+    room
+}
+
+fn committed(c: &mut Cluster, node: usize, request: u64) -> Seq {
+    match c.outcome(node, request) {
+        Some(Outcome::Committed { seq, .. }) => seq,
+        other => panic!("expected a commit, got {other:?}"),
+    }
+}
+
+fn denial(outcome: Option<Outcome>) -> Denial {
+    match outcome {
+        Some(Outcome::Denied(d)) => d,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+#[test]
+fn golden_flow_every_member_reads_every_frame_in_one_order() {
+    let mut w = world(1);
+    let room = room_of_three(&mut w, Policy::default());
+    let mut sent = Vec::new();
+    for round in 0..5 {
+        for (node, user) in [(0, &w.alice), (1, &w.bob), (2, &w.carol)] {
+            let text = format!("round {round} from node {node}").into_bytes();
+            let request = w.c.publish(node, user, room, &text);
+            sent.push((node, request, text));
+        }
+    }
+    w.c.settle();
+    let mut by_seq = std::collections::BTreeMap::new();
+    for (node, request, text) in &sent {
+        let seq = committed(&mut w.c, *node, *request);
+        assert!(
+            by_seq.insert(seq, text.clone()).is_none(),
+            "two frames at {seq:?}"
+        );
+    }
+    // Sequence numbers are 1..=15 with no gap.
+    let seqs: Vec<u64> = by_seq.keys().map(|s| s.0).collect();
+    assert_eq!(seqs, (1..=15).collect::<Vec<_>>());
+    let expected: Vec<(Seq, Vec<u8>)> = by_seq.into_iter().collect();
+    for (node, user) in [(0, &w.alice), (1, &w.bob), (2, &w.carol)] {
+        assert_eq!(w.c.read(node, user, room), expected, "node {node}");
+    }
+
+    // Live: more frames after everyone has read the history arrive after it, in
+    // the same order everywhere.
+    let request = w.c.publish(1, &w.bob.clone(), room, b"live");
+    w.c.settle();
+    let seq = committed(&mut w.c, 1, request);
+    assert_eq!(seq, Seq(16));
+    for (node, user) in [(0, &w.alice), (1, &w.bob), (2, &w.carol)] {
+        let read = w.c.read(node, user, room);
+        assert_eq!(read.len(), 16);
+        assert_eq!(read[..15], expected[..]);
+        assert_eq!(read[15], (Seq(16), b"live".to_vec()));
+    }
+}
+
+#[test]
+fn history_visibility_follows_the_room_policy() {
+    for (history, first_visible) in [(History::FromJoin, 3), (History::FromEpoch, 1)] {
+        let mut w = world(2);
+        let room = w.c.create_room(
+            0,
+            &w.alice.clone(),
+            Policy {
+                persist: true,
+                history,
+            },
+        );
+        let bob = w.bob.clone();
+        w.c.invite(0, &w.alice.clone(), room, &bob, 1, RoomRole::Member);
+        for text in [b"one", b"two"] {
+            w.c.publish(0, &w.alice.clone(), room, text);
+        }
+        w.c.settle();
+        let carol = w.carol.clone();
+        assert_eq!(
+            w.c.invite(0, &w.alice.clone(), room, &carol, 2, RoomRole::Member),
+            Outcome::Done
+        );
+        w.c.publish(1, &bob, room, b"three");
+        w.c.settle();
+        let seen: Vec<u64> = w.c.read(2, &carol, room).iter().map(|(s, _)| s.0).collect();
+        assert_eq!(seen, (first_visible..=3).collect::<Vec<_>>(), "{history:?}");
+    }
+}
+
+#[test]
+fn a_removed_member_gets_no_later_frame_or_key_and_old_epoch_frames_are_refused() {
+    let mut w = world(3);
+    let room = room_of_three(&mut w, Policy::default());
+    let (alice, bob, carol) = (w.alice.clone(), w.bob.clone(), w.carol.clone());
+    w.c.publish(0, &alice, room, b"before");
+    w.c.settle();
+    // Bob seals a frame with epoch 1's key now, to send after the removal.
+    let bob_keys = w.c.keys(1, &bob, room);
+    let stale =
+        w.c.seal(&bob, room, Epoch(1), &bob_keys[&Epoch(1)], b"stale")
+            .unwrap();
+
+    assert_eq!(w.c.remove(0, &alice, room, carol.user_id()), Outcome::Done);
+    let carried_before = w.c.carried.len();
+    for text in [b"after 1", b"after 2"] {
+        w.c.publish(0, &alice, room, text);
+        w.c.publish(1, &bob, room, text);
+    }
+    w.c.settle();
+
+    // Node 2 hosts only carol: nothing of epoch 2 reached it, frame or key.
+    let node2 = w.c.id(2);
+    let leaked: Vec<_> = w.c.carried[..]
+        .iter()
+        .filter(|m| m.to == node2 && m.epochs.iter().any(|&(r, e)| r == room && e >= Epoch(2)))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "epoch 2 reached the removed member's node: {leaked:?}"
+    );
+    assert!(w.c.carried.len() > carried_before);
+    assert_eq!(
+        w.c.keys(2, &carol, room)
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![Epoch(1)]
+    );
+    // Carol reads what she could before, nothing after.
+    let carol_read: Vec<Vec<u8>> =
+        w.c.read(2, &carol, room)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+    assert_eq!(carol_read, vec![b"before".to_vec()]);
+    // The others read everything, in the same order, and hold epoch 2's key.
+    let alice_read = w.c.read(0, &alice, room);
+    assert_eq!(alice_read.len(), 5);
+    assert_eq!(w.c.read(1, &bob, room), alice_read);
+    assert!(w.c.keys(1, &bob, room).contains_key(&Epoch(2)));
+
+    // A frame of the old epoch is refused, and so is carol.
+    let request = w.c.publish_frame(1, stale);
+    w.c.settle();
+    assert_eq!(
+        denial(w.c.outcome(1, request)),
+        Denial::StaleEpoch {
+            current: Epoch(2),
+            got: Epoch(1)
+        }
+    );
+    let carol_keys = w.c.keys(2, &carol, room);
+    let carol_frame =
+        w.c.seal(&carol, room, Epoch(1), &carol_keys[&Epoch(1)], b"hi")
+            .unwrap();
+    let request = w.c.publish_frame(2, carol_frame);
+    w.c.settle();
+    assert_eq!(denial(w.c.outcome(2, request)), Denial::NotAMember);
+    assert_eq!(w.c.read(0, &alice, room).len(), 5);
+}
+
+#[test]
+fn a_node_down_loses_nothing_and_gets_everything_once_when_back() {
+    let mut w = world(4);
+    let room = room_of_three(&mut w, Policy::default());
+    let (alice, bob) = (w.alice.clone(), w.bob.clone());
+    for i in 0..3 {
+        w.c.publish(0, &alice, room, format!("a{i}").as_bytes());
+    }
+    w.c.settle();
+    w.c.crash(1);
+    // While bob's node is down, frames for it wait in node 0's outbox.
+    let mut requests = Vec::new();
+    for i in 0..10 {
+        requests.push(w.c.publish(0, &alice, room, format!("b{i}").as_bytes()));
+    }
+    w.c.settle();
+    for r in &requests {
+        committed(&mut w.c, 0, *r);
+    }
+    w.c.restart(1);
+    w.c.settle();
+    let alice_read = w.c.read(0, &alice, room);
+    assert_eq!(alice_read.len(), 13);
+    assert_eq!(w.c.read(1, &bob, room), alice_read);
+
+    // The home crashes right after commits; nothing committed is lost, and what
+    // it had not yet delivered goes out when it is back.
+    w.c.partition(0, 2, true);
+    let r = w.c.publish(0, &alice, room, b"c");
+    w.c.settle();
+    committed(&mut w.c, 0, r);
+    w.c.crash(0);
+    w.c.partition(0, 2, false);
+    w.c.restart(0);
+    w.c.settle();
+    let alice_read = w.c.read(0, &alice, room);
+    assert_eq!(alice_read.len(), 14);
+    assert_eq!(w.c.read(2, &w.carol.clone(), room), alice_read);
+    assert_eq!(w.c.read(1, &bob, room), alice_read);
+}
+
+#[test]
+fn publishing_while_the_home_is_unreachable_is_queued_and_commits_later() {
+    let mut w = world(5);
+    let room = room_of_three(&mut w, Policy::default());
+    let bob = w.bob.clone();
+    w.c.partition(0, 1, true);
+    let r = w.c.publish(1, &bob, room, b"queued");
+    w.c.settle();
+    assert_eq!(w.c.outcomes(1, r), vec![Outcome::Forwarded]);
+    w.c.partition(0, 1, false);
+    w.c.settle();
+    committed(&mut w.c, 1, r);
+    assert_eq!(w.c.read(2, &w.carol.clone(), room).len(), 1);
+}
+
+/// Counts of `conclave_requests_denied_total` by reason.
+fn denied_counts(recorder: &DebuggingRecorder) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (key, _, _, value) in recorder.snapshotter().snapshot().into_vec() {
+        if key.kind() == MetricKind::Counter && key.key().name() == "conclave_requests_denied_total"
+        {
+            let reason = key
+                .key()
+                .labels()
+                .find(|l| l.key() == "reason")
+                .unwrap()
+                .value()
+                .to_string();
+            if let DebugValue::Counter(n) = value {
+                *out.entry(reason).or_default() += n;
+            }
+        }
+    }
+    out
+}
+
+/// Every refusal: its reason reaches the caller, it is counted, and the home's
+/// store is not written (no commit at all).
+#[test]
+fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
+    let recorder = DebuggingRecorder::new();
+    metrics::with_local_recorder(&recorder, || {
+        let mut w = world(6);
+        let (alice, bob, carol) = (w.alice.clone(), w.bob.clone(), w.carol.clone());
+        let room = w.c.create_room(0, &alice, Policy::default());
+        w.c.invite(0, &alice, room, &bob, 1, RoomRole::Member);
+        // A second user on node 0, a plain member.
+        let admin0 = Identity::generate(w.c.rng());
+        w.c.seed_admin(0, &admin0);
+        let dave = Identity::generate(w.c.rng());
+        w.c.call(
+            0,
+            &admin0,
+            Op::AddUser {
+                user: dave.public(),
+                role: UserRole::Member,
+            },
+        );
+        w.c.invite(0, &alice, room, &dave, 0, RoomRole::Member);
+        let r = w.c.publish(0, &alice, room, b"first");
+        w.c.settle();
+        let first_seq = committed(&mut w.c, 0, r);
+        let keys = w.c.keys(0, &alice, room);
+        let key = &keys[&Epoch(1)];
+        let store = std::sync::Arc::clone(&w.c.nodes[0].store);
+        let check = |what: &str, outcome: Option<Outcome>, expected: &str, commits_before: u64| {
+            let d = denial(outcome);
+            assert_eq!(d.reason(), expected, "{what}: {d}");
+            assert_eq!(store.commits(), commits_before, "{what} wrote to the store");
+        };
+
+        // Wrong signature: a frame altered after signing.
+        let mut frame = w.c.seal(&alice, room, Epoch(1), key, b"x").unwrap();
+        frame.ciphertext[0] ^= 1;
+        let before = store.commits();
+        let r = w.c.publish_frame(0, frame);
+        w.c.settle();
+        check("tampered frame", w.c.outcome(0, r), "bad_signature", before);
+
+        // A frame signed by someone else than its claimed sender.
+        let mut forged = w.c.seal(&alice, room, Epoch(1), key, b"x").unwrap();
+        forged.sender = dave.user_id();
+        let before = store.commits();
+        let r = w.c.publish_frame(0, forged);
+        w.c.settle();
+        check("forged sender", w.c.outcome(0, r), "bad_signature", before);
+
+        // Stale (and future) epoch.
+        let future = w.c.seal(&alice, room, Epoch(7), key, b"x").unwrap();
+        let before = store.commits();
+        let r = w.c.publish_frame(0, future);
+        w.c.settle();
+        check("future epoch", w.c.outcome(0, r), "stale_epoch", before);
+
+        // A replayed frame.
+        let frame = w.c.seal(&alice, room, Epoch(1), key, b"once").unwrap();
+        let r = w.c.publish_frame(0, frame.clone());
+        w.c.settle();
+        committed(&mut w.c, 0, r);
+        let before = store.commits();
+        let r = w.c.publish_frame(0, frame);
+        w.c.settle();
+        check("replay", w.c.outcome(0, r), "duplicate", before);
+
+        // Publish by a non-member (registered on node 0, not in the room).
+        let erin = Identity::generate(w.c.rng());
+        w.c.call(
+            0,
+            &admin0,
+            Op::AddUser {
+                user: erin.public(),
+                role: UserRole::Member,
+            },
+        );
+        let frame = w.c.seal(&erin, room, Epoch(1), key, b"x").unwrap();
+        let before = store.commits();
+        let r = w.c.publish_frame(0, frame);
+        w.c.settle();
+        check("non-member", w.c.outcome(0, r), "not_a_member", before);
+
+        // Publish by an unknown user, and by a revoked member.
+        let stranger = Identity::generate(w.c.rng());
+        let frame = w.c.seal(&stranger, room, Epoch(1), key, b"x").unwrap();
+        let before = store.commits();
+        let r = w.c.publish_frame(0, frame);
+        w.c.settle();
+        check("unknown user", w.c.outcome(0, r), "not_found", before);
+        assert_eq!(
+            w.c.call(
+                0,
+                &admin0,
+                Op::RevokeUser {
+                    user: dave.user_id()
+                }
+            ),
+            Outcome::Done
+        );
+        let dave_keys = w.c.keys(0, &dave, room);
+        let frame =
+            w.c.seal(&dave, room, Epoch(1), &dave_keys[&Epoch(1)], b"x")
+                .unwrap();
+        let before = store.commits();
+        let r = w.c.publish_frame(0, frame);
+        w.c.settle();
+        check("revoked user", w.c.outcome(0, r), "revoked", before);
+        // A revoked user's requests are refused too.
+        let before = store.commits();
+        let outcome = w.c.call(0, &dave, Op::RoomInfo { room });
+        check("revoked request", Some(outcome), "revoked", before);
+
+        // Bundles: malformed, omitting a member, adding a non-member, wrong epoch.
+        let info = w.c.room_info(0, &alice, room);
+        let (_, good) = client::remove(w.c.rng(), &alice, &info, dave.user_id()).unwrap();
+        let Op::Remove { bundle, .. } = good.clone() else {
+            unreachable!()
+        };
+        let variants: Vec<(&str, Bundle, Epoch)> = vec![
+            (
+                "malformed bundle",
+                {
+                    let mut b = bundle.clone();
+                    b[0].1.ciphertext.truncate(10);
+                    b
+                },
+                Epoch(2),
+            ),
+            ("bundle omitting a member", bundle[1..].to_vec(), Epoch(2)),
+            (
+                "bundle adding a non-member",
+                {
+                    let mut b = bundle.clone();
+                    b.push((erin.user_id(), bundle[0].1.clone()));
+                    b
+                },
+                Epoch(2),
+            ),
+            (
+                "bundle naming a member twice",
+                {
+                    let mut b = bundle.clone();
+                    b.push(bundle[0].clone());
+                    b
+                },
+                Epoch(2),
+            ),
+            ("bundle for a skipped epoch", bundle.clone(), Epoch(3)),
+        ];
+        for (what, bundle, epoch) in variants {
+            let before = store.commits();
+            let outcome = w.c.call(
+                0,
+                &alice,
+                Op::Remove {
+                    room,
+                    user: dave.user_id(),
+                    epoch,
+                    bundle,
+                },
+            );
+            check(what, Some(outcome), "bad_bundle", before);
+        }
+        // A key for bob re-targeted at another member does not verify.
+        let mut swapped = bundle.clone();
+        let (a, b) = (swapped[0].1.clone(), swapped[1].1.clone());
+        swapped[0].1 = b;
+        swapped[1].1 = a;
+        let before = store.commits();
+        let outcome = w.c.call(
+            0,
+            &alice,
+            Op::Remove {
+                room,
+                user: dave.user_id(),
+                epoch: Epoch(2),
+                bundle: swapped,
+            },
+        );
+        check("swapped keys", Some(outcome), "bad_signature", before);
+
+        // Requests: bad signature, expired, unknown user, missing capability, conflict.
+        let mut req = client::sign(&alice, w.c.now(), w.c.rng(), Op::RoomInfo { room });
+        req.signature.0[0] ^= 1;
+        let before = store.commits();
+        let r = w.c.send_signed(0, req);
+        w.c.settle();
+        check(
+            "request signature",
+            w.c.outcome(0, r),
+            "bad_signature",
+            before,
+        );
+        let old = Time::from_unix_micros(w.c.now().unix_micros() - 3_600_000_000);
+        let req = client::sign(&alice, old, w.c.rng(), Op::RoomInfo { room });
+        let before = store.commits();
+        let r = w.c.send_signed(0, req);
+        w.c.settle();
+        check("expired request", w.c.outcome(0, r), "expired", before);
+        let before = store.commits();
+        let outcome = w.c.call(
+            0,
+            &alice,
+            Op::AddUser {
+                user: stranger.public(),
+                role: UserRole::Admin,
+            },
+        );
+        check(
+            "add user by non-admin",
+            Some(outcome),
+            "missing_capability",
+            before,
+        );
+        let before = store.commits();
+        let outcome = w.c.call(
+            0,
+            &admin0,
+            Op::AddUser {
+                user: alice.public(),
+                role: UserRole::Member,
+            },
+        );
+        check("add existing user", Some(outcome), "conflict", before);
+        let before = store.commits();
+        let outcome = w.c.call(0, &stranger, Op::ListRooms);
+        check("unknown user request", Some(outcome), "not_found", before);
+        let before = store.commits();
+        let outcome = w.c.invite(0, &alice, room, &bob, 1, RoomRole::Member);
+        check("invite a member again", Some(outcome), "conflict", before);
+        // Bob (a plain member, remote) may not invite: refused at the home.
+        let before = store.commits();
+        let outcome = w.c.invite(1, &bob, room, &carol, 2, RoomRole::Member);
+        assert_eq!(denial(Some(outcome)).reason(), "missing_capability");
+        // Node 0 committed only the peer's high-water mark for bob's request.
+        assert!(store.commits() <= before + 1);
+
+        // Nothing but the first two frames was ever committed.
+        let txn = store.read().unwrap();
+        let frames = conclave_actors::domain::room::frames(&*txn, room, Seq(1), 100).unwrap();
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].0, first_seq);
+        drop(txn);
+
+        let counts = denied_counts(&recorder);
+        for (reason, at_least) in [
+            ("bad_signature", 4),
+            ("stale_epoch", 1),
+            ("duplicate", 1),
+            ("not_a_member", 1),
+            ("not_found", 2),
+            ("revoked", 2),
+            ("bad_bundle", 5),
+            ("expired", 1),
+            ("missing_capability", 2),
+            ("conflict", 2),
+        ] {
+            assert!(
+                counts.get(reason).copied().unwrap_or(0) >= at_least,
+                "{reason}: {counts:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_bundle_for_a_room_member_set_that_changed_is_refused() {
+    let mut w = world(7);
+    let room = room_of_three(&mut w, Policy::default());
+    let alice = w.alice.clone();
+    // A remove prepared before carol left is no longer for exactly the members.
+    let info = w.c.room_info(0, &alice, room);
+    let (_, op) = client::remove(w.c.rng(), &alice, &info, w.bob.user_id()).unwrap();
+    assert_eq!(
+        w.c.remove(0, &alice, room, w.carol.user_id()),
+        Outcome::Done
+    );
+    let Op::Remove { bundle, .. } = op else {
+        unreachable!()
+    };
+    let outcome = w.c.call(
+        0,
+        &alice,
+        Op::Remove {
+            room,
+            user: w.bob.user_id(),
+            epoch: Epoch(2),
+            bundle,
+        },
+    );
+    assert_eq!(denial(Some(outcome)).reason(), "bad_bundle");
+}
+
+#[test]
+fn invites_need_a_valid_invitee_and_key() {
+    let mut w = world(8);
+    let alice = w.alice.clone();
+    let room = w.c.create_room(0, &alice, Policy::default());
+    let keys = w.c.keys(0, &alice, room);
+    let key = &keys[&Epoch(1)];
+    // A key sealed to someone else than the invitee.
+    let (home1, home2) = (w.c.id(1), w.c.id(2));
+    let op = client::invite(
+        w.c.rng(),
+        &alice,
+        room,
+        Epoch(1),
+        key,
+        Invitee {
+            user: w.carol.public(),
+            home: home2,
+            role: RoomRole::Member,
+        },
+    )
+    .unwrap();
+    let Op::Invite {
+        key: sealed_for_carol,
+        ..
+    } = op
+    else {
+        unreachable!()
+    };
+    let outcome = w.c.call(
+        0,
+        &alice,
+        Op::Invite {
+            room,
+            invitee: Invitee {
+                user: w.bob.public(),
+                home: home1,
+                role: RoomRole::Member,
+            },
+            epoch: Epoch(1),
+            key: sealed_for_carol,
+        },
+    );
+    assert_eq!(denial(Some(outcome)).reason(), "bad_signature");
+    // A second owner.
+    let op = client::invite(
+        w.c.rng(),
+        &alice,
+        room,
+        Epoch(1),
+        key,
+        Invitee {
+            user: w.bob.public(),
+            home: home1,
+            role: RoomRole::Owner,
+        },
+    )
+    .unwrap();
+    assert_eq!(denial(Some(w.c.call(0, &alice, op))).reason(), "malformed");
+}

@@ -25,7 +25,7 @@ use rand_core::UnwrapErr;
 use tokio::sync::mpsc;
 
 /// The wall clock, as actor time.
-fn wall_now() -> Time {
+pub(crate) fn wall_now() -> Time {
     // A clock before 1970 is a broken host; actors then see time zero rather than a
     // panic. (Wall time can step backwards; actors must not assume it is monotonic.)
     let micros = SystemTime::now()

@@ -1,9 +1,17 @@
 //! conclave: end-to-end-encrypted group messaging between nodes.
 //!
 //! This crate is the runtime: it hosts conclave's sans-IO actors on actix
-//! ([`host`]), keeps node identities on disk ([`identity_file`]), and provides the
-//! `conclave` binary.
+//! ([`host`]), keeps node identities on disk ([`identity_file`]), offers the
+//! embedding API ([`Node`], [`User`]; see [`api`]), and provides the `conclave`
+//! binary.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod host;
 pub mod identity_file;
+
+pub use api::{
+    ApiError, Message, Node, NodeBuilder, Position, Receipt, StartError, Subscription, User,
+};
+pub use conclave_actors::domain::{Denial, History, Policy, RoomRole, UserRole};
+pub use conclave_actors::{Identity, NodeId, PublicIdentity, UserId};

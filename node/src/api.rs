@@ -335,6 +335,19 @@ impl Node {
         NodeBuilder::default()
     }
 
+    /// Creates `dir` and the node identity in it (or loads the existing one) and
+    /// returns the node id, without starting anything: what `conclave init` does,
+    /// for a deployment that must know its nodes' ids before starting them.
+    pub fn init(dir: impl AsRef<Path>) -> Result<NodeId, StartError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let (identity, _) = identity_file::load_or_create(&dir.join("node.id"))?;
+        Ok(identity.node_id())
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
@@ -594,7 +607,7 @@ impl User {
         home: NodeId,
         role: RoomRole,
     ) -> Result<(), ApiError> {
-        let (epoch, key) = self.newest_key(room)?;
+        let (epoch, key) = self.await_key(room).await?;
         let op = client::invite(
             &mut rng(),
             &self.identity,
@@ -639,7 +652,7 @@ impl User {
     pub async fn publish(&self, room: RoomId, body: &[u8]) -> Result<Receipt, ApiError> {
         let mut stale_retries = 0;
         loop {
-            let (epoch, key) = self.newest_key(room)?;
+            let (epoch, key) = self.await_key(room).await?;
             let frame = client::seal(
                 &mut rng(),
                 &self.identity,
@@ -676,20 +689,32 @@ impl User {
     /// The room's messages this user may read from `from` on: history from the
     /// node's store, then live as they arrive. The stream ends if the user is
     /// removed from the room (after the last message they may read).
+    ///
+    /// Membership reaches a member's node shortly after the invite commits on the
+    /// room's home; until it has, this waits (up to the request timeout) and then
+    /// refuses with [`Denial::NotAMember`].
     pub async fn subscribe(&self, room: RoomId, from: Position) -> Result<Subscription, ApiError> {
-        let changes = self.node.inner.gateway.changes.subscribe();
-        let next = {
+        let mut changes = self.node.inner.gateway.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + self.node.inner.request_timeout;
+        let next = loop {
             let store = self.node.open_store()?;
             let txn = store.read_txn()?;
-            let vis = domain::room::visibility(&txn, self.id(), room)?
-                .ok_or(ApiError::Denied(Denial::NotAMember))?;
-            match from {
-                Position::Start => vis.from,
-                Position::At(seq) => seq.max(vis.from),
-                Position::Live => domain::room::meta(&txn, room)?
-                    .map(|m| m.next_seq)
-                    .unwrap_or(vis.from)
-                    .max(vis.from),
+            if let Some(vis) = domain::room::visibility(&txn, self.id(), room)? {
+                break match from {
+                    Position::Start => vis.from,
+                    Position::At(seq) => seq.max(vis.from),
+                    Position::Live => domain::room::meta(&txn, room)?
+                        .map(|m| m.next_seq)
+                        .unwrap_or(vis.from)
+                        .max(vis.from),
+                };
+            }
+            drop(txn);
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                    return Err(ApiError::Denied(Denial::NotAMember));
+                }
             }
         };
         Ok(Subscription {
@@ -725,6 +750,26 @@ impl User {
         }
         known.extend(opened);
         Ok(())
+    }
+
+    /// The newest key of `room`, waiting (up to the request timeout) for one to
+    /// arrive: after an invite, the key reaches the member's node shortly after the
+    /// invite commits on the room's home.
+    async fn await_key(&self, room: RoomId) -> Result<(Epoch, EpochKey), ApiError> {
+        let mut changes = self.node.inner.gateway.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + self.node.inner.request_timeout;
+        loop {
+            match self.newest_key(room) {
+                Err(ApiError::NoKey(_)) => {}
+                other => return other,
+            }
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                    return Err(ApiError::NoKey(room));
+                }
+            }
+        }
     }
 
     fn newest_key(&self, room: RoomId) -> Result<(Epoch, EpochKey), ApiError> {

@@ -173,9 +173,11 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                 }
             }
             PeerMsg::Connected => {
+                if !self.connected {
+                    metrics::gauge!("conclave_peers_connected").increment(1.0);
+                }
                 self.connected = true;
                 self.last_heard = Some(cx.now());
-                metrics::gauge!("conclave_peers_connected").increment(1.0);
                 // Whatever waits for that node goes now, not after its backoff.
                 cx.send(outbox_of(me, self.remote), OutboxMsg::Kick);
             }

@@ -1,0 +1,100 @@
+//! Removing a member rekeys the room: the removed member's node receives nothing
+//! of the new epoch, and their stream ends after the last message they may read.
+//!
+//! Run: `cargo run --release -p conclave --example removal`
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use conclave::{Identity, Node, Policy, Position, RoomRole, UserRole};
+
+fn free_port() -> std::io::Result<SocketAddr> {
+    UdpSocket::bind("127.0.0.1:0")?.local_addr()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let dir = tempfile::tempdir()?;
+    let dirs: Vec<_> = (0..3).map(|i| dir.path().join(format!("n{i}"))).collect();
+    let ids = dirs.iter().map(Node::init).collect::<Result<Vec<_>, _>>()?;
+    let addrs = (0..3).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let mut builder = Node::builder().data_dir(&dirs[i]).listen(addrs[i]);
+        for j in (0..3).filter(|&j| j != i) {
+            builder = builder.peer(ids[j], addrs[j]);
+        }
+        nodes.push(builder.start().await?);
+    }
+    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
+    let mut users = Vec::new();
+    for node in &nodes {
+        let admin = Identity::generate(&mut rng);
+        node.seed_admin(&admin.public())?;
+        let admin = node.user(admin).await?;
+        let user = Identity::generate(&mut rng);
+        admin.add_user(&user.public(), UserRole::Member).await?;
+        users.push(node.user(user).await?);
+    }
+    let (alice, bob, carol) = (&users[0], &users[1], &users[2]);
+
+    let room = alice.create_room(Policy::default()).await?;
+    alice
+        .invite(room, &bob.public(), ids[1], RoomRole::Member)
+        .await?;
+    alice
+        .invite(room, &carol.public(), ids[2], RoomRole::Member)
+        .await?;
+    alice
+        .publish(room, b"all three of us can read this")
+        .await?;
+
+    let mut carol_reads = carol.subscribe(room, Position::Start).await?;
+    let first = carol_reads.next().await.expect("open")?;
+    println!(
+        "carol reads (epoch {}): {:?}",
+        first.epoch.0,
+        String::from_utf8_lossy(&first.body)
+    );
+
+    alice.remove(room, carol.id()).await?;
+    let info = alice.room_info(room).await?;
+    println!(
+        "carol removed; the room is now at epoch {} with {} members",
+        info.epoch.0,
+        info.members.len()
+    );
+    alice
+        .publish(room, b"only alice and bob can read this")
+        .await?;
+
+    let mut bob_reads = bob.subscribe(room, Position::Start).await?;
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(10), bob_reads.next())
+            .await?
+            .expect("open")?;
+        println!(
+            "bob reads (epoch {}): {:?}",
+            m.epoch.0,
+            String::from_utf8_lossy(&m.body)
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(10), carol_reads.next()).await? {
+        None => println!("carol's stream has ended: she receives nothing of epoch 2"),
+        Some(m) => anyhow::bail!("carol read something after her removal: {m:?}"),
+    }
+    match carol.publish(room, b"can I still post?").await {
+        Err(e) => println!("carol publishes: refused, {e}"),
+        Ok(r) => anyhow::bail!("carol could still publish: {r:?}"),
+    }
+    for node in &nodes {
+        node.shutdown().await;
+    }
+    Ok(())
+}

@@ -35,22 +35,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use conclave_actors::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, Handler, System};
-use conclave_actors::crypto::EpochKey;
+use conclave_actors::crypto::{Frame, SealedKey};
 use conclave_actors::domain::{
-    self, client, gateway_of, members_of, ClientMsg, Denial, Domain, DomainConfig, Invitee,
-    MembersMsg, Msg, Op, Outcome, Policy, ReplyTo, RoomInfo, RoomRole, UserEntry, UserRole,
+    self, gateway_of, members_of, ClientMsg, Denial, Domain, DomainConfig, MembersMsg, Msg,
+    Outcome, ReplyTo, SignedRequest,
 };
-use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
+use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use conclave_actors::{Identity, PublicIdentity};
 use conclave_storage::{LmdbOptions, LmdbStore, Store, StoreError};
 use conclave_transports::quic::{QuicConfig, QuicTransport};
 use conclave_transports::{Transport, TransportEvent};
-use getrandom::SysRng;
-use rand_core::UnwrapErr;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::host::{wall_now, HostConfig, RouteError, Runtime};
 use crate::identity_file::{self, IdentityFileError};
+use crate::user::{ApiError, Backend, FrameSource, Position, User};
 
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
@@ -78,82 +77,6 @@ pub enum StartError {
     /// The actor runtime did not start.
     #[error(transparent)]
     Runtime(#[from] crate::host::StartError),
-}
-
-/// Why a user's call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The node refused: the reason says why (`not_found`, `revoked`,
-    /// `missing_capability`, `not_a_member`, `bad_signature`, `stale_epoch`, …).
-    #[error("denied ({reason}): {denial}", reason = .0.reason(), denial = .0)]
-    Denied(Denial),
-    /// The request is in the durable outbox towards the room's home node, which has
-    /// not answered yet (it may be unreachable). It will be applied when it is back.
-    #[error("queued for the room's home node, which has not answered yet")]
-    Queued,
-    /// No answer within the request timeout.
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    /// The node is shutting down, or its runtime refused the request.
-    #[error("the node refused the request: {0}")]
-    Route(#[from] RouteError),
-    /// The node's store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// This user holds no key for the room (not a member, or the key has not
-    /// arrived yet).
-    #[error("no key for room {0}")]
-    NoKey(RoomId),
-    /// A key or frame could not be sealed or opened.
-    #[error("cryptography failed: {0}")]
-    Crypto(String),
-    /// The node answered something this call does not expect (a bug).
-    #[error("unexpected answer: {0:?}")]
-    Unexpected(Box<Outcome>),
-}
-
-/// Where a subscription starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Position {
-    /// The first frame the user may read (history, then live).
-    Start,
-    /// The frame with this sequence number (or the first readable after it).
-    At(Seq),
-    /// Only frames committed from now on.
-    Live,
-}
-
-/// The result of a publish.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Receipt {
-    /// The room's home has persisted the frame at `seq`.
-    Committed {
-        /// The message id.
-        id: MessageId,
-        /// Its place in the room.
-        seq: Seq,
-    },
-    /// The frame is durably queued for the room's home, which has not confirmed yet
-    /// (unreachable, or slow); it commits when the home is back.
-    Queued {
-        /// The message id.
-        id: MessageId,
-    },
-}
-
-/// One message as a subscriber reads it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    /// Its place in the room.
-    pub seq: Seq,
-    /// Its id.
-    pub id: MessageId,
-    /// Who sent it (verified).
-    pub sender: UserId,
-    /// The key epoch it was encrypted under.
-    pub epoch: Epoch,
-    /// The plaintext.
-    pub body: Vec<u8>,
 }
 
 /// Configures and starts a [`Node`].
@@ -399,11 +322,7 @@ impl Node {
             let txn = store.read_txn()?;
             domain::members::check_active(&txn, identity.user_id()).map_err(ApiError::Denied)?;
         }
-        Ok(User {
-            node: self.clone(),
-            identity: Arc::new(identity),
-            keys: Arc::new(Mutex::new(BTreeMap::new())),
-        })
+        Ok(User::new(self.clone(), identity))
     }
 
     /// Stops the actors and the transport. Every committed change is on disk
@@ -501,205 +420,86 @@ impl Node {
     }
 }
 
-/// A user of a node, acting with their identity. Cheap to clone.
-#[derive(Clone)]
-pub struct User {
-    node: Node,
-    identity: Arc<Identity>,
-    /// Opened epoch keys, per room.
-    keys: Arc<Mutex<BTreeMap<RoomId, BTreeMap<Epoch, EpochKey>>>>,
-}
+impl Backend for Node {
+    type Frames = LocalFrames;
 
-impl std::fmt::Debug for User {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("User")
-            .field("id", &self.identity.user_id())
-            .field("node", &self.node.id())
-            .finish_non_exhaustive()
+    fn node_id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    async fn call(&self, req: SignedRequest) -> Result<Option<Outcome>, ApiError> {
+        let timeout = self.inner.request_timeout;
+        self.submit_request(req, timeout).await
+    }
+
+    async fn publish(&self, frame: Frame) -> Result<Option<Outcome>, ApiError> {
+        let wait = self.inner.commit_wait;
+        self.submit_publish(frame, wait).await
+    }
+
+    async fn sealed_keys(
+        &self,
+        user: UserId,
+        room: RoomId,
+    ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
+        let store = self.open_store()?;
+        let txn = store.read_txn()?;
+        Ok(domain::keys::sealed_for(&txn, room, user)?)
+    }
+
+    async fn frames(
+        &self,
+        user: UserId,
+        room: RoomId,
+        from: Position,
+    ) -> Result<LocalFrames, ApiError> {
+        self.frames(user, room, from).await
     }
 }
 
-impl User {
-    /// The user's id.
-    pub fn id(&self) -> UserId {
-        self.identity.user_id()
-    }
-
-    /// The user's public identity (what others invite).
-    pub fn public(&self) -> PublicIdentity {
-        self.identity.public()
-    }
-
-    /// The user's identity (secret: handle with care).
-    pub fn identity(&self) -> &Identity {
-        &self.identity
-    }
-
-    /// The node the user is homed on.
-    pub fn node(&self) -> &Node {
-        &self.node
-    }
-
-    async fn call(&self, op: Op) -> Result<Outcome, ApiError> {
-        let req = client::sign(&self.identity, wall_now(), &mut rng(), op);
-        let (request, rx) = self.node.submit(|reply| MembersMsg::Request {
+impl Node {
+    /// Hands a request signed by a user of this node to its members actor and waits
+    /// for the outcome: `Ok(None)` if it went to the outbox towards the room's home
+    /// and no answer came within `wait` (it is applied when the home is back).
+    /// For gateways relaying requests their clients signed (the client protocol).
+    pub async fn submit_request(
+        &self,
+        req: SignedRequest,
+        wait: Duration,
+    ) -> Result<Option<Outcome>, ApiError> {
+        let (request, rx) = self.submit(|reply| MembersMsg::Request {
             req: Box::new(req),
             reply,
         })?;
-        let timeout = self.node.inner.request_timeout;
-        match self.node.outcome(request, rx, timeout).await? {
-            Some(Outcome::Denied(denial)) => Err(ApiError::Denied(denial)),
-            Some(outcome) => Ok(outcome),
-            None => Err(ApiError::Queued),
-        }
+        self.outcome(request, rx, wait).await
     }
 
-    async fn call_done(&self, op: Op) -> Result<(), ApiError> {
-        match self.call(op).await? {
-            Outcome::Done => Ok(()),
-            other => Err(ApiError::Unexpected(Box::new(other))),
-        }
-    }
-
-    /// Registers a user on this node (admins only).
-    pub async fn add_user(&self, user: &PublicIdentity, role: UserRole) -> Result<(), ApiError> {
-        self.call_done(Op::AddUser { user: *user, role }).await
-    }
-
-    /// Revokes a user of this node (admins only).
-    pub async fn revoke_user(&self, user: UserId) -> Result<(), ApiError> {
-        self.call_done(Op::RevokeUser { user }).await
-    }
-
-    /// This node's users (admins only).
-    pub async fn list_users(&self) -> Result<Vec<UserEntry>, ApiError> {
-        match self.call(Op::ListUsers).await? {
-            Outcome::Users(users) => Ok(users),
-            other => Err(ApiError::Unexpected(Box::new(other))),
-        }
-    }
-
-    /// The rooms this user is a member of, with their home nodes.
-    pub async fn list_rooms(&self) -> Result<Vec<(RoomId, NodeId)>, ApiError> {
-        match self.call(Op::ListRooms).await? {
-            Outcome::Rooms(rooms) => Ok(rooms),
-            other => Err(ApiError::Unexpected(Box::new(other))),
-        }
-    }
-
-    /// Creates a room homed on this user's node, with this user as its owner.
-    pub async fn create_room(&self, policy: Policy) -> Result<RoomId, ApiError> {
-        let (room, key, op) = client::create_room(&mut rng(), &self.identity, policy)
-            .map_err(|e| ApiError::Crypto(e.to_string()))?;
-        self.call_done(op).await?;
-        self.lock_keys()
-            .entry(room)
-            .or_default()
-            .insert(Epoch(1), key);
-        Ok(room)
-    }
-
-    /// Invites `invitee`, homed on `home`, sealing the room's current key to them.
-    pub async fn invite(
+    /// Hands a frame a user of this node sealed and signed to its members actor
+    /// and waits for the receipt (see [`Node::submit_request`] for `Ok(None)`).
+    pub async fn submit_publish(
         &self,
+        frame: Frame,
+        wait: Duration,
+    ) -> Result<Option<Outcome>, ApiError> {
+        let (request, rx) = self.submit(|reply| MembersMsg::Publish { frame, reply })?;
+        self.outcome(request, rx, wait).await
+    }
+
+    /// The frames of `room` that `user` (of this node) may read, from `from` on,
+    /// still encrypted: history from the store, then live. Waits (up to the request
+    /// timeout) for the membership to reach this node after an invite.
+    pub async fn frames(
+        &self,
+        user: UserId,
         room: RoomId,
-        invitee: &PublicIdentity,
-        home: NodeId,
-        role: RoomRole,
-    ) -> Result<(), ApiError> {
-        let (epoch, key) = self.await_key(room).await?;
-        let op = client::invite(
-            &mut rng(),
-            &self.identity,
-            room,
-            epoch,
-            &key,
-            Invitee {
-                user: *invitee,
-                home,
-                role,
-            },
-        )
-        .map_err(|e| ApiError::Crypto(e.to_string()))?;
-        self.call_done(op).await
-    }
-
-    /// The room as its home describes it (members only).
-    pub async fn room_info(&self, room: RoomId) -> Result<RoomInfo, ApiError> {
-        match self.call(Op::RoomInfo { room }).await? {
-            Outcome::Room(info) => Ok(info),
-            other => Err(ApiError::Unexpected(Box::new(other))),
-        }
-    }
-
-    /// Removes `user` from the room and moves it to a new epoch whose key is
-    /// sealed to every remaining member: from then on the room accepts only frames
-    /// of the new epoch, and the removed member receives nothing of it.
-    pub async fn remove(&self, room: RoomId, user: UserId) -> Result<(), ApiError> {
-        let info = self.room_info(room).await?;
-        let (key, op) = client::remove(&mut rng(), &self.identity, &info, user)
-            .map_err(|e| ApiError::Crypto(e.to_string()))?;
-        let epoch = Epoch(info.epoch.0 + 1);
-        self.call_done(op).await?;
-        if user != self.id() {
-            self.lock_keys().entry(room).or_default().insert(epoch, key);
-        }
-        Ok(())
-    }
-
-    /// Encrypts, signs and publishes `body` to `room`. Returns once the room's home
-    /// has committed it, or once it is durably queued for an unreachable home.
-    pub async fn publish(&self, room: RoomId, body: &[u8]) -> Result<Receipt, ApiError> {
-        let mut stale_retries = 0;
-        loop {
-            let (epoch, key) = self.await_key(room).await?;
-            let frame = client::seal(
-                &mut rng(),
-                &self.identity,
-                room,
-                epoch,
-                &key,
-                wall_now(),
-                body,
-            )
-            .map_err(|e| ApiError::Crypto(e.to_string()))?;
-            let id = frame.id;
-            let (request, rx) = self
-                .node
-                .submit(|reply| MembersMsg::Publish { frame, reply })?;
-            let wait = self.node.inner.commit_wait;
-            match self.node.outcome(request, rx, wait).await? {
-                Some(Outcome::Committed { id, seq }) => return Ok(Receipt::Committed { id, seq }),
-                Some(Outcome::Denied(Denial::StaleEpoch { current, .. }))
-                    if stale_retries < 20 && current > epoch =>
-                {
-                    // The room was rekeyed and the new key is on its way here: wait
-                    // for it, then seal again.
-                    stale_retries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Some(Outcome::Denied(denial)) => return Err(ApiError::Denied(denial)),
-                Some(other) => return Err(ApiError::Unexpected(Box::new(other))),
-                None => return Ok(Receipt::Queued { id }),
-            }
-        }
-    }
-
-    /// The room's messages this user may read from `from` on: history from the
-    /// node's store, then live as they arrive. The stream ends if the user is
-    /// removed from the room (after the last message they may read).
-    ///
-    /// Membership reaches a member's node shortly after the invite commits on the
-    /// room's home; until it has, this waits (up to the request timeout) and then
-    /// refuses with [`Denial::NotAMember`].
-    pub async fn subscribe(&self, room: RoomId, from: Position) -> Result<Subscription, ApiError> {
-        let mut changes = self.node.inner.gateway.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + self.node.inner.request_timeout;
+        from: Position,
+    ) -> Result<LocalFrames, ApiError> {
+        let mut changes = self.inner.gateway.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + self.inner.request_timeout;
         let next = loop {
-            let store = self.node.open_store()?;
+            let store = self.open_store()?;
             let txn = store.read_txn()?;
-            if let Some(vis) = domain::room::visibility(&txn, self.id(), room)? {
+            if let Some(vis) = domain::room::visibility(&txn, user, room)? {
                 break match from {
                     Position::Start => vis.from,
                     Position::At(seq) => seq.max(vis.from),
@@ -717,109 +517,36 @@ impl User {
                 }
             }
         };
-        Ok(Subscription {
-            user: self.clone(),
+        Ok(LocalFrames {
+            node: self.clone(),
+            user,
             room,
             next,
             buffer: VecDeque::new(),
             changes,
         })
     }
-
-    fn lock_keys(&self) -> std::sync::MutexGuard<'_, BTreeMap<RoomId, BTreeMap<Epoch, EpochKey>>> {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Opens whatever keys of `room` the node holds for this user that are not
-    /// cached yet.
-    fn refresh_keys(&self, room: RoomId) -> Result<(), ApiError> {
-        let sealed = {
-            let store = self.node.open_store()?;
-            let txn = store.read_txn()?;
-            domain::keys::sealed_for(&txn, room, self.id())?
-        };
-        let mut cache = self.lock_keys();
-        let known = cache.entry(room).or_default();
-        let missing: Vec<_> = sealed
-            .into_iter()
-            .filter(|(epoch, _)| !known.contains_key(epoch))
-            .collect();
-        let (opened, errors) = client::open_keys(&self.identity, room, &missing);
-        for (epoch, error) in errors {
-            tracing::warn!(?room, epoch = epoch.0, %error, "a sealed key for this user does not open");
-        }
-        known.extend(opened);
-        Ok(())
-    }
-
-    /// The newest key of `room`, waiting (up to the request timeout) for one to
-    /// arrive: after an invite, the key reaches the member's node shortly after the
-    /// invite commits on the room's home.
-    async fn await_key(&self, room: RoomId) -> Result<(Epoch, EpochKey), ApiError> {
-        let mut changes = self.node.inner.gateway.changes.subscribe();
-        let deadline = tokio::time::Instant::now() + self.node.inner.request_timeout;
-        loop {
-            match self.newest_key(room) {
-                Err(ApiError::NoKey(_)) => {}
-                other => return other,
-            }
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
-                    return Err(ApiError::NoKey(room));
-                }
-            }
-        }
-    }
-
-    fn newest_key(&self, room: RoomId) -> Result<(Epoch, EpochKey), ApiError> {
-        self.refresh_keys(room)?;
-        self.lock_keys()
-            .get(&room)
-            .and_then(|keys| keys.iter().next_back())
-            .map(|(e, k)| (*e, k.clone()))
-            .ok_or(ApiError::NoKey(room))
-    }
-
-    fn key_for(&self, room: RoomId, epoch: Epoch) -> Result<Option<EpochKey>, ApiError> {
-        if let Some(key) = self.lock_keys().get(&room).and_then(|k| k.get(&epoch)) {
-            return Ok(Some(key.clone()));
-        }
-        self.refresh_keys(room)?;
-        Ok(self
-            .lock_keys()
-            .get(&room)
-            .and_then(|k| k.get(&epoch))
-            .cloned())
-    }
 }
 
-/// A user's view of a room: history, then live messages. See [`User::subscribe`].
-pub struct Subscription {
-    user: User,
+/// A room's frames as a local user may read them: history, then live. See
+/// [`Node::frames`].
+pub struct LocalFrames {
+    node: Node,
+    user: UserId,
     room: RoomId,
     next: Seq,
-    buffer: VecDeque<Result<Message, ApiError>>,
+    buffer: VecDeque<(Seq, Frame)>,
     changes: broadcast::Receiver<RoomId>,
 }
 
-/// How many frames a subscription reads from the store at once.
-const SUBSCRIPTION_BATCH: usize = 256;
+/// How many frames are read from the store at once.
+const FRAMES_BATCH: usize = 256;
 
-impl Subscription {
-    /// The sequence number of the next message this subscription will return: where
-    /// to resume after a restart.
-    pub fn position(&self) -> Seq {
-        self.next
-    }
-
-    /// The next message, waiting for one if needed. `None` when the user has been
-    /// removed and every message they may read has been returned. A frame that does
-    /// not verify or decrypt is returned as an error, and the stream goes on.
-    pub async fn next(&mut self) -> Option<Result<Message, ApiError>> {
+impl FrameSource for LocalFrames {
+    async fn next(&mut self) -> Option<Result<(Seq, Frame), ApiError>> {
         loop {
             if let Some(item) = self.buffer.pop_front() {
-                return Some(item);
+                return Some(Ok(item));
             }
             match self.fill() {
                 Ok(true) => continue,
@@ -839,17 +566,20 @@ impl Subscription {
             }
         }
     }
+}
 
+impl LocalFrames {
     /// Reads the next batch from the store. `Ok(true)` if anything was buffered;
-    /// `Err(None)` when the stream is over.
+    /// `Err(None)` when the stream is over (the user was removed and has read
+    /// everything they may).
     fn fill(&mut self) -> Result<bool, Option<ApiError>> {
-        let store = self.user.node.open_store().map_err(Some)?;
+        let store = self.node.open_store().map_err(Some)?;
         let (vis, frames) = {
             let txn = store.read_txn().map_err(|e| Some(e.into()))?;
-            let vis = domain::room::visibility(&txn, self.user.id(), self.room)
+            let vis = domain::room::visibility(&txn, self.user, self.room)
                 .map_err(|e| Some(e.into()))?
                 .ok_or(Some(ApiError::Denied(Denial::NotAMember)))?;
-            let frames = domain::room::frames(&txn, self.room, self.next, SUBSCRIPTION_BATCH)
+            let frames = domain::room::frames(&txn, self.room, self.next, FRAMES_BATCH)
                 .map_err(|e| Some(e.into()))?;
             (vis, frames)
         };
@@ -858,32 +588,14 @@ impl Subscription {
         }
         let mut any = false;
         for (seq, frame) in frames {
-            if !vis.covers(seq) {
-                if vis.until.is_some_and(|until| seq >= until) {
-                    break;
-                }
-                self.next = Seq(seq.0 + 1);
-                continue;
+            if vis.until.is_some_and(|until| seq >= until) {
+                break;
             }
-            let item = match self.user.key_for(self.room, frame.epoch) {
-                Ok(Some(key)) => {
-                    let keys = BTreeMap::from([(frame.epoch, key)]);
-                    client::open(&frame, &keys)
-                        .map(|body| Message {
-                            seq,
-                            id: frame.id,
-                            sender: frame.sender,
-                            epoch: frame.epoch,
-                            body,
-                        })
-                        .map_err(|e| ApiError::Crypto(e.to_string()))
-                }
-                Ok(None) => Err(ApiError::NoKey(self.room)),
-                Err(e) => Err(e),
-            };
-            self.buffer.push_back(item);
             self.next = Seq(seq.0 + 1);
-            any = true;
+            if vis.covers(seq) {
+                self.buffer.push_back((seq, frame));
+                any = true;
+            }
         }
         Ok(any)
     }
@@ -970,9 +682,4 @@ impl System for NodeSystem {
             _ => self.domain.activate(addr, cx),
         }
     }
-}
-
-/// OS entropy, as the clients' random source.
-fn rng() -> UnwrapErr<SysRng> {
-    UnwrapErr(SysRng)
 }

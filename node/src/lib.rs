@@ -9,9 +9,9 @@
 pub mod api;
 pub mod host;
 pub mod identity_file;
+pub mod user;
 
-pub use api::{
-    ApiError, Message, Node, NodeBuilder, Position, Receipt, StartError, Subscription, User,
-};
+pub use api::{LocalFrames, Node, NodeBuilder, StartError};
 pub use conclave_actors::domain::{Denial, History, Policy, RoomRole, UserRole};
 pub use conclave_actors::{Identity, NodeId, PublicIdentity, UserId};
+pub use user::{ApiError, Backend, FrameSource, Message, Position, Receipt, Subscription, User};

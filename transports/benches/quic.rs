@@ -137,7 +137,7 @@ async fn raw(streams: usize) -> Raw {
     let server = quinn::ServerConfig::with_crypto(
         tls::server_crypto(
             tls::certified_key(&ib, &provider).expect("key"),
-            alpn.clone(),
+            vec![alpn.clone()],
         )
         .expect("server tls"),
     );

@@ -130,6 +130,10 @@ pub struct QuicConfig {
     pub reconnect_delay_max: Duration,
     /// The wire version announced in ALPN. Tests change it; nothing else should.
     pub protocol_version: u8,
+    /// Whether users' clients may connect (ALPN `conclave-client/{version}`). Their
+    /// connections are handed over on [`QuicChannels::clients`]; whom to serve is
+    /// the receiver's decision.
+    pub accept_clients: bool,
 }
 
 impl QuicConfig {
@@ -147,6 +151,7 @@ impl QuicConfig {
             reconnect_delay_min: Duration::from_millis(50),
             reconnect_delay_max: Duration::from_secs(5),
             protocol_version: WIRE_VERSION,
+            accept_clients: false,
         }
     }
 }
@@ -177,6 +182,107 @@ pub struct QuicChannels<M> {
     /// Connection events. Bounded: when nobody reads them, new ones are dropped
     /// (and still logged and counted).
     pub events: mpsc::Receiver<TransportEvent>,
+    /// Connections of users' clients (only with [`QuicConfig::accept_clients`]).
+    pub clients: mpsc::Receiver<ClientConnection>,
+}
+
+/// A client's connection, after a handshake that proved it holds `user`'s key.
+/// The transport has not authorized it: that is the receiver's job, and a refusal
+/// should close the connection with the reason.
+#[derive(Debug)]
+pub struct ClientConnection {
+    /// The user the client authenticated as (their Ed25519 key).
+    pub user: conclave_actors::UserId,
+    /// The connection.
+    pub conn: quinn::Connection,
+}
+
+/// Client connections that may wait for the receiver before new ones are refused.
+const CLIENTS_DEPTH_MAX: usize = 64;
+
+/// Why a client could not connect to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+    /// No local socket.
+    #[error("cannot open a local UDP socket: {0}")]
+    Bind(std::io::Error),
+    /// The connection failed or was refused (the node's reason is in the text).
+    #[error("{0}")]
+    Connection(String),
+    /// The node presented another identity than expected.
+    #[error("the node at {addr} is {got}, not the expected {expected}")]
+    IdentityMismatch {
+        /// Its address.
+        addr: SocketAddr,
+        /// Whom it proved to be.
+        got: NodeId,
+        /// Whom we expected.
+        expected: NodeId,
+    },
+}
+
+/// A user's connection to a node over the client protocol.
+pub struct ClientLink {
+    /// The local endpoint (kept for the connection's lifetime).
+    pub endpoint: quinn::Endpoint,
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The node it reached.
+    pub node: NodeId,
+}
+
+/// Connects to the node at `addr` as `identity` over the client protocol; checks
+/// the node is `expected` when given.
+pub async fn connect_client(
+    identity: &Identity,
+    addr: SocketAddr,
+    expected: Option<NodeId>,
+) -> Result<ClientLink, ConnectError> {
+    let provider = tls::crypto_provider();
+    let key = tls::certified_key(identity, &provider)?;
+    let mut client =
+        quinn::ClientConfig::new(tls::client_crypto(key, tls::client_alpn(WIRE_VERSION))?);
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(3)));
+    client.transport_config(Arc::new(transport));
+    let local: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(local).map_err(ConnectError::Bind)?;
+    let conn = endpoint
+        .connect_with(client, addr, "conclave")
+        .map_err(|e| ConnectError::Connection(e.to_string()))?
+        .await
+        .map_err(|e| ConnectError::Connection(e.to_string()))?;
+    let Some(node) = tls::peer_node_id(&conn) else {
+        conn.close(VarInt::from_u32(code::BAD_CERTIFICATE), b"bad_certificate");
+        return Err(ConnectError::Connection(
+            "the node presented no usable identity".into(),
+        ));
+    };
+    if let Some(expected) = expected {
+        if node != expected {
+            conn.close(
+                VarInt::from_u32(code::IDENTITY_MISMATCH),
+                b"identity_mismatch",
+            );
+            return Err(ConnectError::IdentityMismatch {
+                addr,
+                got: node,
+                expected,
+            });
+        }
+    }
+    Ok(ClientLink {
+        endpoint,
+        conn,
+        node,
+    })
 }
 
 /// Events that may wait before new ones are dropped.
@@ -227,6 +333,8 @@ struct Shared<M> {
     revoked: BTreeSet<NodeId>,
     incoming: mpsc::Sender<Incoming<M>>,
     events: mpsc::Sender<TransportEvent>,
+    clients: mpsc::Sender<ClientConnection>,
+    client_alpn: Vec<u8>,
     reconnect_delay_min: Duration,
     reconnect_delay_max: Duration,
     /// Set once by `shutdown`: every task then ends, releasing the endpoint.
@@ -271,10 +379,15 @@ impl<M: WireMessage> QuicTransport<M> {
         let provider = tls::crypto_provider();
         let key = tls::certified_key(&config.identity, &provider)?;
         let alpn = tls::alpn(config.protocol_version);
+        let client_alpn = tls::client_alpn(config.protocol_version);
         let transport = Arc::new(transport_config(&config)?);
 
+        let mut alpns = vec![alpn.clone()];
+        if config.accept_clients {
+            alpns.push(client_alpn.clone());
+        }
         let mut server =
-            quinn::ServerConfig::with_crypto(tls::server_crypto(Arc::clone(&key), alpn.clone())?);
+            quinn::ServerConfig::with_crypto(tls::server_crypto(Arc::clone(&key), alpns)?);
         server.transport_config(Arc::clone(&transport));
         server.max_incoming(INCOMING_HANDSHAKES_MAX);
         let mut client = quinn::ClientConfig::new(tls::client_crypto(key, alpn)?);
@@ -288,6 +401,7 @@ impl<M: WireMessage> QuicTransport<M> {
 
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_depth_max);
         let (events_tx, events_rx) = mpsc::channel(EVENTS_DEPTH_MAX);
+        let (clients_tx, clients_rx) = mpsc::channel(CLIENTS_DEPTH_MAX);
         let mut peers = BTreeMap::new();
         let mut per_peer = Vec::new();
         for (&peer, &addr) in &config.peers {
@@ -316,6 +430,8 @@ impl<M: WireMessage> QuicTransport<M> {
             revoked: config.revoked,
             incoming: incoming_tx,
             events: events_tx,
+            clients: clients_tx,
+            client_alpn,
             reconnect_delay_min: config.reconnect_delay_min,
             reconnect_delay_max: config.reconnect_delay_max,
             stop: watch::Sender::new(false),
@@ -339,6 +455,7 @@ impl<M: WireMessage> QuicTransport<M> {
             QuicChannels {
                 incoming: incoming_rx,
                 events: events_rx,
+                clients: clients_rx,
             },
         ))
     }
@@ -401,7 +518,8 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Start
         .keep_alive_interval(Some(config.keep_alive))
         // A hello and one stream per message class, with room to reopen one.
         .max_concurrent_uni_streams(VarInt::from_u32(4))
-        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        // Clients use one bidirectional stream per request; nodes use none.
+        .max_concurrent_bidi_streams(VarInt::from_u32(64))
         // Datagrams are never used: buffer none.
         .datagram_receive_buffer_size(None);
     Ok(transport)
@@ -538,6 +656,25 @@ async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Inc
         shared.refuse(&conn, None, AuthFailure::BadCertificate);
         return;
     };
+    if alpn_of(&conn).as_deref() == Some(shared.client_alpn.as_slice()) {
+        // A user's client (only offered when clients are accepted): the receiver
+        // decides whether to serve them.
+        let client = ClientConnection {
+            user: conclave_actors::UserId(peer.0),
+            conn,
+        };
+        if let Err(e) = shared.clients.try_send(client) {
+            let client = match e {
+                mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+            };
+            metrics::counter!("conclave_client_connections_refused_total", "reason" => "busy")
+                .increment(1);
+            client
+                .conn
+                .close(VarInt::from_u32(code::DUPLICATE_CONNECTION), b"busy");
+        }
+        return;
+    }
     if shared.revoked.contains(&peer) {
         shared.refuse(&conn, Some(peer), AuthFailure::RevokedPeer);
         return;
@@ -564,6 +701,14 @@ async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Inc
             .conn
             .close(VarInt::from_u32(code::DUPLICATE_CONNECTION), b"busy");
     }
+}
+
+/// The ALPN protocol a connection negotiated.
+fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// Dials `peer` at `addr`, checks it is who we dialed, and exchanges hellos.

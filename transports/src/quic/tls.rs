@@ -51,6 +51,11 @@ pub fn alpn(version: u8) -> Vec<u8> {
     format!("conclave-node/{version}").into_bytes()
 }
 
+/// The ALPN of the client protocol (users talking to their node) at a version.
+pub fn client_alpn(version: u8) -> Vec<u8> {
+    format!("conclave-client/{version}").into_bytes()
+}
+
 /// The node id in an Ed25519 SubjectPublicKeyInfo, if it is one (and not a weak key).
 pub fn node_id_from_spki(spki: &[u8]) -> Option<NodeId> {
     let key = VerifyingKey::from_public_key_der(spki).ok()?;
@@ -216,7 +221,7 @@ impl ClientCertVerifier for IdentityVerifier {
 /// The rustls server side: TLS 1.3, client authentication mandatory, 0-RTT off.
 pub fn server_crypto(
     key: Arc<CertifiedKey>,
-    alpn: Vec<u8>,
+    alpns: Vec<Vec<u8>>,
 ) -> Result<Arc<QuicServerConfig>, TlsSetupError> {
     let provider = provider();
     let verifier = Arc::new(IdentityVerifier {
@@ -227,7 +232,7 @@ pub fn server_crypto(
         .map_err(|e| TlsSetupError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(AlwaysResolvesServerRawPublicKeys::new(key)));
-    tls.alpn_protocols = vec![alpn];
+    tls.alpn_protocols = alpns;
     // 0-RTT data could be replayed; nothing here may be.
     tls.max_early_data_size = 0;
     // No session tickets: every connection authenticates from scratch, and peers

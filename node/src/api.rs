@@ -164,6 +164,7 @@ impl NodeBuilder {
         let store = Arc::new(LmdbStore::open(&dir.join("db"), self.lmdb.clone())?);
         let mut quic = QuicConfig::new(identity, self.listen);
         quic.peers = self.peers.clone();
+        quic.accept_clients = true;
         let (transport, channels) = QuicTransport::<Msg>::start(quic)?;
         let local_addr = transport.local_addr().ok();
         let gateway = Arc::new(Gateway::new());
@@ -189,7 +190,7 @@ impl NodeBuilder {
             channels.events,
         ));
         tracing::info!(node = %id, addr = ?local_addr, dir = %dir.display(), "node started");
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(Inner {
                 id,
                 dir,
@@ -199,11 +200,18 @@ impl NodeBuilder {
                 gateway,
                 runtime: Mutex::new(Some(runtime)),
                 transport: Mutex::new(Some(transport)),
-                events: Mutex::new(Some(events)),
+                tasks: Mutex::new(vec![events]),
                 request_timeout: self.request_timeout,
                 commit_wait: self.commit_wait,
             }),
-        })
+        };
+        let clients = tokio::spawn(crate::client::serve(node.clone(), channels.clients));
+        node.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(clients);
+        Ok(node)
     }
 }
 
@@ -241,7 +249,8 @@ struct Inner {
     runtime: Mutex<Option<Arc<Runtime<NodeSystem>>>>,
     /// Taken at shutdown: the UDP socket is released with the last handle.
     transport: Mutex<Option<QuicTransport<Msg>>>,
-    events: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Event forwarding and the client protocol's acceptor, aborted at shutdown.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     request_timeout: Duration,
     commit_wait: Duration,
 }
@@ -301,6 +310,12 @@ impl Node {
             .clone()
     }
 
+    /// Whether `user` may act on this node (registered and active).
+    pub fn check_user(&self, user: UserId) -> Result<(), Denial> {
+        let store = self.store().ok_or(Denial::Storage)?;
+        crate::client::check_user(&store, user)
+    }
+
     fn open_store(&self) -> Result<Arc<LmdbStore>, ApiError> {
         self.store().ok_or(ApiError::Route(RouteError::Stopped))
     }
@@ -340,14 +355,14 @@ impl Node {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(events) = self
-            .inner
-            .events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            events.abort();
+        for task in std::mem::take(
+            &mut *self
+                .inner
+                .tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) {
+            task.abort();
         }
         let transport = self
             .inner

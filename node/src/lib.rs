@@ -7,11 +7,13 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod client;
 pub mod host;
 pub mod identity_file;
 pub mod user;
 
 pub use api::{LocalFrames, Node, NodeBuilder, StartError};
+pub use client::RemoteNode;
 pub use conclave_actors::domain::{Denial, History, Policy, RoomRole, UserRole};
 pub use conclave_actors::{Identity, NodeId, PublicIdentity, UserId};
 pub use user::{ApiError, Backend, FrameSource, Message, Position, Receipt, Subscription, User};

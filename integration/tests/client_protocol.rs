@@ -1,0 +1,117 @@
+//! The client protocol over real QUIC: users of a node act through it exactly as
+//! through the embedding API, and a client the registry refuses is told why.
+
+use std::time::Duration;
+
+use conclave::{
+    ApiError, Denial, Identity, Node, Policy, Position, Receipt, RemoteNode, RoomRole, UserRole,
+};
+
+fn rng() -> rand_core::UnwrapErr<getrandom::SysRng> {
+    rand_core::UnwrapErr(getrandom::SysRng)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_users_act_like_local_ones_and_refusals_carry_their_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder().data_dir(dir.path()).start().await.unwrap();
+    let addr = node.local_addr().unwrap();
+    let admin = Identity::generate(&mut rng());
+    node.seed_admin(&admin.public()).unwrap();
+
+    // An unknown user is refused with not_found.
+    let stranger = Identity::generate(&mut rng());
+    match RemoteNode::connect(&stranger, addr, Some(node.id())).await {
+        Err(ApiError::Denied(Denial::NotFound { .. })) => {}
+        other => panic!("expected not_found, got {other:?}"),
+    }
+
+    // The admin registers alice and bob over the protocol.
+    let admin = RemoteNode::connect(&admin, addr, Some(node.id()))
+        .await
+        .expect("admin connects");
+    let (alice_id, bob_id) = (
+        Identity::generate(&mut rng()),
+        Identity::generate(&mut rng()),
+    );
+    admin
+        .add_user(&alice_id.public(), UserRole::Member)
+        .await
+        .unwrap();
+    admin
+        .add_user(&bob_id.public(), UserRole::Member)
+        .await
+        .unwrap();
+    let users = admin.list_users().await.unwrap();
+    assert_eq!(users.len(), 3);
+    let alice = RemoteNode::connect(&alice_id, addr, None).await.unwrap();
+    let bob = RemoteNode::connect(&bob_id, addr, None).await.unwrap();
+    // A member may not add users.
+    match alice.add_user(&stranger.public(), UserRole::Member).await {
+        Err(ApiError::Denied(Denial::MissingCapability { .. })) => {}
+        other => panic!("expected missing_capability, got {other:?}"),
+    }
+
+    // Rooms, invites, publish and subscribe, encrypted in the clients.
+    let room = alice.create_room(Policy::default()).await.unwrap();
+    alice
+        .invite(room, &bob.public(), node.id(), RoomRole::Member)
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice
+            .publish(room, b"over the client protocol")
+            .await
+            .unwrap(),
+        Receipt::Committed { .. }
+    ));
+    let mut sub = bob.subscribe(room, Position::Start).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.body, b"over the client protocol");
+    assert_eq!(first.sender, alice.id());
+    bob.publish(room, b"live").await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.body, b"live");
+    assert_eq!(bob.list_rooms().await.unwrap(), vec![(room, node.id())]);
+    // The node stored ciphertext only.
+    let store = node.store().unwrap();
+    let txn = store.read_txn().unwrap();
+    let frames =
+        conclave_actors::domain::room::frames(&txn, room, conclave_actors::Seq(1), 10).unwrap();
+    assert!(frames.iter().all(|(_, f)| !f
+        .ciphertext
+        .windows(4)
+        .any(|w| w == b"over" || w == b"live")));
+    drop(txn);
+
+    // Revoked: bob's next connection is refused with revoked, and requests on his
+    // open connection are refused too; alice is still served.
+    admin.revoke_user(bob.id()).await.unwrap();
+    match RemoteNode::connect(&bob_id, addr, None).await {
+        Err(ApiError::Denied(Denial::Revoked)) => {}
+        other => panic!("expected revoked, got {other:?}"),
+    }
+    match bob.publish(room, b"after revocation").await {
+        Err(ApiError::Denied(Denial::Revoked)) => {}
+        other => panic!("expected revoked, got {other:?}"),
+    }
+    assert!(matches!(
+        alice.publish(room, b"still served").await.unwrap(),
+        Receipt::Committed { .. }
+    ));
+
+    // A client expecting another node id refuses the node.
+    let other = Identity::generate(&mut rng()).node_id();
+    assert!(RemoteNode::connect(&alice_id, addr, Some(other))
+        .await
+        .is_err());
+    node.shutdown().await;
+}

@@ -1,0 +1,450 @@
+//! The client protocol: users talking to their node over QUIC.
+//!
+//! A client connects to the node's QUIC port with ALPN `conclave-client/1` and
+//! authenticates as a **user** with the same identity binding nodes use (an RFC
+//! 7250 raw Ed25519 key, proven in the TLS handshake). The node then checks its
+//! registry: an unknown user is refused with `not_found`, a revoked one with
+//! `revoked` — as the connection's close reason (code and text), logged with the
+//! user and address, and counted in `conclave_client_auth_failures_total{reason}`.
+//! The node keeps serving everyone else.
+//!
+//! Each request is one bidirectional stream: the client writes one length-prefixed
+//! (u32, big-endian) postcard [`ClientRequest`] and finishes; the node answers with
+//! one or more [`ClientResponse`]s (a subscription streams frames until the client
+//! stops or the user is removed). Requests are signed by the user, frames are
+//! sealed and signed by the user: the node relays them to its actors exactly as the
+//! embedding API does and never sees plaintext. [`RemoteNode`] is the client side; a
+//! [`User`] over it offers the same operations as one over a local [`Node`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use conclave_actors::crypto::{Frame, SealedKey};
+use conclave_actors::domain::{self, Denial, Outcome, SignedRequest};
+use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
+use conclave_actors::wire::{decode_bounded, encode_bounded, ENVELOPE_BYTES_MAX};
+use conclave_actors::Identity;
+use conclave_transports::quic::{connect_client, ClientConnection, ClientLink};
+use quinn::VarInt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::user::{ApiError, Backend, FrameSource, Position, User};
+use crate::Node;
+
+/// The largest request or response message.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = ENVELOPE_BYTES_MAX;
+
+/// Close codes of refused client connections.
+pub mod code {
+    /// The user is not registered on this node.
+    pub const NOT_FOUND: u32 = 0x40;
+    /// The user is revoked.
+    pub const REVOKED: u32 = 0x41;
+    /// The registry could not be read.
+    pub const UNAVAILABLE: u32 = 0x42;
+}
+
+/// What a client asks.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// A request signed by the connection's user (users and rooms).
+    Call(Box<SignedRequest>),
+    /// A frame sealed and signed by the connection's user.
+    Publish(Box<Frame>),
+    /// The keys of a room the node holds sealed to the connection's user.
+    Keys {
+        /// The room.
+        room: RoomId,
+    },
+    /// The room's frames the user may read, from a position: history, then live.
+    Subscribe {
+        /// The room.
+        room: RoomId,
+        /// Where to start.
+        from: Position,
+    },
+    /// Which node this is, and whom it sees.
+    Whoami,
+}
+
+/// What a node answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClientResponse {
+    /// The outcome of a call or a publish.
+    Outcome(Outcome),
+    /// The request is queued for the room's home, which has not answered yet.
+    Queued,
+    /// Sealed keys, by epoch.
+    Keys(Vec<(Epoch, SealedKey)>),
+    /// One frame of a subscription.
+    Frame {
+        /// Its place in the room.
+        seq: Seq,
+        /// The frame (still encrypted).
+        frame: Box<Frame>,
+    },
+    /// The subscription is over: the user was removed and has read all they may.
+    Ended,
+    /// The request was refused.
+    Refused(Denial),
+    /// The node and the user it authenticated.
+    Whoami {
+        /// The node.
+        node: NodeId,
+        /// The user.
+        user: UserId,
+    },
+}
+
+async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), String> {
+    let bytes = encode_bounded(msg, CLIENT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
+    let len = u32::try_from(bytes.len()).map_err(|e| e.to_string())?;
+    send.write_all(&len.to_be_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    send.write_all(&bytes).await.map_err(|e| e.to_string())
+}
+
+/// Reads one message; `Ok(None)` if the stream ended cleanly before it.
+async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, String> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > CLIENT_MESSAGE_BYTES_MAX {
+        return Err(format!(
+            "message of {len} bytes exceeds {CLIENT_MESSAGE_BYTES_MAX}"
+        ));
+    }
+    let mut bytes = vec![0u8; len];
+    recv.read_exact(&mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    decode_bounded(&bytes, CLIENT_MESSAGE_BYTES_MAX)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// Serves the client connections the transport hands over, until it stops.
+pub async fn serve(node: Node, mut clients: mpsc::Receiver<ClientConnection>) {
+    while let Some(client) = clients.recv().await {
+        tokio::spawn(serve_connection(node.clone(), client));
+    }
+}
+
+fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
+    let reason = denial.reason();
+    let code = match denial {
+        Denial::NotFound { .. } => code::NOT_FOUND,
+        Denial::Revoked => code::REVOKED,
+        _ => code::UNAVAILABLE,
+    };
+    tracing::warn!(%user, addr = %conn.remote_address(), reason, "client refused");
+    metrics::counter!("conclave_client_auth_failures_total", "reason" => reason).increment(1);
+    conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+async fn serve_connection(node: Node, client: ClientConnection) {
+    let ClientConnection { user, conn } = client;
+    if let Err(denial) = node.check_user(user) {
+        refuse(&conn, user, &denial);
+        return;
+    }
+    tracing::debug!(%user, addr = %conn.remote_address(), "client connected");
+    metrics::gauge!("conclave_clients_connected").increment(1.0);
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(serve_stream(node.clone(), user, send, recv));
+    }
+    metrics::gauge!("conclave_clients_connected").decrement(1.0);
+}
+
+async fn serve_stream(
+    node: Node,
+    user: UserId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let request = match read_msg::<ClientRequest>(&mut recv).await {
+        Ok(Some(request)) => request,
+        Ok(None) => return,
+        Err(problem) => {
+            metrics::counter!("conclave_client_requests_malformed_total").increment(1);
+            let _ = write_msg(
+                &mut send,
+                &ClientResponse::Refused(Denial::Malformed { problem }),
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if let Err(error) = answer(&node, user, request, &mut send).await {
+        tracing::debug!(%user, %error, "client stream ended");
+    }
+    let _ = send.finish();
+}
+
+fn refusal(error: ApiError) -> ClientResponse {
+    match error {
+        ApiError::Denied(denial) => ClientResponse::Refused(denial),
+        ApiError::Queued => ClientResponse::Queued,
+        other => ClientResponse::Refused(Denial::Malformed {
+            problem: other.to_string(),
+        }),
+    }
+}
+
+fn outcome(result: Result<Option<Outcome>, ApiError>) -> ClientResponse {
+    match result {
+        Ok(Some(outcome)) => ClientResponse::Outcome(outcome),
+        Ok(None) => ClientResponse::Queued,
+        Err(e) => refusal(e),
+    }
+}
+
+async fn answer(
+    node: &Node,
+    user: UserId,
+    request: ClientRequest,
+    send: &mut quinn::SendStream,
+) -> Result<(), String> {
+    let response = match request {
+        ClientRequest::Call(req) if req.request.user != user => {
+            ClientResponse::Refused(Denial::Malformed {
+                problem: "request signed by another user than the connection's".into(),
+            })
+        }
+        ClientRequest::Call(req) => outcome(node.call(*req).await),
+        ClientRequest::Publish(frame) if frame.sender != user => {
+            ClientResponse::Refused(Denial::Malformed {
+                problem: "frame sent by another user than the connection's".into(),
+            })
+        }
+        ClientRequest::Publish(frame) => outcome(Backend::publish(node, *frame).await),
+        ClientRequest::Keys { room } => match node.check_user(user) {
+            Err(denial) => ClientResponse::Refused(denial),
+            Ok(()) => match node.sealed_keys(user, room).await {
+                Ok(keys) => ClientResponse::Keys(keys),
+                Err(e) => refusal(e),
+            },
+        },
+        ClientRequest::Whoami => ClientResponse::Whoami {
+            node: node.id(),
+            user,
+        },
+        ClientRequest::Subscribe { room, from } => {
+            if let Err(denial) = node.check_user(user) {
+                return write_msg(send, &ClientResponse::Refused(denial)).await;
+            }
+            let mut frames = match node.frames(user, room, from).await {
+                Ok(frames) => frames,
+                Err(e) => return write_msg(send, &refusal(e)).await,
+            };
+            loop {
+                let response = tokio::select! {
+                    next = frames.next() => match next {
+                        Some(Ok((seq, frame))) => ClientResponse::Frame { seq, frame: Box::new(frame) },
+                        Some(Err(e)) => refusal(e),
+                        None => ClientResponse::Ended,
+                    },
+                    // The client went away: stop reading the store for it.
+                    _ = send.stopped() => return Ok(()),
+                };
+                let last = !matches!(response, ClientResponse::Frame { .. });
+                write_msg(send, &response).await?;
+                if last {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    write_msg(send, &response).await
+}
+
+/// A user's node reached over the client protocol. Cheap to clone.
+#[derive(Clone)]
+pub struct RemoteNode {
+    link: Arc<ClientLink>,
+}
+
+impl std::fmt::Debug for RemoteNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteNode")
+            .field("node", &self.link.node)
+            .field("addr", &self.link.conn.remote_address())
+            .finish()
+    }
+}
+
+/// What a connection error means for the caller: the node's refusal reasons become
+/// denials.
+fn connection_error(error: &quinn::ConnectionError) -> ApiError {
+    if let quinn::ConnectionError::ApplicationClosed(close) = error {
+        let code = close.error_code.into_inner();
+        if code == u64::from(code::NOT_FOUND) {
+            return ApiError::Denied(Denial::NotFound {
+                what: "user (refused by the node)".into(),
+            });
+        }
+        if code == u64::from(code::REVOKED) {
+            return ApiError::Denied(Denial::Revoked);
+        }
+    }
+    ApiError::Connection(error.to_string())
+}
+
+impl RemoteNode {
+    /// Connects to the node at `addr` as `identity` and checks that the node
+    /// accepts the user (refusals come back as [`ApiError::Denied`] with the node's
+    /// reason). With `expected`, the node must prove it is that node.
+    pub async fn connect(
+        identity: &Identity,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<User<RemoteNode>, ApiError> {
+        let link = connect_client(identity, addr, expected)
+            .await
+            .map_err(|e| ApiError::Connection(e.to_string()))?;
+        let remote = RemoteNode {
+            link: Arc::new(link),
+        };
+        match remote.roundtrip(&ClientRequest::Whoami).await? {
+            ClientResponse::Whoami { .. } => Ok(User::new(remote, identity.clone())),
+            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// The address of the node.
+    pub fn addr(&self) -> SocketAddr {
+        self.link.conn.remote_address()
+    }
+
+    async fn open(&self, request: &ClientRequest) -> Result<quinn::RecvStream, ApiError> {
+        let conn = &self.link.conn;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| connection_error(&e))?;
+        if let Err(error) = write_msg(&mut send, request).await {
+            return Err(match conn.close_reason() {
+                Some(reason) => connection_error(&reason),
+                None => ApiError::Connection(error),
+            });
+        }
+        let _ = send.finish();
+        Ok(recv)
+    }
+
+    async fn read(&self, recv: &mut quinn::RecvStream) -> Result<ClientResponse, ApiError> {
+        match read_msg(recv).await {
+            Ok(Some(response)) => Ok(response),
+            Ok(None) => Err(ApiError::Connection("the node closed the stream".into())),
+            Err(error) => Err(match self.link.conn.close_reason() {
+                Some(reason) => connection_error(&reason),
+                None => ApiError::Connection(error),
+            }),
+        }
+    }
+
+    async fn roundtrip(&self, request: &ClientRequest) -> Result<ClientResponse, ApiError> {
+        let mut recv = self.open(request).await?;
+        self.read(&mut recv).await
+    }
+
+    async fn outcome(&self, request: ClientRequest) -> Result<Option<Outcome>, ApiError> {
+        match self.roundtrip(&request).await? {
+            ClientResponse::Outcome(outcome) => Ok(Some(outcome)),
+            ClientResponse::Queued => Ok(None),
+            ClientResponse::Refused(denial) => Ok(Some(Outcome::Denied(denial))),
+            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
+impl Backend for RemoteNode {
+    type Frames = RemoteFrames;
+
+    fn node_id(&self) -> NodeId {
+        self.link.node
+    }
+
+    async fn call(&self, req: SignedRequest) -> Result<Option<Outcome>, ApiError> {
+        self.outcome(ClientRequest::Call(Box::new(req))).await
+    }
+
+    async fn publish(&self, frame: Frame) -> Result<Option<Outcome>, ApiError> {
+        self.outcome(ClientRequest::Publish(Box::new(frame))).await
+    }
+
+    async fn sealed_keys(
+        &self,
+        _user: UserId,
+        room: RoomId,
+    ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
+        // The node answers for the connection's user only.
+        match self.roundtrip(&ClientRequest::Keys { room }).await? {
+            ClientResponse::Keys(keys) => Ok(keys),
+            ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
+            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn frames(
+        &self,
+        _user: UserId,
+        room: RoomId,
+        from: Position,
+    ) -> Result<RemoteFrames, ApiError> {
+        let recv = self.open(&ClientRequest::Subscribe { room, from }).await?;
+        Ok(RemoteFrames {
+            node: self.clone(),
+            recv,
+            done: false,
+        })
+    }
+}
+
+/// A subscription's frames, streamed by the node.
+pub struct RemoteFrames {
+    node: RemoteNode,
+    recv: quinn::RecvStream,
+    done: bool,
+}
+
+impl FrameSource for RemoteFrames {
+    async fn next(&mut self) -> Option<Result<(Seq, Frame), ApiError>> {
+        if self.done {
+            return None;
+        }
+        let response = self.node.read(&mut self.recv).await;
+        match response {
+            Ok(ClientResponse::Frame { seq, frame }) => Some(Ok((seq, *frame))),
+            Ok(ClientResponse::Ended) => {
+                self.done = true;
+                None
+            }
+            Ok(ClientResponse::Refused(denial)) => {
+                self.done = true;
+                Some(Err(ApiError::Denied(denial)))
+            }
+            Ok(other) => {
+                self.done = true;
+                Some(Err(ApiError::Connection(format!(
+                    "unexpected answer {other:?}"
+                ))))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Lets a reader of the registry state decide whether `user` may connect.
+pub(crate) fn check_user(store: &conclave_storage::LmdbStore, user: UserId) -> Result<(), Denial> {
+    let txn = store.read_txn().map_err(Denial::from)?;
+    domain::members::check_active(&txn, user).map(|_| ())
+}

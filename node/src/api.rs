@@ -174,7 +174,8 @@ impl NodeBuilder {
                 domain: Domain::new(self.domain),
                 gateway: Arc::clone(&gateway),
             },
-            store: Arc::clone(&store) as Arc<dyn Store>,
+            store: Arc::new(crate::observe::MeteredStore::new(Arc::clone(&store)))
+                as Arc<dyn Store>,
             transport: Arc::new(transport.clone()) as Arc<dyn Transport<Msg>>,
             incoming: channels.incoming,
         })?;
@@ -184,10 +185,12 @@ impl NodeBuilder {
                 tracing::warn!(%error, "could not resume an outbox at start");
             }
         }
+        let connected = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
         let events = tokio::spawn(forward_events(
             id,
             Arc::downgrade(&runtime),
             channels.events,
+            Arc::clone(&connected),
         ));
         tracing::info!(node = %id, addr = ?local_addr, dir = %dir.display(), "node started");
         let node = Node {
@@ -201,6 +204,7 @@ impl NodeBuilder {
                 runtime: Mutex::new(Some(runtime)),
                 transport: Mutex::new(Some(transport)),
                 tasks: Mutex::new(vec![events]),
+                connected,
                 request_timeout: self.request_timeout,
                 commit_wait: self.commit_wait,
             }),
@@ -220,6 +224,7 @@ async fn forward_events(
     me: NodeId,
     runtime: std::sync::Weak<Runtime<NodeSystem>>,
     mut events: mpsc::Receiver<TransportEvent>,
+    connected: Arc<Mutex<std::collections::BTreeSet<NodeId>>>,
 ) {
     while let Some(event) = events.recv().await {
         let Some(runtime) = runtime.upgrade() else {
@@ -231,6 +236,14 @@ async fn forward_events(
             // Logged and counted by the transport.
             TransportEvent::AuthFailed { .. } => continue,
         };
+        {
+            let mut set = connected.lock().unwrap_or_else(PoisonError::into_inner);
+            if matches!(msg, domain::PeerMsg::Connected) {
+                set.insert(peer);
+            } else {
+                set.remove(&peer);
+            }
+        }
         if let Err(error) = runtime.tell(domain::peer_of(me, peer), msg) {
             tracing::debug!(%error, "connection event not delivered");
         }
@@ -249,6 +262,8 @@ struct Inner {
     runtime: Mutex<Option<Arc<Runtime<NodeSystem>>>>,
     /// Taken at shutdown: the UDP socket is released with the last handle.
     transport: Mutex<Option<QuicTransport<Msg>>>,
+    /// Peers with an authenticated connection now.
+    connected: Arc<Mutex<std::collections::BTreeSet<NodeId>>>,
     /// Event forwarding and the client protocol's acceptor, aborted at shutdown.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     request_timeout: Duration,
@@ -308,6 +323,30 @@ impl Node {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Readiness and posture, as `/healthz` reports them.
+    pub fn health(&self) -> crate::observe::Health {
+        let ready = self.store().is_some()
+            && self
+                .inner
+                .runtime
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some();
+        crate::observe::Health {
+            ready,
+            node_id: self.inner.id.to_string(),
+            peers_connected: self
+                .inner
+                .connected
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            peers_known: self.inner.peers.len(),
+            tls: true,
+            data_dir: self.inner.dir.display().to_string(),
+        }
     }
 
     /// Whether `user` may act on this node (registered and active).

@@ -299,6 +299,18 @@ pub struct Host<S: System> {
 
 impl<S: System> actix::Actor for Host<S> {
     type Context = actix::Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if self.handler.is_some() {
+            metrics::gauge!("conclave_active_actors", "kind" => kind_label(self.me.kind))
+                .decrement(1.0);
+        }
+    }
+}
+
+/// The `kind` label of an actor kind (a handful of values).
+fn kind_label(kind: conclave_actors::ActorKind) -> String {
+    format!("{kind:?}")
 }
 
 impl<S: System> Host<S> {
@@ -320,6 +332,9 @@ impl<S: System> Host<S> {
         if self.handler.is_none() {
             tracing::warn!(actor = ?self.me, "messages to an actor this node does not have are dropped");
             effects.push(Effect::Stop);
+        } else {
+            metrics::gauge!("conclave_active_actors", "kind" => kind_label(self.me.kind))
+                .increment(1.0);
         }
         self.apply(effects, ctx);
     }

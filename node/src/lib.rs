@@ -7,9 +7,11 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cli;
 pub mod client;
 pub mod host;
 pub mod identity_file;
+pub mod observe;
 pub mod user;
 
 pub use api::{LocalFrames, Node, NodeBuilder, StartError};

@@ -269,6 +269,7 @@ impl Members {
             let txn = cx.store().read()?;
             check_active(&*txn, frame.sender)?;
         }
+        metrics::counter!("conclave_frames_published_total").increment(1);
         let room = frame.room;
         self.forward(room, RoomMsg::Publish { frame, reply }, cx)
     }

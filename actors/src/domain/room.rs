@@ -26,7 +26,7 @@ use super::{
     ClientMsg, Deliverable, Denial, DomainConfig, History, KeysMsg, Msg, Op, Outcome, Policy,
     ReplyTo, RoomInfo, RoomMember, RoomRole, SignedRequest, ROOM_MEMBERS_MAX,
 };
-use crate::actor::{Actor, Context, System};
+use crate::actor::{Actor, Context, System, Time};
 use crate::crypto::{verify_frame, verify_sealed_key, Frame, FrameError, SealError};
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 
@@ -160,6 +160,8 @@ pub enum Update {
         seq: Seq,
         /// The frame.
         frame: Frame,
+        /// When the home committed it (for the commit-to-deliver latency).
+        committed: Time,
     },
 }
 
@@ -482,7 +484,11 @@ impl Room {
                             self.enqueue_update(
                                 &mut *txn,
                                 invitee.home,
-                                Update::Frame { seq, frame },
+                                Update::Frame {
+                                    seq,
+                                    frame,
+                                    committed: cx.now(),
+                                },
                             )?;
                         }
                     }
@@ -681,6 +687,7 @@ impl Room {
                 Update::Frame {
                     seq,
                     frame: frame.clone(),
+                    committed: cx.now(),
                 },
             )?;
         }
@@ -690,6 +697,9 @@ impl Room {
         META.put(&mut *txn, &self.room.0, &meta)?;
         txn.commit()?;
         metrics::counter!("conclave_frames_committed_total").increment(1);
+        let created = Time::from_unix_micros(frame.id.unix_ms().saturating_mul(1_000));
+        metrics::histogram!("conclave_publish_to_commit_seconds")
+            .record(cx.now().saturating_since(created).as_secs_f64());
         let nodes: Vec<NodeId> = nodes.into_iter().collect();
         self.kick(&nodes, cx);
         cx.send(gateway_of(me), ClientMsg::Changed { room: self.room });
@@ -771,7 +781,11 @@ impl Room {
                 META.put(&mut *txn, &self.room.0, &meta)
                     .map_err(|_| "storage")?;
             }
-            Update::Frame { seq, frame } => {
+            Update::Frame {
+                seq,
+                frame,
+                committed,
+            } => {
                 let Some(mut meta) = known else {
                     return Err("unknown_room");
                 };
@@ -803,6 +817,8 @@ impl Room {
                 META.put(&mut *txn, &self.room.0, &meta)
                     .map_err(|_| "storage")?;
                 metrics::counter!("conclave_frames_delivered_total").increment(1);
+                metrics::histogram!("conclave_commit_to_deliver_seconds")
+                    .record(cx.now().saturating_since(committed).as_secs_f64());
             }
         }
         txn.commit().map_err(|_| "storage")?;

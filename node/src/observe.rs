@@ -1,0 +1,289 @@
+//! Metrics and health: the Prometheus exporter, `/metrics` and `/healthz`, and a
+//! store wrapper that times commits.
+//!
+//! Metrics go through the `metrics` facade; [`install_prometheus`] installs its
+//! Prometheus exporter with explicit histogram buckets (so every histogram is
+//! exposed as a histogram, never a summary). Names carry the `conclave_` prefix,
+//! base units (seconds, bytes) and `_total` on counters; labels are low-cardinality
+//! only (a reason, a kind), never a room, user or peer id.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conclave_storage::{Entry, Order, ReadTxn, Store, StoreError, WriteTxn};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use std::ops::Bound;
+
+use crate::Node;
+
+/// Bucket bounds (seconds) of every latency histogram: 100 µs to 30 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Installs the Prometheus exporter as the process's metrics recorder and
+/// describes conclave's metrics. Call once per process.
+pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(LATENCY_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "conclave_frames_published_total",
+        "Frames handed to this node by its users for publishing."
+    );
+    describe_counter!(
+        "conclave_frames_committed_total",
+        "Frames this node sequenced and persisted as a room's home."
+    );
+    describe_counter!(
+        "conclave_frames_delivered_total",
+        "Frames this node stored as a member node of their room."
+    );
+    describe_counter!(
+        "conclave_frames_rejected_total",
+        "Frames a room's home refused, by reason."
+    );
+    describe_counter!(
+        "conclave_requests_denied_total",
+        "Requests refused, by reason."
+    );
+    describe_counter!(
+        "conclave_outbox_retries_total",
+        "Outbox resends after a delay without acknowledgement."
+    );
+    describe_gauge!(
+        "conclave_outbox_depth",
+        "Messages waiting in this node's outboxes for acknowledgement."
+    );
+    describe_gauge!(
+        "conclave_peers_connected",
+        "Peer nodes with an authenticated connection."
+    );
+    describe_gauge!(
+        "conclave_active_actors",
+        "Actors active in memory, by kind (kind=\"room\": active rooms)."
+    );
+    describe_counter!(
+        "conclave_transport_auth_failures_total",
+        "Node connections refused, by reason."
+    );
+    describe_counter!(
+        "conclave_client_auth_failures_total",
+        "Client connections refused, by reason."
+    );
+    describe_histogram!(
+        "conclave_publish_to_commit_seconds",
+        Unit::Seconds,
+        "From a frame's creation by its publisher to its commit on the room's home."
+    );
+    describe_histogram!(
+        "conclave_commit_to_deliver_seconds",
+        Unit::Seconds,
+        "From a frame's commit on the room's home to its storage on a member node."
+    );
+    describe_histogram!(
+        "conclave_storage_commit_seconds",
+        Unit::Seconds,
+        "Duration of a durable storage commit."
+    );
+}
+
+/// A store whose commits are timed into `conclave_storage_commit_seconds`.
+pub struct MeteredStore<S> {
+    inner: Arc<S>,
+}
+
+impl<S> MeteredStore<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<S>) -> Self {
+        Self { inner }
+    }
+}
+
+struct MeteredTxn<'a> {
+    inner: Box<dyn WriteTxn + 'a>,
+}
+
+impl ReadTxn for MeteredTxn<'_> {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(table, key)
+    }
+
+    fn scan(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.inner.scan(table, lower, upper, order, limit)
+    }
+}
+
+impl WriteTxn for MeteredTxn<'_> {
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner.put(table, key, value)
+    }
+
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<bool, StoreError> {
+        self.inner.delete(table, key)
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let start = Instant::now();
+        let result = self.inner.commit();
+        metrics::histogram!("conclave_storage_commit_seconds")
+            .record(start.elapsed().as_secs_f64());
+        result
+    }
+}
+
+impl<S: Store> Store for MeteredStore<S> {
+    fn read(&self) -> Result<Box<dyn ReadTxn + '_>, StoreError> {
+        self.inner.read()
+    }
+
+    fn write(&self) -> Result<Box<dyn WriteTxn + '_>, StoreError> {
+        Ok(Box::new(MeteredTxn {
+            inner: self.inner.write()?,
+        }))
+    }
+}
+
+/// What `/healthz` reports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Health {
+    /// The node's actors, store and transport are running.
+    pub ready: bool,
+    /// The node id.
+    pub node_id: String,
+    /// Peers with an authenticated connection now.
+    pub peers_connected: usize,
+    /// Peers configured.
+    pub peers_known: usize,
+    /// Node and client connections use TLS 1.3 with mutual authentication (always).
+    pub tls: bool,
+    /// The data directory.
+    pub data_dir: String,
+}
+
+fn response(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn route(
+    req: &Request<hyper::body::Incoming>,
+    handle: &PrometheusHandle,
+    node: &Node,
+) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            handle.render(),
+        ),
+        (&Method::GET, "/healthz") => {
+            let health = node.health();
+            let status = if health.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = serde_json::to_vec(&health).unwrap_or_default();
+            response(status, "application/json", body)
+        }
+        _ => response(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics or /healthz\n",
+        ),
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until the node shuts down; returns
+/// the bound address. Also runs the exporter's upkeep.
+pub async fn serve_http(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    node: Node,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (handle, node) = (handle.clone(), node.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let response = route(&req, &handle, &node);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(%error, "metrics connection ended");
+                }
+            });
+        }
+    });
+    tracing::info!(addr = %bound, "serving /metrics and /healthz");
+    Ok(bound)
+}
+
+/// A minimal HTTP/1.0 GET of `path` on `addr`: the status code and the body. For
+/// readiness checks and tests; not a general client.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    // Bounded: a metrics page is well under this.
+    stream.take(64 << 20).read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
+    Ok((status, body.to_string()))
+}

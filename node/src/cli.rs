@@ -1030,6 +1030,9 @@ async fn reader(
     }
 }
 
+/// How long the check waits for one publish before counting it failed.
+const PUBLISH_WAIT: Duration = Duration::from_secs(5);
+
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let file = ClusterFile::read(&args.cluster)?;
     let (room, members) = check_setup(&file).await?;
@@ -1059,6 +1062,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 .ok(),
         );
     }
+    let mut reconnect_at = vec![Instant::now(); members.len()];
     let mut committed: Vec<u128> = Vec::new();
     let mut queued: Vec<u128> = Vec::new();
     let mut failed = 0usize;
@@ -1077,19 +1081,23 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         }
         let i = k % members.len();
         k += 1;
-        if publishers[i].is_none() {
-            publishers[i] = RemoteNode::connect(&members[i].identity, members[i].node.addr, None)
+        // Reconnect at most every two seconds, and never for longer than that.
+        if publishers[i].is_none() && Instant::now() >= reconnect_at[i] {
+            reconnect_at[i] = Instant::now() + Duration::from_secs(2);
+            let connect = RemoteNode::connect(&members[i].identity, members[i].node.addr, None);
+            publishers[i] = tokio::time::timeout(Duration::from_secs(2), connect)
                 .await
-                .ok();
+                .ok()
+                .and_then(Result::ok);
         }
+        let text = format!("check {k} from {}", members[i].name);
         let result = match &publishers[i] {
-            Some(user) => {
-                user.publish(
-                    room,
-                    format!("check {k} from {}", members[i].name).as_bytes(),
-                )
+            // Bounded, so that a node killed mid-request does not stall the loop.
+            // (A message that timed out may still commit: it is then delivered,
+            // though not counted as sent.)
+            Some(user) => tokio::time::timeout(PUBLISH_WAIT, user.publish(room, text.as_bytes()))
                 .await
-            }
+                .unwrap_or(Err(ApiError::Timeout(PUBLISH_WAIT))),
             None => Err(ApiError::Connection("not connected".into())),
         };
         match result {
@@ -1097,7 +1105,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             Ok(Receipt::Queued { id }) => queued.push(id.0),
             Err(error) => {
                 failed += 1;
-                if matches!(error, ApiError::Connection(_)) {
+                if matches!(error, ApiError::Connection(_) | ApiError::Timeout(_)) {
                     publishers[i] = None;
                 }
                 if args.mode == CheckMode::Once {

@@ -36,6 +36,9 @@ use crate::Node;
 /// The largest request or response message.
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = ENVELOPE_BYTES_MAX;
 
+/// How long a client waits for the answer to one request.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Close codes of refused client connections.
 pub mod code {
     /// The user is not registered on this node.
@@ -348,9 +351,16 @@ impl RemoteNode {
         }
     }
 
+    /// One request, one response, within [`REQUEST_TIMEOUT`] (a node that died
+    /// mid-request is not waited for until the connection's idle timeout).
     async fn roundtrip(&self, request: &ClientRequest) -> Result<ClientResponse, ApiError> {
-        let mut recv = self.open(request).await?;
-        self.read(&mut recv).await
+        let exchange = async {
+            let mut recv = self.open(request).await?;
+            self.read(&mut recv).await
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ApiError::Timeout(REQUEST_TIMEOUT))?
     }
 
     async fn outcome(&self, request: ClientRequest) -> Result<Option<Outcome>, ApiError> {

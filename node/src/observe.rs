@@ -99,6 +99,84 @@ fn describe() {
         Unit::Seconds,
         "Duration of a durable storage commit."
     );
+    describe_counter!(
+        "conclave_frames_duplicate_total",
+        "Frames a member node received again and dropped."
+    );
+    describe_counter!(
+        "conclave_inbox_duplicates_total",
+        "Outbox messages received again from a peer and dropped."
+    );
+    describe_counter!(
+        "conclave_inbox_gaps_total",
+        "Outbox messages received after a gap and dropped (the sender resends in order)."
+    );
+    describe_counter!(
+        "conclave_keys_rejected_total",
+        "Sealed keys from a room's home refused, by reason."
+    );
+    describe_counter!(
+        "conclave_updates_rejected_total",
+        "Room updates from a room's home refused, by reason."
+    );
+    describe_counter!(
+        "conclave_runtime_messages_dropped_total",
+        "Messages the actor runtime dropped, by reason."
+    );
+    describe_counter!(
+        "conclave_client_connections_refused_total",
+        "Client connections refused before authentication, by reason."
+    );
+    describe_counter!(
+        "conclave_client_requests_malformed_total",
+        "Client requests that did not decode."
+    );
+    describe_gauge!(
+        "conclave_clients_connected",
+        "Authenticated client connections."
+    );
+    describe_counter!(
+        "conclave_transport_bytes_in_total",
+        Unit::Bytes,
+        "Bytes of envelopes received from peers."
+    );
+    describe_counter!(
+        "conclave_transport_bytes_out_total",
+        Unit::Bytes,
+        "Bytes of envelopes sent to peers."
+    );
+    describe_counter!(
+        "conclave_transport_frames_in_total",
+        "Envelopes received from peers."
+    );
+    describe_counter!(
+        "conclave_transport_frames_out_total",
+        "Envelopes sent to peers."
+    );
+    describe_counter!(
+        "conclave_transport_frames_rejected_total",
+        "Received frames refused (too large, malformed), by reason."
+    );
+    describe_counter!(
+        "conclave_transport_handshakes_total",
+        "Node connection handshakes, by result."
+    );
+    describe_counter!(
+        "conclave_transport_reconnects_total",
+        "Reconnections to peers."
+    );
+    describe_counter!(
+        "conclave_transport_events_dropped_total",
+        "Transport events dropped because nobody read them."
+    );
+    describe_gauge!(
+        "conclave_transport_connections_open",
+        "Open node-to-node connections."
+    );
+    describe_gauge!(
+        "conclave_transport_send_queue_depth",
+        "Envelopes waiting in peers' send queues."
+    );
 }
 
 /// A store whose commits are timed into `conclave_storage_commit_seconds`.

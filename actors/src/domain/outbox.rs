@@ -26,8 +26,11 @@ pub const WINDOW: usize = 256;
 /// Messages to an outbox actor.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum OutboxMsg {
-    /// Something was queued, or the destination is reachable again: send.
+    /// Something was queued: send it.
     Kick,
+    /// The destination is reachable again: send everything unacknowledged now,
+    /// from the first, with the shortest delay.
+    Resend,
     /// From the destination's peer actor: everything up to `upto` is applied.
     Ack {
         /// The destination's high-water mark for this node.
@@ -82,6 +85,11 @@ impl<S: System<Msg = Msg>> Actor<S> for Outbox {
         let me = cx.node();
         match msg {
             OutboxMsg::Kick => self.pump(cx),
+            OutboxMsg::Resend => {
+                self.sent_upto = 0;
+                self.backoff = self.config.retry_base;
+                self.pump(cx);
+            }
             OutboxMsg::Ack { upto } => {
                 if cx.sender() != Some(&peer_of(self.dest, me)) {
                     tracing::warn!(dest = ?self.dest, sender = ?cx.sender(), "acknowledgement not from the destination's peer dropped");

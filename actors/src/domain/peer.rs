@@ -1,26 +1,35 @@
 //! The peer actor: one per remote node, on the receiving side.
 //!
 //! It takes what the remote node's outbox sends ([`PeerMsg::Deliver`]), drops
-//! duplicates and anything after a gap (the outbox resends in order), and hands each
-//! new message, in sequence order, to its local target. Targets answer
-//! [`PeerMsg::Applied`] once they have committed (or refused for good). The peer
-//! then moves its durable high-water mark ([`crate::outbox::accept`]) over every
-//! message applied without a gap before it, and acknowledges up to there. A crash
-//! between a target's commit and the acknowledgement only makes the outbox resend;
-//! targets are idempotent, so nothing is applied twice.
+//! duplicates and anything after a gap (the outbox resends in order), and hands the
+//! messages to their local targets **one at a time, in sequence order**: the next
+//! goes only when the target has answered [`PeerMsg::Applied`] for the previous
+//! one. Messages for different actors depend on each other (a room's membership
+//! snapshot must be applied before its keys and frames are), so handing them over
+//! concurrently could apply them out of order. What waits is bounded by the
+//! outbox's window.
+//!
+//! Once a message is applied the peer moves its durable high-water mark
+//! ([`crate::outbox::accept`]) and acknowledges; under load it does so every
+//! [`ACK_EVERY`] messages or when nothing waits, not after each one. A crash between
+//! a target's commit and the acknowledgement only makes the outbox resend; targets
+//! are idempotent, so nothing is applied twice.
 //!
 //! It also keeps the transport's view of the remote node (connected or not, when it
 //! was last heard from) and, when the connection comes back, has the local outbox
 //! towards it resend at once instead of waiting for its backoff.
 
 use core::time::Duration;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
 use super::{outbox_of, Deliverable, DomainConfig, Msg, OutboxMsg};
 use crate::actor::{Actor, ActorRef, Context, System, Time};
 use crate::ids::{NodeId, Seq};
+
+/// Acknowledge at least every this many applied messages.
+pub const ACK_EVERY: u64 = 32;
 
 /// Messages to a peer actor.
 // Deliveries are the common case; boxing them would add an allocation per frame.
@@ -55,14 +64,16 @@ pub enum PeerMsg {
 pub struct Peer {
     remote: NodeId,
     idle: Duration,
-    /// The durable high-water mark: everything up to it is applied.
+    /// Everything up to here is applied; durable up to `durable`.
     high: u64,
-    /// The next sequence number to hand over.
+    /// The high-water mark last written and acknowledged.
+    durable: u64,
+    /// The next sequence number to accept from the outbox.
     expected: u64,
-    /// Handed over and not yet applied, per target, in the order handed over.
-    in_flight: BTreeMap<ActorRef, VecDeque<u64>>,
-    /// Applied, but after a message that is not yet.
-    applied: BTreeSet<u64>,
+    /// Accepted, waiting to be handed over, in sequence order.
+    waiting: VecDeque<(u64, ActorRef, Deliverable)>,
+    /// Handed over, not yet applied.
+    in_flight: Option<(u64, ActorRef)>,
     connected: bool,
     last_heard: Option<Time>,
     busy: bool,
@@ -92,9 +103,10 @@ impl Peer {
             remote,
             idle: config.idle,
             high,
+            durable: high,
             expected: high + 1,
-            in_flight: BTreeMap::new(),
-            applied: BTreeSet::new(),
+            waiting: VecDeque::new(),
+            in_flight: None,
             connected: false,
             last_heard: None,
             busy: false,
@@ -111,9 +123,57 @@ impl Peer {
         cx.send(
             to,
             OutboxMsg::Ack {
-                upto: Seq(self.high),
+                upto: Seq(self.durable),
             },
         );
+    }
+
+    /// Hands the next waiting message over, unless one is in flight.
+    fn pump<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        let me = cx.node();
+        while self.in_flight.is_none() {
+            let Some((seq, to, msg)) = self.waiting.pop_front() else {
+                break;
+            };
+            if to.node != me || !msg.fits(&to) {
+                // Misaddressed: counted, and finished as refused so that it does
+                // not block everything behind it.
+                tracing::warn!(remote = ?self.remote, ?to, "misaddressed delivery refused");
+                metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "misaddressed").increment(1);
+                self.high = seq;
+                continue;
+            }
+            self.in_flight = Some((seq, to));
+            cx.send(to, msg);
+        }
+        self.flush(cx);
+    }
+
+    /// Makes the high-water mark durable and acknowledges it, when enough was
+    /// applied or nothing else waits.
+    fn flush<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        let idle = self.in_flight.is_none() && self.waiting.is_empty();
+        if self.high == self.durable || !(idle || self.high - self.durable >= ACK_EVERY) {
+            return;
+        }
+        let (from, to) = (self.durable, self.high);
+        let result = cx.store().write().and_then(|mut txn| {
+            for s in from + 1..=to {
+                crate::outbox::accept(&mut *txn, self.remote, Seq(s))?;
+            }
+            txn.commit()
+        });
+        match result {
+            Ok(()) => {
+                self.durable = to;
+                self.ack(cx);
+            }
+            // Not acknowledged: the outbox resends, and the idempotent targets apply
+            // nothing twice. The next applied message tries again.
+            Err(error) => {
+                tracing::error!(remote = ?self.remote, %error, "could not record the high-water mark");
+            }
+        }
     }
 }
 
@@ -132,8 +192,8 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                 self.busy = true;
                 self.last_heard = Some(cx.now());
                 if seq.0 < self.expected {
-                    // A resend of something handed over already: acknowledge what is
-                    // applied, so the outbox can forget it.
+                    // A resend of something accepted already: acknowledge what is
+                    // durable, so the outbox can forget it.
                     metrics::counter!("conclave_inbox_duplicates_total").increment(1);
                     self.ack(cx);
                     return;
@@ -143,33 +203,27 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     metrics::counter!("conclave_inbox_gaps_total").increment(1);
                     return;
                 }
-                if to.node != me || !msg.fits(&to) {
-                    // Misaddressed: counted, and applied as refused so it does not
-                    // block everything behind it.
-                    tracing::warn!(remote = ?self.remote, ?to, "misaddressed delivery refused");
-                    metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "misaddressed").increment(1);
-                    self.expected += 1;
-                    self.finish(seq.0, cx);
-                    return;
-                }
                 self.expected += 1;
-                self.in_flight.entry(to).or_default().push_back(seq.0);
-                cx.send(to, msg);
+                self.waiting.push_back((seq.0, to, msg));
+                self.pump(cx);
             }
             PeerMsg::Applied { done } => {
-                let Some(&target) = cx.sender() else { return };
-                let Some(queue) = self.in_flight.get_mut(&target) else {
+                let Some((seq, target)) = self.in_flight else {
                     return;
                 };
-                let Some(seq) = queue.pop_front() else { return };
-                if queue.is_empty() {
-                    self.in_flight.remove(&target);
+                if cx.sender() != Some(&target) {
+                    return;
                 }
+                self.in_flight = None;
                 if done {
-                    self.finish(seq, cx);
+                    self.high = seq;
+                    self.pump(cx);
                 } else {
-                    // Hand it over again when the outbox resends it.
-                    self.expected = self.expected.min(seq);
+                    // The target's store failed: take this message and everything
+                    // after it again when the outbox resends them.
+                    self.waiting.clear();
+                    self.expected = seq;
+                    self.flush(cx);
                 }
             }
             PeerMsg::Connected => {
@@ -178,8 +232,9 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                 }
                 self.connected = true;
                 self.last_heard = Some(cx.now());
-                // Whatever waits for that node goes now, not after its backoff.
-                cx.send(outbox_of(me, self.remote), OutboxMsg::Kick);
+                // Whatever waits for that node goes now, not after its backoff; what
+                // was in flight on the lost connection is sent again.
+                cx.send(outbox_of(me, self.remote), OutboxMsg::Resend);
             }
             PeerMsg::Disconnected => {
                 if self.connected {
@@ -189,47 +244,15 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
             }
             PeerMsg::Tick => {
                 // Connection state lives here, so a connected peer stays active.
-                if self.busy || self.connected || !self.in_flight.is_empty() {
+                if self.busy
+                    || self.connected
+                    || self.in_flight.is_some()
+                    || !self.waiting.is_empty()
+                {
                     self.busy = false;
                     cx.timer(self.idle, PeerMsg::Tick);
                 } else {
                     cx.stop();
-                }
-            }
-        }
-    }
-}
-
-impl Peer {
-    /// Records `seq` as applied; moves the high-water mark over every applied
-    /// message without a gap, durably, and acknowledges.
-    fn finish<S: System<Msg = Msg>>(&mut self, seq: u64, cx: &mut Context<'_, S>) {
-        self.applied.insert(seq);
-        let mut high = self.high;
-        while self.applied.first() == Some(&(high + 1)) {
-            self.applied.pop_first();
-            high += 1;
-        }
-        if high == self.high {
-            return;
-        }
-        let result = cx.store().write().and_then(|mut txn| {
-            for s in self.high + 1..=high {
-                crate::outbox::accept(&mut *txn, self.remote, Seq(s))?;
-            }
-            txn.commit()
-        });
-        match result {
-            Ok(()) => {
-                self.high = high;
-                self.ack(cx);
-            }
-            Err(error) => {
-                // Not acknowledged: the outbox resends, and the idempotent targets
-                // apply nothing twice.
-                tracing::error!(remote = ?self.remote, %error, "could not record the high-water mark");
-                for s in self.high + 1..=high {
-                    self.applied.insert(s);
                 }
             }
         }

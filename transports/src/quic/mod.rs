@@ -247,6 +247,11 @@ pub async fn connect_client(
         quinn::ClientConfig::new(tls::client_crypto(key, tls::client_alpn(WIRE_VERSION))?);
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(3)));
+    // A node that died is noticed after this long without a packet.
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(10))
+            .map_err(|e| ConnectError::Connection(e.to_string()))?,
+    ));
     client.transport_config(Arc::new(transport));
     let local: SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -301,7 +306,8 @@ const RETIRE_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// The first byte of every unidirectional stream says what it carries.
 mod kind {
-    /// "I accept you": sent once, after this side's own checks passed.
+    /// "I accept you": sent once, after this side's own checks passed, followed by
+    /// the sender's boot id (u64, big-endian), which changes at every start.
     pub const HELLO: u8 = 0;
     /// Frames of control messages.
     pub const CONTROL: u8 = 1;
@@ -317,6 +323,8 @@ struct Outgoing {
 struct Authorized {
     conn: quinn::Connection,
     dialed_by: NodeId,
+    /// The peer's boot id, from its hello: it changes when the peer restarts.
+    remote_boot: u64,
 }
 
 struct PeerHandle {
@@ -327,6 +335,8 @@ struct PeerHandle {
 
 struct Shared<M> {
     local: NodeId,
+    /// Random per start: peers tell a restarted node's connection from a stale one.
+    boot: u64,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     peers: BTreeMap<NodeId, PeerHandle>,
@@ -422,8 +432,12 @@ impl<M: WireMessage> QuicTransport<M> {
             );
             per_peer.push((peer, addr, control_rx, data_rx, accepted_rx));
         }
+        let mut boot = [0u8; 8];
+        getrandom::fill(&mut boot)
+            .map_err(|_| StartError::Config("no OS entropy for the boot id"))?;
         let shared = Arc::new(Shared {
             local: config.identity.node_id(),
+            boot: u64::from_be_bytes(boot),
             endpoint,
             client,
             peers,
@@ -594,21 +608,25 @@ impl<M> Shared<M> {
     /// Completes the mutual acceptance on a connection whose handshake finished:
     /// this side sends its hello (its own checks have passed), then waits for the
     /// peer's. A refusal by the peer arrives here as the connection's close reason.
-    async fn exchange_hellos(&self, conn: &quinn::Connection, peer: NodeId) -> Result<(), String> {
+    /// Returns the peer's boot id.
+    async fn exchange_hellos(&self, conn: &quinn::Connection, peer: NodeId) -> Result<u64, String> {
         let hello = async {
             let mut out = conn.open_uni().await.map_err(|e| e.to_string())?;
-            out.write_all(&[kind::HELLO])
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut mine = [0u8; 9];
+            mine[0] = kind::HELLO;
+            mine[1..].copy_from_slice(&self.boot.to_be_bytes());
+            out.write_all(&mine).await.map_err(|e| e.to_string())?;
             out.finish().map_err(|e| e.to_string())?;
             let mut stream = conn.accept_uni().await.map_err(|e| e.to_string())?;
-            let mut first = [0u8; 1];
+            let mut theirs = [0u8; 9];
             stream
-                .read_exact(&mut first)
+                .read_exact(&mut theirs)
                 .await
                 .map_err(|e| e.to_string())?;
-            if first[0] == kind::HELLO {
-                Ok(())
+            if theirs[0] == kind::HELLO {
+                let mut boot = [0u8; 8];
+                boot.copy_from_slice(&theirs[1..]);
+                Ok(u64::from_be_bytes(boot))
             } else {
                 Err("peer did not start with a hello".to_string())
             }
@@ -684,13 +702,17 @@ async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Inc
         return;
     };
     metrics::counter!("conclave_transport_handshakes_total", "result" => "ok").increment(1);
-    if let Err(error) = shared.exchange_hellos(&conn, peer).await {
-        tracing::debug!(?peer, %addr, %error, "incoming connection not accepted by the peer");
-        return;
-    }
+    let remote_boot = match shared.exchange_hellos(&conn, peer).await {
+        Ok(boot) => boot,
+        Err(error) => {
+            tracing::debug!(?peer, %addr, %error, "incoming connection not accepted by the peer");
+            return;
+        }
+    };
     let authorized = Authorized {
         conn,
         dialed_by: peer,
+        remote_boot,
     };
     if let Err(e) = handle.accepted.try_send(authorized) {
         // The peer is opening connections faster than we adopt them.
@@ -739,10 +761,11 @@ async fn dial<M>(shared: &Shared<M>, peer: NodeId, addr: SocketAddr) -> Result<A
         return Err(AuthFailure::IdentityMismatch.to_string());
     }
     metrics::counter!("conclave_transport_handshakes_total", "result" => "ok").increment(1);
-    shared.exchange_hellos(&conn, peer).await?;
+    let remote_boot = shared.exchange_hellos(&conn, peer).await?;
     Ok(Authorized {
         conn,
         dialed_by: shared.local,
+        remote_boot,
     })
 }
 
@@ -783,6 +806,7 @@ impl Backoff {
 struct Link {
     conn: quinn::Connection,
     dialed_by: NodeId,
+    remote_boot: u64,
 }
 
 /// Owns the connection to one peer: dials (in the background, so a finished dial is
@@ -871,7 +895,14 @@ fn settle<M: WireMessage>(
     let preferred = shared.local.min(peer);
     let replace = match link {
         None => true,
-        Some(current) => new.dialed_by == current.dialed_by || new.dialed_by == preferred,
+        // A peer that restarted (a new boot id) has a new connection and the old
+        // one is dead, whoever dialed it: take the new one at once rather than wait
+        // for the idle timeout to notice.
+        Some(current) => {
+            new.remote_boot != current.remote_boot
+                || new.dialed_by == current.dialed_by
+                || new.dialed_by == preferred
+        }
     };
     if !replace {
         // The peer will move off it; read what it sent, then let it close.
@@ -892,6 +923,7 @@ fn settle<M: WireMessage>(
     if let Some(old) = link.replace(Link {
         conn: new.conn.clone(),
         dialed_by: new.dialed_by,
+        remote_boot: new.remote_boot,
     }) {
         // The writers move to the new link and finish their streams on the old one;
         // the peer's reader closes it once drained (or we do, after a bound).

@@ -329,11 +329,15 @@ async fn raw_connect(
         .await
         .expect("handshake");
     let mut hello = conn.open_uni().await.expect("hello stream");
-    hello.write_all(&[kind::HELLO]).await.expect("hello");
+    // The hello: its kind, then a boot id.
+    hello
+        .write_all(&[kind::HELLO, 0, 0, 0, 0, 0, 0, 0, 7])
+        .await
+        .expect("hello");
     hello.finish().expect("finish");
     let mut theirs = conn.accept_uni().await.expect("their hello");
-    let mut first = [0u8; 1];
-    theirs.read_exact(&mut first).await.expect("hello byte");
+    let mut first = [0u8; 9];
+    theirs.read_exact(&mut first).await.expect("hello bytes");
     assert_eq!(first[0], kind::HELLO);
     (endpoint, conn)
 }

@@ -1,0 +1,6 @@
+//! The `conclave` command line, built inside this package so that its tests can
+//! run it as processes (`CARGO_BIN_EXE_conclave-it`). Same code as `conclave`.
+
+fn main() -> std::process::ExitCode {
+    conclave::cli::main()
+}

@@ -1,0 +1,292 @@
+//! The `conclave` binary as separate processes: `cluster up` with three nodes,
+//! `check`, a node killed with SIGKILL in the middle of a `check --mode loop` run
+//! and restarted from its data directory, and every node's `/metrics` (validated
+//! with `promtool check metrics`) and `/healthz`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use conclave::cli::ClusterFile;
+use conclave::observe::{http_get, Health};
+use conclave::{ApiError, Denial, Identity, RemoteNode};
+
+const EXE: &str = env!("CARGO_BIN_EXE_conclave-it");
+
+/// A base port P such that P..P+3 (UDP and TCP) and P+100..P+103 (TCP) are free now.
+fn free_base_port() -> u16 {
+    let seed = std::process::id() as u16;
+    for attempt in 0..200u16 {
+        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7919)) % 20_000);
+        let free = (0..3).all(|i| {
+            UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+                && TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free port range found");
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(EXE)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run conclave")
+}
+
+/// Stops the cluster (SIGINT to `cluster up`, which stops its nodes) and kills a
+/// restarted node, even when the test fails.
+struct Guard {
+    up: Option<Child>,
+    others: Vec<Child>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut up) = self.up.take() {
+            signal(up.id(), nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while up.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+        for child in &mut self.others {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The committed, queued and failed counts of a check's summary line.
+fn summary(text: &str) -> (usize, usize, usize) {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("published "))
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    // published N messages in S.s s: C committed, Q queued, F failed
+    let n = numbers.len();
+    (numbers[n - 3], numbers[n - 2], numbers[n - 1])
+}
+
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal");
+}
+
+async fn health(addr: SocketAddr) -> Option<Health> {
+    let (status, body) = http_get(addr, "/healthz").await.ok()?;
+    assert!(status == 200 || status == 503, "healthz status {status}");
+    Some(serde_json::from_str(&body).expect("healthz is JSON"))
+}
+
+fn promtool_check(exposition: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is required (Debian package `prometheus`; .ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_up_check_kill_restart_and_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_dir = dir.path().join("cluster");
+    let base = free_base_port().to_string();
+    let up = Command::new(EXE)
+        .args(["cluster", "up", "--nodes", "3", "--dir"])
+        .arg(&cluster_dir)
+        .args(["--base-port", &base])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cluster up");
+    let mut guard = Guard {
+        up: Some(up),
+        others: Vec::new(),
+    };
+    let stdout = guard.up.as_mut().unwrap().stdout.take().unwrap();
+    // Wait for the status table and "cluster running".
+    let mut lines = BufReader::new(stdout).lines();
+    let mut table = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("cluster up output");
+        if line.contains("cluster running") {
+            break;
+        }
+        table.push(line);
+    }
+    assert!(table.len() >= 4, "status table: {table:?}");
+    let file = ClusterFile::read(&cluster_dir).expect("cluster.toml");
+    assert_eq!(file.node.len(), 3);
+    for node in &file.node {
+        let h = health(node.metrics).await.expect("healthz answers");
+        assert!(h.ready && h.tls);
+        assert_eq!(h.peers_known, 2);
+        assert_eq!(h.node_id, node.id);
+    }
+
+    // The end-to-end check.
+    let cluster_arg = cluster_dir.to_str().unwrap();
+    let out = run(&["check", "--cluster", cluster_arg, "--messages", "60"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("OK: every member decrypted every committed message exactly once"),
+        "{text}"
+    );
+
+    // Loop mode; node1 is killed with SIGKILL in the middle and restarted.
+    let looping = Command::new(EXE)
+        .args([
+            "check",
+            "--cluster",
+            cluster_arg,
+            "--mode",
+            "loop",
+            "--duration",
+            "16",
+            "--interval",
+            "40",
+            "--settle",
+            "60",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("check loop");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    signal(file.node[1].pid, nix::sys::signal::Signal::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let restarted = Command::new(EXE)
+        .args(&file.node[1].args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart node1");
+    guard.others.push(restarted);
+    let out = tokio::task::spawn_blocking(move || looping.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "loop check failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("OK: every member decrypted every committed message exactly once"),
+        "{text}"
+    );
+    // The kill was felt: publishing through node1 failed or was queued meanwhile.
+    let (committed, queued, failed) = summary(&text);
+    assert!(committed >= 40, "{text}");
+    assert!(queued + failed > 0, "the kill was not seen:\n{text}");
+    for line in text.lines().filter(|l| l.contains("delivered twice")) {
+        assert!(
+            line.contains("missing 0 committed") && line.contains(" 0 delivered twice"),
+            "{line}"
+        );
+    }
+
+    // A client the registry does not know is refused with not_found, and counted.
+    let stranger = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));
+    match RemoteNode::connect(&stranger, file.node[0].addr, None).await {
+        Err(ApiError::Denied(Denial::NotFound { .. })) => {}
+        other => panic!("expected not_found, got {other:?}"),
+    }
+
+    // Every node (node1 restarted) is healthy again, and its exposition is valid.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for node in &file.node {
+        loop {
+            match health(node.metrics).await {
+                Some(h) if h.ready && h.peers_connected == 2 => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "{} not healthy: {other:?}",
+                    node.name
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (status, metrics) = http_get(node.metrics, "/metrics").await.expect("scrape");
+        assert_eq!(status, 200);
+        promtool_check(&metrics);
+        assert!(
+            metrics.contains("conclave_peers_connected"),
+            "{}",
+            node.name
+        );
+        assert!(
+            metrics.contains("conclave_storage_commit_seconds_bucket"),
+            "{}",
+            node.name
+        );
+        assert!(!metrics.contains("quantile="), "histograms, not summaries");
+    }
+    let (_, node0) = http_get(file.node[0].metrics, "/metrics").await.unwrap();
+    for expected in [
+        "conclave_frames_committed_total",
+        "conclave_frames_published_total",
+        "conclave_publish_to_commit_seconds_bucket",
+        "conclave_client_auth_failures_total{reason=\"not_found\"} 1",
+        "conclave_active_actors{kind=\"room\"}",
+    ] {
+        assert!(node0.contains(expected), "node0 metrics lack {expected}");
+    }
+    let (_, node2) = http_get(file.node[2].metrics, "/metrics").await.unwrap();
+    for expected in [
+        "conclave_frames_delivered_total",
+        "conclave_commit_to_deliver_seconds_bucket",
+    ] {
+        assert!(node2.contains(expected), "node2 metrics lack {expected}");
+    }
+
+    // The cluster stops its nodes cleanly on SIGINT.
+    let mut up = guard.up.take().unwrap();
+    signal(up.id(), nix::sys::signal::Signal::SIGINT);
+    let status = tokio::task::spawn_blocking(move || up.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "cluster up exited with {status}");
+    for restarted in &guard.others {
+        signal(restarted.id(), nix::sys::signal::Signal::SIGTERM);
+    }
+    for child in &mut guard.others {
+        let status = child.wait().unwrap();
+        assert!(status.success(), "restarted node exited with {status}");
+    }
+    guard.others.clear();
+}

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::{outbox_of, Deliverable, DomainConfig, Msg, OutboxMsg};
 use crate::actor::{Actor, ActorRef, Context, System, Time};
 use crate::ids::{NodeId, Seq};
+use crate::mutation::{self, Mutation};
 
 /// Messages to a peer actor.
 // Deliveries are the common case; boxing them would add an allocation per frame.
@@ -132,6 +133,15 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                 self.busy = true;
                 self.last_heard = Some(cx.now());
                 if seq.0 < self.expected {
+                    if mutation::active(Mutation::SkipReceiverDedup)
+                        && to.node == me
+                        && msg.fits(&to)
+                    {
+                        // Mutation: the duplicate goes to its target again.
+                        self.in_flight.entry(to).or_default().push_back(seq.0);
+                        cx.send(to, msg);
+                        return;
+                    }
                     // A resend of something handed over already: acknowledge what is
                     // applied, so the outbox can forget it.
                     metrics::counter!("conclave_inbox_duplicates_total").increment(1);
@@ -153,6 +163,12 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     return;
                 }
                 self.expected += 1;
+                if mutation::active(Mutation::AckBeforePersist) {
+                    // Mutation: acknowledged on hand-over, before the target commits.
+                    cx.send(to, msg);
+                    self.finish(seq.0, cx);
+                    return;
+                }
                 self.in_flight.entry(to).or_default().push_back(seq.0);
                 cx.send(to, msg);
             }
@@ -204,6 +220,10 @@ impl Peer {
     /// Records `seq` as applied; moves the high-water mark over every applied
     /// message without a gap, durably, and acknowledges.
     fn finish<S: System<Msg = Msg>>(&mut self, seq: u64, cx: &mut Context<'_, S>) {
+        if seq <= self.high && mutation::active(Mutation::SkipReceiverDedup) {
+            // Mutation: a duplicate handed over again was applied again.
+            return;
+        }
         self.applied.insert(seq);
         let mut high = self.high;
         while self.applied.first() == Some(&(high + 1)) {

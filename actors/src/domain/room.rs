@@ -29,6 +29,7 @@ use super::{
 use crate::actor::{Actor, Context, System};
 use crate::crypto::{verify_frame, verify_sealed_key, Frame, FrameError, SealError};
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
+use crate::mutation::{self, Mutation};
 
 /// How many frames a room without `persist` keeps (on its home and member nodes).
 pub const EPHEMERAL_FRAMES_KEPT: u64 = 256;
@@ -73,6 +74,8 @@ const MEMBERS: Table<([u8; 16], [u8; 32]), RoomMember> = Table::new("room.member
 const FRAMES: Table<([u8; 16], u64), Frame> = Table::new("room.frames");
 const IDS: Table<([u8; 16], u128), u64> = Table::new("room.ids");
 const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visible");
+/// Only written under [`Mutation::FanoutToRemoved`]: the nodes of removed members.
+const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
 
 /// The room's state on this node, if it knows the room.
 pub fn meta(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<RoomMeta>, StoreError> {
@@ -527,6 +530,9 @@ impl Room {
                 for (member, key) in bundle {
                     keys::put(&mut *txn, self.room, next, *member, key)?;
                 }
+                if mutation::active(Mutation::FanoutToRemoved) && target.home != me {
+                    MUTATION_REMOVED.put(&mut *txn, &(self.room.0, target.home.0), &1)?;
+                }
                 if target.home == me {
                     VISIBLE.put(
                         &mut *txn,
@@ -661,7 +667,7 @@ impl Room {
         if let Some(seq) = IDS.get(&*txn, &(self.room.0, frame.id.0))? {
             return Err(Denial::Duplicate { seq: Seq(seq) });
         }
-        if frame.epoch != meta.epoch {
+        if frame.epoch != meta.epoch && !mutation::active(Mutation::AcceptStaleEpoch) {
             return Err(Denial::StaleEpoch {
                 current: meta.epoch,
                 got: frame.epoch,
@@ -673,7 +679,18 @@ impl Room {
         })?;
         let seq = meta.next_seq;
         let members = members(&*txn, self.room)?;
-        let nodes = member_nodes(&members, me);
+        let mut nodes = member_nodes(&members, me);
+        if mutation::active(Mutation::FanoutToRemoved) {
+            // Mutation: frames still go to the nodes of removed members.
+            for ((_, node), _) in MUTATION_REMOVED.scan(
+                &*txn,
+                (self.room.0, [0; 32])..=(self.room.0, [0xff; 32]),
+                Order::Ascending,
+                usize::MAX,
+            )? {
+                nodes.insert(NodeId(node));
+            }
+        }
         for &node in &nodes {
             self.enqueue_update(
                 &mut *txn,
@@ -775,10 +792,11 @@ impl Room {
                 let Some(mut meta) = known else {
                     return Err("unknown_room");
                 };
-                if FRAMES
-                    .get(&*txn, &(self.room.0, seq.0))
-                    .map_err(|_| "storage")?
-                    .is_some()
+                if !mutation::active(Mutation::SkipReceiverDedup)
+                    && FRAMES
+                        .get(&*txn, &(self.room.0, seq.0))
+                        .map_err(|_| "storage")?
+                        .is_some()
                 {
                     metrics::counter!("conclave_frames_duplicate_total").increment(1);
                     return Ok(());

@@ -686,6 +686,12 @@ impl Cluster {
         node.store.crash();
     }
 
+    /// How many messages wait in node `i`'s mailbox (a node with some is mid-work:
+    /// a crash now loses what it was in the middle of).
+    pub fn mailbox_len(&self, i: usize) -> usize {
+        self.nodes[i].mailbox.len()
+    }
+
     /// Node `i` is lost for good: crashed, its disk wiped; it never restarts.
     pub fn wipe(&mut self, i: usize) {
         self.crash(i);

@@ -8,5 +8,9 @@
 
 pub mod cluster;
 pub mod hash;
+pub mod options;
+pub mod run;
 
 pub use cluster::Cluster;
+pub use options::Options;
+pub use run::{run, run_with, Failure, Report};

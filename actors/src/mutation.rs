@@ -26,16 +26,24 @@ pub enum Mutation {
     /// An outbox sends each message once and never resends what was not
     /// acknowledged.
     DropOutboxRetries,
+    /// A room's home keeps its next sequence number in memory and does not persist
+    /// it with the frame, so after a restart it hands out committed numbers again.
+    VolatileSequence,
+    /// A room's home sends every remaining member node the whole rekey bundle
+    /// instead of the keys of its own users (which the node then refuses).
+    BundleUnsplit,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 5] = [
+    pub const ALL: [Mutation; 7] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
         Mutation::FanoutToRemoved,
         Mutation::DropOutboxRetries,
+        Mutation::VolatileSequence,
+        Mutation::BundleUnsplit,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -46,6 +54,8 @@ impl Mutation {
             Mutation::AcceptStaleEpoch => "accept_stale_epoch",
             Mutation::FanoutToRemoved => "fanout_to_removed",
             Mutation::DropOutboxRetries => "drop_outbox_retries",
+            Mutation::VolatileSequence => "volatile_sequence",
+            Mutation::BundleUnsplit => "bundle_unsplit",
         }
     }
 

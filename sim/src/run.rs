@@ -1391,11 +1391,14 @@ impl Sim {
             if transport.is_empty() {
                 quiet += 1;
                 if quiet >= 4 {
+                    // Nothing is on its way any more: what is missing now is lost.
+                    let oracle = state[0].0;
+                    let items: Vec<String> = state.into_iter().map(|(_, s)| s).collect();
                     let detail = format!(
                         "lost for good: every outbox is drained and every forwarded request arrived, yet {}",
-                        summarize(&state)
+                        summarize(&items)
                     );
-                    self.fail(oracle::ORDER, detail);
+                    self.fail(oracle, detail);
                     return;
                 }
             } else {
@@ -1403,7 +1406,7 @@ impl Sim {
             }
             if self.c.now() >= deadline {
                 let mut all = transport;
-                all.extend(state);
+                all.extend(state.into_iter().map(|(_, s)| s));
                 let detail = format!(
                     "not converged {:?} after every fault stopped: {}",
                     LIVENESS_BOUND,
@@ -1416,8 +1419,8 @@ impl Sim {
     }
 
     /// What has not converged yet: (outboxes and forwarded requests, member nodes'
-    /// state).
-    fn pending(&mut self) -> (Vec<String>, Vec<String>) {
+    /// state with the oracle each gap belongs to).
+    fn pending(&mut self) -> (Vec<String>, Vec<(&'static str, String)>) {
         let mut transport = Vec::new();
         let mut state = Vec::new();
         for i in 0..self.o.nodes {
@@ -1466,9 +1469,9 @@ impl Sim {
                 match vis {
                     Some(v) if v.until.is_none() && v.from.0 == since => {}
                     other => {
-                        state.push(format!(
+                        state.push((oracle::ORDER, format!(
                             "n{node} does not show u{u} as a member of room {r} from seq {since} ({other:?})"
-                        ));
+                        )));
                         continue;
                     }
                 }
@@ -1482,9 +1485,12 @@ impl Sim {
                     .filter(|s| !stored.contains(s))
                     .collect();
                 if !missing.is_empty() {
-                    state.push(format!(
-                        "n{node} lacks seqs {} of room {r} that u{u} may read",
-                        ranges(&missing)
+                    state.push((
+                        oracle::ORDER,
+                        format!(
+                            "n{node} lacks seqs {} of room {r} that u{u} may read",
+                            ranges(&missing)
+                        ),
                     ));
                 }
                 let held: BTreeSet<u64> = domain::keys::sealed_for(&*txn, room, *uid)
@@ -1495,9 +1501,9 @@ impl Sim {
                 let needed: BTreeSet<u64> =
                     m.committed.range(since..).map(|(_, (_, e))| *e).collect();
                 if let Some(e) = needed.iter().find(|e| !held.contains(e)) {
-                    state.push(format!(
-                        "n{node} holds no key of room {r} epoch {e} for member u{u}"
-                    ));
+                    state.push((oracle::DECRYPT, format!(
+                        "n{node} holds no key of room {r} epoch {e} for member u{u}, who may read frames of that epoch"
+                    )));
                 }
             }
             for (uid, &(since, until)) in &m.removed {
@@ -1513,9 +1519,9 @@ impl Sim {
                 };
                 let vis = domain::room::visibility(&*txn, *uid, room).ok().flatten();
                 if !vis.is_some_and(|v| v.until == Some(Seq(until)) && v.from.0 == since) {
-                    state.push(format!(
+                    state.push((oracle::ORDER, format!(
                         "n{node} does not show u{u} as removed from room {r} at seq {until} ({vis:?})"
-                    ));
+                    )));
                 }
             }
         }

@@ -197,6 +197,9 @@ pub struct Room {
     idle: Duration,
     /// Whether a message arrived since the last idle check.
     busy: bool,
+    /// Only used under [`Mutation::VolatileSequence`]: the next sequence number,
+    /// kept in memory instead of the store.
+    volatile_next: Option<Seq>,
 }
 
 impl Room {
@@ -210,6 +213,7 @@ impl Room {
             room,
             idle: config.idle,
             busy: false,
+            volatile_next: None,
         }
     }
 }
@@ -564,7 +568,11 @@ impl Room {
                 for &node in &nodes {
                     let keys: Vec<_> = bundle
                         .iter()
-                        .filter(|(u, _)| remaining.iter().any(|m| m.user == *u && m.home == node))
+                        .filter(|(u, _)| {
+                            // Mutation: every node gets the whole bundle.
+                            mutation::active(Mutation::BundleUnsplit)
+                                || remaining.iter().any(|m| m.user == *u && m.home == node)
+                        })
                         .cloned()
                         .collect();
                     enqueue(
@@ -677,7 +685,12 @@ impl Room {
             FrameError::TooLarge { .. } => Denial::malformed(e.to_string()),
             _ => Denial::BadSignature,
         })?;
-        let seq = meta.next_seq;
+        let volatile = mutation::active(Mutation::VolatileSequence);
+        let seq = match self.volatile_next {
+            // Mutation: the sequence number comes from memory.
+            Some(next) if volatile => next,
+            _ => meta.next_seq,
+        };
         let members = members(&*txn, self.room)?;
         let mut nodes = member_nodes(&members, me);
         if mutation::active(Mutation::FanoutToRemoved) {
@@ -704,7 +717,12 @@ impl Room {
         self.store_frame(&mut *txn, &meta, seq, &frame)?;
         IDS.put(&mut *txn, &(self.room.0, frame.id.0), &seq.0)?;
         meta.next_seq = Seq(seq.0 + 1);
-        META.put(&mut *txn, &self.room.0, &meta)?;
+        if volatile {
+            // Mutation: the next sequence number is not persisted with the frame.
+            self.volatile_next = Some(meta.next_seq);
+        } else {
+            META.put(&mut *txn, &self.room.0, &meta)?;
+        }
         txn.commit()?;
         metrics::counter!("conclave_frames_committed_total").increment(1);
         let nodes: Vec<NodeId> = nodes.into_iter().collect();

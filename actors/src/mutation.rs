@@ -12,8 +12,9 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mutation {
     /// The receiving peer hands duplicates (resends of messages it handed over
-    /// already) to their target again, and a member node's room stores a frame
-    /// without checking whether it holds that sequence number already.
+    /// already) to their target again, and a member node's room neither checks
+    /// whether it holds a frame's sequence number already nor skips a membership
+    /// snapshot older than the one it applied.
     SkipReceiverDedup,
     /// The receiving peer records its high-water mark and acknowledges a message
     /// when it hands it over, before the target has committed it.

@@ -5,6 +5,7 @@
 use core::fmt;
 use core::time::Duration;
 
+use conclave_actors::domain::DomainConfig;
 use conclave_actors::mutation::Mutation;
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
@@ -79,6 +80,8 @@ pub struct Options {
     pub weights: [u32; 4],
     /// Chance (per million) a publish uses an older key than the newest it holds.
     pub stale_publish_ppm: u32,
+    /// The domain's timing: outbox retry delays and how soon idle actors passivate.
+    pub domain: DomainConfig,
 }
 
 fn between(rng: &mut ChaCha20Rng, lo: u64, hi: u64) -> u64 {
@@ -162,6 +165,18 @@ impl Options {
         } else {
             0
         };
+        // Half the seeds run the production timing; the others retry sooner or
+        // later and passivate idle actors within a second or two, so that
+        // activation from storage happens all the time.
+        let domain = if coin(&mut rng) {
+            DomainConfig::default()
+        } else {
+            DomainConfig {
+                retry_base: ms(&mut rng, 20, 500),
+                retry_max: ms(&mut rng, 500, 5_000),
+                idle: ms(&mut rng, 200, 5_000),
+            }
+        };
         Options {
             seed,
             nodes,
@@ -182,6 +197,7 @@ impl Options {
             chaos,
             weights,
             stale_publish_ppm,
+            domain,
         }
     }
 }
@@ -272,6 +288,11 @@ impl fmt::Display for Options {
                     .collect::<Vec<_>>()
                     .join(" ")
             }
+        )?;
+        writeln!(
+            f,
+            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}",
+            self.domain.retry_base, self.domain.retry_max, self.domain.idle
         )?;
         write!(
             f,

@@ -300,7 +300,7 @@ fn short(bytes: &[u8]) -> String {
 
 impl Sim {
     fn new(o: Options, trace: bool) -> Self {
-        let mut c = Cluster::new(o.nodes, o.seed);
+        let mut c = Cluster::with_config(o.nodes, o.seed, o.domain);
         c.carry_text = false;
         c.observe = true;
         if trace {
@@ -1267,7 +1267,17 @@ impl Sim {
                 }
             }
             if !keys.contains_key(&frame.epoch) {
-                if strict {
+                let home_lost = self
+                    .rooms
+                    .get(&room)
+                    .is_some_and(|m| self.c.nodes[m.home].wiped);
+                if strict && home_lost {
+                    // The key was on its way from a home that is gone for good.
+                    self.notes.push(format!(
+                        "u{user} on n{node} cannot read seq {} on of room {r} (epoch {}): its key had not left the room's home, lost for good",
+                        seq.0, frame.epoch.0
+                    ));
+                } else if strict {
                     let detail = format!(
                         "u{user} on n{node} may read seq {} of room {r} (epoch {}) but holds no key for that epoch",
                         seq.0, frame.epoch.0

@@ -757,11 +757,24 @@ impl Room {
                     return Err("malformed");
                 }
                 let mut meta = meta;
+                let old = members(&*txn, self.room).map_err(|_| "storage")?;
                 if let Some(known) = known {
+                    // An older snapshot than the one applied: handed over again after
+                    // this node crashed between applying it and its peer recording
+                    // that. Each snapshot of the home is later than the one before in
+                    // (epoch, member count): an invite adds one member, a removal
+                    // starts the next epoch. Applying it would take the copy back
+                    // (re-admitting removed members until the newer snapshots come
+                    // again, and stretching their visibility past their removal).
+                    if (meta.epoch, new_members.len()) < (known.epoch, old.len())
+                        && !mutation::active(Mutation::SkipReceiverDedup)
+                    {
+                        metrics::counter!("conclave_updates_stale_total").increment(1);
+                        return Ok(());
+                    }
                     // Frames already stored here may be ahead of the snapshot's view.
                     meta.next_seq = meta.next_seq.max(known.next_seq);
                 }
-                let old = members(&*txn, self.room).map_err(|_| "storage")?;
                 let now_in: BTreeMap<UserId, RoomMember> =
                     new_members.iter().map(|m| (m.user, *m)).collect();
                 for m in &old {

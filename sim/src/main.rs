@@ -255,6 +255,9 @@ fn sweep(seeds: Seeds, nodes: Option<usize>, mutation: Option<Mutation>) -> Exit
             "    replay: {}",
             replay_command(report.options.seed, nodes, mutation)
         );
+        for line in report.options.to_string().lines().skip(1) {
+            println!("    {}", line.trim_start());
+        }
     }
     if failures.is_empty() {
         ExitCode::SUCCESS

@@ -1081,8 +1081,11 @@ impl Sim {
                 ),
             ))
         } else if seq.0 < m.next_seq {
-            let was = m.committed.get(&seq.0).map(|(i, _)| i.0);
-            Some((oracle::DURABILITY, format!("room {r}: seq {} committed again (it held message {was:?}): a committed frame was replaced", seq.0)))
+            let was = m
+                .committed
+                .get(&seq.0)
+                .map_or("nothing".to_string(), |(i, _)| format!("message {}", i.0));
+            Some((oracle::DURABILITY, format!("room {r}: seq {} committed again (it held {was}): a committed frame was replaced", seq.0)))
         } else if seq.0 > m.next_seq {
             Some((
                 oracle::ORDER,

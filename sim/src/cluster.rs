@@ -1,31 +1,67 @@
 //! A deterministic driver for the domain actors: several nodes in one thread, one
-//! event queue ordered by (virtual time, sequence), one seeded random source, an
-//! in-memory network that carries every cross-node message as an encoded
-//! [`Envelope`] (so what travels is exactly what would travel over QUIC), and
-//! in-memory stores with crash semantics.
+//! event queue ordered by (virtual time, sequence), random sources derived from one
+//! root seed (one per node and one per subsystem), an in-memory network that
+//! carries every cross-node message as an encoded [`Envelope`] (so what travels is
+//! exactly what would travel over QUIC), and in-memory stores with crash semantics.
 //!
 //! It hosts the same [`Domain`] the production runtime hosts; the gateway
 //! ([`ActorKind::GATEWAY`]) is the driver's own: replies are collected per request.
+//!
+//! Each node handles one message at a time from its mailbox, in arrival order, and
+//! each message costs it [`SimNode::cost`] of virtual time (zero by default), so a
+//! slow node falls behind and a crash can land between any two of its messages.
+//! Each node reads its own clock ([`SimNode::clock_offset`]). The network
+//! ([`NetFaults`]) adds per-link latency and jitter (which reorders), drops and
+//! duplicates; [`Cluster::cut`] holds the links that carry nothing (partitions, in
+//! one direction or both).
+//!
+//! Every handled message, network decision and driver action is folded into a
+//! trace hash ([`Cluster::trace_hash`]): the same seed gives the same hash.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use conclave_actors::actor::{ActorKind, ActorRef, Context, Effect, Handler, Time};
+use conclave_actors::crypto::Frame;
 use conclave_actors::domain::{
     self, client, gateway_of, members_of, ClientMsg, Domain, DomainConfig, Invitee, MembersMsg,
-    Msg, Op, Outcome, Policy, ReplyTo, RoomInfo,
+    Msg, Op, Outcome, Policy, ReplyTo, Request, RoomInfo, RoomMsg,
 };
-use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq};
+use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
 use conclave_storage::{MemStore, Store};
 use rand_chacha::ChaCha20Rng;
-use rand_core::SeedableRng;
+use rand_core::{Rng, SeedableRng};
+
+use crate::hash::TraceHasher;
 
 /// Virtual time at which every run starts: 2026-01-01T00:00:00Z, so message ids
 /// carry plausible timestamps.
 pub const START: Time = Time::from_unix_micros(1_767_225_600_000_000);
+
+/// A random source for `subsystem` of `index` (a node, or 0), derived from the root
+/// `seed`: ChaCha20 keyed by (seed, index, subsystem), so every stream is
+/// independent of the others and of how much the others were used.
+pub fn derive_rng(seed: u64, index: u64, subsystem: &str) -> ChaCha20Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&index.to_le_bytes());
+    for (k, b) in key[16..].iter_mut().zip(subsystem.bytes()) {
+        *k = b;
+    }
+    ChaCha20Rng::from_seed(key)
+}
+
+/// A message waiting in a node's mailbox.
+struct Pending {
+    from: Option<ActorRef>,
+    to: ActorRef,
+    msg: Msg,
+    /// For timers: the incarnation of the actor that set it.
+    timer: Option<u64>,
+}
 
 /// One simulated node.
 pub struct SimNode {
@@ -38,9 +74,25 @@ pub struct SimNode {
     incarnation: BTreeMap<ActorRef, u64>,
     /// Whether the node is running.
     pub up: bool,
+    /// Whether the node was lost for good (its disk wiped); it never restarts.
+    pub wiped: bool,
+    /// The node's own random source (what its actors get from `cx.rng()`).
+    rng: ChaCha20Rng,
+    mailbox: VecDeque<Pending>,
+    /// When the node is done with the message it handles last.
+    busy_until: Time,
+    /// Whether a `Process` event for this node is in the queue.
+    scheduled: bool,
+    /// Bumped by every crash, so a `Process` event of an earlier life is ignored.
+    life: u64,
+    /// Virtual time each message costs this node (a slow node's is large).
+    pub cost: Duration,
+    /// How far this node's clock is from true (virtual) time, in microseconds.
+    pub clock_offset: i64,
 }
 
 enum Event {
+    /// A message injected from outside any actor, or a local send.
     Deliver {
         from: Option<ActorRef>,
         to: ActorRef,
@@ -53,6 +105,8 @@ enum Event {
         incarnation: u64,
         msg: Msg,
     },
+    /// Node `node` handles the next message of its mailbox.
+    Process { node: usize, life: u64 },
 }
 
 /// A cross-node message as the network carried it, for leak checks.
@@ -62,31 +116,135 @@ pub struct Carried {
     pub from: NodeId,
     /// Receiving node.
     pub to: NodeId,
-    /// The message.
+    /// The message (empty unless [`Cluster::carry_text`]).
     pub msg: String,
     /// The room and epoch of any frame or key it carries.
     pub epochs: Vec<(RoomId, Epoch)>,
 }
 
+/// Network weather: applied to every cross-node message not on a cut link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetFaults {
+    /// Chance, in parts per million, that a message is lost.
+    pub drop_ppm: u32,
+    /// Chance, in parts per million, that a message is delivered twice.
+    pub duplicate_ppm: u32,
+    /// Up to this much extra latency per message, uniformly drawn: messages on one
+    /// link overtake each other.
+    pub jitter: Duration,
+}
+
+/// The header of a frame (what oracles need of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Its room.
+    pub room: RoomId,
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// Its sender.
+    pub sender: UserId,
+    /// Its message id.
+    pub id: MessageId,
+}
+
+impl From<&Frame> for FrameHeader {
+    fn from(f: &Frame) -> Self {
+        Self {
+            room: f.room,
+            epoch: f.epoch,
+            sender: f.sender,
+            id: f.id,
+        }
+    }
+}
+
+/// What a room decided, as the driver saw it leave the actor (whether or not the
+/// reply then reaches the client).
+#[derive(Clone, Debug)]
+pub enum Observed {
+    /// A signed request handled by a room.
+    Request {
+        /// The request.
+        request: Box<Request>,
+        /// What the room answered.
+        outcome: Outcome,
+    },
+    /// A frame handled by a room.
+    Publish {
+        /// The frame.
+        frame: FrameHeader,
+        /// What the room answered.
+        outcome: Outcome,
+    },
+}
+
+/// One decision of a room (see [`Observed`]).
+#[derive(Clone, Debug)]
+pub struct Observation {
+    /// The node whose room decided.
+    pub node: usize,
+    /// The room.
+    pub room: RoomId,
+    /// What it decided.
+    pub what: Observed,
+}
+
+/// What one call of [`Cluster::step`] ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stepped {
+    /// Node `node` handled a message to `to`.
+    Handled {
+        /// The node.
+        node: usize,
+        /// The actor.
+        to: ActorRef,
+    },
+    /// Something else (a message arriving, a timer firing, a dropped message).
+    Other,
+}
+
 /// A cluster of simulated nodes (see the module docs).
 pub struct Cluster {
-    /// The nodes, in creation order.
+    /// The nodes, in node id order.
     pub nodes: Vec<SimNode>,
     domain: Domain,
     queue: BTreeMap<(Time, u64), Event>,
     now: Time,
     next_event: u64,
+    /// Clients' randomness (keys, nonces, ids): [`Cluster::rng`].
     rng: ChaCha20Rng,
-    /// One-way latency of every link.
+    /// The network's randomness (drops, duplicates, jitter).
+    net_rng: ChaCha20Rng,
+    /// One-way latency of every link without its own in `link_latency`.
     pub latency: Duration,
+    /// One-way latency per link, as (from, to) node indices.
+    pub link_latency: BTreeMap<(usize, usize), Duration>,
+    /// Network weather.
+    pub net: NetFaults,
     /// Links that drop everything, as (from, to).
     pub cut: BTreeSet<(NodeId, NodeId)>,
+    /// Connections the transport has reported lost, as (observer, peer) indices.
+    lost: BTreeSet<(usize, usize)>,
     replies: BTreeMap<(NodeId, u64), Vec<Outcome>>,
     next_request: u64,
-    /// Every cross-node message delivered, in order.
+    /// Every cross-node message delivered, in order (only if [`Cluster::carry_log`]).
     pub carried: Vec<Carried>,
+    /// Whether [`Cluster::carried`] is kept (on by default).
+    pub carry_log: bool,
+    /// Whether [`Carried::msg`] is filled in (on by default; it formats every
+    /// message).
+    pub carry_text: bool,
+    /// Whether rooms' decisions are recorded in [`Cluster::observed`].
+    pub observe: bool,
+    /// Rooms' decisions, in order (only if [`Cluster::observe`]).
+    pub observed: Vec<Observation>,
     /// How many events have run.
     pub events: u64,
+    /// How many messages nodes have handled.
+    pub handled: u64,
+    trace: TraceHasher,
+    /// A line per handled message and driver action, if set (for `--trace`).
+    pub trace_log: Option<Vec<String>>,
 }
 
 impl Cluster {
@@ -97,36 +255,65 @@ impl Cluster {
 
     /// Like [`Cluster::new`] with the domain's timing.
     pub fn with_config(n: usize, seed: u64, config: DomainConfig) -> Self {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let mut nodes: Vec<SimNode> = (0..n)
-            .map(|_| SimNode {
-                id: Identity::generate(&mut rng).node_id(),
+        let mut ids = derive_rng(seed, 0, "node-ids");
+        let mut ids: Vec<NodeId> = (0..n)
+            .map(|_| Identity::generate(&mut ids).node_id())
+            .collect();
+        ids.sort();
+        let nodes = ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| SimNode {
+                id,
                 store: Arc::new(MemStore::new()),
                 active: BTreeMap::new(),
                 incarnation: BTreeMap::new(),
                 up: true,
+                wiped: false,
+                rng: derive_rng(seed, i as u64, "node"),
+                mailbox: VecDeque::new(),
+                busy_until: START,
+                scheduled: false,
+                life: 0,
+                cost: Duration::ZERO,
+                clock_offset: 0,
             })
             .collect();
-        nodes.sort_by_key(|n| n.id);
         Self {
             nodes,
             domain: Domain::new(config),
             queue: BTreeMap::new(),
             now: START,
             next_event: 0,
-            rng,
+            rng: derive_rng(seed, 0, "clients"),
+            net_rng: derive_rng(seed, 0, "network"),
             latency: Duration::from_millis(1),
+            link_latency: BTreeMap::new(),
+            net: NetFaults::default(),
             cut: BTreeSet::new(),
+            lost: BTreeSet::new(),
             replies: BTreeMap::new(),
             next_request: 0,
             carried: Vec::new(),
+            carry_log: true,
+            carry_text: true,
+            observe: false,
+            observed: Vec::new(),
             events: 0,
+            handled: 0,
+            trace: TraceHasher::new(),
+            trace_log: None,
         }
     }
 
     /// The current virtual time.
     pub fn now(&self) -> Time {
         self.now
+    }
+
+    /// Node `i`'s clock: the virtual time plus its offset.
+    pub fn node_now(&self, i: usize) -> Time {
+        offset(self.now, self.nodes[i].clock_offset)
     }
 
     /// The cluster's random source (for clients' keys, nonces and ids).
@@ -139,8 +326,29 @@ impl Cluster {
         self.nodes[i].id
     }
 
-    fn index(&self, node: NodeId) -> Option<usize> {
+    /// The index of the node with id `node`.
+    pub fn index(&self, node: NodeId) -> Option<usize> {
         self.nodes.iter().position(|n| n.id == node)
+    }
+
+    /// The trace hash so far: every handled message, network decision and driver
+    /// action, in order.
+    pub fn trace_hash(&self) -> u64 {
+        self.trace.finish()
+    }
+
+    /// Folds a driver action (a fault, a workload step) into the trace.
+    pub fn mark(&mut self, action: &str) {
+        self.trace.write_u64(self.now.unix_micros());
+        self.trace.write_bytes(action.as_bytes());
+        if let Some(log) = &mut self.trace_log {
+            log.push(format!("{} ! {action}", self.now.unix_micros()));
+        }
+    }
+
+    /// The time of the next event, if any.
+    pub fn next_event_at(&self) -> Option<Time> {
+        self.queue.first_key_value().map(|((t, _), _)| *t)
     }
 
     fn push(&mut self, at: Time, event: Event) {
@@ -160,22 +368,30 @@ impl Cluster {
         );
     }
 
+    /// Runs the next event if it is due by `end`; `None` (with the clock moved to
+    /// `end`) if none is.
+    pub fn step(&mut self, end: Time) -> Option<Stepped> {
+        let Some(entry) = self.queue.first_entry() else {
+            self.now = self.now.max(end);
+            return None;
+        };
+        let (at, _) = *entry.key();
+        if at > end {
+            self.now = self.now.max(end);
+            return None;
+        }
+        let event = entry.remove();
+        self.now = self.now.max(at);
+        self.events += 1;
+        Some(self.run(event))
+    }
+
     /// Runs events until none is left or virtual time passes `limit` from now.
     /// Returns whether the queue drained.
     pub fn run_for(&mut self, limit: Duration) -> bool {
         let end = self.now.saturating_add(limit);
-        while let Some(entry) = self.queue.first_entry() {
-            let (at, _) = *entry.key();
-            if at > end {
-                self.now = end;
-                return false;
-            }
-            let event = entry.remove();
-            self.now = self.now.max(at);
-            self.events += 1;
-            self.run(event);
-        }
-        true
+        while self.step(end).is_some() {}
+        self.queue.is_empty()
     }
 
     /// Runs until nothing but timers of idle actors is left (bounded: one virtual
@@ -184,35 +400,55 @@ impl Cluster {
         self.run_for(Duration::from_secs(60));
     }
 
-    fn run(&mut self, event: Event) {
+    fn run(&mut self, event: Event) -> Stepped {
         match event {
-            Event::Deliver { from, to, msg } => self.deliver(from, to, msg, None),
+            Event::Deliver { from, to, msg } => {
+                self.arrive(from, to, msg, None);
+                Stepped::Other
+            }
             Event::Timer {
                 to,
                 incarnation,
                 msg,
-            } => self.deliver(None, to, msg, Some(incarnation)),
+            } => {
+                self.arrive(None, to, msg, Some(incarnation));
+                Stepped::Other
+            }
             Event::Wire { to_node, bytes } => {
-                let Some(i) = self.index(to_node) else { return };
+                let Some(i) = self.index(to_node) else {
+                    return Stepped::Other;
+                };
+                self.trace.write_u64(self.now.unix_micros());
+                self.trace.write_bytes(&bytes);
                 if !self.nodes[i].up {
-                    return;
+                    return Stepped::Other;
                 }
                 let envelope = match Envelope::<Msg>::decode(&bytes) {
                     Ok(e) => e,
                     Err(error) => panic!("an envelope this node encoded does not decode: {error}"),
                 };
-                self.carried.push(Carried {
-                    from: envelope.from.node,
-                    to: to_node,
-                    msg: format!("{:?}", envelope.msg),
-                    epochs: epochs_in(&envelope.msg),
-                });
-                self.deliver(Some(envelope.from), envelope.to, envelope.msg, None);
+                if self.carry_log {
+                    self.carried.push(Carried {
+                        from: envelope.from.node,
+                        to: to_node,
+                        msg: if self.carry_text {
+                            format!("{:?}", envelope.msg)
+                        } else {
+                            String::new()
+                        },
+                        epochs: epochs_in(&envelope.msg),
+                    });
+                }
+                self.arrive(Some(envelope.from), envelope.to, envelope.msg, None);
+                Stepped::Other
             }
+            Event::Process { node, life } => self.process(node, life),
         }
     }
 
-    fn deliver(&mut self, from: Option<ActorRef>, to: ActorRef, msg: Msg, timer: Option<u64>) {
+    /// A message reaches node `to.node`: the gateway's are recorded at once, the
+    /// rest wait in the node's mailbox.
+    fn arrive(&mut self, from: Option<ActorRef>, to: ActorRef, msg: Msg, timer: Option<u64>) {
         let Some(i) = self.index(to.node) else { return };
         if !self.nodes[i].up {
             return;
@@ -227,32 +463,132 @@ impl Cluster {
             return;
         }
         let now = self.now;
+        let node = &mut self.nodes[i];
+        node.mailbox.push_back(Pending {
+            from,
+            to,
+            msg,
+            timer,
+        });
+        if !node.scheduled {
+            node.scheduled = true;
+            let at = now.max(node.busy_until);
+            let life = node.life;
+            self.push(at, Event::Process { node: i, life });
+        }
+    }
+
+    fn process(&mut self, i: usize, life: u64) -> Stepped {
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        if node.life != life || !node.up {
+            return Stepped::Other;
+        }
+        let Some(pending) = node.mailbox.pop_front() else {
+            node.scheduled = false;
+            return Stepped::Other;
+        };
+        node.busy_until = now.saturating_add(node.cost);
+        if node.mailbox.is_empty() {
+            node.scheduled = false;
+        } else {
+            let at = node.busy_until;
+            self.push(at, Event::Process { node: i, life });
+        }
+        let to = pending.to;
+        if self.deliver(i, pending) {
+            Stepped::Handled { node: i, to }
+        } else {
+            Stepped::Other
+        }
+    }
+
+    /// Node `i` handles one message. Returns whether an actor handled it.
+    fn deliver(&mut self, i: usize, pending: Pending) -> bool {
+        let Pending {
+            from,
+            to,
+            msg,
+            timer,
+        } = pending;
+        let now = self.node_now(i);
         let mut effects = Vec::new();
         let node = &mut self.nodes[i];
         if let Some(incarnation) = timer {
             if node.incarnation.get(&to) != Some(&incarnation) || !node.active.contains_key(&to) {
-                return;
+                return false;
             }
+        }
+        self.trace.write_u64(self.now.unix_micros());
+        self.trace.write_u64(i as u64);
+        self.trace.write_serialized(&(from, to));
+        self.trace.write_serialized(&msg);
+        if let Some(log) = &mut self.trace_log {
+            log.push(format!(
+                "{} n{i} {:?}/{:?} <- {:?}: {msg:?}",
+                self.now.unix_micros(),
+                to.kind,
+                to.key,
+                from.map(|f| (f.node, f.kind))
+            ));
         }
         let store: Arc<MemStore> = Arc::clone(&node.store);
         if !node.active.contains_key(&to) {
-            let mut cx = Context::new(to, None, now, &mut self.rng, store.as_ref(), &mut effects);
+            let mut cx = Context::new(to, None, now, &mut node.rng, store.as_ref(), &mut effects);
             let Some(handler) = self.domain.activate(&to, &mut cx) else {
-                return;
+                return false;
             };
-            let node = &mut self.nodes[i];
             node.active.insert(to, handler);
             *node.incarnation.entry(to).or_default() += 1;
         }
-        let node = &mut self.nodes[i];
+        let observing = if self.observe && to.kind == ActorKind::ROOM {
+            match &msg {
+                Msg::Room(RoomMsg::Request { req, .. }) => Some(Observed::Request {
+                    request: Box::new(req.request.clone()),
+                    outcome: Outcome::Forwarded,
+                }),
+                Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Observed::Publish {
+                    frame: FrameHeader::from(frame),
+                    outcome: Outcome::Forwarded,
+                }),
+                _ => None,
+            }
+        } else {
+            None
+        };
         let Some(handler) = node.active.get_mut(&to) else {
-            return;
+            return false;
         };
         {
-            let mut cx = Context::new(to, from, now, &mut self.rng, store.as_ref(), &mut effects);
+            let mut cx = Context::new(to, from, now, &mut node.rng, store.as_ref(), &mut effects);
             handler.handle_any(msg, &mut cx);
         }
+        self.handled += 1;
+        if let Some(mut what) = observing {
+            let decided = effects.iter().find_map(|e| match e {
+                Effect::Send {
+                    to,
+                    msg: Msg::Client(ClientMsg::Reply { outcome, .. }),
+                    ..
+                } if to.kind == ActorKind::GATEWAY => Some(outcome.clone()),
+                _ => None,
+            });
+            if let (Some(decided), conclave_actors::actor::ActorKey::Room(room)) = (decided, to.key)
+            {
+                match &mut what {
+                    Observed::Request { outcome, .. } | Observed::Publish { outcome, .. } => {
+                        *outcome = decided;
+                    }
+                }
+                self.observed.push(Observation {
+                    node: i,
+                    room,
+                    what,
+                });
+            }
+        }
         self.apply(i, to, effects);
+        true
     }
 
     fn apply(&mut self, i: usize, me: ActorRef, effects: Vec<Effect<Msg>>) {
@@ -260,26 +596,9 @@ impl Cluster {
             match effect {
                 Effect::Send { from, to, msg } => {
                     if to.node == me.node {
-                        self.push(
-                            self.now,
-                            Event::Deliver {
-                                from: Some(from),
-                                to,
-                                msg,
-                            },
-                        );
-                    } else if !self.cut.contains(&(me.node, to.node)) {
-                        let bytes = Envelope { from, to, msg }
-                            .encode()
-                            .expect("domain messages fit an envelope");
-                        let at = self.now.saturating_add(self.latency);
-                        self.push(
-                            at,
-                            Event::Wire {
-                                to_node: to.node,
-                                bytes,
-                            },
-                        );
+                        self.arrive(Some(from), to, msg, None);
+                    } else {
+                        self.transmit(i, from, to, msg);
                     }
                 }
                 Effect::Timer { after, msg } => {
@@ -303,18 +622,101 @@ impl Cluster {
         }
     }
 
-    /// Crashes node `i`: its actors and unsynced writes are gone, and it receives
-    /// nothing until [`Cluster::restart`].
+    fn chance(&mut self, ppm: u32) -> bool {
+        ppm > 0 && self.net_rng.next_u64() % 1_000_000 < u64::from(ppm)
+    }
+
+    fn jitter(&mut self) -> Duration {
+        let max = u64::try_from(self.net.jitter.as_micros()).unwrap_or(u64::MAX);
+        if max == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(self.net_rng.next_u64() % (max + 1))
+    }
+
+    /// Puts a message from node `i` on the wire, through the network's weather.
+    fn transmit(&mut self, i: usize, from: ActorRef, to: ActorRef, msg: Msg) {
+        let Some(j) = self.index(to.node) else { return };
+        if self.cut.contains(&(from.node, to.node)) {
+            self.trace.write_bytes(b"cut");
+            return;
+        }
+        if self.chance(self.net.drop_ppm) {
+            self.trace.write_bytes(b"drop");
+            return;
+        }
+        let bytes = Envelope { from, to, msg }
+            .encode()
+            .expect("domain messages fit an envelope");
+        let base = self
+            .link_latency
+            .get(&(i, j))
+            .copied()
+            .unwrap_or(self.latency);
+        let at = self.now.saturating_add(base + self.jitter());
+        if self.chance(self.net.duplicate_ppm) {
+            self.trace.write_bytes(b"dup");
+            let again = self
+                .now
+                .saturating_add(base + self.jitter() + self.jitter());
+            self.push(
+                again,
+                Event::Wire {
+                    to_node: to.node,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+        self.push(
+            at,
+            Event::Wire {
+                to_node: to.node,
+                bytes,
+            },
+        );
+    }
+
+    /// Crashes node `i`: its actors, its mailbox and unsynced writes are gone, and it
+    /// receives nothing until [`Cluster::restart`].
     pub fn crash(&mut self, i: usize) {
+        self.mark(&format!("crash n{i}"));
+        // Its transport is gone with it: it connects afresh after a restart.
+        for j in (0..self.nodes.len()).filter(|&j| j != i) {
+            self.lost.insert((i, j));
+        }
         let node = &mut self.nodes[i];
         node.up = false;
         node.active.clear();
+        node.mailbox.clear();
+        node.scheduled = false;
+        node.life += 1;
         node.store.crash();
     }
 
-    /// Restarts node `i` from its store, as the runtime does on start.
+    /// How many messages wait in node `i`'s mailbox (a node with some is mid-work:
+    /// a crash now loses what it was in the middle of).
+    pub fn mailbox_len(&self, i: usize) -> usize {
+        self.nodes[i].mailbox.len()
+    }
+
+    /// Node `i` is lost for good: crashed, its disk wiped; it never restarts.
+    pub fn wipe(&mut self, i: usize) {
+        self.crash(i);
+        self.mark(&format!("wipe n{i}"));
+        let node = &mut self.nodes[i];
+        node.wiped = true;
+        node.store.wipe();
+    }
+
+    /// Restarts node `i` from its store, as the runtime does on start (a wiped node
+    /// stays down).
     pub fn restart(&mut self, i: usize) {
+        if self.nodes[i].wiped {
+            return;
+        }
+        self.mark(&format!("restart n{i}"));
         self.nodes[i].up = true;
+        self.nodes[i].busy_until = self.now;
         let id = self.nodes[i].id;
         let boot = domain::boot(id, self.nodes[i].store.as_ref()).expect("boot reads the store");
         for (to, msg) in boot {
@@ -322,22 +724,38 @@ impl Cluster {
         }
     }
 
-    /// Tells node `i`'s peer actor for node `j` that the transport connected (as
-    /// the runtime does on a transport event).
+    /// Tells node `i`'s peer actor for node `j` that the transport connected again
+    /// (as the runtime does on a transport event) — only if the connection was lost
+    /// ([`Cluster::disconnected`], or a crash of either node): a connection that
+    /// never broke produces no event, so lost messages must be found by retries.
     pub fn connected(&mut self, i: usize, j: usize) {
+        if self.lost.remove(&(i, j)) {
+            let to = domain::peer_of(self.id(i), self.id(j));
+            self.tell(to, domain::PeerMsg::Connected);
+        }
+    }
+
+    /// Tells node `i`'s peer actor for node `j` that the transport lost it.
+    pub fn disconnected(&mut self, i: usize, j: usize) {
+        self.lost.insert((i, j));
         let to = domain::peer_of(self.id(i), self.id(j));
-        self.tell(to, domain::PeerMsg::Connected);
+        self.tell(to, domain::PeerMsg::Disconnected);
     }
 
     /// Cuts (or heals) both directions between nodes `i` and `j`.
     pub fn partition(&mut self, i: usize, j: usize, cut: bool) {
-        let (a, b) = (self.id(i), self.id(j));
-        for link in [(a, b), (b, a)] {
-            if cut {
-                self.cut.insert(link);
-            } else {
-                self.cut.remove(&link);
-            }
+        self.cut_link(i, j, cut);
+        self.cut_link(j, i, cut);
+    }
+
+    /// Cuts (or heals) the direction from node `i` to node `j` only.
+    pub fn cut_link(&mut self, i: usize, j: usize, cut: bool) {
+        self.mark(&format!("{} n{i}->n{j}", if cut { "cut" } else { "heal" }));
+        let link = (self.id(i), self.id(j));
+        if cut {
+            self.cut.insert(link);
+        } else {
+            self.cut.remove(&link);
         }
     }
 
@@ -345,14 +763,15 @@ impl Cluster {
     pub fn seed_admin(&mut self, i: usize, user: &Identity) {
         let store = &self.nodes[i].store;
         let mut txn = store.write().expect("write");
-        domain::members::seed_admin(&mut *txn, &user.public(), self.now).expect("seed admin");
+        domain::members::seed_admin(&mut *txn, &user.public(), self.node_now(i))
+            .expect("seed admin");
         txn.commit().expect("commit");
     }
 
-    /// Sends `op`, signed by `user`, to node `i`'s members actor; returns the request
-    /// number to look the outcome up with.
+    /// Sends `op`, signed by `user` with node `i`'s clock, to node `i`'s members
+    /// actor; returns the request number to look the outcome up with.
     pub fn request(&mut self, i: usize, user: &Identity, op: Op) -> u64 {
-        let now = self.now;
+        let now = self.node_now(i);
         let req = client::sign(user, now, &mut self.rng, op);
         self.send_signed(i, req)
     }
@@ -466,8 +885,9 @@ impl Cluster {
     pub fn publish(&mut self, i: usize, user: &Identity, room: RoomId, text: &[u8]) -> u64 {
         let keys = self.keys(i, user, room);
         let (&epoch, key) = keys.iter().next_back().expect("the publisher holds a key");
-        let frame = client::seal(&mut self.rng, user, room, epoch, key, self.now, text)
-            .expect("seal frame");
+        let now = self.node_now(i);
+        let frame =
+            client::seal(&mut self.rng, user, room, epoch, key, now, text).expect("seal frame");
         self.publish_frame(i, frame)
     }
 
@@ -510,6 +930,31 @@ impl Cluster {
             })
             .collect()
     }
+
+    /// Messages waiting for acknowledgement in node `i`'s outboxes, per destination
+    /// (only destinations with any).
+    pub fn outbox_depths(&self, i: usize) -> Vec<(NodeId, u64)> {
+        let Ok(txn) = self.nodes[i].store.read() else {
+            return Vec::new();
+        };
+        let Ok(dests) = conclave_actors::outbox::pending_destinations(&*txn) else {
+            return Vec::new();
+        };
+        dests
+            .into_iter()
+            .filter_map(|d| {
+                conclave_actors::outbox::depth(&*txn, d)
+                    .ok()
+                    .map(|depth| (d, depth))
+            })
+            .filter(|(_, depth)| *depth > 0)
+            .collect()
+    }
+}
+
+/// `t` shifted by `offset` microseconds.
+fn offset(t: Time, offset: i64) -> Time {
+    Time::from_unix_micros(t.unix_micros().saturating_add_signed(offset))
 }
 
 /// The (room, epoch) of every frame and key a message carries.

@@ -2,10 +2,15 @@
 //! process, faults drawn from a seed, oracles checked during and after every run.
 //!
 //! [`cluster::Cluster`] is the deterministic driver: the domain's actors on one
-//! thread, a virtual clock, one seeded random source, an in-memory network and
-//! in-memory disks with crash semantics.
+//! thread, a virtual clock, random sources derived from one seed, an in-memory
+//! network and in-memory disks with crash semantics.
 #![warn(missing_docs)]
 
 pub mod cluster;
+pub mod hash;
+pub mod options;
+pub mod run;
 
 pub use cluster::Cluster;
+pub use options::Options;
+pub use run::{run, run_with, Failure, Report};

@@ -16,7 +16,7 @@
 //! lose the message, or the reverse. The receiving [`peer::Peer`] hands messages to
 //! their target in order; every target is idempotent (a frame is stored once per
 //! sequence number, a publish once per message id, a key once per (room, epoch,
-//! user)), and the peer records its durable high-water mark and acknowledges only
+//! user), and a membership snapshot older than the one applied is skipped), and the peer records its durable high-water mark and acknowledges only
 //! after the target has committed. Delivery is therefore once and in order per
 //! (origin, destination), across crashes of either side.
 //!

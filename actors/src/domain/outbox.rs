@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{peer_of, DomainConfig, Msg, PeerMsg, Routed};
 use crate::actor::{Actor, Context, System};
 use crate::ids::{NodeId, Seq};
+use crate::mutation::{self, Mutation};
 use crate::wire::{decode_bounded, ENVELOPE_BYTES_MAX};
 
 /// How many unacknowledged messages an outbox sends before waiting for an
@@ -133,7 +134,7 @@ impl<S: System<Msg = Msg>> Actor<S> for Outbox {
                     return;
                 }
                 self.armed = false;
-                if !self.progress {
+                if !self.progress && !mutation::active(Mutation::DropOutboxRetries) {
                     // Nothing acknowledged for a whole delay: resend everything
                     // unacknowledged, in order, and wait longer next time.
                     self.sent_upto = 0;

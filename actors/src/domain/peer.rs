@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::{outbox_of, Deliverable, DomainConfig, Msg, OutboxMsg};
 use crate::actor::{Actor, ActorRef, Context, System, Time};
 use crate::ids::{NodeId, Seq};
+use crate::mutation::{self, Mutation};
 
 /// Acknowledge at least every this many applied messages.
 pub const ACK_EVERY: u64 = 32;
@@ -192,6 +193,12 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                 self.busy = true;
                 self.last_heard = Some(cx.now());
                 if seq.0 < self.expected {
+                    if mutation::active(Mutation::SkipReceiverDedup) {
+                        // Mutation: the duplicate is handed over again.
+                        self.waiting.push_back((seq.0, to, msg));
+                        self.pump(cx);
+                        return;
+                    }
                     // A resend of something accepted already: acknowledge what is
                     // durable, so the outbox can forget it.
                     metrics::counter!("conclave_inbox_duplicates_total").increment(1);
@@ -204,6 +211,16 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     return;
                 }
                 self.expected += 1;
+                if mutation::active(Mutation::AckBeforePersist)
+                    && self.in_flight.is_none()
+                    && self.waiting.is_empty()
+                {
+                    // Mutation: acknowledged on hand-over, before the target commits.
+                    cx.send(to, msg);
+                    self.high = self.high.max(seq.0);
+                    self.flush(cx);
+                    return;
+                }
                 self.waiting.push_back((seq.0, to, msg));
                 self.pump(cx);
             }
@@ -216,7 +233,8 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                 }
                 self.in_flight = None;
                 if done {
-                    self.high = seq;
+                    // (Never lowers it; only a mutation hands a duplicate over.)
+                    self.high = self.high.max(seq);
                     self.pump(cx);
                 } else {
                     // The target's store failed: take this message and everything

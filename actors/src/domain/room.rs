@@ -29,6 +29,7 @@ use super::{
 use crate::actor::{Actor, Context, System, Time};
 use crate::crypto::{verify_frame, verify_sealed_key, Frame, FrameError, SealError};
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
+use crate::mutation::{self, Mutation};
 
 /// How many frames a room without `persist` keeps (on its home and member nodes).
 pub const EPHEMERAL_FRAMES_KEPT: u64 = 256;
@@ -73,6 +74,8 @@ const MEMBERS: Table<([u8; 16], [u8; 32]), RoomMember> = Table::new("room.member
 const FRAMES: Table<([u8; 16], u64), Frame> = Table::new("room.frames");
 const IDS: Table<([u8; 16], u128), u64> = Table::new("room.ids");
 const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visible");
+/// Only written under [`Mutation::FanoutToRemoved`]: the nodes of removed members.
+const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
 
 /// The room's state on this node, if it knows the room.
 pub fn meta(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<RoomMeta>, StoreError> {
@@ -196,6 +199,9 @@ pub struct Room {
     idle: Duration,
     /// Whether a message arrived since the last idle check.
     busy: bool,
+    /// Only used under [`Mutation::VolatileSequence`]: the next sequence number,
+    /// kept in memory instead of the store.
+    volatile_next: Option<Seq>,
 }
 
 impl Room {
@@ -209,6 +215,7 @@ impl Room {
             room,
             idle: config.idle,
             busy: false,
+            volatile_next: None,
         }
     }
 }
@@ -533,6 +540,9 @@ impl Room {
                 for (member, key) in bundle {
                     keys::put(&mut *txn, self.room, next, *member, key)?;
                 }
+                if mutation::active(Mutation::FanoutToRemoved) && target.home != me {
+                    MUTATION_REMOVED.put(&mut *txn, &(self.room.0, target.home.0), &1)?;
+                }
                 if target.home == me {
                     VISIBLE.put(
                         &mut *txn,
@@ -564,7 +574,11 @@ impl Room {
                 for &node in &nodes {
                     let keys: Vec<_> = bundle
                         .iter()
-                        .filter(|(u, _)| remaining.iter().any(|m| m.user == *u && m.home == node))
+                        .filter(|(u, _)| {
+                            // Mutation: every node gets the whole bundle.
+                            mutation::active(Mutation::BundleUnsplit)
+                                || remaining.iter().any(|m| m.user == *u && m.home == node)
+                        })
                         .cloned()
                         .collect();
                     enqueue(
@@ -667,7 +681,7 @@ impl Room {
         if let Some(seq) = IDS.get(&*txn, &(self.room.0, frame.id.0))? {
             return Err(Denial::Duplicate { seq: Seq(seq) });
         }
-        if frame.epoch != meta.epoch {
+        if frame.epoch != meta.epoch && !mutation::active(Mutation::AcceptStaleEpoch) {
             return Err(Denial::StaleEpoch {
                 current: meta.epoch,
                 got: frame.epoch,
@@ -677,9 +691,25 @@ impl Room {
             FrameError::TooLarge { .. } => Denial::malformed(e.to_string()),
             _ => Denial::BadSignature,
         })?;
-        let seq = meta.next_seq;
+        let volatile = mutation::active(Mutation::VolatileSequence);
+        let seq = match self.volatile_next {
+            // Mutation: the sequence number comes from memory.
+            Some(next) if volatile => next,
+            _ => meta.next_seq,
+        };
         let members = members(&*txn, self.room)?;
-        let nodes = member_nodes(&members, me);
+        let mut nodes = member_nodes(&members, me);
+        if mutation::active(Mutation::FanoutToRemoved) {
+            // Mutation: frames still go to the nodes of removed members.
+            for ((_, node), _) in MUTATION_REMOVED.scan(
+                &*txn,
+                (self.room.0, [0; 32])..=(self.room.0, [0xff; 32]),
+                Order::Ascending,
+                usize::MAX,
+            )? {
+                nodes.insert(NodeId(node));
+            }
+        }
         for &node in &nodes {
             self.enqueue_update(
                 &mut *txn,
@@ -694,7 +724,12 @@ impl Room {
         self.store_frame(&mut *txn, &meta, seq, &frame)?;
         IDS.put(&mut *txn, &(self.room.0, frame.id.0), &seq.0)?;
         meta.next_seq = Seq(seq.0 + 1);
-        META.put(&mut *txn, &self.room.0, &meta)?;
+        if volatile {
+            // Mutation: the next sequence number is not persisted with the frame.
+            self.volatile_next = Some(meta.next_seq);
+        } else {
+            META.put(&mut *txn, &self.room.0, &meta)?;
+        }
         txn.commit()?;
         metrics::counter!("conclave_frames_committed_total").increment(1);
         let created = Time::from_unix_micros(frame.id.unix_ms().saturating_mul(1_000));
@@ -732,11 +767,24 @@ impl Room {
                     return Err("malformed");
                 }
                 let mut meta = meta;
+                let old = members(&*txn, self.room).map_err(|_| "storage")?;
                 if let Some(known) = known {
+                    // An older snapshot than the one applied: handed over again after
+                    // this node crashed between applying it and its peer recording
+                    // that. Each snapshot of the home is later than the one before in
+                    // (epoch, member count): an invite adds one member, a removal
+                    // starts the next epoch. Applying it would take the copy back
+                    // (re-admitting removed members until the newer snapshots come
+                    // again, and stretching their visibility past their removal).
+                    if (meta.epoch, new_members.len()) < (known.epoch, old.len())
+                        && !mutation::active(Mutation::SkipReceiverDedup)
+                    {
+                        metrics::counter!("conclave_updates_stale_total").increment(1);
+                        return Ok(());
+                    }
                     // Frames already stored here may be ahead of the snapshot's view.
                     meta.next_seq = meta.next_seq.max(known.next_seq);
                 }
-                let old = members(&*txn, self.room).map_err(|_| "storage")?;
                 let now_in: BTreeMap<UserId, RoomMember> =
                     new_members.iter().map(|m| (m.user, *m)).collect();
                 for m in &old {
@@ -789,10 +837,11 @@ impl Room {
                 let Some(mut meta) = known else {
                     return Err("unknown_room");
                 };
-                if FRAMES
-                    .get(&*txn, &(self.room.0, seq.0))
-                    .map_err(|_| "storage")?
-                    .is_some()
+                if !mutation::active(Mutation::SkipReceiverDedup)
+                    && FRAMES
+                        .get(&*txn, &(self.room.0, seq.0))
+                        .map_err(|_| "storage")?
+                        .is_some()
                 {
                     metrics::counter!("conclave_frames_duplicate_total").increment(1);
                     return Ok(());

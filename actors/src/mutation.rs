@@ -1,0 +1,98 @@
+//! Deliberately broken variants of the domain actors, for the simulator to prove
+//! that its oracles catch real bugs ("an oracle that catches nothing proves
+//! nothing").
+//!
+//! Only builds with the `mutations` cargo feature (off by default, never enabled by
+//! the runtime) can switch one on, with [`set`]; without the feature [`active`] is a
+//! constant `false` and every mutated branch compiles away, so production behaviour
+//! is unchanged. The switch is per thread: the simulator is single-threaded and runs
+//! one seed at a time.
+
+/// A deliberately broken variant of the domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mutation {
+    /// The receiving peer hands duplicates (resends of messages it handed over
+    /// already) to their target again, and a member node's room neither checks
+    /// whether it holds a frame's sequence number already nor skips a membership
+    /// snapshot older than the one it applied.
+    SkipReceiverDedup,
+    /// The receiving peer records its high-water mark and acknowledges a message
+    /// when it hands it over, before the target has committed it.
+    AckBeforePersist,
+    /// A room's home sequences frames of an epoch other than the current one (so a
+    /// removed member's key still opens frames sent after the removal).
+    AcceptStaleEpoch,
+    /// A room's home keeps fanning frames out to the nodes of removed members.
+    FanoutToRemoved,
+    /// An outbox sends each message once and never resends what was not
+    /// acknowledged.
+    DropOutboxRetries,
+    /// A room's home keeps its next sequence number in memory and does not persist
+    /// it with the frame, so after a restart it hands out committed numbers again.
+    VolatileSequence,
+    /// A room's home sends every remaining member node the whole rekey bundle
+    /// instead of the keys of its own users (which the node then refuses).
+    BundleUnsplit,
+}
+
+impl Mutation {
+    /// Every mutation, in a fixed order.
+    pub const ALL: [Mutation; 7] = [
+        Mutation::SkipReceiverDedup,
+        Mutation::AckBeforePersist,
+        Mutation::AcceptStaleEpoch,
+        Mutation::FanoutToRemoved,
+        Mutation::DropOutboxRetries,
+        Mutation::VolatileSequence,
+        Mutation::BundleUnsplit,
+    ];
+
+    /// Its name on the command line (`skip_receiver_dedup`, …).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mutation::SkipReceiverDedup => "skip_receiver_dedup",
+            Mutation::AckBeforePersist => "ack_before_persist",
+            Mutation::AcceptStaleEpoch => "accept_stale_epoch",
+            Mutation::FanoutToRemoved => "fanout_to_removed",
+            Mutation::DropOutboxRetries => "drop_outbox_retries",
+            Mutation::VolatileSequence => "volatile_sequence",
+            Mutation::BundleUnsplit => "bundle_unsplit",
+        }
+    }
+
+    /// The mutation named `name`.
+    pub fn from_name(name: &str) -> Option<Mutation> {
+        Mutation::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+#[cfg(feature = "mutations")]
+thread_local! {
+    static ACTIVE: core::cell::Cell<Option<Mutation>> = const { core::cell::Cell::new(None) };
+}
+
+/// Switches `mutation` on for this thread (`None`: the correct actors).
+#[cfg(feature = "mutations")]
+pub fn set(mutation: Option<Mutation>) {
+    ACTIVE.with(|a| a.set(mutation));
+}
+
+/// Whether this build can switch mutations on at all.
+pub const fn available() -> bool {
+    cfg!(feature = "mutations")
+}
+
+/// Whether `mutation` is on.
+#[cfg(feature = "mutations")]
+#[inline]
+pub fn active(mutation: Mutation) -> bool {
+    ACTIVE.with(|a| a.get() == Some(mutation))
+}
+
+/// Whether `mutation` is on: never, in a build without the `mutations` feature. A
+/// constant, so every mutated branch is dead code the compiler removes.
+#[cfg(not(feature = "mutations"))]
+#[inline(always)]
+pub const fn active(_mutation: Mutation) -> bool {
+    false
+}

@@ -1,0 +1,312 @@
+//! Swarm testing: each seed draws which faults are on, how likely and how long
+//! they are, and the shape of the workload. Sweeps then explore different weather,
+//! not the same drizzle.
+
+use core::fmt;
+use core::time::Duration;
+
+use conclave_actors::domain::DomainConfig;
+use conclave_actors::mutation::Mutation;
+use rand_chacha::ChaCha20Rng;
+use rand_core::Rng;
+
+use crate::cluster::derive_rng;
+
+/// Partitions: how often one starts and how long it lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Partitions {
+    /// Mean time between two partitions.
+    pub every: Duration,
+    /// Longest partition.
+    pub length_max: Duration,
+    /// Share (per million) of partitions that cut one direction of one link only.
+    pub asymmetric_ppm: u32,
+}
+
+/// Crashes: how often a node crashes and how long it stays down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crashes {
+    /// Mean time between two crashes.
+    pub every: Duration,
+    /// Longest time down before the node restarts.
+    pub down_max: Duration,
+    /// Share (per million) of crashed nodes that stay down until the chaos ends.
+    pub stay_down_ppm: u32,
+    /// Share (per million) of crashes that wait (up to a second) until the node is
+    /// in the middle of work: it has just handled a message and more wait in its
+    /// mailbox, so the crash cuts a chain of local messages in two.
+    pub mid_work_ppm: u32,
+}
+
+/// Everything a run derives from its seed (plus the node count and mutation, which
+/// the command line may fix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// The root seed.
+    pub seed: u64,
+    /// How many nodes.
+    pub nodes: usize,
+    /// The mutation switched on, if any.
+    pub mutation: Option<Mutation>,
+    /// Longest base one-way latency of a link (each link draws its own up to it).
+    pub latency_max: Duration,
+    /// Extra latency per message, up to this (reorders messages), if on.
+    pub jitter: Duration,
+    /// Chance a message is lost, per million.
+    pub drop_ppm: u32,
+    /// Chance a message is delivered twice, per million.
+    pub duplicate_ppm: u32,
+    /// Partitions, if on.
+    pub partitions: Option<Partitions>,
+    /// Crashes, if on.
+    pub crashes: Option<Crashes>,
+    /// Whether one node is lost for good (its disk wiped) during the chaos.
+    pub wipe: bool,
+    /// What one message costs every node.
+    pub base_cost: Duration,
+    /// Slow nodes and what one message costs them.
+    pub slow: Vec<(usize, Duration)>,
+    /// Each node's clock offset in milliseconds (all zero if off).
+    pub clock_offsets_ms: Vec<i64>,
+    /// Users per node (besides its admin).
+    pub users_per_node: usize,
+    /// Rooms created at the start.
+    pub rooms: usize,
+    /// Mean time between two workload steps.
+    pub step_every: Duration,
+    /// How long the chaos lasts.
+    pub chaos: Duration,
+    /// Workload weights: publish, invite, remove, read.
+    pub weights: [u32; 4],
+    /// Chance (per million) a publish uses an older key than the newest it holds.
+    pub stale_publish_ppm: u32,
+    /// The domain's timing: outbox retry delays and how soon idle actors passivate.
+    pub domain: DomainConfig,
+}
+
+fn between(rng: &mut ChaCha20Rng, lo: u64, hi: u64) -> u64 {
+    lo + rng.next_u64() % (hi - lo + 1)
+}
+
+fn coin(rng: &mut ChaCha20Rng) -> bool {
+    rng.next_u64() & 1 == 1
+}
+
+fn ms(rng: &mut ChaCha20Rng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(between(rng, lo, hi))
+}
+
+impl Options {
+    /// The options of `seed`; `nodes` fixes the node count (else the seed picks 3 to 5).
+    pub fn derive(seed: u64, nodes: Option<usize>, mutation: Option<Mutation>) -> Self {
+        let mut rng = derive_rng(seed, 0, "options");
+        let drawn_nodes = between(&mut rng, 3, 5) as usize;
+        let nodes = nodes.unwrap_or(drawn_nodes).max(1);
+        let latency_max = ms(&mut rng, 1, 40);
+        let jitter = if coin(&mut rng) {
+            ms(&mut rng, 1, 30)
+        } else {
+            Duration::ZERO
+        };
+        let drop_ppm = if coin(&mut rng) {
+            between(&mut rng, 5_000, 200_000) as u32
+        } else {
+            0
+        };
+        let duplicate_ppm = if coin(&mut rng) {
+            between(&mut rng, 5_000, 100_000) as u32
+        } else {
+            0
+        };
+        let partitions = coin(&mut rng).then(|| Partitions {
+            every: ms(&mut rng, 1_000, 6_000),
+            length_max: ms(&mut rng, 200, 5_000),
+            asymmetric_ppm: between(&mut rng, 0, 500_000) as u32,
+        });
+        let crashes = coin(&mut rng).then(|| Crashes {
+            every: ms(&mut rng, 1_000, 8_000),
+            down_max: ms(&mut rng, 100, 5_000),
+            stay_down_ppm: between(&mut rng, 0, 300_000) as u32,
+            mid_work_ppm: between(&mut rng, 0, 1_000_000) as u32,
+        });
+        let wipe = nodes >= 3 && between(&mut rng, 0, 5) == 0;
+        let base_cost = Duration::from_micros(between(&mut rng, 5, 100));
+        let mut slow = Vec::new();
+        if coin(&mut rng) {
+            let count = between(&mut rng, 1, 2.min(nodes as u64)) as usize;
+            for _ in 0..count {
+                let node = (rng.next_u64() % nodes as u64) as usize;
+                let cost = Duration::from_micros(between(&mut rng, 500, 5_000));
+                if !slow.iter().any(|&(n, _)| n == node) {
+                    slow.push((node, cost));
+                }
+            }
+            slow.sort();
+        }
+        let clock_offsets_ms = if coin(&mut rng) {
+            (0..nodes)
+                .map(|_| between(&mut rng, 0, 40_000) as i64 - 20_000)
+                .collect()
+        } else {
+            vec![0; nodes]
+        };
+        let users_per_node = between(&mut rng, 1, 3) as usize;
+        let rooms = between(&mut rng, 1, 3) as usize;
+        let step_every = ms(&mut rng, 60, 250);
+        let chaos = ms(&mut rng, 8_000, 25_000);
+        let weights = [
+            between(&mut rng, 40, 80) as u32,
+            between(&mut rng, 5, 20) as u32,
+            between(&mut rng, 3, 15) as u32,
+            between(&mut rng, 5, 25) as u32,
+        ];
+        let stale_publish_ppm = if coin(&mut rng) {
+            between(&mut rng, 20_000, 200_000) as u32
+        } else {
+            0
+        };
+        // Half the seeds run the production timing; the others retry sooner or
+        // later and passivate idle actors within a second or two, so that
+        // activation from storage happens all the time.
+        let domain = if coin(&mut rng) {
+            DomainConfig::default()
+        } else {
+            DomainConfig {
+                retry_base: ms(&mut rng, 20, 500),
+                retry_max: ms(&mut rng, 500, 5_000),
+                idle: ms(&mut rng, 200, 5_000),
+            }
+        };
+        Options {
+            seed,
+            nodes,
+            mutation,
+            latency_max,
+            jitter,
+            drop_ppm,
+            duplicate_ppm,
+            partitions,
+            crashes,
+            wipe,
+            base_cost,
+            slow,
+            clock_offsets_ms,
+            users_per_node,
+            rooms,
+            step_every,
+            chaos,
+            weights,
+            stale_publish_ppm,
+            domain,
+        }
+    }
+}
+
+fn pct(ppm: u32) -> String {
+    format!("{:.1}%", f64::from(ppm) / 10_000.0)
+}
+
+impl fmt::Display for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let on_off = |on: bool| if on { "on" } else { "off" };
+        writeln!(
+            f,
+            "seed {}: {} nodes, mutation {}",
+            self.seed,
+            self.nodes,
+            self.mutation.map_or("none", |m| m.name())
+        )?;
+        writeln!(
+            f,
+            "  network: latency up to {:?}, jitter {}, drop {}, duplicate {}",
+            self.latency_max,
+            if self.jitter.is_zero() {
+                "off".to_string()
+            } else {
+                format!("up to {:?}", self.jitter)
+            },
+            if self.drop_ppm == 0 {
+                "off".to_string()
+            } else {
+                pct(self.drop_ppm)
+            },
+            if self.duplicate_ppm == 0 {
+                "off".to_string()
+            } else {
+                pct(self.duplicate_ppm)
+            },
+        )?;
+        match self.partitions {
+            Some(p) => writeln!(
+                f,
+                "  partitions: every ~{:?}, up to {:?} long, {} one-way",
+                p.every,
+                p.length_max,
+                pct(p.asymmetric_ppm)
+            )?,
+            None => writeln!(f, "  partitions: off")?,
+        }
+        match self.crashes {
+            Some(c) => writeln!(
+                f,
+                "  crashes: every ~{:?}, down up to {:?}, {} stay down until the end, {} mid-work",
+                c.every,
+                c.down_max,
+                pct(c.stay_down_ppm),
+                pct(c.mid_work_ppm)
+            )?,
+            None => writeln!(f, "  crashes: off")?,
+        }
+        writeln!(
+            f,
+            "  node lost for good (disk wiped): {}",
+            on_off(self.wipe)
+        )?;
+        writeln!(
+            f,
+            "  processing: {:?} per message; slow nodes: {}",
+            self.base_cost,
+            if self.slow.is_empty() {
+                "off".to_string()
+            } else {
+                self.slow
+                    .iter()
+                    .map(|(n, c)| format!("n{n} {c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        )?;
+        writeln!(
+            f,
+            "  clock offsets: {}",
+            if self.clock_offsets_ms.iter().all(|&o| o == 0) {
+                "off".to_string()
+            } else {
+                self.clock_offsets_ms
+                    .iter()
+                    .map(|o| format!("{o}ms"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        )?;
+        writeln!(
+            f,
+            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}",
+            self.domain.retry_base, self.domain.retry_max, self.domain.idle
+        )?;
+        write!(
+            f,
+            "  workload: {} users/node, {} rooms, a step every ~{:?} for {:?}, weights publish/invite/remove/read {:?}, stale-key publishes {}",
+            self.users_per_node,
+            self.rooms,
+            self.step_every,
+            self.chaos,
+            self.weights,
+            if self.stale_publish_ppm == 0 {
+                "off".to_string()
+            } else {
+                pct(self.stale_publish_ppm)
+            }
+        )
+    }
+}

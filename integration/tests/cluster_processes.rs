@@ -15,8 +15,8 @@ use conclave::{ApiError, Denial, Identity, RemoteNode};
 const EXE: &str = env!("CARGO_BIN_EXE_conclave-it");
 
 /// A base port P such that P..P+3 (UDP and TCP) and P+100..P+103 (TCP) are free now.
-fn free_base_port() -> u16 {
-    let seed = std::process::id() as u16;
+fn free_base_port(salt: u16) -> u16 {
+    let seed = (std::process::id() as u16).wrapping_add(salt.wrapping_mul(4099));
     for attempt in 0..200u16 {
         let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7919)) % 20_000);
         let free = (0..3).all(|i| {
@@ -115,7 +115,7 @@ fn promtool_check(exposition: &str) {
 async fn cluster_up_check_kill_restart_and_scrape() {
     let dir = tempfile::tempdir().unwrap();
     let cluster_dir = dir.path().join("cluster");
-    let base = free_base_port().to_string();
+    let base = free_base_port(0).to_string();
     let up = Command::new(EXE)
         .args(["cluster", "up", "--nodes", "3", "--dir"])
         .arg(&cluster_dir)
@@ -289,4 +289,40 @@ async fn cluster_up_check_kill_restart_and_scrape() {
         assert!(status.success(), "restarted node exited with {status}");
     }
     guard.others.clear();
+}
+
+/// The README's main command, `conclave demo`, run to the end (`--exit`).
+#[test]
+fn the_demo_shows_every_member_decrypting_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port(1).to_string();
+    let out = run(&[
+        "demo",
+        "--dir",
+        dir.path().join("demo").to_str().unwrap(),
+        "--base-port",
+        &base,
+        "--exit",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for member in ["alice on node0:", "bob on node1:", "carol on node2:"] {
+        let at = text
+            .find(member)
+            .unwrap_or_else(|| panic!("{member} missing:\n{text}"));
+        let lines: Vec<_> = text[at..].lines().skip(1).take(5).collect();
+        assert_eq!(lines.len(), 5, "{member}");
+        for (i, line) in lines.iter().enumerate() {
+            assert!(
+                line.starts_with(&format!("  #{} ", i + 1)),
+                "{member}: {line}"
+            );
+        }
+    }
+    assert!(text.contains("/metrics"), "{text}");
+    assert!(text.contains(" send --node "), "{text}");
 }

@@ -146,6 +146,15 @@ pub trait System: Send + Sync + Sized + 'static {
         addr: &ActorRef,
         cx: &mut Context<'_, Self>,
     ) -> Option<Box<dyn Handler<Self>>>;
+
+    /// Whether an envelope from `from`, an actor on another node (whose node the
+    /// transport authenticated), may be delivered to the local actor `to`. Drivers
+    /// drop and count the rest. The default accepts everything; a system should
+    /// name the few addresses other nodes may reach.
+    fn accepts_remote(&self, from: &ActorRef, to: &ActorRef) -> bool {
+        let _ = (from, to);
+        true
+    }
 }
 
 /// A typed actor within system `S`.

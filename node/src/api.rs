@@ -167,7 +167,7 @@ impl NodeBuilder {
         quic.accept_clients = true;
         let (transport, channels) = QuicTransport::<Msg>::start(quic)?;
         let local_addr = transport.local_addr().ok();
-        let gateway = Arc::new(Gateway::new());
+        let gateway = Arc::new(Gateway::new(id));
         let runtime = Runtime::start(HostConfig {
             node: id,
             system: NodeSystem {
@@ -432,9 +432,17 @@ impl Node {
     /// receiver of its outcomes.
     fn submit(
         &self,
+        room: Option<RoomId>,
         make: impl FnOnce(ReplyTo) -> MembersMsg,
     ) -> Result<(u64, mpsc::UnboundedReceiver<Outcome>), ApiError> {
-        let (request, rx) = self.inner.gateway.register();
+        // Who may answer: this node, and the room's home for a room request.
+        let mut answerers = std::collections::BTreeSet::from([self.inner.id]);
+        if let Some(room) = room {
+            let store = self.open_store()?;
+            let txn = store.read_txn()?;
+            answerers.extend(domain::room::home_of(&txn, room)?);
+        }
+        let (request, rx) = self.inner.gateway.register(answerers);
         let reply = ReplyTo {
             to: gateway_of(self.inner.id),
             request,
@@ -498,6 +506,7 @@ impl Backend for Node {
     ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
         let store = self.open_store()?;
         let txn = store.read_txn()?;
+        domain::members::check_active(&txn, user).map_err(ApiError::Denied)?;
         Ok(domain::keys::sealed_for(&txn, room, user)?)
     }
 
@@ -521,7 +530,8 @@ impl Node {
         req: SignedRequest,
         wait: Duration,
     ) -> Result<Option<Outcome>, ApiError> {
-        let (request, rx) = self.submit(|reply| MembersMsg::Request {
+        let room = req.request.op.room();
+        let (request, rx) = self.submit(room, |reply| MembersMsg::Request {
             req: Box::new(req),
             reply,
         })?;
@@ -535,7 +545,9 @@ impl Node {
         frame: Frame,
         wait: Duration,
     ) -> Result<Option<Outcome>, ApiError> {
-        let (request, rx) = self.submit(|reply| MembersMsg::Publish { frame, reply })?;
+        let room = frame.room;
+        let (request, rx) =
+            self.submit(Some(room), |reply| MembersMsg::Publish { frame, reply })?;
         self.outcome(request, rx, wait).await
     }
 
@@ -630,6 +642,9 @@ impl LocalFrames {
         let store = self.node.open_store().map_err(Some)?;
         let (vis, frames) = {
             let txn = store.read_txn().map_err(|e| Some(e.into()))?;
+            // A user revoked while reading stops reading.
+            domain::members::check_active(&txn, self.user)
+                .map_err(|d| Some(ApiError::Denied(d)))?;
             let vis = domain::room::visibility(&txn, self.user, self.room)
                 .map_err(|e| Some(e.into()))?
                 .ok_or(Some(ApiError::Denied(Denial::NotAMember)))?;
@@ -645,7 +660,7 @@ impl LocalFrames {
             if vis.until.is_some_and(|until| seq >= until) {
                 break;
             }
-            self.next = Seq(seq.0 + 1);
+            self.next = Seq(seq.0.saturating_add(1));
             if vis.covers(seq) {
                 self.buffer.push_back((seq, frame));
                 any = true;
@@ -657,27 +672,48 @@ impl LocalFrames {
 
 /// Replies and notifications from the actors to API callers.
 struct Gateway {
+    me: NodeId,
     next: AtomicU64,
-    pending: Mutex<BTreeMap<u64, mpsc::UnboundedSender<Outcome>>>,
+    pending: Mutex<BTreeMap<u64, Pending>>,
     changes: broadcast::Sender<RoomId>,
 }
 
+/// A request waiting for its outcome.
+struct Pending {
+    tx: mpsc::UnboundedSender<Outcome>,
+    /// The nodes whose answers count (this node; the room's home).
+    answerers: std::collections::BTreeSet<NodeId>,
+    /// Whether `Forwarded` was already passed on (it is said once).
+    forwarded: bool,
+}
+
 impl Gateway {
-    fn new() -> Self {
+    fn new(me: NodeId) -> Self {
         Self {
+            me,
             next: AtomicU64::new(1),
             pending: Mutex::new(BTreeMap::new()),
             changes: broadcast::channel(1024).0,
         }
     }
 
-    fn register(&self) -> (u64, mpsc::UnboundedReceiver<Outcome>) {
+    fn register(
+        &self,
+        answerers: std::collections::BTreeSet<NodeId>,
+    ) -> (u64, mpsc::UnboundedReceiver<Outcome>) {
         let request = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(request, tx);
+            .insert(
+                request,
+                Pending {
+                    tx,
+                    answerers,
+                    forwarded: false,
+                },
+            );
         (request, rx)
     }
 
@@ -688,18 +724,44 @@ impl Gateway {
             .remove(&request);
     }
 
-    fn deliver(&self, msg: ClientMsg) {
-        match msg {
+    /// Passes an actor's message on, if it comes from a node that may say it: an
+    /// outcome from this node or the request's room home (`Forwarded` only from
+    /// this node, once; then one final outcome), a change notice only from this
+    /// node. Anything else is dropped and counted: another node cannot answer for
+    /// a room it is not the home of, nor wake subscribers here.
+    fn deliver(&self, from: NodeId, msg: ClientMsg) {
+        let accepted = match msg {
             ClientMsg::Reply { request, outcome } => {
-                let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(tx) = pending.get(&request) {
-                    let _ = tx.send(outcome);
+                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                match pending.get_mut(&request) {
+                    Some(p) if p.answerers.contains(&from) => match outcome {
+                        Outcome::Forwarded if from != self.me || p.forwarded => false,
+                        Outcome::Forwarded => {
+                            p.forwarded = true;
+                            p.tx.send(Outcome::Forwarded).is_ok()
+                        }
+                        outcome => {
+                            let _ = p.tx.send(outcome);
+                            pending.remove(&request);
+                            true
+                        }
+                    },
+                    // A late answer to a request that was already answered or
+                    // given up on is normal; one from another node is not.
+                    Some(_) => false,
+                    None => true,
                 }
             }
-            ClientMsg::Changed { room } => {
+            ClientMsg::Changed { room } if from == self.me => {
                 // No subscriber is fine.
                 let _ = self.changes.send(room);
+                true
             }
+            ClientMsg::Changed { .. } => false,
+        };
+        if !accepted {
+            tracing::warn!(node = %from, "gateway message from a node that may not send it; dropped");
+            metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "gateway_not_answerer").increment(1);
         }
     }
 }
@@ -710,8 +772,10 @@ struct GatewayActor(Arc<Gateway>);
 impl Actor<NodeSystem> for GatewayActor {
     type Msg = ClientMsg;
 
-    fn handle(&mut self, msg: ClientMsg, _cx: &mut Context<'_, NodeSystem>) {
-        self.0.deliver(msg);
+    fn handle(&mut self, msg: ClientMsg, cx: &mut Context<'_, NodeSystem>) {
+        // Messages from outside any actor (none are sent) count as this node's.
+        let from = cx.sender().map_or(cx.node(), |s| s.node);
+        self.0.deliver(from, msg);
     }
 }
 
@@ -735,5 +799,72 @@ impl System for NodeSystem {
             }
             _ => self.domain.activate(addr, cx),
         }
+    }
+
+    fn accepts_remote(&self, from: &ActorRef, to: &ActorRef) -> bool {
+        self.domain.accepts_remote(from, to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_answering_nodes_reach_a_waiting_caller() {
+        let (me, home, other) = (NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32]));
+        let gateway = Gateway::new(me);
+        let (request, mut rx) = gateway.register([me, home].into());
+        let done = |request| ClientMsg::Reply {
+            request,
+            outcome: Outcome::Done,
+        };
+        // Another node cannot answer, nor say "forwarded"; the home cannot say
+        // "forwarded" either (only this node's members actor does, once).
+        gateway.deliver(other, done(request));
+        gateway.deliver(
+            home,
+            ClientMsg::Reply {
+                request,
+                outcome: Outcome::Forwarded,
+            },
+        );
+        gateway.deliver(
+            me,
+            ClientMsg::Reply {
+                request,
+                outcome: Outcome::Forwarded,
+            },
+        );
+        gateway.deliver(
+            me,
+            ClientMsg::Reply {
+                request,
+                outcome: Outcome::Forwarded,
+            },
+        );
+        assert_eq!(rx.try_recv().ok(), Some(Outcome::Forwarded));
+        assert!(rx.try_recv().is_err());
+        // The home's answer is the one final outcome; nothing after it.
+        gateway.deliver(home, done(request));
+        gateway.deliver(home, done(request));
+        assert_eq!(rx.try_recv().ok(), Some(Outcome::Done));
+        assert!(rx.try_recv().is_err());
+        // Change notices only from this node.
+        let mut changes = gateway.changes.subscribe();
+        gateway.deliver(
+            other,
+            ClientMsg::Changed {
+                room: RoomId([0; 16]),
+            },
+        );
+        assert!(changes.try_recv().is_err());
+        gateway.deliver(
+            me,
+            ClientMsg::Changed {
+                room: RoomId([0; 16]),
+            },
+        );
+        assert_eq!(changes.try_recv().ok(), Some(RoomId([0; 16])));
     }
 }

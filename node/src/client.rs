@@ -172,7 +172,10 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let request = match read_msg::<ClientRequest>(&mut recv).await {
+    // A request arrives whole, promptly: a client trickling bytes is cut off.
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<ClientRequest>(&mut recv)).await;
+    let read = read.unwrap_or_else(|_| Err("request not received in time".into()));
+    let request = match read {
         Ok(Some(request)) => request,
         Ok(None) => return,
         Err(problem) => {

@@ -230,6 +230,11 @@ impl<S: System> Shared<S> {
             count_dropped("spoofed_sender");
             return;
         }
+        if !self.system.accepts_remote(&envelope.from, &envelope.to) {
+            tracing::warn!(from = ?envelope.from, to = ?envelope.to, "envelope to an address other nodes may not reach; dropped");
+            count_dropped("not_reachable");
+            return;
+        }
         if let Err(error) = self.route(
             Origin::Outside,
             Some(envelope.from),

@@ -332,6 +332,11 @@ impl<B: Backend> User<B> {
             let id = frame.id;
             match self.backend.publish(frame).await? {
                 Some(Outcome::Committed { id, seq }) => return Ok(Receipt::Committed { id, seq }),
+                // This very frame was committed before (a resend after a crash of
+                // the home answered late): that is its receipt.
+                Some(Outcome::Denied(Denial::Duplicate { seq })) => {
+                    return Ok(Receipt::Committed { id, seq })
+                }
                 Some(Outcome::Denied(Denial::StaleEpoch { current, .. }))
                     if stale_retries < 20 && current > epoch =>
                 {

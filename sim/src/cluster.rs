@@ -439,6 +439,10 @@ impl Cluster {
                         epochs: epochs_in(&envelope.msg),
                     });
                 }
+                // As the runtime does: other nodes reach only a few addresses.
+                if !self.domain.accepts_remote(&envelope.from, &envelope.to) {
+                    return Stepped::Other;
+                }
                 self.arrive(Some(envelope.from), envelope.to, envelope.msg, None);
                 Stepped::Other
             }

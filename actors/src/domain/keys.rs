@@ -174,16 +174,31 @@ fn store<S: System<Msg = Msg>>(
     if keys.len() > ROOM_MEMBERS_MAX {
         return Err(Denial::bundle("too many keys"));
     }
+    // Each key on its own: one bad key (a user this node does not know, or whose
+    // key does not verify) must not keep the others from their users.
     for (user, key) in keys {
-        let record = members::user(&*txn, *user)?
-            .ok_or_else(|| Denial::not_found(format!("user {user}")))?;
-        verify_sealed_key(key, &PublicKey::from(record.exchange), room, epoch).map_err(
-            |e| match e {
-                SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
-                other => Denial::bundle(other.to_string()),
-            },
-        )?;
-        put(&mut *txn, room, epoch, *user, key)?;
+        let checked = match members::user(&*txn, *user)? {
+            None => Err(Denial::not_found(format!("user {user}"))),
+            Some(record) => verify_sealed_key(key, &PublicKey::from(record.exchange), room, epoch)
+                .map_err(|e| match e {
+                    SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
+                    other => Denial::bundle(other.to_string()),
+                }),
+        };
+        match checked {
+            Ok(()) => put(&mut *txn, room, epoch, *user, key)?,
+            Err(denial) => {
+                tracing::warn!(
+                    ?room,
+                    epoch = epoch.0,
+                    ?user,
+                    reason = denial.reason(),
+                    "sealed key refused"
+                );
+                metrics::counter!("conclave_keys_rejected_total", "reason" => denial.reason())
+                    .increment(1);
+            }
+        }
     }
     txn.commit()?;
     Ok(())

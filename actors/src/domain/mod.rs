@@ -604,6 +604,24 @@ impl Domain {
     }
 }
 
+impl Domain {
+    /// Which local actors another node may address (see
+    /// [`System::accepts_remote`]): a node's outbox talks to the peer actor that
+    /// stands for it here, that peer acknowledges to the outbox towards it, and room
+    /// homes answer callers' gateways. Everything else (members, rooms, keys, and
+    /// the timers and transport events of peers and outboxes) is only reached
+    /// locally, through the peer's in-order hand-off.
+    pub fn accepts_remote(&self, from: &ActorRef, to: &ActorRef) -> bool {
+        match (from.kind, to.kind) {
+            (ActorKind::OUTBOX, ActorKind::PEER) | (ActorKind::PEER, ActorKind::OUTBOX) => {
+                to.key == ActorKey::Node(from.node) && from.key == ActorKey::Node(to.node)
+            }
+            (ActorKind::ROOM, ActorKind::GATEWAY) => to.key == ActorKey::Unit,
+            _ => false,
+        }
+    }
+}
+
 impl System for Domain {
     type Msg = Msg;
 
@@ -613,6 +631,10 @@ impl System for Domain {
         cx: &mut Context<'_, Self>,
     ) -> Option<Box<dyn Handler<Self>>> {
         Domain::activate(self, addr, cx)
+    }
+
+    fn accepts_remote(&self, from: &ActorRef, to: &ActorRef) -> bool {
+        Domain::accepts_remote(self, from, to)
     }
 }
 
@@ -754,6 +776,24 @@ mod tests {
         assert_eq!(deliver.class(), MessageClass::Data);
         let ack = Msg::Outbox(OutboxMsg::Ack { upto: Seq(1) });
         assert_eq!(ack.class(), MessageClass::Control);
+    }
+
+    #[test]
+    fn other_nodes_reach_only_peers_outboxes_and_gateways() {
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let d = Domain::default();
+        // B's outbox towards A delivers to A's peer actor for B, which acknowledges.
+        assert!(d.accepts_remote(&outbox_of(b, a), &peer_of(a, b)));
+        assert!(d.accepts_remote(&peer_of(b, a), &outbox_of(a, b)));
+        // Not to the peer actor standing for a third node, nor from another kind.
+        assert!(!d.accepts_remote(&outbox_of(b, a), &peer_of(a, NodeId([3; 32]))));
+        assert!(!d.accepts_remote(&room_of(b, RoomId([0; 16])), &peer_of(a, b)));
+        // Rooms answer gateways; nobody remote reaches members, rooms or keys.
+        assert!(d.accepts_remote(&room_of(b, RoomId([0; 16])), &gateway_of(a)));
+        assert!(!d.accepts_remote(&peer_of(b, a), &gateway_of(a)));
+        assert!(!d.accepts_remote(&peer_of(b, a), &members_of(a)));
+        assert!(!d.accepts_remote(&peer_of(b, a), &room_of(a, RoomId([0; 16]))));
+        assert!(!d.accepts_remote(&peer_of(b, a), &keys_of(a)));
     }
 
     #[test]

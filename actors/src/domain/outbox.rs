@@ -130,7 +130,8 @@ impl<S: System<Msg = Msg>> Actor<S> for Outbox {
                 }
             }
             OutboxMsg::Retry { round } => {
-                if round != self.round {
+                // Only this outbox's own timer retries.
+                if round != self.round || cx.sender().is_some() {
                     return;
                 }
                 self.armed = false;

@@ -205,7 +205,9 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     self.ack(cx);
                     return;
                 }
-                if seq.0 > self.expected {
+                if seq.0 > self.expected || self.waiting.len() >= super::outbox::WINDOW {
+                    // (A well-behaved outbox never has more than its window in flight;
+                    // beyond that, the surplus is refused like a gap and resent.)
                     // A gap: the outbox resends in order, so wait for the missing one.
                     metrics::counter!("conclave_inbox_gaps_total").increment(1);
                     return;
@@ -243,6 +245,10 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     self.expected = seq;
                     self.flush(cx);
                 }
+            }
+            PeerMsg::Connected | PeerMsg::Disconnected | PeerMsg::Tick if cx.sender().is_some() => {
+                // Transport events and timers come from the driver, never from an actor.
+                tracing::warn!(remote = ?self.remote, sender = ?cx.sender(), "peer control message from an actor dropped");
             }
             PeerMsg::Connected => {
                 if !self.connected {

@@ -231,6 +231,13 @@ impl<S: System<Msg = Msg>> Actor<S> for Room {
         };
         let mut retry = false;
         match msg {
+            RoomMsg::Tick if cx.sender().is_some() => {
+                // The idle check is this room's own timer; from anyone else it is
+                // refused (and answered, so a peer's hand-off is not held up).
+                tracing::warn!(room = ?self.room, from = ?cx.sender(), "room tick from an actor refused");
+                applied(cx, true);
+                return;
+            }
             RoomMsg::Tick => {
                 if self.busy {
                     self.busy = false;
@@ -862,7 +869,7 @@ impl Room {
                 verify_frame(&frame).map_err(|_| "bad_signature")?;
                 self.store_frame(&mut *txn, &meta, seq, &frame)
                     .map_err(|_| "storage")?;
-                meta.next_seq = meta.next_seq.max(Seq(seq.0 + 1));
+                meta.next_seq = meta.next_seq.max(Seq(seq.0.saturating_add(1)));
                 META.put(&mut *txn, &self.room.0, &meta)
                     .map_err(|_| "storage")?;
                 metrics::counter!("conclave_frames_delivered_total").increment(1);

@@ -659,3 +659,82 @@ fn invites_need_a_valid_invitee_and_key() {
     .unwrap();
     assert_eq!(denial(Some(w.c.call(0, &alice, op))).reason(), "malformed");
 }
+
+/// A peer cannot claim to be the home of a room it does not hold: a member node
+/// that has not seen the room yet takes its first snapshot only with the creator's
+/// signed creation naming the sender as home.
+#[test]
+fn a_peer_cannot_claim_a_room_homed_elsewhere() {
+    use conclave_actors::domain::room::{RoomMeta, Update};
+    use conclave_actors::domain::{Deliverable, OutboxMsg, RoomMsg, Routed};
+    let mut w = world(9);
+    let (alice, bob, carol) = (w.alice.clone(), w.bob.clone(), w.carol.clone());
+    let room = w.c.create_room(0, &alice, Policy::default());
+    w.c.invite(0, &alice, room, &bob, 1, RoomRole::Member);
+    // Node 1 (bob's) forges a snapshot of alice's room naming itself as home, with
+    // a creation signed by bob, and queues it for node 2 through its outbox.
+    let (n1, n2) = (w.c.id(1), w.c.id(2));
+    let Op::CreateRoom { key, .. } = client::create_room(w.c.rng(), &bob, n1, Policy::default())
+        .unwrap()
+        .2
+    else {
+        unreachable!()
+    };
+    let now = w.c.now();
+    let forged_create = client::sign(
+        &bob,
+        now,
+        w.c.rng(),
+        Op::CreateRoom {
+            room,
+            home: n1,
+            policy: Policy::default(),
+            key,
+        },
+    );
+    let meta = RoomMeta {
+        home: n1,
+        policy: Policy::default(),
+        epoch: Epoch(1),
+        epoch_start: Seq(1),
+        next_seq: Seq(1),
+        owner: alice.user_id(),
+    };
+    let routed = Routed {
+        to: conclave_actors::domain::room_of(n2, room),
+        msg: Deliverable::Room(RoomMsg::Update(Update::Members {
+            meta,
+            members: Vec::new(),
+            create: Box::new(forged_create),
+        })),
+    };
+    let bytes = conclave_actors::wire::encode_bounded(&routed, 1 << 20).unwrap();
+    {
+        let store = &w.c.nodes[1].store;
+        let mut txn = store.write().unwrap();
+        conclave_actors::outbox::enqueue(&mut *txn, n2, bytes).unwrap();
+        txn.commit().unwrap();
+    }
+    w.c.tell(conclave_actors::domain::outbox_of(n1, n2), OutboxMsg::Kick);
+    w.c.settle();
+    {
+        let txn = w.c.nodes[2].store.read().unwrap();
+        assert_eq!(
+            conclave_actors::domain::room::meta(&*txn, room).unwrap(),
+            None,
+            "the forged snapshot was taken"
+        );
+    }
+    // The real home's invite still works.
+    assert_eq!(
+        w.c.invite(0, &alice, room, &carol, 2, RoomRole::Member),
+        Outcome::Done
+    );
+    let r = w.c.publish(0, &alice, room, b"from the real home");
+    w.c.settle();
+    committed(&mut w.c, 0, r);
+    assert_eq!(
+        w.c.read(2, &carol, room),
+        vec![(Seq(1), b"from the real home".to_vec())]
+    );
+}

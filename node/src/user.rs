@@ -263,7 +263,8 @@ impl<B: Backend> User<B> {
     /// Creates a room homed on this user's node, with this user as its owner.
     pub async fn create_room(&self, policy: Policy) -> Result<RoomId, ApiError> {
         let (room, key, op) =
-            client::create_room(&mut rng(), &self.identity, policy).map_err(crypto)?;
+            client::create_room(&mut rng(), &self.identity, self.backend.node_id(), policy)
+                .map_err(crypto)?;
         self.call_done(op).await?;
         self.lock_keys()
             .entry(room)

@@ -827,8 +827,8 @@ impl Cluster {
 
     /// `user` (homed on node `i`) creates a room; returns its id.
     pub fn create_room(&mut self, i: usize, user: &Identity, policy: Policy) -> RoomId {
-        let (room, _key, op) =
-            client::create_room(&mut self.rng, user, policy).expect("seal the first key");
+        let (room, _key, op) = client::create_room(&mut self.rng, user, self.nodes[i].id, policy)
+            .expect("seal the first key");
         let outcome = self.call(i, user, op);
         assert_eq!(outcome, Outcome::Done, "create room");
         room

@@ -540,7 +540,8 @@ impl Sim {
                 persist: true,
                 history,
             };
-            let created = client::create_room(self.c.rng(), &self.users[owner].id, policy);
+            let home = self.c.id(self.users[owner].node);
+            let created = client::create_room(self.c.rng(), &self.users[owner].id, home, policy);
             let Ok((room, _key, op)) = created else {
                 self.fail(oracle::SETUP, "sealing a room's first key failed".into());
                 return;

@@ -18,7 +18,7 @@ use crate::crypto::{
     SealedKey,
 };
 use crate::identity::Identity;
-use crate::ids::{Epoch, MessageId, RoomId, UserId};
+use crate::ids::{Epoch, MessageId, NodeId, RoomId, UserId};
 
 /// Signs `op` as `identity`, issued `now`.
 pub fn sign(identity: &Identity, now: Time, rng: &mut dyn CryptoRng, op: Op) -> SignedRequest {
@@ -33,10 +33,12 @@ pub fn sign(identity: &Identity, now: Time, rng: &mut dyn CryptoRng, op: Op) -> 
     )
 }
 
-/// A new room: its random id, epoch 1's key, and the request that creates it.
+/// A new room homed on `home` (the creator's node): its random id, epoch 1's key,
+/// and the request that creates it.
 pub fn create_room(
     rng: &mut dyn CryptoRng,
     identity: &Identity,
+    home: NodeId,
     policy: Policy,
 ) -> Result<(RoomId, EpochKey, Op), SealError> {
     let mut id = [0u8; 16];
@@ -56,6 +58,7 @@ pub fn create_room(
         key,
         Op::CreateRoom {
             room,
+            home,
             policy,
             key: sealed,
         },

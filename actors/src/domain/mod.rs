@@ -300,6 +300,9 @@ pub enum Op {
     CreateRoom {
         /// The new room's id (random, drawn by the creator).
         room: RoomId,
+        /// The creator's node, which becomes the room's home. Signed by the creator,
+        /// so that no other node can later claim to be the room's home.
+        home: NodeId,
         /// Its policy.
         policy: Policy,
         /// Epoch 1's key, sealed by and to the creator.

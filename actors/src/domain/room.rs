@@ -74,6 +74,16 @@ const MEMBERS: Table<([u8; 16], [u8; 32]), RoomMember> = Table::new("room.member
 const FRAMES: Table<([u8; 16], u64), Frame> = Table::new("room.frames");
 const IDS: Table<([u8; 16], u128), u64> = Table::new("room.ids");
 const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visible");
+/// The creator's signed request that created the room: the proof of its home.
+const CREATED: Table<[u8; 16], SignedRequest> = Table::new("room.created");
+
+/// Whether `create` proves that `home` is the home of `room`, created by `owner`:
+/// the creator's own signature over a creation naming that room and home.
+fn proves_home(create: &SignedRequest, room: RoomId, home: NodeId, owner: UserId) -> bool {
+    matches!(create.request.op, Op::CreateRoom { room: r, home: h, .. } if r == room && h == home)
+        && create.request.user == owner
+        && create.verify().is_ok()
+}
 /// Only written under [`Mutation::FanoutToRemoved`]: the nodes of removed members.
 const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
 
@@ -156,6 +166,9 @@ pub enum Update {
         meta: RoomMeta,
         /// Every member.
         members: Vec<RoomMember>,
+        /// The creator's signed creation: proves to a node that has not seen the
+        /// room yet that the sender is its home.
+        create: Box<SignedRequest>,
     },
     /// A committed frame.
     Frame {
@@ -354,8 +367,10 @@ impl Room {
         }
         let mut sends: Vec<NodeId> = Vec::new();
         let outcome = match &req.request.op {
-            Op::CreateRoom { policy, key, .. } => {
-                if from != me {
+            Op::CreateRoom {
+                policy, key, home, ..
+            } => {
+                if from != me || *home != me {
                     return Err(Denial::malformed(
                         "rooms are created on their creator's node",
                     ));
@@ -383,6 +398,7 @@ impl Room {
                     owner: acting,
                 };
                 META.put(&mut *txn, &self.room.0, &meta)?;
+                CREATED.put(&mut *txn, &self.room.0, req)?;
                 let member = RoomMember {
                     user: acting,
                     exchange: creator.exchange,
@@ -470,6 +486,7 @@ impl Room {
                 let after = members(&*txn, self.room)?;
                 // Snapshot first, so a member node knows the room before its keys
                 // and frames arrive (one outbox per node keeps them in order).
+                let create = self.creation(&*txn)?;
                 for &node in &member_nodes(&after, me) {
                     self.enqueue_update(
                         &mut *txn,
@@ -477,6 +494,7 @@ impl Room {
                         Update::Members {
                             meta,
                             members: after.clone(),
+                            create: create.clone(),
                         },
                     )?;
                     sends.push(node);
@@ -567,6 +585,7 @@ impl Room {
                 if target.home != me {
                     notified.insert(target.home);
                 }
+                let create = self.creation(&*txn)?;
                 for &node in &notified {
                     self.enqueue_update(
                         &mut *txn,
@@ -574,6 +593,7 @@ impl Room {
                         Update::Members {
                             meta,
                             members: remaining.clone(),
+                            create: create.clone(),
                         },
                     )?;
                     sends.push(node);
@@ -621,6 +641,14 @@ impl Room {
         self.kick(&sends, cx);
         cx.send(gateway_of(me), ClientMsg::Changed { room: self.room });
         Ok(outcome)
+    }
+
+    /// The creator's signed creation of this room, as stored by its home.
+    fn creation(&self, txn: &dyn ReadTxn) -> Result<Box<SignedRequest>, Denial> {
+        CREATED
+            .get(txn, &self.room.0)?
+            .map(Box::new)
+            .ok_or_else(|| Denial::not_found(format!("the creation of room {}", self.room)))
     }
 
     /// The first sequence number still kept from `since` on.
@@ -769,9 +797,20 @@ impl Room {
             Update::Members {
                 meta,
                 members: new_members,
+                create,
             } => {
                 if meta.home != from || new_members.len() > ROOM_MEMBERS_MAX {
                     return Err("malformed");
+                }
+                // Only the node the creator named (and signed) is the room's home:
+                // a peer cannot claim a room it does not hold.
+                if known.is_none() && !proves_home(&create, self.room, from, meta.owner) {
+                    return Err("unproven_home");
+                }
+                if known.is_none() {
+                    CREATED
+                        .put(&mut *txn, &self.room.0, &create)
+                        .map_err(|_| "storage")?;
                 }
                 let mut meta = meta;
                 let old = members(&*txn, self.room).map_err(|_| "storage")?;

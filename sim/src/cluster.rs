@@ -120,6 +120,8 @@ pub struct Carried {
     pub msg: String,
     /// The room and epoch of any frame or key it carries.
     pub epochs: Vec<(RoomId, Epoch)>,
+    /// The users whose sealed keys it carries.
+    pub key_users: Vec<UserId>,
 }
 
 /// Network weather: applied to every cross-node message not on a cut link.
@@ -437,6 +439,7 @@ impl Cluster {
                             String::new()
                         },
                         epochs: epochs_in(&envelope.msg),
+                        key_users: key_users_in(&envelope.msg),
                     });
                 }
                 // As the runtime does: other nodes reach only a few addresses.
@@ -959,6 +962,18 @@ impl Cluster {
 /// `t` shifted by `offset` microseconds.
 fn offset(t: Time, offset: i64) -> Time {
     Time::from_unix_micros(t.unix_micros().saturating_add_signed(offset))
+}
+
+/// The users whose sealed keys a message carries.
+fn key_users_in(msg: &Msg) -> Vec<UserId> {
+    use domain::{Deliverable, KeysMsg, PeerMsg};
+    match msg {
+        Msg::Peer(PeerMsg::Deliver {
+            msg: Deliverable::Keys(KeysMsg::Store { keys, .. }),
+            ..
+        }) => keys.iter().map(|(user, _)| *user).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The (room, epoch) of every frame and key a message carries.

@@ -1122,6 +1122,21 @@ impl Sim {
     }
 
     fn check_leak(&mut self, carried: &Carried) {
+        // A node is sent sealed keys only for the users it hosts.
+        if let Some(to) = self.c.index(carried.to) {
+            for user in &carried.key_users {
+                if let Some(u) = self.users.iter().find(|u| u.uid == *user) {
+                    if u.node != to {
+                        let detail = format!(
+                            "n{to} was sent a sealed key for a user of n{}: a node receives only its own users' keys",
+                            u.node
+                        );
+                        self.fail(oracle::LEAK, detail);
+                        return;
+                    }
+                }
+            }
+        }
         for &(room, epoch) in &carried.epochs {
             let Some(m) = self.rooms.get(&room) else {
                 continue;

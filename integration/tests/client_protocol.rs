@@ -54,6 +54,15 @@ async fn remote_users_act_like_local_ones_and_refusals_carry_their_reason() {
 
     // Rooms, invites, publish and subscribe, encrypted in the clients.
     let room = alice.create_room(Policy::default()).await.unwrap();
+    // An invitee must be homed on a node of the cluster.
+    let nowhere = Identity::generate(&mut rng()).node_id();
+    match alice
+        .invite(room, &bob.public(), nowhere, RoomRole::Member)
+        .await
+    {
+        Err(ApiError::Denied(Denial::NotFound { .. })) => {}
+        other => panic!("expected not_found for an unknown home, got {other:?}"),
+    }
     alice
         .invite(room, &bob.public(), node.id(), RoomRole::Member)
         .await

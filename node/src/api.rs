@@ -171,7 +171,7 @@ impl NodeBuilder {
         let runtime = Runtime::start(HostConfig {
             node: id,
             system: NodeSystem {
-                domain: Domain::new(self.domain),
+                domain: Domain::new(self.domain).with_nodes(self.peers.keys().copied()),
                 gateway: Arc::clone(&gateway),
             },
             store: Arc::new(crate::observe::MeteredStore::new(Arc::clone(&store)))

@@ -572,12 +572,26 @@ impl Default for DomainConfig {
 pub struct Domain {
     /// Timing.
     pub config: DomainConfig,
+    /// The nodes of the cluster (this one's known peers), when the driver knows
+    /// them: an invite naming a home outside it is refused, so that a member cannot
+    /// make a room queue messages for nodes that will never take them. `None`
+    /// accepts any home.
+    pub nodes: Option<std::sync::Arc<std::collections::BTreeSet<NodeId>>>,
 }
 
 impl Domain {
-    /// The domain with `config`.
+    /// The domain with `config`, accepting invitees homed anywhere.
     pub fn new(config: DomainConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            nodes: None,
+        }
+    }
+
+    /// Limits invitees' homes to `nodes` (and this node).
+    pub fn with_nodes(mut self, nodes: impl IntoIterator<Item = NodeId>) -> Self {
+        self.nodes = Some(std::sync::Arc::new(nodes.into_iter().collect()));
+        self
     }
 
     /// Activates the domain actor at `addr`, or `None` if there is none there
@@ -592,9 +606,12 @@ impl Domain {
     {
         match (addr.kind, addr.key) {
             (ActorKind::MEMBERS, ActorKey::Unit) => Some(Box::new(Members::activate(cx))),
-            (ActorKind::ROOM, ActorKey::Room(room)) => {
-                Some(Box::new(Room::activate(room, self.config, cx)))
-            }
+            (ActorKind::ROOM, ActorKey::Room(room)) => Some(Box::new(Room::activate(
+                room,
+                self.config,
+                self.nodes.clone(),
+                cx,
+            ))),
             (ActorKind::KEYS, ActorKey::Unit) => Some(Box::new(Keys::activate(cx))),
             (ActorKind::PEER, ActorKey::Node(remote)) if remote != addr.node => {
                 Some(Box::new(Peer::activate(remote, self.config, cx)))

@@ -209,6 +209,8 @@ pub enum RoomMsg {
 #[derive(Debug)]
 pub struct Room {
     room: RoomId,
+    /// The cluster's nodes, if known: invitees must be homed on one of them.
+    nodes: Option<std::sync::Arc<BTreeSet<NodeId>>>,
     idle: Duration,
     /// Whether a message arrived since the last idle check.
     busy: bool,
@@ -221,11 +223,13 @@ impl Room {
     pub(crate) fn activate<S: System<Msg = Msg>>(
         room: RoomId,
         config: DomainConfig,
+        nodes: Option<std::sync::Arc<BTreeSet<NodeId>>>,
         cx: &mut Context<'_, S>,
     ) -> Self {
         cx.timer(config.idle, RoomMsg::Tick);
         Room {
             room,
+            nodes,
             idle: config.idle,
             busy: false,
             volatile_next: None,
@@ -435,6 +439,17 @@ impl Room {
                     return Err(Denial::malformed(
                         "the invitee's key is not a valid Ed25519 key",
                     ));
+                }
+                if invitee.home != me
+                    && self
+                        .nodes
+                        .as_ref()
+                        .is_some_and(|n| !n.contains(&invitee.home))
+                {
+                    return Err(Denial::not_found(format!(
+                        "node {} (not a node of this cluster)",
+                        invitee.home
+                    )));
                 }
                 if invitee.role == RoomRole::Owner {
                     return Err(Denial::malformed("a room has one owner, its creator"));

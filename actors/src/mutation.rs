@@ -33,11 +33,17 @@ pub enum Mutation {
     /// A room's home sends every remaining member node the whole rekey bundle
     /// instead of the keys of its own users (which the node then refuses).
     BundleUnsplit,
+    /// The receiving peer hands every accepted message to its target at once
+    /// (pipelined, one queue of in-flight messages per target) instead of one at a
+    /// time, and moves its high-water mark over the applied prefix: messages to
+    /// different actors (a room's membership snapshot, then its keys) can then be
+    /// applied out of order.
+    PipelinedHandoff,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 8] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -45,6 +51,7 @@ impl Mutation {
         Mutation::DropOutboxRetries,
         Mutation::VolatileSequence,
         Mutation::BundleUnsplit,
+        Mutation::PipelinedHandoff,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -57,6 +64,7 @@ impl Mutation {
             Mutation::DropOutboxRetries => "drop_outbox_retries",
             Mutation::VolatileSequence => "volatile_sequence",
             Mutation::BundleUnsplit => "bundle_unsplit",
+            Mutation::PipelinedHandoff => "pipelined_handoff",
         }
     }
 

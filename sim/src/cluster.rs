@@ -7,9 +7,16 @@
 //! It hosts the same [`Domain`] the production runtime hosts; the gateway
 //! ([`ActorKind::GATEWAY`]) is the driver's own: replies are collected per request.
 //!
-//! Each node handles one message at a time from its mailbox, in arrival order, and
-//! each message costs it [`SimNode::cost`] of virtual time (zero by default), so a
-//! slow node falls behind and a crash can land between any two of its messages.
+//! Each node handles one message at a time, and each message costs it
+//! [`SimNode::cost`] of virtual time (zero by default), so a slow node falls behind
+//! and a crash can land between any two of its messages. As in the production
+//! runtime, where every actor has its own actix mailbox, every actor has its own
+//! FIFO mailbox: what one actor sends another is handled in the order sent, but
+//! messages to *different* actors of a node may be handled in either order.
+//! [`Scheduling`] says how: which actor's mailbox runs next (the oldest message
+//! first, or an actor picked by the node's seeded scheduler), and how long an actor
+//! that is not active takes to activate before it handles its first message (while
+//! the node's other actors go on).
 //! Each node reads its own clock ([`SimNode::clock_offset`]). The network
 //! ([`NetFaults`]) adds per-link latency and jitter (which reorders), drops and
 //! duplicates; [`Cluster::cut`] holds the links that carry nothing (partitions, in
@@ -54,13 +61,48 @@ pub fn derive_rng(seed: u64, index: u64, subsystem: &str) -> ChaCha20Rng {
     ChaCha20Rng::from_seed(key)
 }
 
-/// A message waiting in a node's mailbox.
+/// How a node picks the actor whose mailbox runs next.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Interleave {
+    /// The oldest waiting message first, whatever its actor (with no activation
+    /// delay, one FIFO per node).
+    #[default]
+    Arrival,
+    /// Any actor with a message ready, picked uniformly by the node's scheduler
+    /// (its own random stream, derived from the seed).
+    Random,
+}
+
+/// How each node schedules its actors' mailboxes (see the module docs). FIFO per
+/// (sender, receiver) pair always holds; across receivers it does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scheduling {
+    /// Which ready mailbox runs next.
+    pub interleave: Interleave,
+    /// Activation: a message to an actor that is not active waits a delay drawn
+    /// uniformly up to this (by the node's scheduler) before the actor, activated,
+    /// handles it; messages that arrive for it meanwhile queue behind it. Zero: at
+    /// once.
+    pub activation_max: Duration,
+}
+
+/// A message waiting in an actor's mailbox.
 struct Pending {
     from: Option<ActorRef>,
     to: ActorRef,
     msg: Msg,
     /// For timers: the incarnation of the actor that set it.
     timer: Option<u64>,
+    /// When it arrived on its node, as a count (for [`Interleave::Arrival`]).
+    arrival: u64,
+}
+
+/// One actor's mailbox on a node (it exists while it holds messages).
+struct Mailbox {
+    queue: VecDeque<Pending>,
+    /// If the actor is not active: when its activation is done and it can handle
+    /// the message at the front.
+    ready_at: Time,
 }
 
 /// One simulated node.
@@ -78,13 +120,21 @@ pub struct SimNode {
     pub wiped: bool,
     /// The node's own random source (what its actors get from `cx.rng()`).
     rng: ChaCha20Rng,
-    mailbox: VecDeque<Pending>,
+    /// Which mailbox runs next, and activation delays ([`Scheduling`]).
+    sched_rng: ChaCha20Rng,
+    /// The actors' mailboxes that hold messages.
+    mailboxes: BTreeMap<ActorRef, Mailbox>,
+    /// How many messages wait in them.
+    queued: usize,
+    /// How many messages have arrived (numbers [`Pending::arrival`]).
+    arrivals: u64,
     /// When the node is done with the message it handles last.
     busy_until: Time,
-    /// Whether a `Process` event for this node is in the queue.
-    scheduled: bool,
-    /// Bumped by every crash, so a `Process` event of an earlier life is ignored.
-    life: u64,
+    /// When the `Process` event for this node that counts is due, if one is queued.
+    scheduled: Option<Time>,
+    /// Bumped by every (re)scheduling and every crash: a `Process` event with
+    /// another token is stale and ignored.
+    token: u64,
     /// Virtual time each message costs this node (a slow node's is large).
     pub cost: Duration,
     /// How far this node's clock is from true (virtual) time, in microseconds.
@@ -105,8 +155,8 @@ enum Event {
         incarnation: u64,
         msg: Msg,
     },
-    /// Node `node` handles the next message of its mailbox.
-    Process { node: usize, life: u64 },
+    /// Node `node` handles the next message of one of its actors' mailboxes.
+    Process { node: usize, token: u64 },
 }
 
 /// A cross-node message as the network carried it, for leak checks.
@@ -223,6 +273,9 @@ pub struct Cluster {
     pub link_latency: BTreeMap<(usize, usize), Duration>,
     /// Network weather.
     pub net: NetFaults,
+    /// How nodes interleave their actors' mailboxes (by default, oldest first with
+    /// no activation delay: one FIFO per node).
+    pub scheduling: Scheduling,
     /// Links that drop everything, as (from, to).
     pub cut: BTreeSet<(NodeId, NodeId)>,
     /// Connections the transport has reported lost, as (observer, peer) indices.
@@ -273,10 +326,13 @@ impl Cluster {
                 up: true,
                 wiped: false,
                 rng: derive_rng(seed, i as u64, "node"),
-                mailbox: VecDeque::new(),
+                sched_rng: derive_rng(seed, i as u64, "scheduler"),
+                mailboxes: BTreeMap::new(),
+                queued: 0,
+                arrivals: 0,
                 busy_until: START,
-                scheduled: false,
-                life: 0,
+                scheduled: None,
+                token: 0,
                 cost: Duration::ZERO,
                 clock_offset: 0,
             })
@@ -292,6 +348,7 @@ impl Cluster {
             latency: Duration::from_millis(1),
             link_latency: BTreeMap::new(),
             net: NetFaults::default(),
+            scheduling: Scheduling::default(),
             cut: BTreeSet::new(),
             lost: BTreeSet::new(),
             replies: BTreeMap::new(),
@@ -449,12 +506,12 @@ impl Cluster {
                 self.arrive(Some(envelope.from), envelope.to, envelope.msg, None);
                 Stepped::Other
             }
-            Event::Process { node, life } => self.process(node, life),
+            Event::Process { node, token } => self.process(node, token),
         }
     }
 
     /// A message reaches node `to.node`: the gateway's are recorded at once, the
-    /// rest wait in the node's mailbox.
+    /// rest wait in their actor's mailbox.
     fn arrive(&mut self, from: Option<ActorRef>, to: ActorRef, msg: Msg, timer: Option<u64>) {
         let Some(i) = self.index(to.node) else { return };
         if !self.nodes[i].up {
@@ -470,40 +527,148 @@ impl Cluster {
             return;
         }
         let now = self.now;
+        let activation = self.activation_delay(i, &to);
         let node = &mut self.nodes[i];
-        node.mailbox.push_back(Pending {
+        let arrival = node.arrivals;
+        node.arrivals += 1;
+        node.queued += 1;
+        let mailbox = node.mailboxes.entry(to).or_insert_with(|| Mailbox {
+            queue: VecDeque::new(),
+            ready_at: now.saturating_add(activation),
+        });
+        mailbox.queue.push_back(Pending {
             from,
             to,
             msg,
             timer,
+            arrival,
         });
-        if !node.scheduled {
-            node.scheduled = true;
-            let at = now.max(node.busy_until);
-            let life = node.life;
-            self.push(at, Event::Process { node: i, life });
+        let ready = if node.active.contains_key(&to) {
+            now
+        } else {
+            mailbox.ready_at.max(now)
+        };
+        self.wake(i, ready);
+    }
+
+    /// How long node `i` takes to activate `to` before it handles a message that
+    /// opens its mailbox: zero if it is active or has a mailbox already (drawn only
+    /// when it counts, so the scheduler's stream does not depend on the rest).
+    fn activation_delay(&mut self, i: usize, to: &ActorRef) -> Duration {
+        let node = &self.nodes[i];
+        if node.active.contains_key(to) || node.mailboxes.contains_key(to) {
+            return Duration::ZERO;
+        }
+        self.draw_activation(i)
+    }
+
+    /// One activation delay for node `i`, up to [`Scheduling::activation_max`].
+    fn draw_activation(&mut self, i: usize) -> Duration {
+        let max = u64::try_from(self.scheduling.activation_max.as_micros()).unwrap_or(u64::MAX);
+        if max == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(self.nodes[i].sched_rng.next_u64() % (max + 1))
+    }
+
+    /// Makes sure node `i` runs by `ready` (or once it is done with its current
+    /// message): queues a `Process` event unless one is due by then.
+    fn wake(&mut self, i: usize, ready: Time) {
+        let node = &mut self.nodes[i];
+        let at = ready.max(node.busy_until).max(self.now);
+        if node.scheduled.is_some_and(|s| s <= at) {
+            return;
+        }
+        node.token += 1;
+        node.scheduled = Some(at);
+        let token = node.token;
+        self.push(at, Event::Process { node: i, token });
+    }
+
+    /// Queues node `i`'s next `Process` event for when the earliest of its
+    /// mailboxes is ready, if any holds a message.
+    fn reschedule(&mut self, i: usize) {
+        let now = self.now;
+        let node = &self.nodes[i];
+        let next = node
+            .mailboxes
+            .iter()
+            .map(|(to, m)| {
+                if node.active.contains_key(to) {
+                    now
+                } else {
+                    m.ready_at.max(now)
+                }
+            })
+            .min();
+        if let Some(ready) = next {
+            self.wake(i, ready);
         }
     }
 
-    fn process(&mut self, i: usize, life: u64) -> Stepped {
+    /// The actor whose mailbox node `i` runs now, if one is ready.
+    fn pick(&mut self, i: usize) -> Option<ActorRef> {
         let now = self.now;
+        let interleave = self.scheduling.interleave;
         let node = &mut self.nodes[i];
-        if node.life != life || !node.up {
-            return Stepped::Other;
+        let ready =
+            |(to, m): &(&ActorRef, &Mailbox)| node.active.contains_key(*to) || m.ready_at <= now;
+        match interleave {
+            Interleave::Arrival => node
+                .mailboxes
+                .iter()
+                .filter(ready)
+                .min_by_key(|(_, m)| m.queue.front().map_or(u64::MAX, |p| p.arrival))
+                .map(|(to, _)| *to),
+            Interleave::Random => {
+                let count = node.mailboxes.iter().filter(ready).count();
+                if count == 0 {
+                    return None;
+                }
+                let k = if count == 1 {
+                    0
+                } else {
+                    (node.sched_rng.next_u64() % count as u64) as usize
+                };
+                node.mailboxes
+                    .iter()
+                    .filter(ready)
+                    .nth(k)
+                    .map(|(to, _)| *to)
+            }
         }
-        let Some(pending) = node.mailbox.pop_front() else {
-            node.scheduled = false;
+    }
+
+    fn process(&mut self, i: usize, token: u64) -> Stepped {
+        {
+            let node = &mut self.nodes[i];
+            if node.token != token || !node.up {
+                return Stepped::Other;
+            }
+            node.scheduled = None;
+        }
+        let Some(to) = self.pick(i) else {
+            self.reschedule(i);
             return Stepped::Other;
         };
-        node.busy_until = now.saturating_add(node.cost);
-        if node.mailbox.is_empty() {
-            node.scheduled = false;
-        } else {
-            let at = node.busy_until;
-            self.push(at, Event::Process { node: i, life });
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        let Some(mailbox) = node.mailboxes.get_mut(&to) else {
+            return Stepped::Other;
+        };
+        let Some(pending) = mailbox.queue.pop_front() else {
+            return Stepped::Other;
+        };
+        if mailbox.queue.is_empty() {
+            node.mailboxes.remove(&to);
         }
-        let to = pending.to;
-        if self.deliver(i, pending) {
+        node.queued -= 1;
+        node.busy_until = now.saturating_add(node.cost);
+        let handled = self.deliver(i, pending);
+        if self.nodes[i].up {
+            self.reschedule(i);
+        }
+        if handled {
             Stepped::Handled { node: i, to }
         } else {
             Stepped::Other
@@ -517,6 +682,7 @@ impl Cluster {
             to,
             msg,
             timer,
+            arrival: _,
         } = pending;
         let now = self.node_now(i);
         let mut effects = Vec::new();
@@ -621,8 +787,14 @@ impl Cluster {
                     );
                 }
                 Effect::Stop => {
-                    let node = &mut self.nodes[i];
-                    node.active.remove(&me);
+                    self.nodes[i].active.remove(&me);
+                    // What waits for it now waits for its next activation.
+                    if self.nodes[i].mailboxes.contains_key(&me) {
+                        let ready = self.now.saturating_add(self.draw_activation(i));
+                        if let Some(m) = self.nodes[i].mailboxes.get_mut(&me) {
+                            m.ready_at = ready;
+                        }
+                    }
                 }
                 Effect::Misrouted => {}
             }
@@ -694,16 +866,17 @@ impl Cluster {
         let node = &mut self.nodes[i];
         node.up = false;
         node.active.clear();
-        node.mailbox.clear();
-        node.scheduled = false;
-        node.life += 1;
+        node.mailboxes.clear();
+        node.queued = 0;
+        node.scheduled = None;
+        node.token += 1;
         node.store.crash();
     }
 
-    /// How many messages wait in node `i`'s mailbox (a node with some is mid-work:
-    /// a crash now loses what it was in the middle of).
+    /// How many messages wait in node `i`'s mailboxes (a node with some is
+    /// mid-work: a crash now loses what it was in the middle of).
     pub fn mailbox_len(&self, i: usize) -> usize {
-        self.nodes[i].mailbox.len()
+        self.nodes[i].queued
     }
 
     /// Node `i` is lost for good: crashed, its disk wiped; it never restarts.

@@ -10,7 +10,7 @@ use conclave_actors::mutation::Mutation;
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 
-use crate::cluster::derive_rng;
+use crate::cluster::{derive_rng, Interleave, Scheduling};
 
 /// Partitions: how often one starts and how long it lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +82,10 @@ pub struct Options {
     pub stale_publish_ppm: u32,
     /// The domain's timing: outbox retry delays and how soon idle actors passivate.
     pub domain: DomainConfig,
+    /// How nodes interleave their actors' mailboxes: which runs next, and how long
+    /// an activation takes (messages to different actors of a node are handled in
+    /// either order, as in the production runtime).
+    pub scheduling: Scheduling,
 }
 
 fn between(rng: &mut ChaCha20Rng, lo: u64, hi: u64) -> u64 {
@@ -177,6 +181,25 @@ impl Options {
                 idle: ms(&mut rng, 200, 5_000),
             }
         };
+        // Drawn from a stream of its own, so that every option above stays what it
+        // was before mailboxes were modelled per actor. A quarter of the seeds
+        // handle a node's messages oldest first (one FIFO per node), the others pick
+        // a ready actor at random; half of all seeds also delay activations.
+        let mut sched = derive_rng(seed, 0, "scheduling");
+        let interleave = if between(&mut sched, 0, 3) == 0 {
+            Interleave::Arrival
+        } else {
+            Interleave::Random
+        };
+        let activation_max = if coin(&mut sched) {
+            Duration::from_micros(between(&mut sched, 50, 3_000))
+        } else {
+            Duration::ZERO
+        };
+        let scheduling = Scheduling {
+            interleave,
+            activation_max,
+        };
         Options {
             seed,
             nodes,
@@ -198,6 +221,7 @@ impl Options {
             weights,
             stale_publish_ppm,
             domain,
+            scheduling,
         }
     }
 }
@@ -287,6 +311,19 @@ impl fmt::Display for Options {
                     .map(|o| format!("{o}ms"))
                     .collect::<Vec<_>>()
                     .join(" ")
+            }
+        )?;
+        writeln!(
+            f,
+            "  mailboxes: one per actor, {}; activation {}",
+            match self.scheduling.interleave {
+                Interleave::Arrival => "oldest message first",
+                Interleave::Random => "next actor picked at random",
+            },
+            if self.scheduling.activation_max.is_zero() {
+                "at once".to_string()
+            } else {
+                format!("delayed up to {:?}", self.scheduling.activation_max)
             }
         )?;
         writeln!(

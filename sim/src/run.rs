@@ -303,6 +303,7 @@ impl Sim {
         let mut c = Cluster::with_config(o.nodes, o.seed, o.domain);
         c.carry_text = false;
         c.observe = true;
+        c.scheduling = o.scheduling;
         if trace {
             c.trace_log = Some(Vec::new());
         }

@@ -20,7 +20,7 @@
 //! towards it resend at once instead of waiting for its backoff.
 
 use core::time::Duration;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +75,11 @@ pub struct Peer {
     waiting: VecDeque<(u64, ActorRef, Deliverable)>,
     /// Handed over, not yet applied.
     in_flight: Option<(u64, ActorRef)>,
+    /// Only under [`Mutation::PipelinedHandoff`]: handed over and not yet applied,
+    /// per target, in the order handed over.
+    pipelined: BTreeMap<ActorRef, VecDeque<u64>>,
+    /// Only under [`Mutation::PipelinedHandoff`]: applied, after one that is not yet.
+    applied: BTreeSet<u64>,
     connected: bool,
     last_heard: Option<Time>,
     busy: bool,
@@ -108,6 +113,8 @@ impl Peer {
             expected: high + 1,
             waiting: VecDeque::new(),
             in_flight: None,
+            pipelined: BTreeMap::new(),
+            applied: BTreeSet::new(),
             connected: false,
             last_heard: None,
             busy: false,
@@ -153,7 +160,7 @@ impl Peer {
     /// Makes the high-water mark durable and acknowledges it, when enough was
     /// applied or nothing else waits.
     fn flush<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
-        let idle = self.in_flight.is_none() && self.waiting.is_empty();
+        let idle = self.in_flight.is_none() && self.waiting.is_empty() && self.pipelined.is_empty();
         if self.high == self.durable || !(idle || self.high - self.durable >= ACK_EVERY) {
             return;
         }
@@ -175,6 +182,17 @@ impl Peer {
                 tracing::error!(remote = ?self.remote, %error, "could not record the high-water mark");
             }
         }
+    }
+
+    /// Only under [`Mutation::PipelinedHandoff`]: records `seq` as applied and moves
+    /// the high-water mark over every applied message without a gap before it.
+    fn finish_pipelined<S: System<Msg = Msg>>(&mut self, seq: u64, cx: &mut Context<'_, S>) {
+        self.applied.insert(seq);
+        while self.applied.first() == Some(&(self.high + 1)) {
+            self.applied.pop_first();
+            self.high += 1;
+        }
+        self.flush(cx);
     }
 }
 
@@ -223,8 +241,36 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     self.flush(cx);
                     return;
                 }
+                if mutation::active(Mutation::PipelinedHandoff) {
+                    // Mutation: handed over at once, while earlier messages to other
+                    // targets may still be waiting to be applied.
+                    if to.node != me || !msg.fits(&to) {
+                        self.finish_pipelined(seq.0, cx);
+                    } else {
+                        self.pipelined.entry(to).or_default().push_back(seq.0);
+                        cx.send(to, msg);
+                    }
+                    return;
+                }
                 self.waiting.push_back((seq.0, to, msg));
                 self.pump(cx);
+            }
+            PeerMsg::Applied { done } if mutation::active(Mutation::PipelinedHandoff) => {
+                // Mutation: the oldest message in flight to this target is applied.
+                let Some(&target) = cx.sender() else { return };
+                let Some(queue) = self.pipelined.get_mut(&target) else {
+                    return;
+                };
+                let Some(seq) = queue.pop_front() else { return };
+                if queue.is_empty() {
+                    self.pipelined.remove(&target);
+                }
+                if done {
+                    self.finish_pipelined(seq, cx);
+                } else {
+                    // Hand it over again when the outbox resends it.
+                    self.expected = self.expected.min(seq);
+                }
             }
             PeerMsg::Applied { done } => {
                 let Some((seq, target)) = self.in_flight else {
@@ -272,6 +318,7 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     || self.connected
                     || self.in_flight.is_some()
                     || !self.waiting.is_empty()
+                    || !self.pipelined.is_empty()
                 {
                     self.busy = false;
                     cx.timer(self.idle, PeerMsg::Tick);

@@ -117,6 +117,22 @@ async fn remote_users_act_like_local_ones_and_refusals_carry_their_reason() {
         Receipt::Committed { .. }
     ));
 
+    // Connections per user are bounded; the others keep being served.
+    let mut held = Vec::new();
+    for _ in 1..conclave::client::CONNECTIONS_PER_USER_MAX {
+        held.push(
+            RemoteNode::connect(&alice_id, addr, None)
+                .await
+                .expect("within the limit"),
+        );
+    }
+    match RemoteNode::connect(&alice_id, addr, None).await {
+        Err(ApiError::Denied(Denial::Limit { .. })) => {}
+        other => panic!("expected limit, got {other:?}"),
+    }
+    assert!(admin.list_users().await.is_ok());
+    drop(held);
+
     // A client expecting another node id refuses the node.
     let other = Identity::generate(&mut rng()).node_id();
     assert!(RemoteNode::connect(&alice_id, addr, Some(other))

@@ -16,6 +16,7 @@
 //! embedding API does and never sees plaintext. [`RemoteNode`] is the client side; a
 //! [`User`] over it offers the same operations as one over a local [`Node`].
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -47,6 +48,8 @@ pub mod code {
     pub const REVOKED: u32 = 0x41;
     /// The registry could not be read.
     pub const UNAVAILABLE: u32 = 0x42;
+    /// The user holds [`super::CONNECTIONS_PER_USER_MAX`] connections already.
+    pub const TOO_MANY_CONNECTIONS: u32 = 0x43;
 }
 
 /// What a client asks.
@@ -135,16 +138,24 @@ async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<O
 
 /// Serves the client connections the transport hands over, until it stops.
 pub async fn serve(node: Node, mut clients: mpsc::Receiver<ClientConnection>) {
+    let open = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     while let Some(client) = clients.recv().await {
-        tokio::spawn(serve_connection(node.clone(), client));
+        tokio::spawn(serve_connection(node.clone(), client, Arc::clone(&open)));
     }
 }
+
+/// How many connections one user may hold open to a node at once.
+pub const CONNECTIONS_PER_USER_MAX: usize = 8;
+
+/// Open connections per user.
+type OpenConnections = Arc<std::sync::Mutex<BTreeMap<UserId, usize>>>;
 
 fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
     let reason = denial.reason();
     let code = match denial {
         Denial::NotFound { .. } => code::NOT_FOUND,
         Denial::Revoked => code::REVOKED,
+        Denial::Limit { .. } => code::TOO_MANY_CONNECTIONS,
         _ => code::UNAVAILABLE,
     };
     tracing::warn!(%user, addr = %conn.remote_address(), reason, "client refused");
@@ -152,11 +163,30 @@ fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }
 
-async fn serve_connection(node: Node, client: ClientConnection) {
+async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnections) {
     let ClientConnection { user, conn } = client;
     if let Err(denial) = node.check_user(user) {
         refuse(&conn, user, &denial);
         return;
+    }
+    // Bounded per user: each connection may hold streams and buffered requests.
+    {
+        let mut open = open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(user).or_insert(0);
+        if *count >= CONNECTIONS_PER_USER_MAX {
+            drop(open);
+            refuse(
+                &conn,
+                user,
+                &Denial::Limit {
+                    what: format!("at most {CONNECTIONS_PER_USER_MAX} connections per user"),
+                },
+            );
+            return;
+        }
+        *count += 1;
     }
     tracing::debug!(%user, addr = %conn.remote_address(), "client connected");
     metrics::gauge!("conclave_clients_connected").increment(1.0);
@@ -164,6 +194,15 @@ async fn serve_connection(node: Node, client: ClientConnection) {
         tokio::spawn(serve_stream(node.clone(), user, send, recv));
     }
     metrics::gauge!("conclave_clients_connected").decrement(1.0);
+    let mut open = open
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(count) = open.get_mut(&user) {
+        *count -= 1;
+        if *count == 0 {
+            open.remove(&user);
+        }
+    }
 }
 
 async fn serve_stream(
@@ -299,6 +338,11 @@ fn connection_error(error: &quinn::ConnectionError) -> ApiError {
         }
         if code == u64::from(code::REVOKED) {
             return ApiError::Denied(Denial::Revoked);
+        }
+        if code == u64::from(code::TOO_MANY_CONNECTIONS) {
+            return ApiError::Denied(Denial::Limit {
+                what: format!("at most {CONNECTIONS_PER_USER_MAX} connections per user"),
+            });
         }
     }
     ApiError::Connection(error.to_string())

@@ -196,6 +196,12 @@ pub enum Denial {
     /// The room has [`ROOM_MEMBERS_MAX`] members.
     #[error("room is full ({ROOM_MEMBERS_MAX} members)")]
     RoomFull,
+    /// A per-user limit is reached (for example open connections): retry later.
+    #[error("limit reached: {what}")]
+    Limit {
+        /// Which limit.
+        what: String,
+    },
     /// The node's storage failed; nothing was changed.
     #[error("storage error")]
     Storage,
@@ -218,6 +224,7 @@ impl Denial {
             Denial::Malformed { .. } => "malformed",
             Denial::OutboxFull { .. } => "outbox_full",
             Denial::RoomFull => "room_full",
+            Denial::Limit { .. } => "limit",
             Denial::Storage => "storage",
         }
     }

@@ -102,6 +102,16 @@ enum Command {
     ///
     /// Example: conclave demo
     Demo(DemoArgs),
+    /// Benchmark: conclave side by side with NATS JetStream and the crypto floor.
+    ///
+    /// Starts local three-node clusters (separate processes, QUIC, LMDB with fsync),
+    /// drives workloads a (1 room, 3 members), b (1 room, 30 members), c (many
+    /// rooms), then the same load on JetStream R1 and R3, with and without the same
+    /// end-to-end crypto, and prints a table (also DIR/bench.md, DIR/latency-*.svg).
+    /// nats-server is installed from Debian's packages when missing.
+    ///
+    /// Example: conclave bench --quick
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -305,16 +315,16 @@ enum ClusterCmd {
 }
 
 #[derive(Args, Clone)]
-struct ClusterArgs {
+pub(crate) struct ClusterArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
-    nodes: u16,
+    pub(crate) nodes: u16,
     /// Where the nodes keep their data, and cluster.toml.
     #[arg(long, value_name = "DIR")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// The first node's port.
     #[arg(long, value_name = "P", default_value_t = 7400)]
-    base_port: u16,
+    pub(crate) base_port: u16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -411,6 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => check(args).await,
         Command::Demo(args) => demo(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => crate::bench::run(args).await.map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -762,14 +773,14 @@ impl ClusterFile {
     }
 }
 
-struct Cluster {
-    file: ClusterFile,
+pub(crate) struct Cluster {
+    pub(crate) file: ClusterFile,
     children: Vec<std::process::Child>,
 }
 
 impl Cluster {
     /// Stops every node with SIGTERM, waits up to 10 s each, then SIGKILLs.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         for child in &self.children {
             if let Ok(pid) = i32::try_from(child.id()) {
                 let _ = nix::sys::signal::kill(
@@ -801,7 +812,7 @@ impl Cluster {
     }
 }
 
-async fn cluster_up(args: &ClusterArgs) -> anyhow::Result<Cluster> {
+pub(crate) async fn cluster_up(args: &ClusterArgs) -> anyhow::Result<Cluster> {
     let n = usize::from(args.nodes);
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod host;

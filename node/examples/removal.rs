@@ -3,14 +3,11 @@
 //!
 //! Run: `cargo run --release -p conclave --example removal`
 
-use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use conclave::{Identity, Node, Policy, Position, RoomRole, UserRole};
+use conclave::{Policy, Position, RoomRole};
 
-fn free_port() -> std::io::Result<SocketAddr> {
-    UdpSocket::bind("127.0.0.1:0")?.local_addr()
-}
+mod common;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -20,28 +17,12 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let dir = tempfile::tempdir()?;
-    let dirs: Vec<_> = (0..3).map(|i| dir.path().join(format!("n{i}"))).collect();
-    let ids = dirs.iter().map(Node::init).collect::<Result<Vec<_>, _>>()?;
-    let addrs = (0..3).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let mut builder = Node::builder().data_dir(&dirs[i]).listen(addrs[i]);
-        for j in (0..3).filter(|&j| j != i) {
-            builder = builder.peer(ids[j], addrs[j]);
-        }
-        nodes.push(builder.start().await?);
-    }
-    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
-    let mut users = Vec::new();
-    for node in &nodes {
-        let admin = Identity::generate(&mut rng);
-        node.seed_admin(&admin.public())?;
-        let admin = node.user(admin).await?;
-        let user = Identity::generate(&mut rng);
-        admin.add_user(&user.public(), UserRole::Member).await?;
-        users.push(node.user(user).await?);
-    }
+    let common::Cluster {
+        dir: _dir,
+        ids,
+        nodes,
+        users,
+    } = common::local_cluster(3).await?;
     let (alice, bob, carol) = (&users[0], &users[1], &users[2]);
 
     let room = alice.create_room(Policy::default()).await?;

@@ -6,44 +6,25 @@
 //!
 //! Run: `cargo run --release -p conclave --example throughput -- [MESSAGES] [IN_FLIGHT]`
 
-use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conclave::{Identity, Node, Policy, Position, Receipt, RoomRole, UserRole};
+use conclave::{Policy, Position, Receipt, RoomRole};
 use tokio::sync::Semaphore;
 
-fn free_port() -> std::io::Result<SocketAddr> {
-    UdpSocket::bind("127.0.0.1:0")?.local_addr()
-}
+mod common;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let messages: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(3000);
     let in_flight: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(64);
-    let dir = tempfile::tempdir()?;
-    let dirs: Vec<_> = (0..3).map(|i| dir.path().join(format!("n{i}"))).collect();
-    let ids = dirs.iter().map(Node::init).collect::<Result<Vec<_>, _>>()?;
-    let addrs = (0..3).map(|_| free_port()).collect::<Result<Vec<_>, _>>()?;
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let mut builder = Node::builder().data_dir(&dirs[i]).listen(addrs[i]);
-        for j in (0..3).filter(|&j| j != i) {
-            builder = builder.peer(ids[j], addrs[j]);
-        }
-        nodes.push(builder.start().await?);
-    }
-    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
-    let mut users = Vec::new();
-    for node in &nodes {
-        let admin = Identity::generate(&mut rng);
-        node.seed_admin(&admin.public())?;
-        let admin = node.user(admin).await?;
-        let user = Identity::generate(&mut rng);
-        admin.add_user(&user.public(), UserRole::Member).await?;
-        users.push(node.user(user).await?);
-    }
+    let common::Cluster {
+        dir: _dir,
+        ids,
+        nodes,
+        users,
+    } = common::local_cluster(3).await?;
     let room = users[0].create_room(Policy::default()).await?;
     for (i, user) in users.iter().enumerate().skip(1) {
         users[0]

@@ -586,8 +586,8 @@ async fn user_cmd(cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Add(args) if args.admin => {
             let (data, file) = (
-                args.data.expect("clap requires --data"),
-                args.identity_file.expect("clap requires --identity"),
+                args.data.context("--admin needs --data")?,
+                args.identity_file.context("--admin needs --identity")?,
             );
             let (identity, created) = crate::identity_file::load_or_create(&file)
                 .with_context(|| format!("loading {}", file.display()))?;

@@ -283,14 +283,14 @@ impl Members {
         cx: &mut Context<'_, S>,
     ) -> Result<Option<Outcome>, Denial> {
         let me = cx.node();
-        let mut txn = cx.store().write()?;
-        let home: NodeId =
-            room::home_of(&*txn, room)?.ok_or_else(|| Denial::not_found(format!("room {room}")))?;
+        // A read transaction: a local home (the common case) needs no writer.
+        let home: NodeId = room::home_of(&*cx.store().read()?, room)?
+            .ok_or_else(|| Denial::not_found(format!("room {room}")))?;
         if home == me {
-            drop(txn);
             cx.send(room_of(me, room), msg);
             return Ok(None);
         }
+        let mut txn = cx.store().write()?;
         enqueue(&mut *txn, room_of(home, room), Deliverable::Room(msg))?;
         txn.commit()?;
         cx.send(outbox_of(me, home), super::OutboxMsg::Kick);

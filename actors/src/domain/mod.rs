@@ -511,9 +511,11 @@ impl From<Deliverable> for Msg {
 }
 
 impl Deliverable {
-    /// Whether this message may be addressed to `to` (its kind matches).
+    /// Whether this message may be addressed to `to` (its kind matches, and it is
+    /// one that travels: a room's idle timer never does).
     fn fits(&self, to: &ActorRef) -> bool {
         match (self, to.key) {
+            (Deliverable::Room(RoomMsg::Tick), _) => false,
             (Deliverable::Room(_), ActorKey::Room(_)) => to.kind == ActorKind::ROOM,
             (Deliverable::Keys(_), ActorKey::Unit) => to.kind == ActorKind::KEYS,
             _ => false,
@@ -834,5 +836,8 @@ mod tests {
         assert!(keys.fits(&keys_of(node)));
         assert!(!keys.fits(&room_of(node, RoomId([0; 16]))));
         assert!(!keys.fits(&members_of(node)));
+        // A room's idle timer is its own: it never travels.
+        let tick = Deliverable::Room(RoomMsg::Tick);
+        assert!(!tick.fits(&room_of(node, RoomId([0; 16]))));
     }
 }

@@ -85,6 +85,11 @@ impl<S: System<Msg = Msg>> Actor<S> for Outbox {
     fn handle(&mut self, msg: OutboxMsg, cx: &mut Context<'_, S>) {
         let me = cx.node();
         match msg {
+            // Kicks come from this node's actors and transport events only: another
+            // node cannot make this one resend its window.
+            OutboxMsg::Kick | OutboxMsg::Resend if cx.sender().is_some_and(|s| s.node != me) => {
+                metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_local").increment(1);
+            }
             OutboxMsg::Kick => self.pump(cx),
             OutboxMsg::Resend => {
                 self.sent_upto = 0;

@@ -248,13 +248,6 @@ impl<S: System<Msg = Msg>> Actor<S> for Room {
         };
         let mut retry = false;
         match msg {
-            RoomMsg::Tick if cx.sender().is_some() => {
-                // The idle check is this room's own timer; from anyone else it is
-                // refused (and answered, so a peer's hand-off is not held up).
-                tracing::warn!(room = ?self.room, from = ?cx.sender(), "room tick from an actor refused");
-                applied(cx, true);
-                return;
-            }
             RoomMsg::Tick => {
                 if self.busy {
                     self.busy = false;

@@ -545,7 +545,7 @@ fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
 
         // Nothing but the first two frames was ever committed.
         let txn = store.read().unwrap();
-        let frames = conclave_actors::domain::room::frames(&*txn, room, Seq(1), 100).unwrap();
+        let frames = conclave_actors::domain::state::rooms::frames(&*txn, room, Seq(1), 100).unwrap();
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[0].0, first_seq);
         drop(txn);
@@ -665,7 +665,7 @@ fn invites_need_a_valid_invitee_and_key() {
 /// signed creation naming the sender as home.
 #[test]
 fn a_peer_cannot_claim_a_room_homed_elsewhere() {
-    use conclave_actors::domain::room::{RoomMeta, Update};
+    use conclave_actors::domain::{room::Update, state::rooms::RoomMeta};
     use conclave_actors::domain::{Deliverable, OutboxMsg, RoomMsg, Routed};
     let mut w = world(9);
     let (alice, bob, carol) = (w.alice.clone(), w.bob.clone(), w.carol.clone());
@@ -699,6 +699,7 @@ fn a_peer_cannot_claim_a_room_homed_elsewhere() {
         epoch_start: Seq(1),
         next_seq: Seq(1),
         owner: alice.user_id(),
+        members_version: 1,
     };
     let routed = Routed {
         to: conclave_actors::domain::room_of(n2, room),
@@ -720,7 +721,7 @@ fn a_peer_cannot_claim_a_room_homed_elsewhere() {
     {
         let txn = w.c.nodes[2].store.read().unwrap();
         assert_eq!(
-            conclave_actors::domain::room::meta(&*txn, room).unwrap(),
+            conclave_actors::domain::state::rooms::meta(&*txn, room).unwrap(),
             None,
             "the forged snapshot was taken"
         );

@@ -224,10 +224,10 @@ async fn removal_rekeys_and_the_removed_node_gets_nothing_later() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let store = c.node(2).store().unwrap();
     let txn = store.read_txn().unwrap();
-    let frames = domain::room::frames(&txn, room, Seq(1), 100).unwrap();
+    let frames = domain::state::rooms::frames(&txn, room, Seq(1), 100).unwrap();
     assert_eq!(frames.len(), 1);
     assert!(frames.iter().all(|(_, f)| f.epoch == Epoch(1)));
-    let keys = domain::keys::sealed_for(&txn, room, carol.id()).unwrap();
+    let keys = domain::state::keys::sealed_for(&txn, room, carol.id()).unwrap();
     assert_eq!(
         keys.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
         vec![Epoch(1)]
@@ -308,7 +308,7 @@ async fn a_node_restarted_on_its_data_dir_loses_nothing_and_delivers_nothing_twi
     let store = c.node(1).store().unwrap();
     let txn = store.read_txn().unwrap();
     assert_eq!(
-        domain::room::frames(&txn, room, Seq(1), 100).unwrap().len(),
+        domain::state::rooms::frames(&txn, room, Seq(1), 100).unwrap().len(),
         16
     );
     drop(txn);

@@ -364,7 +364,7 @@ impl Node {
     pub fn seed_admin(&self, user: &PublicIdentity) -> Result<(), ApiError> {
         let store = self.open_store()?;
         let mut txn = store.write()?;
-        domain::members::seed_admin(&mut *txn, user, wall_now()).map_err(ApiError::Denied)?;
+        domain::state::registry::seed_admin(&mut *txn, user, wall_now()).map_err(ApiError::Denied)?;
         txn.commit()?;
         Ok(())
     }
@@ -374,7 +374,7 @@ impl Node {
         {
             let store = self.open_store()?;
             let txn = store.read_txn()?;
-            domain::members::check_active(&txn, identity.user_id()).map_err(ApiError::Denied)?;
+            domain::state::registry::check_active(&txn, identity.user_id()).map_err(ApiError::Denied)?;
         }
         Ok(User::new(self.clone(), identity))
     }
@@ -440,7 +440,7 @@ impl Node {
         if let Some(room) = room {
             let store = self.open_store()?;
             let txn = store.read_txn()?;
-            answerers.extend(domain::room::home_of(&txn, room)?);
+            answerers.extend(domain::state::rooms::sequencer_of(&txn, room)?);
         }
         let (request, rx) = self.inner.gateway.register(answerers);
         let reply = ReplyTo {
@@ -506,8 +506,8 @@ impl Backend for Node {
     ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
         let store = self.open_store()?;
         let txn = store.read_txn()?;
-        domain::members::check_active(&txn, user).map_err(ApiError::Denied)?;
-        Ok(domain::keys::sealed_for(&txn, room, user)?)
+        domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
+        Ok(domain::state::keys::sealed_for(&txn, room, user)?)
     }
 
     async fn frames(
@@ -565,11 +565,11 @@ impl Node {
         let next = loop {
             let store = self.open_store()?;
             let txn = store.read_txn()?;
-            if let Some(vis) = domain::room::visibility(&txn, user, room)? {
+            if let Some(vis) = domain::state::rooms::visibility(&txn, user, room)? {
                 break match from {
                     Position::Start => vis.from,
                     Position::At(seq) => seq.max(vis.from),
-                    Position::Live => domain::room::meta(&txn, room)?
+                    Position::Live => domain::state::rooms::meta(&txn, room)?
                         .map(|m| m.next_seq)
                         .unwrap_or(vis.from)
                         .max(vis.from),
@@ -643,12 +643,12 @@ impl LocalFrames {
         let (vis, frames) = {
             let txn = store.read_txn().map_err(|e| Some(e.into()))?;
             // A user revoked while reading stops reading.
-            domain::members::check_active(&txn, self.user)
+            domain::state::registry::check_active(&txn, self.user)
                 .map_err(|d| Some(ApiError::Denied(d)))?;
-            let vis = domain::room::visibility(&txn, self.user, self.room)
+            let vis = domain::state::rooms::visibility(&txn, self.user, self.room)
                 .map_err(|e| Some(e.into()))?
                 .ok_or(Some(ApiError::Denied(Denial::NotAMember)))?;
-            let frames = domain::room::frames(&txn, self.room, self.next, FRAMES_BATCH)
+            let frames = domain::state::rooms::frames(&txn, self.room, self.next, FRAMES_BATCH)
                 .map_err(|e| Some(e.into()))?;
             (vis, frames)
         };

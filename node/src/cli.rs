@@ -560,7 +560,7 @@ fn bootstrap_admin(data: &Path, identity: &Identity) -> anyhow::Result<bool> {
     let store = conclave_storage::LmdbStore::open(&data.join("db"), Default::default())
         .with_context(|| format!("opening the store in {}", data.display()))?;
     let mut txn = conclave_storage::Store::write(&store)?;
-    match conclave_actors::domain::members::seed_admin(
+    match conclave_actors::domain::state::registry::seed_admin(
         &mut *txn,
         &identity.public(),
         crate::host::wall_now(),

@@ -503,5 +503,5 @@ impl FrameSource for RemoteFrames {
 /// Lets a reader of the registry state decide whether `user` may connect.
 pub(crate) fn check_user(store: &conclave_storage::LmdbStore, user: UserId) -> Result<(), Denial> {
     let txn = store.read_txn().map_err(Denial::from)?;
-    domain::members::check_active(&txn, user).map(|_| ())
+    domain::state::registry::check_active(&txn, user).map(|_| ())
 }

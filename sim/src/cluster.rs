@@ -943,7 +943,7 @@ impl Cluster {
     pub fn seed_admin(&mut self, i: usize, user: &Identity) {
         let store = &self.nodes[i].store;
         let mut txn = store.write().expect("write");
-        domain::members::seed_admin(&mut *txn, &user.public(), self.node_now(i))
+        domain::state::registry::seed_admin(&mut *txn, &user.public(), self.node_now(i))
             .expect("seed admin");
         txn.commit().expect("commit");
     }
@@ -1018,7 +1018,7 @@ impl Cluster {
         room: RoomId,
     ) -> BTreeMap<Epoch, conclave_actors::crypto::EpochKey> {
         let txn = self.nodes[i].store.read().expect("read");
-        let sealed = domain::keys::sealed_for(&*txn, room, user.user_id()).expect("keys");
+        let sealed = domain::state::keys::sealed_for(&*txn, room, user.user_id()).expect("keys");
         let (keys, errors) = client::open_keys(user, room, &sealed);
         assert!(errors.is_empty(), "keys that do not open: {errors:?}");
         keys
@@ -1096,10 +1096,10 @@ impl Cluster {
     pub fn read(&self, i: usize, user: &Identity, room: RoomId) -> Vec<(Seq, Vec<u8>)> {
         let keys = self.keys(i, user, room);
         let txn = self.nodes[i].store.read().expect("read");
-        let Some(vis) = domain::room::visibility(&*txn, user.user_id(), room).expect("vis") else {
+        let Some(vis) = domain::state::rooms::visibility(&*txn, user.user_id(), room).expect("vis") else {
             return Vec::new();
         };
-        domain::room::frames(&*txn, room, vis.from, usize::MAX)
+        domain::state::rooms::frames(&*txn, room, vis.from, usize::MAX)
             .expect("frames")
             .into_iter()
             .filter(|(seq, _)| vis.covers(*seq))
@@ -1139,10 +1139,11 @@ fn offset(t: Time, offset: i64) -> Time {
 
 /// The users whose sealed keys a message carries.
 fn key_users_in(msg: &Msg) -> Vec<UserId> {
-    use domain::{Deliverable, KeysMsg, PeerMsg};
+    use domain::room::Update;
+    use domain::{Deliverable, PeerMsg, RoomMsg};
     match msg {
         Msg::Peer(PeerMsg::Deliver {
-            msg: Deliverable::Keys(KeysMsg::Store { keys, .. }),
+            msg: Deliverable::Room(RoomMsg::Update(Update::Keys { keys, .. })),
             ..
         }) => keys.iter().map(|(user, _)| *user).collect(),
         _ => Vec::new(),
@@ -1152,9 +1153,9 @@ fn key_users_in(msg: &Msg) -> Vec<UserId> {
 /// The (room, epoch) of every frame and key a message carries.
 fn epochs_in(msg: &Msg) -> Vec<(RoomId, Epoch)> {
     use domain::room::Update;
-    use domain::{Deliverable, KeysMsg, PeerMsg, RoomMsg};
-    let inner = match msg {
-        Msg::Peer(PeerMsg::Deliver { msg, .. }) => msg,
+    use domain::{Deliverable, PeerMsg, RoomMsg};
+    let (to, inner) = match msg {
+        Msg::Peer(PeerMsg::Deliver { to, msg, .. }) => (to, msg),
         _ => return Vec::new(),
     };
     match inner {
@@ -1162,8 +1163,11 @@ fn epochs_in(msg: &Msg) -> Vec<(RoomId, Epoch)> {
             vec![(frame.room, frame.epoch)]
         }
         Deliverable::Room(RoomMsg::Publish { frame, .. }) => vec![(frame.room, frame.epoch)],
-        Deliverable::Keys(KeysMsg::Store { room, epoch, keys }) if !keys.is_empty() => {
-            vec![(*room, *epoch)]
+        Deliverable::Room(RoomMsg::Update(Update::Keys { epoch, keys })) if !keys.is_empty() => {
+            match to.key {
+                conclave_actors::actor::ActorKey::Room(room) => vec![(room, *epoch)],
+                _ => Vec::new(),
+            }
         }
         _ => Vec::new(),
     }

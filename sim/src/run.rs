@@ -711,7 +711,7 @@ impl Sim {
             .copied()
             .filter(|&room| {
                 matches!(
-                    domain::room::visibility(&*txn, u.uid, room),
+                    domain::state::rooms::visibility(&*txn, u.uid, room),
                     Ok(Some(v)) if v.until.is_none()
                 )
             })
@@ -724,7 +724,7 @@ impl Sim {
         let node = self.users[user].node;
         let sealed = match self.c.nodes[node].store.read() {
             Ok(txn) => {
-                domain::keys::sealed_for(&*txn, room, self.users[user].uid).unwrap_or_default()
+                domain::state::keys::sealed_for(&*txn, room, self.users[user].uid).unwrap_or_default()
             }
             Err(_) => Vec::new(),
         };
@@ -1166,10 +1166,10 @@ impl Sim {
     /// update after a newer one (a duplicate, or a replay) would take it back.
     fn check_replica_epoch(&mut self, node: usize, room: RoomId) {
         let now = match self.c.nodes[node].store.read() {
-            Ok(txn) => match domain::room::meta(&*txn, room) {
+            Ok(txn) => match domain::state::rooms::meta(&*txn, room) {
                 Ok(Some(meta)) => (
                     meta.epoch.0,
-                    domain::room::members(&*txn, room).map_or(0, |m| m.len()),
+                    domain::state::rooms::members(&*txn, room).map_or(0, |m| m.len()),
                 ),
                 _ => return,
             },
@@ -1217,7 +1217,7 @@ impl Sim {
             let Ok(txn) = self.c.nodes[node].store.read() else {
                 return;
             };
-            let Ok(Some(vis)) = domain::room::visibility(&*txn, uid, room) else {
+            let Ok(Some(vis)) = domain::state::rooms::visibility(&*txn, uid, room) else {
                 return;
             };
             let sub = self.subs.entry((user, room)).or_insert(Sub {
@@ -1231,7 +1231,7 @@ impl Sim {
                 };
             }
             let from = Seq(sub.next);
-            let Ok(frames) = domain::room::frames(&*txn, room, from, usize::MAX) else {
+            let Ok(frames) = domain::state::rooms::frames(&*txn, room, from, usize::MAX) else {
                 return;
             };
             (vis, frames)
@@ -1343,7 +1343,7 @@ impl Sim {
             return;
         }
         let stored: BTreeMap<u64, MessageId> = match self.c.nodes[home].store.read() {
-            Ok(txn) => domain::room::frames(&*txn, room, Seq(1), usize::MAX)
+            Ok(txn) => domain::state::rooms::frames(&*txn, room, Seq(1), usize::MAX)
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(s, f)| (s.0, f.id))
@@ -1494,7 +1494,7 @@ impl Sim {
                 let Ok(txn) = self.c.nodes[node].store.read() else {
                     continue;
                 };
-                let vis = domain::room::visibility(&*txn, *uid, room).ok().flatten();
+                let vis = domain::state::rooms::visibility(&*txn, *uid, room).ok().flatten();
                 let u = self.by_uid.get(uid).copied().unwrap_or(usize::MAX);
                 match vis {
                     Some(v) if v.until.is_none() && v.from.0 == since => {}
@@ -1506,7 +1506,7 @@ impl Sim {
                     }
                 }
                 let stored: BTreeSet<u64> =
-                    domain::room::frames(&*txn, room, Seq(since), usize::MAX)
+                    domain::state::rooms::frames(&*txn, room, Seq(since), usize::MAX)
                         .unwrap_or_default()
                         .into_iter()
                         .map(|(s, _)| s.0)
@@ -1523,7 +1523,7 @@ impl Sim {
                         ),
                     ));
                 }
-                let held: BTreeSet<u64> = domain::keys::sealed_for(&*txn, room, *uid)
+                let held: BTreeSet<u64> = domain::state::keys::sealed_for(&*txn, room, *uid)
                     .unwrap_or_default()
                     .into_iter()
                     .map(|(e, _)| e.0)
@@ -1547,7 +1547,7 @@ impl Sim {
                 let Ok(txn) = self.c.nodes[node].store.read() else {
                     continue;
                 };
-                let vis = domain::room::visibility(&*txn, *uid, room).ok().flatten();
+                let vis = domain::state::rooms::visibility(&*txn, *uid, room).ok().flatten();
                 if !vis.is_some_and(|v| v.until == Some(Seq(until)) && v.from.0 == since) {
                     state.push((oracle::ORDER, format!(
                         "n{node} does not show u{u} as removed from room {r} at seq {until} ({vis:?})"
@@ -1575,7 +1575,7 @@ impl Sim {
             for room in self.room_order.clone() {
                 let stored = match self.c.nodes[i].store.read() {
                     Ok(txn) => {
-                        domain::room::frames(&*txn, room, Seq(1), usize::MAX).unwrap_or_default()
+                        domain::state::rooms::frames(&*txn, room, Seq(1), usize::MAX).unwrap_or_default()
                     }
                     Err(_) => continue,
                 };
@@ -1617,7 +1617,7 @@ impl Sim {
                 let mut surviving = BTreeSet::new();
                 for i in (0..self.o.nodes).filter(|&i| self.live(i)) {
                     if let Ok(txn) = self.c.nodes[i].store.read() {
-                        for (seq, frame) in domain::room::frames(&*txn, room, Seq(1), usize::MAX)
+                        for (seq, frame) in domain::state::rooms::frames(&*txn, room, Seq(1), usize::MAX)
                             .unwrap_or_default()
                         {
                             if m.committed.get(&seq.0).map(|(id, _)| *id) == Some(frame.id) {

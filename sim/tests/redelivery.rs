@@ -102,7 +102,7 @@ fn a_member_node_does_not_reapply_an_older_snapshot_handed_over_again() {
     w.c.connected(0, 1);
     step_until(&mut w.c, |c| {
         let txn = c.nodes[1].store.read().unwrap();
-        domain::room::frames(&*txn, room, Seq(3), 1).unwrap().len() == 1
+        domain::state::rooms::frames(&*txn, room, Seq(3), 1).unwrap().len() == 1
     });
     assert!(
         w.c.mailbox_len(1) > 0,
@@ -114,11 +114,11 @@ fn a_member_node_does_not_reapply_an_older_snapshot_handed_over_again() {
 
     // Dave was removed at seq 2 and may read seq 1 only; bob reads all three.
     let txn = w.c.nodes[1].store.read().unwrap();
-    let vis = domain::room::visibility(&*txn, dave.user_id(), room)
+    let vis = domain::state::rooms::visibility(&*txn, dave.user_id(), room)
         .unwrap()
         .unwrap();
     assert_eq!(vis.until, Some(Seq(2)), "dave's visibility: {vis:?}");
-    let members: Vec<_> = domain::room::members(&*txn, room)
+    let members: Vec<_> = domain::state::rooms::members(&*txn, room)
         .unwrap()
         .into_iter()
         .map(|m| m.user)
@@ -162,7 +162,7 @@ fn a_home_does_not_apply_a_forwarded_invite_again_after_a_removal() {
     w.c.connected(1, 0);
     step_until(&mut w.c, |c| {
         let txn = c.nodes[0].store.read().unwrap();
-        domain::room::meta(&*txn, room).unwrap().unwrap().epoch.0 == 2
+        domain::state::rooms::meta(&*txn, room).unwrap().unwrap().epoch.0 == 2
     });
     assert!(w.c.mailbox_len(0) > 0, "the peer has not recorded them yet");
     w.c.crash(0);

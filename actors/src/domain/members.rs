@@ -8,126 +8,16 @@
 //! room's home: directly when the home is this node, through the durable outbox
 //! otherwise.
 
-use conclave_storage::{Order, ReadTxn, StoreError, Table, WriteTxn};
 use serde::{Deserialize, Serialize};
 
+use super::state::{registry, rooms};
 use super::{
-    denied, enqueue, origin, outbox_of, reply, room, room_of, Deliverable, Denial, Msg, Op,
-    Outcome, ReplyTo, RoomMsg, SignedRequest, UserEntry, UserRole, UserStatus, REQUEST_SKEW_MAX,
+    denied, enqueue, origin, outbox_of, reply, room_of, Deliverable, Denial, Msg, Op, Outcome,
+    ReplyTo, RoomMsg, SignedRequest, UserRole,
 };
-use crate::actor::{Actor, Context, System, Time};
+use crate::actor::{Actor, Context, System};
 use crate::crypto::Frame;
-use crate::identity::PublicIdentity;
 use crate::ids::{NodeId, RoomId, UserId};
-
-/// One registered user.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserRecord {
-    /// Their X25519 public key.
-    pub exchange: [u8; 32],
-    /// Their role.
-    pub role: UserRole,
-    /// Active or revoked.
-    pub status: UserStatus,
-    /// When they were added.
-    pub added_at: Time,
-    /// Which admin added them (`None` for the bootstrap admin).
-    pub added_by: Option<UserId>,
-}
-
-const USERS: Table<[u8; 32], UserRecord> = Table::new("members.users");
-
-/// The most users [`Op::ListUsers`] returns.
-pub const LIST_USERS_MAX: usize = 10_000;
-
-/// A user of this node, if registered.
-pub fn user(txn: &dyn ReadTxn, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-    USERS.get(txn, &id.0)
-}
-
-/// Registers `user` as an admin without an acting admin: the bootstrap of a node's
-/// first admin, from its operator. Fails with [`Denial::Conflict`] if the key is
-/// registered already (nothing is changed).
-pub fn seed_admin(txn: &mut dyn WriteTxn, user: &PublicIdentity, now: Time) -> Result<(), Denial> {
-    insert(txn, user, UserRole::Admin, now, None)
-}
-
-fn insert(
-    txn: &mut dyn WriteTxn,
-    user: &PublicIdentity,
-    role: UserRole,
-    now: Time,
-    added_by: Option<UserId>,
-) -> Result<(), Denial> {
-    if user.verifying_key().is_none() {
-        return Err(Denial::malformed(
-            "the user's signing key is not a valid Ed25519 key",
-        ));
-    }
-    if USERS.get(&*txn, &user.signing)?.is_some() {
-        return Err(Denial::Conflict {
-            what: format!("user {} is registered already", UserId(user.signing)),
-        });
-    }
-    USERS.put(
-        txn,
-        &user.signing,
-        &UserRecord {
-            exchange: user.exchange,
-            role,
-            status: UserStatus::Active,
-            added_at: now,
-            added_by,
-        },
-    )?;
-    Ok(())
-}
-
-/// Every user of this node, in id order (at most [`LIST_USERS_MAX`]).
-pub fn list(txn: &dyn ReadTxn) -> Result<Vec<UserEntry>, StoreError> {
-    Ok(USERS
-        .scan(txn, .., Order::Ascending, LIST_USERS_MAX)?
-        .into_iter()
-        .map(|(signing, r)| UserEntry {
-            user: PublicIdentity {
-                signing,
-                exchange: r.exchange,
-            },
-            role: r.role,
-            status: r.status,
-        })
-        .collect())
-}
-
-/// The registry's verdict on `user`: their record if they may act.
-pub fn check_active(txn: &dyn ReadTxn, user: UserId) -> Result<UserRecord, Denial> {
-    let record = USERS
-        .get(txn, &user.0)?
-        .ok_or_else(|| Denial::not_found(format!("user {user}")))?;
-    match record.status {
-        UserStatus::Active => Ok(record),
-        UserStatus::Revoked => Err(Denial::Revoked),
-    }
-}
-
-/// Checks a signed request: signature, issue time, registry (see the module docs).
-pub fn authenticate(
-    txn: &dyn ReadTxn,
-    req: &SignedRequest,
-    now: Time,
-) -> Result<UserRecord, Denial> {
-    req.verify()?;
-    let issued = req.request.issued;
-    let skew = if issued > now {
-        issued.saturating_since(now)
-    } else {
-        now.saturating_since(issued)
-    };
-    if skew > REQUEST_SKEW_MAX {
-        return Err(Denial::Expired);
-    }
-    check_active(txn, req.request.user)
-}
 
 /// Messages to the members actor. Only local clients (the gateway) send them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -204,7 +94,7 @@ impl Members {
         let now = cx.now();
         let actor = {
             let txn = store.read()?;
-            authenticate(&*txn, &req, now)?
+            registry::authenticate(&*txn, &req, now)?
         };
         let acting = req.request.user;
         let admin = || {
@@ -218,7 +108,7 @@ impl Members {
             Op::AddUser { user, role } => {
                 admin()?;
                 let mut txn = store.write()?;
-                insert(&mut *txn, user, *role, now, Some(acting))?;
+                registry::add(&mut *txn, user, *role, now, Some(acting))?;
                 txn.commit()?;
                 tracing::info!(admin = ?acting, user = ?UserId(user.signing), ?role, "user added");
                 Ok(Some(Outcome::Done))
@@ -226,12 +116,7 @@ impl Members {
             Op::RevokeUser { user } => {
                 admin()?;
                 let mut txn = store.write()?;
-                let mut record = USERS
-                    .get(&*txn, &user.0)?
-                    .ok_or_else(|| Denial::not_found(format!("user {user}")))?;
-                if record.status != UserStatus::Revoked {
-                    record.status = UserStatus::Revoked;
-                    USERS.put(&mut *txn, &user.0, &record)?;
+                if registry::revoke(&mut *txn, *user)? {
                     txn.commit()?;
                     tracing::info!(admin = ?acting, ?user, "user revoked");
                 }
@@ -240,11 +125,11 @@ impl Members {
             Op::ListUsers => {
                 admin()?;
                 let txn = store.read()?;
-                Ok(Some(Outcome::Users(list(&*txn)?)))
+                Ok(Some(Outcome::Users(registry::list(&*txn)?)))
             }
             Op::ListRooms => {
                 let txn = store.read()?;
-                Ok(Some(Outcome::Rooms(room::rooms_of(&*txn, acting)?)))
+                Ok(Some(Outcome::Rooms(rooms::rooms_of(&*txn, acting)?)))
             }
             Op::CreateRoom { room, .. } => {
                 // Rooms are homed on their creator's node: this one.
@@ -267,14 +152,14 @@ impl Members {
     ) -> Result<Option<Outcome>, Denial> {
         {
             let txn = cx.store().read()?;
-            check_active(&*txn, frame.sender)?;
+            registry::check_active(&*txn, frame.sender)?;
         }
         metrics::counter!("conclave_frames_published_total").increment(1);
         let room = frame.room;
         self.forward(room, RoomMsg::Publish { frame, reply }, cx)
     }
 
-    /// Sends `msg` to `room`'s home: directly if it is this node, else through the
+    /// Sends `msg` to `room`'s sequencer: directly if it is this node, else through the
     /// outbox (answering [`Outcome::Forwarded`]; the home answers the rest).
     fn forward<S: System<Msg = Msg>>(
         &mut self,
@@ -284,7 +169,7 @@ impl Members {
     ) -> Result<Option<Outcome>, Denial> {
         let me = cx.node();
         // A read transaction: a local home (the common case) needs no writer.
-        let home: NodeId = room::home_of(&*cx.store().read()?, room)?
+        let home: NodeId = rooms::sequencer_of(&*cx.store().read()?, room)?
             .ok_or_else(|| Denial::not_found(format!("room {room}")))?;
         if home == me {
             cx.send(room_of(me, room), msg);

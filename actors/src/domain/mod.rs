@@ -1,10 +1,10 @@
-//! The domain: users, rooms, epoch keys, peers and outboxes as five actors.
+//! The domain: users, rooms, peers and outboxes as four actors over the tables of
+//! [`state`].
 //!
 //! | actor | address | does |
 //! |---|---|---|
 //! | [`members::Members`] | `MEMBERS`, unit | the node's user registry; authorizes every request of a local user (default-deny) and forwards room requests to the room's home |
-//! | [`room::Room`] | `ROOM`, room id | on the room's home: sequences frames, admits and removes members, rekeys; on member nodes: the local copy of the room's frames and members |
-//! | [`keys::Keys`] | `KEYS`, unit | receives sealed epoch keys for local users from room homes, checks them against the registry, stores them |
+//! | [`room::Room`] | `ROOM`, room id | on the room's sequencer (its home): decides and applies membership changes and frames, rekeys; on member nodes: the local copy of the room's members, its keys for local users and its frames |
 //! | [`peer::Peer`] | `PEER`, remote node | receives what a remote node's outbox sends: drops duplicates, hands the rest in order to local actors, acknowledges once they are applied |
 //! | [`outbox::Outbox`] | `OUTBOX`, remote node | sends what is durably queued for a remote node, resends with backoff and jitter until acknowledged |
 //!
@@ -39,13 +39,12 @@ use crate::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
 use crate::wire::{MessageClass, WireMessage};
 
 pub mod client;
-pub mod keys;
 pub mod members;
 pub mod outbox;
 pub mod peer;
 pub mod room;
+pub mod state;
 
-pub use keys::{Keys, KeysMsg};
 pub use members::{Members, MembersMsg};
 pub use outbox::{Outbox, OutboxMsg};
 pub use peer::{Peer, PeerMsg};
@@ -490,22 +489,19 @@ pub enum ClientMsg {
 }
 
 /// What travels through an outbox: the messages that change state on another node.
-/// Deliberately not recursive, so decoding it is bounded.
-// Rooms get nearly all of it; boxing would add an allocation per frame.
-#[allow(clippy::large_enum_variant)]
+/// Deliberately not recursive, so decoding it is bounded. Everything goes to rooms
+/// (requests and frames to a room's sequencer, updates to its member nodes), so one
+/// room's messages stay in order while different rooms' are independent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Deliverable {
     /// To a room.
     Room(RoomMsg),
-    /// To a node's keys actor.
-    Keys(KeysMsg),
 }
 
 impl From<Deliverable> for Msg {
     fn from(d: Deliverable) -> Self {
         match d {
             Deliverable::Room(m) => Msg::Room(m),
-            Deliverable::Keys(m) => Msg::Keys(m),
         }
     }
 }
@@ -517,7 +513,6 @@ impl Deliverable {
         match (self, to.key) {
             (Deliverable::Room(RoomMsg::Tick), _) => false,
             (Deliverable::Room(_), ActorKey::Room(_)) => to.kind == ActorKind::ROOM,
-            (Deliverable::Keys(_), ActorKey::Unit) => to.kind == ActorKind::KEYS,
             _ => false,
         }
     }
@@ -538,7 +533,6 @@ crate::message_union! {
     pub enum Msg {
         Members(MembersMsg),
         Room(RoomMsg),
-        Keys(KeysMsg),
         Peer(PeerMsg),
         Outbox(OutboxMsg),
         Client(ClientMsg),
@@ -621,7 +615,6 @@ impl Domain {
                 self.nodes.clone(),
                 cx,
             ))),
-            (ActorKind::KEYS, ActorKey::Unit) => Some(Box::new(Keys::activate(cx))),
             (ActorKind::PEER, ActorKey::Node(remote)) if remote != addr.node => {
                 Some(Box::new(Peer::activate(remote, self.config, cx)))
             }
@@ -637,7 +630,7 @@ impl Domain {
     /// Which local actors another node may address (see
     /// [`System::accepts_remote`]): a node's outbox talks to the peer actor that
     /// stands for it here, that peer acknowledges to the outbox towards it, and room
-    /// homes answer callers' gateways. Everything else (members, rooms, keys, and
+    /// homes answer callers' gateways. Everything else (members, rooms, and
     /// the timers and transport events of peers and outboxes) is only reached
     /// locally, through the peer's in-order hand-off.
     pub fn accepts_remote(&self, from: &ActorRef, to: &ActorRef) -> bool {
@@ -689,11 +682,6 @@ pub fn members_of(node: NodeId) -> ActorRef {
 /// The address of `room` on `node`.
 pub fn room_of(node: NodeId, room: RoomId) -> ActorRef {
     ActorRef::new(node, ActorKind::ROOM, ActorKey::Room(room))
-}
-
-/// The address of a node's keys actor.
-pub fn keys_of(node: NodeId) -> ActorRef {
-    ActorRef::new(node, ActorKind::KEYS, ActorKey::Unit)
 }
 
 /// The address, on `node`, of the peer actor for `remote`.
@@ -795,12 +783,11 @@ mod tests {
     fn outbox_messages_share_one_stream_and_replies_are_control() {
         let deliver = Msg::Peer(PeerMsg::Deliver {
             seq: Seq(1),
-            to: keys_of(NodeId([1; 32])),
-            msg: Deliverable::Keys(KeysMsg::Store {
-                room: RoomId([0; 16]),
+            to: room_of(NodeId([1; 32]), RoomId([0; 16])),
+            msg: Deliverable::Room(RoomMsg::Update(room::Update::Keys {
                 epoch: Epoch(1),
                 keys: Vec::new(),
-            }),
+            })),
         });
         assert_eq!(deliver.class(), MessageClass::Data);
         let ack = Msg::Outbox(OutboxMsg::Ack { upto: Seq(1) });
@@ -817,25 +804,23 @@ mod tests {
         // Not to the peer actor standing for a third node, nor from another kind.
         assert!(!d.accepts_remote(&outbox_of(b, a), &peer_of(a, NodeId([3; 32]))));
         assert!(!d.accepts_remote(&room_of(b, RoomId([0; 16])), &peer_of(a, b)));
-        // Rooms answer gateways; nobody remote reaches members, rooms or keys.
+        // Rooms answer gateways; nobody remote reaches members or rooms.
         assert!(d.accepts_remote(&room_of(b, RoomId([0; 16])), &gateway_of(a)));
         assert!(!d.accepts_remote(&peer_of(b, a), &gateway_of(a)));
         assert!(!d.accepts_remote(&peer_of(b, a), &members_of(a)));
         assert!(!d.accepts_remote(&peer_of(b, a), &room_of(a, RoomId([0; 16]))));
-        assert!(!d.accepts_remote(&peer_of(b, a), &keys_of(a)));
     }
 
     #[test]
     fn a_deliverable_fits_only_its_kind() {
         let node = NodeId([1; 32]);
-        let keys = Deliverable::Keys(KeysMsg::Store {
-            room: RoomId([0; 16]),
+        let keys = Deliverable::Room(RoomMsg::Update(room::Update::Keys {
             epoch: Epoch(1),
             keys: Vec::new(),
-        });
-        assert!(keys.fits(&keys_of(node)));
-        assert!(!keys.fits(&room_of(node, RoomId([0; 16]))));
+        }));
+        assert!(keys.fits(&room_of(node, RoomId([0; 16]))));
         assert!(!keys.fits(&members_of(node)));
+        assert!(!keys.fits(&peer_of(node, NodeId([2; 32]))));
         // A room's idle timer is its own: it never travels.
         let tick = Deliverable::Room(RoomMsg::Tick);
         assert!(!tick.fits(&room_of(node, RoomId([0; 16]))));

@@ -1,0 +1,255 @@
+//! Apply: a decided [`Event`] written to the room's state on its sequencer, and the
+//! fan-out it owes member nodes queued in their outboxes, in the same transaction.
+//!
+//! [`apply`] only writes what the event says, deterministically; [`fan_out`] is the
+//! sequencer's duty to the other nodes. Keeping them apart is the seam replication
+//! needs: every replica applies, the leader fans out.
+
+use std::collections::BTreeSet;
+
+use conclave_storage::{StoreError, WriteTxn};
+
+use super::{Event, RoomMsg, Update};
+use crate::domain::state::{keys, rooms, rooms::Visibility};
+use crate::domain::{enqueue, room_of, Deliverable, Denial, RoomMember, SignedRequest};
+use crate::actor::Time;
+use crate::ids::{NodeId, RoomId, Seq};
+use crate::mutation::{self, Mutation};
+
+/// Writes `event` to `room`'s state on its sequencer `me`.
+pub(super) fn apply(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    me: NodeId,
+    event: &Event,
+) -> Result<(), StoreError> {
+    match event {
+        Event::Created {
+            meta,
+            owner,
+            key,
+            create,
+        } => {
+            rooms::put_meta(txn, room, meta)?;
+            rooms::put_creation(txn, room, create)?;
+            rooms::put_member(txn, room, owner)?;
+            keys::put(txn, room, meta.epoch, owner.user, key)?;
+            let visible = Visibility {
+                from: owner.since,
+                until: None,
+            };
+            rooms::put_visibility(txn, owner.user, room, &visible)
+        }
+        Event::Invited { meta, member, key } => {
+            rooms::put_meta(txn, room, meta)?;
+            rooms::put_member(txn, room, member)?;
+            keys::put(txn, room, meta.epoch, member.user, key)?;
+            if member.home != me {
+                return Ok(());
+            }
+            let visible = Visibility {
+                from: member.since,
+                until: None,
+            };
+            rooms::put_visibility(txn, member.user, room, &visible)
+        }
+        Event::Removed {
+            meta,
+            removed,
+            bundle,
+        } => apply_removed(txn, room, me, meta, removed, bundle),
+        Event::Published {
+            meta, seq, frame, ..
+        } => {
+            rooms::put_frame(txn, room, &meta.policy, *seq, frame)?;
+            rooms::put_id(txn, room, frame.id, *seq)?;
+            if mutation::active(Mutation::VolatileSequence) {
+                // Mutation: the next sequence number is not persisted with the frame.
+                return Ok(());
+            }
+            rooms::put_meta(txn, room, meta)
+        }
+    }
+}
+
+fn apply_removed(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    me: NodeId,
+    meta: &rooms::RoomMeta,
+    removed: &RoomMember,
+    bundle: &[(crate::ids::UserId, crate::crypto::SealedKey)],
+) -> Result<(), StoreError> {
+    let was_member = rooms::delete_member(txn, room, removed.user)?;
+    assert!(was_member, "decide checked that the removed user is a member");
+    rooms::put_meta(txn, room, meta)?;
+    for (member, key) in bundle {
+        keys::put(txn, room, meta.epoch, *member, key)?;
+    }
+    if mutation::active(Mutation::FanoutToRemoved) && removed.home != me {
+        rooms::mutation_add_removed(txn, room, removed.home)?;
+    }
+    if removed.home != me {
+        return Ok(());
+    }
+    let visible = Visibility {
+        from: removed.since,
+        until: Some(meta.next_seq),
+    };
+    rooms::put_visibility(txn, removed.user, room, &visible)
+}
+
+/// The nodes other than `me` hosting at least one of `members`.
+pub(super) fn member_nodes(members: &[RoomMember], me: NodeId) -> BTreeSet<NodeId> {
+    members
+        .iter()
+        .map(|m| m.home)
+        .filter(|&n| n != me)
+        .collect()
+}
+
+fn send(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId, update: Update) -> Result<(), Denial> {
+    enqueue(txn, room_of(node, room), Deliverable::Room(RoomMsg::Update(update)))
+}
+
+/// Queues, after `apply`, what member nodes must learn of `event`; returns the
+/// nodes whose outboxes now hold something.
+pub(super) fn fan_out(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    me: NodeId,
+    now: Time,
+    event: &Event,
+) -> Result<BTreeSet<NodeId>, Denial> {
+    match event {
+        // The creator is the only member, on this node.
+        Event::Created { .. } => Ok(BTreeSet::new()),
+        Event::Invited { meta, member, key } => {
+            let nodes = snapshot(txn, room, me, meta, None)?;
+            if member.home == me {
+                return Ok(nodes);
+            }
+            let keys = vec![(member.user, key.clone())];
+            send(txn, room, member.home, Update::Keys { epoch: meta.epoch, keys })?;
+            let members = rooms::members(&*txn, room)?;
+            let new_node = !members
+                .iter()
+                .any(|m| m.user != member.user && m.home == member.home);
+            if new_node {
+                backfill(txn, room, meta, member, now)?;
+            }
+            Ok(nodes)
+        }
+        Event::Removed {
+            meta,
+            removed,
+            bundle,
+        } => {
+            // The removed member's node learns of the removal (so it stops serving
+            // the room to them) but gets no key of the new epoch.
+            let nodes = snapshot(txn, room, me, meta, Some(removed.home))?;
+            let members = rooms::members(&*txn, room)?;
+            for node in member_nodes(&members, me) {
+                let keys: Vec<_> = bundle
+                    .iter()
+                    .filter(|(u, _)| {
+                        // Mutation: every node gets the whole bundle.
+                        mutation::active(Mutation::BundleUnsplit)
+                            || members.iter().any(|m| m.user == *u && m.home == node)
+                    })
+                    .cloned()
+                    .collect();
+                send(txn, room, node, Update::Keys { epoch: meta.epoch, keys })?;
+            }
+            Ok(nodes)
+        }
+        Event::Published {
+            seq,
+            frame,
+            committed,
+            ..
+        } => {
+            let mut nodes = member_nodes(&rooms::members(&*txn, room)?, me);
+            if mutation::active(Mutation::FanoutToRemoved) {
+                // Mutation: frames still go to the nodes of removed members.
+                nodes.extend(rooms::mutation_removed(&*txn, room)?);
+            }
+            for &node in &nodes {
+                let update = Update::Frame {
+                    seq: *seq,
+                    frame: frame.clone(),
+                    committed: *committed,
+                };
+                send(txn, room, node, update)?;
+            }
+            Ok(nodes)
+        }
+    }
+}
+
+/// Sends the room's new membership snapshot to every member node (and `also`),
+/// first, so a member node knows the room before its keys and frames arrive (one
+/// outbox per node keeps them in order).
+fn snapshot(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    me: NodeId,
+    meta: &rooms::RoomMeta,
+    also: Option<NodeId>,
+) -> Result<BTreeSet<NodeId>, Denial> {
+    let members = rooms::members(&*txn, room)?;
+    let create: Box<SignedRequest> = rooms::creation(&*txn, room)?
+        .map(Box::new)
+        .ok_or_else(|| Denial::not_found(format!("the creation of room {room}")))?;
+    let mut nodes = member_nodes(&members, me);
+    nodes.extend(also.filter(|&n| n != me));
+    for &node in &nodes {
+        let update = Update::Members {
+            meta: *meta,
+            members: members.clone(),
+            create: create.clone(),
+        };
+        send(txn, room, node, update)?;
+    }
+    Ok(nodes)
+}
+
+/// Sends a new member node the history its new member may read.
+fn backfill(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    meta: &rooms::RoomMeta,
+    member: &RoomMember,
+    now: Time,
+) -> Result<(), Denial> {
+    let start = kept_from(meta, member.since);
+    let history = rooms::frames(&*txn, room, start, rooms::BACKFILL_FRAMES_MAX + 1)?;
+    if history.len() > rooms::BACKFILL_FRAMES_MAX {
+        return Err(Denial::Limit {
+            what: format!(
+                "the history a new member node would be sent exceeds {} frames",
+                rooms::BACKFILL_FRAMES_MAX
+            ),
+        });
+    }
+    for (seq, frame) in history {
+        let update = Update::Frame {
+            seq,
+            frame,
+            committed: now,
+        };
+        send(txn, room, member.home, update)?;
+    }
+    Ok(())
+}
+
+/// The first sequence number still kept from `since` on.
+fn kept_from(meta: &rooms::RoomMeta, since: Seq) -> Seq {
+    if meta.policy.persist {
+        since
+    } else {
+        Seq(since
+            .0
+            .max(meta.next_seq.0.saturating_sub(rooms::EPHEMERAL_FRAMES_KEPT)))
+    }
+}

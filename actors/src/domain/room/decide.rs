@@ -1,0 +1,346 @@
+//! Decide: a request checked against the room's state, into the [`Event`] that
+//! applying it would be, or the [`Denial`] that refuses it. Nothing here writes:
+//! every function reads through a transaction and returns a value, so the same
+//! decision can later be made on a leader and applied on every replica.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use conclave_storage::ReadTxn;
+use x25519_dalek::PublicKey;
+
+use super::Event;
+use crate::actor::Time;
+use crate::crypto::{verify_frame, verify_sealed_key, Frame, FrameError, SealError, SealedKey};
+use crate::domain::state::{registry, rooms, rooms::RoomMeta};
+use crate::domain::{
+    Denial, History, Invitee, Outcome, RoomInfo, RoomMember, RoomRole, SignedRequest,
+    ROOM_MEMBERS_MAX,
+};
+use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
+use crate::mutation::{self, Mutation};
+
+/// Who decides and for whom: the room, this node (its sequencer), the node the
+/// request came from, the time, and the cluster's nodes when known.
+pub(super) struct Home<'a> {
+    pub room: RoomId,
+    pub me: NodeId,
+    pub from: NodeId,
+    pub now: Time,
+    pub nodes: Option<&'a BTreeSet<NodeId>>,
+}
+
+impl Home<'_> {
+    /// The room's record, which must say this node sequences it.
+    fn meta(&self, txn: &dyn ReadTxn) -> Result<RoomMeta, Denial> {
+        let meta = rooms::meta(txn, self.room)?
+            .ok_or_else(|| Denial::not_found(format!("room {}", self.room)))?;
+        if meta.home != self.me {
+            return Err(Denial::malformed(format!(
+                "room {} is homed on {}, not here",
+                self.room, meta.home
+            )));
+        }
+        Ok(meta)
+    }
+
+    /// The acting member: a member of the room, homed on the node the request came
+    /// from (only a user's own node speaks for them).
+    fn acting_member(&self, txn: &dyn ReadTxn, user: UserId) -> Result<RoomMember, Denial> {
+        let member = rooms::member(txn, self.room, user)?.ok_or(Denial::NotAMember)?;
+        if member.home != self.from {
+            return Err(Denial::NotAMember);
+        }
+        Ok(member)
+    }
+}
+
+fn seal_error(e: SealError) -> Denial {
+    match e {
+        SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
+        other => Denial::bundle(other.to_string()),
+    }
+}
+
+/// A room's creation, on its creator's node, with epoch 1's key sealed by and to
+/// the creator.
+pub(super) fn create(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    req: &SignedRequest,
+) -> Result<Event, Denial> {
+    let crate::domain::Op::CreateRoom {
+        policy, key, home, ..
+    } = &req.request.op
+    else {
+        return Err(Denial::malformed("not a room creation"));
+    };
+    if h.from != h.me || *home != h.me {
+        return Err(Denial::malformed(
+            "rooms are created on their creator's node",
+        ));
+    }
+    if rooms::meta(txn, h.room)?.is_some() {
+        return Err(Denial::Conflict {
+            what: format!("room {} exists", h.room),
+        });
+    }
+    let acting = req.request.user;
+    let creator = registry::check_active(txn, acting)?;
+    if key.sealer != acting {
+        return Err(Denial::bundle(
+            "the first key must be sealed by the creator",
+        ));
+    }
+    let epoch = Epoch(1);
+    verify_sealed_key(key, &PublicKey::from(creator.exchange), h.room, epoch)
+        .map_err(seal_error)?;
+    let meta = RoomMeta {
+        home: h.me,
+        policy: *policy,
+        epoch,
+        epoch_start: Seq(1),
+        next_seq: Seq(1),
+        owner: acting,
+        members_version: 1,
+    };
+    let owner = RoomMember {
+        user: acting,
+        exchange: creator.exchange,
+        home: h.me,
+        role: RoomRole::Owner,
+        since: Seq(1),
+    };
+    Ok(Event::Created {
+        meta,
+        owner,
+        key: key.clone(),
+        create: Box::new(req.clone()),
+    })
+}
+
+/// An invitation by an owner or admin, with the current epoch's key sealed by the
+/// inviter to the invitee.
+pub(super) fn invite(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    acting: UserId,
+    invitee: &Invitee,
+    epoch: Epoch,
+    key: &SealedKey,
+) -> Result<Event, Denial> {
+    let meta = h.meta(txn)?;
+    let inviter = h.acting_member(txn, acting)?;
+    if !inviter.role.manages_members() {
+        return Err(Denial::missing("room owner or admin"));
+    }
+    check_invitee(txn, h, invitee)?;
+    if epoch != meta.epoch {
+        return Err(Denial::bundle(format!(
+            "key for epoch {}, the room is at epoch {}",
+            epoch.0, meta.epoch.0
+        )));
+    }
+    if key.sealer != acting {
+        return Err(Denial::bundle("the key must be sealed by the inviter"));
+    }
+    verify_sealed_key(key, &invitee.user.exchange_key(), h.room, meta.epoch)
+        .map_err(seal_error)?;
+    let since = match meta.policy.history {
+        History::FromJoin => meta.next_seq,
+        History::FromEpoch => meta.epoch_start,
+    };
+    let member = RoomMember {
+        user: UserId(invitee.user.signing),
+        exchange: invitee.user.exchange,
+        home: invitee.home,
+        role: invitee.role,
+        since,
+    };
+    let meta = RoomMeta {
+        members_version: meta.members_version + 1,
+        ..meta
+    };
+    Ok(Event::Invited {
+        meta,
+        member,
+        key: key.clone(),
+    })
+}
+
+/// Who may be invited: a valid key, homed on a node of the cluster, not as owner,
+/// not a member already, and room left.
+fn check_invitee(txn: &dyn ReadTxn, h: &Home<'_>, invitee: &Invitee) -> Result<(), Denial> {
+    if invitee.user.verifying_key().is_none() {
+        return Err(Denial::malformed(
+            "the invitee's key is not a valid Ed25519 key",
+        ));
+    }
+    if invitee.home != h.me && h.nodes.is_some_and(|n| !n.contains(&invitee.home)) {
+        return Err(Denial::not_found(format!(
+            "node {} (not a node of this cluster)",
+            invitee.home
+        )));
+    }
+    if invitee.role == RoomRole::Owner {
+        return Err(Denial::malformed("a room has one owner, its creator"));
+    }
+    let user = UserId(invitee.user.signing);
+    if rooms::member(txn, h.room, user)?.is_some() {
+        return Err(Denial::Conflict {
+            what: format!("{user} is a member already"),
+        });
+    }
+    if rooms::members(txn, h.room)?.len() >= ROOM_MEMBERS_MAX {
+        return Err(Denial::RoomFull);
+    }
+    Ok(())
+}
+
+/// A removal (by an owner or admin, or of oneself), which moves the room to the
+/// next epoch with its key sealed by the remover to every remaining member.
+pub(super) fn remove(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    acting: UserId,
+    user: UserId,
+    epoch: Epoch,
+    bundle: &[(UserId, SealedKey)],
+) -> Result<Event, Denial> {
+    let meta = h.meta(txn)?;
+    let remover = h.acting_member(txn, acting)?;
+    let removed = rooms::member(txn, h.room, user)?
+        .ok_or_else(|| Denial::not_found(format!("member {user}")))?;
+    if user != acting {
+        if !remover.role.manages_members() {
+            return Err(Denial::missing("room owner or admin"));
+        }
+        if removed.role == RoomRole::Owner {
+            return Err(Denial::missing("only the owner may remove the owner"));
+        }
+    }
+    let next = Epoch(meta.epoch.0 + 1);
+    if epoch != next {
+        return Err(Denial::bundle(format!(
+            "bundle for epoch {}, the next epoch is {}",
+            epoch.0, next.0
+        )));
+    }
+    let remaining: Vec<RoomMember> = rooms::members(txn, h.room)?
+        .into_iter()
+        .filter(|m| m.user != user)
+        .collect();
+    validate_bundle(&remaining, h.room, next, acting, bundle)?;
+    let meta = RoomMeta {
+        epoch: next,
+        epoch_start: meta.next_seq,
+        members_version: meta.members_version + 1,
+        ..meta
+    };
+    Ok(Event::Removed {
+        meta,
+        removed,
+        bundle: bundle.to_vec(),
+    })
+}
+
+/// Checks that `bundle` is `epoch`'s key sealed by `sealer` to exactly `members`:
+/// nobody missing, nobody extra, nobody twice, every key verifying for its member's
+/// X25519 key, room and epoch.
+pub fn validate_bundle(
+    members: &[RoomMember],
+    room: RoomId,
+    epoch: Epoch,
+    sealer: UserId,
+    bundle: &[(UserId, SealedKey)],
+) -> Result<(), Denial> {
+    if bundle.len() > ROOM_MEMBERS_MAX {
+        return Err(Denial::bundle(format!(
+            "{} keys, more than a room's {ROOM_MEMBERS_MAX} members",
+            bundle.len()
+        )));
+    }
+    let mut by_user: BTreeMap<UserId, &SealedKey> = BTreeMap::new();
+    for (user, key) in bundle {
+        if by_user.insert(*user, key).is_some() {
+            return Err(Denial::bundle(format!("{user} appears twice")));
+        }
+    }
+    if let Some(m) = members.iter().find(|m| !by_user.contains_key(&m.user)) {
+        return Err(Denial::bundle(format!("no key for member {}", m.user)));
+    }
+    if let Some(u) = by_user.keys().find(|u| !members.iter().any(|m| m.user == **u)) {
+        return Err(Denial::bundle(format!("key for non-member {u}")));
+    }
+    // Every member has exactly one key and nobody else has one.
+    debug_assert_eq!(by_user.len(), members.len());
+    for member in members {
+        let key = by_user[&member.user];
+        if key.sealer != sealer {
+            return Err(Denial::bundle(format!(
+                "key for {} not sealed by the requester",
+                member.user
+            )));
+        }
+        verify_sealed_key(key, &PublicKey::from(member.exchange), room, epoch).map_err(
+            |e| match e {
+                SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
+                other => Denial::bundle(format!("key for {}: {other}", member.user)),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// A frame to sequence: from a member homed on the node it came from, not seen
+/// before, of the current epoch, signed by its sender. `next` overrides the stored
+/// next sequence number (only the `volatile_sequence` mutation passes one).
+pub(super) fn publish(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    frame: Frame,
+    next: Option<Seq>,
+) -> Result<Event, Denial> {
+    let meta = h.meta(txn)?;
+    if frame.room != h.room {
+        return Err(Denial::malformed("frame names another room"));
+    }
+    h.acting_member(txn, frame.sender)?;
+    if let Some(seq) = rooms::seq_of_id(txn, h.room, frame.id)? {
+        return Err(Denial::Duplicate { seq });
+    }
+    if frame.epoch != meta.epoch && !mutation::active(Mutation::AcceptStaleEpoch) {
+        return Err(Denial::StaleEpoch {
+            current: meta.epoch,
+            got: frame.epoch,
+        });
+    }
+    verify_frame(&frame).map_err(|e| match e {
+        FrameError::TooLarge { .. } => Denial::malformed(e.to_string()),
+        _ => Denial::BadSignature,
+    })?;
+    let seq = next.unwrap_or(meta.next_seq);
+    let meta = RoomMeta {
+        next_seq: Seq(seq.0.saturating_add(1)),
+        ..meta
+    };
+    Ok(Event::Published {
+        meta,
+        seq,
+        frame,
+        committed: h.now,
+    })
+}
+
+/// The room as its home describes it, to a member.
+pub(super) fn info(txn: &dyn ReadTxn, h: &Home<'_>, acting: UserId) -> Result<Outcome, Denial> {
+    let meta = h.meta(txn)?;
+    h.acting_member(txn, acting)?;
+    Ok(Outcome::Room(RoomInfo {
+        room: h.room,
+        home: meta.home,
+        policy: meta.policy,
+        epoch: meta.epoch,
+        next_seq: meta.next_seq,
+        members: rooms::members(txn, h.room)?,
+    }))
+}

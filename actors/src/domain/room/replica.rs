@@ -1,0 +1,314 @@
+//! A member node's copy of a room: the [`Update`]s its sequencer sends (membership
+//! snapshots, sealed keys for this node's users, committed frames) checked and
+//! applied. Nothing from another node is believed unchecked: the sender must be the
+//! room's proven home, every frame verifies again, every key must verify for the
+//! X25519 key this node's own registry holds for its recipient.
+
+use std::collections::BTreeSet;
+
+use conclave_storage::{StoreError, WriteTxn};
+use x25519_dalek::PublicKey;
+
+use super::Update;
+use crate::actor::Time;
+use crate::crypto::{verify_frame, verify_sealed_key, Frame, SealError, SealedKey};
+use crate::domain::state::rooms::{RoomMeta, Visibility};
+use crate::domain::state::{keys, registry, rooms};
+use crate::domain::{Denial, Op, RoomMember, SignedRequest, ROOM_MEMBERS_MAX};
+use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
+use crate::mutation::{self, Mutation};
+
+/// Why a member node refused an update. Counted by [`UpdateError::reason`] in
+/// `conclave_updates_rejected_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The update came from this node itself (a room never updates its own copy).
+    #[error("an update from this node itself")]
+    FromSelf,
+    /// The sender is not the room's home.
+    #[error("the sender {from} is not the room's home {home}")]
+    NotFromHome {
+        /// Who sent it.
+        from: NodeId,
+        /// The room's home as this node knows it.
+        home: NodeId,
+    },
+    /// The first snapshot of a room does not carry the creator's signed creation
+    /// naming the sender as the home.
+    #[error("the sender did not prove it is the room's home")]
+    UnprovenHome,
+    /// A frame or keys for a room this node has no snapshot of yet.
+    #[error("a frame or keys for an unknown room")]
+    UnknownRoom,
+    /// The update breaks the protocol's shape.
+    #[error("malformed update: {0}")]
+    Malformed(&'static str),
+    /// A frame naming another room.
+    #[error("a frame of another room")]
+    WrongRoom,
+    /// A frame of another epoch than the room's current one.
+    #[error("a frame of epoch {got}, the room is at epoch {current}", got = .got.0, current = .current.0)]
+    StaleEpoch {
+        /// The room's epoch here.
+        current: Epoch,
+        /// The frame's.
+        got: Epoch,
+    },
+    /// A frame whose sender is not a member.
+    #[error("a frame from a non-member")]
+    NotAMember,
+    /// A frame whose signature does not verify.
+    #[error("a frame with a bad signature")]
+    BadSignature,
+    /// The store failed: the update is offered again later.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+impl UpdateError {
+    /// The reason as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpdateError::FromSelf => "from_self",
+            UpdateError::NotFromHome { .. } => "not_from_home",
+            UpdateError::UnprovenHome => "unproven_home",
+            UpdateError::UnknownRoom => "unknown_room",
+            UpdateError::Malformed(_) => "malformed",
+            UpdateError::WrongRoom => "wrong_room",
+            UpdateError::StaleEpoch { .. } => "stale_epoch",
+            UpdateError::NotAMember => "not_a_member",
+            UpdateError::BadSignature => "bad_signature",
+            UpdateError::Storage(_) => "storage",
+        }
+    }
+}
+
+/// Where an update is applied: the room, this node, the sender, the time.
+pub(super) struct Copy {
+    pub room: RoomId,
+    pub me: NodeId,
+    pub from: NodeId,
+    pub now: Time,
+}
+
+/// Checks and applies `update` to this node's copy of the room.
+pub(super) fn apply(txn: &mut dyn WriteTxn, at: &Copy, update: Update) -> Result<(), UpdateError> {
+    if at.from == at.me {
+        return Err(UpdateError::FromSelf);
+    }
+    let known = rooms::meta(&*txn, at.room)?;
+    if let Some(k) = known.filter(|k| k.home != at.from) {
+        return Err(UpdateError::NotFromHome {
+            from: at.from,
+            home: k.home,
+        });
+    }
+    match update {
+        Update::Members {
+            meta,
+            members,
+            create,
+        } => snapshot(txn, at, known, meta, &members, &create),
+        Update::Keys { epoch, keys } => {
+            let known = known.ok_or(UpdateError::UnknownRoom)?;
+            store_keys(txn, at.room, &known, epoch, &keys)
+        }
+        Update::Frame {
+            seq,
+            frame,
+            committed,
+        } => {
+            let known = known.ok_or(UpdateError::UnknownRoom)?;
+            store_frame(txn, at, known, seq, &frame, committed)
+        }
+    }
+}
+
+/// Whether `create` proves that `home` is the home of `room`, created by `owner`:
+/// the creator's own signature over a creation naming that room and home.
+fn proves_home(create: &SignedRequest, room: RoomId, home: NodeId, owner: UserId) -> bool {
+    matches!(create.request.op, Op::CreateRoom { room: r, home: h, .. } if r == room && h == home)
+        && create.request.user == owner
+        && create.verify().is_ok()
+}
+
+/// Whether a snapshot is well formed: from its home, a valid record, a bounded
+/// member list in which nobody may read past the room's next frame.
+fn check_snapshot(at: &Copy, meta: &RoomMeta, members: &[RoomMember]) -> Result<(), UpdateError> {
+    if meta.home != at.from {
+        return Err(UpdateError::Malformed("a snapshot naming another home"));
+    }
+    if !meta.is_valid() {
+        return Err(UpdateError::Malformed("an impossible room record"));
+    }
+    if members.len() > ROOM_MEMBERS_MAX {
+        return Err(UpdateError::Malformed("more members than a room may have"));
+    }
+    let users: BTreeSet<UserId> = members.iter().map(|m| m.user).collect();
+    if users.len() != members.len() {
+        return Err(UpdateError::Malformed("a member listed twice"));
+    }
+    if members.iter().any(|m| m.since.0 == 0 || m.since > meta.next_seq) {
+        return Err(UpdateError::Malformed("a member readable from an impossible seq"));
+    }
+    Ok(())
+}
+
+/// A membership snapshot: replaces the member list and updates what local users may
+/// read. An older snapshot than the one applied (by `members_version`) is skipped:
+/// it was handed over again after this node crashed between applying it and its
+/// peer recording that, and applying it would take the copy back (re-admitting
+/// removed members until the newer snapshots come again).
+fn snapshot(
+    txn: &mut dyn WriteTxn,
+    at: &Copy,
+    known: Option<RoomMeta>,
+    mut meta: RoomMeta,
+    members: &[RoomMember],
+    create: &SignedRequest,
+) -> Result<(), UpdateError> {
+    check_snapshot(at, &meta, members)?;
+    match known {
+        None if !proves_home(create, at.room, at.from, meta.owner) => {
+            return Err(UpdateError::UnprovenHome);
+        }
+        None => rooms::put_creation(txn, at.room, create)?,
+        Some(k) => {
+            if meta.members_version <= k.members_version
+                && !mutation::active(Mutation::SkipReceiverDedup)
+            {
+                metrics::counter!("conclave_updates_stale_total").increment(1);
+                return Ok(());
+            }
+            // Frames already stored here may be ahead of the snapshot's view.
+            meta.next_seq = meta.next_seq.max(k.next_seq);
+        }
+    }
+    replace_members(txn, at, &meta, members)?;
+    rooms::put_meta(txn, at.room, &meta)?;
+    Ok(())
+}
+
+fn replace_members(
+    txn: &mut dyn WriteTxn,
+    at: &Copy,
+    meta: &RoomMeta,
+    members: &[RoomMember],
+) -> Result<(), StoreError> {
+    let old = rooms::members(&*txn, at.room)?;
+    for m in &old {
+        rooms::delete_member(txn, at.room, m.user)?;
+        let still = members.iter().any(|n| n.user == m.user);
+        if m.home == at.me && !still {
+            let ended = Visibility {
+                from: m.since,
+                until: Some(meta.next_seq.max(m.since)),
+            };
+            rooms::put_visibility(txn, m.user, at.room, &ended)?;
+        }
+    }
+    for m in members {
+        rooms::put_member(txn, at.room, m)?;
+        if m.home != at.me {
+            continue;
+        }
+        let current = rooms::visibility(&*txn, m.user, at.room)?;
+        if current.is_none_or(|v| v.until.is_some()) {
+            let visible = Visibility {
+                from: m.since,
+                until: None,
+            };
+            rooms::put_visibility(txn, m.user, at.room, &visible)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sealed keys for this node's users. Each key on its own: one bad key (a user
+/// this node does not know, or whose key does not verify) must not keep the others
+/// from their users; each refusal is logged and counted.
+fn store_keys(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    known: &RoomMeta,
+    epoch: Epoch,
+    sealed: &[(UserId, SealedKey)],
+) -> Result<(), UpdateError> {
+    if sealed.len() > ROOM_MEMBERS_MAX {
+        return Err(UpdateError::Malformed("more keys than a room has members"));
+    }
+    if epoch.0 == 0 || epoch > known.epoch {
+        return Err(UpdateError::Malformed("keys of an impossible epoch"));
+    }
+    for (user, key) in sealed {
+        match check_key(&*txn, room, epoch, *user, key)? {
+            Ok(()) => keys::put(txn, room, epoch, *user, key)?,
+            Err(denial) => {
+                tracing::warn!(?room, epoch = epoch.0, ?user, reason = denial.reason(), %denial, "sealed key refused");
+                metrics::counter!("conclave_keys_rejected_total", "reason" => denial.reason())
+                    .increment(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The verdict on one sealed key: the outer error is the store's, the inner one the
+/// key's.
+fn check_key(
+    txn: &dyn conclave_storage::ReadTxn,
+    room: RoomId,
+    epoch: Epoch,
+    user: UserId,
+    key: &SealedKey,
+) -> Result<Result<(), Denial>, StoreError> {
+    let Some(record) = registry::user(txn, user)? else {
+        return Ok(Err(Denial::not_found(format!("user {user}"))));
+    };
+    Ok(
+        verify_sealed_key(key, &PublicKey::from(record.exchange), room, epoch).map_err(|e| {
+            match e {
+                SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
+                other => Denial::bundle(other.to_string()),
+            }
+        }),
+    )
+}
+
+/// A committed frame, verified again and stored once.
+fn store_frame(
+    txn: &mut dyn WriteTxn,
+    at: &Copy,
+    mut meta: RoomMeta,
+    seq: Seq,
+    frame: &Frame,
+    committed: Time,
+) -> Result<(), UpdateError> {
+    if seq.0 == 0 {
+        return Err(UpdateError::Malformed("a frame at seq 0"));
+    }
+    if !mutation::active(Mutation::SkipReceiverDedup) && rooms::has_frame(&*txn, at.room, seq)? {
+        metrics::counter!("conclave_frames_duplicate_total").increment(1);
+        return Ok(());
+    }
+    if frame.room != at.room {
+        return Err(UpdateError::WrongRoom);
+    }
+    if frame.epoch != meta.epoch {
+        return Err(UpdateError::StaleEpoch {
+            current: meta.epoch,
+            got: frame.epoch,
+        });
+    }
+    if rooms::member(&*txn, at.room, frame.sender)?.is_none() {
+        return Err(UpdateError::NotAMember);
+    }
+    verify_frame(frame).map_err(|_| UpdateError::BadSignature)?;
+    rooms::put_frame(txn, at.room, &meta.policy, seq, frame)?;
+    meta.next_seq = meta.next_seq.max(Seq(seq.0.saturating_add(1)));
+    rooms::put_meta(txn, at.room, &meta)?;
+    metrics::counter!("conclave_frames_delivered_total").increment(1);
+    metrics::histogram!("conclave_commit_to_deliver_seconds")
+        .record(at.now.saturating_since(committed).as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! Rooms as a node records them: the room's record ([`RoomMeta`]), its members,
+//! its frames and the message ids already sequenced, what each local user may read
+//! ([`Visibility`]), and the creator's signed creation (the proof of its home).
+//!
+//! On the room's sequencer (today its home) these are authoritative; on a member
+//! node they are the copy the sequencer's updates built.
+
+use conclave_storage::{Order, ReadTxn, StoreError, Table, WriteTxn};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Frame;
+use crate::domain::{Policy, RoomMember, SignedRequest, ROOM_MEMBERS_MAX};
+use crate::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
+
+/// How many frames a room without `persist` keeps (on its home and member nodes).
+pub const EPHEMERAL_FRAMES_KEPT: u64 = 256;
+
+/// The most rooms [`rooms_of`] lists for one user (each ~50 bytes in a response).
+pub const ROOMS_LISTED_MAX: usize = 10_000;
+
+/// The most frames of history a new member node is sent in one invitation. A longer
+/// history is refused with a reason rather than queued past what an outbox holds.
+pub const BACKFILL_FRAMES_MAX: usize = 16_384;
+
+/// A room's record on a node (authoritative on its sequencer; the sequencer's last
+/// snapshot elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMeta {
+    /// The home node, named (and signed) by the creator.
+    pub home: NodeId,
+    /// The policy.
+    pub policy: Policy,
+    /// The current epoch (from 1).
+    pub epoch: Epoch,
+    /// The first sequence number of the current epoch.
+    pub epoch_start: Seq,
+    /// The sequence number of the next frame (from 1).
+    pub next_seq: Seq,
+    /// The creator.
+    pub owner: UserId,
+    /// Bumped by every membership change (creation is 1), so a member node can
+    /// order the snapshots it receives and skip an older one handed over again.
+    pub members_version: u64,
+}
+
+impl RoomMeta {
+    /// Whether the record is possible: epochs, sequence numbers and versions start
+    /// at 1, and an epoch starts at or before the next frame. A member node checks
+    /// this of every snapshot before it keeps it.
+    pub fn is_valid(&self) -> bool {
+        self.epoch.0 >= 1
+            && self.next_seq.0 >= 1
+            && self.epoch_start.0 >= 1
+            && self.epoch_start <= self.next_seq
+            && self.members_version >= 1
+    }
+
+    /// Asserts [`RoomMeta::is_valid`] of what is written: a broken record is a bug
+    /// here, not something a peer can cause (snapshots are checked first).
+    fn assert_valid(&self) {
+        assert!(self.is_valid(), "impossible room record {self:?}");
+    }
+}
+
+/// Which sequence numbers a local user may read: `from`, up to `until` (exclusive)
+/// once they are removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Visibility {
+    /// The first readable sequence number.
+    pub from: Seq,
+    /// The first sequence number after their removal.
+    pub until: Option<Seq>,
+}
+
+impl Visibility {
+    /// Whether `seq` is readable.
+    pub fn covers(&self, seq: Seq) -> bool {
+        seq >= self.from && self.until.is_none_or(|u| seq < u)
+    }
+}
+
+const META: Table<[u8; 16], RoomMeta> = Table::new("room.meta");
+const MEMBERS: Table<([u8; 16], [u8; 32]), RoomMember> = Table::new("room.members");
+const FRAMES: Table<([u8; 16], u64), Frame> = Table::new("room.frames");
+const IDS: Table<([u8; 16], u128), u64> = Table::new("room.ids");
+const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visible");
+const CREATED: Table<[u8; 16], SignedRequest> = Table::new("room.created");
+/// Only written under the `fanout_to_removed` mutation: the nodes of removed members.
+const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
+
+/// The room's record on this node, if it knows the room.
+pub fn meta(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<RoomMeta>, StoreError> {
+    let meta = META.get(txn, &room.0)?;
+    // Checked after it is read back: a disk can hand back what was never written.
+    if let Some(m) = meta.filter(|m| !m.is_valid()) {
+        return Err(StoreError::Corrupt {
+            table: "room.meta".into(),
+            reason: format!("room {room} holds an impossible record {m:?}"),
+        });
+    }
+    Ok(meta)
+}
+
+/// Writes the room's record.
+pub fn put_meta(txn: &mut dyn WriteTxn, room: RoomId, meta: &RoomMeta) -> Result<(), StoreError> {
+    meta.assert_valid();
+    META.put(txn, &room.0, meta)
+}
+
+/// The node that sequences `room`'s frames and decides its membership, if this node
+/// knows the room. Today that is the room's home; replication replaces this one
+/// function with the room's shard leader.
+pub fn sequencer_of(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<NodeId>, StoreError> {
+    Ok(meta(txn, room)?.map(|m| m.home))
+}
+
+/// The room's members as this node knows them, in user order.
+pub fn members(txn: &dyn ReadTxn, room: RoomId) -> Result<Vec<RoomMember>, StoreError> {
+    let members: Vec<RoomMember> = MEMBERS
+        .scan(
+            txn,
+            (room.0, [0; 32])..=(room.0, [0xff; 32]),
+            Order::Ascending,
+            ROOM_MEMBERS_MAX + 1,
+        )?
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    if members.len() > ROOM_MEMBERS_MAX {
+        return Err(StoreError::Corrupt {
+            table: "room.members".into(),
+            reason: format!("room {room} holds more than {ROOM_MEMBERS_MAX} members"),
+        });
+    }
+    Ok(members)
+}
+
+/// One member of the room, if they are one.
+pub fn member(txn: &dyn ReadTxn, room: RoomId, user: UserId) -> Result<Option<RoomMember>, StoreError> {
+    let member = MEMBERS.get(txn, &(room.0, user.0))?;
+    debug_assert!(member.is_none_or(|m| m.user == user), "members are keyed by their user");
+    Ok(member)
+}
+
+/// Adds or replaces a member.
+pub fn put_member(txn: &mut dyn WriteTxn, room: RoomId, member: &RoomMember) -> Result<(), StoreError> {
+    assert!(member.since.0 >= 1, "sequence numbers start at 1");
+    MEMBERS.put(txn, &(room.0, member.user.0), member)
+}
+
+/// Removes a member; returns whether they were one.
+pub fn delete_member(txn: &mut dyn WriteTxn, room: RoomId, user: UserId) -> Result<bool, StoreError> {
+    MEMBERS.delete(txn, &(room.0, user.0))
+}
+
+/// Up to `limit` stored frames of `room` from `from` on, in sequence order.
+pub fn frames(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+    from: Seq,
+    limit: usize,
+) -> Result<Vec<(Seq, Frame)>, StoreError> {
+    let frames: Vec<(Seq, Frame)> = FRAMES
+        .scan(txn, (room.0, from.0)..=(room.0, u64::MAX), Order::Ascending, limit)?
+        .into_iter()
+        .map(|((_, seq), f)| (Seq(seq), f))
+        .collect();
+    debug_assert!(frames.iter().all(|(s, f)| *s >= from && f.room == room));
+    Ok(frames)
+}
+
+/// Whether a frame is stored at `seq`.
+pub fn has_frame(txn: &dyn ReadTxn, room: RoomId, seq: Seq) -> Result<bool, StoreError> {
+    Ok(FRAMES.get(txn, &(room.0, seq.0))?.is_some())
+}
+
+/// Stores `frame` at `seq`, dropping the oldest kept frame of a room without
+/// `persist` (so such a room keeps [`EPHEMERAL_FRAMES_KEPT`]).
+pub fn put_frame(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    policy: &Policy,
+    seq: Seq,
+    frame: &Frame,
+) -> Result<(), StoreError> {
+    assert_eq!(frame.room, room, "a room stores only its own frames");
+    assert!(seq.0 >= 1, "sequence numbers start at 1");
+    FRAMES.put(txn, &(room.0, seq.0), frame)?;
+    if !policy.persist && seq.0 > EPHEMERAL_FRAMES_KEPT {
+        FRAMES.delete(txn, &(room.0, seq.0 - EPHEMERAL_FRAMES_KEPT))?;
+    }
+    Ok(())
+}
+
+/// Where the frame with message id `id` was sequenced, if it was.
+pub fn seq_of_id(txn: &dyn ReadTxn, room: RoomId, id: MessageId) -> Result<Option<Seq>, StoreError> {
+    Ok(IDS.get(txn, &(room.0, id.0))?.map(Seq))
+}
+
+/// Records that message id `id` was sequenced at `seq`.
+pub fn put_id(txn: &mut dyn WriteTxn, room: RoomId, id: MessageId, seq: Seq) -> Result<(), StoreError> {
+    assert!(seq.0 >= 1, "sequence numbers start at 1");
+    IDS.put(txn, &(room.0, id.0), &seq.0)
+}
+
+/// What a local user may read of `room`, if they are or were a member.
+pub fn visibility(
+    txn: &dyn ReadTxn,
+    user: UserId,
+    room: RoomId,
+) -> Result<Option<Visibility>, StoreError> {
+    VISIBLE.get(txn, &(user.0, room.0))
+}
+
+/// Records what a local user may read of `room`.
+pub fn put_visibility(
+    txn: &mut dyn WriteTxn,
+    user: UserId,
+    room: RoomId,
+    visibility: &Visibility,
+) -> Result<(), StoreError> {
+    assert!(
+        visibility.until.is_none_or(|u| u >= visibility.from),
+        "visibility ends at or after it starts"
+    );
+    VISIBLE.put(txn, &(user.0, room.0), visibility)
+}
+
+/// The rooms a local user is a member of now, with their sequencers (at most
+/// [`ROOMS_LISTED_MAX`]).
+pub fn rooms_of(txn: &dyn ReadTxn, user: UserId) -> Result<Vec<(RoomId, NodeId)>, StoreError> {
+    let mut out = Vec::new();
+    for ((_, room), vis) in VISIBLE.scan(
+        txn,
+        (user.0, [0; 16])..=(user.0, [0xff; 16]),
+        Order::Ascending,
+        ROOMS_LISTED_MAX,
+    )? {
+        if vis.until.is_none() {
+            if let Some(node) = sequencer_of(txn, RoomId(room))? {
+                out.push((RoomId(room), node));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The creator's signed creation of `room`, if this node holds it.
+pub fn creation(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<SignedRequest>, StoreError> {
+    CREATED.get(txn, &room.0)
+}
+
+/// Keeps the creator's signed creation of `room`.
+pub fn put_creation(txn: &mut dyn WriteTxn, room: RoomId, create: &SignedRequest) -> Result<(), StoreError> {
+    CREATED.put(txn, &room.0, create)
+}
+
+/// Only under the `fanout_to_removed` mutation: records a removed member's node.
+pub fn mutation_add_removed(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId) -> Result<(), StoreError> {
+    MUTATION_REMOVED.put(txn, &(room.0, node.0), &1)
+}
+
+/// Only under the `fanout_to_removed` mutation: the removed members' nodes.
+pub fn mutation_removed(txn: &dyn ReadTxn, room: RoomId) -> Result<Vec<NodeId>, StoreError> {
+    Ok(MUTATION_REMOVED
+        .scan(
+            txn,
+            (room.0, [0; 32])..=(room.0, [0xff; 32]),
+            Order::Ascending,
+            ROOM_MEMBERS_MAX,
+        )?
+        .into_iter()
+        .map(|((_, node), _)| NodeId(node))
+        .collect())
+}

@@ -71,8 +71,7 @@ impl ActorKind {
     pub const MEMBERS: ActorKind = ActorKind(1);
     /// A room, homed on its creator's node.
     pub const ROOM: ActorKind = ActorKind(2);
-    /// Epoch-key storage and distribution.
-    pub const KEYS: ActorKind = ActorKind(3);
+    // 3 was the keys actor: epoch keys now travel as updates of their room.
     /// One remote node as seen from here.
     pub const PEER: ActorKind = ActorKind(4);
     /// The durable outbox towards one remote node.
@@ -88,7 +87,6 @@ impl fmt::Debug for ActorKind {
         match *self {
             ActorKind::MEMBERS => f.write_str("members"),
             ActorKind::ROOM => f.write_str("room"),
-            ActorKind::KEYS => f.write_str("keys"),
             ActorKind::PEER => f.write_str("peer"),
             ActorKind::OUTBOX => f.write_str("outbox"),
             ActorKind::GATEWAY => f.write_str("gateway"),

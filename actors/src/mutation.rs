@@ -33,11 +33,10 @@ pub enum Mutation {
     /// A room's home sends every remaining member node the whole rekey bundle
     /// instead of the keys of its own users (which the node then refuses).
     BundleUnsplit,
-    /// The receiving peer hands every accepted message to its target at once
-    /// (pipelined, one queue of in-flight messages per target) instead of one at a
-    /// time, and moves its high-water mark over the applied prefix: messages to
-    /// different actors (a room's membership snapshot, then its keys) can then be
-    /// applied out of order.
+    /// The receiving peer, which hands messages to different rooms in parallel,
+    /// gives a room that becomes free its newest waiting message instead of its
+    /// oldest: one room's messages (its membership snapshot, its keys, its frames)
+    /// are then applied out of order.
     PipelinedHandoff,
 }
 

@@ -34,6 +34,10 @@ struct Head {
     acked: u64,
 }
 
+/// The most destinations [`pending_destinations`] scans: far more nodes than a
+/// cluster has (each destination is a configured peer).
+pub const OUTBOX_DESTINATIONS_MAX: usize = 1 << 16;
+
 const MESSAGES: Table<([u8; 32], u64), Payload> = Table::new("outbox.messages");
 const HEADS: Table<[u8; 32], Head> = Table::new("outbox.heads");
 const HIGH_WATER: Table<[u8; 32], u64> = Table::new("inbox.high_water");
@@ -68,7 +72,7 @@ pub enum OutboxError {
 /// Durably queues `payload` for `dest` and returns its sequence number (from 1).
 /// Nothing is queued unless the caller commits `txn`.
 pub fn enqueue(txn: &mut dyn WriteTxn, dest: NodeId, payload: Vec<u8>) -> Result<Seq, OutboxError> {
-    let mut head = HEADS.get(&*txn, &dest.0)?.unwrap_or_default();
+    let mut head = read_head(&*txn, dest)?;
     let depth = head.sent - head.acked;
     if depth >= OUTBOX_DEPTH_MAX {
         return Err(OutboxError::Full { dest, depth });
@@ -76,20 +80,31 @@ pub fn enqueue(txn: &mut dyn WriteTxn, dest: NodeId, payload: Vec<u8>) -> Result
     head.sent += 1;
     MESSAGES.put(txn, &(dest.0, head.sent), &Payload(payload))?;
     HEADS.put(txn, &dest.0, &head)?;
+    debug_assert!(head.sent - head.acked <= OUTBOX_DEPTH_MAX);
     Ok(Seq(head.sent))
+}
+
+/// The head of `dest`'s outbox, checked after it is read back: nothing can be
+/// acknowledged that was not sent, and no more can wait than an outbox holds.
+fn read_head(txn: &dyn ReadTxn, dest: NodeId) -> Result<Head, StoreError> {
+    let head = HEADS.get(txn, &dest.0)?.unwrap_or_default();
+    if head.acked > head.sent || head.sent - head.acked > OUTBOX_DEPTH_MAX {
+        return Err(StoreError::Corrupt {
+            table: "outbox.heads".into(),
+            reason: format!(
+                "outbox to {dest}: acknowledged {} of {} sent",
+                head.acked, head.sent
+            ),
+        });
+    }
+    Ok(head)
 }
 
 /// Removes every message to `dest` up to and including `upto`. Acknowledgements
 /// arrive duplicated and out of order: one at or below what is already
 /// acknowledged changes nothing. Returns how many messages were removed.
 pub fn ack(txn: &mut dyn WriteTxn, dest: NodeId, upto: Seq) -> Result<u64, OutboxError> {
-    let Some(mut head) = HEADS.get(&*txn, &dest.0)? else {
-        return Err(OutboxError::AckBeyondSent {
-            dest,
-            upto: upto.0,
-            sent: 0,
-        });
-    };
+    let mut head = read_head(&*txn, dest)?;
     if upto.0 > head.sent {
         return Err(OutboxError::AckBeyondSent {
             dest,
@@ -117,13 +132,32 @@ pub fn unacked(
     dest: NodeId,
     limit: usize,
 ) -> Result<Vec<(Seq, Vec<u8>)>, OutboxError> {
-    let head = HEADS.get(txn, &dest.0)?.unwrap_or_default();
+    let head = read_head(txn, dest)?;
     let entries = MESSAGES.scan(
         txn,
         (dest.0, head.acked + 1)..=(dest.0, head.sent),
         Order::Ascending,
         limit,
     )?;
+    // Every unacknowledged message is stored: the scan is the consecutive run from
+    // the first unacknowledged one, or the store lost a message.
+    let consecutive = entries
+        .iter()
+        .enumerate()
+        .all(|(i, ((_, seq), _))| *seq == head.acked + 1 + i as u64);
+    let expected = usize::try_from(head.sent - head.acked)
+        .unwrap_or(usize::MAX)
+        .min(limit);
+    if !consecutive || entries.len() != expected {
+        return Err(StoreError::Corrupt {
+            table: "outbox.messages".into(),
+            reason: format!(
+                "outbox to {dest} lost messages between {} and {}",
+                head.acked, head.sent
+            ),
+        }
+        .into());
+    }
     Ok(entries
         .into_iter()
         .map(|((_, seq), Payload(bytes))| (Seq(seq), bytes))
@@ -132,7 +166,7 @@ pub fn unacked(
 
 /// How many messages to `dest` wait for acknowledgement.
 pub fn depth(txn: &dyn ReadTxn, dest: NodeId) -> Result<u64, OutboxError> {
-    let head = HEADS.get(txn, &dest.0)?.unwrap_or_default();
+    let head = read_head(txn, dest)?;
     Ok(head.sent - head.acked)
 }
 
@@ -140,7 +174,7 @@ pub fn depth(txn: &dyn ReadTxn, dest: NodeId) -> Result<u64, OutboxError> {
 /// node must resume sending when it starts.
 pub fn pending_destinations(txn: &dyn ReadTxn) -> Result<Vec<NodeId>, StoreError> {
     Ok(HEADS
-        .scan(txn, .., Order::Ascending, usize::MAX)?
+        .scan(txn, .., Order::Ascending, OUTBOX_DESTINATIONS_MAX)?
         .into_iter()
         .filter(|(_, head)| head.sent > head.acked)
         .map(|(dest, _)| NodeId(dest))
@@ -175,6 +209,7 @@ pub fn accept(txn: &mut dyn WriteTxn, origin: NodeId, seq: Seq) -> Result<Arriva
         });
     }
     HIGH_WATER.put(txn, &origin.0, &seq.0)?;
+    debug_assert_eq!(HIGH_WATER.get(&*txn, &origin.0)?, Some(high + 1));
     Ok(Arrival::Fresh)
 }
 

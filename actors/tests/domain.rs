@@ -545,7 +545,8 @@ fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
 
         // Nothing but the first two frames was ever committed.
         let txn = store.read().unwrap();
-        let frames = conclave_actors::domain::state::rooms::frames(&*txn, room, Seq(1), 100).unwrap();
+        let frames =
+            conclave_actors::domain::state::rooms::frames(&*txn, room, Seq(1), 100).unwrap();
         assert_eq!(frames.len(), 2);
         assert_eq!(frames[0].0, first_seq);
         drop(txn);

@@ -94,7 +94,8 @@ async fn remote_users_act_like_local_ones_and_refusals_carry_their_reason() {
     let store = node.store().unwrap();
     let txn = store.read_txn().unwrap();
     let frames =
-        conclave_actors::domain::state::rooms::frames(&txn, room, conclave_actors::Seq(1), 10).unwrap();
+        conclave_actors::domain::state::rooms::frames(&txn, room, conclave_actors::Seq(1), 10)
+            .unwrap();
     assert!(frames.iter().all(|(_, f)| !f
         .ciphertext
         .windows(4)

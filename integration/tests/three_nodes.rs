@@ -308,7 +308,9 @@ async fn a_node_restarted_on_its_data_dir_loses_nothing_and_delivers_nothing_twi
     let store = c.node(1).store().unwrap();
     let txn = store.read_txn().unwrap();
     assert_eq!(
-        domain::state::rooms::frames(&txn, room, Seq(1), 100).unwrap().len(),
+        domain::state::rooms::frames(&txn, room, Seq(1), 100)
+            .unwrap()
+            .len(),
         16
     );
     drop(txn);

@@ -364,7 +364,8 @@ impl Node {
     pub fn seed_admin(&self, user: &PublicIdentity) -> Result<(), ApiError> {
         let store = self.open_store()?;
         let mut txn = store.write()?;
-        domain::state::registry::seed_admin(&mut *txn, user, wall_now()).map_err(ApiError::Denied)?;
+        domain::state::registry::seed_admin(&mut *txn, user, wall_now())
+            .map_err(ApiError::Denied)?;
         txn.commit()?;
         Ok(())
     }
@@ -374,7 +375,8 @@ impl Node {
         {
             let store = self.open_store()?;
             let txn = store.read_txn()?;
-            domain::state::registry::check_active(&txn, identity.user_id()).map_err(ApiError::Denied)?;
+            domain::state::registry::check_active(&txn, identity.user_id())
+                .map_err(ApiError::Denied)?;
         }
         Ok(User::new(self.clone(), identity))
     }

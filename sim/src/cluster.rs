@@ -1096,7 +1096,8 @@ impl Cluster {
     pub fn read(&self, i: usize, user: &Identity, room: RoomId) -> Vec<(Seq, Vec<u8>)> {
         let keys = self.keys(i, user, room);
         let txn = self.nodes[i].store.read().expect("read");
-        let Some(vis) = domain::state::rooms::visibility(&*txn, user.user_id(), room).expect("vis") else {
+        let Some(vis) = domain::state::rooms::visibility(&*txn, user.user_id(), room).expect("vis")
+        else {
             return Vec::new();
         };
         domain::state::rooms::frames(&*txn, room, vis.from, usize::MAX)

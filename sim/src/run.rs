@@ -723,9 +723,8 @@ impl Sim {
     fn keys(&mut self, user: usize, room: RoomId) -> BTreeMap<Epoch, EpochKey> {
         let node = self.users[user].node;
         let sealed = match self.c.nodes[node].store.read() {
-            Ok(txn) => {
-                domain::state::keys::sealed_for(&*txn, room, self.users[user].uid).unwrap_or_default()
-            }
+            Ok(txn) => domain::state::keys::sealed_for(&*txn, room, self.users[user].uid)
+                .unwrap_or_default(),
             Err(_) => Vec::new(),
         };
         let cache = self.keycache.entry((user, room)).or_default();
@@ -1494,7 +1493,9 @@ impl Sim {
                 let Ok(txn) = self.c.nodes[node].store.read() else {
                     continue;
                 };
-                let vis = domain::state::rooms::visibility(&*txn, *uid, room).ok().flatten();
+                let vis = domain::state::rooms::visibility(&*txn, *uid, room)
+                    .ok()
+                    .flatten();
                 let u = self.by_uid.get(uid).copied().unwrap_or(usize::MAX);
                 match vis {
                     Some(v) if v.until.is_none() && v.from.0 == since => {}
@@ -1547,7 +1548,9 @@ impl Sim {
                 let Ok(txn) = self.c.nodes[node].store.read() else {
                     continue;
                 };
-                let vis = domain::state::rooms::visibility(&*txn, *uid, room).ok().flatten();
+                let vis = domain::state::rooms::visibility(&*txn, *uid, room)
+                    .ok()
+                    .flatten();
                 if !vis.is_some_and(|v| v.until == Some(Seq(until)) && v.from.0 == since) {
                     state.push((oracle::ORDER, format!(
                         "n{node} does not show u{u} as removed from room {r} at seq {until} ({vis:?})"
@@ -1574,9 +1577,8 @@ impl Sim {
             }
             for room in self.room_order.clone() {
                 let stored = match self.c.nodes[i].store.read() {
-                    Ok(txn) => {
-                        domain::state::rooms::frames(&*txn, room, Seq(1), usize::MAX).unwrap_or_default()
-                    }
+                    Ok(txn) => domain::state::rooms::frames(&*txn, room, Seq(1), usize::MAX)
+                        .unwrap_or_default(),
                     Err(_) => continue,
                 };
                 let Some(m) = self.rooms.get(&room) else {
@@ -1617,8 +1619,9 @@ impl Sim {
                 let mut surviving = BTreeSet::new();
                 for i in (0..self.o.nodes).filter(|&i| self.live(i)) {
                     if let Ok(txn) = self.c.nodes[i].store.read() {
-                        for (seq, frame) in domain::state::rooms::frames(&*txn, room, Seq(1), usize::MAX)
-                            .unwrap_or_default()
+                        for (seq, frame) in
+                            domain::state::rooms::frames(&*txn, room, Seq(1), usize::MAX)
+                                .unwrap_or_default()
                         {
                             if m.committed.get(&seq.0).map(|(id, _)| *id) == Some(frame.id) {
                                 surviving.insert(seq.0);

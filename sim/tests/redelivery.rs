@@ -102,7 +102,10 @@ fn a_member_node_does_not_reapply_an_older_snapshot_handed_over_again() {
     w.c.connected(0, 1);
     step_until(&mut w.c, |c| {
         let txn = c.nodes[1].store.read().unwrap();
-        domain::state::rooms::frames(&*txn, room, Seq(3), 1).unwrap().len() == 1
+        domain::state::rooms::frames(&*txn, room, Seq(3), 1)
+            .unwrap()
+            .len()
+            == 1
     });
     assert!(
         w.c.mailbox_len(1) > 0,
@@ -162,7 +165,12 @@ fn a_home_does_not_apply_a_forwarded_invite_again_after_a_removal() {
     w.c.connected(1, 0);
     step_until(&mut w.c, |c| {
         let txn = c.nodes[0].store.read().unwrap();
-        domain::state::rooms::meta(&*txn, room).unwrap().unwrap().epoch.0 == 2
+        domain::state::rooms::meta(&*txn, room)
+            .unwrap()
+            .unwrap()
+            .epoch
+            .0
+            == 2
     });
     assert!(w.c.mailbox_len(0) > 0, "the peer has not recorded them yet");
     w.c.crash(0);

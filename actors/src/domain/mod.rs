@@ -560,12 +560,19 @@ pub struct DomainConfig {
     pub idle: Duration,
 }
 
+/// An outbox's first resend delay, by default.
+pub const RETRY_DELAY_MS_MIN: u64 = 200;
+/// An outbox's longest resend delay, by default.
+pub const RETRY_DELAY_MS_MAX: u64 = 5_000;
+/// How long a room, peer or outbox stays active without messages, by default.
+pub const IDLE_MS: u64 = 30_000;
+
 impl Default for DomainConfig {
     fn default() -> Self {
         Self {
-            retry_base: Duration::from_millis(200),
-            retry_max: Duration::from_secs(5),
-            idle: Duration::from_secs(30),
+            retry_base: Duration::from_millis(RETRY_DELAY_MS_MIN),
+            retry_max: Duration::from_millis(RETRY_DELAY_MS_MAX),
+            idle: Duration::from_millis(IDLE_MS),
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Messages are written to the outbox by whoever changes state, in the same
 //! transaction as the change ([`super::enqueue`]); this actor only sends them. It
-//! keeps up to [`WINDOW`] messages in flight to the destination's peer actor,
+//! keeps up to [`OUTBOX_WINDOW_MESSAGES`] messages in flight to the destination's peer actor,
 //! slides the window as acknowledgements arrive, and when a retry timer finds no
 //! progress it resends everything unacknowledged (in order, so the receiver sees no
 //! gap) and doubles its delay, up to a maximum, with jitter so that many outboxes do
@@ -22,7 +22,7 @@ use crate::wire::{decode_bounded, ENVELOPE_BYTES_MAX};
 
 /// How many unacknowledged messages an outbox sends before waiting for an
 /// acknowledgement.
-pub const WINDOW: usize = 256;
+pub const OUTBOX_WINDOW_MESSAGES: usize = 256;
 
 /// Messages to an outbox actor.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -164,7 +164,7 @@ impl Outbox {
             .read()
             .map_err(crate::outbox::OutboxError::from)
             .and_then(|txn| {
-                let pending = crate::outbox::unacked(&*txn, self.dest, WINDOW)?;
+                let pending = crate::outbox::unacked(&*txn, self.dest, OUTBOX_WINDOW_MESSAGES)?;
                 Ok((pending, crate::outbox::depth(&*txn, self.dest)?))
             }) {
             Ok((pending, depth)) => {

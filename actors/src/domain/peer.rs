@@ -2,24 +2,27 @@
 //!
 //! It takes what the remote node's outbox sends ([`PeerMsg::Deliver`]), drops
 //! duplicates and anything after a gap (the outbox resends in order), and hands the
-//! messages to their local targets **one at a time, in sequence order**: the next
-//! goes only when the target has answered [`PeerMsg::Applied`] for the previous
-//! one. Messages for different actors depend on each other (a room's membership
-//! snapshot must be applied before its keys and frames are), so handing them over
-//! concurrently could apply them out of order. What waits is bounded by the
-//! outbox's window.
+//! messages to their local targets (rooms) **in sequence order per target, in
+//! parallel across targets**: a target gets its next message only when it has
+//! answered [`PeerMsg::Applied`] for the previous one, while other rooms go on.
+//! Everything a room depends on (its membership snapshot, its keys, its frames)
+//! goes to the room itself, so order per target is all the order there is. What
+//! waits or is in flight is bounded by the outbox's window.
 //!
-//! Once a message is applied the peer moves its durable high-water mark
-//! ([`crate::outbox::accept`]) and acknowledges; under load it does so every
-//! [`ACK_EVERY`] messages or when nothing waits, not after each one. A crash between
-//! a target's commit and the acknowledgement only makes the outbox resend; targets
-//! are idempotent, so nothing is applied twice.
+//! The durable high-water mark ([`crate::outbox::accept`]) covers only the
+//! **applied prefix**: message `n` counts once it and every message before it are
+//! applied, so a crash can never acknowledge a message that was still in flight.
+//! The peer moves the mark and acknowledges every [`ACK_EVERY_MESSAGES`] messages or when
+//! nothing waits, not after each one. A crash between a target's commit and the
+//! acknowledgement only makes the outbox resend; targets are idempotent, so nothing
+//! is applied twice.
 //!
 //! It also keeps the transport's view of the remote node (connected or not, when it
 //! was last heard from) and, when the connection comes back, has the local outbox
 //! towards it resend at once instead of waiting for its backoff.
 
 use core::time::Duration;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -30,7 +33,7 @@ use crate::ids::{NodeId, Seq};
 use crate::mutation::{self, Mutation};
 
 /// Acknowledge at least every this many applied messages.
-pub const ACK_EVERY: u64 = 32;
+pub const ACK_EVERY_MESSAGES: u64 = 32;
 
 /// Messages to a peer actor.
 // Deliveries are the common case; boxing them would add an allocation per frame.
@@ -65,20 +68,17 @@ pub enum PeerMsg {
 pub struct Peer {
     remote: NodeId,
     idle: Duration,
-    /// Everything up to here is applied; durable up to `durable`.
+    /// Every message up to here is applied (the applied prefix).
     high: u64,
     /// The high-water mark last written and acknowledged.
     durable: u64,
     /// The next sequence number to accept from the outbox.
     expected: u64,
-    /// Accepted, waiting to be handed over, in sequence order.
+    /// Accepted, not yet handed over (their target is busy), in sequence order.
     waiting: VecDeque<(u64, ActorRef, Deliverable)>,
-    /// Handed over, not yet applied.
-    in_flight: Option<(u64, ActorRef)>,
-    /// Only under [`Mutation::PipelinedHandoff`]: handed over and not yet applied,
-    /// per target, in the order handed over.
-    pipelined: BTreeMap<ActorRef, VecDeque<u64>>,
-    /// Only under [`Mutation::PipelinedHandoff`]: applied, after one that is not yet.
+    /// Handed over and not yet applied: at most one per target.
+    in_flight: BTreeMap<ActorRef, u64>,
+    /// Applied above the prefix, while a message before them is still in flight.
     applied: BTreeSet<u64>,
     connected: bool,
     last_heard: Option<Time>,
@@ -112,8 +112,7 @@ impl Peer {
             durable: high,
             expected: high + 1,
             waiting: VecDeque::new(),
-            in_flight: None,
-            pipelined: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
             applied: BTreeSet::new(),
             connected: false,
             last_heard: None,
@@ -136,32 +135,68 @@ impl Peer {
         );
     }
 
-    /// Hands the next waiting message over, unless one is in flight.
+    /// What this peer holds that is not applied yet: accepted messages are either
+    /// waiting or in flight, and nothing beyond the outbox's window.
+    fn assert_bounded(&self) {
+        debug_assert!(self.durable <= self.high && self.high < self.expected);
+        debug_assert!(
+            self.waiting.len() + self.in_flight.len() <= super::outbox::OUTBOX_WINDOW_MESSAGES
+                || mutation::active(Mutation::SkipReceiverDedup)
+        );
+        debug_assert!(self.applied.first().is_none_or(|&a| a > self.high + 1));
+    }
+
+    /// Hands over every waiting message whose target is free, oldest first, so
+    /// that each target still gets its messages in sequence order.
     fn pump<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         let me = cx.node();
-        while self.in_flight.is_none() {
-            let Some((seq, to, msg)) = self.waiting.pop_front() else {
-                break;
-            };
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        if mutation::active(Mutation::PipelinedHandoff) {
+            // Mutation: newest first, so a free room gets its newest waiting message.
+            self.waiting.make_contiguous().reverse();
+        }
+        while let Some((seq, to, msg)) = self.waiting.pop_front() {
             if to.node != me || !msg.fits(&to) {
                 // Misaddressed: counted, and finished as refused so that it does
                 // not block everything behind it.
                 tracing::warn!(remote = ?self.remote, ?to, "misaddressed delivery refused");
                 metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "misaddressed").increment(1);
-                self.high = seq;
-                continue;
+                self.finish(seq);
+            } else if let Entry::Vacant(slot) = self.in_flight.entry(to) {
+                slot.insert(seq);
+                cx.send(to, msg);
+            } else {
+                kept.push_back((seq, to, msg));
             }
-            self.in_flight = Some((seq, to));
-            cx.send(to, msg);
         }
+        if mutation::active(Mutation::PipelinedHandoff) {
+            kept.make_contiguous().reverse();
+        }
+        self.waiting = kept;
+        self.assert_bounded();
         self.flush(cx);
+    }
+
+    /// Records `seq` as applied (or refused for good) and moves the high-water mark
+    /// over the applied prefix.
+    fn finish(&mut self, seq: u64) {
+        if seq <= self.high {
+            // Applied again after a target asked for a resend (targets are
+            // idempotent): the prefix already covers it.
+            return;
+        }
+        self.applied.insert(seq);
+        while self.applied.first() == Some(&(self.high + 1)) {
+            self.applied.pop_first();
+            self.high += 1;
+        }
     }
 
     /// Makes the high-water mark durable and acknowledges it, when enough was
     /// applied or nothing else waits.
     fn flush<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
-        let idle = self.in_flight.is_none() && self.waiting.is_empty() && self.pipelined.is_empty();
-        if self.high == self.durable || !(idle || self.high - self.durable >= ACK_EVERY) {
+        let idle = self.in_flight.is_empty() && self.waiting.is_empty();
+        if self.high == self.durable || !(idle || self.high - self.durable >= ACK_EVERY_MESSAGES) {
             return;
         }
         let (from, to) = (self.durable, self.high);
@@ -184,15 +219,64 @@ impl Peer {
         }
     }
 
-    /// Only under [`Mutation::PipelinedHandoff`]: records `seq` as applied and moves
-    /// the high-water mark over every applied message without a gap before it.
-    fn finish_pipelined<S: System<Msg = Msg>>(&mut self, seq: u64, cx: &mut Context<'_, S>) {
-        self.applied.insert(seq);
-        while self.applied.first() == Some(&(self.high + 1)) {
-            self.applied.pop_first();
-            self.high += 1;
+    /// A message from the remote outbox.
+    fn deliver<S: System<Msg = Msg>>(
+        &mut self,
+        seq: Seq,
+        to: ActorRef,
+        msg: Deliverable,
+        cx: &mut Context<'_, S>,
+    ) {
+        self.busy = true;
+        self.last_heard = Some(cx.now());
+        if seq.0 < self.expected {
+            if mutation::active(Mutation::SkipReceiverDedup) {
+                // Mutation: the duplicate is handed over again.
+                self.waiting.push_back((seq.0, to, msg));
+                self.pump(cx);
+                return;
+            }
+            // A resend of something accepted already: acknowledge what is durable,
+            // so the outbox can forget it.
+            metrics::counter!("conclave_inbox_duplicates_total").increment(1);
+            self.ack(cx);
+            return;
         }
-        self.flush(cx);
+        let held = self.waiting.len() + self.in_flight.len();
+        if seq.0 > self.expected || held >= super::outbox::OUTBOX_WINDOW_MESSAGES {
+            // A gap (or, from a misbehaving outbox, more than its window): refused,
+            // and the outbox resends in order.
+            metrics::counter!("conclave_inbox_gaps_total").increment(1);
+            return;
+        }
+        self.expected += 1;
+        if mutation::active(Mutation::AckBeforePersist) && held == 0 {
+            // Mutation: acknowledged on hand-over, before the target commits.
+            cx.send(to, msg);
+            self.high = self.high.max(seq.0);
+            self.flush(cx);
+            return;
+        }
+        self.waiting.push_back((seq.0, to, msg));
+        self.pump(cx);
+    }
+
+    /// A target answered for the message it was handed.
+    fn on_applied<S: System<Msg = Msg>>(&mut self, done: bool, cx: &mut Context<'_, S>) {
+        let Some(&target) = cx.sender() else { return };
+        let Some(seq) = self.in_flight.remove(&target) else {
+            return;
+        };
+        if done {
+            self.finish(seq);
+        } else {
+            // The target's store failed: take this message and everything after it
+            // again when the outbox resends them (what is in flight to other
+            // targets finishes; the targets are idempotent).
+            self.waiting.retain(|(s, _, _)| *s < seq);
+            self.expected = self.expected.min(seq);
+        }
+        self.pump(cx);
     }
 }
 
@@ -208,90 +292,9 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_outbox").increment(1);
                     return;
                 }
-                self.busy = true;
-                self.last_heard = Some(cx.now());
-                if seq.0 < self.expected {
-                    if mutation::active(Mutation::SkipReceiverDedup) {
-                        // Mutation: the duplicate is handed over again.
-                        self.waiting.push_back((seq.0, to, msg));
-                        self.pump(cx);
-                        return;
-                    }
-                    // A resend of something accepted already: acknowledge what is
-                    // durable, so the outbox can forget it.
-                    metrics::counter!("conclave_inbox_duplicates_total").increment(1);
-                    self.ack(cx);
-                    return;
-                }
-                if seq.0 > self.expected || self.waiting.len() >= super::outbox::WINDOW {
-                    // (A well-behaved outbox never has more than its window in flight;
-                    // beyond that, the surplus is refused like a gap and resent.)
-                    // A gap: the outbox resends in order, so wait for the missing one.
-                    metrics::counter!("conclave_inbox_gaps_total").increment(1);
-                    return;
-                }
-                self.expected += 1;
-                if mutation::active(Mutation::AckBeforePersist)
-                    && self.in_flight.is_none()
-                    && self.waiting.is_empty()
-                {
-                    // Mutation: acknowledged on hand-over, before the target commits.
-                    cx.send(to, msg);
-                    self.high = self.high.max(seq.0);
-                    self.flush(cx);
-                    return;
-                }
-                if mutation::active(Mutation::PipelinedHandoff) {
-                    // Mutation: handed over at once, while earlier messages to other
-                    // targets may still be waiting to be applied.
-                    if to.node != me || !msg.fits(&to) {
-                        self.finish_pipelined(seq.0, cx);
-                    } else {
-                        self.pipelined.entry(to).or_default().push_back(seq.0);
-                        cx.send(to, msg);
-                    }
-                    return;
-                }
-                self.waiting.push_back((seq.0, to, msg));
-                self.pump(cx);
+                self.deliver(seq, to, msg, cx);
             }
-            PeerMsg::Applied { done } if mutation::active(Mutation::PipelinedHandoff) => {
-                // Mutation: the oldest message in flight to this target is applied.
-                let Some(&target) = cx.sender() else { return };
-                let Some(queue) = self.pipelined.get_mut(&target) else {
-                    return;
-                };
-                let Some(seq) = queue.pop_front() else { return };
-                if queue.is_empty() {
-                    self.pipelined.remove(&target);
-                }
-                if done {
-                    self.finish_pipelined(seq, cx);
-                } else {
-                    // Hand it over again when the outbox resends it.
-                    self.expected = self.expected.min(seq);
-                }
-            }
-            PeerMsg::Applied { done } => {
-                let Some((seq, target)) = self.in_flight else {
-                    return;
-                };
-                if cx.sender() != Some(&target) {
-                    return;
-                }
-                self.in_flight = None;
-                if done {
-                    // (Never lowers it; only a mutation hands a duplicate over.)
-                    self.high = self.high.max(seq);
-                    self.pump(cx);
-                } else {
-                    // The target's store failed: take this message and everything
-                    // after it again when the outbox resends them.
-                    self.waiting.clear();
-                    self.expected = seq;
-                    self.flush(cx);
-                }
-            }
+            PeerMsg::Applied { done } => self.on_applied(done, cx),
             PeerMsg::Connected | PeerMsg::Disconnected | PeerMsg::Tick if cx.sender().is_some() => {
                 // Transport events and timers come from the driver, never from an actor.
                 tracing::warn!(remote = ?self.remote, sender = ?cx.sender(), "peer control message from an actor dropped");
@@ -312,20 +315,19 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                 }
                 self.connected = false;
             }
-            PeerMsg::Tick => {
-                // Connection state lives here, so a connected peer stays active.
-                if self.busy
-                    || self.connected
-                    || self.in_flight.is_some()
-                    || !self.waiting.is_empty()
-                    || !self.pipelined.is_empty()
-                {
-                    self.busy = false;
-                    cx.timer(self.idle, PeerMsg::Tick);
-                } else {
-                    cx.stop();
-                }
-            }
+            PeerMsg::Tick => self.tick(cx),
+        }
+    }
+}
+
+impl Peer {
+    fn tick<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        // Connection state lives here, so a connected peer stays active.
+        if self.busy || self.connected || !self.in_flight.is_empty() || !self.waiting.is_empty() {
+            self.busy = false;
+            cx.timer(self.idle, PeerMsg::Tick);
+        } else {
+            cx.stop();
         }
     }
 }

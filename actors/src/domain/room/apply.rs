@@ -10,10 +10,11 @@ use std::collections::BTreeSet;
 use conclave_storage::{StoreError, WriteTxn};
 
 use super::{Event, RoomMsg, Update};
+use crate::actor::Time;
+use crate::crypto::SealedKey;
 use crate::domain::state::{keys, rooms, rooms::Visibility};
 use crate::domain::{enqueue, room_of, Deliverable, Denial, RoomMember, SignedRequest};
-use crate::actor::Time;
-use crate::ids::{NodeId, RoomId, Seq};
+use crate::ids::{NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
 
 /// Writes `event` to `room`'s state on its sequencer `me`.
@@ -78,10 +79,13 @@ fn apply_removed(
     me: NodeId,
     meta: &rooms::RoomMeta,
     removed: &RoomMember,
-    bundle: &[(crate::ids::UserId, crate::crypto::SealedKey)],
+    bundle: &[(UserId, SealedKey)],
 ) -> Result<(), StoreError> {
     let was_member = rooms::delete_member(txn, room, removed.user)?;
-    assert!(was_member, "decide checked that the removed user is a member");
+    assert!(
+        was_member,
+        "decide checked that the removed user is a member"
+    );
     rooms::put_meta(txn, room, meta)?;
     for (member, key) in bundle {
         keys::put(txn, room, meta.epoch, *member, key)?;
@@ -109,7 +113,11 @@ pub(super) fn member_nodes(members: &[RoomMember], me: NodeId) -> BTreeSet<NodeI
 }
 
 fn send(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId, update: Update) -> Result<(), Denial> {
-    enqueue(txn, room_of(node, room), Deliverable::Room(RoomMsg::Update(update)))
+    enqueue(
+        txn,
+        room_of(node, room),
+        Deliverable::Room(RoomMsg::Update(update)),
+    )
 }
 
 /// Queues, after `apply`, what member nodes must learn of `event`; returns the
@@ -125,44 +133,13 @@ pub(super) fn fan_out(
         // The creator is the only member, on this node.
         Event::Created { .. } => Ok(BTreeSet::new()),
         Event::Invited { meta, member, key } => {
-            let nodes = snapshot(txn, room, me, meta, None)?;
-            if member.home == me {
-                return Ok(nodes);
-            }
-            let keys = vec![(member.user, key.clone())];
-            send(txn, room, member.home, Update::Keys { epoch: meta.epoch, keys })?;
-            let members = rooms::members(&*txn, room)?;
-            let new_node = !members
-                .iter()
-                .any(|m| m.user != member.user && m.home == member.home);
-            if new_node {
-                backfill(txn, room, meta, member, now)?;
-            }
-            Ok(nodes)
+            fan_out_invited(txn, room, me, now, meta, member, key)
         }
         Event::Removed {
             meta,
             removed,
             bundle,
-        } => {
-            // The removed member's node learns of the removal (so it stops serving
-            // the room to them) but gets no key of the new epoch.
-            let nodes = snapshot(txn, room, me, meta, Some(removed.home))?;
-            let members = rooms::members(&*txn, room)?;
-            for node in member_nodes(&members, me) {
-                let keys: Vec<_> = bundle
-                    .iter()
-                    .filter(|(u, _)| {
-                        // Mutation: every node gets the whole bundle.
-                        mutation::active(Mutation::BundleUnsplit)
-                            || members.iter().any(|m| m.user == *u && m.home == node)
-                    })
-                    .cloned()
-                    .collect();
-                send(txn, room, node, Update::Keys { epoch: meta.epoch, keys })?;
-            }
-            Ok(nodes)
-        }
+        } => fan_out_removed(txn, room, me, meta, removed, bundle),
         Event::Published {
             seq,
             frame,
@@ -185,6 +162,82 @@ pub(super) fn fan_out(
             Ok(nodes)
         }
     }
+}
+
+/// An invitation: the snapshot to every member node, then the new member's key and
+/// (to a node new to the room) the history they may read.
+fn fan_out_invited(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    me: NodeId,
+    now: Time,
+    meta: &rooms::RoomMeta,
+    member: &RoomMember,
+    key: &SealedKey,
+) -> Result<BTreeSet<NodeId>, Denial> {
+    let nodes = snapshot(txn, room, me, meta, None)?;
+    if member.home == me {
+        return Ok(nodes);
+    }
+    debug_assert!(
+        nodes.contains(&member.home),
+        "the new member's node gets the snapshot"
+    );
+    let keys = vec![(member.user, key.clone())];
+    send(
+        txn,
+        room,
+        member.home,
+        Update::Keys {
+            epoch: meta.epoch,
+            keys,
+        },
+    )?;
+    let members = rooms::members(&*txn, room)?;
+    let new_node = !members
+        .iter()
+        .any(|m| m.user != member.user && m.home == member.home);
+    if new_node {
+        backfill(txn, room, meta, member, now)?;
+    }
+    Ok(nodes)
+}
+
+/// A removal: the snapshot to every member node and to the removed member's (so it
+/// stops serving the room to them), then to each remaining member node the new
+/// epoch's keys of its own users only.
+fn fan_out_removed(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    me: NodeId,
+    meta: &rooms::RoomMeta,
+    removed: &RoomMember,
+    bundle: &[(UserId, SealedKey)],
+) -> Result<BTreeSet<NodeId>, Denial> {
+    let nodes = snapshot(txn, room, me, meta, Some(removed.home))?;
+    let members = rooms::members(&*txn, room)?;
+    debug_assert!(members.iter().all(|m| m.user != removed.user));
+    for node in member_nodes(&members, me) {
+        let keys: Vec<_> = bundle
+            .iter()
+            .filter(|(u, _)| {
+                // Mutation: every node gets the whole bundle.
+                mutation::active(Mutation::BundleUnsplit)
+                    || members.iter().any(|m| m.user == *u && m.home == node)
+            })
+            .cloned()
+            .collect();
+        send(
+            txn,
+            room,
+            node,
+            Update::Keys {
+                epoch: meta.epoch,
+                keys,
+            },
+        )?;
+    }
+    Ok(nodes)
 }
 
 /// Sends the room's new membership snapshot to every member node (and `also`),

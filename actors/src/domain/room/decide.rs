@@ -143,8 +143,7 @@ pub(super) fn invite(
     if key.sealer != acting {
         return Err(Denial::bundle("the key must be sealed by the inviter"));
     }
-    verify_sealed_key(key, &invitee.user.exchange_key(), h.room, meta.epoch)
-        .map_err(seal_error)?;
+    verify_sealed_key(key, &invitee.user.exchange_key(), h.room, meta.epoch).map_err(seal_error)?;
     let since = match meta.policy.history {
         History::FromJoin => meta.next_seq,
         History::FromEpoch => meta.epoch_start,
@@ -268,7 +267,10 @@ pub fn validate_bundle(
     if let Some(m) = members.iter().find(|m| !by_user.contains_key(&m.user)) {
         return Err(Denial::bundle(format!("no key for member {}", m.user)));
     }
-    if let Some(u) = by_user.keys().find(|u| !members.iter().any(|m| m.user == **u)) {
+    if let Some(u) = by_user
+        .keys()
+        .find(|u| !members.iter().any(|m| m.user == **u))
+    {
         return Err(Denial::bundle(format!("key for non-member {u}")));
     }
     // Every member has exactly one key and nobody else has one.

@@ -199,7 +199,9 @@ impl<S: System<Msg = Msg>> Actor<S> for Room {
             RoomMsg::Tick => return self.tick(cx),
             RoomMsg::Request { req, reply: to } => {
                 let user = req.request.user;
-                let outcome = self.request(&req, from, cx).unwrap_or_else(|denial| denied("room", Some(user), denial));
+                let outcome = self
+                    .request(&req, from, cx)
+                    .unwrap_or_else(|denial| denied("room", Some(user), denial));
                 self.answer(cx, from, to, outcome)
             }
             RoomMsg::Publish { frame, reply: to } => {

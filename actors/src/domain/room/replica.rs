@@ -148,8 +148,13 @@ fn check_snapshot(at: &Copy, meta: &RoomMeta, members: &[RoomMember]) -> Result<
     if users.len() != members.len() {
         return Err(UpdateError::Malformed("a member listed twice"));
     }
-    if members.iter().any(|m| m.since.0 == 0 || m.since > meta.next_seq) {
-        return Err(UpdateError::Malformed("a member readable from an impossible seq"));
+    if members
+        .iter()
+        .any(|m| m.since.0 == 0 || m.since > meta.next_seq)
+    {
+        return Err(UpdateError::Malformed(
+            "a member readable from an impossible seq",
+        ));
     }
     Ok(())
 }
@@ -266,12 +271,12 @@ fn check_key(
         return Ok(Err(Denial::not_found(format!("user {user}"))));
     };
     Ok(
-        verify_sealed_key(key, &PublicKey::from(record.exchange), room, epoch).map_err(|e| {
-            match e {
+        verify_sealed_key(key, &PublicKey::from(record.exchange), room, epoch).map_err(
+            |e| match e {
                 SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
                 other => Denial::bundle(other.to_string()),
-            }
-        }),
+            },
+        ),
     )
 }
 

@@ -136,20 +136,35 @@ pub fn members(txn: &dyn ReadTxn, room: RoomId) -> Result<Vec<RoomMember>, Store
 }
 
 /// One member of the room, if they are one.
-pub fn member(txn: &dyn ReadTxn, room: RoomId, user: UserId) -> Result<Option<RoomMember>, StoreError> {
+pub fn member(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+    user: UserId,
+) -> Result<Option<RoomMember>, StoreError> {
     let member = MEMBERS.get(txn, &(room.0, user.0))?;
-    debug_assert!(member.is_none_or(|m| m.user == user), "members are keyed by their user");
+    debug_assert!(
+        member.is_none_or(|m| m.user == user),
+        "members are keyed by their user"
+    );
     Ok(member)
 }
 
 /// Adds or replaces a member.
-pub fn put_member(txn: &mut dyn WriteTxn, room: RoomId, member: &RoomMember) -> Result<(), StoreError> {
+pub fn put_member(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    member: &RoomMember,
+) -> Result<(), StoreError> {
     assert!(member.since.0 >= 1, "sequence numbers start at 1");
     MEMBERS.put(txn, &(room.0, member.user.0), member)
 }
 
 /// Removes a member; returns whether they were one.
-pub fn delete_member(txn: &mut dyn WriteTxn, room: RoomId, user: UserId) -> Result<bool, StoreError> {
+pub fn delete_member(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    user: UserId,
+) -> Result<bool, StoreError> {
     MEMBERS.delete(txn, &(room.0, user.0))
 }
 
@@ -161,7 +176,12 @@ pub fn frames(
     limit: usize,
 ) -> Result<Vec<(Seq, Frame)>, StoreError> {
     let frames: Vec<(Seq, Frame)> = FRAMES
-        .scan(txn, (room.0, from.0)..=(room.0, u64::MAX), Order::Ascending, limit)?
+        .scan(
+            txn,
+            (room.0, from.0)..=(room.0, u64::MAX),
+            Order::Ascending,
+            limit,
+        )?
         .into_iter()
         .map(|((_, seq), f)| (Seq(seq), f))
         .collect();
@@ -193,12 +213,21 @@ pub fn put_frame(
 }
 
 /// Where the frame with message id `id` was sequenced, if it was.
-pub fn seq_of_id(txn: &dyn ReadTxn, room: RoomId, id: MessageId) -> Result<Option<Seq>, StoreError> {
+pub fn seq_of_id(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+    id: MessageId,
+) -> Result<Option<Seq>, StoreError> {
     Ok(IDS.get(txn, &(room.0, id.0))?.map(Seq))
 }
 
 /// Records that message id `id` was sequenced at `seq`.
-pub fn put_id(txn: &mut dyn WriteTxn, room: RoomId, id: MessageId, seq: Seq) -> Result<(), StoreError> {
+pub fn put_id(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    id: MessageId,
+    seq: Seq,
+) -> Result<(), StoreError> {
     assert!(seq.0 >= 1, "sequence numbers start at 1");
     IDS.put(txn, &(room.0, id.0), &seq.0)
 }
@@ -251,12 +280,20 @@ pub fn creation(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<SignedRequest>
 }
 
 /// Keeps the creator's signed creation of `room`.
-pub fn put_creation(txn: &mut dyn WriteTxn, room: RoomId, create: &SignedRequest) -> Result<(), StoreError> {
+pub fn put_creation(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    create: &SignedRequest,
+) -> Result<(), StoreError> {
     CREATED.put(txn, &room.0, create)
 }
 
 /// Only under the `fanout_to_removed` mutation: records a removed member's node.
-pub fn mutation_add_removed(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId) -> Result<(), StoreError> {
+pub fn mutation_add_removed(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    node: NodeId,
+) -> Result<(), StoreError> {
     MUTATION_REMOVED.put(txn, &(room.0, node.0), &1)
 }
 

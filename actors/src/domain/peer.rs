@@ -190,6 +190,9 @@ impl Peer {
             self.applied.pop_first();
             self.high += 1;
         }
+        // After a retry the prefix can close over messages applied before it: their
+        // resends are duplicates now.
+        self.expected = self.expected.max(self.high + 1);
     }
 
     /// Makes the high-water mark durable and acknowledges it, when enough was
@@ -329,5 +332,131 @@ impl Peer {
         } else {
             cx.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conclave_storage::{MemStore, Store};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::actor::Effect;
+    use crate::domain::{room_of, Domain, RoomMsg};
+    use crate::ids::RoomId;
+
+    const HERE: NodeId = NodeId([1; 32]);
+    const THERE: NodeId = NodeId([2; 32]);
+
+    struct Bench {
+        peer: Peer,
+        store: MemStore,
+        rng: ChaCha20Rng,
+    }
+
+    impl Bench {
+        fn new() -> Self {
+            let store = MemStore::new();
+            let mut rng = ChaCha20Rng::seed_from_u64(7);
+            let mut effects = Vec::new();
+            let me = crate::domain::peer_of(HERE, THERE);
+            let mut cx =
+                Context::<Domain>::new(me, None, Time::default(), &mut rng, &store, &mut effects);
+            let peer = Peer::activate(THERE, DomainConfig::default(), &mut cx);
+            Bench { peer, store, rng }
+        }
+
+        /// Handles `msg` from `from`; returns what it sent, as (target, message).
+        fn handle(&mut self, from: ActorRef, msg: PeerMsg) -> Vec<(ActorRef, Msg)> {
+            let mut effects = Vec::new();
+            let me = crate::domain::peer_of(HERE, THERE);
+            let mut cx = Context::<Domain>::new(
+                me,
+                Some(from),
+                Time::default(),
+                &mut self.rng,
+                &self.store,
+                &mut effects,
+            );
+            self.peer.handle(msg, &mut cx);
+            effects
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::Send { to, msg, .. } => Some((to, msg)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn deliver(&mut self, seq: u64, room: RoomId) -> Vec<(ActorRef, Msg)> {
+            let update = crate::domain::room::Update::Keys {
+                epoch: crate::ids::Epoch(1),
+                keys: Vec::new(),
+            };
+            let msg = PeerMsg::Deliver {
+                seq: Seq(seq),
+                to: room_of(HERE, room),
+                msg: Deliverable::Room(RoomMsg::Update(update)),
+            };
+            self.handle(outbox_of(THERE, HERE), msg)
+        }
+
+        fn applied(&mut self, room: RoomId) -> Vec<(ActorRef, Msg)> {
+            self.handle(room_of(HERE, room), PeerMsg::Applied { done: true })
+        }
+    }
+
+    fn targets(sent: &[(ActorRef, Msg)]) -> Vec<ActorRef> {
+        sent.iter().map(|(to, _)| *to).collect()
+    }
+
+    fn acked(sent: &[(ActorRef, Msg)]) -> Option<u64> {
+        sent.iter().find_map(|(_, m)| match m {
+            Msg::Outbox(OutboxMsg::Ack { upto }) => Some(upto.0),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_busy_room_does_not_hold_up_another_and_each_room_keeps_its_order() {
+        let (a, b) = (RoomId([0xa; 16]), RoomId([0xb; 16]));
+        let mut bench = Bench::new();
+        assert_eq!(targets(&bench.deliver(1, a)), vec![room_of(HERE, a)]);
+        // Room a is busy with 1: its next message waits, room b's goes at once.
+        assert_eq!(targets(&bench.deliver(2, a)), vec![]);
+        assert_eq!(targets(&bench.deliver(3, b)), vec![room_of(HERE, b)]);
+        // b finished 3, but 1 and 2 are not applied: nothing is acknowledged.
+        let sent = bench.applied(b);
+        assert_eq!(acked(&sent), None, "acknowledged past a message in flight");
+        // a finished 1: it gets 2; the applied prefix is 1, and 2 is in flight.
+        let sent = bench.applied(a);
+        assert_eq!(targets(&sent), vec![room_of(HERE, a)]);
+        assert_eq!(acked(&sent), None);
+        // a finished 2: everything is applied, so 1..=3 is acknowledged at once.
+        let sent = bench.applied(a);
+        assert_eq!(acked(&sent), Some(3));
+        let txn = bench.store.read().expect("read");
+        assert_eq!(
+            crate::outbox::high_water(&*txn, THERE).expect("mark"),
+            Seq(3)
+        );
+    }
+
+    #[test]
+    fn a_target_that_must_retry_holds_the_mark_below_it() {
+        let (a, b) = (RoomId([0xa; 16]), RoomId([0xb; 16]));
+        let mut bench = Bench::new();
+        bench.deliver(1, a);
+        bench.deliver(2, b);
+        // a's store failed on 1: nothing at or after 1 may be acknowledged, and the
+        // outbox's resend of 1 is taken again.
+        let sent = bench.handle(room_of(HERE, a), PeerMsg::Applied { done: false });
+        assert_eq!(acked(&sent), None);
+        let sent = bench.applied(b);
+        assert_eq!(acked(&sent), None, "2 acknowledged while 1 is not applied");
+        assert_eq!(targets(&bench.deliver(1, a)), vec![room_of(HERE, a)]);
+        let sent = bench.applied(a);
+        assert_eq!(acked(&sent), Some(2));
     }
 }

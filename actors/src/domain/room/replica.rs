@@ -317,3 +317,166 @@ fn store_frame(
         .record(at.now.saturating_since(committed).as_secs_f64());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use conclave_storage::{MemStore, Store};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::domain::{client, Policy, RoomRole};
+    use crate::identity::Identity;
+
+    const HOME: NodeId = NodeId([1; 32]);
+    const HERE: NodeId = NodeId([2; 32]);
+
+    /// A room created on `HOME` by a fresh owner, and its first snapshot.
+    fn room() -> (RoomId, RoomMeta, RoomMember, Box<SignedRequest>) {
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let owner = Identity::generate(&mut rng);
+        let (room, _, op) =
+            client::create_room(&mut rng, &owner, HOME, Policy::default()).expect("create");
+        let create = Box::new(client::sign(&owner, Time::default(), &mut rng, op));
+        let meta = RoomMeta {
+            home: HOME,
+            policy: Policy::default(),
+            epoch: Epoch(1),
+            epoch_start: Seq(1),
+            next_seq: Seq(1),
+            owner: owner.user_id(),
+            members_version: 1,
+        };
+        let member = RoomMember {
+            user: owner.user_id(),
+            exchange: owner.public().exchange,
+            home: HOME,
+            role: RoomRole::Owner,
+            since: Seq(1),
+        };
+        (room, meta, member, create)
+    }
+
+    fn apply_to(store: &MemStore, room: RoomId, update: Update) -> Result<(), UpdateError> {
+        let at = Copy {
+            room,
+            me: HERE,
+            from: HOME,
+            now: Time::default(),
+        };
+        let mut txn = store.write().expect("write");
+        apply(&mut *txn, &at, update)?;
+        txn.commit().expect("commit");
+        Ok(())
+    }
+
+    #[test]
+    fn an_impossible_snapshot_is_refused_not_a_panic() {
+        let (room, meta, member, create) = room();
+        let store = MemStore::new();
+        let bad = [
+            RoomMeta {
+                epoch: Epoch(0),
+                ..meta
+            },
+            RoomMeta {
+                next_seq: Seq(0),
+                ..meta
+            },
+            RoomMeta {
+                epoch_start: Seq(5),
+                ..meta
+            },
+            RoomMeta {
+                members_version: 0,
+                ..meta
+            },
+        ];
+        for meta in bad {
+            let update = Update::Members {
+                meta,
+                members: vec![member],
+                create: create.clone(),
+            };
+            let error = apply_to(&store, room, update).expect_err("taken");
+            assert_eq!(error.reason(), "malformed", "{meta:?}");
+        }
+        // A member readable past the room's next frame, or listed twice.
+        let late = RoomMember {
+            since: Seq(9),
+            ..member
+        };
+        for members in [vec![late], vec![member, member]] {
+            let update = Update::Members {
+                meta,
+                members,
+                create: create.clone(),
+            };
+            let error = apply_to(&store, room, update).expect_err("taken");
+            assert_eq!(error.reason(), "malformed");
+        }
+        let txn = store.read().expect("read");
+        assert_eq!(rooms::meta(&*txn, room).expect("meta"), None);
+    }
+
+    #[test]
+    fn an_older_snapshot_by_members_version_is_skipped() {
+        let (room, meta, member, create) = room();
+        let store = MemStore::new();
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let bob = Identity::generate(&mut rng);
+        let bob = RoomMember {
+            user: bob.user_id(),
+            exchange: bob.public().exchange,
+            home: HERE,
+            role: RoomRole::Member,
+            since: Seq(1),
+        };
+        let v2 = RoomMeta {
+            members_version: 2,
+            ..meta
+        };
+        let newer = Update::Members {
+            meta: v2,
+            members: vec![member, bob],
+            create: create.clone(),
+        };
+        apply_to(&store, room, newer).expect("v2");
+        // Version 1 (before bob joined) handed over again: skipped, bob stays.
+        let older = Update::Members {
+            meta,
+            members: vec![member],
+            create,
+        };
+        apply_to(&store, room, older).expect("v1");
+        let txn = store.read().expect("read");
+        assert_eq!(rooms::members(&*txn, room).expect("members").len(), 2);
+        assert_eq!(
+            rooms::meta(&*txn, room)
+                .expect("meta")
+                .map(|m| m.members_version),
+            Some(2)
+        );
+        let vis = rooms::visibility(&*txn, bob.user, room)
+            .expect("vis")
+            .expect("bob reads");
+        assert_eq!(
+            vis.until, None,
+            "bob's visibility ended by a stale snapshot"
+        );
+    }
+
+    #[test]
+    fn keys_or_frames_before_the_first_snapshot_are_refused() {
+        let (room, ..) = room();
+        let store = MemStore::new();
+        let keys = Update::Keys {
+            epoch: Epoch(1),
+            keys: Vec::new(),
+        };
+        assert_eq!(
+            apply_to(&store, room, keys).expect_err("taken").reason(),
+            "unknown_room"
+        );
+    }
+}

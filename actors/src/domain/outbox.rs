@@ -102,55 +102,68 @@ impl<S: System<Msg = Msg>> Actor<S> for Outbox {
                     metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_peer").increment(1);
                     return;
                 }
-                let result = cx
-                    .store()
-                    .write()
-                    .map_err(crate::outbox::OutboxError::from)
-                    .and_then(|mut txn| {
-                        let removed = crate::outbox::ack(&mut *txn, self.dest, upto)?;
-                        let depth = crate::outbox::depth(&*txn, self.dest)?;
-                        txn.commit()?;
-                        Ok((removed, depth))
-                    });
-                match result {
-                    Ok((removed, depth)) => {
-                        self.report(depth);
-                        if removed > 0 {
-                            self.progress = true;
-                            self.backoff = self.config.retry_base;
-                        }
-                        if depth == 0 {
-                            // Drained: cancel the timer and passivate until the next kick.
-                            self.round += 1;
-                            self.armed = false;
-                            cx.stop();
-                        } else {
-                            self.pump(cx);
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(dest = ?self.dest, %error, "acknowledgement refused");
-                        metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "bad_ack").increment(1);
-                    }
-                }
+                self.on_ack(upto, cx);
             }
-            OutboxMsg::Retry { round } => {
-                // Only this outbox's own timer retries.
-                if round != self.round || cx.sender().is_some() {
-                    return;
-                }
-                self.armed = false;
-                if !self.progress && !mutation::active(Mutation::DropOutboxRetries) {
-                    // Nothing acknowledged for a whole delay: resend everything
-                    // unacknowledged, in order, and wait longer next time.
-                    self.sent_upto = 0;
-                    self.backoff = (self.backoff * 2).min(self.config.retry_max);
-                    metrics::counter!("conclave_outbox_retries_total").increment(1);
-                }
-                self.progress = false;
-                self.pump(cx);
+            // Only this outbox's own timer retries.
+            OutboxMsg::Retry { round } if round == self.round && cx.sender().is_none() => {
+                self.on_retry(cx);
             }
+            OutboxMsg::Retry { .. } => {}
         }
+    }
+}
+
+impl Outbox {
+    /// The destination applied everything up to `upto`: forget it, and passivate
+    /// once nothing waits.
+    fn on_ack<S: System<Msg = Msg>>(&mut self, upto: Seq, cx: &mut Context<'_, S>) {
+        let result = cx
+            .store()
+            .write()
+            .map_err(crate::outbox::OutboxError::from)
+            .and_then(|mut txn| {
+                let removed = crate::outbox::ack(&mut *txn, self.dest, upto)?;
+                let depth = crate::outbox::depth(&*txn, self.dest)?;
+                txn.commit()?;
+                Ok((removed, depth))
+            });
+        let (removed, depth) = match result {
+            Ok(counts) => counts,
+            Err(error) => {
+                tracing::warn!(dest = ?self.dest, %error, "acknowledgement refused");
+                metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "bad_ack")
+                    .increment(1);
+                return;
+            }
+        };
+        self.report(depth);
+        if removed > 0 {
+            self.progress = true;
+            self.backoff = self.config.retry_base;
+        }
+        if depth == 0 {
+            // Drained: cancel the timer and passivate until the next kick.
+            self.round += 1;
+            self.armed = false;
+            cx.stop();
+        } else {
+            self.pump(cx);
+        }
+    }
+
+    /// The retry timer fired: if nothing was acknowledged for a whole delay, resend
+    /// everything unacknowledged, in order, and wait longer next time.
+    fn on_retry<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        self.armed = false;
+        if !self.progress && !mutation::active(Mutation::DropOutboxRetries) {
+            self.sent_upto = 0;
+            self.backoff = (self.backoff * 2).min(self.config.retry_max);
+            metrics::counter!("conclave_outbox_retries_total").increment(1);
+        }
+        debug_assert!(self.backoff >= self.config.retry_base.min(self.config.retry_max));
+        debug_assert!(self.backoff <= self.config.retry_max.max(self.config.retry_base));
+        self.progress = false;
+        self.pump(cx);
     }
 }
 
@@ -184,6 +197,10 @@ impl Outbox {
             return;
         }
         let peer = peer_of(self.dest, me);
+        debug_assert!(
+            pending.windows(2).all(|w| w[0].0 < w[1].0),
+            "sent in sequence order"
+        );
         for (seq, bytes) in pending {
             if seq.0 <= self.sent_upto {
                 continue;
@@ -218,6 +235,10 @@ impl Outbox {
         let half = u64::try_from(self.backoff.as_micros() / 2).unwrap_or(u64::MAX);
         let jitter = cx.rng().next_u64() % (half + 1);
         let delay = Duration::from_micros(half + jitter);
+        debug_assert!(
+            delay <= self.backoff,
+            "equal jitter never exceeds the delay"
+        );
         self.round += 1;
         self.armed = true;
         cx.timer(delay, OutboxMsg::Retry { round: self.round });

@@ -564,3 +564,48 @@ async fn a_peer_that_stops_reading_causes_backpressure_not_growth() {
     };
     assert_eq!(refused, SendError::Backpressure(to));
 }
+
+fn application_close(code: u32) -> ConnectionError {
+    ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+        error_code: VarInt::from_u32(code),
+        reason: Default::default(),
+    })
+}
+
+#[test]
+fn close_codes_are_distinct_and_only_auth_codes_read_as_auth_failures() {
+    for reason in AuthFailure::ALL {
+        let error = application_close(close_code(reason));
+        assert_eq!(auth_failure_of(&error), Some((reason, Side::Remote)));
+    }
+    let others = [
+        code::FRAME_TOO_LARGE,
+        code::MALFORMED_FRAME,
+        code::NO_HELLO,
+        code::STREAM_ERROR,
+        code::DUPLICATE_CONNECTION,
+        code::SHUTDOWN,
+    ];
+    for code in others {
+        assert_eq!(auth_failure_of(&application_close(code)), None, "{code:#x}");
+    }
+    let mut all: Vec<u32> = AuthFailure::ALL.map(close_code).to_vec();
+    all.extend(others);
+    let distinct: BTreeSet<u32> = all.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "every close code means one thing"
+    );
+}
+
+#[test]
+fn backoff_doubles_up_to_its_maximum_and_jitters_below_its_ceiling() {
+    let (min, max) = (Duration::from_millis(10), Duration::from_millis(70));
+    let mut backoff = Backoff::new(min, max);
+    for ceiling_ms in [10, 20, 40, 70, 70] {
+        assert!(backoff.delay() <= Duration::from_millis(ceiling_ms));
+    }
+    backoff.reset();
+    assert_eq!(backoff.next, min);
+}

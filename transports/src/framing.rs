@@ -62,6 +62,9 @@ impl FrameError {
 }
 
 /// The length prefix of a `len`-byte body, or [`FrameError::TooLarge`] above `max`.
+///
+/// Every function here panics if `max` exceeds [`FRAME_BYTES_MAX_LIMIT`]: a bound the
+/// prefix cannot express is a programmer error.
 pub fn frame_prefix(len: usize, max: usize) -> Result<[u8; FRAME_PREFIX_BYTES], FrameError> {
     assert!(
         max <= FRAME_BYTES_MAX_LIMIT,

@@ -8,9 +8,11 @@
 //! user and address, and counted in `conclave_client_auth_failures_total{reason}`.
 //! The node keeps serving everyone else.
 //!
-//! Each request is one bidirectional stream: the client writes one length-prefixed
-//! (u32, big-endian) postcard [`ClientRequest`] and finishes; the node answers with
-//! one or more [`ClientResponse`]s (a subscription streams frames until the client
+//! Each request is one bidirectional stream: the client writes one postcard
+//! [`ClientRequest`] in a frame of the transport's framing codec
+//! ([`conclave_transports::framing`]: a u32 big-endian length, then the bytes; at most
+//! [`CLIENT_MESSAGE_BYTES_MAX`]) and finishes; the node answers with one or more
+//! [`ClientResponse`]s, framed the same way (a subscription streams frames until the client
 //! stops or the user is removed). Requests are signed by the user, frames are
 //! sealed and signed by the user: the node relays them to its actors exactly as the
 //! embedding API does and never sees plaintext. [`RemoteNode`] is the client side; a
@@ -23,8 +25,9 @@ use std::sync::Arc;
 use conclave_actors::crypto::{Frame, SealedKey};
 use conclave_actors::domain::{self, Denial, Outcome, SignedRequest};
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
-use conclave_actors::wire::{decode_bounded, encode_bounded, ENVELOPE_BYTES_MAX};
+use conclave_actors::wire::{decode_bounded, encode_bounded, WireError, ENVELOPE_BYTES_MAX};
 use conclave_actors::Identity;
+use conclave_transports::framing::{read_frame, write_frame, FrameError};
 use conclave_transports::quic::{connect_client, ClientConnection, ClientLink};
 use quinn::VarInt;
 use serde::de::DeserializeOwned;
@@ -104,36 +107,34 @@ pub enum ClientResponse {
     },
 }
 
-async fn write_msg<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), String> {
-    let bytes = encode_bounded(msg, CLIENT_MESSAGE_BYTES_MAX).map_err(|e| e.to_string())?;
-    let len = u32::try_from(bytes.len()).map_err(|e| e.to_string())?;
-    send.write_all(&len.to_be_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    send.write_all(&bytes).await.map_err(|e| e.to_string())
+/// Why a request or response could not be sent or received.
+#[derive(Debug, thiserror::Error)]
+enum MessageError {
+    /// The framing failed: too large, truncated, or the stream failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The bytes are not a message of the expected type (or it does not encode).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+async fn write_msg<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), MessageError> {
+    let bytes = encode_bounded(msg, CLIENT_MESSAGE_BYTES_MAX)?;
+    write_frame(send, &bytes, CLIENT_MESSAGE_BYTES_MAX).await?;
+    Ok(())
 }
 
 /// Reads one message; `Ok(None)` if the stream ended cleanly before it.
-async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, String> {
-    let mut len = [0u8; 4];
-    match recv.read_exact(&mut len).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > CLIENT_MESSAGE_BYTES_MAX {
-        return Err(format!(
-            "message of {len} bytes exceeds {CLIENT_MESSAGE_BYTES_MAX}"
-        ));
-    }
-    let mut bytes = vec![0u8; len];
-    recv.read_exact(&mut bytes)
-        .await
-        .map_err(|e| e.to_string())?;
-    decode_bounded(&bytes, CLIENT_MESSAGE_BYTES_MAX)
-        .map(Some)
-        .map_err(|e| e.to_string())
+async fn read_msg<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, MessageError> {
+    let Some(bytes) = read_frame(recv, CLIENT_MESSAGE_BYTES_MAX).await? else {
+        return Ok(None);
+    };
+    Ok(Some(decode_bounded(&bytes, CLIENT_MESSAGE_BYTES_MAX)?))
 }
 
 /// Serves the client connections the transport hands over, until it stops.
@@ -212,8 +213,11 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) {
     // A request arrives whole, promptly: a client trickling bytes is cut off.
-    let read = tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<ClientRequest>(&mut recv)).await;
-    let read = read.unwrap_or_else(|_| Err("request not received in time".into()));
+    let read =
+        match tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<ClientRequest>(&mut recv)).await {
+            Ok(read) => read.map_err(|error| error.to_string()),
+            Err(_) => Err("request not received in time".to_string()),
+        };
     let request = match read {
         Ok(Some(request)) => request,
         Ok(None) => return,
@@ -257,7 +261,7 @@ async fn answer(
     user: UserId,
     request: ClientRequest,
     send: &mut quinn::SendStream,
-) -> Result<(), String> {
+) -> Result<(), MessageError> {
     let response = match request {
         ClientRequest::Call(req) if req.request.user != user => {
             ClientResponse::Refused(Denial::Malformed {
@@ -380,7 +384,7 @@ impl RemoteNode {
         if let Err(error) = write_msg(&mut send, request).await {
             return Err(match conn.close_reason() {
                 Some(reason) => connection_error(&reason),
-                None => ApiError::Connection(error),
+                None => ApiError::Connection(error.to_string()),
             });
         }
         let _ = send.finish();
@@ -393,7 +397,7 @@ impl RemoteNode {
             Ok(None) => Err(ApiError::Connection("the node closed the stream".into())),
             Err(error) => Err(match self.link.conn.close_reason() {
                 Some(reason) => connection_error(&reason),
-                None => ApiError::Connection(error),
+                None => ApiError::Connection(error.to_string()),
             }),
         }
     }

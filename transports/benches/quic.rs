@@ -21,6 +21,11 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+/// How long the warm-up waits for the first envelope (it waits for the connection).
+const CONNECT_WAIT_MS_MAX: u64 = 15_000;
+/// Criterion's measuring time per case.
+const MEASUREMENT_MS: u64 = 5_000;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum BenchMsg {
     Control(#[serde(with = "serde_bytes")] Vec<u8>),
@@ -82,10 +87,13 @@ async fn pair() -> Pair {
         msg: BenchMsg::Data(vec![0]),
     };
     pair.a.send(to.node, &warm).expect("queued");
-    tokio::time::timeout(Duration::from_secs(15), pair.b_incoming.recv())
-        .await
-        .expect("connected")
-        .expect("alive");
+    tokio::time::timeout(
+        Duration::from_millis(CONNECT_WAIT_MS_MAX),
+        pair.b_incoming.recv(),
+    )
+    .await
+    .expect("connected")
+    .expect("alive");
     pair
 }
 
@@ -223,7 +231,7 @@ fn bench(c: &mut Criterion) {
         .expect("runtime");
     let mut pair = rt.block_on(pair());
     let mut group = c.benchmark_group("quic_loopback");
-    group.measurement_time(Duration::from_secs(5));
+    group.measurement_time(Duration::from_millis(MEASUREMENT_MS));
     group.sample_size(20);
     for (label, size) in [("256B", 256usize), ("16KiB", 16 * 1024)] {
         for streams in [1usize, 2] {

@@ -3,11 +3,13 @@
 //! A [`Transport`] sends a typed [`Envelope`] to a [`NodeId`] and delivers what
 //! arrives as [`Incoming`], attributed to the peer the transport authenticated: the
 //! runtime trusts that attribution, never a sender named inside a message. This
-//! crate holds the abstraction and [`mem`], the in-process transport for tests; the
-//! QUIC transport (quinn + rustls, mutually authenticated by Ed25519 identities)
-//! joins it next.
+//! crate holds the abstraction, [`mem`] (the in-process transport for tests),
+//! [`quic`] (quinn + rustls, mutually authenticated by Ed25519 identities) and
+//! [`framing`], the one length-prefixed codec of conclave's streams, which the
+//! client protocol uses too.
 #![warn(missing_docs)]
 
+pub mod framing;
 pub mod mem;
 pub mod quic;
 

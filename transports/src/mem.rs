@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use conclave_actors::wire::Envelope;
+use conclave_actors::wire::{Envelope, ENVELOPE_BYTES_MAX};
 use conclave_actors::NodeId;
 use tokio::sync::mpsc;
 
@@ -88,7 +88,11 @@ impl<M: WireMessage> Transport<M> for MemTransport<M> {
 
     fn send(&self, to: NodeId, envelope: &Envelope<M>) -> Result<(), SendError> {
         let bytes = envelope.encode().map_err(SendError::Encode)?;
+        assert!(bytes.len() <= ENVELOPE_BYTES_MAX, "encode keeps its bound");
         let envelope = Envelope::decode(&bytes).map_err(SendError::Encode)?;
+        // What is delivered is what was sent: the decoded envelope encodes back to
+        // the same bytes (checked in tests and debug builds; it costs an encode).
+        debug_assert_eq!(envelope.encode().ok().as_deref(), Some(bytes.as_slice()));
         let tx = self
             .network
             .nodes
@@ -112,7 +116,7 @@ impl<M: WireMessage> Transport<M> for MemTransport<M> {
 mod tests {
     use super::*;
     use conclave_actors::actor::{ActorKey, ActorKind, ActorRef};
-    use conclave_actors::wire::{WireError, ENVELOPE_BYTES_MAX};
+    use conclave_actors::wire::WireError;
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Bytes(Vec<u8>);

@@ -46,9 +46,12 @@ fn auth_failures(snapshotter: &Snapshotter) -> BTreeMap<String, u64> {
     out
 }
 
+/// How long a test waits for an event that should come.
+const EVENT_WAIT_MS_MAX: u64 = 15_000;
+
 /// Waits for an `unknown_peer` failure decided by `side`.
 async fn wait_unknown_peer(events: &mut mpsc::Receiver<TransportEvent>, side: Side) {
-    let found = tokio::time::timeout(Duration::from_secs(15), async {
+    let found = tokio::time::timeout(Duration::from_millis(EVENT_WAIT_MS_MAX), async {
         while let Some(event) = events.recv().await {
             if matches!(event, TransportEvent::AuthFailed { reason: AuthFailure::UnknownPeer, side: s, .. } if s == side)
             {

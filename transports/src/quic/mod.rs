@@ -2,10 +2,11 @@
 //!
 //! One connection per peer pair. Each side sends on two long-lived unidirectional
 //! streams, one per [`MessageClass`], so a large transfer never holds up control
-//! messages. A frame on a stream is a 4-byte big-endian length and that many bytes
-//! of encoded [`Envelope`]; it is read with exact reads, so however the bytes arrive
-//! they reassemble. An oversized or undecodable frame closes the connection with a
-//! reason. Every peer has a bounded send queue: when it is full, [`Transport::send`]
+//! messages. A stream carries frames of the [`crate::framing`] codec (a 4-byte
+//! big-endian length, then that many bytes of encoded [`Envelope`], at most
+//! [`ENVELOPE_BYTES_MAX`]), so however the bytes arrive they reassemble. An
+//! oversized, truncated or undecodable frame closes the connection with a reason
+//! (`frame_too_large`, `malformed_frame`). Every peer has a bounded send queue: when it is full, [`Transport::send`]
 //! reports backpressure.
 //!
 //! Authentication (see [`tls`]): the handshake proves each side holds the Ed25519
@@ -36,6 +37,7 @@ use quinn::{ConnectionError, VarInt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::framing::{self, FrameError, FRAME_PREFIX_BYTES};
 use crate::{AuthFailure, Incoming, SendError, Side, Transport, TransportEvent};
 
 /// Application close codes. Auth failures first, then framing, then lifecycle.
@@ -136,6 +138,21 @@ pub struct QuicConfig {
     pub accept_clients: bool,
 }
 
+/// Default of [`QuicConfig::send_queue_depth_max`].
+pub const SEND_QUEUE_DEPTH_MAX_DEFAULT: usize = 1024;
+/// Default of [`QuicConfig::incoming_depth_max`].
+pub const INCOMING_DEPTH_MAX_DEFAULT: usize = 1024;
+/// Default of [`QuicConfig::idle_timeout`], and the idle timeout of a client's
+/// connection: a peer that died is noticed after this long without a packet.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default of [`QuicConfig::keep_alive`] (and of a client's connection): well below
+/// the idle timeout, so that two lost keep-alives do not end a healthy connection.
+pub const KEEP_ALIVE_MS_DEFAULT: u64 = 3_000;
+/// Default of [`QuicConfig::reconnect_delay_min`].
+pub const RECONNECT_DELAY_MS_MIN_DEFAULT: u64 = 50;
+/// Default of [`QuicConfig::reconnect_delay_max`].
+pub const RECONNECT_DELAY_MS_MAX_DEFAULT: u64 = 5_000;
+
 impl QuicConfig {
     /// A configuration with the default limits.
     pub fn new(identity: Identity, listen: SocketAddr) -> Self {
@@ -144,12 +161,12 @@ impl QuicConfig {
             listen,
             peers: BTreeMap::new(),
             revoked: BTreeSet::new(),
-            send_queue_depth_max: 1024,
-            incoming_depth_max: 1024,
-            idle_timeout: Duration::from_secs(10),
-            keep_alive: Duration::from_secs(3),
-            reconnect_delay_min: Duration::from_millis(50),
-            reconnect_delay_max: Duration::from_secs(5),
+            send_queue_depth_max: SEND_QUEUE_DEPTH_MAX_DEFAULT,
+            incoming_depth_max: INCOMING_DEPTH_MAX_DEFAULT,
+            idle_timeout: Duration::from_millis(IDLE_TIMEOUT_MS_DEFAULT),
+            keep_alive: Duration::from_millis(KEEP_ALIVE_MS_DEFAULT),
+            reconnect_delay_min: Duration::from_millis(RECONNECT_DELAY_MS_MIN_DEFAULT),
+            reconnect_delay_max: Duration::from_millis(RECONNECT_DELAY_MS_MAX_DEFAULT),
             protocol_version: WIRE_VERSION,
             accept_clients: false,
         }
@@ -246,10 +263,9 @@ pub async fn connect_client(
     let mut client =
         quinn::ClientConfig::new(tls::client_crypto(key, tls::client_alpn(WIRE_VERSION))?);
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(3)));
-    // A node that died is noticed after this long without a packet.
+    transport.keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_MS_DEFAULT)));
     transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(10))
+        quinn::IdleTimeout::try_from(Duration::from_millis(IDLE_TIMEOUT_MS_DEFAULT))
             .map_err(|e| ConnectError::Connection(e.to_string()))?,
     ));
     client.transport_config(Arc::new(transport));
@@ -297,17 +313,29 @@ const EVENTS_DEPTH_MAX: usize = 1024;
 const INCOMING_HANDSHAKES_MAX: usize = 256;
 /// Authorized connections from one peer that may wait for its task.
 const ACCEPTED_DEPTH_MAX: usize = 2;
-/// The largest reconnect delay a configuration may ask for.
-const RECONNECT_DELAY_CEILING: Duration = Duration::from_secs(3600);
+/// The largest reconnect delay a configuration may ask for (one hour).
+const RECONNECT_DELAY_MS_CEILING: u64 = 3_600_000;
 /// How long each side waits for the other's hello after the handshake.
-const HELLO_WAIT_MAX: Duration = Duration::from_secs(5);
+const HELLO_WAIT_MS_MAX: u64 = 5_000;
+/// How long a failed hello exchange waits for the peer's close reason (its refusal,
+/// if it refused us) before closing with `no_hello`.
+const CLOSE_REASON_WAIT_MS_MAX: u64 = 200;
 /// How long a connection that lost the simultaneous-dial tie-break may take to drain.
-const RETIRE_WAIT_MAX: Duration = Duration::from_secs(5);
+const RETIRE_WAIT_MS_MAX: u64 = 5_000;
+/// Unidirectional streams a peer may have open at once: a hello and one stream per
+/// message class, with room to reopen one.
+const UNI_STREAMS_CONCURRENT_MAX: u32 = 4;
+/// Bidirectional streams a client may have open at once (one per request); nodes
+/// use none.
+const BIDI_STREAMS_CONCURRENT_MAX: u32 = 64;
+/// A hello: its stream kind, then the sender's boot id (u64, big-endian).
+const HELLO_BYTES: usize = 1 + 8;
 
 /// The first byte of every unidirectional stream says what it carries.
 mod kind {
     /// "I accept you": sent once, after this side's own checks passed, followed by
-    /// the sender's boot id (u64, big-endian), which changes at every start.
+    /// the sender's boot id (u64, big-endian), which changes at every start
+    /// ([`super::HELLO_BYTES`] in all).
     pub const HELLO: u8 = 0;
     /// Frames of control messages.
     pub const CONTROL: u8 = 1;
@@ -380,7 +408,7 @@ impl<M: WireMessage> QuicTransport<M> {
         }
         if config.reconnect_delay_min.is_zero()
             || config.reconnect_delay_min > config.reconnect_delay_max
-            || config.reconnect_delay_max > RECONNECT_DELAY_CEILING
+            || config.reconnect_delay_max > Duration::from_millis(RECONNECT_DELAY_MS_CEILING)
         {
             return Err(StartError::Config(
                 "reconnect delays must satisfy 0 < min <= max <= 1 hour",
@@ -432,11 +460,16 @@ impl<M: WireMessage> QuicTransport<M> {
             );
             per_peer.push((peer, addr, control_rx, data_rx, accepted_rx));
         }
+        let local = config.identity.node_id();
+        assert!(
+            !peers.contains_key(&local) && peers.keys().all(|p| !config.revoked.contains(p)),
+            "nobody dials itself or a revoked peer"
+        );
         let mut boot = [0u8; 8];
         getrandom::fill(&mut boot)
             .map_err(|_| StartError::Config("no OS entropy for the boot id"))?;
         let shared = Arc::new(Shared {
-            local: config.identity.node_id(),
+            local,
             boot: u64::from_be_bytes(boot),
             endpoint,
             client,
@@ -486,6 +519,8 @@ impl<M: WireMessage> QuicTransport<M> {
         self.shared
             .endpoint
             .close(VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+        // The tasks are fixed at start (three per peer and the accept loop), so this
+        // ends once each has seen the stop signal.
         let mut tasks = std::mem::take(
             &mut *self
                 .shared
@@ -510,6 +545,13 @@ impl<M: WireMessage> Transport<M> for QuicTransport<M> {
             .get(&to)
             .ok_or(SendError::Unreachable(to))?;
         let bytes = envelope.encode().map_err(SendError::Encode)?;
+        // The writer frames these bytes against the same bound and cannot refuse them.
+        assert!(bytes.len() <= ENVELOPE_BYTES_MAX, "encode keeps its bound");
+        assert_eq!(
+            bytes.first(),
+            Some(&WIRE_VERSION),
+            "encode starts with the version"
+        );
         let queue = match envelope.msg.class() {
             MessageClass::Control => &peer.control,
             MessageClass::Data => &peer.data,
@@ -530,10 +572,8 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Start
     transport
         .max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(config.keep_alive))
-        // A hello and one stream per message class, with room to reopen one.
-        .max_concurrent_uni_streams(VarInt::from_u32(4))
-        // Clients use one bidirectional stream per request; nodes use none.
-        .max_concurrent_bidi_streams(VarInt::from_u32(64))
+        .max_concurrent_uni_streams(VarInt::from_u32(UNI_STREAMS_CONCURRENT_MAX))
+        .max_concurrent_bidi_streams(VarInt::from_u32(BIDI_STREAMS_CONCURRENT_MAX))
         // Datagrams are never used: buffer none.
         .datagram_receive_buffer_size(None);
     Ok(transport)
@@ -612,13 +652,13 @@ impl<M> Shared<M> {
     async fn exchange_hellos(&self, conn: &quinn::Connection, peer: NodeId) -> Result<u64, String> {
         let hello = async {
             let mut out = conn.open_uni().await.map_err(|e| e.to_string())?;
-            let mut mine = [0u8; 9];
+            let mut mine = [0u8; HELLO_BYTES];
             mine[0] = kind::HELLO;
             mine[1..].copy_from_slice(&self.boot.to_be_bytes());
             out.write_all(&mine).await.map_err(|e| e.to_string())?;
             out.finish().map_err(|e| e.to_string())?;
             let mut stream = conn.accept_uni().await.map_err(|e| e.to_string())?;
-            let mut theirs = [0u8; 9];
+            let mut theirs = [0u8; HELLO_BYTES];
             stream
                 .read_exact(&mut theirs)
                 .await
@@ -631,13 +671,15 @@ impl<M> Shared<M> {
                 Err("peer did not start with a hello".to_string())
             }
         };
-        let result = match tokio::time::timeout(HELLO_WAIT_MAX, hello).await {
+        let wait = Duration::from_millis(HELLO_WAIT_MS_MAX);
+        let result = match tokio::time::timeout(wait, hello).await {
             Ok(result) => result,
             Err(_) => Err("no hello from the peer in time".to_string()),
         };
         if result.is_err() {
             // If the peer refused us, its reason is the close reason: report it.
-            let closed = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
+            let wait = Duration::from_millis(CLOSE_REASON_WAIT_MS_MAX);
+            let closed = tokio::time::timeout(wait, conn.closed()).await;
             if let Ok(error) = closed {
                 if self.report_connection_error(Some(peer), conn.remote_address(), &error) {
                     return Err(error.to_string());
@@ -649,6 +691,7 @@ impl<M> Shared<M> {
     }
 }
 
+/// Runs until the endpoint closes (at shutdown).
 async fn accept_loop<M: WireMessage>(shared: Arc<Shared<M>>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let shared = Arc::clone(&shared);
@@ -778,6 +821,8 @@ struct Backoff {
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
+        // `start` refused any other configuration.
+        assert!(!min.is_zero() && min <= max, "backoff bounds are validated");
         Self {
             min,
             max,
@@ -791,14 +836,18 @@ impl Backoff {
 
     fn delay(&mut self) -> Duration {
         let ceiling = self.next;
+        assert!(self.min <= ceiling && ceiling <= self.max);
         self.next = self.next.saturating_mul(2).min(self.max);
         // Full jitter spreads the reconnects of many nodes after a shared outage.
         let mut bytes = [0u8; 8];
         if getrandom::fill(&mut bytes).is_err() {
             return ceiling;
         }
+        // 53 random bits: a unit in [0, 1), exactly representable as an f64.
         let unit = (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64;
-        ceiling.mul_f64(unit)
+        let delay = ceiling.mul_f64(unit);
+        assert!(delay <= ceiling, "jitter never lengthens the delay");
+        delay
     }
 }
 
@@ -826,6 +875,7 @@ async fn run_peer<M: WireMessage>(
     let mut next_dial = tokio::time::Instant::now();
     let mut link: Option<Link> = None;
     let mut had_link = false;
+    // The peer's lifetime: ends when the transport drops its channels (shutdown).
     loop {
         if link.is_none() && !dialing && tokio::time::Instant::now() >= next_dial {
             dialing = true;
@@ -892,6 +942,7 @@ fn settle<M: WireMessage>(
     link_tx: &watch::Sender<Option<quinn::Connection>>,
     had_link: &mut bool,
 ) {
+    assert_ne!(peer, shared.local, "nobody links to itself");
     let preferred = shared.local.min(peer);
     let replace = match link {
         None => true,
@@ -932,10 +983,8 @@ fn settle<M: WireMessage>(
             reason: "replaced by a newer connection".into(),
         });
         tokio::spawn(async move {
-            if tokio::time::timeout(RETIRE_WAIT_MAX, old.conn.closed())
-                .await
-                .is_err()
-            {
+            let wait = Duration::from_millis(RETIRE_WAIT_MS_MAX);
+            if tokio::time::timeout(wait, old.conn.closed()).await.is_err() {
                 old.conn.close(
                     VarInt::from_u32(code::DUPLICATE_CONNECTION),
                     b"duplicate_connection",
@@ -945,6 +994,7 @@ fn settle<M: WireMessage>(
     } else {
         metrics::gauge!("conclave_transport_connections_open").increment(1.0);
     }
+    assert!(link.is_some() && *had_link);
     link_tx.send_replace(Some(new.conn));
     shared.event(TransportEvent::Connected { peer });
 }
@@ -959,6 +1009,7 @@ async fn run_writer(
     mut link: watch::Receiver<Option<quinn::Connection>>,
 ) {
     let mut pending: Option<Outgoing> = None;
+    // One turn per link; ends when the queue's sender or the link's is dropped.
     loop {
         let conn = match link.wait_for(Option::is_some).await {
             Ok(conn) => conn.clone(),
@@ -981,6 +1032,7 @@ async fn run_writer(
             }
             continue;
         }
+        // One turn per message, until this link fails or is replaced.
         loop {
             let out = match pending.take() {
                 Some(out) => out,
@@ -1002,15 +1054,10 @@ async fn run_writer(
                     }
                 },
             };
-            let Ok(len) = u32::try_from(out.bytes.len()) else {
-                continue;
-            };
-            // Prefix and body go to the stream as they are: no copy into a frame
-            // buffer (quinn buffers the stream anyway).
-            let written = match stream.write_all(&len.to_be_bytes()).await {
-                Ok(()) => stream.write_all(&out.bytes).await,
-                Err(e) => Err(e),
-            };
+            let written = framing::write_frame(&mut stream, &out.bytes, ENVELOPE_BYTES_MAX).await;
+            if let Err(FrameError::TooLarge { len, max }) = written {
+                unreachable!("send queues only envelopes within the bound: {len} > {max}");
+            }
             if written.is_err() {
                 pending = Some(out);
                 // Make sure the link is seen as lost, then wait for the next one.
@@ -1022,7 +1069,7 @@ async fn run_writer(
             }
             metrics::counter!("conclave_transport_frames_out_total").increment(1);
             metrics::counter!("conclave_transport_bytes_out_total")
-                .increment(4 + out.bytes.len() as u64);
+                .increment((FRAME_PREFIX_BYTES + out.bytes.len()) as u64);
         }
     }
 }
@@ -1037,7 +1084,8 @@ async fn read_connection<M: WireMessage>(
     retired: bool,
 ) {
     let mut readers = JoinSet::new();
-    let deadline = tokio::time::Instant::now() + RETIRE_WAIT_MAX;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(RETIRE_WAIT_MS_MAX);
+    // Until the connection ends (or, for a retired one, drains or hits the deadline).
     loop {
         tokio::select! {
             stream = conn.accept_uni() => match stream {
@@ -1055,6 +1103,7 @@ async fn read_connection<M: WireMessage>(
         }
     }
     if retired {
+        // Bounded by the streams accepted before the loop ended.
         while readers.join_next().await.is_some() {}
         conn.close(
             VarInt::from_u32(code::DUPLICATE_CONNECTION),
@@ -1102,66 +1151,50 @@ async fn read_frames<M: WireMessage>(
     peer: NodeId,
     stream: &mut quinn::RecvStream,
 ) -> StreamEnd {
+    // One frame per turn, for as long as the peer keeps the stream open: the stream
+    // is the bound (it ends with the connection, which ends at the idle timeout).
     loop {
-        match read_frame(stream).await {
-            Ok(Some(bytes)) => match Envelope::<M>::decode(&bytes) {
-                Ok(envelope) => {
-                    metrics::counter!("conclave_transport_frames_in_total").increment(1);
-                    metrics::counter!("conclave_transport_bytes_in_total")
-                        .increment(4 + bytes.len() as u64);
-                    // Waiting here, not dropping, is the backpressure: QUIC flow
-                    // control slows the sender while the runtime catches up.
-                    let incoming = Incoming {
-                        from: peer,
-                        envelope,
-                    };
-                    if shared.incoming.send(incoming).await.is_err() {
-                        return StreamEnd::Closed;
-                    }
-                }
-                Err(error) => {
-                    return StreamEnd::Violation(
-                        code::MALFORMED_FRAME,
-                        format!("malformed_frame: {error}"),
-                    )
-                }
-            },
+        let bytes = match framing::read_frame(stream, ENVELOPE_BYTES_MAX).await {
+            Ok(Some(bytes)) => bytes,
             Ok(None) => return StreamEnd::Closed,
-            Err(end) => return end,
+            Err(error) => return stream_end(error),
+        };
+        let envelope = match Envelope::<M>::decode(&bytes) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                return StreamEnd::Violation(
+                    code::MALFORMED_FRAME,
+                    format!("malformed_frame: {error}"),
+                )
+            }
+        };
+        metrics::counter!("conclave_transport_frames_in_total").increment(1);
+        metrics::counter!("conclave_transport_bytes_in_total")
+            .increment((FRAME_PREFIX_BYTES + bytes.len()) as u64);
+        // Waiting here, not dropping, is the backpressure: QUIC flow control slows
+        // the sender while the runtime catches up.
+        let incoming = Incoming {
+            from: peer,
+            envelope,
+        };
+        if shared.incoming.send(incoming).await.is_err() {
+            return StreamEnd::Closed;
         }
     }
 }
 
-/// Reads one length-prefixed frame with exact reads. `Ok(None)` when the stream
-/// ended cleanly between frames.
-async fn read_frame(stream: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>, StreamEnd> {
-    let mut len = [0u8; 4];
-    match stream.read_exact(&mut len).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => {
-            return Err(StreamEnd::Violation(
-                code::MALFORMED_FRAME,
-                "malformed_frame: stream ended inside a length prefix".into(),
-            ))
-        }
-        Err(quinn::ReadExactError::ReadError(_)) => return Err(StreamEnd::Closed),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > ENVELOPE_BYTES_MAX {
-        return Err(StreamEnd::Violation(
+/// What a framing error means for the connection: the peer broke the framing (close
+/// it with a reason), or the stream went away (nothing to report).
+fn stream_end(error: FrameError) -> StreamEnd {
+    match error {
+        FrameError::TooLarge { len, max } => StreamEnd::Violation(
             code::FRAME_TOO_LARGE,
-            format!("frame_too_large: {len} bytes, limit {ENVELOPE_BYTES_MAX}"),
-        ));
-    }
-    let mut bytes = vec![0u8; len];
-    match stream.read_exact(&mut bytes).await {
-        Ok(()) => Ok(Some(bytes)),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(StreamEnd::Violation(
-            code::MALFORMED_FRAME,
-            "malformed_frame: stream ended inside a frame".into(),
-        )),
-        Err(quinn::ReadExactError::ReadError(_)) => Err(StreamEnd::Closed),
+            format!("frame_too_large: {len} bytes, limit {max}"),
+        ),
+        FrameError::TruncatedPrefix { .. } | FrameError::TruncatedBody { .. } => {
+            StreamEnd::Violation(code::MALFORMED_FRAME, format!("malformed_frame: {error}"))
+        }
+        FrameError::Io(_) => StreamEnd::Closed,
     }
 }
 

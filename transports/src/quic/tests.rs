@@ -25,7 +25,21 @@ impl WireMessage for TestMsg {
     }
 }
 
-const WAIT: Duration = Duration::from_secs(15);
+/// How long a test waits for anything that should happen.
+const WAIT_MS_MAX: u64 = 15_000;
+const WAIT: Duration = Duration::from_millis(WAIT_MS_MAX);
+/// Short reconnect delays, so that tests of reconnection run quickly.
+const RECONNECT_DELAY_MS_MIN: u64 = 20;
+const RECONNECT_DELAY_MS_MAX: u64 = 200;
+/// How long `send_until_received` waits for one send before it resends.
+const RESEND_INTERVAL_MS: u64 = 500;
+/// The pause between the pieces of a chunked write, so that they arrive apart.
+const CHUNK_INTERVAL_MS: u64 = 1;
+/// Retries of binding a restarted node's address, and the pause between them.
+const REBIND_ATTEMPTS_MAX: u32 = 100;
+const REBIND_INTERVAL_MS: u64 = 20;
+/// The pause between sends while filling a peer's queue.
+const FILL_INTERVAL_MS: u64 = 2;
 
 fn identity(seed: u8) -> Identity {
     Identity::from_secrets(&[seed; 32], [seed.wrapping_add(100); 32])
@@ -43,8 +57,8 @@ fn config(me: &Identity, listen: SocketAddr, peers: &[(&Identity, SocketAddr)]) 
         .iter()
         .map(|(id, addr)| (id.node_id(), *addr))
         .collect();
-    config.reconnect_delay_min = Duration::from_millis(20);
-    config.reconnect_delay_max = Duration::from_millis(200);
+    config.reconnect_delay_min = Duration::from_millis(RECONNECT_DELAY_MS_MIN);
+    config.reconnect_delay_max = Duration::from_millis(RECONNECT_DELAY_MS_MAX);
     config
 }
 
@@ -97,7 +111,10 @@ async fn send_until_received(from: &Node, to: &mut Node, msg: TestMsg) -> Incomi
         from.0
             .send(b, &envelope(a, b, msg.clone()))
             .expect("queued");
-        let wait = tokio::time::timeout(Duration::from_millis(500), to.1.incoming.recv());
+        let wait = tokio::time::timeout(
+            Duration::from_millis(RESEND_INTERVAL_MS),
+            to.1.incoming.recv(),
+        );
         if let Ok(got) = wait.await {
             return got.expect("transport alive");
         }
@@ -348,7 +365,7 @@ async fn write_chunked(conn: &quinn::Connection, bytes: &[u8], chunk: usize) {
     stream.write_all(&[kind::DATA]).await.expect("kind");
     for piece in bytes.chunks(chunk) {
         stream.write_all(piece).await.expect("write");
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(CHUNK_INTERVAL_MS)).await;
     }
     stream.finish().expect("finish");
 }
@@ -460,13 +477,15 @@ async fn reconnects_after_the_peer_restarts_on_the_same_address() {
 
     // The old socket is released once its last task ends: retry the bind briefly.
     let mut restarted = None;
-    for _ in 0..100 {
+    for _ in 0..REBIND_ATTEMPTS_MAX {
         match QuicTransport::start(config(&ib, ab, &[(&ia, aa)])) {
             Ok(node) => {
                 restarted = Some(node);
                 break;
             }
-            Err(StartError::Bind { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(StartError::Bind { .. }) => {
+                tokio::time::sleep(Duration::from_millis(REBIND_INTERVAL_MS)).await
+            }
             Err(other) => panic!("restart failed: {other}"),
         }
     }
@@ -541,7 +560,52 @@ async fn a_peer_that_stops_reading_causes_backpressure_not_growth() {
             tokio::time::Instant::now() < deadline,
             "no backpressure in time"
         );
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(FILL_INTERVAL_MS)).await;
     };
     assert_eq!(refused, SendError::Backpressure(to));
+}
+
+fn application_close(code: u32) -> ConnectionError {
+    ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+        error_code: VarInt::from_u32(code),
+        reason: Default::default(),
+    })
+}
+
+#[test]
+fn close_codes_are_distinct_and_only_auth_codes_read_as_auth_failures() {
+    for reason in AuthFailure::ALL {
+        let error = application_close(close_code(reason));
+        assert_eq!(auth_failure_of(&error), Some((reason, Side::Remote)));
+    }
+    let others = [
+        code::FRAME_TOO_LARGE,
+        code::MALFORMED_FRAME,
+        code::NO_HELLO,
+        code::STREAM_ERROR,
+        code::DUPLICATE_CONNECTION,
+        code::SHUTDOWN,
+    ];
+    for code in others {
+        assert_eq!(auth_failure_of(&application_close(code)), None, "{code:#x}");
+    }
+    let mut all: Vec<u32> = AuthFailure::ALL.map(close_code).to_vec();
+    all.extend(others);
+    let distinct: BTreeSet<u32> = all.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "every close code means one thing"
+    );
+}
+
+#[test]
+fn backoff_doubles_up_to_its_maximum_and_jitters_below_its_ceiling() {
+    let (min, max) = (Duration::from_millis(10), Duration::from_millis(70));
+    let mut backoff = Backoff::new(min, max);
+    for ceiling_ms in [10, 20, 40, 70, 70] {
+        assert!(backoff.delay() <= Duration::from_millis(ceiling_ms));
+    }
+    backoff.reset();
+    assert_eq!(backoff.next, min);
 }

@@ -95,6 +95,12 @@ pub fn certified_key(
         .verifying_key()
         .to_public_key_der()
         .map_err(|e| TlsSetupError::Encode(e.to_string()))?;
+    // What peers will read back from the handshake must be this very identity.
+    assert_eq!(
+        node_id_from_spki(spki.as_bytes()),
+        Some(identity.node_id()),
+        "the presented key decodes to the identity"
+    );
     Ok(Arc::new(CertifiedKey::new(
         vec![CertificateDer::from(spki.as_bytes().to_vec())],
         signer,

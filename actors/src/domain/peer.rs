@@ -83,6 +83,11 @@ pub struct Peer {
     connected: bool,
     last_heard: Option<Time>,
     busy: bool,
+    /// Whether this incarnation asked to stop. It still handles what was queued
+    /// behind the stop (see [`crate::lifecycle`]) but takes no new delivery: what
+    /// it accepted would be handed over and then forgotten with it, and the
+    /// outbox's resend would hand the same message over a second time.
+    stopping: bool,
 }
 
 impl Peer {
@@ -118,6 +123,7 @@ impl Peer {
             connected: false,
             last_heard: None,
             busy: false,
+            stopping: false,
         }
     }
 
@@ -223,6 +229,12 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     self.ack(cx);
                     return;
                 }
+                if self.stopping {
+                    // Refused like a gap: the outbox resends it, and the next
+                    // incarnation takes it.
+                    tracing::debug!(remote = ?self.remote, seq = seq.0, "delivery refused while passivating");
+                    return;
+                }
                 if seq.0 > self.expected || self.waiting.len() >= super::outbox::WINDOW {
                     // (A well-behaved outbox never has more than its window in flight;
                     // beyond that, the surplus is refused like a gap and resent.)
@@ -323,6 +335,8 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
                     self.busy = false;
                     cx.timer(self.idle, PeerMsg::Tick);
                 } else {
+                    debug_assert!(self.in_flight.is_none() && self.waiting.is_empty());
+                    self.stopping = true;
                     cx.stop();
                 }
             }

@@ -217,6 +217,7 @@ impl<M, H> Lifecycles<M, H> {
         slot.phase = Phase::Active;
         slot.driver = activate(next);
         debug_assert!(!held.is_empty());
+        debug_assert!(next > incarnation, "incarnations only grow");
         Some(held)
     }
 

@@ -653,6 +653,15 @@ impl Cluster {
     /// mailboxes is ready, if any holds a message.
     fn reschedule(&mut self, i: usize) {
         let now = self.now;
+        debug_assert_eq!(
+            self.nodes[i].queued,
+            self.nodes[i]
+                .actors
+                .iter()
+                .map(|(_, slot)| slot.driver.queue.len() + slot.held_len())
+                .sum::<usize>(),
+            "every waiting message is in a mailbox or held"
+        );
         let next = self.nodes[i]
             .actors
             .iter()
@@ -748,6 +757,10 @@ impl Cluster {
         let ready_at = self.now.saturating_add(activation);
         let actors = &mut self.nodes[i].actors;
         let Some(held) = actors.drained(&to, incarnation, |_| Mailbox::new(ready_at)) else {
+            debug_assert!(
+                actors.get(&to).is_none(),
+                "a drained actor with nothing held is gone"
+            );
             return;
         };
         if let Some(slot) = actors.get_mut(&to) {

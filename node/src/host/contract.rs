@@ -33,7 +33,7 @@ use conclave_transports::mem::MemNetwork;
 use super::{HostConfig, Origin, Runtime};
 
 /// The first resend delay: the first incarnation's timer would fire within it.
-const RETRY_MS_BASE: u64 = 300;
+const RETRY_MS_BASE: u64 = 1_000;
 /// How long the script waits after its last step, past any retry of the first
 /// incarnation.
 const SETTLE_MS: u64 = 2 * RETRY_MS_BASE;

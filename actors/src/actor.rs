@@ -135,8 +135,9 @@ pub trait System: Send + Sync + Sized + 'static {
     /// The union of the messages of every actor in the system.
     type Msg: fmt::Debug + WireMessage;
 
-    /// Activates the actor at `addr` from its stored state, on the first message to
-    /// it. `None` means this system has no actor at that address; the message is
+    /// Activates the actor at `addr` from its stored state, before a new
+    /// incarnation handles its first message (see [`crate::lifecycle`]). `None`
+    /// means this system has no actor at that address; what was queued for it is
     /// then dropped and counted by the driver. The context lets activation read the
     /// store and schedule timers; `cx.sender()` is `None` here.
     fn activate(

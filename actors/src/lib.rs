@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod domain;
 pub mod identity;
 pub mod ids;
+pub mod lifecycle;
 pub mod mutation;
 pub mod outbox;
 pub mod wire;

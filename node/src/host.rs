@@ -4,11 +4,11 @@
 //! The driver supplies what the actor's [`Context`] promises (wall-clock time, OS
 //! entropy, the node's store) and carries out the effects the actor returns: local
 //! sends become actix messages, remote sends are encoded and handed to the
-//! transport, timers are actix `run_later`, and a stop passivates the actor. Nothing
+//! transport, timers are actix `run_later`, and a stop passivates the actor, all as
+//! [`conclave_actors::lifecycle`] (shared with the simulator) decides. Nothing
 //! here knows any domain logic, so another host could replace this file without
 //! touching an actor.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix::{Actor as _, ActorContext as _, AsyncContext as _};
 use conclave_actors::actor::{ActorRef, Context, Effect, Handler, System, Time};
+use conclave_actors::lifecycle::{Incarnation, Lifecycles, Phase};
 use conclave_actors::wire::Envelope;
 use conclave_actors::NodeId;
 use conclave_storage::Store;
@@ -90,19 +91,6 @@ pub struct HostConfig<S: System> {
     pub incoming: mpsc::Receiver<Incoming<S::Msg>>,
 }
 
-/// One active address.
-enum Slot<S: System> {
-    /// Its host takes messages.
-    Running(Mailbox<S>),
-    /// Its host asked to passivate and is finishing what was queued before; messages
-    /// that arrive meanwhile wait here and go to the next activation, so two copies
-    /// of one actor never run at once.
-    Stopping {
-        mailbox: Mailbox<S>,
-        buffer: Vec<Deliver<S::Msg>>,
-    },
-}
-
 /// A host's address and how many messages wait for it.
 struct Mailbox<S: System> {
     addr: actix::Addr<Host<S>>,
@@ -122,14 +110,22 @@ struct Shared<S: System> {
     store: Arc<dyn Store>,
     transport: Arc<dyn Transport<S::Msg>>,
     arbiter: actix_rt::ArbiterHandle,
-    /// The active actors. Every transition (activate, begin and end passivation)
-    /// happens under this lock. It is never held while actor code runs: activation
-    /// runs on the arbiter thread inside the new host (see `spawn`).
-    active: Mutex<BTreeMap<ActorRef, Slot<S>>>,
+    /// The actors' lifecycles ([`conclave_actors::lifecycle`]), each active one
+    /// with its host's mailbox. Every transition (activate, stop, drained) happens
+    /// under this lock. It is never held while actor code runs: activation runs on
+    /// the arbiter thread inside the new host (see `spawn`).
+    active: Mutex<Actors<S>>,
+    /// Every handled message, for the driver contract test.
+    #[cfg(test)]
+    journal: Mutex<Vec<contract::Turn>>,
 }
 
+/// The lifecycles of a node's actors: what waits for the next incarnation is a
+/// message with its sender; an incarnation's own data is its host's mailbox.
+type Actors<S> = Lifecycles<Deliver<<S as System>::Msg>, Mailbox<S>>;
+
 impl<S: System> Shared<S> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ActorRef, Slot<S>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Actors<S>> {
         // Every critical section leaves the map consistent before anything that can
         // panic, so a poisoned lock still guards a valid map.
         self.active.lock().unwrap_or_else(PoisonError::into_inner)
@@ -153,37 +149,44 @@ impl<S: System> Shared<S> {
         }
         let d = Deliver { from, msg };
         let mut active = self.lock();
-        let active_count = active.len();
-        match active.get_mut(&to) {
-            Some(Slot::Running(mailbox)) => {
-                if origin == Origin::Outside
-                    && mailbox.depth.load(Ordering::Relaxed) >= MAILBOX_DEPTH_MAX
-                {
-                    return Err(RouteError::Backpressure(to));
-                }
-                mailbox.send(d);
-            }
-            Some(Slot::Stopping { buffer, .. }) => {
-                if origin == Origin::Outside && buffer.len() >= MAILBOX_DEPTH_MAX {
-                    return Err(RouteError::Backpressure(to));
-                }
-                buffer.push(d);
-            }
-            None => {
-                if origin == Origin::Outside && active_count >= ACTIVE_ACTORS_MAX {
-                    return Err(RouteError::TooManyActive);
-                }
-                let mailbox = self.spawn(to, vec![d]);
-                active.insert(to, Slot::Running(mailbox));
+        if origin == Origin::Outside {
+            self.admit(&active, &to)?;
+        }
+        if let Some(d) = active.arrive(to, d, |incarnation| self.spawn(to, incarnation)) {
+            if let Some(slot) = active.get(&to) {
+                slot.driver.send(d);
             }
         }
         Ok(())
     }
 
-    /// Starts a host for `me` with `pending` as its first messages. Must be called
-    /// with the `active` lock held (the caller inserts the result), so nothing can be
-    /// sent to the new host ahead of `pending`.
-    fn spawn(self: &Arc<Self>, me: ActorRef, pending: Vec<Deliver<S::Msg>>) -> Mailbox<S> {
+    /// Whether a message from outside may go to `to` now: each mailbox, each
+    /// buffer of held messages and the number of active actors is bounded.
+    fn admit(&self, active: &Actors<S>, to: &ActorRef) -> Result<(), RouteError> {
+        match active.get(to) {
+            Some(slot) if slot.phase() == Phase::Active => {
+                if slot.driver.depth.load(Ordering::Relaxed) >= MAILBOX_DEPTH_MAX {
+                    return Err(RouteError::Backpressure(*to));
+                }
+            }
+            Some(slot) => {
+                if slot.held_len() >= MAILBOX_DEPTH_MAX {
+                    return Err(RouteError::Backpressure(*to));
+                }
+            }
+            None => {
+                if active.len() >= ACTIVE_ACTORS_MAX {
+                    return Err(RouteError::TooManyActive);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a host for incarnation `incarnation` of `me`. Must be called with the
+    /// `active` lock held (the caller records the result), so nothing can be sent
+    /// to the new host ahead of the messages the lifecycle hands it.
+    fn spawn(self: &Arc<Self>, me: ActorRef, incarnation: Incarnation) -> Mailbox<S> {
         let shared = Arc::clone(self);
         let depth = Arc::new(AtomicUsize::new(0));
         let host_depth = Arc::clone(&depth);
@@ -192,6 +195,7 @@ impl<S: System> Shared<S> {
         let addr = Host::start_in_arbiter(&self.arbiter, move |ctx| {
             let mut host = Host {
                 me,
+                incarnation,
                 handler: None,
                 depth: host_depth,
                 shared,
@@ -199,11 +203,7 @@ impl<S: System> Shared<S> {
             host.activate(ctx);
             host
         });
-        let mailbox = Mailbox { addr, depth };
-        for d in pending {
-            mailbox.send(d);
-        }
-        mailbox
+        Mailbox { addr, depth }
     }
 
     fn send_remote(&self, from: Option<ActorRef>, to: ActorRef, msg: S::Msg) {
@@ -252,49 +252,51 @@ impl<S: System> Shared<S> {
         }
     }
 
-    /// The host of `me` asked to passivate: from now on its messages wait in a
-    /// buffer, and it is told to stop behind everything already in its mailbox.
-    fn begin_passivation(&self, me: &ActorRef, addr: &actix::Addr<Host<S>>) {
+    /// Incarnation `incarnation` of `me` asked to stop (or found no actor): from
+    /// now on its messages are held, and its host is told to stop behind
+    /// everything already in its mailbox.
+    fn begin_passivation(&self, me: &ActorRef, incarnation: Incarnation) {
         let mut active = self.lock();
-        let Some(slot) = active.remove(me) else {
-            return;
-        };
-        let slot = match slot {
-            Slot::Running(mailbox) if mailbox.addr == *addr => {
-                mailbox.addr.do_send(Passivate);
-                Slot::Stopping {
-                    mailbox,
-                    buffer: Vec::new(),
-                }
+        if active.stop(me, incarnation) {
+            if let Some(slot) = active.get(me) {
+                slot.driver.addr.do_send(Passivate);
             }
-            other => other,
-        };
-        active.insert(*me, slot);
+        }
     }
 
-    /// The host of `me` has handled everything sent to it before it asked to stop.
-    /// It goes away; what arrived meanwhile activates a fresh copy from storage.
-    fn end_passivation(self: &Arc<Self>, me: &ActorRef, addr: &actix::Addr<Host<S>>) {
+    /// Incarnation `incarnation` of `me` has handled everything queued before its
+    /// stop. It goes away; what was held meanwhile goes, in order, to a fresh
+    /// incarnation activated from storage.
+    fn end_passivation(self: &Arc<Self>, me: &ActorRef, incarnation: Incarnation) {
         let mut active = self.lock();
-        match active.remove(me) {
-            // Nothing arrived while it stopped: it is gone until the next message.
-            Some(Slot::Stopping { mailbox, buffer })
-                if mailbox.addr == *addr && buffer.is_empty() => {}
-            Some(Slot::Stopping { mailbox, buffer }) if mailbox.addr == *addr => {
-                let mailbox = self.spawn(*me, buffer);
-                active.insert(*me, Slot::Running(mailbox));
+        let Some(held) = active.drained(me, incarnation, |next| self.spawn(*me, next)) else {
+            return;
+        };
+        if let Some(slot) = active.get(me) {
+            for d in held {
+                slot.driver.send(d);
             }
-            Some(other) => {
-                active.insert(*me, other);
-            }
-            None => {}
         }
+    }
+
+    #[cfg(test)]
+    fn record(&self, turn: contract::Turn) {
+        self.journal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(turn);
+    }
+
+    /// Whether a timer that `incarnation` of `me` set may be delivered now.
+    fn timer_fires(&self, me: &ActorRef, incarnation: Incarnation) -> bool {
+        self.lock().timer_fires(me, incarnation)
     }
 }
 
 /// One sans-IO actor hosted in an actix actor.
 pub struct Host<S: System> {
     me: ActorRef,
+    incarnation: Incarnation,
     /// `None` when the system has no actor at this address: its messages are
     /// counted and dropped, and the host passivates.
     handler: Option<Box<dyn Handler<S>>>,
@@ -351,6 +353,8 @@ impl<S: System> Host<S> {
         };
         let mut effects = Vec::new();
         let mut rng = UnwrapErr(SysRng);
+        #[cfg(test)]
+        let text = format!("{msg:?}");
         {
             let mut cx = Context::new(
                 self.me,
@@ -362,6 +366,14 @@ impl<S: System> Host<S> {
             );
             handler.handle_any(msg, &mut cx);
         }
+        #[cfg(test)]
+        self.shared.record(contract::Turn::new(
+            self.me,
+            self.incarnation,
+            from,
+            text,
+            &effects,
+        ));
         self.apply(effects, ctx);
     }
 
@@ -374,9 +386,15 @@ impl<S: System> Host<S> {
                     let _ = self.shared.route(Origin::Actor, Some(from), to, msg);
                 }
                 Effect::Timer { after, msg } => {
-                    ctx.run_later(after, move |host, ctx| host.deliver(None, msg, ctx));
+                    // actix cancels it when this host stops; the lifecycle decides
+                    // whether it may fire before that (not once a stop was asked).
+                    ctx.run_later(after, move |host, ctx| {
+                        if host.shared.timer_fires(&host.me, host.incarnation) {
+                            host.deliver(None, msg, ctx);
+                        }
+                    });
                 }
-                Effect::Stop => self.shared.begin_passivation(&self.me, &ctx.address()),
+                Effect::Stop => self.shared.begin_passivation(&self.me, self.incarnation),
                 Effect::Misrouted => count_dropped("wrong_kind"),
             }
         }
@@ -409,7 +427,7 @@ impl actix::Message for Passivate {
 impl<S: System> actix::Handler<Passivate> for Host<S> {
     type Result = ();
     fn handle(&mut self, _: Passivate, ctx: &mut actix::Context<Self>) {
-        self.shared.end_passivation(&self.me, &ctx.address());
+        self.shared.end_passivation(&self.me, self.incarnation);
         ctx.stop();
     }
 }
@@ -455,7 +473,9 @@ impl<S: System> Runtime<S> {
                         store,
                         transport,
                         arbiter: actix_rt::Arbiter::current(),
-                        active: Mutex::new(BTreeMap::new()),
+                        active: Mutex::new(Lifecycles::new()),
+                        #[cfg(test)]
+                        journal: Mutex::new(Vec::new()),
                     });
                     let receiver = Arc::clone(&shared);
                     actix_rt::spawn(async move {
@@ -478,11 +498,6 @@ impl<S: System> Runtime<S> {
         })
     }
 
-    /// This node's id.
-    pub fn node(&self) -> NodeId {
-        self.shared.node
-    }
-
     /// Delivers `msg` to `to` from outside any actor (the embedding API's way in).
     /// `to` must be on this node. A message to an address the system has no actor for
     /// is accepted here, then dropped and counted when activation finds nothing.
@@ -493,18 +508,17 @@ impl<S: System> Runtime<S> {
         self.shared.route(Origin::Outside, None, to, msg.into())
     }
 
-    /// How many actors are active (activated and not passivated).
+    /// How many actors are active or stopping (only tests ask).
+    #[cfg(test)]
     pub fn active_actors(&self) -> usize {
-        self.shared
-            .active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.shared.lock().len()
     }
 
     /// Stops every actor and waits for the runtime thread to end. Storage writes
     /// are synchronous inside handlers, so nothing is left half-written; messages
     /// still waiting in mailboxes are dropped (durable delivery is the outbox's job).
+    /// Dropping the runtime does the same; tests say it explicitly.
+    #[cfg(test)]
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -524,3 +538,9 @@ impl<S: System> Drop for Runtime<S> {
         self.stop_and_join();
     }
 }
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod contract;

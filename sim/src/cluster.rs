@@ -17,6 +17,10 @@
 //! first, or an actor picked by the node's seeded scheduler), and how long an actor
 //! that is not active takes to activate before it handles its first message (while
 //! the node's other actors go on).
+//! Activation, passivation, timers and `stop` follow
+//! [`conclave_actors::lifecycle`], the contract the production runtime follows
+//! too: a stopping actor handles what was queued for it before the stop, its
+//! timers die, and what arrives meanwhile waits for its next activation.
 //! Each node reads its own clock ([`SimNode::clock_offset`]). The network
 //! ([`NetFaults`]) adds per-link latency and jitter (which reorders), drops and
 //! duplicates; [`Cluster::cut`] holds the links that carry nothing (partitions, in
@@ -36,6 +40,7 @@ use conclave_actors::domain::{
     Msg, Op, Outcome, Policy, ReplyTo, Request, RoomInfo, RoomMsg,
 };
 use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
+use conclave_actors::lifecycle::{Incarnation, Lifecycles, Phase, Turn};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
 use conclave_storage::{MemStore, Store};
@@ -92,17 +97,46 @@ struct Pending {
     to: ActorRef,
     msg: Msg,
     /// For timers: the incarnation of the actor that set it.
-    timer: Option<u64>,
+    timer: Option<Incarnation>,
     /// When it arrived on its node, as a count (for [`Interleave::Arrival`]).
     arrival: u64,
 }
 
-/// One actor's mailbox on a node (it exists while it holds messages).
+/// One incarnation of an actor on a node: its mailbox and, once activated, the
+/// actor (the lifecycle around it is [`conclave_actors::lifecycle`]'s).
 struct Mailbox {
     queue: VecDeque<Pending>,
-    /// If the actor is not active: when its activation is done and it can handle
-    /// the message at the front.
+    /// When its activation is done and it can handle the message at the front.
     ready_at: Time,
+    /// Whether activation was attempted (once per incarnation).
+    activated: bool,
+    /// The actor; `None` before activation, or if activation found none.
+    handler: Option<Box<dyn Handler<Domain>>>,
+}
+
+impl Mailbox {
+    fn new(ready_at: Time) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            ready_at,
+            activated: false,
+            handler: None,
+        }
+    }
+
+    /// Whether the message at the front may be handled at `now`.
+    fn ready(&self, now: Time) -> bool {
+        self.activated || self.ready_at <= now
+    }
+
+    /// When the message at the front may be handled, from `now` on.
+    fn ready_from(&self, now: Time) -> Time {
+        if self.activated {
+            now
+        } else {
+            self.ready_at.max(now)
+        }
+    }
 }
 
 /// One simulated node.
@@ -111,9 +145,8 @@ pub struct SimNode {
     pub id: NodeId,
     /// Its disk.
     pub store: Arc<MemStore>,
-    active: BTreeMap<ActorRef, Box<dyn Handler<Domain>>>,
-    /// Bumped on every activation, so a passivated actor's timers die with it.
-    incarnation: BTreeMap<ActorRef, u64>,
+    /// Its actors: active, stopping, and their mailboxes.
+    actors: Lifecycles<Pending, Mailbox>,
     /// Whether the node is running.
     pub up: bool,
     /// Whether the node was lost for good (its disk wiped); it never restarts.
@@ -122,9 +155,8 @@ pub struct SimNode {
     rng: ChaCha20Rng,
     /// Which mailbox runs next, and activation delays ([`Scheduling`]).
     sched_rng: ChaCha20Rng,
-    /// The actors' mailboxes that hold messages.
-    mailboxes: BTreeMap<ActorRef, Mailbox>,
-    /// How many messages wait in them.
+    /// How many messages wait in its actors' mailboxes or are held for their next
+    /// incarnation.
     queued: usize,
     /// How many messages have arrived (numbers [`Pending::arrival`]).
     arrivals: u64,
@@ -152,7 +184,7 @@ enum Event {
     Wire { to_node: NodeId, bytes: Vec<u8> },
     Timer {
         to: ActorRef,
-        incarnation: u64,
+        incarnation: Incarnation,
         msg: Msg,
     },
     /// Node `node` handles the next message of one of its actors' mailboxes.
@@ -300,6 +332,9 @@ pub struct Cluster {
     trace: TraceHasher,
     /// A line per handled message and driver action, if set (for `--trace`).
     pub trace_log: Option<Vec<String>>,
+    /// What every handled message did, if set (to compare with the production
+    /// driver in a contract test).
+    pub journal: Option<Vec<Turn>>,
 }
 
 impl Cluster {
@@ -321,13 +356,11 @@ impl Cluster {
             .map(|(i, id)| SimNode {
                 id,
                 store: Arc::new(MemStore::new()),
-                active: BTreeMap::new(),
-                incarnation: BTreeMap::new(),
+                actors: Lifecycles::new(),
                 up: true,
                 wiped: false,
                 rng: derive_rng(seed, i as u64, "node"),
                 sched_rng: derive_rng(seed, i as u64, "scheduler"),
-                mailboxes: BTreeMap::new(),
                 queued: 0,
                 arrivals: 0,
                 busy_until: START,
@@ -362,6 +395,7 @@ impl Cluster {
             handled: 0,
             trace: TraceHasher::new(),
             trace_log: None,
+            journal: None,
         }
     }
 
@@ -425,6 +459,25 @@ impl Cluster {
                 msg: msg.into(),
             },
         );
+    }
+
+    /// Injects `msg` to `to` as if the actor `from` had sent it now (for scripted
+    /// tests: `from` may be on a node outside the cluster, and the network is
+    /// bypassed).
+    pub fn tell_from(&mut self, from: ActorRef, to: ActorRef, msg: impl Into<Msg>) {
+        self.push(
+            self.now,
+            Event::Deliver {
+                from: Some(from),
+                to,
+                msg: msg.into(),
+            },
+        );
+    }
+
+    /// How many actors are active (or stopping) on node `i`.
+    pub fn active_actors(&self, i: usize) -> usize {
+        self.nodes[i].actors.len()
     }
 
     /// Runs the next event if it is due by `end`; `None` (with the clock moved to
@@ -510,9 +563,17 @@ impl Cluster {
         }
     }
 
-    /// A message reaches node `to.node`: the gateway's are recorded at once, the
-    /// rest wait in their actor's mailbox.
-    fn arrive(&mut self, from: Option<ActorRef>, to: ActorRef, msg: Msg, timer: Option<u64>) {
+    /// A message reaches node `to.node`: the gateway's are recorded at once; the
+    /// rest go through the actor's lifecycle: queued in its mailbox (activating it
+    /// if it is inactive) or held while it stops; a timer of an incarnation that is
+    /// gone or stopping is dropped.
+    fn arrive(
+        &mut self,
+        from: Option<ActorRef>,
+        to: ActorRef,
+        msg: Msg,
+        timer: Option<Incarnation>,
+    ) {
         let Some(i) = self.index(to.node) else { return };
         if !self.nodes[i].up {
             return;
@@ -526,37 +587,40 @@ impl Cluster {
             }
             return;
         }
+        if timer.is_some_and(|tag| !self.nodes[i].actors.timer_fires(&to, tag)) {
+            return;
+        }
         let now = self.now;
         let activation = self.activation_delay(i, &to);
         let node = &mut self.nodes[i];
         let arrival = node.arrivals;
         node.arrivals += 1;
         node.queued += 1;
-        let mailbox = node.mailboxes.entry(to).or_insert_with(|| Mailbox {
-            queue: VecDeque::new(),
-            ready_at: now.saturating_add(activation),
-        });
-        mailbox.queue.push_back(Pending {
+        let pending = Pending {
             from,
             to,
             msg,
             timer,
             arrival,
-        });
-        let ready = if node.active.contains_key(&to) {
-            now
-        } else {
-            mailbox.ready_at.max(now)
         };
+        let activate = |_| Mailbox::new(now.saturating_add(activation));
+        let Some(pending) = node.actors.arrive(to, pending, activate) else {
+            // Held for the next incarnation, which the drained mailbox starts.
+            return;
+        };
+        let Some(slot) = node.actors.get_mut(&to) else {
+            return;
+        };
+        slot.driver.queue.push_back(pending);
+        let ready = slot.driver.ready_from(now);
         self.wake(i, ready);
     }
 
     /// How long node `i` takes to activate `to` before it handles a message that
-    /// opens its mailbox: zero if it is active or has a mailbox already (drawn only
-    /// when it counts, so the scheduler's stream does not depend on the rest).
+    /// starts an incarnation: zero if it is active or stopping (drawn only when it
+    /// counts, so the scheduler's stream does not depend on the rest).
     fn activation_delay(&mut self, i: usize, to: &ActorRef) -> Duration {
-        let node = &self.nodes[i];
-        if node.active.contains_key(to) || node.mailboxes.contains_key(to) {
+        if self.nodes[i].actors.get(to).is_some() {
             return Duration::ZERO;
         }
         self.draw_activation(i)
@@ -589,17 +653,20 @@ impl Cluster {
     /// mailboxes is ready, if any holds a message.
     fn reschedule(&mut self, i: usize) {
         let now = self.now;
-        let node = &self.nodes[i];
-        let next = node
-            .mailboxes
+        debug_assert_eq!(
+            self.nodes[i].queued,
+            self.nodes[i]
+                .actors
+                .iter()
+                .map(|(_, slot)| slot.driver.queue.len() + slot.held_len())
+                .sum::<usize>(),
+            "every waiting message is in a mailbox or held"
+        );
+        let next = self.nodes[i]
+            .actors
             .iter()
-            .map(|(to, m)| {
-                if node.active.contains_key(to) {
-                    now
-                } else {
-                    m.ready_at.max(now)
-                }
-            })
+            .filter(|(_, slot)| !slot.driver.queue.is_empty())
+            .map(|(_, slot)| slot.driver.ready_from(now))
             .min();
         if let Some(ready) = next {
             self.wake(i, ready);
@@ -611,17 +678,18 @@ impl Cluster {
         let now = self.now;
         let interleave = self.scheduling.interleave;
         let node = &mut self.nodes[i];
-        let ready =
-            |(to, m): &(&ActorRef, &Mailbox)| node.active.contains_key(*to) || m.ready_at <= now;
-        match interleave {
-            Interleave::Arrival => node
-                .mailboxes
+        let actors = &node.actors;
+        let ready = || {
+            actors
                 .iter()
-                .filter(ready)
-                .min_by_key(|(_, m)| m.queue.front().map_or(u64::MAX, |p| p.arrival))
+                .filter(move |(_, slot)| !slot.driver.queue.is_empty() && slot.driver.ready(now))
+        };
+        match interleave {
+            Interleave::Arrival => ready()
+                .min_by_key(|(_, slot)| slot.driver.queue.front().map_or(u64::MAX, |p| p.arrival))
                 .map(|(to, _)| *to),
             Interleave::Random => {
-                let count = node.mailboxes.iter().filter(ready).count();
+                let count = ready().count();
                 if count == 0 {
                     return None;
                 }
@@ -630,11 +698,7 @@ impl Cluster {
                 } else {
                     (node.sched_rng.next_u64() % count as u64) as usize
                 };
-                node.mailboxes
-                    .iter()
-                    .filter(ready)
-                    .nth(k)
-                    .map(|(to, _)| *to)
+                ready().nth(k).map(|(to, _)| *to)
             }
         }
     }
@@ -653,19 +717,18 @@ impl Cluster {
         };
         let now = self.now;
         let node = &mut self.nodes[i];
-        let Some(mailbox) = node.mailboxes.get_mut(&to) else {
+        let Some(slot) = node.actors.get_mut(&to) else {
             return Stepped::Other;
         };
-        let Some(pending) = mailbox.queue.pop_front() else {
+        let Some(pending) = slot.driver.queue.pop_front() else {
             return Stepped::Other;
         };
-        if mailbox.queue.is_empty() {
-            node.mailboxes.remove(&to);
-        }
+        let incarnation = slot.incarnation();
         node.queued -= 1;
         node.busy_until = now.saturating_add(node.cost);
-        let handled = self.deliver(i, pending);
+        let handled = self.deliver(i, incarnation, pending);
         if self.nodes[i].up {
+            self.end_if_drained(i, to);
             self.reschedule(i);
         }
         if handled {
@@ -675,8 +738,40 @@ impl Cluster {
         }
     }
 
-    /// Node `i` handles one message. Returns whether an actor handled it.
-    fn deliver(&mut self, i: usize, pending: Pending) -> bool {
+    /// If `to` on node `i` is stopping and has handled everything queued for its
+    /// incarnation, that incarnation ends; what was held meanwhile starts the next
+    /// one (after an activation delay), in order.
+    fn end_if_drained(&mut self, i: usize, to: ActorRef) {
+        let Some(slot) = self.nodes[i].actors.get(&to) else {
+            return;
+        };
+        if slot.phase() != Phase::Stopping || !slot.driver.queue.is_empty() {
+            return;
+        }
+        let (incarnation, held) = (slot.incarnation(), slot.held_len());
+        let activation = if held > 0 {
+            self.draw_activation(i)
+        } else {
+            Duration::ZERO
+        };
+        let ready_at = self.now.saturating_add(activation);
+        let actors = &mut self.nodes[i].actors;
+        let Some(held) = actors.drained(&to, incarnation, |_| Mailbox::new(ready_at)) else {
+            debug_assert!(
+                actors.get(&to).is_none(),
+                "a drained actor with nothing held is gone"
+            );
+            return;
+        };
+        if let Some(slot) = actors.get_mut(&to) {
+            slot.driver.queue.extend(held);
+        }
+    }
+
+    /// Node `i` handles one message for incarnation `incarnation` of its actor,
+    /// activating the actor first if this is the incarnation's first message.
+    /// Returns whether an actor handled it.
+    fn deliver(&mut self, i: usize, incarnation: Incarnation, pending: Pending) -> bool {
         let Pending {
             from,
             to,
@@ -684,13 +779,8 @@ impl Cluster {
             timer,
             arrival: _,
         } = pending;
-        let now = self.node_now(i);
-        let mut effects = Vec::new();
-        let node = &mut self.nodes[i];
-        if let Some(incarnation) = timer {
-            if node.incarnation.get(&to) != Some(&incarnation) || !node.active.contains_key(&to) {
-                return false;
-            }
+        if timer.is_some_and(|tag| !self.nodes[i].actors.timer_fires(&to, tag)) {
+            return false;
         }
         self.trace.write_u64(self.now.unix_micros());
         self.trace.write_u64(i as u64);
@@ -698,73 +788,124 @@ impl Cluster {
         self.trace.write_serialized(&msg);
         if let Some(log) = &mut self.trace_log {
             log.push(format!(
-                "{} n{i} {:?}/{:?} <- {:?}: {msg:?}",
+                "{} n{i} {:?}/{:?} #{} <- {:?}: {msg:?}",
                 self.now.unix_micros(),
                 to.kind,
                 to.key,
+                incarnation.get(),
                 from.map(|f| (f.node, f.kind))
             ));
         }
+        let mut effects = self.activate(i, to, incarnation);
+        let observing = self.observing(to, &msg);
+        let now = self.node_now(i);
+        let node = &mut self.nodes[i];
         let store: Arc<MemStore> = Arc::clone(&node.store);
-        if !node.active.contains_key(&to) {
-            let mut cx = Context::new(to, None, now, &mut node.rng, store.as_ref(), &mut effects);
-            let Some(handler) = self.domain.activate(&to, &mut cx) else {
-                return false;
-            };
-            node.active.insert(to, handler);
-            *node.incarnation.entry(to).or_default() += 1;
-        }
-        let observing = if self.observe && to.kind == ActorKind::ROOM {
-            match &msg {
-                Msg::Room(RoomMsg::Request { req, .. }) => Some(Observed::Request {
-                    request: Box::new(req.request.clone()),
-                    outcome: Outcome::Forwarded,
-                }),
-                Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Observed::Publish {
-                    frame: FrameHeader::from(frame),
-                    outcome: Outcome::Forwarded,
-                }),
-                _ => None,
-            }
-        } else {
-            None
-        };
-        let Some(handler) = node.active.get_mut(&to) else {
+        let Some(handler) = node
+            .actors
+            .get_mut(&to)
+            .and_then(|slot| slot.driver.handler.as_mut())
+        else {
+            // No actor at this address: the message is dropped.
+            self.apply(i, to, incarnation, effects);
             return false;
         };
+        let text = self.journal.as_ref().map(|_| format!("{msg:?}"));
         {
             let mut cx = Context::new(to, from, now, &mut node.rng, store.as_ref(), &mut effects);
             handler.handle_any(msg, &mut cx);
         }
         self.handled += 1;
-        if let Some(mut what) = observing {
-            let decided = effects.iter().find_map(|e| match e {
-                Effect::Send {
-                    to,
-                    msg: Msg::Client(ClientMsg::Reply { outcome, .. }),
-                    ..
-                } if to.kind == ActorKind::GATEWAY => Some(outcome.clone()),
-                _ => None,
-            });
-            if let (Some(decided), conclave_actors::actor::ActorKey::Room(room)) = (decided, to.key)
-            {
-                match &mut what {
-                    Observed::Request { outcome, .. } | Observed::Publish { outcome, .. } => {
-                        *outcome = decided;
-                    }
-                }
-                self.observed.push(Observation {
-                    node: i,
-                    room,
-                    what,
-                });
-            }
+        if let (Some(journal), Some(text)) = (&mut self.journal, text) {
+            journal.push(Turn::new(to, incarnation, from, text, &effects));
         }
-        self.apply(i, to, effects);
+        if let Some(what) = observing {
+            self.observe_decision(i, to, what, &effects);
+        }
+        self.apply(i, to, incarnation, effects);
         true
     }
 
-    fn apply(&mut self, i: usize, me: ActorRef, effects: Vec<Effect<Msg>>) {
+    /// Activates `to` on node `i` from storage if its incarnation has not tried
+    /// yet; returns the activation's effects. If it finds no actor, the
+    /// incarnation stops: what is queued for it is dropped.
+    fn activate(&mut self, i: usize, to: ActorRef, incarnation: Incarnation) -> Vec<Effect<Msg>> {
+        let mut effects = Vec::new();
+        let now = self.node_now(i);
+        let node = &mut self.nodes[i];
+        let store: Arc<MemStore> = Arc::clone(&node.store);
+        let Some(slot) = node.actors.get_mut(&to) else {
+            return effects;
+        };
+        if slot.driver.activated {
+            return effects;
+        }
+        debug_assert!(slot.driver.handler.is_none());
+        slot.driver.activated = true;
+        let mut cx = Context::new(to, None, now, &mut node.rng, store.as_ref(), &mut effects);
+        slot.driver.handler = self.domain.activate(&to, &mut cx);
+        if slot.driver.handler.is_none() {
+            node.actors.stop(&to, incarnation);
+        }
+        effects
+    }
+
+    /// What to record of a room's decision on `msg`, if rooms are observed.
+    fn observing(&self, to: ActorRef, msg: &Msg) -> Option<Observed> {
+        if !self.observe || to.kind != ActorKind::ROOM {
+            return None;
+        }
+        match msg {
+            Msg::Room(RoomMsg::Request { req, .. }) => Some(Observed::Request {
+                request: Box::new(req.request.clone()),
+                outcome: Outcome::Forwarded,
+            }),
+            Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Observed::Publish {
+                frame: FrameHeader::from(frame),
+                outcome: Outcome::Forwarded,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Records what room `to` on node `i` decided, if it answered its client.
+    fn observe_decision(
+        &mut self,
+        i: usize,
+        to: ActorRef,
+        mut what: Observed,
+        effects: &[Effect<Msg>],
+    ) {
+        let decided = effects.iter().find_map(|e| match e {
+            Effect::Send {
+                to,
+                msg: Msg::Client(ClientMsg::Reply { outcome, .. }),
+                ..
+            } if to.kind == ActorKind::GATEWAY => Some(outcome.clone()),
+            _ => None,
+        });
+        if let (Some(decided), conclave_actors::actor::ActorKey::Room(room)) = (decided, to.key) {
+            match &mut what {
+                Observed::Request { outcome, .. } | Observed::Publish { outcome, .. } => {
+                    *outcome = decided;
+                }
+            }
+            self.observed.push(Observation {
+                node: i,
+                room,
+                what,
+            });
+        }
+    }
+
+    /// Carries out what incarnation `incarnation` of `me` asked for, in order.
+    fn apply(
+        &mut self,
+        i: usize,
+        me: ActorRef,
+        incarnation: Incarnation,
+        effects: Vec<Effect<Msg>>,
+    ) {
         for effect in effects {
             match effect {
                 Effect::Send { from, to, msg } => {
@@ -775,7 +916,6 @@ impl Cluster {
                     }
                 }
                 Effect::Timer { after, msg } => {
-                    let incarnation = self.nodes[i].incarnation.get(&me).copied().unwrap_or(0);
                     let at = self.now.saturating_add(after);
                     self.push(
                         at,
@@ -787,14 +927,8 @@ impl Cluster {
                     );
                 }
                 Effect::Stop => {
-                    self.nodes[i].active.remove(&me);
-                    // What waits for it now waits for its next activation.
-                    if self.nodes[i].mailboxes.contains_key(&me) {
-                        let ready = self.now.saturating_add(self.draw_activation(i));
-                        if let Some(m) = self.nodes[i].mailboxes.get_mut(&me) {
-                            m.ready_at = ready;
-                        }
-                    }
+                    // It drains its mailbox; what arrives meanwhile is held.
+                    self.nodes[i].actors.stop(&me, incarnation);
                 }
                 Effect::Misrouted => {}
             }
@@ -865,8 +999,7 @@ impl Cluster {
         }
         let node = &mut self.nodes[i];
         node.up = false;
-        node.active.clear();
-        node.mailboxes.clear();
+        node.actors.crash();
         node.queued = 0;
         node.scheduled = None;
         node.token += 1;

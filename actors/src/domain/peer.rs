@@ -83,6 +83,11 @@ pub struct Peer {
     connected: bool,
     last_heard: Option<Time>,
     busy: bool,
+    /// Whether this incarnation asked to stop. It still handles what was queued
+    /// behind the stop (see [`crate::lifecycle`]) but takes no new delivery: what
+    /// it accepted would be handed over and then forgotten with it, and the
+    /// outbox's resend would hand the same message over a second time.
+    stopping: bool,
 }
 
 impl Peer {
@@ -117,6 +122,7 @@ impl Peer {
             connected: false,
             last_heard: None,
             busy: false,
+            stopping: false,
         }
     }
 
@@ -245,6 +251,12 @@ impl Peer {
             self.ack(cx);
             return;
         }
+        if self.stopping {
+            // Refused like a gap: the outbox resends it, and the next incarnation
+            // takes it.
+            tracing::debug!(remote = ?self.remote, seq = seq.0, "delivery refused while passivating");
+            return;
+        }
         let held = self.waiting.len() + self.in_flight.len();
         if seq.0 > self.expected || held >= super::outbox::OUTBOX_WINDOW_MESSAGES {
             // A gap (or, from a misbehaving outbox, more than its window): refused,
@@ -330,6 +342,8 @@ impl Peer {
             self.busy = false;
             cx.timer(self.idle, PeerMsg::Tick);
         } else {
+            debug_assert!(self.in_flight.is_empty() && self.waiting.is_empty());
+            self.stopping = true;
             cx.stop();
         }
     }

@@ -1,11 +1,12 @@
 //! The actix driver hosting sans-IO actors: local and remote ping-pong, timers,
-//! passivation, and state that survives a restart through LMDB.
+//! passivation, and state that survives a restart through LMDB. (Moved here from
+//! `node/tests/host.rs` when the driver became private to the crate.)
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use conclave::host::{HostConfig, Runtime};
+use super::{HostConfig, Runtime};
 use conclave_actors::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, Handler, System};
 use conclave_actors::NodeId;
 use conclave_storage::{LmdbOptions, LmdbStore, MemStore, Store, Table};

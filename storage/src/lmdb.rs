@@ -382,7 +382,12 @@ impl WriteTxn for LmdbWriteTxn<'_> {
         check::value(table, value)?;
         let db = self.db_or_create(table)?;
         db.put(&mut self.txn, key, value)
-            .map_err(self.store.err("put"))
+            .map_err(self.store.err("put"))?;
+        // What is written reads back, within the transaction (debug builds: a get).
+        debug_assert!(db
+            .get(&self.txn, key)
+            .is_ok_and(|v| v == Some(value)));
+        Ok(())
     }
 
     fn delete(&mut self, table: &str, key: &[u8]) -> Result<bool> {
@@ -474,5 +479,6 @@ fn scan(
             }
         }
     }
+    debug_assert!(out.len() <= limit, "a scan returns at most its limit");
     Ok(out)
 }

@@ -328,6 +328,7 @@ impl WriteTxn for MemWrite<'_> {
             return Err(StoreError::Crashed);
         }
         st.commits += 1;
+        debug_assert!(st.unsynced_commits < st.commits || st.policy == SyncPolicy::Explicit);
         if overlay.is_empty() {
             return Ok(());
         }
@@ -380,10 +381,12 @@ fn scan(
     let overlay = overlay.get(table).unwrap_or(&NO_WRITES);
     let base = base.range::<[u8], _>(range);
     let overlay = overlay.range::<[u8], _>(range);
-    Ok(match order {
+    let entries = match order {
         Order::Ascending => merge(base, overlay, order, limit),
         Order::Descending => merge(base.rev(), overlay.rev(), order, limit),
-    })
+    };
+    debug_assert!(entries.len() <= limit, "a scan returns at most its limit");
+    Ok(entries)
 }
 
 /// Merges two iterators sorted in `order`; on equal keys the overlay wins, and an

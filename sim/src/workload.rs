@@ -527,6 +527,23 @@ impl Workload {
         Some((vis, frames))
     }
 
+    /// The keys `user`'s client holds in `room`, looked up again on their node if
+    /// they lack `epoch` (`None` if a key found there fails to open).
+    fn keys_for(
+        &mut self,
+        env: &mut Env<'_>,
+        user: usize,
+        room: RoomId,
+        epoch: Epoch,
+    ) -> Option<BTreeMap<Epoch, EpochKey>> {
+        let cached = self.keycache.get(&(user, room));
+        if let Some(keys) = cached.filter(|keys| keys.contains_key(&epoch)) {
+            return Some(keys.clone());
+        }
+        let keys = self.keys(env, user, room);
+        (!env.failed()).then_some(keys)
+    }
+
     /// Reads one frame; whether to read on.
     fn read_frame(
         &mut self,
@@ -553,17 +570,9 @@ impl Workload {
         if env.seen(&read).failed > 0 {
             return false;
         }
-        let mut keys = self
-            .keycache
-            .get(&(user, room))
-            .cloned()
-            .unwrap_or_default();
-        if !keys.contains_key(&frame.epoch) {
-            keys = self.keys(env, user, room);
-            if env.failed() {
-                return false;
-            }
-        }
+        let Some(keys) = self.keys_for(env, user, room, frame.epoch) else {
+            return false;
+        };
         let epoch = frame.epoch;
         if !keys.contains_key(&epoch) {
             if strict {

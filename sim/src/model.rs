@@ -118,7 +118,8 @@ pub struct RoomModel {
 }
 
 impl RoomModel {
-    fn created(home: usize, history: History, owner: UserId) -> Self {
+    /// A room just created on `home` by `owner`.
+    pub(crate) fn created(home: usize, history: History, owner: UserId) -> Self {
         let owner_member = Member {
             node: home,
             since: 1,
@@ -292,7 +293,11 @@ impl Model {
         let Some(m) = self.rooms.get_mut(&room) else {
             unreachable!("a commit in an unknown room was accepted");
         };
-        assert_eq!(m.landing(frame, id, seq), Landing::Next);
+        assert_eq!(
+            m.landing(frame, id, seq),
+            Landing::Next,
+            "an accepted commit lands at the next sequence number"
+        );
         assert_eq!(
             frame.epoch.0, m.epoch,
             "a commit of a stale epoch was accepted"
@@ -302,5 +307,90 @@ impl Model {
         m.ids.insert(id, seq.0);
         m.next_seq += 1;
         self.committed += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conclave_actors::ids::Epoch;
+
+    use super::*;
+
+    const ROOM: RoomId = RoomId([7; 16]);
+    const OWNER: UserId = UserId([1; 32]);
+
+    fn frame(id: u128) -> FrameHeader {
+        FrameHeader {
+            room: ROOM,
+            epoch: Epoch(1),
+            sender: OWNER,
+            id: MessageId(id),
+        }
+    }
+
+    fn publish(node: usize, id: u128, seq: u64) -> Observation {
+        Observation {
+            node,
+            room: ROOM,
+            what: Observed::Publish {
+                frame: frame(id),
+                outcome: Outcome::Committed {
+                    id: MessageId(id),
+                    seq: Seq(seq),
+                },
+            },
+        }
+    }
+
+    fn model_with_room() -> Model {
+        let mut model = Model::default();
+        let room = RoomModel::created(0, History::FromJoin, OWNER);
+        room.assert_invariants();
+        model.rooms.insert(ROOM, room);
+        model
+    }
+
+    #[test]
+    fn a_commit_lands_where_the_home_put_it() {
+        let cluster = Cluster::new(1, 1);
+        let mut model = model_with_room();
+        let m = &model.rooms[&ROOM];
+        assert_eq!(
+            m.landing(&frame(5), MessageId(6), Seq(1)),
+            Landing::WrongReceipt
+        );
+        assert_eq!(m.landing(&frame(5), MessageId(5), Seq(2)), Landing::Gap);
+        assert_eq!(m.landing(&frame(5), MessageId(5), Seq(1)), Landing::Next);
+        model.take(&cluster, &publish(0, 5, 1), true);
+        let m = &model.rooms[&ROOM];
+        assert_eq!(m.next_seq, 2);
+        assert_eq!(
+            m.landing(&frame(5), MessageId(5), Seq(2)),
+            Landing::Recommitted { prev: 1 }
+        );
+        assert_eq!(
+            m.landing(&frame(6), MessageId(6), Seq(1)),
+            Landing::Replaces
+        );
+        assert_eq!(model.committed, 1);
+        assert!(model.decided.contains(&OpKey::Frame(MessageId(5))));
+    }
+
+    #[test]
+    fn a_decision_an_oracle_objected_to_is_recorded_but_not_taken_in() {
+        let cluster = Cluster::new(1, 1);
+        let mut model = model_with_room();
+        model.take(&cluster, &publish(0, 9, 3), false);
+        assert!(model.decided.contains(&OpKey::Frame(MessageId(9))));
+        assert_eq!(model.rooms[&ROOM].next_seq, 1);
+        assert_eq!(model.committed, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "an accepted commit lands at the next sequence number")]
+    fn taking_in_a_commit_out_of_sequence_is_a_bug_of_the_run() {
+        let cluster = Cluster::new(1, 1);
+        let mut model = model_with_room();
+        model.take(&cluster, &publish(0, 9, 3), true);
     }
 }

@@ -471,7 +471,10 @@ impl Sim {
             Applied::Done => {}
             Applied::Restarted(i) => {
                 // A home that restarts must still hold everything it committed.
-                let homed: Vec<RoomId> = (self.model.rooms.iter())
+                let homed: Vec<RoomId> = self
+                    .model
+                    .rooms
+                    .iter()
                     .filter(|(_, m)| m.home == i)
                     .map(|(r, _)| *r)
                     .collect();

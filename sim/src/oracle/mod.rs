@@ -404,6 +404,103 @@ mod tests {
         assert_eq!(summarize(&items), "0; 1; 2; 3; 4; 5; and 2 more");
     }
 
+    use conclave_actors::domain::{History, Outcome};
+    use conclave_actors::ids::{Epoch, MessageId, RoomId, Seq};
+    use conclave_actors::UserId;
+
+    use crate::cluster::{FrameHeader, Observed};
+    use crate::model::RoomModel;
+
+    const ROOM: RoomId = RoomId([7; 16]);
+    const OWNER: UserId = UserId([1; 32]);
+
+    /// Which oracles object when node `node` commits message `id` of `epoch`, sent
+    /// by `sender`, at `seq`, to a room homed on node 0 at epoch 2 that committed
+    /// message 1 at seq 1.
+    fn objections(
+        node: usize,
+        sender: UserId,
+        epoch: u64,
+        id: u128,
+        seq: u64,
+    ) -> Vec<&'static str> {
+        let mut c = Cluster::new(2, 1);
+        let mut model = Model::default();
+        let mut room = RoomModel::created(0, History::FromJoin, OWNER);
+        room.epoch = 2;
+        room.epoch_start.insert(2, 1);
+        room.allowed.insert(2, [0].into());
+        model.rooms.insert(ROOM, room);
+        let first = Observation {
+            node: 0,
+            room: ROOM,
+            what: Observed::Publish {
+                frame: FrameHeader {
+                    room: ROOM,
+                    epoch: Epoch(2),
+                    sender: OWNER,
+                    id: MessageId(1),
+                },
+                outcome: Outcome::Committed {
+                    id: MessageId(1),
+                    seq: Seq(1),
+                },
+            },
+        };
+        model.take(&c, &first, true);
+        let decision = Observation {
+            node,
+            room: ROOM,
+            what: Observed::Publish {
+                frame: FrameHeader {
+                    room: ROOM,
+                    epoch: Epoch(epoch),
+                    sender,
+                    id: MessageId(id),
+                },
+                outcome: Outcome::Committed {
+                    id: MessageId(id),
+                    seq: Seq(seq),
+                },
+            },
+        };
+        let roster = Roster::default();
+        let mut checks = Checks::new();
+        let mut failed = Vec::new();
+        for oracle in &mut checks.oracles {
+            let view = View {
+                cluster: &c,
+                model: &model,
+                roster: &roster,
+            };
+            if let Verdict::Fails { oracle, .. } = oracle.on_decision(&view, &decision) {
+                failed.push(oracle);
+            }
+        }
+        let round = checks.round(&mut c, &model, &roster, |o, view| {
+            o.on_decision(view, &decision)
+        });
+        assert_eq!(round.failed, failed.len());
+        assert_eq!(checks.failure().map(|f| f.oracle), failed.first().copied());
+        failed
+    }
+
+    #[test]
+    fn each_wrong_commit_is_one_oracles_alone() {
+        let stranger = UserId([9; 32]);
+        assert_eq!(objections(0, OWNER, 2, 2, 2), Vec::<&str>::new());
+        assert_eq!(objections(1, OWNER, 2, 2, 2), [AUTHZ], "not the home");
+        assert_eq!(objections(0, OWNER, 2, 1, 2), [ORDER], "committed twice");
+        assert_eq!(objections(0, OWNER, 2, 2, 3), [ORDER], "a gap");
+        assert_eq!(objections(0, OWNER, 2, 2, 1), [DURABILITY], "replaced");
+        assert_eq!(objections(0, OWNER, 1, 2, 2), [EPOCH], "a stale epoch");
+        assert_eq!(objections(0, stranger, 2, 2, 2), [AUTHZ], "a non-member");
+        // Stale and by a non-member: the epoch oracle's, as a frame out of
+        // sequence is the order oracle's whatever its epoch.
+        assert_eq!(objections(0, stranger, 1, 2, 2), [EPOCH]);
+        assert_eq!(objections(0, stranger, 1, 2, 3), [ORDER]);
+    }
+
     #[test]
     fn every_oracle_is_asked_in_order() {
         let checks = Checks::new();

@@ -7,9 +7,14 @@
 #![warn(missing_docs)]
 
 pub mod cluster;
+pub mod draw;
+pub mod faults;
 pub mod hash;
+pub mod model;
 pub mod options;
+pub mod oracle;
 pub mod run;
+pub mod workload;
 
 pub use cluster::Cluster;
 pub use options::Options;

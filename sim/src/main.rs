@@ -189,77 +189,94 @@ impl Progress {
     }
 }
 
+/// What a sweep ran, summed over its seeds.
+#[derive(Default)]
+struct Sweep {
+    failures: Vec<Report>,
+    virtual_time: Duration,
+    events: u64,
+    handled: u64,
+    totals: conclave_sim::run::Stats,
+    wiped: u64,
+}
+
+impl Sweep {
+    fn add(&mut self, report: Report) {
+        self.virtual_time += report.virtual_time;
+        self.events += report.events;
+        self.handled += report.handled;
+        let (s, t) = (report.stats, &mut self.totals);
+        t.published += s.published;
+        t.committed += s.committed;
+        t.invites += s.invites;
+        t.removals += s.removals;
+        t.read += s.read;
+        t.crashes += s.crashes;
+        t.partitions += s.partitions;
+        if report.options.wipe {
+            self.wiped += 1;
+        }
+        if report.failure.is_some() {
+            self.failures.push(report);
+        }
+    }
+
+    fn print(&self, seeds: Seeds, nodes: Option<usize>, mutation: Option<Mutation>, wall: f64) {
+        let t = &self.totals;
+        println!(
+            "seeds run: {} ({}..{}), nodes: {}, mutation: {}",
+            seeds.len(),
+            seeds.start,
+            seeds.end,
+            nodes.map_or("3 to 5, drawn per seed".to_string(), |n| n.to_string()),
+            mutation.map_or("none", |m| m.name())
+        );
+        println!(
+            "workload: {} frames published, {} committed, {} read by subscribers (verified, decrypted); {} invites, {} removals with rekey",
+            t.published, t.committed, t.read, t.invites, t.removals
+        );
+        println!(
+            "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay)",
+            t.crashes, t.partitions, self.wiped
+        );
+        println!(
+            "speed: {:.1} seeds/s; {:.0} virtual seconds in {:.1} wall seconds = {:.0} virtual s per wall s; {:.0} events/s ({:.0} messages handled/s)",
+            seeds.len() as f64 / wall,
+            self.virtual_time.as_secs_f64(),
+            wall,
+            self.virtual_time.as_secs_f64() / wall,
+            self.events as f64 / wall,
+            self.handled as f64 / wall,
+        );
+        println!("failures: {}", self.failures.len());
+        for report in &self.failures {
+            let Some(failure) = &report.failure else {
+                continue;
+            };
+            println!("  seed {} {failure}", report.options.seed);
+            println!(
+                "    replay: {}",
+                replay_command(report.options.seed, nodes, mutation)
+            );
+            for line in report.options.to_string().lines().skip(1) {
+                println!("    {}", line.trim_start());
+            }
+        }
+    }
+}
+
 fn sweep(seeds: Seeds, nodes: Option<usize>, mutation: Option<Mutation>) -> ExitCode {
     let progress = Progress::new(seeds.len());
     let watch = Stopwatch::start();
-    let mut failures: Vec<Report> = Vec::new();
-    let mut virtual_time = Duration::ZERO;
-    let (mut events, mut handled) = (0u64, 0u64);
-    let mut totals = conclave_sim::run::Stats::default();
-    let mut wiped = 0;
+    let mut sweep = Sweep::default();
     for (k, seed) in (seeds.start..seeds.end).enumerate() {
-        progress.show(k as u64, failures.len(), "run");
-        let report = run(&Options::derive(seed, nodes, mutation));
-        virtual_time += report.virtual_time;
-        events += report.events;
-        handled += report.handled;
-        let s = report.stats;
-        totals.published += s.published;
-        totals.committed += s.committed;
-        totals.invites += s.invites;
-        totals.removals += s.removals;
-        totals.read += s.read;
-        totals.crashes += s.crashes;
-        totals.partitions += s.partitions;
-        if report.options.wipe {
-            wiped += 1;
-        }
-        if report.failure.is_some() {
-            failures.push(report);
-        }
+        progress.show(k as u64, sweep.failures.len(), "run");
+        sweep.add(run(&Options::derive(seed, nodes, mutation)));
     }
     progress.clear();
     let wall = watch.elapsed().as_secs_f64().max(1e-9);
-    println!(
-        "seeds run: {} ({}..{}), nodes: {}, mutation: {}",
-        seeds.len(),
-        seeds.start,
-        seeds.end,
-        nodes.map_or("3 to 5, drawn per seed".to_string(), |n| n.to_string()),
-        mutation.map_or("none", |m| m.name())
-    );
-    println!(
-        "workload: {} frames published, {} committed, {} read by subscribers (verified, decrypted); {} invites, {} removals with rekey",
-        totals.published, totals.committed, totals.read, totals.invites, totals.removals
-    );
-    println!(
-        "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay)",
-        totals.crashes, totals.partitions, wiped
-    );
-    println!(
-        "speed: {:.1} seeds/s; {:.0} virtual seconds in {:.1} wall seconds = {:.0} virtual s per wall s; {:.0} events/s ({:.0} messages handled/s)",
-        seeds.len() as f64 / wall,
-        virtual_time.as_secs_f64(),
-        wall,
-        virtual_time.as_secs_f64() / wall,
-        events as f64 / wall,
-        handled as f64 / wall,
-    );
-    println!("failures: {}", failures.len());
-    for report in &failures {
-        let Some(failure) = &report.failure else {
-            continue;
-        };
-        println!("  seed {} {failure}", report.options.seed);
-        println!(
-            "    replay: {}",
-            replay_command(report.options.seed, nodes, mutation)
-        );
-        for line in report.options.to_string().lines().skip(1) {
-            println!("    {}", line.trim_start());
-        }
-    }
-    if failures.is_empty() {
+    sweep.print(seeds, nodes, mutation, wall);
+    if sweep.failures.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -321,71 +338,61 @@ fn replay(
     code
 }
 
-fn mutations(seeds: Seeds, nodes: Option<usize>) -> ExitCode {
-    if !mutation::available() {
-        eprintln!(
-            "this build has no mutations: build with `cargo build --release -p conclave-sim --features mutations`"
-        );
-        return ExitCode::FAILURE;
-    }
-    let watch = Stopwatch::start();
-    let mut rows = Vec::new();
-    let mut all_caught = true;
-    for m in Mutation::ALL {
-        let progress = Progress::new(seeds.len());
-        let mut caught = None;
-        for (k, seed) in (seeds.start..seeds.end).enumerate() {
-            progress.show(k as u64, 0, m.name());
-            let report = run(&Options::derive(seed, nodes, Some(m)));
-            if let Some(failure) = report.failure {
-                caught = Some((seed, k as u64 + 1, failure));
-                break;
-            }
-        }
-        progress.clear();
-        match caught {
-            Some((seed, tried, failure)) => {
-                // The same seed without the mutation must pass, or the catch proves
-                // nothing about the mutation.
-                let clean = run(&Options::derive(seed, nodes, None));
-                let clean_ok = clean.failure.is_none();
-                if !clean_ok {
-                    all_caught = false;
-                }
-                rows.push((m, Some((seed, tried, failure, clean_ok))));
-            }
-            None => {
-                all_caught = false;
-                rows.push((m, None));
-            }
+/// How a mutation was caught: the seed, how many seeds it took, what the oracle
+/// saw, and whether the seed passes without the mutation.
+type Caught = (u64, u64, conclave_sim::Failure, bool);
+
+/// Runs `m` over the seeds until an oracle catches it, then the catching seed
+/// without it (which must pass, or the catch proves nothing about the mutation).
+fn catch(m: Mutation, seeds: Seeds, nodes: Option<usize>) -> Option<Caught> {
+    let progress = Progress::new(seeds.len());
+    let mut caught = None;
+    for (k, seed) in (seeds.start..seeds.end).enumerate() {
+        progress.show(k as u64, 0, m.name());
+        let report = run(&Options::derive(seed, nodes, Some(m)));
+        if let Some(failure) = report.failure {
+            caught = Some((seed, k as u64 + 1, failure));
+            break;
         }
     }
+    progress.clear();
+    let (seed, tried, failure) = caught?;
+    let clean = run(&Options::derive(seed, nodes, None));
+    Some((seed, tried, failure, clean.failure.is_none()))
+}
+
+/// `detail`, cut to fit a table row.
+fn cut(detail: &str) -> String {
+    const DETAIL_CHARS_MAX: usize = 110;
+    let mut detail = detail.to_string();
+    if detail.len() > DETAIL_CHARS_MAX {
+        let mut end = DETAIL_CHARS_MAX;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+        detail.push('…');
+    }
+    detail
+}
+
+fn print_mutations(rows: &[(Mutation, Option<Caught>)], seeds: Seeds) {
     println!(
         "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} what the oracle saw",
         "mutation", "caught", "oracle", "seeds", "at seed", "seed w/o it"
     );
-    for (m, row) in &rows {
+    for (m, row) in rows {
         match row {
-            Some((seed, tried, failure, clean_ok)) => {
-                let mut detail = failure.detail.clone();
-                if detail.len() > 110 {
-                    let mut cut = 110;
-                    while !detail.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    detail.truncate(cut);
-                    detail.push('…');
-                }
-                println!(
-                    "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} {detail}",
-                    m.name(),
-                    "yes",
-                    failure.oracle,
-                    tried,
-                    seed,
-                    if *clean_ok { "passes" } else { "FAILS TOO" }
-                );
-            }
+            Some((seed, tried, failure, clean_ok)) => println!(
+                "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} {}",
+                m.name(),
+                "yes",
+                failure.oracle,
+                tried,
+                seed,
+                if *clean_ok { "passes" } else { "FAILS TOO" },
+                cut(&failure.detail)
+            ),
             None => println!(
                 "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} -",
                 m.name(),
@@ -397,6 +404,24 @@ fn mutations(seeds: Seeds, nodes: Option<usize>) -> ExitCode {
             ),
         }
     }
+}
+
+fn mutations(seeds: Seeds, nodes: Option<usize>) -> ExitCode {
+    if !mutation::available() {
+        eprintln!(
+            "this build has no mutations: build with `cargo build --release -p conclave-sim --features mutations`"
+        );
+        return ExitCode::FAILURE;
+    }
+    let watch = Stopwatch::start();
+    let rows: Vec<(Mutation, Option<Caught>)> = Mutation::ALL
+        .into_iter()
+        .map(|m| (m, catch(m, seeds, nodes)))
+        .collect();
+    let all_caught = rows
+        .iter()
+        .all(|(_, row)| row.as_ref().is_some_and(|(_, _, _, clean_ok)| *clean_ok));
+    print_mutations(&rows, seeds);
     println!(
         "seeds {}..{}; {:.1} wall seconds",
         seeds.start,

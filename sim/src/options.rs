@@ -100,107 +100,155 @@ fn ms(rng: &mut ChaCha20Rng, lo: u64, hi: u64) -> Duration {
     Duration::from_millis(between(rng, lo, hi))
 }
 
+/// The network's weather: (latency_max, jitter, drop_ppm, duplicate_ppm).
+fn draw_network(rng: &mut ChaCha20Rng) -> (Duration, Duration, u32, u32) {
+    let latency_max = ms(rng, 1, 40);
+    let jitter = if coin(rng) {
+        ms(rng, 1, 30)
+    } else {
+        Duration::ZERO
+    };
+    let drop_ppm = if coin(rng) {
+        between(rng, 5_000, 200_000) as u32
+    } else {
+        0
+    };
+    let duplicate_ppm = if coin(rng) {
+        between(rng, 5_000, 100_000) as u32
+    } else {
+        0
+    };
+    (latency_max, jitter, drop_ppm, duplicate_ppm)
+}
+
+/// Partitions and crashes, if on, and whether a node is lost for good.
+fn draw_faults(rng: &mut ChaCha20Rng, nodes: usize) -> (Option<Partitions>, Option<Crashes>, bool) {
+    let partitions = coin(rng).then(|| Partitions {
+        every: ms(rng, 1_000, 6_000),
+        length_max: ms(rng, 200, 5_000),
+        asymmetric_ppm: between(rng, 0, 500_000) as u32,
+    });
+    let crashes = coin(rng).then(|| Crashes {
+        every: ms(rng, 1_000, 8_000),
+        down_max: ms(rng, 100, 5_000),
+        stay_down_ppm: between(rng, 0, 300_000) as u32,
+        mid_work_ppm: between(rng, 0, 1_000_000) as u32,
+    });
+    let wipe = nodes >= 3 && between(rng, 0, 5) == 0;
+    (partitions, crashes, wipe)
+}
+
+/// Slow nodes (sorted, each at most once) and what one message costs them.
+fn draw_slow(rng: &mut ChaCha20Rng, nodes: usize) -> Vec<(usize, Duration)> {
+    let mut slow = Vec::new();
+    if coin(rng) {
+        let count = between(rng, 1, 2.min(nodes as u64)) as usize;
+        for _ in 0..count {
+            let node = (rng.next_u64() % nodes as u64) as usize;
+            let cost = Duration::from_micros(between(rng, 500, 5_000));
+            if !slow.iter().any(|&(n, _)| n == node) {
+                slow.push((node, cost));
+            }
+        }
+        slow.sort();
+    }
+    debug_assert!(slow.windows(2).all(|w| w[0].0 < w[1].0));
+    slow
+}
+
+/// Each node's clock offset in milliseconds (all zero if off).
+fn draw_clocks(rng: &mut ChaCha20Rng, nodes: usize) -> Vec<i64> {
+    if coin(rng) {
+        (0..nodes)
+            .map(|_| between(rng, 0, 40_000) as i64 - 20_000)
+            .collect()
+    } else {
+        vec![0; nodes]
+    }
+}
+
+/// The workload's shape: (users_per_node, rooms, step_every, chaos, weights,
+/// stale_publish_ppm).
+fn draw_workload(rng: &mut ChaCha20Rng) -> (usize, usize, Duration, Duration, [u32; 4], u32) {
+    let users_per_node = between(rng, 1, 3) as usize;
+    let rooms = between(rng, 1, 3) as usize;
+    let step_every = ms(rng, 60, 250);
+    let chaos = ms(rng, 8_000, 25_000);
+    let weights = [
+        between(rng, 40, 80) as u32,
+        between(rng, 5, 20) as u32,
+        between(rng, 3, 15) as u32,
+        between(rng, 5, 25) as u32,
+    ];
+    let stale_publish_ppm = if coin(rng) {
+        between(rng, 20_000, 200_000) as u32
+    } else {
+        0
+    };
+    (
+        users_per_node,
+        rooms,
+        step_every,
+        chaos,
+        weights,
+        stale_publish_ppm,
+    )
+}
+
+/// Half the seeds run the production timing; the others retry sooner or later
+/// and passivate idle actors within a second or two, so that activation from
+/// storage happens all the time.
+fn draw_domain(rng: &mut ChaCha20Rng) -> DomainConfig {
+    if coin(rng) {
+        DomainConfig::default()
+    } else {
+        DomainConfig {
+            retry_base: ms(rng, 20, 500),
+            retry_max: ms(rng, 500, 5_000),
+            idle: ms(rng, 200, 5_000),
+        }
+    }
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
+/// before mailboxes were modelled per actor. A quarter of the seeds handle a
+/// node's messages oldest first (one FIFO per node), the others pick a ready
+/// actor at random; half of all seeds also delay activations.
+fn draw_scheduling(seed: u64) -> Scheduling {
+    let mut sched = derive_rng(seed, 0, "scheduling");
+    let interleave = if between(&mut sched, 0, 3) == 0 {
+        Interleave::Arrival
+    } else {
+        Interleave::Random
+    };
+    let activation_max = if coin(&mut sched) {
+        Duration::from_micros(between(&mut sched, 50, 3_000))
+    } else {
+        Duration::ZERO
+    };
+    Scheduling {
+        interleave,
+        activation_max,
+    }
+}
+
 impl Options {
     /// The options of `seed`; `nodes` fixes the node count (else the seed picks 3 to 5).
     pub fn derive(seed: u64, nodes: Option<usize>, mutation: Option<Mutation>) -> Self {
+        // The draws happen in this order, from one stream: changing it changes
+        // what every seed means.
         let mut rng = derive_rng(seed, 0, "options");
         let drawn_nodes = between(&mut rng, 3, 5) as usize;
         let nodes = nodes.unwrap_or(drawn_nodes).max(1);
-        let latency_max = ms(&mut rng, 1, 40);
-        let jitter = if coin(&mut rng) {
-            ms(&mut rng, 1, 30)
-        } else {
-            Duration::ZERO
-        };
-        let drop_ppm = if coin(&mut rng) {
-            between(&mut rng, 5_000, 200_000) as u32
-        } else {
-            0
-        };
-        let duplicate_ppm = if coin(&mut rng) {
-            between(&mut rng, 5_000, 100_000) as u32
-        } else {
-            0
-        };
-        let partitions = coin(&mut rng).then(|| Partitions {
-            every: ms(&mut rng, 1_000, 6_000),
-            length_max: ms(&mut rng, 200, 5_000),
-            asymmetric_ppm: between(&mut rng, 0, 500_000) as u32,
-        });
-        let crashes = coin(&mut rng).then(|| Crashes {
-            every: ms(&mut rng, 1_000, 8_000),
-            down_max: ms(&mut rng, 100, 5_000),
-            stay_down_ppm: between(&mut rng, 0, 300_000) as u32,
-            mid_work_ppm: between(&mut rng, 0, 1_000_000) as u32,
-        });
-        let wipe = nodes >= 3 && between(&mut rng, 0, 5) == 0;
+        let (latency_max, jitter, drop_ppm, duplicate_ppm) = draw_network(&mut rng);
+        let (partitions, crashes, wipe) = draw_faults(&mut rng, nodes);
         let base_cost = Duration::from_micros(between(&mut rng, 5, 100));
-        let mut slow = Vec::new();
-        if coin(&mut rng) {
-            let count = between(&mut rng, 1, 2.min(nodes as u64)) as usize;
-            for _ in 0..count {
-                let node = (rng.next_u64() % nodes as u64) as usize;
-                let cost = Duration::from_micros(between(&mut rng, 500, 5_000));
-                if !slow.iter().any(|&(n, _)| n == node) {
-                    slow.push((node, cost));
-                }
-            }
-            slow.sort();
-        }
-        let clock_offsets_ms = if coin(&mut rng) {
-            (0..nodes)
-                .map(|_| between(&mut rng, 0, 40_000) as i64 - 20_000)
-                .collect()
-        } else {
-            vec![0; nodes]
-        };
-        let users_per_node = between(&mut rng, 1, 3) as usize;
-        let rooms = between(&mut rng, 1, 3) as usize;
-        let step_every = ms(&mut rng, 60, 250);
-        let chaos = ms(&mut rng, 8_000, 25_000);
-        let weights = [
-            between(&mut rng, 40, 80) as u32,
-            between(&mut rng, 5, 20) as u32,
-            between(&mut rng, 3, 15) as u32,
-            between(&mut rng, 5, 25) as u32,
-        ];
-        let stale_publish_ppm = if coin(&mut rng) {
-            between(&mut rng, 20_000, 200_000) as u32
-        } else {
-            0
-        };
-        // Half the seeds run the production timing; the others retry sooner or
-        // later and passivate idle actors within a second or two, so that
-        // activation from storage happens all the time.
-        let domain = if coin(&mut rng) {
-            DomainConfig::default()
-        } else {
-            DomainConfig {
-                retry_base: ms(&mut rng, 20, 500),
-                retry_max: ms(&mut rng, 500, 5_000),
-                idle: ms(&mut rng, 200, 5_000),
-            }
-        };
-        // Drawn from a stream of its own, so that every option above stays what it
-        // was before mailboxes were modelled per actor. A quarter of the seeds
-        // handle a node's messages oldest first (one FIFO per node), the others pick
-        // a ready actor at random; half of all seeds also delay activations.
-        let mut sched = derive_rng(seed, 0, "scheduling");
-        let interleave = if between(&mut sched, 0, 3) == 0 {
-            Interleave::Arrival
-        } else {
-            Interleave::Random
-        };
-        let activation_max = if coin(&mut sched) {
-            Duration::from_micros(between(&mut sched, 50, 3_000))
-        } else {
-            Duration::ZERO
-        };
-        let scheduling = Scheduling {
-            interleave,
-            activation_max,
-        };
-        Options {
+        let slow = draw_slow(&mut rng, nodes);
+        let clock_offsets_ms = draw_clocks(&mut rng, nodes);
+        let (users_per_node, rooms, step_every, chaos, weights, stale_publish_ppm) =
+            draw_workload(&mut rng);
+        let domain = draw_domain(&mut rng);
+        let options = Options {
             seed,
             nodes,
             mutation,
@@ -221,8 +269,14 @@ impl Options {
             weights,
             stale_publish_ppm,
             domain,
-            scheduling,
-        }
+            scheduling: draw_scheduling(seed),
+        };
+        assert_eq!(options.clock_offsets_ms.len(), options.nodes);
+        assert!(
+            options.weights.iter().sum::<u32>() > 0,
+            "some workload step is drawn"
+        );
+        options
     }
 }
 
@@ -230,9 +284,8 @@ fn pct(ppm: u32) -> String {
     format!("{:.1}%", f64::from(ppm) / 10_000.0)
 }
 
-impl fmt::Display for Options {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let on_off = |on: bool| if on { "on" } else { "off" };
+impl Options {
+    fn fmt_network(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "seed {}: {} nodes, mutation {}",
@@ -260,6 +313,11 @@ impl fmt::Display for Options {
                 pct(self.duplicate_ppm)
             },
         )?;
+        Ok(())
+    }
+
+    fn fmt_faults(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let on_off = |on: bool| if on { "on" } else { "off" };
         match self.partitions {
             Some(p) => writeln!(
                 f,
@@ -286,6 +344,10 @@ impl fmt::Display for Options {
             "  node lost for good (disk wiped): {}",
             on_off(self.wipe)
         )?;
+        Ok(())
+    }
+
+    fn fmt_nodes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "  processing: {:?} per message; slow nodes: {}",
@@ -331,6 +393,15 @@ impl fmt::Display for Options {
             "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}",
             self.domain.retry_base, self.domain.retry_max, self.domain.idle
         )?;
+        Ok(())
+    }
+}
+
+impl fmt::Display for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_network(f)?;
+        self.fmt_faults(f)?;
+        self.fmt_nodes(f)?;
         write!(
             f,
             "  workload: {} users/node, {} rooms, a step every ~{:?} for {:?}, weights publish/invite/remove/read {:?}, stale-key publishes {}",

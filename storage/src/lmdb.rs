@@ -384,9 +384,7 @@ impl WriteTxn for LmdbWriteTxn<'_> {
         db.put(&mut self.txn, key, value)
             .map_err(self.store.err("put"))?;
         // What is written reads back, within the transaction (debug builds: a get).
-        debug_assert!(db
-            .get(&self.txn, key)
-            .is_ok_and(|v| v == Some(value)));
+        debug_assert!(db.get(&self.txn, key).is_ok_and(|v| v == Some(value)));
         Ok(())
     }
 

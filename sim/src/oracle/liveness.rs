@@ -1,0 +1,282 @@
+//! Liveness: once every fault has stopped, within [`LIVENESS_BOUND`] of virtual
+//! time every outbox drains, every forwarded request reaches its home, and every
+//! member node converges (shows its members and removals as the home decided,
+//! holds every frame they may read and the keys to open them).
+//!
+//! When nothing is on its way any more but something is still missing, it is lost
+//! for good: that fails at once, under the property the loss broke (order for
+//! frames and members, decrypt for keys), rather than waiting out the bound.
+
+use core::time::Duration;
+use std::collections::BTreeSet;
+
+use conclave_actors::actor::Time;
+use conclave_actors::domain::{self, Outcome};
+use conclave_actors::ids::{RoomId, Seq};
+use conclave_actors::UserId;
+use conclave_storage::Store;
+
+use super::{ranges, short, summarize, Oracle, Phase, Seen, Verdict, View};
+use super::{DECRYPT, LIVENESS, ORDER};
+use crate::model::{room_frames, OpKey, RoomModel};
+
+/// How long, after every fault has stopped, outboxes have to drain and member
+/// nodes to converge.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+
+/// How many slices in a row with nothing on its way make what is missing lost for
+/// good.
+pub const QUIET_SLICES_MIN: u32 = 4;
+
+/// A request a node may have forwarded to a room's home.
+struct Forwardable {
+    node: usize,
+    request: u64,
+    room: RoomId,
+    key: OpKey,
+}
+
+/// See the module docs.
+#[derive(Default)]
+pub struct Liveness {
+    forwardable: Vec<Forwardable>,
+    /// When the cluster must have converged (set when the faults stop).
+    deadline: Option<Time>,
+    /// Slices in a row with nothing on its way.
+    quiet: u32,
+}
+
+/// What has not converged: what is still on its way, and what is missing on member
+/// nodes with the property each gap belongs to.
+#[derive(Default)]
+struct Pending {
+    transport: Vec<String>,
+    state: Vec<(&'static str, String)>,
+}
+
+impl Oracle for Liveness {
+    fn name(&self) -> &'static str {
+        LIVENESS
+    }
+
+    fn on_phase(&mut self, view: &View<'_>, phase: Phase) -> Verdict {
+        if phase == Phase::Liveness {
+            self.deadline = Some(view.cluster.now().saturating_add(LIVENESS_BOUND));
+            self.quiet = 0;
+        }
+        Verdict::Holds
+    }
+
+    fn on_client(&mut self, _view: &View<'_>, seen: &Seen<'_>) -> Verdict {
+        let (node, request, room, key) = match *seen {
+            Seen::Sent {
+                node,
+                request,
+                room,
+                key,
+            } => (node, request, room, key),
+            Seen::Published {
+                node,
+                request,
+                room,
+                id,
+                ..
+            } => (node, request, room, OpKey::Frame(id)),
+            _ => return Verdict::Holds,
+        };
+        self.forwardable.push(Forwardable {
+            node,
+            request,
+            room,
+            key,
+        });
+        Verdict::Holds
+    }
+
+    fn on_settling(&mut self, view: &View<'_>) -> Verdict {
+        let Some(deadline) = self.deadline else {
+            unreachable!("settling before the faults stopped");
+        };
+        let pending = self.pending(view);
+        if pending.transport.is_empty() && pending.state.is_empty() {
+            return Verdict::Holds;
+        }
+        if pending.transport.is_empty() {
+            self.quiet += 1;
+            if self.quiet >= QUIET_SLICES_MIN {
+                let oracle = pending.state[0].0;
+                let items: Vec<String> = pending.state.into_iter().map(|(_, s)| s).collect();
+                let detail = format!(
+                    "lost for good: every outbox is drained and every forwarded request arrived, yet {}",
+                    summarize(&items)
+                );
+                return Verdict::Fails { oracle, detail };
+            }
+        } else {
+            self.quiet = 0;
+        }
+        if view.cluster.now() >= deadline {
+            let mut all = pending.transport;
+            all.extend(pending.state.into_iter().map(|(_, s)| s));
+            let detail = format!(
+                "not converged {LIVENESS_BOUND:?} after every fault stopped: {}",
+                summarize(&all)
+            );
+            return Verdict::Fails {
+                oracle: LIVENESS,
+                detail,
+            };
+        }
+        Verdict::Waits
+    }
+}
+
+impl Liveness {
+    fn pending(&self, view: &View<'_>) -> Pending {
+        let mut pending = Pending {
+            transport: outboxes(view),
+            state: Vec::new(),
+        };
+        pending.transport.extend(self.unforwarded(view));
+        for (&room, m) in &view.model.rooms {
+            if view.wiped(m.home) {
+                continue;
+            }
+            members(view, room, m, &mut pending.state);
+            removed(view, room, m, &mut pending.state);
+        }
+        pending
+    }
+
+    /// Requests a live node forwarded that their (not lost) home never decided on.
+    fn unforwarded(&self, view: &View<'_>) -> Vec<String> {
+        let mut items = Vec::new();
+        for s in &self.forwardable {
+            let Some(home) = view.model.rooms.get(&s.room).map(|m| m.home) else {
+                continue;
+            };
+            if !view.live(s.node) || view.wiped(home) || view.model.decided.contains(&s.key) {
+                continue;
+            }
+            let outcomes = view.cluster.outcomes(s.node, s.request);
+            if outcomes.contains(&Outcome::Forwarded) {
+                items.push(format!(
+                    "a request forwarded by n{} never reached home n{home}",
+                    s.node
+                ));
+            }
+        }
+        items
+    }
+}
+
+/// Live nodes' outboxes that still hold messages for nodes not lost for good.
+fn outboxes(view: &View<'_>) -> Vec<String> {
+    let mut items = Vec::new();
+    for i in (0..view.cluster.nodes.len()).filter(|&i| view.live(i)) {
+        for (dest, depth) in view.cluster.outbox_depths(i) {
+            if let Some(j) = view.cluster.index(dest) {
+                if !view.wiped(j) {
+                    items.push(format!("outbox n{i}->n{j} holds {depth}"));
+                }
+            }
+        }
+    }
+    items
+}
+
+/// How failures name user `uid`.
+fn label(view: &View<'_>, uid: &UserId) -> String {
+    match view.roster.user_index(uid) {
+        Some(u) => format!("u{u}"),
+        None => "a user the workload never made".to_string(),
+    }
+}
+
+/// Each live member's node shows them as a member since where the home said,
+/// holds every frame they may read, and a key for every epoch of those.
+fn members(view: &View<'_>, room: RoomId, m: &RoomModel, state: &mut Vec<(&'static str, String)>) {
+    let r = short(&room.0);
+    for (uid, member) in &m.members {
+        let (node, since) = (member.node, member.since);
+        if !view.live(node) {
+            continue;
+        }
+        let Ok(txn) = view.cluster.nodes[node].store.read() else {
+            continue;
+        };
+        let u = label(view, uid);
+        let vis = domain::state::rooms::visibility(&*txn, *uid, room)
+            .ok()
+            .flatten();
+        match vis {
+            Some(v) if v.until.is_none() && v.from.0 == since => {}
+            other => {
+                state.push((
+                    ORDER,
+                    format!(
+                    "n{node} does not show {u} as a member of room {r} from seq {since} ({other:?})"
+                ),
+                ));
+                continue;
+            }
+        }
+        let stored: BTreeSet<u64> = room_frames(&*txn, room, Seq(since))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, _)| s.0)
+            .collect();
+        let missing: Vec<u64> = (since..m.next_seq)
+            .filter(|s| !stored.contains(s))
+            .collect();
+        if !missing.is_empty() {
+            state.push((
+                ORDER,
+                format!(
+                    "n{node} lacks seqs {} of room {r} that {u} may read",
+                    ranges(&missing)
+                ),
+            ));
+        }
+        let held: BTreeSet<u64> = domain::state::keys::sealed_for(&*txn, room, *uid)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(e, _)| e.0)
+            .collect();
+        let needed: BTreeSet<u64> = m.committed.range(since..).map(|(_, c)| c.epoch).collect();
+        if let Some(e) = needed.iter().find(|e| !held.contains(e)) {
+            state.push((DECRYPT, format!(
+                "n{node} holds no key of room {r} epoch {e} for member {u}, who may read frames of that epoch"
+            )));
+        }
+    }
+}
+
+/// Each removed member's live node shows their removal where the home made it.
+fn removed(view: &View<'_>, room: RoomId, m: &RoomModel, state: &mut Vec<(&'static str, String)>) {
+    let r = short(&room.0);
+    for (uid, gone) in &m.removed {
+        let Some(u) = view.roster.user_index(uid) else {
+            continue;
+        };
+        let node = view.roster.user(u).node;
+        if !view.live(node) {
+            continue;
+        }
+        let Ok(txn) = view.cluster.nodes[node].store.read() else {
+            continue;
+        };
+        let vis = domain::state::rooms::visibility(&*txn, *uid, room)
+            .ok()
+            .flatten();
+        let until = gone.until;
+        if !vis.is_some_and(|v| v.until == Some(Seq(until)) && v.from.0 == gone.since) {
+            state.push((
+                ORDER,
+                format!(
+                    "n{node} does not show u{u} as removed from room {r} at seq {until} ({vis:?})"
+                ),
+            ));
+        }
+    }
+}

@@ -1,0 +1,611 @@
+//! The workload: users on every node, rooms, publishes, invites, removals with
+//! rekey, and subscribers reading history then live, all drawn from the seed's
+//! workload stream. Clients report what they do and see to the oracles (as
+//! [`Seen`]) and never judge it themselves.
+
+use core::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+
+use conclave_actors::actor::Time;
+use conclave_actors::crypto::{EpochKey, Frame};
+use conclave_actors::domain::{
+    self, client, History, Invitee, Op, Outcome, Policy, RoomRole, SignedRequest,
+};
+use conclave_actors::ids::{Epoch, RoomId, Seq};
+use conclave_actors::{Identity, UserId};
+use conclave_storage::Store;
+use rand_chacha::ChaCha20Rng;
+use rand_core::Rng;
+
+use crate::cluster::{derive_rng, Cluster};
+use crate::draw::{between, chance, pick};
+use crate::faults::live;
+use crate::model::{room_frames, Model, OpKey};
+use crate::options::Options;
+use crate::oracle::{Checks, Round, Seen};
+
+/// How long a removal waits for the room's members (its first half) before the
+/// client gives up on it.
+const REMOVE_INFO_WAIT_MS_MAX: u64 = 10_000;
+
+/// Share, in tenths, of invitees made admins of the room.
+const INVITE_ADMIN_TENTHS: u64 = 3;
+
+/// One chance in this many that a manager who is not the owner removes
+/// themselves rather than someone else.
+const REMOVE_SELF_ONE_IN: u64 = 5;
+
+/// A user of the workload.
+pub struct User {
+    /// Their identity (their client's keys).
+    pub id: Identity,
+    /// Their user id.
+    pub uid: UserId,
+    /// The node they are homed on.
+    pub node: usize,
+}
+
+/// What the workload made: its users (`u3` in failures is index 3) and its rooms,
+/// in the order they were created.
+#[derive(Default)]
+pub struct Roster {
+    users: Vec<User>,
+    by_uid: BTreeMap<UserId, usize>,
+    rooms: Vec<RoomId>,
+}
+
+impl Roster {
+    /// Adds a user; returns their index.
+    pub fn add_user(&mut self, user: User) -> usize {
+        let index = self.users.len();
+        let previous = self.by_uid.insert(user.uid, index);
+        assert!(previous.is_none(), "two users drew the same identity");
+        self.users.push(user);
+        index
+    }
+
+    /// Adds a room its home created.
+    pub fn add_room(&mut self, room: RoomId) {
+        assert!(!self.rooms.contains(&room), "a room created twice");
+        self.rooms.push(room);
+    }
+
+    /// How many users there are.
+    pub fn users_len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// User `i`.
+    pub fn user(&self, i: usize) -> &User {
+        &self.users[i]
+    }
+
+    /// The index of the user `uid`, if the workload made them.
+    pub fn user_index(&self, uid: &UserId) -> Option<usize> {
+        self.by_uid.get(uid).copied()
+    }
+
+    /// The rooms, in the order they were created.
+    pub fn rooms(&self) -> &[RoomId] {
+        &self.rooms
+    }
+}
+
+/// What the workload acts on and reports to.
+pub struct Env<'a> {
+    /// The run's options.
+    pub o: &'a Options,
+    /// The cluster.
+    pub c: &'a mut Cluster,
+    /// Every room as its home decided it.
+    pub model: &'a Model,
+    /// The users and rooms.
+    pub roster: &'a Roster,
+    /// The oracles.
+    pub checks: &'a mut Checks,
+}
+
+impl Env<'_> {
+    /// Tells the oracles what a client did or saw.
+    pub fn seen(&mut self, seen: &Seen<'_>) -> Round {
+        self.checks
+            .round(self.c, self.model, self.roster, |o, view| {
+                o.on_client(view, seen)
+            })
+    }
+
+    fn failed(&self) -> bool {
+        self.checks.failed()
+    }
+
+    fn live(&self, i: usize) -> bool {
+        live(self.c, i)
+    }
+}
+
+/// A removal waiting for the room's members, which its rekey is sealed to.
+struct PendingRemove {
+    node: usize,
+    remover: usize,
+    target: UserId,
+    request: u64,
+    deadline: Time,
+}
+
+/// A subscriber of a user to a room, reading history then live.
+#[derive(Clone, Copy)]
+struct Sub {
+    /// The visibility start it follows (a new membership starts over).
+    from: u64,
+    /// The next sequence number it expects.
+    next: u64,
+}
+
+/// The workload's clients and what they remember.
+pub struct Workload {
+    rng: ChaCha20Rng,
+    /// Per user and room, the keys their client opened.
+    keycache: BTreeMap<(usize, RoomId), BTreeMap<Epoch, EpochKey>>,
+    subs: BTreeMap<(usize, RoomId), Sub>,
+    pending_removes: Vec<PendingRemove>,
+    counter: u64,
+    /// Frames published.
+    pub published: u64,
+    /// Frames subscribers read, verified and decrypted.
+    pub read: u64,
+}
+
+impl Workload {
+    /// The seed's workload, nothing done yet.
+    pub fn new(o: &Options) -> Self {
+        Workload {
+            rng: derive_rng(o.seed, 0, "workload"),
+            keycache: BTreeMap::new(),
+            subs: BTreeMap::new(),
+            pending_removes: Vec::new(),
+            counter: 0,
+            published: 0,
+            read: 0,
+        }
+    }
+
+    /// The workload's random stream (the chaos draws its step times from it).
+    pub fn rng(&mut self) -> &mut ChaCha20Rng {
+        &mut self.rng
+    }
+
+    fn sign(env: &mut Env<'_>, user: usize, op: Op) -> SignedRequest {
+        let node = env.roster.user(user).node;
+        let now = env.c.node_now(node);
+        client::sign(&env.roster.user(user).id, now, env.c.rng(), op)
+    }
+
+    /// Sends a signed request of `user` to their node; the oracles follow it if it
+    /// concerns `room` (a node may forward it to the room's home).
+    pub fn send(env: &mut Env<'_>, user: usize, room: Option<RoomId>, op: Op) -> u64 {
+        let node = env.roster.user(user).node;
+        let req = Self::sign(env, user, op);
+        let key = OpKey::Request(req.request.user, req.request.nonce);
+        let request = env.c.send_signed(node, req);
+        if let Some(room) = room {
+            env.seen(&Seen::Sent {
+                node,
+                request,
+                room,
+                key,
+            });
+        }
+        request
+    }
+
+    /// A random user creates a room on their node: returns the owner, the room
+    /// and the request (`None` if sealing its first key failed).
+    pub fn create_room(&mut self, env: &mut Env<'_>) -> Option<(usize, RoomId, u64)> {
+        assert!(env.roster.users_len() > 0, "rooms need users");
+        let owner = (self.rng.next_u64() % env.roster.users_len() as u64) as usize;
+        let history = if self.rng.next_u64() & 1 == 1 {
+            History::FromEpoch
+        } else {
+            History::FromJoin
+        };
+        let policy = Policy {
+            persist: true,
+            history,
+        };
+        let home = env.c.id(env.roster.user(owner).node);
+        let id = &env.roster.user(owner).id;
+        let (room, _key, op) = client::create_room(env.c.rng(), id, home, policy).ok()?;
+        let request = Self::send(env, owner, None, op);
+        Some((owner, room, request))
+    }
+
+    /// How many first members a new room gets.
+    pub fn first_invitees(&mut self, roster: &Roster) -> u64 {
+        let others = roster.users_len() as u64 - 1;
+        between(&mut self.rng, 1, 3.min(others))
+    }
+
+    /// One workload step.
+    pub fn step(&mut self, env: &mut Env<'_>) {
+        self.progress_removes(env);
+        let w = env.o.weights;
+        let total: u32 = w.iter().sum();
+        let mut roll = (self.rng.next_u64() % u64::from(total.max(1))) as u32;
+        let mut action = 0;
+        for (k, weight) in w.iter().enumerate() {
+            if roll < *weight {
+                action = k;
+                break;
+            }
+            roll -= weight;
+        }
+        match action {
+            0 => self.publish(env),
+            1 => self.invite(env),
+            2 => self.remove(env),
+            _ => self.read_all(env, false),
+        }
+    }
+
+    /// The rooms `user`'s node says they are a member of now.
+    fn rooms_of(env: &Env<'_>, user: usize) -> Vec<RoomId> {
+        let u = env.roster.user(user);
+        let Ok(txn) = env.c.nodes[u.node].store.read() else {
+            return Vec::new();
+        };
+        env.roster
+            .rooms()
+            .iter()
+            .copied()
+            .filter(|&room| {
+                matches!(
+                    domain::state::rooms::visibility(&*txn, u.uid, room),
+                    Ok(Some(v)) if v.until.is_none()
+                )
+            })
+            .collect()
+    }
+
+    /// The keys `user`'s node holds for them in `room`, opened (cached). A key that
+    /// does not open is reported.
+    fn keys(&mut self, env: &mut Env<'_>, user: usize, room: RoomId) -> BTreeMap<Epoch, EpochKey> {
+        let node = env.roster.user(user).node;
+        let uid = env.roster.user(user).uid;
+        let sealed = match env.c.nodes[node].store.read() {
+            Ok(txn) => domain::state::keys::sealed_for(&*txn, room, uid).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let cache = self.keycache.entry((user, room)).or_default();
+        let fresh: Vec<_> = sealed
+            .into_iter()
+            .filter(|(e, _)| !cache.contains_key(e))
+            .collect();
+        if !fresh.is_empty() {
+            let (opened, errors) = client::open_keys(&env.roster.user(user).id, room, &fresh);
+            cache.extend(opened);
+            if let Some((epoch, error)) = errors.first() {
+                env.seen(&Seen::KeyUnopened {
+                    node,
+                    user,
+                    room,
+                    epoch: *epoch,
+                    error,
+                });
+            }
+        }
+        self.keycache[&(user, room)].clone()
+    }
+
+    fn publish(&mut self, env: &mut Env<'_>) {
+        let candidates: Vec<usize> = (0..env.roster.users_len())
+            .filter(|&u| env.live(env.roster.user(u).node))
+            .collect();
+        let Some(user) = pick(&mut self.rng, &candidates) else {
+            return;
+        };
+        let rooms = Self::rooms_of(env, user);
+        let Some(room) = pick(&mut self.rng, &rooms) else {
+            return;
+        };
+        let keys = self.keys(env, user, room);
+        let epochs: Vec<Epoch> = keys.keys().copied().collect();
+        let Some(&newest) = epochs.last() else { return };
+        let epoch = if epochs.len() > 1 && chance(&mut self.rng, env.o.stale_publish_ppm) {
+            epochs[(self.rng.next_u64() % (epochs.len() as u64 - 1)) as usize]
+        } else {
+            newest
+        };
+        self.counter += 1;
+        let text = format!("seed {} message {}", env.o.seed, self.counter).into_bytes();
+        let node = env.roster.user(user).node;
+        let now = env.c.node_now(node);
+        let id = &env.roster.user(user).id;
+        let sealed = client::seal(env.c.rng(), id, room, epoch, &keys[&epoch], now, &text);
+        let Ok(frame) = sealed else { return };
+        let id = frame.id;
+        env.c
+            .mark(&format!("publish u{user} n{node} epoch {}", epoch.0));
+        let request = env.c.publish_frame(node, frame);
+        self.published += 1;
+        let text = text.as_slice();
+        env.seen(&Seen::Published {
+            node,
+            request,
+            room,
+            id,
+            text,
+        });
+    }
+
+    /// `inviter` invites a random non-member to `room`. Returns the request, if
+    /// one was sent.
+    pub fn invite_as(
+        &mut self,
+        env: &mut Env<'_>,
+        inviter: usize,
+        room: RoomId,
+    ) -> Option<(usize, u64)> {
+        let members: BTreeSet<UserId> = env
+            .model
+            .rooms
+            .get(&room)
+            .map(|m| m.members.keys().copied().collect())
+            .unwrap_or_default();
+        let candidates: Vec<usize> = (0..env.roster.users_len())
+            .filter(|&u| {
+                let user = env.roster.user(u);
+                !members.contains(&user.uid) && !env.c.nodes[user.node].wiped
+            })
+            .collect();
+        let invitee = pick(&mut self.rng, &candidates)?;
+        let keys = self.keys(env, inviter, room);
+        let (&epoch, key) = keys.iter().next_back()?;
+        let role = if self.rng.next_u64() % 10 < INVITE_ADMIN_TENTHS {
+            RoomRole::Admin
+        } else {
+            RoomRole::Member
+        };
+        let invitee_user = env.roster.user(invitee);
+        let home = env.c.id(invitee_user.node);
+        let to = Invitee {
+            user: invitee_user.id.public(),
+            home,
+            role,
+        };
+        let id = &env.roster.user(inviter).id;
+        let op = client::invite(env.c.rng(), id, room, epoch, key, to).ok()?;
+        env.c
+            .mark(&format!("invite u{inviter} u{invitee} epoch {}", epoch.0));
+        let request = Self::send(env, inviter, Some(room), op);
+        Some((env.roster.user(inviter).node, request))
+    }
+
+    /// The live users who may change `room`'s members, as its home decided.
+    fn managers(env: &Env<'_>, room: RoomId) -> Vec<usize> {
+        let Some(m) = env.model.rooms.get(&room) else {
+            return Vec::new();
+        };
+        m.members
+            .iter()
+            .filter(|(_, member)| member.role.manages_members())
+            .filter_map(|(uid, _)| env.roster.user_index(uid))
+            .filter(|&u| env.live(env.roster.user(u).node))
+            .collect()
+    }
+
+    fn invite(&mut self, env: &mut Env<'_>) {
+        let Some(room) = pick(&mut self.rng, env.roster.rooms()) else {
+            return;
+        };
+        let managers = Self::managers(env, room);
+        if let Some(inviter) = pick(&mut self.rng, &managers) {
+            self.invite_as(env, inviter, room);
+        }
+    }
+
+    /// A manager removes a member (or, not being the owner, themselves): first the
+    /// room's members from the home, then (in a later step) the removal with the
+    /// next epoch's key sealed to all but the removed member.
+    fn remove(&mut self, env: &mut Env<'_>) {
+        let Some(room) = pick(&mut self.rng, env.roster.rooms()) else {
+            return;
+        };
+        let managers = Self::managers(env, room);
+        let Some(remover) = pick(&mut self.rng, &managers) else {
+            return;
+        };
+        let Some(target) = self.remove_target(env, room, remover) else {
+            return;
+        };
+        env.c
+            .mark(&format!("room info for a removal by u{remover}"));
+        let request = Self::send(env, remover, Some(room), Op::RoomInfo { room });
+        let wait = Duration::from_millis(REMOVE_INFO_WAIT_MS_MAX);
+        self.pending_removes.push(PendingRemove {
+            node: env.roster.user(remover).node,
+            remover,
+            target,
+            request,
+            deadline: env.c.now().saturating_add(wait),
+        });
+    }
+
+    fn remove_target(&mut self, env: &Env<'_>, room: RoomId, remover: usize) -> Option<UserId> {
+        let m = env.model.rooms.get(&room)?;
+        let me = env.roster.user(remover).uid;
+        let own_role = m.members.get(&me).map(|member| member.role);
+        if own_role != Some(RoomRole::Owner)
+            && self.rng.next_u64().is_multiple_of(REMOVE_SELF_ONE_IN)
+        {
+            return Some(me);
+        }
+        let targets: Vec<UserId> = m
+            .members
+            .iter()
+            .filter(|(u, member)| **u != me && member.role != RoomRole::Owner)
+            .map(|(u, _)| *u)
+            .collect();
+        pick(&mut self.rng, &targets)
+    }
+
+    /// Removals whose room members arrived are sealed and sent.
+    fn progress_removes(&mut self, env: &mut Env<'_>) {
+        let pending = std::mem::take(&mut self.pending_removes);
+        for p in pending {
+            match env.c.outcome(p.node, p.request) {
+                Some(Outcome::Room(info)) => {
+                    if !env.live(p.node) {
+                        continue;
+                    }
+                    let id = &env.roster.user(p.remover).id;
+                    if let Ok((_key, op)) = client::remove(env.c.rng(), id, &info, p.target) {
+                        env.c.mark(&format!("remove by u{}", p.remover));
+                        Self::send(env, p.remover, Some(info.room), op);
+                    }
+                }
+                Some(_) => {}
+                None if env.c.now() < p.deadline => self.pending_removes.push(p),
+                None => {}
+            }
+        }
+    }
+
+    /// Every subscriber reads what is new for it; `strict` at the end of the run
+    /// (a key that has not arrived by then will not).
+    pub fn read_all(&mut self, env: &mut Env<'_>, strict: bool) {
+        for user in 0..env.roster.users_len() {
+            for room in env.roster.rooms().to_vec() {
+                self.read(env, user, room, strict);
+                if env.failed() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The subscriber of `user` in `room` reads on from where it is, and reports
+    /// each frame: where it read it, then what it opened to. A frame whose key has
+    /// not arrived yet waits, unless `strict`.
+    fn read(&mut self, env: &mut Env<'_>, user: usize, room: RoomId, strict: bool) {
+        let node = env.roster.user(user).node;
+        if !env.live(node) {
+            return;
+        }
+        let Some((vis, frames)) = self.unread(env, user, room) else {
+            return;
+        };
+        for (seq, frame) in frames {
+            if !vis.covers(seq) {
+                break;
+            }
+            if !self.read_frame(env, user, room, seq, &frame, strict) {
+                return;
+            }
+        }
+    }
+
+    /// What `user`'s node holds of `room` past where their subscriber is (which
+    /// starts over if their membership did).
+    fn unread(
+        &mut self,
+        env: &Env<'_>,
+        user: usize,
+        room: RoomId,
+    ) -> Option<(domain::state::rooms::Visibility, Vec<(Seq, Frame)>)> {
+        let u = env.roster.user(user);
+        let txn = env.c.nodes[u.node].store.read().ok()?;
+        let vis = domain::state::rooms::visibility(&*txn, u.uid, room).ok()??;
+        let start = Sub {
+            from: vis.from.0,
+            next: vis.from.0,
+        };
+        let sub = self.subs.entry((user, room)).or_insert(start);
+        if sub.from != vis.from.0 {
+            *sub = start;
+        }
+        let frames = room_frames(&*txn, room, Seq(sub.next)).ok()?;
+        Some((vis, frames))
+    }
+
+    /// The keys `user`'s client holds in `room`, looked up again on their node if
+    /// they lack `epoch` (`None` if a key found there fails to open).
+    fn keys_for(
+        &mut self,
+        env: &mut Env<'_>,
+        user: usize,
+        room: RoomId,
+        epoch: Epoch,
+    ) -> Option<BTreeMap<Epoch, EpochKey>> {
+        let cached = self.keycache.get(&(user, room));
+        if let Some(keys) = cached.filter(|keys| keys.contains_key(&epoch)) {
+            return Some(keys.clone());
+        }
+        let keys = self.keys(env, user, room);
+        (!env.failed()).then_some(keys)
+    }
+
+    /// Reads one frame; whether to read on.
+    fn read_frame(
+        &mut self,
+        env: &mut Env<'_>,
+        user: usize,
+        room: RoomId,
+        seq: Seq,
+        frame: &Frame,
+        strict: bool,
+    ) -> bool {
+        let node = env.roster.user(user).node;
+        let Some(sub) = self.subs.get(&(user, room)).copied() else {
+            return false;
+        };
+        let (next, id) = (sub.next, frame.id);
+        let read = Seen::Read {
+            user,
+            node,
+            room,
+            seq,
+            next,
+            id,
+        };
+        if env.seen(&read).failed > 0 {
+            return false;
+        }
+        let Some(keys) = self.keys_for(env, user, room, frame.epoch) else {
+            return false;
+        };
+        let epoch = frame.epoch;
+        if !keys.contains_key(&epoch) {
+            if strict {
+                env.seen(&Seen::NoKey {
+                    user,
+                    node,
+                    room,
+                    seq,
+                    epoch,
+                });
+            }
+            return false;
+        }
+        let opened = client::open(frame, &keys);
+        let text = match &opened {
+            Ok(text) => Ok(text.as_slice()),
+            Err(error) => Err(error as &dyn core::fmt::Display),
+        };
+        let seen = Seen::Opened {
+            user,
+            node,
+            room,
+            seq,
+            id,
+            text,
+        };
+        if env.seen(&seen).failed > 0 {
+            return false;
+        }
+        self.read += 1;
+        if let Some(sub) = self.subs.get_mut(&(user, room)) {
+            sub.next = seq.0 + 1;
+        }
+        true
+    }
+}

@@ -6,7 +6,8 @@
 //! so that CPU time and peak memory can be read per node from `/proc`. The load is
 //! driven over the client protocol (`RemoteNode`) from this process, which seals and
 //! opens every frame as a real client does. The peer is `nats-server` (installed
-//! from Debian's packages when missing) with JetStream file storage, a single node
+//! by `scripts/install-bench-deps.sh`; the bench never installs software) with
+//! JetStream file storage, a single node
 //! (R1) and a three-node cluster (R3), driven with `async-nats`: publish with
 //! acknowledgement, one durable pull consumer per member, and, in the `+crypto`
 //! variants, the very same sealing and opening (`domain::client::seal`/`open`).
@@ -21,7 +22,7 @@ use std::future::Future;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,8 +34,10 @@ use conclave_actors::{Epoch, Identity, MessageId, NodeId, RoomId, Time};
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
-use crate::cli::{cluster_up, ClusterArgs, ClusterFile};
-use crate::{Policy, Position, Receipt, RemoteNode, RoomRole, User, UserRole};
+use conclave::{identity_file, Policy, Position, Receipt, RemoteNode, RoomRole, User, UserRole};
+
+use crate::cluster::{cluster_up, Cluster, ClusterArgs, ClusterFile};
+use crate::signal;
 
 /// Options of `conclave bench`.
 #[derive(Args, Clone, Debug)]
@@ -560,7 +563,7 @@ async fn conclave_users(
 ) -> anyhow::Result<Vec<(User<RemoteNode>, NodeId)>> {
     let mut admins = Vec::new();
     for node in &file.node {
-        let identity = crate::identity_file::load(&node.admin)?;
+        let identity = identity_file::load(&node.admin)?;
         let id: NodeId = node.id.parse()?;
         admins.push((
             RemoteNode::connect(&identity, node.addr, Some(id)).await?,
@@ -578,10 +581,7 @@ async fn conclave_users(
     Ok(users)
 }
 
-async fn conclave_cluster(
-    args: &BenchArgs,
-    name: &str,
-) -> anyhow::Result<(crate::cli::Cluster, Vec<u32>)> {
+async fn conclave_cluster(args: &BenchArgs, name: &str) -> anyhow::Result<(Cluster, Vec<u32>)> {
     let dir = args.dir.join(name);
     fresh_dir(&dir)?;
     let cluster = cluster_up(&ClusterArgs {
@@ -774,50 +774,25 @@ async fn conclave_rooms(args: &BenchArgs) -> anyhow::Result<RoomsResult> {
 // NATS JetStream
 // ---------------------------------------------------------------------------------
 
-/// Finds `nats-server`, installing Debian's package when it is missing.
+/// The script that installs what the JetStream rows need; the bench itself never
+/// installs software.
+const INSTALL_SCRIPT: &str = "scripts/install-bench-deps.sh";
+
+/// Finds `nats-server` on the PATH (or in the usual system directories).
 fn nats_server() -> anyhow::Result<PathBuf> {
-    let find = || {
-        let path = std::env::var("PATH").unwrap_or_default();
-        let found = path
-            .split(':')
-            .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"])
-            .map(|d| Path::new(d).join("nats-server"))
-            .find(|p| p.is_file());
-        found
-    };
-    if let Some(path) = find() {
-        return Ok(path);
-    }
-    eprintln!("nats-server not found; installing Debian's package nats-server");
-    // Effective uid 0 (the second field of /proc/self/status's Uid: line).
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
-            line.split_whitespace().nth(2).map(|u| u == "0")
-        })
-        .unwrap_or(false);
-    let apt = |args: &[&str]| -> anyhow::Result<()> {
-        let mut cmd = if root {
-            std::process::Command::new("apt-get")
-        } else {
-            let mut c = std::process::Command::new("sudo");
-            c.arg("apt-get");
-            c
-        };
-        let status = cmd
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status})", args.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update", "-qq"])?;
-    apt(&["install", "-y", "-qq", "nats-server"])?;
-    find().ok_or_else(|| anyhow!("nats-server is still missing after apt-get install"))
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"])
+        .map(|d| Path::new(d).join("nats-server"))
+        .find(|p| p.is_file());
+    found.ok_or_else(|| {
+        anyhow!(
+            "nats-server is not installed, and the JetStream rows need it: run \
+                 {INSTALL_SCRIPT} (Debian's nats-server package), or pass --jetstream none \
+                 to benchmark conclave alone"
+        )
+    })
 }
 
 struct NatsCluster {
@@ -831,21 +806,14 @@ impl NatsCluster {
     }
     fn stop(mut self) {
         for child in &self.children {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
+            signal::terminate(child);
         }
         for child in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
+            if signal::wait_or_kill(child).is_none() {
+                eprintln!(
+                    "nats-server did not stop in {} ms; killed it",
+                    signal::STOP_GRACE_MS
+                );
             }
         }
     }

@@ -38,7 +38,7 @@ Examples:
   conclave check --cluster ./data/cluster --messages 100
 
   # Users and rooms (client commands authenticate with a user identity file)
-  conclave user add --admin --data ./data/a --identity ./admin.id   # bootstrap
+  conclave user add --admin --data ./data/a --identity ./admin.id   # bootstrap (node stopped)
   conclave user new --out ./alice.id                                # prints alice's public key
   conclave user add --node 127.0.0.1:7401 --as ./admin.id --public <ALICE_PUBLIC>
   conclave room create --node 127.0.0.1:7401 --as ./alice.id

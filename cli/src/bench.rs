@@ -1232,6 +1232,12 @@ fn machine() -> String {
 
 /// Runs the benchmark and prints (and writes) the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // Before anything is measured: a missing peer stops the run at once.
+    let nats = if args.jetstream.iter().any(|j| j == "r1" || j == "r3") {
+        Some(nats_server()?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&args.dir)?;
     let started = Instant::now();
     let mut report = String::new();
@@ -1259,55 +1265,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         floor.conclave(30)
     );
     eprint!("{report}");
-    let mut results = Vec::new();
-    let mut notes = Vec::new();
-    let nats = if args.jetstream.iter().any(|j| j == "r1" || j == "r3") {
-        Some(nats_server()?)
-    } else {
-        None
-    };
-    for (workload, per_node) in [("a", 1usize), ("b", 10)] {
-        if !args.has(workload) {
-            continue;
-        }
-        eprintln!(
-            "== conclave, workload {workload} (at {:.0} s)",
-            started.elapsed().as_secs_f64()
-        );
-        match conclave_room(&args, workload, per_node, &floor).await {
-            Ok(r) => results.push(r),
-            Err(e) => notes.push(format!("conclave workload {workload} failed: {e:#}")),
-        }
-        if let Some(exe) = &nats {
-            for j in &args.jetstream {
-                let nodes = match j.as_str() {
-                    "r1" => 1,
-                    "r3" => 3,
-                    _ => continue,
-                };
-                for crypto in [false, true] {
-                    eprintln!(
-                        "== JetStream R{nodes}{}, workload {workload} (at {:.0} s)",
-                        if crypto { "+crypto" } else { "" },
-                        started.elapsed().as_secs_f64()
-                    );
-                    match jetstream(&args, exe, nodes, workload, per_node * 3, crypto, &floor)
-                        .await
-                    {
-                        Ok(r) => results.push(r),
-                        Err(e) => notes.push(format!(
-                            "JetStream R{nodes} (crypto: {crypto}) workload {workload} failed: {e:#}"
-                        )),
-                    }
-                }
-            }
-        }
-    }
-    for r in &results {
-        for n in &r.notes {
-            notes.push(format!("{} {}: {n}", r.system, r.workload));
-        }
-    }
+    let (results, mut notes) = room_workloads(&args, nats.as_deref(), &floor, started).await;
     report.push_str(&results_table(&results));
     report.push('\n');
     report.push_str(&ratio_table(&results));
@@ -1317,28 +1275,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
         match conclave_rooms(&args).await {
-            Ok(c) => {
-                let _ = writeln!(
-                    report,
-                    "\nworkload c (conclave): {} rooms (3 members, one per node; homes spread over the nodes): set up (create + 2 invites) at {:.0} rooms/s, {:.2} CPU ms per room (all nodes), RSS growth per room {} KiB per node; then 3 messages per room: {:.0} msg/s committed, publish→commit ms p50/p99/p999 {}; peak RSS MiB per node {}; {} failures",
-                    c.rooms,
-                    c.setup_rate,
-                    c.setup_cpu_ms,
-                    c.rss_per_room_kib
-                        .iter()
-                        .map(|k| format!("{k:.1}"))
-                        .collect::<Vec<_>>()
-                        .join(" / "),
-                    c.publish.commit_rate,
-                    lat(&c.publish.commit_lat),
-                    c.peak_rss_mib
-                        .iter()
-                        .map(|m| format!("{m:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" / "),
-                    c.failures + c.publish.failures
-                );
-            }
+            Ok(c) => report.push_str(&rooms_line(&c)),
             Err(e) => notes.push(format!("conclave workload c failed: {e:#}")),
         }
     }
@@ -1354,12 +1291,91 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!("{report}");
-    std::fs::write(args.dir.join("bench.md"), &report)?;
+    write_report(&args, &report, &results)
+}
+
+/// Workloads a and b on conclave, then on each JetStream peer asked for (raw and
+/// with the same crypto): the results, and a note per failed run.
+async fn room_workloads(
+    args: &BenchArgs,
+    nats: Option<&Path>,
+    floor: &Floor,
+    started: Instant,
+) -> (Vec<Result_>, Vec<String>) {
+    let mut results = Vec::new();
+    let mut notes = Vec::new();
+    for (workload, per_node) in [("a", 1usize), ("b", 10)] {
+        if !args.has(workload) {
+            continue;
+        }
+        eprintln!(
+            "== conclave, workload {workload} (at {:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        match conclave_room(args, workload, per_node, floor).await {
+            Ok(r) => results.push(r),
+            Err(e) => notes.push(format!("conclave workload {workload} failed: {e:#}")),
+        }
+        let Some(exe) = nats else { continue };
+        let peers = args.jetstream.iter().filter_map(|j| match j.as_str() {
+            "r1" => Some(1),
+            "r3" => Some(3),
+            _ => None,
+        });
+        for nodes in peers {
+            for crypto in [false, true] {
+                eprintln!(
+                    "== JetStream R{nodes}{}, workload {workload} (at {:.0} s)",
+                    if crypto { "+crypto" } else { "" },
+                    started.elapsed().as_secs_f64()
+                );
+                match jetstream(args, exe, nodes, workload, per_node * 3, crypto, floor).await {
+                    Ok(r) => results.push(r),
+                    Err(e) => notes.push(format!(
+                        "JetStream R{nodes} (crypto: {crypto}) workload {workload} failed: {e:#}"
+                    )),
+                }
+            }
+        }
+    }
+    for r in &results {
+        for n in &r.notes {
+            notes.push(format!("{} {}: {n}", r.system, r.workload));
+        }
+    }
+    (results, notes)
+}
+
+/// Workload c's paragraph of the report.
+fn rooms_line(c: &RoomsResult) -> String {
+    let per_node = |values: &[f64], precision: usize| {
+        values
+            .iter()
+            .map(|v| format!("{v:.precision$}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    format!(
+        "\nworkload c (conclave): {} rooms (3 members, one per node; homes spread over the nodes): set up (create + 2 invites) at {:.0} rooms/s, {:.2} CPU ms per room (all nodes), RSS growth per room {} KiB per node; then 3 messages per room: {:.0} msg/s committed, publish→commit ms p50/p99/p999 {}; peak RSS MiB per node {}; {} failures\n",
+        c.rooms,
+        c.setup_rate,
+        c.setup_cpu_ms,
+        per_node(&c.rss_per_room_kib, 1),
+        c.publish.commit_rate,
+        lat(&c.publish.commit_lat),
+        per_node(&c.peak_rss_mib, 0),
+        c.failures + c.publish.failures
+    )
+}
+
+/// Writes `DIR/bench.md` and the latency charts of workloads a and b.
+fn write_report(args: &BenchArgs, report: &str, results: &[Result_]) -> anyhow::Result<()> {
+    std::fs::write(args.dir.join("bench.md"), report)?;
     for w in ["a", "b"] {
         if results.iter().any(|r| r.workload == w) {
             std::fs::write(
                 args.dir.join(format!("latency-{w}.svg")),
-                latency_svg(&results, w),
+                latency_svg(results, w),
             )?;
         }
     }

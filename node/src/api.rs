@@ -150,9 +150,11 @@ impl NodeBuilder {
         self
     }
 
-    /// LMDB options (map size, table count).
-    pub fn lmdb_options(mut self, options: LmdbOptions) -> Self {
-        self.lmdb = options;
+    /// The largest the node's store may grow to (default 64 GiB; the file is
+    /// sparse, so a large bound costs only address space). Past it, writes are
+    /// refused with `storage`.
+    pub fn store_bytes_max(mut self, bytes: usize) -> Self {
+        self.lmdb.map_size_bytes = bytes;
         self
     }
 

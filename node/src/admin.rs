@@ -12,7 +12,7 @@ use conclave_actors::domain::{self, Denial};
 use conclave_actors::{PublicIdentity, UserId};
 use conclave_storage::{LmdbOptions, LmdbStore, Store, StoreError};
 
-use crate::data_dir::{DataDirError, DataDirLock};
+use crate::data_dir::{store_dir, DataDirError, DataDirLock};
 use crate::host::wall_now;
 
 /// What [`seed_admin_offline`] did.
@@ -66,8 +66,8 @@ pub fn seed_admin_offline(data_dir: &Path, admin: &PublicIdentity) -> Result<See
         dir: data_dir.to_path_buf(),
         source,
     };
-    let store = LmdbStore::open(&crate::api::store_dir(data_dir), LmdbOptions::default())
-        .map_err(store_error)?;
+    let store =
+        LmdbStore::open(&store_dir(data_dir), LmdbOptions::default()).map_err(store_error)?;
     let seeded = match seed_admin(&store, admin) {
         Ok(()) => Seeded::Added,
         Err(SeedError::Refused(Denial::Conflict { .. })) => Seeded::AlreadyRegistered,

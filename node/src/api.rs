@@ -48,7 +48,7 @@ use conclave_transports::{Transport, TransportEvent};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::admin::SeedError;
-use crate::data_dir::{DataDirError, DataDirLock};
+use crate::data_dir::{store_dir, DataDirError, DataDirLock};
 use crate::host::{HostConfig, RouteError, Runtime};
 use crate::identity_file::{self, IdentityFileError};
 use crate::user::sealed::Carrier;
@@ -645,11 +645,6 @@ impl Node {
             changes,
         })
     }
-}
-
-/// Where a node keeps its store inside its data directory.
-pub(crate) fn store_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("db")
 }
 
 /// Most frames [`Node::stored_frames`] reads at once.

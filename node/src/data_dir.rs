@@ -1,4 +1,4 @@
-//! One owner per data directory at a time: a running node, or an offline admin
+//! A node's data directory: its layout, and one owner at a time: a running node, or an offline admin
 //! operation, holds an exclusive lock on `DIR/node.lock` for as long as it uses
 //! the store.
 //!
@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 
 /// The lock file's name inside a data directory.
 pub const LOCK_FILE_NAME: &str = "node.lock";
+
+/// Where a node keeps its store inside its data directory.
+pub(crate) fn store_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("db")
+}
 
 /// Why a data directory could not be taken.
 #[derive(Debug, thiserror::Error)]

@@ -91,16 +91,12 @@ async fn remote_users_act_like_local_ones_and_refusals_carry_their_reason() {
     assert_eq!(second.body, b"live");
     assert_eq!(bob.list_rooms().await.unwrap(), vec![(room, node.id())]);
     // The node stored ciphertext only.
-    let store = node.store().unwrap();
-    let txn = store.read_txn().unwrap();
-    let frames =
-        conclave_actors::domain::state::rooms::frames(&txn, room, conclave_actors::Seq(1), 10)
-            .unwrap();
+    let frames = node.stored_frames(room, conclave::Seq(1), 10).unwrap();
+    assert_eq!(frames.len(), 2);
     assert!(frames.iter().all(|(_, f)| !f
         .ciphertext
         .windows(4)
         .any(|w| w == b"over" || w == b"live")));
-    drop(txn);
 
     // Revoked: bob's next connection is refused with revoked, and requests on his
     // open connection are refused too; alice is still served.

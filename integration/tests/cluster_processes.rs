@@ -8,9 +8,9 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use conclave::cli::ClusterFile;
 use conclave::observe::{http_get, Health};
 use conclave::{ApiError, Denial, Identity, RemoteNode};
+use conclave_cli::cluster::ClusterFile;
 
 const EXE: &str = env!("CARGO_BIN_EXE_conclave-it");
 
@@ -95,7 +95,13 @@ fn promtool_check(exposition: &str) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool is required (Debian package `prometheus`; .ci/run installs it)");
+        .unwrap_or_else(|error| {
+            panic!(
+                "cannot run promtool ({error}): this test validates /metrics with it. Run the \
+                 suite with scripts/test, which installs promtool (Debian's `prometheus` \
+                 package) when it is missing"
+            )
+        });
     child
         .stdin
         .take()

@@ -8,7 +8,7 @@ use conclave::{
     ApiError, Denial, Identity, Message, Node, NodeId, Policy, Position, Receipt, RoomRole,
     UserRole,
 };
-use conclave_actors::domain::{self, DomainConfig};
+use conclave_actors::domain::DomainConfig;
 use conclave_actors::ids::{Epoch, RoomId, Seq};
 
 /// A loopback UDP port that was free a moment ago.
@@ -222,17 +222,11 @@ async fn removal_rekeys_and_the_removed_node_gets_nothing_later() {
 
     // Carol's node holds no frame and no key of epoch 2; her stream ends.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let store = c.node(2).store().unwrap();
-    let txn = store.read_txn().unwrap();
-    let frames = domain::state::rooms::frames(&txn, room, Seq(1), 100).unwrap();
+    let frames = c.node(2).stored_frames(room, Seq(1), 100).unwrap();
     assert_eq!(frames.len(), 1);
     assert!(frames.iter().all(|(_, f)| f.epoch == Epoch(1)));
-    let keys = domain::state::keys::sealed_for(&txn, room, carol.id()).unwrap();
-    assert_eq!(
-        keys.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
-        vec![Epoch(1)]
-    );
-    drop(txn);
+    let epochs = c.node(2).stored_key_epochs(room, carol.id()).unwrap();
+    assert_eq!(epochs, vec![Epoch(1)]);
     let end = tokio::time::timeout(Duration::from_secs(5), carol_sub.next())
         .await
         .expect("stream ends");
@@ -305,15 +299,10 @@ async fn a_node_restarted_on_its_data_dir_loses_nothing_and_delivers_nothing_twi
     // Nothing more: no duplicate shows up.
     let extra = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
     assert!(extra.is_err(), "a message arrived twice: {:?}", extra.ok());
-    let store = c.node(1).store().unwrap();
-    let txn = store.read_txn().unwrap();
     assert_eq!(
-        domain::state::rooms::frames(&txn, room, Seq(1), 100)
-            .unwrap()
-            .len(),
+        c.node(1).stored_frames(room, Seq(1), 100).unwrap().len(),
         16
     );
-    drop(txn);
     for i in 0..3 {
         c.node(i).shutdown().await;
     }

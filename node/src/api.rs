@@ -47,9 +47,12 @@ use conclave_transports::quic::{QuicConfig, QuicTransport};
 use conclave_transports::{Transport, TransportEvent};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::host::{wall_now, HostConfig, RouteError, Runtime};
+use crate::admin::SeedError;
+use crate::data_dir::{store_dir, DataDirError, DataDirLock};
+use crate::host::{HostConfig, RouteError, Runtime};
 use crate::identity_file::{self, IdentityFileError};
-use crate::user::{ApiError, Backend, FrameSource, Position, User};
+use crate::user::sealed::Carrier;
+use crate::user::{ApiError, FrameSource, Position, User};
 
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// Another node (or an offline admin operation) holds the data directory.
+    #[error(transparent)]
+    InUse(#[from] DataDirError),
     /// The node identity could not be loaded or created.
     #[error(transparent)]
     Identity(#[from] IdentityFileError),
@@ -144,9 +150,11 @@ impl NodeBuilder {
         self
     }
 
-    /// LMDB options (map size, table count).
-    pub fn lmdb_options(mut self, options: LmdbOptions) -> Self {
-        self.lmdb = options;
+    /// The largest the node's store may grow to (default 64 GiB; the file is
+    /// sparse, so a large bound costs only address space). Past it, writes are
+    /// refused with `storage`.
+    pub fn store_bytes_max(mut self, bytes: usize) -> Self {
+        self.lmdb.map_size_bytes = bytes;
         self
     }
 
@@ -159,9 +167,11 @@ impl NodeBuilder {
             path: dir.clone(),
             source,
         })?;
+        // Held until shutdown: one node per directory (see `data_dir`).
+        let lock = DataDirLock::acquire(&dir)?;
         let (identity, _) = identity_file::load_or_create(&dir.join("node.id"))?;
         let id = identity.node_id();
-        let store = Arc::new(LmdbStore::open(&dir.join("db"), self.lmdb.clone())?);
+        let store = Arc::new(LmdbStore::open(&store_dir(&dir), self.lmdb.clone())?);
         let mut quic = QuicConfig::new(identity, self.listen);
         quic.peers = self.peers.clone();
         quic.accept_clients = true;
@@ -200,6 +210,7 @@ impl NodeBuilder {
                 local_addr,
                 peers: self.peers,
                 store: Mutex::new(Some(store)),
+                lock: Mutex::new(Some(lock)),
                 gateway,
                 runtime: Mutex::new(Some(runtime)),
                 transport: Mutex::new(Some(transport)),
@@ -258,6 +269,8 @@ struct Inner {
     /// Taken at shutdown, so that the directory can be opened again in this process
     /// while old handles still exist.
     store: Mutex<Option<Arc<LmdbStore>>>,
+    /// The data directory's lock, released at shutdown once the store is closed.
+    lock: Mutex<Option<DataDirLock>>,
     gateway: Arc<Gateway>,
     runtime: Mutex<Option<Arc<Runtime<NodeSystem>>>>,
     /// Taken at shutdown: the UDP socket is released with the last handle.
@@ -317,7 +330,7 @@ impl Node {
 
     /// The node's store (read it; the actors write it), or `None` once the node is
     /// shut down.
-    pub fn store(&self) -> Option<Arc<LmdbStore>> {
+    pub(crate) fn store(&self) -> Option<Arc<LmdbStore>> {
         self.inner
             .store
             .lock()
@@ -361,13 +374,45 @@ impl Node {
 
     /// Registers `user` as an admin of this node without an acting admin: the
     /// bootstrap, for the operator. [`Denial::Conflict`] if registered already.
+    /// (For a node that is not running, see [`crate::admin::seed_admin_offline`].)
     pub fn seed_admin(&self, user: &PublicIdentity) -> Result<(), ApiError> {
         let store = self.open_store()?;
-        let mut txn = store.write()?;
-        domain::state::registry::seed_admin(&mut *txn, user, wall_now())
-            .map_err(ApiError::Denied)?;
-        txn.commit()?;
-        Ok(())
+        crate::admin::seed_admin(store.as_ref(), user).map_err(|error| match error {
+            SeedError::Store(error) => error.into(),
+            SeedError::Refused(denial) => ApiError::Denied(denial),
+        })
+    }
+
+    /// Up to `count_max` frames of `room` this node stores, from `from` on, as
+    /// stored: ciphertext and signatures, never plaintext. For operators and
+    /// tests that audit what a node holds; users read with [`User::subscribe`].
+    pub fn stored_frames(
+        &self,
+        room: RoomId,
+        from: Seq,
+        count_max: usize,
+    ) -> Result<Vec<(Seq, Frame)>, ApiError> {
+        assert!(
+            count_max <= STORED_FRAMES_MAX,
+            "stored_frames reads at most {STORED_FRAMES_MAX} frames at once"
+        );
+        let store = self.open_store()?;
+        let txn = store.read_txn()?;
+        let frames = domain::state::rooms::frames(&txn, room, from, count_max)?;
+        debug_assert!(frames.len() <= count_max);
+        debug_assert!(frames.windows(2).all(|w| w[0].0 < w[1].0));
+        Ok(frames)
+    }
+
+    /// The epochs of `room` whose key this node holds sealed to `user`: what a
+    /// removed member's node still has (nothing past the removal).
+    pub fn stored_key_epochs(&self, room: RoomId, user: UserId) -> Result<Vec<Epoch>, ApiError> {
+        let store = self.open_store()?;
+        let txn = store.read_txn()?;
+        Ok(domain::state::keys::sealed_for(&txn, room, user)?
+            .into_iter()
+            .map(|(epoch, _)| epoch)
+            .collect())
     }
 
     /// A handle acting as `identity`, who must be an active user of this node.
@@ -418,6 +463,13 @@ impl Node {
             // Joining the runtime thread blocks; keep it off the async workers.
             let _ = tokio::task::spawn_blocking(move || drop(runtime)).await;
         }
+        // Last: the actors are stopped and the store closed, so the directory may
+        // now be taken by another node or an offline admin operation.
+        self.inner
+            .lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         tracing::info!(node = %self.inner.id, "node stopped");
     }
 
@@ -484,7 +536,7 @@ impl Node {
     }
 }
 
-impl Backend for Node {
+impl Carrier for Node {
     type Frames = LocalFrames;
 
     fn node_id(&self) -> NodeId {
@@ -526,8 +578,8 @@ impl Node {
     /// Hands a request signed by a user of this node to its members actor and waits
     /// for the outcome: `Ok(None)` if it went to the outbox towards the room's home
     /// and no answer came within `wait` (it is applied when the home is back).
-    /// For gateways relaying requests their clients signed (the client protocol).
-    pub async fn submit_request(
+    /// For the client protocol, which relays requests its clients signed.
+    pub(crate) async fn submit_request(
         &self,
         req: SignedRequest,
         wait: Duration,
@@ -542,7 +594,7 @@ impl Node {
 
     /// Hands a frame a user of this node sealed and signed to its members actor
     /// and waits for the receipt (see [`Node::submit_request`] for `Ok(None)`).
-    pub async fn submit_publish(
+    pub(crate) async fn submit_publish(
         &self,
         frame: Frame,
         wait: Duration,
@@ -595,6 +647,9 @@ impl Node {
         })
     }
 }
+
+/// Most frames [`Node::stored_frames`] reads at once.
+pub const STORED_FRAMES_MAX: usize = 4096;
 
 /// A room's frames as a local user may read them: history, then live. See
 /// [`Node::frames`].

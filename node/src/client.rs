@@ -34,7 +34,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::user::{ApiError, Backend, FrameSource, Position, User};
+use crate::user::sealed::Carrier;
+use crate::user::{ApiError, FrameSource, Position, User};
 use crate::Node;
 
 /// The largest request or response message.
@@ -138,7 +139,7 @@ async fn read_msg<T: DeserializeOwned>(
 }
 
 /// Serves the client connections the transport hands over, until it stops.
-pub async fn serve(node: Node, mut clients: mpsc::Receiver<ClientConnection>) {
+pub(crate) async fn serve(node: Node, mut clients: mpsc::Receiver<ClientConnection>) {
     let open = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     while let Some(client) = clients.recv().await {
         tokio::spawn(serve_connection(node.clone(), client, Arc::clone(&open)));
@@ -274,7 +275,7 @@ async fn answer(
                 problem: "frame sent by another user than the connection's".into(),
             })
         }
-        ClientRequest::Publish(frame) => outcome(Backend::publish(node, *frame).await),
+        ClientRequest::Publish(frame) => outcome(Carrier::publish(node, *frame).await),
         ClientRequest::Keys { room } => match node.check_user(user) {
             Err(denial) => ClientResponse::Refused(denial),
             Ok(()) => match node.sealed_keys(user, room).await {
@@ -424,7 +425,7 @@ impl RemoteNode {
     }
 }
 
-impl Backend for RemoteNode {
+impl Carrier for RemoteNode {
     type Frames = RemoteFrames;
 
     fn node_id(&self) -> NodeId {

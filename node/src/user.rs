@@ -105,41 +105,55 @@ pub struct Message {
     pub body: Vec<u8>,
 }
 
-/// What a [`User`] needs from the node it is homed on.
-pub trait Backend: Clone + Send + Sync + 'static {
-    /// A stream of a room's frames.
-    type Frames: FrameSource;
+/// What a [`User`] acts through: [`crate::Node`] (a node in this process) or
+/// [`crate::RemoteNode`] (a node over the client protocol). Sealed: what travels
+/// between a user and their node (signed requests, sealed keys, ciphertext) is
+/// internal, so that the wire types can change without breaking embedders.
+pub trait Backend: sealed::Carrier {}
 
-    /// The node's id.
-    fn node_id(&self) -> NodeId;
+impl<T: sealed::Carrier> Backend for T {}
 
-    /// Hands a signed request to the node; `Ok(None)` if it is queued for the
-    /// room's home and not answered yet.
-    fn call(
-        &self,
-        req: SignedRequest,
-    ) -> impl Future<Output = Result<Option<Outcome>, ApiError>> + Send;
+pub(crate) mod sealed {
+    //! The operations behind [`super::Backend`], visible to this crate only.
+    use super::*;
 
-    /// Hands a sealed, signed frame to the node; `Ok(None)` as for `call`.
-    fn publish(
-        &self,
-        frame: Frame,
-    ) -> impl Future<Output = Result<Option<Outcome>, ApiError>> + Send;
+    /// What a [`User`] needs from the node it is homed on.
+    pub trait Carrier: Clone + Send + Sync + 'static {
+        /// A stream of a room's frames.
+        type Frames: FrameSource;
 
-    /// The keys of `room` the node holds sealed to `user`.
-    fn sealed_keys(
-        &self,
-        user: UserId,
-        room: RoomId,
-    ) -> impl Future<Output = Result<Vec<(Epoch, SealedKey)>, ApiError>> + Send;
+        /// The node's id.
+        fn node_id(&self) -> NodeId;
 
-    /// The frames of `room` that `user` may read, from `from` on: history, then live.
-    fn frames(
-        &self,
-        user: UserId,
-        room: RoomId,
-        from: Position,
-    ) -> impl Future<Output = Result<Self::Frames, ApiError>> + Send;
+        /// Hands a signed request to the node; `Ok(None)` if it is queued for the
+        /// room's home and not answered yet.
+        fn call(
+            &self,
+            req: SignedRequest,
+        ) -> impl Future<Output = Result<Option<Outcome>, ApiError>> + Send;
+
+        /// Hands a sealed, signed frame to the node; `Ok(None)` as for `call`.
+        fn publish(
+            &self,
+            frame: Frame,
+        ) -> impl Future<Output = Result<Option<Outcome>, ApiError>> + Send;
+
+        /// The keys of `room` the node holds sealed to `user`.
+        fn sealed_keys(
+            &self,
+            user: UserId,
+            room: RoomId,
+        ) -> impl Future<Output = Result<Vec<(Epoch, SealedKey)>, ApiError>> + Send;
+
+        /// The frames of `room` that `user` may read, from `from` on: history, then
+        /// live.
+        fn frames(
+            &self,
+            user: UserId,
+            room: RoomId,
+            from: Position,
+        ) -> impl Future<Output = Result<Self::Frames, ApiError>> + Send;
+    }
 }
 
 /// A stream of `(seq, frame)`; `None` once the user may read no more (removed).

@@ -1233,7 +1233,7 @@ impl Cluster {
         else {
             return Vec::new();
         };
-        domain::state::rooms::frames(&*txn, room, vis.from, usize::MAX)
+        domain::state::rooms::frames(&*txn, room, vis.from, crate::model::ROOM_FRAMES_MAX)
             .expect("frames")
             .into_iter()
             .filter(|(seq, _)| vis.covers(*seq))

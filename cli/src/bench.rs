@@ -6,7 +6,8 @@
 //! so that CPU time and peak memory can be read per node from `/proc`. The load is
 //! driven over the client protocol (`RemoteNode`) from this process, which seals and
 //! opens every frame as a real client does. The peer is `nats-server` (installed
-//! from Debian's packages when missing) with JetStream file storage, a single node
+//! by `scripts/install-bench-deps.sh`; the bench never installs software) with
+//! JetStream file storage, a single node
 //! (R1) and a three-node cluster (R3), driven with `async-nats`: publish with
 //! acknowledgement, one durable pull consumer per member, and, in the `+crypto`
 //! variants, the very same sealing and opening (`domain::client::seal`/`open`).
@@ -21,7 +22,7 @@ use std::future::Future;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,8 +34,10 @@ use conclave_actors::{Epoch, Identity, MessageId, NodeId, RoomId, Time};
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
-use crate::cli::{cluster_up, ClusterArgs, ClusterFile};
-use crate::{Policy, Position, Receipt, RemoteNode, RoomRole, User, UserRole};
+use conclave::{identity_file, Policy, Position, Receipt, RemoteNode, RoomRole, User, UserRole};
+
+use crate::cluster::{cluster_up, Cluster, ClusterArgs, ClusterFile};
+use crate::signal;
 
 /// Options of `conclave bench`.
 #[derive(Args, Clone, Debug)]
@@ -560,7 +563,7 @@ async fn conclave_users(
 ) -> anyhow::Result<Vec<(User<RemoteNode>, NodeId)>> {
     let mut admins = Vec::new();
     for node in &file.node {
-        let identity = crate::identity_file::load(&node.admin)?;
+        let identity = identity_file::load(&node.admin)?;
         let id: NodeId = node.id.parse()?;
         admins.push((
             RemoteNode::connect(&identity, node.addr, Some(id)).await?,
@@ -578,10 +581,7 @@ async fn conclave_users(
     Ok(users)
 }
 
-async fn conclave_cluster(
-    args: &BenchArgs,
-    name: &str,
-) -> anyhow::Result<(crate::cli::Cluster, Vec<u32>)> {
+async fn conclave_cluster(args: &BenchArgs, name: &str) -> anyhow::Result<(Cluster, Vec<u32>)> {
     let dir = args.dir.join(name);
     fresh_dir(&dir)?;
     let cluster = cluster_up(&ClusterArgs {
@@ -774,50 +774,25 @@ async fn conclave_rooms(args: &BenchArgs) -> anyhow::Result<RoomsResult> {
 // NATS JetStream
 // ---------------------------------------------------------------------------------
 
-/// Finds `nats-server`, installing Debian's package when it is missing.
+/// The script that installs what the JetStream rows need; the bench itself never
+/// installs software.
+const INSTALL_SCRIPT: &str = "scripts/install-bench-deps.sh";
+
+/// Finds `nats-server` on the PATH (or in the usual system directories).
 fn nats_server() -> anyhow::Result<PathBuf> {
-    let find = || {
-        let path = std::env::var("PATH").unwrap_or_default();
-        let found = path
-            .split(':')
-            .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"])
-            .map(|d| Path::new(d).join("nats-server"))
-            .find(|p| p.is_file());
-        found
-    };
-    if let Some(path) = find() {
-        return Ok(path);
-    }
-    eprintln!("nats-server not found; installing Debian's package nats-server");
-    // Effective uid 0 (the second field of /proc/self/status's Uid: line).
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
-            line.split_whitespace().nth(2).map(|u| u == "0")
-        })
-        .unwrap_or(false);
-    let apt = |args: &[&str]| -> anyhow::Result<()> {
-        let mut cmd = if root {
-            std::process::Command::new("apt-get")
-        } else {
-            let mut c = std::process::Command::new("sudo");
-            c.arg("apt-get");
-            c
-        };
-        let status = cmd
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status})", args.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update", "-qq"])?;
-    apt(&["install", "-y", "-qq", "nats-server"])?;
-    find().ok_or_else(|| anyhow!("nats-server is still missing after apt-get install"))
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"])
+        .map(|d| Path::new(d).join("nats-server"))
+        .find(|p| p.is_file());
+    found.ok_or_else(|| {
+        anyhow!(
+            "nats-server is not installed, and the JetStream rows need it: run \
+                 {INSTALL_SCRIPT} (Debian's nats-server package), or pass --jetstream none \
+                 to benchmark conclave alone"
+        )
+    })
 }
 
 struct NatsCluster {
@@ -831,21 +806,14 @@ impl NatsCluster {
     }
     fn stop(mut self) {
         for child in &self.children {
-            if let Ok(pid) = i32::try_from(child.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
+            signal::terminate(child);
         }
         for child in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if matches!(child.try_wait(), Ok(None)) {
-                let _ = child.kill();
-                let _ = child.wait();
+            if signal::wait_or_kill(child).is_none() {
+                eprintln!(
+                    "nats-server did not stop in {} ms; killed it",
+                    signal::STOP_GRACE_MS
+                );
             }
         }
     }
@@ -1264,6 +1232,12 @@ fn machine() -> String {
 
 /// Runs the benchmark and prints (and writes) the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // Before anything is measured: a missing peer stops the run at once.
+    let nats = if args.jetstream.iter().any(|j| j == "r1" || j == "r3") {
+        Some(nats_server()?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(&args.dir)?;
     let started = Instant::now();
     let mut report = String::new();
@@ -1291,55 +1265,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         floor.conclave(30)
     );
     eprint!("{report}");
-    let mut results = Vec::new();
-    let mut notes = Vec::new();
-    let nats = if args.jetstream.iter().any(|j| j == "r1" || j == "r3") {
-        Some(nats_server()?)
-    } else {
-        None
-    };
-    for (workload, per_node) in [("a", 1usize), ("b", 10)] {
-        if !args.has(workload) {
-            continue;
-        }
-        eprintln!(
-            "== conclave, workload {workload} (at {:.0} s)",
-            started.elapsed().as_secs_f64()
-        );
-        match conclave_room(&args, workload, per_node, &floor).await {
-            Ok(r) => results.push(r),
-            Err(e) => notes.push(format!("conclave workload {workload} failed: {e:#}")),
-        }
-        if let Some(exe) = &nats {
-            for j in &args.jetstream {
-                let nodes = match j.as_str() {
-                    "r1" => 1,
-                    "r3" => 3,
-                    _ => continue,
-                };
-                for crypto in [false, true] {
-                    eprintln!(
-                        "== JetStream R{nodes}{}, workload {workload} (at {:.0} s)",
-                        if crypto { "+crypto" } else { "" },
-                        started.elapsed().as_secs_f64()
-                    );
-                    match jetstream(&args, exe, nodes, workload, per_node * 3, crypto, &floor)
-                        .await
-                    {
-                        Ok(r) => results.push(r),
-                        Err(e) => notes.push(format!(
-                            "JetStream R{nodes} (crypto: {crypto}) workload {workload} failed: {e:#}"
-                        )),
-                    }
-                }
-            }
-        }
-    }
-    for r in &results {
-        for n in &r.notes {
-            notes.push(format!("{} {}: {n}", r.system, r.workload));
-        }
-    }
+    let (results, mut notes) = room_workloads(&args, nats.as_deref(), &floor, started).await;
     report.push_str(&results_table(&results));
     report.push('\n');
     report.push_str(&ratio_table(&results));
@@ -1349,28 +1275,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
         match conclave_rooms(&args).await {
-            Ok(c) => {
-                let _ = writeln!(
-                    report,
-                    "\nworkload c (conclave): {} rooms (3 members, one per node; homes spread over the nodes): set up (create + 2 invites) at {:.0} rooms/s, {:.2} CPU ms per room (all nodes), RSS growth per room {} KiB per node; then 3 messages per room: {:.0} msg/s committed, publish→commit ms p50/p99/p999 {}; peak RSS MiB per node {}; {} failures",
-                    c.rooms,
-                    c.setup_rate,
-                    c.setup_cpu_ms,
-                    c.rss_per_room_kib
-                        .iter()
-                        .map(|k| format!("{k:.1}"))
-                        .collect::<Vec<_>>()
-                        .join(" / "),
-                    c.publish.commit_rate,
-                    lat(&c.publish.commit_lat),
-                    c.peak_rss_mib
-                        .iter()
-                        .map(|m| format!("{m:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" / "),
-                    c.failures + c.publish.failures
-                );
-            }
+            Ok(c) => report.push_str(&rooms_line(&c)),
             Err(e) => notes.push(format!("conclave workload c failed: {e:#}")),
         }
     }
@@ -1386,12 +1291,91 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     println!("{report}");
-    std::fs::write(args.dir.join("bench.md"), &report)?;
+    write_report(&args, &report, &results)
+}
+
+/// Workloads a and b on conclave, then on each JetStream peer asked for (raw and
+/// with the same crypto): the results, and a note per failed run.
+async fn room_workloads(
+    args: &BenchArgs,
+    nats: Option<&Path>,
+    floor: &Floor,
+    started: Instant,
+) -> (Vec<Result_>, Vec<String>) {
+    let mut results = Vec::new();
+    let mut notes = Vec::new();
+    for (workload, per_node) in [("a", 1usize), ("b", 10)] {
+        if !args.has(workload) {
+            continue;
+        }
+        eprintln!(
+            "== conclave, workload {workload} (at {:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
+        match conclave_room(args, workload, per_node, floor).await {
+            Ok(r) => results.push(r),
+            Err(e) => notes.push(format!("conclave workload {workload} failed: {e:#}")),
+        }
+        let Some(exe) = nats else { continue };
+        let peers = args.jetstream.iter().filter_map(|j| match j.as_str() {
+            "r1" => Some(1),
+            "r3" => Some(3),
+            _ => None,
+        });
+        for nodes in peers {
+            for crypto in [false, true] {
+                eprintln!(
+                    "== JetStream R{nodes}{}, workload {workload} (at {:.0} s)",
+                    if crypto { "+crypto" } else { "" },
+                    started.elapsed().as_secs_f64()
+                );
+                match jetstream(args, exe, nodes, workload, per_node * 3, crypto, floor).await {
+                    Ok(r) => results.push(r),
+                    Err(e) => notes.push(format!(
+                        "JetStream R{nodes} (crypto: {crypto}) workload {workload} failed: {e:#}"
+                    )),
+                }
+            }
+        }
+    }
+    for r in &results {
+        for n in &r.notes {
+            notes.push(format!("{} {}: {n}", r.system, r.workload));
+        }
+    }
+    (results, notes)
+}
+
+/// Workload c's paragraph of the report.
+fn rooms_line(c: &RoomsResult) -> String {
+    let per_node = |values: &[f64], precision: usize| {
+        values
+            .iter()
+            .map(|v| format!("{v:.precision$}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    format!(
+        "\nworkload c (conclave): {} rooms (3 members, one per node; homes spread over the nodes): set up (create + 2 invites) at {:.0} rooms/s, {:.2} CPU ms per room (all nodes), RSS growth per room {} KiB per node; then 3 messages per room: {:.0} msg/s committed, publish→commit ms p50/p99/p999 {}; peak RSS MiB per node {}; {} failures\n",
+        c.rooms,
+        c.setup_rate,
+        c.setup_cpu_ms,
+        per_node(&c.rss_per_room_kib, 1),
+        c.publish.commit_rate,
+        lat(&c.publish.commit_lat),
+        per_node(&c.peak_rss_mib, 0),
+        c.failures + c.publish.failures
+    )
+}
+
+/// Writes `DIR/bench.md` and the latency charts of workloads a and b.
+fn write_report(args: &BenchArgs, report: &str, results: &[Result_]) -> anyhow::Result<()> {
+    std::fs::write(args.dir.join("bench.md"), report)?;
     for w in ["a", "b"] {
         if results.iter().any(|r| r.workload == w) {
             std::fs::write(
                 args.dir.join(format!("latency-{w}.svg")),
-                latency_svg(&results, w),
+                latency_svg(results, w),
             )?;
         }
     }

@@ -1,5 +1,5 @@
 //! The `conclave` binary (see `conclave --help`).
 
 fn main() -> std::process::ExitCode {
-    conclave::cli::main()
+    conclave_cli::main()
 }

@@ -1,0 +1,622 @@
+//! The `conclave` command line: its arguments, and the node, user, room, send and
+//! tail commands. The cluster, check, demo and bench commands live in their own
+//! modules; this one only dispatches to them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use conclave::admin::{self, Seeded};
+use conclave::{
+    identity_file, observe, History, Identity, Node, NodeId, Policy, Position, PublicIdentity,
+    Receipt, RemoteNode, RoomRole, User, UserId, UserRole,
+};
+use conclave_actors::ids::{RoomId, Seq};
+use serde::{Deserialize, Serialize};
+
+use crate::bench::BenchArgs;
+use crate::check::CheckArgs;
+use crate::cluster::{cluster_up, print_status, ClusterArgs};
+use crate::demo::DemoArgs;
+use crate::signal::wait_for_signal;
+
+const EXAMPLES: &str = "\
+Examples:
+  # The demo: a local three-node cluster and an encrypted conversation across it
+  conclave demo
+
+  # One node
+  conclave init --data ./data/a
+  conclave node --data ./data/a --listen 127.0.0.1:7401 --metrics 127.0.0.1:9401 \\
+      --peer <NODE_B_ID>@127.0.0.1:7402
+
+  # A local cluster of three processes, and an end-to-end check against it
+  conclave cluster up --nodes 3 --dir ./data/cluster
+  conclave check --cluster ./data/cluster --messages 100
+
+  # Users and rooms (client commands authenticate with a user identity file)
+  conclave user add --admin --data ./data/a --identity ./admin.id   # bootstrap (node stopped)
+  conclave user new --out ./alice.id                                # prints alice's public key
+  conclave user add --node 127.0.0.1:7401 --as ./admin.id --public <ALICE_PUBLIC>
+  conclave room create --node 127.0.0.1:7401 --as ./alice.id
+  conclave send --node 127.0.0.1:7401 --as ./alice.id --room <ROOM> hello
+  conclave tail --node 127.0.0.1:7401 --as ./alice.id --room <ROOM>";
+
+/// conclave: end-to-end-encrypted group messaging between nodes.
+#[derive(Parser)]
+#[command(name = "conclave", version, about, long_about = None, after_help = EXAMPLES)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create this node's identity (or load the existing one) and print the node id.
+    ///
+    /// The identity is written to DIR/node.id with mode 0600. A damaged identity file
+    /// is reported and never replaced.
+    ///
+    /// Example: conclave init --data ./data/a
+    Init {
+        /// The node's data directory.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
+    /// Run one node until SIGINT or SIGTERM.
+    ///
+    /// Listens for peers and clients on --listen (QUIC), serves /metrics and /healthz
+    /// on --metrics, and stops cleanly on a signal: every committed change is on disk
+    /// and undelivered messages stay in the outboxes for the next start.
+    ///
+    /// Example: conclave node --data ./data/a --listen 127.0.0.1:7401 --peer ID@127.0.0.1:7402
+    Node(NodeArgs),
+    /// Users of a node: create identities, add, list, revoke.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Rooms: create, list, invite, remove (with rekey).
+    #[command(subcommand)]
+    Room(RoomCmd),
+    /// Encrypt, sign and publish messages to a room (arguments, or stdin lines).
+    ///
+    /// Example: conclave send --node 127.0.0.1:7401 --as ./alice.id --room ROOM hello
+    Send(SendArgs),
+    /// Print a room's messages, decrypted: history, then live until interrupted.
+    ///
+    /// Example: conclave tail --node 127.0.0.1:7401 --as ./alice.id --room ROOM
+    Tail(TailArgs),
+    /// A local cluster of separate node processes.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// End-to-end verification against a cluster started by `cluster up`.
+    ///
+    /// Creates a user on every node, a room spanning them, publishes --messages
+    /// messages and confirms every member decrypts every one exactly once. With
+    /// --mode loop it publishes every --interval for --duration and prints
+    /// sent/received per member each second, reconnecting to nodes that restart.
+    ///
+    /// Example: conclave check --cluster ./data/cluster --messages 100
+    Check(CheckArgs),
+    /// Start a local three-node cluster and show an encrypted conversation across it.
+    ///
+    /// The cluster keeps running (until Ctrl-C) so that you can send your own
+    /// messages; the commands to do so are printed.
+    ///
+    /// Example: conclave demo
+    Demo(DemoArgs),
+    /// Benchmark: conclave side by side with NATS JetStream and the crypto floor.
+    ///
+    /// Starts local three-node clusters (separate processes, QUIC, LMDB with fsync),
+    /// drives workloads a (1 room, 3 members), b (1 room, 30 members), c (many
+    /// rooms), then the same load on JetStream R1 and R3, with and without the same
+    /// end-to-end crypto, and prints a table (also DIR/bench.md, DIR/latency-*.svg).
+    /// nats-server must be installed for the JetStream rows: run
+    /// scripts/install-bench-deps.sh (or pass --jetstream none).
+    ///
+    /// Example: conclave bench --quick
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// The node's data directory (identity and store).
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    data: Option<PathBuf>,
+    /// The UDP address for peers and clients.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The TCP address of /metrics and /healthz (loopback by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// A peer node: its id and address (repeat for each peer).
+    #[arg(long = "peer", value_name = "ID@ADDR")]
+    peers: Vec<String>,
+    /// A TOML file with data, listen, metrics and [[peer]] id/addr entries (flags
+    /// given too override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// What `--config` holds.
+#[derive(Debug, Default, Deserialize, Serialize)]
+struct NodeConfig {
+    data: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+    #[serde(default)]
+    peer: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct PeerConfig {
+    id: String,
+    addr: SocketAddr,
+}
+
+/// How a client command reaches its node and whom it acts as.
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The node's address (its --listen).
+    #[arg(long = "node", value_name = "ADDR")]
+    node: SocketAddr,
+    /// The node's id, to check the node is the one expected.
+    #[arg(long = "node-id", value_name = "ID")]
+    node_id: Option<NodeId>,
+    /// The user's identity file.
+    #[arg(long = "as", value_name = "FILE")]
+    identity: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a user identity file (mode 0600) and print the user's public key.
+    New {
+        /// Where to write it.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Add a user: through an admin (--node/--as), or, for the first admin of a
+    /// node, with --admin against the data directory of the stopped node (the
+    /// bootstrap).
+    Add(UserAddArgs),
+    /// List the node's users (admins only).
+    List(ClientArgs),
+    /// Revoke a user (admins only). Revocation is a status flip, never a delete.
+    Revoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The user's id.
+        #[arg(long, value_name = "ID")]
+        user: UserId,
+    },
+}
+
+#[derive(Args)]
+struct UserAddArgs {
+    /// Bootstrap: register the identity in --identity as an admin, offline, in the
+    /// store of the node at --data. The node must not be running (it is detected
+    /// and refused); once it runs, add users through an admin with --node/--as.
+    #[arg(long, requires_all = ["data", "identity_file"])]
+    admin: bool,
+    /// The node's data directory (with --admin).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The new admin's identity file, created if missing (with --admin).
+    #[arg(long = "identity", value_name = "FILE")]
+    identity_file: Option<PathBuf>,
+    /// The node's address (without --admin).
+    #[arg(long = "node", value_name = "ADDR", conflicts_with = "admin")]
+    node: Option<SocketAddr>,
+    /// The node's id, to check the node is the one expected.
+    #[arg(long = "node-id", value_name = "ID")]
+    node_id: Option<NodeId>,
+    /// The acting admin's identity file (without --admin).
+    #[arg(long = "as", value_name = "FILE")]
+    acting: Option<PathBuf>,
+    /// The new user's public key, as `conclave user new` prints it (without --admin).
+    #[arg(long, value_name = "HEX")]
+    public: Option<String>,
+    /// The new user's role (without --admin).
+    #[arg(long, value_enum, default_value = "member")]
+    role: RoleArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Member,
+    Admin,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HistoryArg {
+    /// Members read from when they joined.
+    FromJoin,
+    /// Members read the whole epoch they joined in.
+    FromEpoch,
+}
+
+#[derive(Subcommand)]
+enum RoomCmd {
+    /// Create a room homed on the user's node; prints its id.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// What new members may read.
+        #[arg(long, value_enum, default_value = "from-join")]
+        history: HistoryArg,
+        /// Keep only the last 256 frames instead of the full history.
+        #[arg(long)]
+        ephemeral: bool,
+    },
+    /// List the user's rooms and their home nodes.
+    List(ClientArgs),
+    /// Invite a user (homed on --home) to a room.
+    Invite {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The room.
+        #[arg(long, value_name = "ROOM")]
+        room: RoomId,
+        /// The invitee's public key (from `conclave user new`).
+        #[arg(long, value_name = "HEX")]
+        public: String,
+        /// The invitee's home node id.
+        #[arg(long, value_name = "ID")]
+        home: NodeId,
+        /// Their role in the room.
+        #[arg(long, value_enum, default_value = "member")]
+        role: RoleArg,
+    },
+    /// Remove a member; the room moves to a new epoch sealed to the others.
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The room.
+        #[arg(long, value_name = "ROOM")]
+        room: RoomId,
+        /// The member's user id.
+        #[arg(long, value_name = "ID")]
+        user: UserId,
+    },
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The room.
+    #[arg(long, value_name = "ROOM")]
+    room: RoomId,
+    /// The messages (one per argument); none: one per line of stdin.
+    messages: Vec<String>,
+}
+
+#[derive(Args)]
+struct TailArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The room.
+    #[arg(long, value_name = "ROOM")]
+    room: RoomId,
+    /// Where to start: `start`, `live`, or a sequence number.
+    #[arg(long, default_value = "start")]
+    from: String,
+    /// Exit after this many messages.
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Start N nodes as separate processes on loopback, each knowing the others,
+    /// seed an admin per node, write DIR/cluster.toml and run until interrupted.
+    ///
+    /// Node i listens on 127.0.0.1:(P+i) and serves metrics on 127.0.0.1:(P+100+i).
+    /// Logs go to DIR/node<i>/node.log. On SIGINT/SIGTERM the nodes are stopped
+    /// cleanly.
+    ///
+    /// Example: conclave cluster up --nodes 3 --dir ./data/cluster
+    Up(ClusterArgs),
+}
+
+/// Runs one parsed command.
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init { data } => {
+            let id = Node::init(&data)?;
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node(args) => run_node(args).await.map(|()| ExitCode::SUCCESS),
+        Command::User(cmd) => user_cmd(cmd).await.map(|()| ExitCode::SUCCESS),
+        Command::Room(cmd) => room_cmd(cmd).await.map(|()| ExitCode::SUCCESS),
+        Command::Send(args) => send(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Tail(args) => tail(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Cluster(ClusterCmd::Up(args)) => {
+            let cluster = cluster_up(&args).await?;
+            print_status(&cluster).await;
+            println!("\ncluster running; Ctrl-C stops it");
+            wait_for_signal().await;
+            cluster.stop();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check(args) => crate::check::check(args).await,
+        Command::Demo(args) => crate::demo::demo(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => crate::bench::run(args).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn parse_peer(text: &str) -> anyhow::Result<(NodeId, SocketAddr)> {
+    let (id, addr) = text
+        .split_once('@')
+        .ok_or_else(|| anyhow!("peer {text:?} is not ID@ADDR"))?;
+    Ok((
+        id.parse().with_context(|| format!("peer id {id:?}"))?,
+        addr.parse()
+            .with_context(|| format!("peer address {addr:?}"))?,
+    ))
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let config: NodeConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => NodeConfig::default(),
+    };
+    let data = args
+        .data
+        .or(config.data)
+        .ok_or_else(|| anyhow!("no data directory: give --data or data in --config"))?;
+    let listen = args
+        .listen
+        .or(config.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7401)));
+    let metrics_addr = args
+        .metrics
+        .or(config.metrics)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9401)));
+    let mut peers = BTreeMap::new();
+    for peer in &config.peer {
+        peers.insert(
+            peer.id.parse::<NodeId>().context("peer id in the config")?,
+            peer.addr,
+        );
+    }
+    for text in &args.peers {
+        let (id, addr) = parse_peer(text)?;
+        peers.insert(id, addr);
+    }
+    let handle = observe::install_prometheus().context("installing the metrics exporter")?;
+    let mut builder = Node::builder().data_dir(&data).listen(listen);
+    for (id, addr) in &peers {
+        builder = builder.peer(*id, *addr);
+    }
+    let node = builder.start().await?;
+    let metrics_bound = observe::serve_http(metrics_addr, handle, node.clone())
+        .await
+        .with_context(|| format!("serving metrics on {metrics_addr}"))?;
+    println!(
+        "node {} listening on {} (QUIC), metrics on http://{metrics_bound}/metrics, health on http://{metrics_bound}/healthz",
+        node.id(),
+        node.local_addr().map_or_else(|| listen.to_string(), |a| a.to_string()),
+    );
+    wait_for_signal().await;
+    tracing::info!("signal received; stopping");
+    node.shutdown().await;
+    Ok(())
+}
+
+fn user_role(role: RoleArg) -> UserRole {
+    match role {
+        RoleArg::Member => UserRole::Member,
+        RoleArg::Admin => UserRole::Admin,
+    }
+}
+
+fn room_role(role: RoleArg) -> RoomRole {
+    match role {
+        RoleArg::Member => RoomRole::Member,
+        RoleArg::Admin => RoomRole::Admin,
+    }
+}
+
+/// A public identity as one hex string: the Ed25519 key, then the X25519 key.
+pub(crate) fn public_hex(public: &PublicIdentity) -> String {
+    let mut out = UserId(public.signing).to_string();
+    out.push_str(&UserId(public.exchange).to_string());
+    out
+}
+
+/// Parses [`public_hex`]'s output.
+pub(crate) fn parse_public(text: &str) -> anyhow::Result<PublicIdentity> {
+    let text = text.trim();
+    if text.len() != 128 {
+        bail!(
+            "a public key is 128 hex digits (as `conclave user new` prints), got {}",
+            text.len()
+        );
+    }
+    let signing: UserId = text[..64].parse().context("public key")?;
+    let exchange: UserId = text[64..].parse().context("public key")?;
+    let public = PublicIdentity {
+        signing: signing.0,
+        exchange: exchange.0,
+    };
+    if public.verifying_key().is_none() {
+        bail!("the public key's Ed25519 half is not a valid key");
+    }
+    Ok(public)
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<User<RemoteNode>> {
+    let identity = identity_file::load(&args.identity)
+        .with_context(|| format!("loading the user identity {}", args.identity.display()))?;
+    RemoteNode::connect(&identity, args.node, args.node_id)
+        .await
+        .with_context(|| format!("connecting to {} as {}", args.node, identity.user_id()))
+}
+
+/// `conclave user add --admin`: the node's first admin, written offline into its
+/// store (the node must be stopped; a running node is reported, not written to).
+fn bootstrap(args: UserAddArgs) -> anyhow::Result<()> {
+    let (data, file) = (
+        args.data.context("--admin needs --data")?,
+        args.identity_file.context("--admin needs --identity")?,
+    );
+    let (identity, created) = identity_file::load_or_create(&file)
+        .with_context(|| format!("loading {}", file.display()))?;
+    if created {
+        eprintln!("created the admin identity {}", file.display());
+    }
+    match admin::seed_admin_offline(&data, &identity.public())? {
+        Seeded::Added => eprintln!(
+            "{} is now an admin of the node in {}",
+            identity.user_id(),
+            data.display()
+        ),
+        Seeded::AlreadyRegistered => eprintln!(
+            "{} is registered already; nothing changed",
+            identity.user_id()
+        ),
+    }
+    println!("{}", identity.user_id());
+    Ok(())
+}
+
+async fn user_cmd(cmd: UserCmd) -> anyhow::Result<()> {
+    match cmd {
+        UserCmd::New { out } => {
+            let identity = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));
+            identity_file::write_new(&out, &identity)
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("user identity written to {}", out.display());
+            println!("user {}", identity.user_id());
+            println!("public {}", public_hex(&identity.public()));
+        }
+        UserCmd::Add(args) if args.admin => bootstrap(args)?,
+        UserCmd::Add(args) => {
+            let client = ClientArgs {
+                node: args
+                    .node
+                    .ok_or_else(|| anyhow!("--node is required (or --admin for the bootstrap)"))?,
+                node_id: args.node_id,
+                identity: args.acting.ok_or_else(|| anyhow!("--as is required"))?,
+            };
+            let public =
+                parse_public(&args.public.ok_or_else(|| anyhow!("--public is required"))?)?;
+            connect(&client)
+                .await?
+                .add_user(&public, user_role(args.role))
+                .await?;
+            println!("added {}", UserId(public.signing));
+        }
+        UserCmd::List(client) => {
+            for entry in connect(&client).await?.list_users().await? {
+                println!(
+                    "{} {:?} {:?} public {}",
+                    UserId(entry.user.signing),
+                    entry.role,
+                    entry.status,
+                    public_hex(&entry.user)
+                );
+            }
+        }
+        UserCmd::Revoke { client, user } => {
+            connect(&client).await?.revoke_user(user).await?;
+            println!("revoked {user}");
+        }
+    }
+    Ok(())
+}
+
+async fn room_cmd(cmd: RoomCmd) -> anyhow::Result<()> {
+    match cmd {
+        RoomCmd::Create {
+            client,
+            history,
+            ephemeral,
+        } => {
+            let policy = Policy {
+                persist: !ephemeral,
+                history: match history {
+                    HistoryArg::FromJoin => History::FromJoin,
+                    HistoryArg::FromEpoch => History::FromEpoch,
+                },
+            };
+            let room = connect(&client).await?.create_room(policy).await?;
+            println!("{room}");
+        }
+        RoomCmd::List(client) => {
+            for (room, home) in connect(&client).await?.list_rooms().await? {
+                println!("{room} home {home}");
+            }
+        }
+        RoomCmd::Invite {
+            client,
+            room,
+            public,
+            home,
+            role,
+        } => {
+            let public = parse_public(&public)?;
+            connect(&client)
+                .await?
+                .invite(room, &public, home, room_role(role))
+                .await?;
+            println!("invited {}", UserId(public.signing));
+        }
+        RoomCmd::Remove { client, room, user } => {
+            connect(&client).await?.remove(room, user).await?;
+            println!("removed {user}; the room has a new epoch key");
+        }
+    }
+    Ok(())
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<()> {
+    let user = connect(&args.client).await?;
+    let mut messages = args.messages;
+    if messages.is_empty() {
+        messages = std::io::stdin().lines().collect::<Result<_, _>>()?;
+    }
+    for text in messages {
+        match user.publish(args.room, text.as_bytes()).await? {
+            Receipt::Committed { seq, .. } => println!("committed #{}", seq.0),
+            Receipt::Queued { id } => println!("queued {id} (the room's home is unreachable)"),
+        }
+    }
+    Ok(())
+}
+
+async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let user = connect(&args.client).await?;
+    let from = match args.from.as_str() {
+        "start" => Position::Start,
+        "live" => Position::Live,
+        n => Position::At(Seq(n
+            .parse()
+            .context("--from is start, live or a number")?)),
+    };
+    let mut sub = user.subscribe(args.room, from).await?;
+    let mut seen = 0;
+    while let Some(message) = sub.next().await {
+        let message = message?;
+        println!(
+            "#{} {} {}",
+            message.seq.0,
+            message.sender,
+            String::from_utf8_lossy(&message.body)
+        );
+        seen += 1;
+        if args.count.is_some_and(|n| seen >= n) {
+            break;
+        }
+    }
+    Ok(())
+}

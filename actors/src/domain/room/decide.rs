@@ -34,10 +34,11 @@ impl Home<'_> {
     fn meta(&self, txn: &dyn ReadTxn) -> Result<RoomMeta, Denial> {
         let meta = rooms::meta(txn, self.room)?
             .ok_or_else(|| Denial::not_found(format!("room {}", self.room)))?;
-        if meta.home != self.me {
+        if meta.sequencer() != self.me {
             return Err(Denial::malformed(format!(
-                "room {} is homed on {}, not here",
-                self.room, meta.home
+                "room {} is sequenced by {}, not here",
+                self.room,
+                meta.sequencer()
             )));
         }
         Ok(meta)

@@ -97,10 +97,10 @@ pub(super) fn apply(txn: &mut dyn WriteTxn, at: &Copy, update: Update) -> Result
         return Err(UpdateError::FromSelf);
     }
     let known = rooms::meta(&*txn, at.room)?;
-    if let Some(k) = known.filter(|k| k.home != at.from) {
+    if let Some(k) = known.filter(|k| k.sequencer() != at.from) {
         return Err(UpdateError::NotFromHome {
             from: at.from,
-            home: k.home,
+            home: k.sequencer(),
         });
     }
     match update {
@@ -135,8 +135,10 @@ fn proves_home(create: &SignedRequest, room: RoomId, home: NodeId, owner: UserId
 /// Whether a snapshot is well formed: from its home, a valid record, a bounded
 /// member list in which nobody may read past the room's next frame.
 fn check_snapshot(at: &Copy, meta: &RoomMeta, members: &[RoomMember]) -> Result<(), UpdateError> {
-    if meta.home != at.from {
-        return Err(UpdateError::Malformed("a snapshot naming another home"));
+    if meta.sequencer() != at.from {
+        return Err(UpdateError::Malformed(
+            "a snapshot naming another sequencer",
+        ));
     }
     if !meta.is_valid() {
         return Err(UpdateError::Malformed("an impossible room record"));

@@ -55,6 +55,13 @@ impl RoomMeta {
             && self.members_version >= 1
     }
 
+    /// The node that sequences the room's frames and decides its membership. Today
+    /// that is its home; replication replaces this one function (with the leader of
+    /// the room's shard), and every "who sequences room R" goes through it.
+    pub fn sequencer(&self) -> NodeId {
+        self.home
+    }
+
     /// Asserts [`RoomMeta::is_valid`] of what is written: a broken record is a bug
     /// here, not something a peer can cause (snapshots are checked first).
     fn assert_valid(&self) {
@@ -107,11 +114,10 @@ pub fn put_meta(txn: &mut dyn WriteTxn, room: RoomId, meta: &RoomMeta) -> Result
     META.put(txn, &room.0, meta)
 }
 
-/// The node that sequences `room`'s frames and decides its membership, if this node
-/// knows the room. Today that is the room's home; replication replaces this one
-/// function with the room's shard leader.
+/// The node that sequences `room` ([`RoomMeta::sequencer`]), if this node knows
+/// the room.
 pub fn sequencer_of(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<NodeId>, StoreError> {
-    Ok(meta(txn, room)?.map(|m| m.home))
+    Ok(meta(txn, room)?.map(|m| m.sequencer()))
 }
 
 /// The room's members as this node knows them, in user order.

@@ -282,7 +282,9 @@ impl Peer {
         let Some(seq) = self.in_flight.remove(&target) else {
             return;
         };
-        if done {
+        if done || seq <= self.high {
+            // (A copy handed over again after a retry, whose first copy the prefix
+            // already covers, is finished whatever its target answered.)
             self.finish(seq);
         } else {
             // The target's store failed: take this message and everything after it
@@ -455,6 +457,27 @@ mod tests {
             crate::outbox::high_water(&*txn, THERE).expect("mark"),
             Seq(3)
         );
+    }
+
+    #[test]
+    fn a_failed_second_copy_of_an_applied_message_does_not_block_the_link() {
+        let (q, r) = (RoomId([0xa; 16]), RoomId([0xb; 16]));
+        let mut bench = Bench::new();
+        bench.deliver(1, q);
+        bench.deliver(2, r);
+        // q's store fails on 1; the outbox resends 1 and 2.
+        bench.handle(room_of(HERE, q), PeerMsg::Applied { done: false });
+        bench.deliver(1, q);
+        bench.deliver(2, r);
+        // r finishes its first copy of 2 and is handed the second; q finishes 1.
+        assert_eq!(targets(&bench.applied(r)), vec![room_of(HERE, r)]);
+        bench.applied(q);
+        // The store fails on r's second copy of 2, which the prefix already covers.
+        bench.handle(room_of(HERE, r), PeerMsg::Applied { done: false });
+        // The link goes on: 3 is taken and handed over.
+        assert_eq!(targets(&bench.deliver(3, q)), vec![room_of(HERE, q)]);
+        let sent = bench.applied(q);
+        assert_eq!(acked(&sent), Some(3));
     }
 
     #[test]

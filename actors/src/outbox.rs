@@ -170,6 +170,11 @@ pub fn depth(txn: &dyn ReadTxn, dest: NodeId) -> Result<u64, OutboxError> {
     Ok(head.sent - head.acked)
 }
 
+/// Whether any outbox or high-water mark was ever written.
+pub fn any(txn: &dyn ReadTxn) -> Result<bool, StoreError> {
+    Ok(HEADS.first(txn)?.is_some() || HIGH_WATER.first(txn)?.is_some())
+}
+
 /// Every destination with messages waiting for acknowledgement, in id order: what a
 /// node must resume sending when it starts.
 pub fn pending_destinations(txn: &dyn ReadTxn) -> Result<Vec<NodeId>, StoreError> {

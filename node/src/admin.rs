@@ -50,6 +50,14 @@ pub enum AdminError {
     /// The registry refused the identity (e.g. a malformed key).
     #[error("the bootstrap was refused: {0}")]
     Refused(Denial),
+    /// The store was written by a build with another table layout.
+    #[error("the store in {}: {source}", dir.display())]
+    Format {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why it cannot be used.
+        source: domain::state::FormatError,
+    },
 }
 
 /// Registers `admin` as an admin of the node whose data directory is `data_dir`
@@ -68,6 +76,10 @@ pub fn seed_admin_offline(data_dir: &Path, admin: &PublicIdentity) -> Result<See
     };
     let store =
         LmdbStore::open(&store_dir(data_dir), LmdbOptions::default()).map_err(store_error)?;
+    domain::state::ensure_format(&store).map_err(|source| AdminError::Format {
+        dir: data_dir.to_path_buf(),
+        source,
+    })?;
     let seeded = match seed_admin(&store, admin) {
         Ok(()) => Seeded::Added,
         Err(SeedError::Refused(Denial::Conflict { .. })) => Seeded::AlreadyRegistered,

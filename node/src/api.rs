@@ -77,6 +77,9 @@ pub enum StartError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The store holds another build's table layout.
+    #[error(transparent)]
+    Format(#[from] domain::state::FormatError),
     /// The QUIC transport did not start.
     #[error(transparent)]
     Transport(#[from] conclave_transports::quic::StartError),
@@ -172,6 +175,7 @@ impl NodeBuilder {
         let (identity, _) = identity_file::load_or_create(&dir.join("node.id"))?;
         let id = identity.node_id();
         let store = Arc::new(LmdbStore::open(&store_dir(&dir), self.lmdb.clone())?);
+        domain::state::ensure_format(store.as_ref())?;
         let mut quic = QuicConfig::new(identity, self.listen);
         quic.peers = self.peers.clone();
         quic.accept_clients = true;

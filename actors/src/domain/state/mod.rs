@@ -14,3 +14,91 @@
 pub mod keys;
 pub mod registry;
 pub mod rooms;
+
+use conclave_storage::{Store, StoreError, Table};
+
+/// The layout of the domain's tables this build reads and writes. Bumped whenever
+/// a stored type changes incompatibly (2: rooms' records carry `members_version`;
+/// sealed keys reach member nodes as room updates).
+pub const STORE_FORMAT: u32 = 2;
+
+const FORMAT: Table<[u8; 1], u32> = Table::new("store.format");
+
+/// Why a node's store cannot be used by this build.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// The store was written by a build with another table layout.
+    #[error(
+        "the store has format {found}, this build reads format {STORE_FORMAT}: use the build \
+         that wrote it, or start from a new data directory"
+    )]
+    Incompatible {
+        /// The format the store records.
+        found: u32,
+    },
+    /// The store holds data but records no format: an earlier build wrote it.
+    #[error(
+        "the store was written by an earlier build (it records no format; this build reads \
+         format {STORE_FORMAT}): start from a new data directory"
+    )]
+    Unversioned,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Checks that `store` holds this build's table layout, recording it in a store
+/// that holds nothing yet. Drivers call this once, before any actor runs, so that a
+/// store of another layout is refused with a reason instead of failing every
+/// operation as corrupt.
+pub fn ensure_format(store: &dyn Store) -> Result<(), FormatError> {
+    let mut txn = store.write()?;
+    match FORMAT.get(&*txn, &[0])? {
+        Some(STORE_FORMAT) => return Ok(()),
+        Some(found) => return Err(FormatError::Incompatible { found }),
+        None => {}
+    }
+    let used = registry::any(&*txn)? || rooms::any(&*txn)? || crate::outbox::any(&*txn)?;
+    if used {
+        return Err(FormatError::Unversioned);
+    }
+    FORMAT.put(&mut *txn, &[0], &STORE_FORMAT)?;
+    txn.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use conclave_storage::MemStore;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::actor::Time;
+    use crate::identity::Identity;
+
+    #[test]
+    fn a_new_store_takes_this_format_and_another_layout_is_refused() {
+        let store = MemStore::new();
+        ensure_format(&store).expect("a new store");
+        ensure_format(&store).expect("the same format again");
+        // A store an earlier build wrote: data, but no recorded format.
+        let old = MemStore::new();
+        let admin = Identity::generate(&mut ChaCha20Rng::seed_from_u64(1));
+        let mut txn = old.write().expect("write");
+        registry::seed_admin(&mut *txn, &admin.public(), Time::default()).expect("seed");
+        txn.commit().expect("commit");
+        assert!(matches!(ensure_format(&old), Err(FormatError::Unversioned)));
+        // A store of another recorded format.
+        let other = MemStore::new();
+        let mut txn = other.write().expect("write");
+        FORMAT
+            .put(&mut *txn, &[0], &(STORE_FORMAT + 1))
+            .expect("put");
+        txn.commit().expect("commit");
+        let refused = ensure_format(&other);
+        assert!(
+            matches!(refused, Err(FormatError::Incompatible { found }) if found == STORE_FORMAT + 1)
+        );
+    }
+}

@@ -86,6 +86,11 @@ pub fn revoke(txn: &mut dyn WriteTxn, user: UserId) -> Result<bool, Denial> {
     Ok(true)
 }
 
+/// Whether any user is registered.
+pub fn any(txn: &dyn ReadTxn) -> Result<bool, StoreError> {
+    Ok(USERS.first(txn)?.is_some())
+}
+
 /// Every user of this node, in id order (at most [`LIST_USERS_MAX`]).
 pub fn list(txn: &dyn ReadTxn) -> Result<Vec<UserEntry>, StoreError> {
     Ok(USERS

@@ -95,6 +95,11 @@ const CREATED: Table<[u8; 16], SignedRequest> = Table::new("room.created");
 /// Only written under the `fanout_to_removed` mutation: the nodes of removed members.
 const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
 
+/// Whether this node knows any room.
+pub fn any(txn: &dyn ReadTxn) -> Result<bool, StoreError> {
+    Ok(META.first(txn)?.is_some())
+}
+
 /// The room's record on this node, if it knows the room.
 pub fn meta(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<RoomMeta>, StoreError> {
     let meta = META.get(txn, &room.0)?;

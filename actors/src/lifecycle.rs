@@ -47,7 +47,8 @@
 //!   set it and dies with it: it is delivered only while that incarnation is active
 //!   and has not asked to stop. So once an actor calls `stop`, none of its timers
 //!   fires any more, neither those pending nor those it sets while draining its
-//!   mailbox; a timer never activates an actor. An actor that needs a deadline to
+//!   mailbox; a timer never activates an actor. A due timer joins the back of the
+//!   actor's mailbox, behind what was queued before it came due. An actor that needs a deadline to
 //!   outlive its incarnation stores it and schedules it again on activation.
 //! - **Crash.** A node's crash ends every incarnation at once; what was queued or
 //!   held is lost with the node (durable delivery is the outbox's job).

@@ -386,17 +386,33 @@ impl<S: System> Host<S> {
                     let _ = self.shared.route(Origin::Actor, Some(from), to, msg);
                 }
                 Effect::Timer { after, msg } => {
-                    // actix cancels it when this host stops; the lifecycle decides
-                    // whether it may fire before that (not once a stop was asked).
-                    ctx.run_later(after, move |host, ctx| {
-                        if host.shared.timer_fires(&host.me, host.incarnation) {
-                            host.deliver(None, msg, ctx);
-                        }
-                    });
+                    // Due, it joins the back of the mailbox, behind what is queued
+                    // already, as in the simulator; actix cancels it when this host
+                    // stops, and the lifecycle decides when it is handled whether it
+                    // may still fire (not once a stop was asked).
+                    ctx.run_later(after, move |_, ctx| ctx.address().do_send(Fired { msg }));
                 }
                 Effect::Stop => self.shared.begin_passivation(&self.me, self.incarnation),
                 Effect::Misrouted => count_dropped("wrong_kind"),
             }
+        }
+    }
+}
+
+/// A timer that came due, queued in the mailbox like any message.
+struct Fired<M> {
+    msg: M,
+}
+
+impl<M: 'static> actix::Message for Fired<M> {
+    type Result = ();
+}
+
+impl<S: System> actix::Handler<Fired<S::Msg>> for Host<S> {
+    type Result = ();
+    fn handle(&mut self, fired: Fired<S::Msg>, ctx: &mut actix::Context<Self>) {
+        if self.shared.timer_fires(&self.me, self.incarnation) {
+            self.deliver(None, fired.msg, ctx);
         }
     }
 }

@@ -58,6 +58,11 @@ pub struct Outbox {
     progress: bool,
     /// The depth last added to the node's depth gauge.
     reported: u64,
+    /// Whether this incarnation asked to stop. It still handles what was queued
+    /// behind the stop (see [`crate::lifecycle`]), but sends nothing more: its
+    /// retry timer is dead, so what it sent now would never be resent. Work found
+    /// then goes to the next incarnation, as a kick to itself.
+    stopping: bool,
 }
 
 impl Outbox {
@@ -75,6 +80,7 @@ impl Outbox {
             armed: false,
             progress: false,
             reported: 0,
+            stopping: false,
         }
     }
 }
@@ -142,10 +148,7 @@ impl Outbox {
             self.backoff = self.config.retry_base;
         }
         if depth == 0 {
-            // Drained: cancel the timer and passivate until the next kick.
-            self.round += 1;
-            self.armed = false;
-            cx.stop();
+            self.passivate(cx);
         } else {
             self.pump(cx);
         }
@@ -191,9 +194,12 @@ impl Outbox {
             }
         };
         if pending.is_empty() {
-            self.round += 1;
-            self.armed = false;
-            cx.stop();
+            self.passivate(cx);
+            return;
+        }
+        if self.stopping {
+            let me_addr = *cx.me();
+            cx.send(me_addr, OutboxMsg::Kick);
             return;
         }
         let peer = peer_of(self.dest, me);
@@ -216,6 +222,17 @@ impl Outbox {
             self.sent_upto = seq.0;
         }
         self.arm(cx);
+    }
+
+    /// Drained: cancel the timer and passivate until the next kick (once).
+    fn passivate<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        if self.stopping {
+            return;
+        }
+        self.round += 1;
+        self.armed = false;
+        self.stopping = true;
+        cx.stop();
     }
 
     /// Keeps `conclave_outbox_depth` (the node's total) in step with this outbox.
@@ -242,5 +259,72 @@ impl Outbox {
         self.round += 1;
         self.armed = true;
         cx.timer(delay, OutboxMsg::Retry { round: self.round });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conclave_storage::{MemStore, Store};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::actor::{ActorRef, Effect, Time};
+    use crate::domain::{outbox_of, room_of, Domain, RoomMsg, Routed};
+    use crate::ids::RoomId;
+
+    const HERE: NodeId = NodeId([1; 32]);
+    const THERE: NodeId = NodeId([2; 32]);
+
+    fn enqueue(store: &MemStore) {
+        let routed = Routed {
+            to: room_of(THERE, RoomId([5; 16])),
+            msg: crate::domain::Deliverable::Room(RoomMsg::Tick),
+        };
+        let bytes = crate::wire::encode_bounded(&routed, ENVELOPE_BYTES_MAX).expect("encode");
+        let mut txn = store.write().expect("write");
+        crate::outbox::enqueue(&mut *txn, THERE, bytes).expect("enqueue");
+        txn.commit().expect("commit");
+    }
+
+    fn handle(
+        outbox: &mut Outbox,
+        store: &MemStore,
+        from: Option<ActorRef>,
+        msg: OutboxMsg,
+    ) -> Vec<Effect<Msg>> {
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let mut effects = Vec::new();
+        let me = outbox_of(HERE, THERE);
+        let mut cx =
+            Context::<Domain>::new(me, from, Time::default(), &mut rng, store, &mut effects);
+        outbox.handle(msg, &mut cx);
+        effects
+    }
+
+    #[test]
+    fn a_stopping_outbox_hands_new_work_to_its_next_incarnation() {
+        let store = MemStore::new();
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let mut effects = Vec::new();
+        let me = outbox_of(HERE, THERE);
+        let mut cx =
+            Context::<Domain>::new(me, None, Time::default(), &mut rng, &store, &mut effects);
+        let mut outbox = Outbox::activate(THERE, DomainConfig::default(), &mut cx);
+        enqueue(&store);
+        handle(&mut outbox, &store, None, OutboxMsg::Kick);
+        let ack = OutboxMsg::Ack { upto: Seq(1) };
+        let effects = handle(&mut outbox, &store, Some(peer_of(THERE, HERE)), ack);
+        assert!(effects.iter().any(|e| matches!(e, Effect::Stop)), "drained, it stops");
+        // New work arrives, its kick queued behind the stop: the stopping
+        // incarnation neither sends (its retry timer is dead) nor arms a timer; it
+        // kicks itself, which reaches the next incarnation.
+        enqueue(&store);
+        let effects = handle(&mut outbox, &store, None, OutboxMsg::Kick);
+        assert_eq!(effects.len(), 1, "{effects:?}");
+        assert!(matches!(
+            &effects[0],
+            Effect::Send { to, msg: Msg::Outbox(OutboxMsg::Kick), .. } if *to == me
+        ));
     }
 }

@@ -230,8 +230,8 @@ fn expected(a: NodeId, b: NodeId) -> Vec<Short<'static>> {
         (1, None, "Outbox(Kick)", 1, 1, false),
         (1, Some(peer_of(b, a)), ack, 0, 0, true),
         // Queued behind the stop: handled by the stopping incarnation, which finds
-        // nothing to send (a second stop changes nothing).
-        (1, None, "Outbox(Kick)", 0, 0, true),
+        // nothing to send (and does not ask to stop twice).
+        (1, None, "Outbox(Kick)", 0, 0, false),
         // After the stop: a fresh incarnation from storage.
         (2, None, "Outbox(Kick)", 1, 1, false),
     ]

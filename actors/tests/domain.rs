@@ -155,6 +155,34 @@ fn history_visibility_follows_the_room_policy() {
     }
 }
 
+/// A new member node is sent the whole history its new member may read, however
+/// many pages the home reads it in (more frames than one page).
+#[test]
+fn a_new_member_node_gets_a_history_longer_than_one_page() {
+    let mut w = world(4);
+    let policy = Policy {
+        persist: true,
+        history: History::FromEpoch,
+    };
+    let room = w.c.create_room(0, &w.alice.clone(), policy);
+    let frames = conclave_actors::domain::state::rooms::BACKFILL_PAGE_FRAMES as u64 + 4;
+    for i in 0..frames {
+        w.c.publish(0, &w.alice.clone(), room, format!("m{i}").as_bytes());
+        if i % 64 == 63 {
+            w.c.settle();
+        }
+    }
+    w.c.settle();
+    let carol = w.carol.clone();
+    assert_eq!(
+        w.c.invite(0, &w.alice.clone(), room, &carol, 2, RoomRole::Member),
+        Outcome::Done
+    );
+    w.c.settle();
+    let seen: Vec<u64> = w.c.read(2, &carol, room).iter().map(|(s, _)| s.0).collect();
+    assert_eq!(seen, (1..=frames).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_removed_member_gets_no_later_frame_or_key_and_old_epoch_frames_are_refused() {
     let mut w = world(3);

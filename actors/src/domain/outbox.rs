@@ -315,7 +315,10 @@ mod tests {
         handle(&mut outbox, &store, None, OutboxMsg::Kick);
         let ack = OutboxMsg::Ack { upto: Seq(1) };
         let effects = handle(&mut outbox, &store, Some(peer_of(THERE, HERE)), ack);
-        assert!(effects.iter().any(|e| matches!(e, Effect::Stop)), "drained, it stops");
+        assert!(
+            effects.iter().any(|e| matches!(e, Effect::Stop)),
+            "drained, it stops"
+        );
         // New work arrives, its kick queued behind the stop: the stopping
         // incarnation neither sends (its retry timer is dead) nor arms a timer; it
         // kicks itself, which reaches the next incarnation.

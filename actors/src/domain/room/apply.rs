@@ -267,7 +267,10 @@ fn snapshot(
     Ok(nodes)
 }
 
-/// Sends a new member node the history its new member may read.
+/// Sends a new member node the history its new member may read, read in pages so
+/// that memory stays bounded; a history past [`rooms::BACKFILL_FRAMES_MAX`] frames
+/// or [`rooms::BACKFILL_BYTES_MAX`] bytes is refused with a reason (nothing is
+/// written: the caller's transaction is dropped).
 fn backfill(
     txn: &mut dyn WriteTxn,
     room: RoomId,
@@ -275,25 +278,35 @@ fn backfill(
     member: &RoomMember,
     now: Time,
 ) -> Result<(), Denial> {
-    let start = kept_from(meta, member.since);
-    let history = rooms::frames(&*txn, room, start, rooms::BACKFILL_FRAMES_MAX + 1)?;
-    if history.len() > rooms::BACKFILL_FRAMES_MAX {
-        return Err(Denial::Limit {
-            what: format!(
-                "the history a new member node would be sent exceeds {} frames",
-                rooms::BACKFILL_FRAMES_MAX
-            ),
-        });
+    let (mut next, mut frames_total, mut bytes_total) = (kept_from(meta, member.since), 0, 0);
+    loop {
+        let page = rooms::frames(&*txn, room, next, rooms::BACKFILL_PAGE_FRAMES)?;
+        let full = page.len() == rooms::BACKFILL_PAGE_FRAMES;
+        for (seq, frame) in page {
+            frames_total += 1;
+            bytes_total += frame.ciphertext.len();
+            if frames_total > rooms::BACKFILL_FRAMES_MAX || bytes_total > rooms::BACKFILL_BYTES_MAX
+            {
+                return Err(Denial::Limit {
+                    what: format!(
+                        "the history a new member node would be sent exceeds {} frames or {} bytes",
+                        rooms::BACKFILL_FRAMES_MAX,
+                        rooms::BACKFILL_BYTES_MAX
+                    ),
+                });
+            }
+            next = Seq(seq.0.saturating_add(1));
+            let update = Update::Frame {
+                seq,
+                frame,
+                committed: now,
+            };
+            send(txn, room, member.home, update)?;
+        }
+        if !full {
+            return Ok(());
+        }
     }
-    for (seq, frame) in history {
-        let update = Update::Frame {
-            seq,
-            frame,
-            committed: now,
-        };
-        send(txn, room, member.home, update)?;
-    }
-    Ok(())
 }
 
 /// The first sequence number still kept from `since` on.

@@ -22,6 +22,13 @@ pub const ROOMS_LISTED_MAX: usize = 10_000;
 /// history is refused with a reason rather than queued past what an outbox holds.
 pub const BACKFILL_FRAMES_MAX: usize = 16_384;
 
+/// The most ciphertext bytes of history a new member node is sent in one
+/// invitation (the whole backfill is one transaction).
+pub const BACKFILL_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// How many frames of history are read at once while backfilling.
+pub const BACKFILL_PAGE_FRAMES: usize = 256;
+
 /// A room's record on a node (authoritative on its sequencer; the sequencer's last
 /// snapshot elsewhere).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

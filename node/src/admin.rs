@@ -82,7 +82,9 @@ pub fn seed_admin_offline(data_dir: &Path, admin: &PublicIdentity) -> Result<See
     })?;
     let seeded = match seed_admin(&store, admin) {
         Ok(()) => Seeded::Added,
-        Err(SeedError::Refused(Denial::Conflict { .. })) => Seeded::AlreadyRegistered,
+        Err(SeedError::Refused(Denial::Conflict { .. })) => already_admin(&store, admin)
+            .map_err(store_error)?
+            .map_err(AdminError::Refused)?,
         Err(SeedError::Refused(denial)) => return Err(AdminError::Refused(denial)),
         Err(SeedError::Store(source)) => return Err(store_error(source)),
     };
@@ -91,6 +93,27 @@ pub fn seed_admin_offline(data_dir: &Path, admin: &PublicIdentity) -> Result<See
     drop(store);
     drop(lock);
     Ok(seeded)
+}
+
+/// A bootstrap of an identity that is registered already changes nothing; that
+/// is success only if it is an active admin (a member or a revoked user is not made
+/// one, and saying "registered" would hide that).
+fn already_admin(
+    store: &dyn Store,
+    admin: &PublicIdentity,
+) -> Result<Result<Seeded, Denial>, StoreError> {
+    let read = store.read()?;
+    let user = UserId(admin.signing);
+    let record = domain::state::registry::user(&*read, user)?;
+    Ok(match record {
+        Some(r) if r.status == domain::UserStatus::Revoked => Err(Denial::Revoked),
+        Some(r) if r.role == domain::UserRole::Admin => Ok(Seeded::AlreadyRegistered),
+        Some(_) => Err(Denial::Conflict {
+            what: format!("{user} is registered as a member, not an admin"),
+        }),
+        // The conflict said it exists; read back, it does not: the store is broken.
+        None => Err(Denial::Storage),
+    })
 }
 
 /// Why [`seed_admin`] failed.
@@ -142,6 +165,32 @@ mod tests {
         assert_eq!(
             seed_admin_offline(dir.path(), &admin).expect("seed again"),
             Seeded::AlreadyRegistered
+        );
+    }
+
+    #[test]
+    fn a_registered_member_is_not_reported_as_an_admin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let member = identity().public();
+        {
+            let store =
+                LmdbStore::open(&store_dir(dir.path()), LmdbOptions::default()).expect("store");
+            domain::state::ensure_format(&store).expect("format");
+            let mut txn = store.write().expect("write");
+            domain::state::registry::add(
+                &mut *txn,
+                &member,
+                domain::UserRole::Member,
+                wall_now(),
+                None,
+            )
+            .expect("add");
+            txn.commit().expect("commit");
+        }
+        let refused = seed_admin_offline(dir.path(), &member);
+        assert!(
+            matches!(refused, Err(AdminError::Refused(Denial::Conflict { .. }))),
+            "{refused:?}"
         );
     }
 }

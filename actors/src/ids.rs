@@ -94,10 +94,34 @@ key_id!(
     32
 );
 key_id!(
-    /// A room: 16 random bytes drawn by its creator's node.
+    /// A room: derived from its creation ([`RoomId::derive`]), so that nobody can
+    /// claim another room's id.
     RoomId,
     16
 );
+
+impl RoomId {
+    /// The id of the room that `creator` creates on `home` with `nonce`: the first
+    /// 16 bytes of SHA-256 over a domain-separation tag, the creator, the home and
+    /// the nonce. Every node checks a creation against it, so a room id names one
+    /// creator and one home: another user, or another node, cannot create a room
+    /// with an existing room's id.
+    pub fn derive(creator: UserId, home: NodeId, nonce: [u8; 16]) -> RoomId {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        hash.update(ROOM_ID_TAG);
+        hash.update(creator.0);
+        hash.update(home.0);
+        hash.update(nonce);
+        let digest = hash.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        RoomId(id)
+    }
+}
+
+/// Domain separation for [`RoomId::derive`].
+const ROOM_ID_TAG: &[u8] = b"conclave/room-id/v1";
 
 /// A message id: a ULID (48-bit millisecond time, 80 random bits), drawn from the
 /// actor context's clock and random source, never from the OS.

@@ -689,6 +689,53 @@ fn invites_need_a_valid_invitee_and_key() {
     assert_eq!(denial(Some(w.c.call(0, &alice, op))).reason(), "malformed");
 }
 
+/// A room id names its creator and home: a user on another node cannot create a
+/// room with an existing room's id (and so cannot make that room's member nodes
+/// take it for another home's room); every node derives the id from the signed
+/// creation.
+#[test]
+fn a_room_id_is_bound_to_its_creation() {
+    use conclave_actors::crypto::{seal_epoch_key, EpochKey};
+    let mut w = world(10);
+    let (alice, bob, carol) = (w.alice.clone(), w.bob.clone(), w.carol.clone());
+    let room = w.c.create_room(0, &alice, Policy::default());
+    w.c.invite(0, &alice, room, &carol, 2, RoomRole::Member);
+    // Bob, on node 1, creates a room with alice's room id, homed on his node, with
+    // a valid first key sealed by and to himself for that id.
+    let n1 = w.c.id(1);
+    let key = EpochKey::generate(w.c.rng());
+    let exchange = x25519_dalek::PublicKey::from(bob.public().exchange);
+    let sealed = seal_epoch_key(
+        w.c.rng(),
+        bob.signing_key(),
+        &exchange,
+        room,
+        Epoch(1),
+        &key,
+    )
+    .unwrap();
+    let op = Op::CreateRoom {
+        room,
+        nonce: [7; 16],
+        home: n1,
+        policy: Policy::default(),
+        key: sealed,
+    };
+    let denied = denial(Some(w.c.call(1, &bob, op)));
+    assert_eq!(denied.reason(), "malformed", "{denied}");
+    // Alice's room goes on for carol on node 2.
+    let r = w.c.publish(0, &alice, room, b"still alice's room");
+    w.c.settle();
+    committed(&mut w.c, 0, r);
+    assert_eq!(
+        w.c.read(2, &carol, room),
+        vec![(Seq(1), b"still alice's room".to_vec())]
+    );
+    // A creation whose id is derived is accepted, on any node.
+    let own = w.c.create_room(1, &bob, Policy::default());
+    assert_ne!(own, room);
+}
+
 /// A peer cannot claim to be the home of a room it does not hold: a member node
 /// that has not seen the room yet takes its first snapshot only with the creator's
 /// signed creation naming the sender as home.
@@ -716,6 +763,7 @@ fn a_peer_cannot_claim_a_room_homed_elsewhere() {
         w.c.rng(),
         Op::CreateRoom {
             room,
+            nonce: [0; 16],
             home: n1,
             policy: Policy::default(),
             key,

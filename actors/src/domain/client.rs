@@ -41,9 +41,9 @@ pub fn create_room(
     home: NodeId,
     policy: Policy,
 ) -> Result<(RoomId, EpochKey, Op), SealError> {
-    let mut id = [0u8; 16];
-    rng.fill_bytes(&mut id);
-    let room = RoomId(id);
+    let mut nonce = [0u8; 16];
+    rng.fill_bytes(&mut nonce);
+    let room = RoomId::derive(identity.user_id(), home, nonce);
     let key = EpochKey::generate(rng);
     let sealed = seal_epoch_key(
         rng,
@@ -58,6 +58,7 @@ pub fn create_room(
         key,
         Op::CreateRoom {
             room,
+            nonce,
             home,
             policy,
             key: sealed,

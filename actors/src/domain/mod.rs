@@ -304,8 +304,11 @@ pub enum Op {
     ListUsers,
     /// Create a room homed on this node, with its first epoch key sealed to the creator.
     CreateRoom {
-        /// The new room's id (random, drawn by the creator).
+        /// The new room's id: [`RoomId::derive`] of the creator, `home` and `nonce`
+        /// (checked by every node).
         room: RoomId,
+        /// Random, drawn by the creator: makes each of their rooms' ids new.
+        nonce: [u8; 16],
         /// The creator's node, which becomes the room's home. Signed by the creator,
         /// so that no other node can later claim to be the room's home.
         home: NodeId,

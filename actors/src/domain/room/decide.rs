@@ -70,7 +70,11 @@ pub(super) fn create(
     req: &SignedRequest,
 ) -> Result<Event, Denial> {
     let crate::domain::Op::CreateRoom {
-        policy, key, home, ..
+        room,
+        nonce,
+        policy,
+        key,
+        home,
     } = &req.request.op
     else {
         return Err(Denial::malformed("not a room creation"));
@@ -80,6 +84,12 @@ pub(super) fn create(
             "rooms are created on their creator's node",
         ));
     }
+    if *room != RoomId::derive(req.request.user, *home, *nonce) {
+        return Err(Denial::malformed(
+            "the room id is not derived from its creation (creator, home, nonce)",
+        ));
+    }
+    debug_assert_eq!(*room, h.room, "the room checked the request is for it");
     if rooms::meta(txn, h.room)?.is_some() {
         return Err(Denial::Conflict {
             what: format!("room {} exists", h.room),

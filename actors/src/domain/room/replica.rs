@@ -125,11 +125,20 @@ pub(super) fn apply(txn: &mut dyn WriteTxn, at: &Copy, update: Update) -> Result
 }
 
 /// Whether `create` proves that `home` is the home of `room`, created by `owner`:
-/// the creator's own signature over a creation naming that room and home.
+/// the creator's own signature over a creation naming that room and home, the room
+/// id derived from that creator, home and nonce (so nobody can claim another
+/// room's id).
 fn proves_home(create: &SignedRequest, room: RoomId, home: NodeId, owner: UserId) -> bool {
-    matches!(create.request.op, Op::CreateRoom { room: r, home: h, .. } if r == room && h == home)
-        && create.request.user == owner
-        && create.verify().is_ok()
+    let derived = match create.request.op {
+        Op::CreateRoom {
+            room: r,
+            home: h,
+            nonce,
+            ..
+        } => r == room && h == home && r == RoomId::derive(owner, h, nonce),
+        _ => false,
+    };
+    derived && create.request.user == owner && create.verify().is_ok()
 }
 
 /// Whether a snapshot is well formed: from its home, a valid record, a bounded
@@ -466,6 +475,54 @@ mod tests {
             vis.until, None,
             "bob's visibility ended by a stale snapshot"
         );
+    }
+
+    #[test]
+    fn a_first_snapshot_whose_room_id_is_not_derived_from_its_creation_is_refused() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let owner = Identity::generate(&mut rng);
+        let (_, _, op) =
+            client::create_room(&mut rng, &owner, HOME, Policy::default()).expect("create");
+        // The owner signs a creation naming another id than its derivation.
+        let claimed = RoomId([9; 16]);
+        let Op::CreateRoom { room: derived, .. } = &op else {
+            unreachable!()
+        };
+        assert_ne!(*derived, claimed);
+        let op = match op {
+            Op::CreateRoom {
+                nonce,
+                home,
+                policy,
+                key,
+                ..
+            } => Op::CreateRoom {
+                room: claimed,
+                nonce,
+                home,
+                policy,
+                key,
+            },
+            other => other,
+        };
+        let create = Box::new(client::sign(&owner, Time::default(), &mut rng, op));
+        let (_, meta, member, _) = room();
+        let meta = RoomMeta {
+            owner: owner.user_id(),
+            ..meta
+        };
+        let member = RoomMember {
+            user: owner.user_id(),
+            ..member
+        };
+        let update = Update::Members {
+            meta,
+            members: vec![member],
+            create,
+        };
+        let store = MemStore::new();
+        let error = apply_to(&store, claimed, update).expect_err("taken");
+        assert_eq!(error.reason(), "unproven_home");
     }
 
     #[test]

@@ -564,7 +564,7 @@ async fn conclave_users(
     let mut admins = Vec::new();
     for node in &file.node {
         let identity = identity_file::load(&node.admin)?;
-        let id: NodeId = node.id.parse()?;
+        let id = node.node_id()?;
         admins.push((
             RemoteNode::connect(&identity, node.addr, Some(id)).await?,
             id,
@@ -575,7 +575,8 @@ async fn conclave_users(
         for ((admin, id), node) in admins.iter().zip(&file.node) {
             let identity = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));
             admin.add_user(&identity.public(), UserRole::Member).await?;
-            users.push((RemoteNode::connect(&identity, node.addr, None).await?, *id));
+            let user = RemoteNode::connect(&identity, node.addr, Some(*id)).await?;
+            users.push((user, *id));
         }
     }
     Ok(users)

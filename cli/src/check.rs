@@ -67,6 +67,8 @@ pub(crate) struct CheckArgs {
 struct Member {
     name: String,
     node: ClusterNode,
+    /// The node's id from cluster.toml: every connection pins it.
+    node_id: NodeId,
     identity: Identity,
 }
 
@@ -104,7 +106,7 @@ async fn check_setup(file: &ClusterFile) -> anyhow::Result<(RoomId, Vec<Member>)
     let mut members = Vec::new();
     for node in &file.node {
         let admin_identity = identity_file::load(&node.admin)?;
-        let node_id: NodeId = node.id.parse()?;
+        let node_id = node.node_id()?;
         let admin = RemoteNode::connect(&admin_identity, node.addr, Some(node_id))
             .await
             .with_context(|| format!("connecting to {} as its admin", node.name))?;
@@ -113,10 +115,12 @@ async fn check_setup(file: &ClusterFile) -> anyhow::Result<(RoomId, Vec<Member>)
         members.push(Member {
             name: format!("user@{}", node.name),
             node: node.clone(),
+            node_id,
             identity,
         });
     }
-    let owner = RemoteNode::connect(&members[0].identity, members[0].node.addr, None).await?;
+    let (first, addr, node_id) = (&members[0], members[0].node.addr, members[0].node_id);
+    let owner = RemoteNode::connect(&first.identity, addr, Some(node_id)).await?;
     let room = owner.create_room(Policy::default()).await?;
     for m in &members[1..] {
         owner
@@ -133,14 +137,19 @@ async fn check_setup(file: &ClusterFile) -> anyhow::Result<(RoomId, Vec<Member>)
 
 /// Reads `room` as `member` forever, reconnecting to its node when the connection
 /// breaks and resuming after the last message seen.
-async fn reader(addr: SocketAddr, identity: Identity, room: RoomId, seen: SharedSeen) {
+async fn reader(
+    (addr, node_id): (SocketAddr, NodeId),
+    identity: Identity,
+    room: RoomId,
+    seen: SharedSeen,
+) {
     loop {
         let from = match lock(&seen).next {
             Seq(0) => Position::Start,
             next => Position::At(next),
         };
         let sub = async {
-            let user = RemoteNode::connect(&identity, addr, None).await?;
+            let user = RemoteNode::connect(&identity, addr, Some(node_id)).await?;
             user.subscribe(room, from).await
         };
         if let Ok(mut sub) = sub.await {
@@ -169,8 +178,8 @@ pub(crate) async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .zip(&seen)
         .map(|(m, s)| {
-            let (addr, identity) = (m.node.addr, m.identity.clone());
-            tokio::spawn(reader(addr, identity, room, s.clone()))
+            let (node, identity) = ((m.node.addr, m.node_id), m.identity.clone());
+            tokio::spawn(reader(node, identity, room, s.clone()))
         })
         .collect();
     let started = Instant::now();
@@ -202,7 +211,7 @@ async fn publish(args: &CheckArgs, room: RoomId, members: &[Member], seen: &[Sha
     let mut publishers: Vec<Option<User<RemoteNode>>> = Vec::new();
     for m in members {
         publishers.push(
-            RemoteNode::connect(&m.identity, m.node.addr, None)
+            RemoteNode::connect(&m.identity, m.node.addr, Some(m.node_id))
                 .await
                 .ok(),
         );
@@ -224,7 +233,8 @@ async fn publish(args: &CheckArgs, room: RoomId, members: &[Member], seen: &[Sha
         // Reconnect at most once per wait, and never for longer than that.
         if publishers[i].is_none() && Instant::now() >= reconnect_at[i] {
             reconnect_at[i] = Instant::now() + Duration::from_millis(RECONNECT_WAIT_MS);
-            let connect = RemoteNode::connect(&members[i].identity, members[i].node.addr, None);
+            let m = &members[i];
+            let connect = RemoteNode::connect(&m.identity, m.node.addr, Some(m.node_id));
             publishers[i] = tokio::time::timeout(Duration::from_millis(RECONNECT_WAIT_MS), connect)
                 .await
                 .ok()

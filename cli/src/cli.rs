@@ -21,6 +21,7 @@ use crate::bench::BenchArgs;
 use crate::check::CheckArgs;
 use crate::cluster::{cluster_up, print_status, ClusterArgs};
 use crate::demo::DemoArgs;
+use crate::pin::{self, Decision, Pins};
 use crate::signal::wait_for_signal;
 
 const EXAMPLES: &str = "\
@@ -37,7 +38,8 @@ Examples:
   conclave cluster up --nodes 3 --dir ./data/cluster
   conclave check --cluster ./data/cluster --messages 100
 
-  # Users and rooms (client commands authenticate with a user identity file)
+  # Users and rooms (client commands authenticate with a user identity file, and pin
+  # the node: its id met first is remembered in FILE.nodes, or give --node-id ID)
   conclave user add --admin --data ./data/a --identity ./admin.id   # bootstrap (node stopped)
   conclave user new --out ./alice.id                                # prints alice's public key
   conclave user add --node 127.0.0.1:7401 --as ./admin.id --public <ALICE_PUBLIC>
@@ -156,14 +158,23 @@ struct PeerConfig {
     addr: SocketAddr,
 }
 
+/// `--node-id` of the client commands, in short: how they pin the node.
+const NODE_ID_HELP: &str = "The node's id, which the node must prove (default: the id remembered \
+in FILE.nodes beside --as FILE, learned on first contact)";
+/// `--node-id` of the client commands, in full (see `crate::pin`).
+const NODE_ID_LONG_HELP: &str =
+    "The node's id (as `conclave init` or `conclave node` prints it); the \
+node must prove it. Without it, the id the node proves on first contact is remembered in \
+FILE.nodes beside the --as FILE, and a node at that address presenting another id is refused. \
+Given, it replaces what is remembered";
+
 /// How a client command reaches its node and whom it acts as.
 #[derive(Args, Clone)]
 struct ClientArgs {
     /// The node's address (its --listen).
     #[arg(long = "node", value_name = "ADDR")]
     node: SocketAddr,
-    /// The node's id, to check the node is the one expected.
-    #[arg(long = "node-id", value_name = "ID")]
+    #[arg(long = "node-id", value_name = "ID", help = NODE_ID_HELP, long_help = NODE_ID_LONG_HELP)]
     node_id: Option<NodeId>,
     /// The user's identity file.
     #[arg(long = "as", value_name = "FILE")]
@@ -210,8 +221,7 @@ struct UserAddArgs {
     /// The node's address (without --admin).
     #[arg(long = "node", value_name = "ADDR", conflicts_with = "admin")]
     node: Option<SocketAddr>,
-    /// The node's id, to check the node is the one expected.
-    #[arg(long = "node-id", value_name = "ID")]
+    #[arg(long = "node-id", value_name = "ID", conflicts_with = "admin", help = NODE_ID_HELP, long_help = NODE_ID_LONG_HELP)]
     node_id: Option<NodeId>,
     /// The acting admin's identity file (without --admin).
     #[arg(long = "as", value_name = "FILE")]
@@ -454,12 +464,41 @@ pub(crate) fn parse_public(text: &str) -> anyhow::Result<PublicIdentity> {
     Ok(public)
 }
 
+/// Connects as `--as` to the node at `--node` and pins it (see [`crate::pin`]):
+/// `--node-id` if given, else the id remembered beside the identity file, else
+/// the id met now, remembered for next time. A node that is not the pinned one is
+/// refused before any command is sent to it.
 async fn connect(args: &ClientArgs) -> anyhow::Result<User<RemoteNode>> {
     let identity = identity_file::load(&args.identity)
         .with_context(|| format!("loading the user identity {}", args.identity.display()))?;
-    RemoteNode::connect(&identity, args.node, args.node_id)
+    // Read before connecting: a pins file that cannot be read stops the command
+    // before anything reaches the network, and is never replaced.
+    let mut pins = Pins::load(&pin::pins_path(&args.identity))?;
+    let user = RemoteNode::connect(&identity, args.node, args.node_id)
         .await
-        .with_context(|| format!("connecting to {} as {}", args.node, identity.user_id()))
+        .with_context(|| format!("connecting to {} as {}", args.node, identity.user_id()))?;
+    let presented = user.node().node_id();
+    debug_assert!(args.node_id.is_none_or(|id| id == presented));
+    match pins.decide(args.node, presented, args.node_id.is_some())? {
+        Decision::Known => {}
+        Decision::Record => {
+            pins.record(args.node, presented)?;
+            eprintln!(
+                "trusting node {presented} at {} from now on (first contact; remembered in {})",
+                args.node,
+                pins.path().display()
+            );
+        }
+        Decision::Replace { previous } => {
+            pins.record(args.node, presented)?;
+            eprintln!(
+                "node at {} is now pinned to {presented} (given by --node-id), replacing {previous} in {}",
+                args.node,
+                pins.path().display()
+            );
+        }
+    }
+    Ok(user)
 }
 
 /// `conclave user add --admin`: the node's first admin, written offline into its

@@ -72,6 +72,15 @@ pub struct ClusterNode {
     pub args: Vec<String>,
 }
 
+impl ClusterNode {
+    /// Its id, parsed: what clients of the cluster pin when they connect to it.
+    pub fn node_id(&self) -> anyhow::Result<NodeId> {
+        self.id
+            .parse()
+            .with_context(|| format!("the id of {} in cluster.toml", self.name))
+    }
+}
+
 impl ClusterFile {
     /// Reads `DIR/cluster.toml`.
     pub fn read(dir: &Path) -> anyhow::Result<Self> {

@@ -83,7 +83,7 @@ async fn conversation(cluster: &Cluster, dir: &Path) -> anyhow::Result<()> {
     for u in &users[1..] {
         users[0]
             .user
-            .invite(room, &u.user.public(), u.node.id.parse()?, RoomRole::Member)
+            .invite(room, &u.user.public(), u.node.node_id()?, RoomRole::Member)
             .await?;
         println!("alice invited {} (homed on {})", u.name, u.node.name);
     }
@@ -116,12 +116,13 @@ async fn demo_users<'a>(cluster: &'a Cluster, dir: &Path) -> anyhow::Result<Vec<
         let file = users_dir.join(format!("{name}.id"));
         let (identity, _) = identity_file::load_or_create(&file)?;
         let admin_identity = identity_file::load(&node.admin)?;
-        let admin = RemoteNode::connect(&admin_identity, node.addr, Some(node.id.parse()?)).await?;
+        let node_id = node.node_id()?;
+        let admin = RemoteNode::connect(&admin_identity, node.addr, Some(node_id)).await?;
         match admin.add_user(&identity.public(), UserRole::Member).await {
             Ok(()) | Err(ApiError::Denied(Denial::Conflict { .. })) => {}
             Err(e) => return Err(e.into()),
         }
-        let user = RemoteNode::connect(&identity, node.addr, None).await?;
+        let user = RemoteNode::connect(&identity, node.addr, Some(node_id)).await?;
         users.push(DemoUser {
             name,
             file,
@@ -173,13 +174,15 @@ fn print_next_steps(cluster: &Cluster, users: &[DemoUser<'_>], room: RoomId, dir
     }
     println!("\nSend your own message as bob, and read the room as carol:");
     println!(
-        "  {exe} send --node {} --as {} --room {room} \"hello from the shell\"",
+        "  {exe} send --node {} --node-id {} --as {} --room {room} \"hello from the shell\"",
         users[1].node.addr,
+        users[1].node.id,
         users[1].file.display()
     );
     println!(
-        "  {exe} tail --node {} --as {} --room {room}",
+        "  {exe} tail --node {} --node-id {} --as {} --room {room}",
         users[2].node.addr,
+        users[2].node.id,
         users[2].file.display()
     );
     println!("Cluster layout: {}", dir.join("cluster.toml").display());

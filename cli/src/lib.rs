@@ -7,7 +7,8 @@
 //!
 //! Modules depend one way: `cli` (arguments, dispatch) uses `check`, `demo`,
 //! `bench` and [`cluster`]; those use [`cluster`] and `signal`; [`cluster`] uses
-//! only `signal` and the library.
+//! only `signal` and the library; `pin` (which node a client command trusts) is used
+//! by `cli` only.
 #![warn(missing_docs)]
 
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ mod check;
 mod cli;
 pub mod cluster;
 mod demo;
+mod pin;
 mod signal;
 
 /// Runs the `conclave` command line with this process's arguments and returns its

@@ -374,6 +374,12 @@ impl RemoteNode {
         }
     }
 
+    /// The id of the node this connection reached, as the node proved it in the
+    /// handshake (what a client pins).
+    pub fn node_id(&self) -> NodeId {
+        self.link.node
+    }
+
     /// The address of the node.
     pub fn addr(&self) -> SocketAddr {
         self.link.conn.remote_address()

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use x25519_dalek::{PublicKey as ExchangePublic, StaticSecret};
 use zeroize::Zeroizing;
 
+use crate::crypto::SignatureBytes;
 use crate::ids::{NodeId, UserId};
 
 /// The first bytes of an identity file: a magic tag and the format version.
@@ -64,13 +65,51 @@ pub struct Identity {
 }
 
 /// The public half of an identity: what others need to verify its signatures and to
-/// seal keys to it.
+/// seal keys to it. The X25519 key is bound to the identity by the identity's own
+/// signature over it ([`PublicIdentity::check`]): nobody seals to, registers or
+/// invites a key its owner did not sign.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PublicIdentity {
     /// Ed25519 public key: the node or user id.
     pub signing: [u8; 32],
     /// X25519 public key: epoch keys are sealed to it.
     pub exchange: [u8; 32],
+    /// The Ed25519 signature of `signing` over [`EXCHANGE_BINDING_TAG`] ‖ `exchange`.
+    pub binding: SignatureBytes,
+}
+
+/// Domain separation for the signature that binds an X25519 key to an identity.
+pub const EXCHANGE_BINDING_TAG: &[u8] = b"conclave/exchange-key/v1";
+
+/// Why a public identity cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    /// The Ed25519 half is not a valid (or is a weak) key.
+    #[error("the identity's Ed25519 key is not a valid key")]
+    InvalidSigningKey,
+    /// The X25519 key is not signed by the identity.
+    #[error("the X25519 key is not bound to the identity (its signature does not verify)")]
+    Unbound,
+    /// The X25519 key is of low order: anything sealed to it is readable by anyone.
+    #[error("the X25519 key is of low order")]
+    LowOrder,
+}
+
+/// The message an identity signs to bind its X25519 key.
+fn binding_message(exchange: &[u8; 32]) -> Vec<u8> {
+    let mut message = EXCHANGE_BINDING_TAG.to_vec();
+    message.extend_from_slice(exchange);
+    message
+}
+
+/// Whether `exchange` is of low order (or the identity point): a Diffie-Hellman
+/// with any clamped scalar (a multiple of the cofactor) gives the all-zero secret
+/// exactly for those points.
+pub fn is_low_order(exchange: &[u8; 32]) -> bool {
+    let probe = StaticSecret::from(clamp([1u8; 32]));
+    !probe
+        .diffie_hellman(&ExchangePublic::from(*exchange))
+        .was_contributory()
 }
 
 impl fmt::Debug for Identity {
@@ -97,6 +136,30 @@ impl PublicIdentity {
     pub fn exchange_key(&self) -> ExchangePublic {
         ExchangePublic::from(self.exchange)
     }
+
+    /// Checks that the identity is usable: a valid Ed25519 key that signed its
+    /// X25519 key, and that key not of low order.
+    pub fn check(&self) -> Result<(), BindingError> {
+        check_binding(&self.signing, &self.exchange, &self.binding)
+    }
+}
+
+/// Checks that `signing` bound `exchange` with `binding`, and that `exchange` is not
+/// of low order (see [`PublicIdentity::check`]).
+pub fn check_binding(
+    signing: &[u8; 32],
+    exchange: &[u8; 32],
+    binding: &SignatureBytes,
+) -> Result<(), BindingError> {
+    if VerifyingKey::from_bytes(signing).map_or(true, |k| k.is_weak()) {
+        return Err(BindingError::InvalidSigningKey);
+    }
+    crate::crypto::verify_signature(signing, &binding_message(exchange), binding)
+        .map_err(|_| BindingError::Unbound)?;
+    if is_low_order(exchange) {
+        return Err(BindingError::LowOrder);
+    }
+    Ok(())
 }
 
 impl Identity {
@@ -120,9 +183,13 @@ impl Identity {
 
     /// The public half.
     pub fn public(&self) -> PublicIdentity {
+        let exchange = ExchangePublic::from(&self.exchange).to_bytes();
+        // Ed25519 signatures are deterministic: the binding is the same every time.
+        let binding = SignatureBytes::sign(&self.signing, &binding_message(&exchange));
         PublicIdentity {
             signing: self.signing.verifying_key().to_bytes(),
-            exchange: ExchangePublic::from(&self.exchange).to_bytes(),
+            exchange,
+            binding,
         }
     }
 
@@ -188,11 +255,8 @@ impl Identity {
             return Err(IdentityError::KeyMismatch);
         }
         let identity = Self::from_secrets(&signing_secret, *exchange_secret);
-        let stored = PublicIdentity {
-            signing: chunk(2),
-            exchange: chunk(3),
-        };
-        if identity.public() != stored {
+        let public = identity.public();
+        if public.signing != chunk(2) || public.exchange != chunk(3) {
             return Err(IdentityError::KeyMismatch);
         }
         Ok(identity)
@@ -205,6 +269,32 @@ mod tests {
 
     fn fixed() -> Identity {
         Identity::from_secrets(&[7u8; 32], [9u8; 32])
+    }
+
+    #[test]
+    fn an_identity_binds_its_exchange_key_and_low_order_keys_are_refused() {
+        let public = fixed().public();
+        assert_eq!(public.check(), Ok(()));
+        assert_eq!(public, fixed().public(), "the binding is deterministic");
+        let other = Identity::from_secrets(&[8u8; 32], [10u8; 32]).public();
+        let swapped = PublicIdentity {
+            exchange: other.exchange,
+            ..public
+        };
+        assert_eq!(swapped.check(), Err(BindingError::Unbound));
+        let zero = [0u8; 32];
+        let signed_zero = PublicIdentity {
+            exchange: zero,
+            binding: SignatureBytes::sign(fixed().signing_key(), &binding_message(&zero)),
+            ..public
+        };
+        assert_eq!(signed_zero.check(), Err(BindingError::LowOrder));
+        assert!(!is_low_order(&public.exchange));
+        let bad_signer = PublicIdentity {
+            signing: [0u8; 32],
+            ..public
+        };
+        assert_eq!(bad_signer.check(), Err(BindingError::InvalidSigningKey));
     }
 
     #[test]

@@ -816,3 +816,79 @@ fn a_peer_cannot_claim_a_room_homed_elsewhere() {
         vec![(Seq(1), b"from the real home".to_vec())]
     );
 }
+
+/// An X25519 key is bound to its identity by the identity's own signature: the
+/// registry, the room's home and a sealing client refuse a key its owner did not
+/// sign (a node substituting its own) and a low-order key (which would make every
+/// sealed key readable and every honest removal fail).
+#[test]
+fn x25519_keys_must_be_bound_to_their_identity() {
+    use conclave_actors::crypto::SealError;
+    use conclave_actors::identity::EXCHANGE_BINDING_TAG;
+    use conclave_actors::PublicIdentity;
+    use ed25519_dalek::Signer;
+    let mut w = world(11);
+    let admin = Identity::generate(w.c.rng());
+    w.c.seed_admin(0, &admin);
+    let (alice, bob) = (w.alice.clone(), w.bob.clone());
+    let dave = Identity::generate(w.c.rng());
+    // Dave's id with bob's X25519 key: not signed by dave.
+    let swapped = PublicIdentity {
+        exchange: bob.public().exchange,
+        ..dave.public()
+    };
+    // A low-order X25519 key that dave did sign.
+    let low = [0u8; 32];
+    let mut message = EXCHANGE_BINDING_TAG.to_vec();
+    message.extend_from_slice(&low);
+    let low_order = PublicIdentity {
+        exchange: low,
+        binding: conclave_actors::crypto::SignatureBytes(
+            dave.signing_key().sign(&message).to_bytes(),
+        ),
+        ..dave.public()
+    };
+    for user in [swapped, low_order] {
+        let op = Op::AddUser {
+            user,
+            role: UserRole::Member,
+        };
+        let refused = denial(Some(w.c.call(0, &admin, op)));
+        assert_eq!(refused.reason(), "malformed", "{refused}");
+    }
+    // The home refuses to invite an unbound key, even with a key sealed to it.
+    let room = w.c.create_room(0, &alice, Policy::default());
+    let keys = w.c.keys(0, &alice, room);
+    let sealed = conclave_actors::crypto::seal_epoch_key(
+        w.c.rng(),
+        alice.signing_key(),
+        &x25519_dalek::PublicKey::from(swapped.exchange),
+        room,
+        Epoch(1),
+        &keys[&Epoch(1)],
+    )
+    .unwrap();
+    let invitee = Invitee {
+        user: swapped,
+        home: w.c.id(1),
+        role: RoomRole::Member,
+    };
+    let op = Op::Invite {
+        room,
+        invitee,
+        epoch: Epoch(1),
+        key: sealed,
+    };
+    assert_eq!(denial(Some(w.c.call(0, &alice, op))).reason(), "malformed");
+    // A client refuses to seal to an unbound key, whoever handed it the member list.
+    let refused = client::invite(w.c.rng(), &alice, room, Epoch(1), &keys[&Epoch(1)], invitee);
+    assert_eq!(refused.unwrap_err(), SealError::UnboundRecipient);
+    w.c.invite(0, &alice, room, &bob, 1, RoomRole::Member);
+    let mut info = w.c.room_info(0, &alice, room);
+    info.members
+        .iter_mut()
+        .filter(|m| m.user == bob.user_id())
+        .for_each(|m| m.exchange = dave.public().exchange);
+    let refused = client::remove(w.c.rng(), &alice, &info, alice.user_id());
+    assert_eq!(refused.err(), Some(SealError::UnboundRecipient));
+}

@@ -440,27 +440,41 @@ fn room_role(role: RoleArg) -> RoomRole {
 pub(crate) fn public_hex(public: &PublicIdentity) -> String {
     let mut out = UserId(public.signing).to_string();
     out.push_str(&UserId(public.exchange).to_string());
+    for b in public.binding.0 {
+        out.push_str(&format!("{b:02x}"));
+    }
     out
 }
 
-/// Parses [`public_hex`]'s output.
+/// How many hex digits [`public_hex`] prints: the Ed25519 key, the X25519 key and
+/// the identity's signature binding the two.
+const PUBLIC_HEX_DIGITS: usize = 2 * (32 + 32 + 64);
+
+/// Parses [`public_hex`]'s output, and checks that the identity signed its X25519
+/// key (and that the key is usable).
 pub(crate) fn parse_public(text: &str) -> anyhow::Result<PublicIdentity> {
     let text = text.trim();
-    if text.len() != 128 {
+    if text.len() != PUBLIC_HEX_DIGITS || !text.is_ascii() {
         bail!(
-            "a public key is 128 hex digits (as `conclave user new` prints), got {}",
+            "a public key is {PUBLIC_HEX_DIGITS} hex digits (as `conclave user new` prints), got {}",
             text.len()
         );
     }
     let signing: UserId = text[..64].parse().context("public key")?;
-    let exchange: UserId = text[64..].parse().context("public key")?;
+    let exchange: UserId = text[64..128].parse().context("public key")?;
+    let mut binding = [0u8; 64];
+    for (i, slot) in binding.iter_mut().enumerate() {
+        let pair = &text[128 + 2 * i..130 + 2 * i];
+        *slot = u8::from_str_radix(pair, 16).context("public key: not hex")?;
+    }
     let public = PublicIdentity {
         signing: signing.0,
         exchange: exchange.0,
+        binding: conclave_actors::crypto::SignatureBytes(binding),
     };
-    if public.verifying_key().is_none() {
-        bail!("the public key's Ed25519 half is not a valid key");
-    }
+    public
+        .check()
+        .map_err(|e| anyhow!("the public key cannot be used: {e}"))?;
     Ok(public)
 }
 

@@ -128,6 +128,10 @@ pub enum SealError {
     /// would be secret.
     #[error("invalid recipient public key")]
     InvalidRecipientKey,
+    /// The recipient's X25519 key is not bound to them (their identity did not sign
+    /// it): a node could have substituted a key of its own choosing.
+    #[error("the recipient's X25519 key is not bound to their identity")]
+    UnboundRecipient,
     /// The `info` given to a low-level helper is longer than it accepts.
     #[error("HPKE info of {len} bytes exceeds the limit of {max}")]
     InfoTooLong {

@@ -20,7 +20,7 @@ pub const SIGNATURE_BYTES: usize = 64;
 /// Serialized as a 64-element tuple of `u8` (postcard: 64 bytes, no length prefix).
 /// Holding one proves nothing: it is checked only when the structure carrying it is
 /// verified.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SignatureBytes(pub [u8; SIGNATURE_BYTES]);
 
 impl SignatureBytes {

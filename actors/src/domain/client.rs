@@ -17,7 +17,7 @@ use crate::crypto::{
     open_epoch_key, open_frame, seal_epoch_key, seal_frame, EpochKey, Frame, FrameError, SealError,
     SealedKey,
 };
-use crate::identity::Identity;
+use crate::identity::{check_binding, Identity};
 use crate::ids::{Epoch, MessageId, NodeId, RoomId, UserId};
 
 /// Signs `op` as `identity`, issued `now`.
@@ -76,6 +76,11 @@ pub fn invite(
     key: &EpochKey,
     invitee: Invitee,
 ) -> Result<Op, SealError> {
+    // Seal only to a key its owner signed, whoever handed us the invitee.
+    invitee
+        .user
+        .check()
+        .map_err(|_| SealError::UnboundRecipient)?;
     let sealed = seal_epoch_key(
         rng,
         identity.signing_key(),
@@ -104,6 +109,9 @@ pub fn remove(
     let key = EpochKey::generate(rng);
     let mut bundle = Vec::with_capacity(info.members.len());
     for member in info.members.iter().filter(|m| m.user != user) {
+        // The member list comes from a node: seal only to keys their owners signed.
+        check_binding(&member.user.0, &member.exchange, &member.binding)
+            .map_err(|_| SealError::UnboundRecipient)?;
         let sealed = seal_epoch_key(
             rng,
             identity.signing_key(),

@@ -265,6 +265,9 @@ pub struct RoomMember {
     pub user: UserId,
     /// Their X25519 key, to which epoch keys are sealed.
     pub exchange: [u8; 32],
+    /// The user's signature binding `exchange` to them (see
+    /// [`PublicIdentity::check`]): clients seal only to keys it binds.
+    pub binding: SignatureBytes,
     /// The node the user is homed on.
     pub home: NodeId,
     /// Their role.

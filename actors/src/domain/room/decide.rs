@@ -117,6 +117,7 @@ pub(super) fn create(
     let owner = RoomMember {
         user: acting,
         exchange: creator.exchange,
+        binding: creator.binding,
         home: h.me,
         role: RoomRole::Owner,
         since: Seq(1),
@@ -162,6 +163,7 @@ pub(super) fn invite(
     let member = RoomMember {
         user: UserId(invitee.user.signing),
         exchange: invitee.user.exchange,
+        binding: invitee.user.binding,
         home: invitee.home,
         role: invitee.role,
         since,
@@ -180,11 +182,10 @@ pub(super) fn invite(
 /// Who may be invited: a valid key, homed on a node of the cluster, not as owner,
 /// not a member already, and room left.
 fn check_invitee(txn: &dyn ReadTxn, h: &Home<'_>, invitee: &Invitee) -> Result<(), Denial> {
-    if invitee.user.verifying_key().is_none() {
-        return Err(Denial::malformed(
-            "the invitee's key is not a valid Ed25519 key",
-        ));
-    }
+    invitee
+        .user
+        .check()
+        .map_err(|e| Denial::malformed(format!("the invitee's keys: {e}")))?;
     if invitee.home != h.me && h.nodes.is_some_and(|n| !n.contains(&invitee.home)) {
         return Err(Denial::not_found(format!(
             "node {} (not a node of this cluster)",

@@ -15,6 +15,7 @@ use crate::crypto::{verify_frame, verify_sealed_key, Frame, SealError, SealedKey
 use crate::domain::state::rooms::{RoomMeta, Visibility};
 use crate::domain::state::{keys, registry, rooms};
 use crate::domain::{Denial, Op, RoomMember, SignedRequest, ROOM_MEMBERS_MAX};
+use crate::identity::check_binding;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
 
@@ -165,6 +166,14 @@ fn check_snapshot(at: &Copy, meta: &RoomMeta, members: &[RoomMember]) -> Result<
     {
         return Err(UpdateError::Malformed(
             "a member readable from an impossible seq",
+        ));
+    }
+    let unbound = members
+        .iter()
+        .any(|m| check_binding(&m.user.0, &m.exchange, &m.binding).is_err());
+    if unbound {
+        return Err(UpdateError::Malformed(
+            "a member's X25519 key not bound to them",
         ));
     }
     Ok(())
@@ -361,6 +370,7 @@ mod tests {
         let member = RoomMember {
             user: owner.user_id(),
             exchange: owner.public().exchange,
+            binding: owner.public().binding,
             home: HOME,
             role: RoomRole::Owner,
             since: Seq(1),
@@ -439,6 +449,7 @@ mod tests {
         let bob = RoomMember {
             user: bob.user_id(),
             exchange: bob.public().exchange,
+            binding: bob.public().binding,
             home: HERE,
             role: RoomRole::Member,
             since: Seq(1),
@@ -513,6 +524,8 @@ mod tests {
         };
         let member = RoomMember {
             user: owner.user_id(),
+            exchange: owner.public().exchange,
+            binding: owner.public().binding,
             ..member
         };
         let update = Update::Members {
@@ -523,6 +536,26 @@ mod tests {
         let store = MemStore::new();
         let error = apply_to(&store, claimed, update).expect_err("taken");
         assert_eq!(error.reason(), "unproven_home");
+    }
+
+    #[test]
+    fn a_snapshot_with_a_member_key_its_owner_did_not_sign_is_refused() {
+        let (room, meta, member, create) = room();
+        // The home substitutes an X25519 key of its own for the owner's.
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        let other = Identity::generate(&mut rng).public();
+        let swapped = RoomMember {
+            exchange: other.exchange,
+            ..member
+        };
+        let update = Update::Members {
+            meta,
+            members: vec![swapped],
+            create,
+        };
+        let store = MemStore::new();
+        let error = apply_to(&store, room, update).expect_err("taken");
+        assert_eq!(error.reason(), "malformed");
     }
 
     #[test]

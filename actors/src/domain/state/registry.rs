@@ -5,6 +5,7 @@ use conclave_storage::{Order, ReadTxn, StoreError, Table, WriteTxn};
 use serde::{Deserialize, Serialize};
 
 use crate::actor::Time;
+use crate::crypto::SignatureBytes;
 use crate::domain::{Denial, SignedRequest, UserEntry, UserRole, UserStatus, REQUEST_SKEW_MAX};
 use crate::identity::PublicIdentity;
 use crate::ids::UserId;
@@ -14,6 +15,8 @@ use crate::ids::UserId;
 pub struct UserRecord {
     /// Their X25519 public key.
     pub exchange: [u8; 32],
+    /// Their signature binding it to them.
+    pub binding: SignatureBytes,
     /// Their role.
     pub role: UserRole,
     /// Active or revoked.
@@ -50,11 +53,8 @@ pub fn add(
     now: Time,
     added_by: Option<UserId>,
 ) -> Result<(), Denial> {
-    if user.verifying_key().is_none() {
-        return Err(Denial::malformed(
-            "the user's signing key is not a valid Ed25519 key",
-        ));
-    }
+    user.check()
+        .map_err(|e| Denial::malformed(format!("the user's keys: {e}")))?;
     if USERS.get(&*txn, &user.signing)?.is_some() {
         return Err(Denial::Conflict {
             what: format!("user {} is registered already", UserId(user.signing)),
@@ -62,6 +62,7 @@ pub fn add(
     }
     let record = UserRecord {
         exchange: user.exchange,
+        binding: user.binding,
         role,
         status: UserStatus::Active,
         added_at: now,
@@ -100,6 +101,7 @@ pub fn list(txn: &dyn ReadTxn) -> Result<Vec<UserEntry>, StoreError> {
             user: PublicIdentity {
                 signing,
                 exchange: r.exchange,
+                binding: r.binding,
             },
             role: r.role,
             status: r.status,

@@ -11,6 +11,11 @@ use conclave::{
 use conclave_actors::domain::DomainConfig;
 use conclave_actors::ids::{Epoch, RoomId, Seq};
 
+/// How many times a node start is tried before the test fails.
+const START_ATTEMPTS_MAX: u32 = 20;
+/// The pause between two start attempts.
+const START_RETRY_MS: u64 = 100;
+
 /// A loopback UDP port that was free a moment ago.
 fn free_port() -> SocketAddr {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
@@ -48,7 +53,27 @@ impl Cluster {
         cluster
     }
 
+    /// Starts node `i` on its address and data directory. A restart right after a
+    /// shutdown can find the UDP port still held for a moment (or taken by another
+    /// test's ephemeral bind), so a failed start is retried a bounded number of
+    /// times before the test fails with the last error.
     async fn up(&mut self, i: usize) {
+        for attempt in 1..=START_ATTEMPTS_MAX {
+            match self.builder(i).start().await {
+                Ok(node) => {
+                    self.nodes[i] = Some(node);
+                    return;
+                }
+                Err(error) if attempt < START_ATTEMPTS_MAX => {
+                    eprintln!("node {i} did not start (attempt {attempt}): {error}; retrying");
+                    tokio::time::sleep(Duration::from_millis(START_RETRY_MS)).await;
+                }
+                Err(error) => panic!("node {i} did not start: {error}"),
+            }
+        }
+    }
+
+    fn builder(&self, i: usize) -> conclave::NodeBuilder {
         let mut builder = Node::builder()
             .data_dir(self.dir.path().join(format!("n{i}")))
             .listen(self.addrs[i])
@@ -63,7 +88,7 @@ impl Cluster {
                 builder = builder.peer(self.ids[j], self.addrs[j]);
             }
         }
-        self.nodes[i] = Some(builder.start().await.expect("node starts"));
+        builder
     }
 
     async fn down(&mut self, i: usize) {

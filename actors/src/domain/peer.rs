@@ -74,8 +74,11 @@ pub struct Peer {
     durable: u64,
     /// The next sequence number to accept from the outbox.
     expected: u64,
-    /// Accepted, not yet handed over (their target is busy), in sequence order.
-    waiting: VecDeque<(u64, ActorRef, Deliverable)>,
+    /// Accepted, not yet handed over because their target is busy: per target, in
+    /// sequence order.
+    waiting: BTreeMap<ActorRef, VecDeque<(u64, Deliverable)>>,
+    /// How many messages wait, over all targets.
+    waiting_len: usize,
     /// Handed over and not yet applied: at most one per target.
     in_flight: BTreeMap<ActorRef, u64>,
     /// Applied above the prefix, while a message before them is still in flight.
@@ -116,7 +119,8 @@ impl Peer {
             high,
             durable: high,
             expected: high + 1,
-            waiting: VecDeque::new(),
+            waiting: BTreeMap::new(),
+            waiting_len: 0,
             in_flight: BTreeMap::new(),
             applied: BTreeSet::new(),
             connected: false,
@@ -146,41 +150,64 @@ impl Peer {
     fn assert_bounded(&self) {
         debug_assert!(self.durable <= self.high && self.high < self.expected);
         debug_assert!(
-            self.waiting.len() + self.in_flight.len() <= super::outbox::OUTBOX_WINDOW_MESSAGES
+            self.waiting_len + self.in_flight.len() <= super::outbox::OUTBOX_WINDOW_MESSAGES
                 || mutation::active(Mutation::SkipReceiverDedup)
         );
         debug_assert!(self.applied.first().is_none_or(|&a| a > self.high + 1));
+        debug_assert_eq!(
+            self.waiting_len,
+            self.waiting.values().map(VecDeque::len).sum::<usize>()
+        );
     }
 
-    /// Hands over every waiting message whose target is free, oldest first, so
-    /// that each target still gets its messages in sequence order.
-    fn pump<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
-        let me = cx.node();
-        let mut kept = VecDeque::with_capacity(self.waiting.len());
-        if mutation::active(Mutation::PipelinedHandoff) {
-            // Mutation: newest first, so a free room gets its newest waiting message.
-            self.waiting.make_contiguous().reverse();
+    /// Hands `msg` to its target now if the target is free, else queues it behind
+    /// the target's earlier messages, so each target gets its messages in sequence
+    /// order while the others go on.
+    fn offer<S: System<Msg = Msg>>(
+        &mut self,
+        seq: u64,
+        to: ActorRef,
+        msg: Deliverable,
+        cx: &mut Context<'_, S>,
+    ) {
+        if to.node != cx.node() || !msg.fits(&to) {
+            // Misaddressed: counted, and finished as refused so that it does not
+            // block everything behind it.
+            tracing::warn!(remote = ?self.remote, ?to, "misaddressed delivery refused");
+            metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "misaddressed").increment(1);
+            self.finish(seq);
+        } else if let Entry::Vacant(slot) = self.in_flight.entry(to) {
+            slot.insert(seq);
+            cx.send(to, msg);
+        } else {
+            self.waiting.entry(to).or_default().push_back((seq, msg));
+            self.waiting_len += 1;
         }
-        while let Some((seq, to, msg)) = self.waiting.pop_front() {
-            if to.node != me || !msg.fits(&to) {
-                // Misaddressed: counted, and finished as refused so that it does
-                // not block everything behind it.
-                tracing::warn!(remote = ?self.remote, ?to, "misaddressed delivery refused");
-                metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "misaddressed").increment(1);
-                self.finish(seq);
-            } else if let Entry::Vacant(slot) = self.in_flight.entry(to) {
-                slot.insert(seq);
-                cx.send(to, msg);
-            } else {
-                kept.push_back((seq, to, msg));
-            }
+    }
+
+    /// `target` is free again: hands it its next waiting message, if any.
+    fn next_for<S: System<Msg = Msg>>(&mut self, target: ActorRef, cx: &mut Context<'_, S>) {
+        let Some(queue) = self.waiting.get_mut(&target) else {
+            return;
+        };
+        let next = if mutation::active(Mutation::PipelinedHandoff) {
+            // Mutation: a free room gets its newest waiting message.
+            queue.pop_back()
+        } else {
+            queue.pop_front()
+        };
+        if queue.is_empty() {
+            self.waiting.remove(&target);
         }
-        if mutation::active(Mutation::PipelinedHandoff) {
-            kept.make_contiguous().reverse();
+        if let Some((seq, msg)) = next {
+            self.waiting_len -= 1;
+            debug_assert!(
+                !self.in_flight.contains_key(&target),
+                "one in flight per target"
+            );
+            self.in_flight.insert(target, seq);
+            cx.send(target, msg);
         }
-        self.waiting = kept;
-        self.assert_bounded();
-        self.flush(cx);
     }
 
     /// Records `seq` as applied (or refused for good) and moves the high-water mark
@@ -204,7 +231,7 @@ impl Peer {
     /// Makes the high-water mark durable and acknowledges it, when enough was
     /// applied or nothing else waits.
     fn flush<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
-        let idle = self.in_flight.is_empty() && self.waiting.is_empty();
+        let idle = self.in_flight.is_empty() && self.waiting_len == 0;
         if self.high == self.durable || !(idle || self.high - self.durable >= ACK_EVERY_MESSAGES) {
             return;
         }
@@ -241,8 +268,8 @@ impl Peer {
         if seq.0 < self.expected {
             if mutation::active(Mutation::SkipReceiverDedup) {
                 // Mutation: the duplicate is handed over again.
-                self.waiting.push_back((seq.0, to, msg));
-                self.pump(cx);
+                self.offer(seq.0, to, msg, cx);
+                self.flush(cx);
                 return;
             }
             // A resend of something accepted already: acknowledge what is durable,
@@ -257,7 +284,7 @@ impl Peer {
             tracing::debug!(remote = ?self.remote, seq = seq.0, "delivery refused while passivating");
             return;
         }
-        let held = self.waiting.len() + self.in_flight.len();
+        let held = self.waiting_len + self.in_flight.len();
         if seq.0 > self.expected || held >= super::outbox::OUTBOX_WINDOW_MESSAGES {
             // A gap (or, from a misbehaving outbox, more than its window): refused,
             // and the outbox resends in order.
@@ -272,8 +299,9 @@ impl Peer {
             self.flush(cx);
             return;
         }
-        self.waiting.push_back((seq.0, to, msg));
-        self.pump(cx);
+        self.offer(seq.0, to, msg, cx);
+        self.assert_bounded();
+        self.flush(cx);
     }
 
     /// A target answered for the message it was handed.
@@ -290,10 +318,16 @@ impl Peer {
             // The target's store failed: take this message and everything after it
             // again when the outbox resends them (what is in flight to other
             // targets finishes; the targets are idempotent).
-            self.waiting.retain(|(s, _, _)| *s < seq);
+            for queue in self.waiting.values_mut() {
+                queue.retain(|(s, _)| *s < seq);
+            }
+            self.waiting.retain(|_, queue| !queue.is_empty());
+            self.waiting_len = self.waiting.values().map(VecDeque::len).sum();
             self.expected = self.expected.min(seq);
         }
-        self.pump(cx);
+        self.next_for(target, cx);
+        self.assert_bounded();
+        self.flush(cx);
     }
 }
 
@@ -340,11 +374,11 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
 impl Peer {
     fn tick<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         // Connection state lives here, so a connected peer stays active.
-        if self.busy || self.connected || !self.in_flight.is_empty() || !self.waiting.is_empty() {
+        if self.busy || self.connected || !self.in_flight.is_empty() || self.waiting_len > 0 {
             self.busy = false;
             cx.timer(self.idle, PeerMsg::Tick);
         } else {
-            debug_assert!(self.in_flight.is_empty() && self.waiting.is_empty());
+            debug_assert!(self.in_flight.is_empty() && self.waiting_len == 0);
             self.stopping = true;
             cx.stop();
         }

@@ -48,7 +48,7 @@ pub fn create_room(
     let sealed = seal_epoch_key(
         rng,
         identity.signing_key(),
-        &PublicKey::from(identity.public().exchange),
+        &PublicKey::from(identity.exchange_secret()),
         room,
         Epoch(1),
         &key,

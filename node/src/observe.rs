@@ -38,145 +38,169 @@ pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
     Ok(handle)
 }
 
+/// Counters the node exports, with their HELP text.
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        "conclave_frames_published_total",
+        "Frames handed to this node by its users for publishing.",
+    ),
+    (
+        "conclave_frames_committed_total",
+        "Frames this node sequenced and persisted as a room's home.",
+    ),
+    (
+        "conclave_frames_delivered_total",
+        "Frames this node stored as a member node of their room.",
+    ),
+    (
+        "conclave_frames_rejected_total",
+        "Frames a room's home refused, by reason.",
+    ),
+    (
+        "conclave_requests_denied_total",
+        "Requests refused, by reason.",
+    ),
+    (
+        "conclave_outbox_retries_total",
+        "Outbox resends after a delay without acknowledgement.",
+    ),
+    (
+        "conclave_transport_auth_failures_total",
+        "Node connections refused, by reason.",
+    ),
+    (
+        "conclave_client_auth_failures_total",
+        "Client connections refused, by reason.",
+    ),
+    (
+        "conclave_frames_duplicate_total",
+        "Frames a member node received again and dropped.",
+    ),
+    (
+        "conclave_inbox_duplicates_total",
+        "Outbox messages received again from a peer and dropped.",
+    ),
+    (
+        "conclave_inbox_gaps_total",
+        "Outbox messages received after a gap and dropped (the sender resends in order).",
+    ),
+    (
+        "conclave_keys_rejected_total",
+        "Sealed keys from a room's home refused, by reason.",
+    ),
+    (
+        "conclave_updates_rejected_total",
+        "Room updates from a room's home refused, by reason.",
+    ),
+    (
+        "conclave_runtime_messages_dropped_total",
+        "Messages the actor runtime dropped, by reason.",
+    ),
+    (
+        "conclave_client_connections_refused_total",
+        "Client connections refused before authentication, by reason.",
+    ),
+    (
+        "conclave_client_requests_malformed_total",
+        "Client requests that did not decode.",
+    ),
+    (
+        "conclave_transport_frames_in_total",
+        "Envelopes received from peers.",
+    ),
+    (
+        "conclave_transport_frames_out_total",
+        "Envelopes sent to peers.",
+    ),
+    (
+        "conclave_transport_frames_rejected_total",
+        "Received frames refused (too large, malformed), by reason.",
+    ),
+    (
+        "conclave_transport_handshakes_total",
+        "Node connection handshakes, by result.",
+    ),
+    (
+        "conclave_transport_reconnects_total",
+        "Reconnections to peers.",
+    ),
+    (
+        "conclave_transport_events_dropped_total",
+        "Transport events dropped because nobody read them.",
+    ),
+];
+
+/// Gauges the node exports, with their HELP text.
+const GAUGES: &[(&str, &str)] = &[
+    (
+        "conclave_outbox_depth",
+        "Messages waiting in this node's outboxes for acknowledgement.",
+    ),
+    (
+        "conclave_peers_connected",
+        "Peer nodes with an authenticated connection.",
+    ),
+    (
+        "conclave_active_actors",
+        "Actors active in memory, by kind (kind=\"room\": active rooms).",
+    ),
+    (
+        "conclave_clients_connected",
+        "Authenticated client connections.",
+    ),
+    (
+        "conclave_transport_connections_open",
+        "Open node-to-node connections.",
+    ),
+    (
+        "conclave_transport_send_queue_depth",
+        "Envelopes waiting in peers' send queues.",
+    ),
+];
+
+/// Histograms of seconds the node exports, with their HELP text.
+const HISTOGRAMS_SECONDS: &[(&str, &str)] = &[
+    (
+        "conclave_publish_to_commit_seconds",
+        "From a frame's creation by its publisher to its commit on the room's home.",
+    ),
+    (
+        "conclave_commit_to_deliver_seconds",
+        "From a frame's commit on the room's home to its storage on a member node.",
+    ),
+    (
+        "conclave_storage_commit_seconds",
+        "Duration of a durable storage commit.",
+    ),
+];
+
+/// Counters of bytes the node exports, with their HELP text.
+const COUNTERS_BYTES: &[(&str, &str)] = &[
+    (
+        "conclave_transport_bytes_in_total",
+        "Bytes of envelopes received from peers.",
+    ),
+    (
+        "conclave_transport_bytes_out_total",
+        "Bytes of envelopes sent to peers.",
+    ),
+];
+
+/// Gives every metric its HELP text (and its unit where it has one).
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(
-        "conclave_frames_published_total",
-        "Frames handed to this node by its users for publishing."
-    );
-    describe_counter!(
-        "conclave_frames_committed_total",
-        "Frames this node sequenced and persisted as a room's home."
-    );
-    describe_counter!(
-        "conclave_frames_delivered_total",
-        "Frames this node stored as a member node of their room."
-    );
-    describe_counter!(
-        "conclave_frames_rejected_total",
-        "Frames a room's home refused, by reason."
-    );
-    describe_counter!(
-        "conclave_requests_denied_total",
-        "Requests refused, by reason."
-    );
-    describe_counter!(
-        "conclave_outbox_retries_total",
-        "Outbox resends after a delay without acknowledgement."
-    );
-    describe_gauge!(
-        "conclave_outbox_depth",
-        "Messages waiting in this node's outboxes for acknowledgement."
-    );
-    describe_gauge!(
-        "conclave_peers_connected",
-        "Peer nodes with an authenticated connection."
-    );
-    describe_gauge!(
-        "conclave_active_actors",
-        "Actors active in memory, by kind (kind=\"room\": active rooms)."
-    );
-    describe_counter!(
-        "conclave_transport_auth_failures_total",
-        "Node connections refused, by reason."
-    );
-    describe_counter!(
-        "conclave_client_auth_failures_total",
-        "Client connections refused, by reason."
-    );
-    describe_histogram!(
-        "conclave_publish_to_commit_seconds",
-        Unit::Seconds,
-        "From a frame's creation by its publisher to its commit on the room's home."
-    );
-    describe_histogram!(
-        "conclave_commit_to_deliver_seconds",
-        Unit::Seconds,
-        "From a frame's commit on the room's home to its storage on a member node."
-    );
-    describe_histogram!(
-        "conclave_storage_commit_seconds",
-        Unit::Seconds,
-        "Duration of a durable storage commit."
-    );
-    describe_counter!(
-        "conclave_frames_duplicate_total",
-        "Frames a member node received again and dropped."
-    );
-    describe_counter!(
-        "conclave_inbox_duplicates_total",
-        "Outbox messages received again from a peer and dropped."
-    );
-    describe_counter!(
-        "conclave_inbox_gaps_total",
-        "Outbox messages received after a gap and dropped (the sender resends in order)."
-    );
-    describe_counter!(
-        "conclave_keys_rejected_total",
-        "Sealed keys from a room's home refused, by reason."
-    );
-    describe_counter!(
-        "conclave_updates_rejected_total",
-        "Room updates from a room's home refused, by reason."
-    );
-    describe_counter!(
-        "conclave_runtime_messages_dropped_total",
-        "Messages the actor runtime dropped, by reason."
-    );
-    describe_counter!(
-        "conclave_client_connections_refused_total",
-        "Client connections refused before authentication, by reason."
-    );
-    describe_counter!(
-        "conclave_client_requests_malformed_total",
-        "Client requests that did not decode."
-    );
-    describe_gauge!(
-        "conclave_clients_connected",
-        "Authenticated client connections."
-    );
-    describe_counter!(
-        "conclave_transport_bytes_in_total",
-        Unit::Bytes,
-        "Bytes of envelopes received from peers."
-    );
-    describe_counter!(
-        "conclave_transport_bytes_out_total",
-        Unit::Bytes,
-        "Bytes of envelopes sent to peers."
-    );
-    describe_counter!(
-        "conclave_transport_frames_in_total",
-        "Envelopes received from peers."
-    );
-    describe_counter!(
-        "conclave_transport_frames_out_total",
-        "Envelopes sent to peers."
-    );
-    describe_counter!(
-        "conclave_transport_frames_rejected_total",
-        "Received frames refused (too large, malformed), by reason."
-    );
-    describe_counter!(
-        "conclave_transport_handshakes_total",
-        "Node connection handshakes, by result."
-    );
-    describe_counter!(
-        "conclave_transport_reconnects_total",
-        "Reconnections to peers."
-    );
-    describe_counter!(
-        "conclave_transport_events_dropped_total",
-        "Transport events dropped because nobody read them."
-    );
-    describe_gauge!(
-        "conclave_transport_connections_open",
-        "Open node-to-node connections."
-    );
-    describe_gauge!(
-        "conclave_transport_send_queue_depth",
-        "Envelopes waiting in peers' send queues."
-    );
+    for &(name, help) in COUNTERS {
+        describe_counter!(name, help);
+    }
+    for &(name, help) in GAUGES {
+        describe_gauge!(name, help);
+    }
+    for &(name, help) in HISTOGRAMS_SECONDS {
+        describe_histogram!(name, Unit::Seconds, help);
+    }
+    for &(name, help) in COUNTERS_BYTES {
+        describe_counter!(name, Unit::Bytes, help);
+    }
 }
 
 /// A store whose commits are timed into `conclave_storage_commit_seconds`.

@@ -398,78 +398,22 @@ impl<M: WireMessage> QuicTransport<M> {
     /// Binds the endpoint and starts accepting and dialing. Must be called within a
     /// tokio runtime, which then runs the transport's tasks.
     pub fn start(config: QuicConfig) -> Result<(Self, QuicChannels<M>), StartError> {
-        if config.keep_alive.is_zero() || config.keep_alive >= config.idle_timeout {
-            return Err(StartError::Config(
-                "keep_alive must be above zero and below idle_timeout",
-            ));
-        }
-        if config.send_queue_depth_max == 0 || config.incoming_depth_max == 0 {
-            return Err(StartError::Config("queue depths must be at least 1"));
-        }
-        if config.reconnect_delay_min.is_zero()
-            || config.reconnect_delay_min > config.reconnect_delay_max
-            || config.reconnect_delay_max > Duration::from_millis(RECONNECT_DELAY_MS_CEILING)
-        {
-            return Err(StartError::Config(
-                "reconnect delays must satisfy 0 < min <= max <= 1 hour",
-            ));
-        }
-        let provider = tls::crypto_provider();
-        let key = tls::certified_key(&config.identity, &provider)?;
-        let alpn = tls::alpn(config.protocol_version);
-        let client_alpn = tls::client_alpn(config.protocol_version);
-        let transport = Arc::new(transport_config(&config)?);
-
-        let mut alpns = vec![alpn.clone()];
-        if config.accept_clients {
-            alpns.push(client_alpn.clone());
-        }
-        let mut server =
-            quinn::ServerConfig::with_crypto(tls::server_crypto(Arc::clone(&key), alpns)?);
-        server.transport_config(Arc::clone(&transport));
-        server.max_incoming(INCOMING_HANDSHAKES_MAX);
-        let mut client = quinn::ClientConfig::new(tls::client_crypto(key, alpn)?);
-        client.transport_config(transport);
-
+        check_config(&config)?;
+        let (server, client, client_alpn) = endpoint_configs(&config)?;
         let endpoint =
             quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
                 addr: config.listen,
                 source,
             })?;
-
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_depth_max);
         let (events_tx, events_rx) = mpsc::channel(EVENTS_DEPTH_MAX);
         let (clients_tx, clients_rx) = mpsc::channel(CLIENTS_DEPTH_MAX);
-        let mut peers = BTreeMap::new();
-        let mut per_peer = Vec::new();
-        for (&peer, &addr) in &config.peers {
-            // Nobody dials itself, or a peer it has revoked.
-            if peer == config.identity.node_id() || config.revoked.contains(&peer) {
-                continue;
-            }
-            let (control, control_rx) = mpsc::channel(config.send_queue_depth_max);
-            let (data, data_rx) = mpsc::channel(config.send_queue_depth_max);
-            let (accepted, accepted_rx) = mpsc::channel(ACCEPTED_DEPTH_MAX);
-            peers.insert(
-                peer,
-                PeerHandle {
-                    control,
-                    data,
-                    accepted,
-                },
-            );
-            per_peer.push((peer, addr, control_rx, data_rx, accepted_rx));
-        }
-        let local = config.identity.node_id();
-        assert!(
-            !peers.contains_key(&local) && peers.keys().all(|p| !config.revoked.contains(p)),
-            "nobody dials itself or a revoked peer"
-        );
+        let (peers, per_peer) = peer_queues(&config);
         let mut boot = [0u8; 8];
         getrandom::fill(&mut boot)
             .map_err(|_| StartError::Config("no OS entropy for the boot id"))?;
         let shared = Arc::new(Shared {
-            local,
+            local: config.identity.node_id(),
             boot: u64::from_be_bytes(boot),
             endpoint,
             client,
@@ -506,7 +450,89 @@ impl<M: WireMessage> QuicTransport<M> {
             },
         ))
     }
+}
 
+/// Refuses a configuration the transport cannot keep its promises with.
+fn check_config(config: &QuicConfig) -> Result<(), StartError> {
+    if config.keep_alive.is_zero() || config.keep_alive >= config.idle_timeout {
+        return Err(StartError::Config(
+            "keep_alive must be above zero and below idle_timeout",
+        ));
+    }
+    if config.send_queue_depth_max == 0 || config.incoming_depth_max == 0 {
+        return Err(StartError::Config("queue depths must be at least 1"));
+    }
+    if config.reconnect_delay_min.is_zero()
+        || config.reconnect_delay_min > config.reconnect_delay_max
+        || config.reconnect_delay_max > Duration::from_millis(RECONNECT_DELAY_MS_CEILING)
+    {
+        return Err(StartError::Config(
+            "reconnect delays must satisfy 0 < min <= max <= 1 hour",
+        ));
+    }
+    Ok(())
+}
+
+/// The receiving ends of one peer's queues, for its tasks.
+type PeerReceivers = (
+    NodeId,
+    SocketAddr,
+    mpsc::Receiver<Outgoing>,
+    mpsc::Receiver<Outgoing>,
+    mpsc::Receiver<Authorized>,
+);
+
+/// The server and client TLS/QUIC configurations, and the clients' ALPN.
+fn endpoint_configs(
+    config: &QuicConfig,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig, Vec<u8>), StartError> {
+    let provider = tls::crypto_provider();
+    let key = tls::certified_key(&config.identity, &provider)?;
+    let alpn = tls::alpn(config.protocol_version);
+    let client_alpn = tls::client_alpn(config.protocol_version);
+    let transport = Arc::new(transport_config(config)?);
+    let mut alpns = vec![alpn.clone()];
+    if config.accept_clients {
+        alpns.push(client_alpn.clone());
+    }
+    let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(Arc::clone(&key), alpns)?);
+    server.transport_config(Arc::clone(&transport));
+    server.max_incoming(INCOMING_HANDSHAKES_MAX);
+    let mut client = quinn::ClientConfig::new(tls::client_crypto(key, alpn)?);
+    client.transport_config(transport);
+    Ok((server, client, client_alpn))
+}
+
+/// One bounded queue per class and peer, and the accepted-connection hand-off,
+/// for every known peer but this node and revoked ones.
+fn peer_queues(config: &QuicConfig) -> (BTreeMap<NodeId, PeerHandle>, Vec<PeerReceivers>) {
+    let local = config.identity.node_id();
+    let mut peers = BTreeMap::new();
+    let mut per_peer = Vec::new();
+    for (&peer, &addr) in &config.peers {
+        // Nobody dials itself, or a peer it has revoked.
+        if peer == local || config.revoked.contains(&peer) {
+            continue;
+        }
+        let (control, control_rx) = mpsc::channel(config.send_queue_depth_max);
+        let (data, data_rx) = mpsc::channel(config.send_queue_depth_max);
+        let (accepted, accepted_rx) = mpsc::channel(ACCEPTED_DEPTH_MAX);
+        let handle = PeerHandle {
+            control,
+            data,
+            accepted,
+        };
+        peers.insert(peer, handle);
+        per_peer.push((peer, addr, control_rx, data_rx, accepted_rx));
+    }
+    assert!(
+        !peers.contains_key(&local) && peers.keys().all(|p| !config.revoked.contains(p)),
+        "nobody dials itself or a revoked peer"
+    );
+    (peers, per_peer)
+}
+
+impl<M: WireMessage> QuicTransport<M> {
     /// The address the endpoint is bound to.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.shared.endpoint.local_addr()

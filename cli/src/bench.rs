@@ -381,18 +381,11 @@ async fn measure(
 ) {
     let n = args.messages();
     let warm = (n / 10).max(8);
-    let warmup = drive(
-        rec,
-        publish,
-        publishers,
-        0,
-        warm,
-        args.size,
-        Load::Max {
-            in_flight: args.in_flight,
-        },
-    )
-    .await;
+    let max = Load::Max {
+        in_flight: args.in_flight,
+    };
+    // The same load twice: a warm-up (not measured), then the measured run.
+    let warmup = drive(rec, publish, publishers, 0, warm, args.size, max).await;
     if warmup.failures > 0 {
         result.notes.push(format!(
             "warm-up: {} failures ({})",
@@ -402,18 +395,7 @@ async fn measure(
     }
     let servers_before = samples(server_pids);
     let client_before = proc_sample(std::process::id()).unwrap_or_default();
-    result.max = drive(
-        rec,
-        publish,
-        publishers,
-        warm,
-        n,
-        args.size,
-        Load::Max {
-            in_flight: args.in_flight,
-        },
-    )
-    .await;
+    result.max = drive(rec, publish, publishers, warm, n, args.size, max).await;
     let servers_after = samples(server_pids);
     let client_after = proc_sample(std::process::id()).unwrap_or_default();
     let committed = result.max.committed.max(1) as f64;
@@ -673,93 +655,31 @@ async fn conclave_rooms(args: &BenchArgs) -> anyhow::Result<RoomsResult> {
     let run = async {
         let users = conclave_users(&cluster.file, 1).await?;
         let n = args.rooms();
-        let before = samples(&pids);
-        let start = Instant::now();
-        let permits = Arc::new(Semaphore::new(32));
-        let mut tasks = Vec::new();
-        for r in 0..n {
-            let permit = Arc::clone(&permits).acquire_owned().await?;
-            let owner = users[r % 3].0.clone();
-            let others: Vec<_> = (1..3)
-                .map(|k| {
-                    let (u, node) = &users[(r + k) % 3];
-                    (u.public(), *node)
-                })
-                .collect();
-            tasks.push(tokio::spawn(async move {
-                let room = owner.create_room(Policy::default()).await?;
-                for (public, node) in others {
-                    owner.invite(room, &public, node, RoomRole::Member).await?;
-                }
-                drop(permit);
-                anyhow::Ok((r % 3, room))
-            }));
-        }
-        let mut rooms = Vec::new();
         let mut result = RoomsResult {
             rooms: n,
             ..RoomsResult::default()
         };
-        for t in tasks {
-            match t.await? {
-                Ok(room) => rooms.push(room),
-                Err(_) => result.failures += 1,
-            }
-        }
+        let before = samples(&pids);
+        let start = Instant::now();
+        let (rooms, failures) = set_up_rooms(&users, n).await?;
+        result.failures = failures;
         result.setup_rate = rooms.len() as f64 / start.elapsed().as_secs_f64();
         let after = samples(&pids);
-        result.setup_cpu_ms = after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a.cpu - b.cpu)
-            .sum::<f64>()
-            * 1e3
-            / rooms.len().max(1) as f64;
+        let per_room = |total: f64| total / rooms.len().max(1) as f64;
+        result.setup_cpu_ms = per_room(
+            after
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| a.cpu - b.cpu)
+                .sum::<f64>()
+                * 1e3,
+        );
         result.rss_per_room_kib = after
             .iter()
             .zip(&before)
-            .map(|(a, b)| (a.rss_kb as f64 - b.rss_kb as f64) / rooms.len().max(1) as f64)
+            .map(|(a, b)| per_room(a.rss_kb as f64 - b.rss_kb as f64))
             .collect();
-        // Three messages per room, publishes spread over the rooms.
-        let per_room = 3;
-        let rec = Recorder::new(1, rooms.len() * per_room);
-        let owners: Vec<User<RemoteNode>> = users.iter().map(|(u, _)| u.clone()).collect();
-        let rooms = Arc::new(rooms);
-        let room_of = Arc::clone(&rooms);
-        let publish: PublishFn = Arc::new(move |_, body| {
-            let mut index = [0u8; 8];
-            index.copy_from_slice(&body[..8]);
-            let (owner, room) = room_of[u64::from_le_bytes(index) as usize % room_of.len()];
-            let user = owners[owner].clone();
-            Box::pin(async move {
-                match user.publish(room, &body).await? {
-                    Receipt::Committed { .. } => Ok(()),
-                    Receipt::Queued { .. } => bail!("queued, not committed"),
-                }
-            })
-        });
-        // No subscribers here: this run measures commits (delivery is a and b).
-        let slots = rooms.len() * per_room;
-        {
-            let mut s = rec.lock();
-            s.truncate(slots);
-        }
-        let mut phase = drive(
-            &rec,
-            &publish,
-            1,
-            0,
-            slots,
-            args.size,
-            Load::Max {
-                in_flight: args.in_flight,
-            },
-        )
-        .await;
-        phase.delivered = 0;
-        phase.deliver_lat.clear();
-        phase.deliver_rate = f64::NAN;
-        result.publish = phase;
+        result.publish = publish_to_rooms(args, &users, rooms).await;
         result.peak_rss_mib = samples(&pids)
             .iter()
             .map(|s| s.hwm_kb as f64 / 1024.0)
@@ -769,6 +689,81 @@ async fn conclave_rooms(args: &BenchArgs) -> anyhow::Result<RoomsResult> {
     .await;
     cluster.stop();
     run
+}
+
+/// How many rooms are set up at once.
+const ROOM_SETUPS_CONCURRENT_MAX: usize = 32;
+
+/// Creates `n` rooms, each owned by one of the three users (in turn) with the other
+/// two invited; returns the rooms (with their owner's index) and how many failed.
+async fn set_up_rooms(
+    users: &[(User<RemoteNode>, NodeId)],
+    n: usize,
+) -> anyhow::Result<(Vec<(usize, RoomId)>, usize)> {
+    assert_eq!(users.len(), 3, "one user per node of a three-node cluster");
+    let permits = Arc::new(Semaphore::new(ROOM_SETUPS_CONCURRENT_MAX));
+    let mut tasks = Vec::new();
+    for r in 0..n {
+        let permit = Arc::clone(&permits).acquire_owned().await?;
+        let owner = users[r % 3].0.clone();
+        let others: Vec<_> = (1..3)
+            .map(|k| {
+                let (u, node) = &users[(r + k) % 3];
+                (u.public(), *node)
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let room = owner.create_room(Policy::default()).await?;
+            for (public, node) in others {
+                owner.invite(room, &public, node, RoomRole::Member).await?;
+            }
+            drop(permit);
+            anyhow::Ok((r % 3, room))
+        }));
+    }
+    let (mut rooms, mut failures) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await? {
+            Ok(room) => rooms.push(room),
+            Err(_) => failures += 1,
+        }
+    }
+    Ok((rooms, failures))
+}
+
+/// Three messages per room, publishes spread over the rooms, at maximum load. No
+/// subscribers here: this run measures commits (delivery is workloads a and b).
+async fn publish_to_rooms(
+    args: &BenchArgs,
+    users: &[(User<RemoteNode>, NodeId)],
+    rooms: Vec<(usize, RoomId)>,
+) -> Phase {
+    let per_room = 3;
+    let slots = rooms.len() * per_room;
+    let rec = Recorder::new(1, slots);
+    let owners: Vec<User<RemoteNode>> = users.iter().map(|(u, _)| u.clone()).collect();
+    let room_of = Arc::new(rooms);
+    let publish: PublishFn = Arc::new(move |_, body| {
+        let mut index = [0u8; 8];
+        index.copy_from_slice(&body[..8]);
+        let (owner, room) = room_of[u64::from_le_bytes(index) as usize % room_of.len()];
+        let user = owners[owner].clone();
+        Box::pin(async move {
+            match user.publish(room, &body).await? {
+                Receipt::Committed { .. } => Ok(()),
+                Receipt::Queued { .. } => bail!("queued, not committed"),
+            }
+        })
+    });
+    rec.lock().truncate(slots);
+    let load = Load::Max {
+        in_flight: args.in_flight,
+    };
+    let mut phase = drive(&rec, &publish, 1, 0, slots, args.size, load).await;
+    phase.delivered = 0;
+    phase.deliver_lat.clear();
+    phase.deliver_rate = f64::NAN;
+    phase
 }
 
 // ---------------------------------------------------------------------------------
@@ -1102,16 +1097,128 @@ fn ratio_table(results: &[Result_]) -> String {
 
 /// Publish-to-deliver latency by percentile (x: 0 … 99.9 %, "nines" scale; y: log
 /// milliseconds), one line per system and load, for one workload.
-fn latency_svg(results: &[Result_], workload: &str) -> String {
+/// The plot area of a latency chart: percentiles on a log scale of (1 - p) across,
+/// milliseconds on a log scale of decades `lo..=hi` up.
+struct Chart {
+    lo: f64,
+    hi: f64,
+}
+
+impl Chart {
     const W: f64 = 760.0;
     const H: f64 = 420.0;
     const L: f64 = 60.0;
     const R: f64 = 230.0;
     const T: f64 = 30.0;
     const B: f64 = 50.0;
-    let colors = [
+    const COLORS: [&'static str; 8] = [
         "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
     ];
+
+    /// Decades wide enough for every value in `lines`.
+    fn fitting(lines: &[(String, &[f64])]) -> Self {
+        let all = lines.iter().flat_map(|(_, l)| l.iter().copied());
+        let lo = all
+            .clone()
+            .fold(f64::INFINITY, f64::min)
+            .max(0.01)
+            .log10()
+            .floor();
+        let hi = all
+            .fold(0.0f64, f64::max)
+            .max(0.1)
+            .log10()
+            .ceil()
+            .max(lo + 1.0);
+        Chart { lo, hi }
+    }
+
+    fn x(&self, p: f64) -> f64 {
+        Self::L + (Self::W - Self::L - Self::R) * (-(1.0 - p).max(1e-3).log10()) / 3.0
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        let (t, h, b) = (Self::T, Self::H, Self::B);
+        t + (h - t - b) * (1.0 - (v.max(1e-3).log10() - self.lo) / (self.hi - self.lo))
+    }
+
+    /// The percentile grid, the millisecond decades and the axis label.
+    fn axes(&self, svg: &mut String) {
+        let (w, h, l, r, t, b) = (Self::W, Self::H, Self::L, Self::R, Self::T, Self::B);
+        for (p, label) in [
+            (0.0, "p0"),
+            (0.5, "p50"),
+            (0.9, "p90"),
+            (0.99, "p99"),
+            (0.999, "p99.9"),
+        ] {
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{0:.1}\" y1=\"{t}\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{label}</text>",
+                self.x(p),
+                h - b,
+                h - b + 16.0
+            );
+        }
+        let mut decade = self.lo;
+        while decade <= self.hi {
+            let v = 10f64.powf(decade);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{l}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2:.1}\" y=\"{3:.1}\" text-anchor=\"end\">{v} ms</text>",
+                self.y(v),
+                w - r,
+                l - 4.0,
+                self.y(v) + 4.0
+            );
+            decade += 1.0;
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">percentile</text>",
+            (l + w - r) / 2.0,
+            h - 12.0
+        );
+    }
+
+    /// Line `i`: its percentile curve and its legend entry.
+    fn line(&self, svg: &mut String, i: usize, label: &str, sorted: &[f64]) {
+        let (w, r, t) = (Self::W, Self::R, Self::T);
+        let color = Self::COLORS[i % Self::COLORS.len()];
+        let dash = if label.ends_with("(half)") {
+            " stroke-dasharray=\"5,3\""
+        } else {
+            ""
+        };
+        let mut points = String::new();
+        let steps = 200;
+        for s in 0..=steps {
+            let p = 1.0 - 10f64.powf(-3.0 * s as f64 / steps as f64);
+            let _ = write!(
+                points,
+                "{:.1},{:.1} ",
+                self.x(p),
+                self.y(percentile(sorted, p))
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\"{dash} points=\"{points}\"/>"
+        );
+        let ly = t + 16.0 * i as f64;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{0:.1}\" y1=\"{ly:.1}\" x2=\"{1:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/><text x=\"{2:.1}\" y=\"{3:.1}\">{label}</text>",
+            w - r + 10.0,
+            w - r + 30.0,
+            w - r + 36.0,
+            ly + 4.0
+        );
+    }
+}
+
+/// The publish→deliver latency chart of `workload`: one curve per system and load.
+fn latency_svg(results: &[Result_], workload: &str) -> String {
     let lines: Vec<(String, &[f64])> = results
         .iter()
         .filter(|r| r.workload == workload)
@@ -1126,84 +1233,14 @@ fn latency_svg(results: &[Result_], workload: &str) -> String {
         })
         .filter(|(_, l)| !l.is_empty())
         .collect();
-    let all = lines.iter().flat_map(|(_, l)| l.iter().copied());
-    let lo = all
-        .clone()
-        .fold(f64::INFINITY, f64::min)
-        .max(0.01)
-        .log10()
-        .floor();
-    let hi = all
-        .fold(0.0f64, f64::max)
-        .max(0.1)
-        .log10()
-        .ceil()
-        .max(lo + 1.0);
-    let x = |p: f64| L + (W - L - R) * (-(1.0 - p).max(1e-3).log10()) / 3.0;
-    let y = |v: f64| T + (H - T - B) * (1.0 - (v.max(1e-3).log10() - lo) / (hi - lo));
+    let chart = Chart::fitting(&lines);
+    let (w, h, l) = (Chart::W, Chart::H, Chart::L);
     let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{L}\" y=\"18\" font-size=\"14\">publish→deliver latency, workload {workload} (every member decrypted)</text>\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{l}\" y=\"18\" font-size=\"14\">publish→deliver latency, workload {workload} (every member decrypted)</text>\n"
     );
-    for (p, label) in [
-        (0.0, "p0"),
-        (0.5, "p50"),
-        (0.9, "p90"),
-        (0.99, "p99"),
-        (0.999, "p99.9"),
-    ] {
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{0:.1}\" y1=\"{T}\" x2=\"{0:.1}\" y2=\"{1:.1}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{2:.1}\" text-anchor=\"middle\">{label}</text>",
-            x(p),
-            H - B,
-            H - B + 16.0
-        );
-    }
-    let mut decade = lo;
-    while decade <= hi {
-        let v = 10f64.powf(decade);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{L}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2:.1}\" y=\"{3:.1}\" text-anchor=\"end\">{v} ms</text>",
-            y(v),
-            W - R,
-            L - 4.0,
-            y(v) + 4.0
-        );
-        decade += 1.0;
-    }
-    let _ = writeln!(
-        svg,
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">percentile</text>",
-        (L + W - R) / 2.0,
-        H - 12.0
-    );
+    chart.axes(&mut svg);
     for (i, (label, sorted)) in lines.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        let dash = if label.ends_with("(half)") {
-            " stroke-dasharray=\"5,3\""
-        } else {
-            ""
-        };
-        let mut points = String::new();
-        let steps = 200;
-        for s in 0..=steps {
-            let p = 1.0 - 10f64.powf(-3.0 * s as f64 / steps as f64);
-            let _ = write!(points, "{:.1},{:.1} ", x(p), y(percentile(sorted, p)));
-        }
-        let _ = writeln!(
-            svg,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\"{dash} points=\"{points}\"/>"
-        );
-        let ly = T + 16.0 * i as f64;
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{0:.1}\" y1=\"{ly:.1}\" x2=\"{1:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/><text x=\"{2:.1}\" y=\"{3:.1}\">{label}</text>",
-            W - R + 10.0,
-            W - R + 30.0,
-            W - R + 36.0,
-            ly + 4.0
-        );
+        chart.line(&mut svg, i, label, sorted);
     }
     svg.push_str("</svg>\n");
     svg

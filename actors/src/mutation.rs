@@ -38,11 +38,16 @@ pub enum Mutation {
     /// oldest: one room's messages (its membership snapshot, its keys, its frames)
     /// are then applied out of order.
     PipelinedHandoff,
+    /// A client takes every sealed key that opens for it, without asking the
+    /// room's verified membership chain whether the epoch exists, the sealer was
+    /// authorized and the key is the one the chain pins: a node that seals a key
+    /// of its own to a member then reads what they send.
+    AcceptUnauthorizedKey,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 8] = [
+    pub const ALL: [Mutation; 9] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -51,6 +56,7 @@ impl Mutation {
         Mutation::VolatileSequence,
         Mutation::BundleUnsplit,
         Mutation::PipelinedHandoff,
+        Mutation::AcceptUnauthorizedKey,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -64,6 +70,7 @@ impl Mutation {
             Mutation::VolatileSequence => "volatile_sequence",
             Mutation::BundleUnsplit => "bundle_unsplit",
             Mutation::PipelinedHandoff => "pipelined_handoff",
+            Mutation::AcceptUnauthorizedKey => "accept_unauthorized_key",
         }
     }
 

@@ -11,14 +11,16 @@ use std::collections::BTreeMap;
 use rand_core::CryptoRng;
 use x25519_dalek::PublicKey;
 
-use super::{Invitee, Op, Policy, Request, RoomInfo, SignedRequest};
+use super::chain::{ChainHash, ChainState, Change, KeyCheck, KeyRefusal, Link, SignedLink, Signer};
+use super::{Invitee, Op, Policy, Request, SignedRequest};
 use crate::actor::Time;
 use crate::crypto::{
     open_epoch_key, open_frame, seal_epoch_key, seal_frame, EpochKey, Frame, FrameError, SealError,
     SealedKey,
 };
-use crate::identity::{check_binding, Identity};
+use crate::identity::Identity;
 use crate::ids::{Epoch, MessageId, NodeId, RoomId, UserId};
+use crate::mutation::{self, Mutation};
 
 /// Signs `op` as `identity`, issued `now`.
 pub fn sign(identity: &Identity, now: Time, rng: &mut dyn CryptoRng, op: Op) -> SignedRequest {
@@ -33,8 +35,8 @@ pub fn sign(identity: &Identity, now: Time, rng: &mut dyn CryptoRng, op: Op) -> 
     )
 }
 
-/// A new room homed on `home` (the creator's node): its random id, epoch 1's key,
-/// and the request that creates it.
+/// A new room homed on `home` (the creator's node): its id (derived from the
+/// creation), epoch 1's key, and the request that creates it.
 pub fn create_room(
     rng: &mut dyn CryptoRng,
     identity: &Identity,
@@ -53,26 +55,30 @@ pub fn create_room(
         Epoch(1),
         &key,
     )?;
-    Ok((
-        room,
-        key,
-        Op::CreateRoom {
+    let link = SignedLink::sign(
+        identity,
+        Link {
             room,
-            nonce,
-            home,
-            policy,
-            key: sealed,
+            prev: ChainHash::GENESIS,
+            by: Signer::User(identity.user_id()),
+            change: Change::Create {
+                creator: identity.public(),
+                home,
+                nonce,
+                policy,
+                check: KeyCheck::of(room, Epoch(1), &key),
+            },
         },
-    ))
+    );
+    Ok((room, key, Op::CreateRoom { link, key: sealed }))
 }
 
-/// The request that invites `invitee`, with `key` (the room's key at `epoch`, its
-/// current one) sealed to them.
+/// The request that invites `invitee` to the room whose verified chain is
+/// `chain`, with `key` (the key of the chain's current epoch) sealed to them.
 pub fn invite(
     rng: &mut dyn CryptoRng,
     identity: &Identity,
-    room: RoomId,
-    epoch: Epoch,
+    chain: &ChainState,
     key: &EpochKey,
     invitee: Invitee,
 ) -> Result<Op, SealError> {
@@ -85,72 +91,117 @@ pub fn invite(
         rng,
         identity.signing_key(),
         &invitee.user.exchange_key(),
-        room,
-        epoch,
+        chain.room,
+        chain.epoch,
         key,
     )?;
-    Ok(Op::Invite {
-        room,
+    let change = Change::Invite {
         invitee,
-        epoch,
+        epoch: chain.epoch,
+    };
+    Ok(Op::Invite {
+        link: chain.next_link(identity, change),
         key: sealed,
     })
 }
 
-/// The request that removes `user` from the room described by `info`: a fresh key
-/// for the next epoch, sealed to every other member. Returns the new key too.
-pub fn remove(
+/// A fresh key for the chain's next epoch, sealed to every member but `except`.
+fn next_epoch_bundle(
     rng: &mut dyn CryptoRng,
     identity: &Identity,
-    info: &RoomInfo,
-    user: UserId,
-) -> Result<(EpochKey, Op), SealError> {
-    let epoch = Epoch(info.epoch.0 + 1);
+    chain: &ChainState,
+    except: Option<UserId>,
+) -> Result<(Epoch, EpochKey, Vec<(UserId, SealedKey)>), SealError> {
+    let epoch = Epoch(chain.epoch.0 + 1);
     let key = EpochKey::generate(rng);
-    let mut bundle = Vec::with_capacity(info.members.len());
-    for member in info.members.iter().filter(|m| m.user != user) {
-        // The member list comes from a node: seal only to keys their owners signed.
-        check_binding(&member.user.0, &member.exchange, &member.binding)
+    let members = chain.others(except);
+    let mut bundle = Vec::with_capacity(members.len());
+    for member in members {
+        // The chain checked every member's binding when they joined; check again
+        // what is sealed to, as it costs little and guards the one thing that
+        // matters here.
+        member
+            .identity
+            .check()
             .map_err(|_| SealError::UnboundRecipient)?;
         let sealed = seal_epoch_key(
             rng,
             identity.signing_key(),
-            &PublicKey::from(member.exchange),
-            info.room,
+            &member.identity.exchange_key(),
+            chain.room,
             epoch,
             &key,
         )?;
-        bundle.push((member.user, sealed));
+        bundle.push((UserId(member.identity.signing), sealed));
     }
-    Ok((
-        key,
-        Op::Remove {
-            room: info.room,
-            user,
-            epoch,
-            bundle,
-        },
-    ))
+    Ok((epoch, key, bundle))
 }
 
-/// Opens the sealed keys a node holds for `identity` in `room`. Keys that do not
-/// open are returned as errors beside the others.
-pub fn open_keys(
+/// The request that removes `user` from the room whose verified chain is `chain`:
+/// a fresh key for the next epoch, sealed to every other member the chain lists
+/// (never to a member list a node supplied). Returns the new key too.
+pub fn remove(
+    rng: &mut dyn CryptoRng,
     identity: &Identity,
-    room: RoomId,
+    chain: &ChainState,
+    user: UserId,
+) -> Result<(EpochKey, Op), SealError> {
+    let (epoch, key, bundle) = next_epoch_bundle(rng, identity, chain, Some(user))?;
+    let change = Change::Remove {
+        user,
+        epoch,
+        check: KeyCheck::of(chain.room, epoch, &key),
+    };
+    let link = chain.next_link(identity, change);
+    Ok((key, Op::Remove { link, bundle }))
+}
+
+/// The request that moves the room whose verified chain is `chain` to its next
+/// epoch with the same members. Returns the new key too.
+pub fn rekey(
+    rng: &mut dyn CryptoRng,
+    identity: &Identity,
+    chain: &ChainState,
+) -> Result<(EpochKey, Op), SealError> {
+    let (epoch, key, bundle) = next_epoch_bundle(rng, identity, chain, None)?;
+    let change = Change::Rekey {
+        epoch,
+        check: KeyCheck::of(chain.room, epoch, &key),
+    };
+    let link = chain.next_link(identity, change);
+    Ok((key, Op::Rekey { link, bundle }))
+}
+
+/// The sealed keys a node holds for `identity` in the room of `chain`, opened and
+/// judged against the verified chain: a key is accepted only for an epoch the
+/// chain has, from a sealer it authorizes, and equal to the key it pins
+/// ([`ChainState::check_key`]). Refused keys are returned with their reason.
+pub fn accept_keys(
+    identity: &Identity,
+    chain: &ChainState,
     sealed: &[(Epoch, SealedKey)],
-) -> (BTreeMap<Epoch, EpochKey>, Vec<(Epoch, SealError)>) {
+) -> (BTreeMap<Epoch, EpochKey>, Vec<(Epoch, KeyRefusal)>) {
     let mut keys = BTreeMap::new();
-    let mut errors = Vec::new();
+    let mut refused = Vec::new();
+    let me = identity.user_id();
     for (epoch, key) in sealed {
-        match open_epoch_key(identity.exchange_secret(), room, *epoch, key) {
+        let opened = open_epoch_key(identity.exchange_secret(), chain.room, *epoch, key)
+            .map_err(|e| KeyRefusal::Unopened(e.to_string()))
+            .and_then(|k| {
+                // Mutation: the key is taken without asking the chain.
+                if mutation::active(Mutation::AcceptUnauthorizedKey) {
+                    return Ok(k);
+                }
+                chain.check_key(me, *epoch, key.sealer, &k).map(|()| k)
+            });
+        match opened {
             Ok(k) => {
                 keys.insert(*epoch, k);
             }
-            Err(e) => errors.push((*epoch, e)),
+            Err(refusal) => refused.push((*epoch, refusal)),
         }
     }
-    (keys, errors)
+    (keys, refused)
 }
 
 /// A new message id: the time in milliseconds and 80 random bits.

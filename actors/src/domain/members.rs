@@ -120,6 +120,10 @@ impl Members {
                     txn.commit()?;
                     tracing::info!(admin = ?acting, ?user, "user revoked");
                 }
+                // Every time, not only the first: a crash may have cut the
+                // evictions short (their messages are local until the room sends
+                // its word on, durably); evicting twice changes nothing.
+                evict_everywhere(cx, *user)?;
                 Ok(Some(Outcome::Done))
             }
             Op::ListUsers => {
@@ -131,14 +135,18 @@ impl Members {
                 let txn = store.read()?;
                 Ok(Some(Outcome::Rooms(rooms::rooms_of(&*txn, acting)?)))
             }
-            Op::CreateRoom { room, .. } => {
+            Op::CreateRoom { link, .. } => {
                 // Rooms are homed on their creator's node: this one.
-                let room = *room;
+                let room = link.link.room;
                 cx.send(room_of(cx.node(), room), RoomMsg::Request { req, reply });
                 Ok(None)
             }
-            Op::Invite { room, .. } | Op::Remove { room, .. } | Op::RoomInfo { room } => {
-                let room = *room;
+            Op::Invite { .. } | Op::Remove { .. } | Op::Rekey { .. } | Op::RoomInfo { .. } => {
+                let room = req
+                    .request
+                    .op
+                    .room()
+                    .ok_or_else(|| Denial::malformed("no room"))?;
                 self.forward(room, RoomMsg::Request { req, reply }, cx)
             }
         }
@@ -181,4 +189,19 @@ impl Members {
         cx.send(outbox_of(me, home), super::OutboxMsg::Kick);
         Ok(Some(Outcome::Forwarded))
     }
+}
+
+/// Tells each room `user` (revoked) belongs to here to have them evicted (see
+/// [`RoomMsg::Revoked`]), and their connections that they are gone.
+pub(crate) fn evict_everywhere<S: System<Msg = Msg>>(
+    cx: &mut Context<'_, S>,
+    user: UserId,
+) -> Result<(), Denial> {
+    let rooms = rooms::rooms_of(&*cx.store().read()?, user)?;
+    let me = cx.node();
+    for (room, _) in rooms {
+        cx.send(room_of(me, room), RoomMsg::Revoked { user });
+    }
+    cx.send(super::gateway_of(me), super::ClientMsg::Revoked { user });
+    Ok(())
 }

@@ -37,7 +37,9 @@ use crate::crypto::{SealedKey, SignatureBytes};
 use crate::identity::{Identity, PublicIdentity};
 use crate::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
 use crate::wire::{MessageClass, WireMessage};
+use chain::SignedLink;
 
+pub mod chain;
 pub mod client;
 pub mod members;
 pub mod outbox;
@@ -201,6 +203,18 @@ pub enum Denial {
         /// Which limit.
         what: String,
     },
+    /// The change does not follow the room's membership chain as its home holds
+    /// it (someone changed the room first): read the chain again and retry.
+    #[error("the room's membership chain has moved on (it holds {len} links)")]
+    StaleChain {
+        /// How many links the home's chain holds.
+        len: u64,
+    },
+    /// The room must move to a new epoch before it takes more frames: a member was
+    /// evicted, or the epoch carried [`DomainConfig::epoch_frames_max`] frames.
+    /// Any member may rekey ([`Op::Rekey`]); clients do it and publish again.
+    #[error("the room needs a new epoch key first")]
+    RekeyNeeded,
     /// The node's storage failed; nothing was changed.
     #[error("storage error")]
     Storage,
@@ -224,6 +238,8 @@ impl Denial {
             Denial::OutboxFull { .. } => "outbox_full",
             Denial::RoomFull => "room_full",
             Denial::Limit { .. } => "limit",
+            Denial::StaleChain { .. } => "stale_chain",
+            Denial::RekeyNeeded => "rekey_needed",
             Denial::Storage => "storage",
         }
     }
@@ -305,42 +321,39 @@ pub enum Op {
     },
     /// List this node's users (admins only).
     ListUsers,
-    /// Create a room homed on this node, with its first epoch key sealed to the creator.
+    /// Create a room homed on this node, with its first epoch key sealed to the
+    /// creator. The link is the room's first ([`chain::Change::Create`]): its id is
+    /// derived from it and checked by every node.
     CreateRoom {
-        /// The new room's id: [`RoomId::derive`] of the creator, `home` and `nonce`
-        /// (checked by every node).
-        room: RoomId,
-        /// Random, drawn by the creator: makes each of their rooms' ids new.
-        nonce: [u8; 16],
-        /// The creator's node, which becomes the room's home. Signed by the creator,
-        /// so that no other node can later claim to be the room's home.
-        home: NodeId,
-        /// Its policy.
-        policy: Policy,
+        /// The creation, signed by the creator.
+        link: SignedLink,
         /// Epoch 1's key, sealed by and to the creator.
         key: SealedKey,
     },
-    /// Add a member (owners and admins), with the current epoch key sealed to them.
+    /// Add a member (owners and admins), with the current epoch key sealed to them
+    /// ([`chain::Change::Invite`]).
     Invite {
-        /// The room.
-        room: RoomId,
-        /// Whom.
-        invitee: Invitee,
-        /// The room's current epoch.
-        epoch: Epoch,
-        /// That epoch's key, sealed by the inviter to the invitee.
+        /// The invitation, signed by the inviter, following the room's chain head.
+        link: SignedLink,
+        /// The current epoch's key, sealed by the inviter to the invitee.
         key: SealedKey,
     },
     /// Remove a member (owners and admins; anyone may remove themselves) and move
-    /// the room to the next epoch, whose key is sealed to every remaining member.
+    /// the room to the next epoch, whose key is sealed to every remaining member
+    /// ([`chain::Change::Remove`]).
     Remove {
-        /// The room.
-        room: RoomId,
-        /// Whom.
-        user: UserId,
-        /// The next epoch.
-        epoch: Epoch,
-        /// Its key, sealed by the remover to each remaining member.
+        /// The removal, signed by the remover, following the room's chain head.
+        link: SignedLink,
+        /// The next epoch's key, sealed by the remover to each remaining member.
+        bundle: Vec<(UserId, SealedKey)>,
+    },
+    /// Move the room to the next epoch with the same members (any member;
+    /// [`chain::Change::Rekey`]): after an eviction, or when the epoch has carried
+    /// [`DomainConfig::epoch_frames_max`] frames.
+    Rekey {
+        /// The rekey, signed by the member, following the room's chain head.
+        link: SignedLink,
+        /// The next epoch's key, sealed by the member to every member.
         bundle: Vec<(UserId, SealedKey)>,
     },
     /// The room's home, policy, epoch and members (members only).
@@ -353,13 +366,25 @@ pub enum Op {
 }
 
 impl Op {
+    /// The chain link the request would append, for membership changes.
+    pub fn link(&self) -> Option<&SignedLink> {
+        match self {
+            Op::CreateRoom { link, .. }
+            | Op::Invite { link, .. }
+            | Op::Remove { link, .. }
+            | Op::Rekey { link, .. } => Some(link),
+            _ => None,
+        }
+    }
+
     /// The room the request is about, for requests its home must handle.
     pub fn room(&self) -> Option<RoomId> {
         match self {
-            Op::CreateRoom { room, .. }
-            | Op::Invite { room, .. }
-            | Op::Remove { room, .. }
-            | Op::RoomInfo { room } => Some(*room),
+            Op::CreateRoom { link, .. }
+            | Op::Invite { link, .. }
+            | Op::Remove { link, .. }
+            | Op::Rekey { link, .. } => Some(link.link.room),
+            Op::RoomInfo { room } => Some(*room),
             Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms => None,
         }
     }
@@ -447,7 +472,10 @@ pub struct RoomInfo {
     pub epoch: Epoch,
     /// The sequence number the next frame will get.
     pub next_seq: Seq,
-    /// Its members.
+    /// How many links its membership chain holds (clients verify the chain
+    /// itself; this says how far to read it).
+    pub chain_len: u64,
+    /// Its members (as the home says: clients take members from the chain).
     pub members: Vec<RoomMember>,
 }
 
@@ -492,6 +520,11 @@ pub enum ClientMsg {
         /// The room.
         room: RoomId,
     },
+    /// `user` was revoked: their open connections are closed.
+    Revoked {
+        /// The user.
+        user: UserId,
+    },
 }
 
 /// What travels through an outbox: the messages that change state on another node.
@@ -517,7 +550,7 @@ impl Deliverable {
     /// one that travels: a room's idle timer never does).
     fn fits(&self, to: &ActorRef) -> bool {
         match (self, to.key) {
-            (Deliverable::Room(RoomMsg::Tick), _) => false,
+            (Deliverable::Room(RoomMsg::Tick | RoomMsg::Revoked { .. }), _) => false,
             (Deliverable::Room(_), ActorKey::Room(_)) => to.kind == ActorKind::ROOM,
             _ => false,
         }
@@ -564,6 +597,11 @@ pub struct DomainConfig {
     pub retry_max: Duration,
     /// How long a room, peer or outbox stays active without messages.
     pub idle: Duration,
+    /// How many frames one epoch key may encrypt: past it the room's home takes no
+    /// frame until a member rekeys ([`Denial::RekeyNeeded`]). Frames use random
+    /// 96-bit nonces, so the bound keeps the chance of a nonce repeating under one
+    /// key negligible.
+    pub epoch_frames_max: u64,
 }
 
 /// An outbox's first resend delay, by default.
@@ -572,6 +610,10 @@ pub const RETRY_DELAY_MS_MIN: u64 = 200;
 pub const RETRY_DELAY_MS_MAX: u64 = 5_000;
 /// How long a room, peer or outbox stays active without messages, by default.
 pub const IDLE_MS: u64 = 30_000;
+/// How many frames one epoch key encrypts, by default: 2^24. With random 96-bit
+/// nonces the chance that two frames of one epoch share a nonce is then below
+/// 2^-48 (n^2 / 2^97).
+pub const EPOCH_FRAMES_MAX: u64 = 1 << 24;
 
 impl Default for DomainConfig {
     fn default() -> Self {
@@ -579,6 +621,7 @@ impl Default for DomainConfig {
             retry_base: Duration::from_millis(RETRY_DELAY_MS_MIN),
             retry_max: Duration::from_millis(RETRY_DELAY_MS_MAX),
             idle: Duration::from_millis(IDLE_MS),
+            epoch_frames_max: EPOCH_FRAMES_MAX,
         }
     }
 }
@@ -593,6 +636,11 @@ pub struct Domain {
     /// make a room queue messages for nodes that will never take them. `None`
     /// accepts any home.
     pub nodes: Option<std::sync::Arc<std::collections::BTreeSet<NodeId>>>,
+    /// The identities of the nodes this driver hosts (one for a node process, all
+    /// of them in the simulator): a node signs evictions of its revoked users and,
+    /// as a room's home, the chain links that record them. Without its identity a
+    /// node cannot evict (revocation still refuses the user everything).
+    pub identities: std::sync::Arc<std::collections::BTreeMap<NodeId, Identity>>,
 }
 
 impl Domain {
@@ -601,7 +649,14 @@ impl Domain {
         Self {
             config,
             nodes: None,
+            identities: Default::default(),
         }
+    }
+
+    /// Lets the node of `identity` sign evictions (see [`Domain::identities`]).
+    pub fn with_identity(mut self, identity: Identity) -> Self {
+        std::sync::Arc::make_mut(&mut self.identities).insert(identity.node_id(), identity);
+        self
     }
 
     /// Limits invitees' homes to `nodes` (and this node).
@@ -626,6 +681,7 @@ impl Domain {
                 room,
                 self.config,
                 self.nodes.clone(),
+                self.identities.get(&addr.node).cloned(),
                 cx,
             ))),
             (ActorKind::PEER, ActorKey::Node(remote)) if remote != addr.node => {

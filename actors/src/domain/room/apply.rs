@@ -12,8 +12,9 @@ use conclave_storage::{StoreError, WriteTxn};
 use super::{Event, RoomMsg, Update};
 use crate::actor::Time;
 use crate::crypto::SealedKey;
+use crate::domain::chain::SignedLink;
 use crate::domain::state::{keys, rooms, rooms::Visibility};
-use crate::domain::{enqueue, room_of, Deliverable, Denial, RoomMember, SignedRequest};
+use crate::domain::{enqueue, room_of, Deliverable, Denial, RoomMember};
 use crate::ids::{NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
 
@@ -29,10 +30,10 @@ pub(super) fn apply(
             meta,
             owner,
             key,
-            create,
+            link,
         } => {
             rooms::put_meta(txn, room, meta)?;
-            rooms::put_creation(txn, room, create)?;
+            append(txn, room, link)?;
             rooms::put_member(txn, room, owner)?;
             keys::put(txn, room, meta.epoch, owner.user, key)?;
             let visible = Visibility {
@@ -41,8 +42,14 @@ pub(super) fn apply(
             };
             rooms::put_visibility(txn, owner.user, room, &visible)
         }
-        Event::Invited { meta, member, key } => {
+        Event::Invited {
+            meta,
+            member,
+            key,
+            link,
+        } => {
             rooms::put_meta(txn, room, meta)?;
+            append(txn, room, link)?;
             rooms::put_member(txn, room, member)?;
             keys::put(txn, room, meta.epoch, member.user, key)?;
             if member.home != me {
@@ -58,7 +65,27 @@ pub(super) fn apply(
             meta,
             removed,
             bundle,
-        } => apply_removed(txn, room, me, meta, removed, bundle),
+            link,
+        } => {
+            append(txn, room, link)?;
+            apply_removed(txn, room, me, meta, removed, bundle)
+        }
+        Event::Evicted {
+            meta,
+            removed,
+            link,
+        } => {
+            append(txn, room, link)?;
+            apply_removed(txn, room, me, meta, removed, &[])
+        }
+        Event::Rekeyed { meta, bundle, link } => {
+            append(txn, room, link)?;
+            rooms::put_meta(txn, room, meta)?;
+            for (member, key) in bundle {
+                keys::put(txn, room, meta.epoch, *member, key)?;
+            }
+            Ok(())
+        }
         Event::Published {
             meta, seq, frame, ..
         } => {
@@ -71,6 +98,12 @@ pub(super) fn apply(
             rooms::put_meta(txn, room, meta)
         }
     }
+}
+
+/// Appends `link` to the room's chain (decide checked that it follows the head).
+fn append(txn: &mut dyn WriteTxn, room: RoomId, link: &SignedLink) -> Result<(), StoreError> {
+    let (len, _) = rooms::chain_head(&*txn, room)?;
+    rooms::put_link(txn, room, len, link)
 }
 
 fn apply_removed(
@@ -132,14 +165,23 @@ pub(super) fn fan_out(
     match event {
         // The creator is the only member, on this node.
         Event::Created { .. } => Ok(BTreeSet::new()),
-        Event::Invited { meta, member, key } => {
-            fan_out_invited(txn, room, me, now, meta, member, key)
-        }
+        Event::Invited {
+            meta, member, key, ..
+        } => fan_out_invited(txn, room, me, now, meta, member, key),
         Event::Removed {
             meta,
             removed,
             bundle,
-        } => fan_out_removed(txn, room, me, meta, removed, bundle),
+            ..
+        } => fan_out_epoch(txn, room, me, meta, Some(removed), bundle),
+        Event::Rekeyed { meta, bundle, .. } => fan_out_epoch(txn, room, me, meta, None, bundle),
+        Event::Evicted { meta, removed, .. } => {
+            let nodes = snapshot(txn, room, me, meta, Some(removed.home))?;
+            for &node in &nodes {
+                chain_to(txn, room, node, None)?;
+            }
+            Ok(nodes)
+        }
         Event::Published {
             seq,
             frame,
@@ -164,8 +206,9 @@ pub(super) fn fan_out(
     }
 }
 
-/// An invitation: the snapshot to every member node, then the new member's key and
-/// (to a node new to the room) the history they may read.
+/// An invitation: the snapshot to every member node, the new link (the whole
+/// chain to a node new to the room), then the new member's key and (to a node new
+/// to the room) the history they may read.
 fn fan_out_invited(
     txn: &mut dyn WriteTxn,
     room: RoomId,
@@ -176,6 +219,15 @@ fn fan_out_invited(
     key: &SealedKey,
 ) -> Result<BTreeSet<NodeId>, Denial> {
     let nodes = snapshot(txn, room, me, meta, None)?;
+    let members = rooms::members(&*txn, room)?;
+    let new_node = member.home != me
+        && !members
+            .iter()
+            .any(|m| m.user != member.user && m.home == member.home);
+    for &node in &nodes {
+        let from = (new_node && node == member.home).then_some(0);
+        chain_to(txn, room, node, from)?;
+    }
     if member.home == me {
         return Ok(nodes);
     }
@@ -193,30 +245,31 @@ fn fan_out_invited(
             keys,
         },
     )?;
-    let members = rooms::members(&*txn, room)?;
-    let new_node = !members
-        .iter()
-        .any(|m| m.user != member.user && m.home == member.home);
     if new_node {
         backfill(txn, room, meta, member, now)?;
     }
     Ok(nodes)
 }
 
-/// A removal: the snapshot to every member node and to the removed member's (so it
-/// stops serving the room to them), then to each remaining member node the new
-/// epoch's keys of its own users only.
-fn fan_out_removed(
+/// A new epoch (a removal, or a rekey): the snapshot to every member node and to
+/// the removed member's (so it stops serving the room to them), the new link, then
+/// to each remaining member node the new epoch's keys of its own users only.
+fn fan_out_epoch(
     txn: &mut dyn WriteTxn,
     room: RoomId,
     me: NodeId,
     meta: &rooms::RoomMeta,
-    removed: &RoomMember,
+    removed: Option<&RoomMember>,
     bundle: &[(UserId, SealedKey)],
 ) -> Result<BTreeSet<NodeId>, Denial> {
-    let nodes = snapshot(txn, room, me, meta, Some(removed.home))?;
+    let nodes = snapshot(txn, room, me, meta, removed.map(|r| r.home))?;
+    for &node in &nodes {
+        chain_to(txn, room, node, None)?;
+    }
     let members = rooms::members(&*txn, room)?;
-    debug_assert!(members.iter().all(|m| m.user != removed.user));
+    debug_assert!(members
+        .iter()
+        .all(|m| Some(m.user) != removed.map(|r| r.user)));
     for node in member_nodes(&members, me) {
         let keys: Vec<_> = bundle
             .iter()
@@ -240,6 +293,29 @@ fn fan_out_removed(
     Ok(nodes)
 }
 
+/// Sends `node` the room's chain from index `from` on, in pages; `None` sends the
+/// last link only (what a node that holds the rest lacks after a change).
+fn chain_to(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    node: NodeId,
+    from: Option<u64>,
+) -> Result<(), Denial> {
+    let (len, _) = rooms::chain_head(&*txn, room)?;
+    debug_assert!(len >= 1, "a changed room has a chain");
+    let mut next = from.unwrap_or(len.saturating_sub(1));
+    while next < len {
+        let links = rooms::links(&*txn, room, next, super::CHAIN_PAGE_LINKS)?;
+        let count = links.len() as u64;
+        if count == 0 {
+            break;
+        }
+        send(txn, room, node, Update::Chain { from: next, links })?;
+        next += count;
+    }
+    Ok(())
+}
+
 /// Sends the room's new membership snapshot to every member node (and `also`),
 /// first, so a member node knows the room before its keys and frames arrive (one
 /// outbox per node keeps them in order).
@@ -251,7 +327,7 @@ fn snapshot(
     also: Option<NodeId>,
 ) -> Result<BTreeSet<NodeId>, Denial> {
     let members = rooms::members(&*txn, room)?;
-    let create: Box<SignedRequest> = rooms::creation(&*txn, room)?
+    let create: Box<SignedLink> = rooms::creation(&*txn, room)?
         .map(Box::new)
         .ok_or_else(|| Denial::not_found(format!("the creation of room {room}")))?;
     let mut nodes = member_nodes(&members, me);

@@ -10,12 +10,18 @@ use x25519_dalek::PublicKey;
 
 use super::Event;
 use crate::actor::Time;
+use crate::crypto::SignatureBytes;
 use crate::crypto::{verify_frame, verify_sealed_key, Frame, FrameError, SealError, SealedKey};
+use crate::domain::chain::{
+    check_eviction, may_invite, may_remove, ChainError, ChainState, Change, Link, SignedLink,
+    Signer, CHAIN_LINKS_MAX,
+};
 use crate::domain::state::{registry, rooms, rooms::RoomMeta};
 use crate::domain::{
     Denial, History, Invitee, Outcome, RoomInfo, RoomMember, RoomRole, SignedRequest,
     ROOM_MEMBERS_MAX,
 };
+use crate::identity::Identity;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
 
@@ -27,6 +33,7 @@ pub(super) struct Home<'a> {
     pub from: NodeId,
     pub now: Time,
     pub nodes: Option<&'a BTreeSet<NodeId>>,
+    pub epoch_frames_max: u64,
 }
 
 impl Home<'_> {
@@ -62,41 +69,71 @@ fn seal_error(e: SealError) -> Denial {
     }
 }
 
+/// The chain link a membership request carries: of this room, signed by the
+/// requester, following the chain's head here, and room left in the chain.
+fn check_link(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    req: &SignedRequest,
+    link: &SignedLink,
+) -> Result<(), Denial> {
+    if link.link.room != h.room || link.link.by != Signer::User(req.request.user) {
+        return Err(Denial::malformed(
+            "the chain link is for another room or signed by someone else",
+        ));
+    }
+    link.verify().map_err(|_| Denial::BadSignature)?;
+    let (len, head) = rooms::chain_head(txn, h.room)?;
+    if link.link.prev != head {
+        return Err(Denial::StaleChain { len });
+    }
+    if len >= CHAIN_LINKS_MAX {
+        return Err(Denial::Limit {
+            what: format!("a room's chain holds at most {CHAIN_LINKS_MAX} links"),
+        });
+    }
+    Ok(())
+}
+
+fn chain_denial(e: ChainError) -> Denial {
+    match e {
+        ChainError::BadSignature => Denial::BadSignature,
+        ChainError::Unauthorized(needed) => Denial::missing(needed),
+        other => Denial::malformed(other.to_string()),
+    }
+}
+
 /// A room's creation, on its creator's node, with epoch 1's key sealed by and to
-/// the creator.
+/// the creator. The link is the room's first: its id derives from it.
 pub(super) fn create(
     txn: &dyn ReadTxn,
     h: &Home<'_>,
     req: &SignedRequest,
+    link: &SignedLink,
+    key: &SealedKey,
 ) -> Result<Event, Denial> {
-    let crate::domain::Op::CreateRoom {
-        room,
-        nonce,
-        policy,
-        key,
-        home,
-    } = &req.request.op
-    else {
-        return Err(Denial::malformed("not a room creation"));
-    };
-    if h.from != h.me || *home != h.me {
+    let genesis = ChainState::genesis(h.room, link).map_err(chain_denial)?;
+    let acting = req.request.user;
+    if link.link.by != Signer::User(acting) {
+        return Err(Denial::malformed("the creation is signed by someone else"));
+    }
+    if h.from != h.me || genesis.home != h.me {
         return Err(Denial::malformed(
             "rooms are created on their creator's node",
         ));
     }
-    if *room != RoomId::derive(req.request.user, *home, *nonce) {
-        return Err(Denial::malformed(
-            "the room id is not derived from its creation (creator, home, nonce)",
-        ));
-    }
-    debug_assert_eq!(*room, h.room, "the room checked the request is for it");
     if rooms::meta(txn, h.room)?.is_some() {
         return Err(Denial::Conflict {
             what: format!("room {} exists", h.room),
         });
     }
-    let acting = req.request.user;
     let creator = registry::check_active(txn, acting)?;
+    let owner = genesis.members[&acting];
+    if owner.identity.exchange != creator.exchange {
+        return Err(Denial::malformed(
+            "the creation names another X25519 key than the creator's",
+        ));
+    }
     if key.sealer != acting {
         return Err(Denial::bundle(
             "the first key must be sealed by the creator",
@@ -107,12 +144,13 @@ pub(super) fn create(
         .map_err(seal_error)?;
     let meta = RoomMeta {
         home: h.me,
-        policy: *policy,
+        policy: genesis.policy,
         epoch,
         epoch_start: Seq(1),
         next_seq: Seq(1),
         owner: acting,
         members_version: 1,
+        rekey_due: false,
     };
     let owner = RoomMember {
         user: acting,
@@ -126,7 +164,7 @@ pub(super) fn create(
         meta,
         owner,
         key: key.clone(),
-        create: Box::new(req.clone()),
+        link: Box::new(link.clone()),
     })
 }
 
@@ -135,18 +173,22 @@ pub(super) fn create(
 pub(super) fn invite(
     txn: &dyn ReadTxn,
     h: &Home<'_>,
-    acting: UserId,
-    invitee: &Invitee,
-    epoch: Epoch,
+    req: &SignedRequest,
+    link: &SignedLink,
     key: &SealedKey,
 ) -> Result<Event, Denial> {
+    let Change::Invite { invitee, epoch } = &link.link.change else {
+        return Err(Denial::malformed(
+            "an invitation's link is not an invitation",
+        ));
+    };
     let meta = h.meta(txn)?;
+    let acting = req.request.user;
     let inviter = h.acting_member(txn, acting)?;
-    if !inviter.role.manages_members() {
-        return Err(Denial::missing("room owner or admin"));
-    }
+    check_link(txn, h, req, link)?;
+    may_invite(inviter.role, invitee.role).map_err(chain_denial)?;
     check_invitee(txn, h, invitee)?;
-    if epoch != meta.epoch {
+    if *epoch != meta.epoch {
         return Err(Denial::bundle(format!(
             "key for epoch {}, the room is at epoch {}",
             epoch.0, meta.epoch.0
@@ -176,11 +218,12 @@ pub(super) fn invite(
         meta,
         member,
         key: key.clone(),
+        link: Box::new(link.clone()),
     })
 }
 
-/// Who may be invited: a valid key, homed on a node of the cluster, not as owner,
-/// not a member already, and room left.
+/// Who may be invited: a valid key, homed on a node of the cluster, not a member
+/// already, and room left.
 fn check_invitee(txn: &dyn ReadTxn, h: &Home<'_>, invitee: &Invitee) -> Result<(), Denial> {
     invitee
         .user
@@ -191,9 +234,6 @@ fn check_invitee(txn: &dyn ReadTxn, h: &Home<'_>, invitee: &Invitee) -> Result<(
             "node {} (not a node of this cluster)",
             invitee.home
         )));
-    }
-    if invitee.role == RoomRole::Owner {
-        return Err(Denial::malformed("a room has one owner, its creator"));
     }
     let user = UserId(invitee.user.signing);
     if rooms::member(txn, h.room, user)?.is_some() {
@@ -207,28 +247,8 @@ fn check_invitee(txn: &dyn ReadTxn, h: &Home<'_>, invitee: &Invitee) -> Result<(
     Ok(())
 }
 
-/// A removal (by an owner or admin, or of oneself), which moves the room to the
-/// next epoch with its key sealed by the remover to every remaining member.
-pub(super) fn remove(
-    txn: &dyn ReadTxn,
-    h: &Home<'_>,
-    acting: UserId,
-    user: UserId,
-    epoch: Epoch,
-    bundle: &[(UserId, SealedKey)],
-) -> Result<Event, Denial> {
-    let meta = h.meta(txn)?;
-    let remover = h.acting_member(txn, acting)?;
-    let removed = rooms::member(txn, h.room, user)?
-        .ok_or_else(|| Denial::not_found(format!("member {user}")))?;
-    if user != acting {
-        if !remover.role.manages_members() {
-            return Err(Denial::missing("room owner or admin"));
-        }
-        if removed.role == RoomRole::Owner {
-            return Err(Denial::missing("only the owner may remove the owner"));
-        }
-    }
+/// The record after a move to `epoch`, which must be the next one.
+fn next_epoch(meta: RoomMeta, epoch: Epoch) -> Result<RoomMeta, Denial> {
     let next = Epoch(meta.epoch.0 + 1);
     if epoch != next {
         return Err(Denial::bundle(format!(
@@ -236,21 +256,122 @@ pub(super) fn remove(
             epoch.0, next.0
         )));
     }
-    let remaining: Vec<RoomMember> = rooms::members(txn, h.room)?
-        .into_iter()
-        .filter(|m| m.user != user)
-        .collect();
-    validate_bundle(&remaining, h.room, next, acting, bundle)?;
-    let meta = RoomMeta {
+    Ok(RoomMeta {
         epoch: next,
         epoch_start: meta.next_seq,
         members_version: meta.members_version + 1,
+        rekey_due: false,
         ..meta
+    })
+}
+
+/// A removal (by an owner or admin, or of oneself), which moves the room to the
+/// next epoch with its key sealed by the remover to every remaining member.
+pub(super) fn remove(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    req: &SignedRequest,
+    link: &SignedLink,
+    bundle: &[(UserId, SealedKey)],
+) -> Result<Event, Denial> {
+    let Change::Remove { user, epoch, .. } = &link.link.change else {
+        return Err(Denial::malformed("a removal's link is not a removal"));
     };
+    let meta = h.meta(txn)?;
+    let acting = req.request.user;
+    let remover = h.acting_member(txn, acting)?;
+    check_link(txn, h, req, link)?;
+    let removed = rooms::member(txn, h.room, *user)?
+        .ok_or_else(|| Denial::not_found(format!("member {user}")))?;
+    may_remove(acting, remover.role, *user, removed.role).map_err(chain_denial)?;
+    let meta = next_epoch(meta, *epoch)?;
+    let remaining: Vec<RoomMember> = rooms::members(txn, h.room)?
+        .into_iter()
+        .filter(|m| m.user != *user)
+        .collect();
+    validate_bundle(&remaining, h.room, meta.epoch, acting, bundle)?;
     Ok(Event::Removed {
         meta,
         removed,
         bundle: bundle.to_vec(),
+        link: Box::new(link.clone()),
+    })
+}
+
+/// A rekey by any member: the next epoch, its key sealed to every member.
+pub(super) fn rekey(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    req: &SignedRequest,
+    link: &SignedLink,
+    bundle: &[(UserId, SealedKey)],
+) -> Result<Event, Denial> {
+    let Change::Rekey { epoch, .. } = &link.link.change else {
+        return Err(Denial::malformed("a rekey's link is not a rekey"));
+    };
+    let meta = h.meta(txn)?;
+    let acting = req.request.user;
+    h.acting_member(txn, acting)?;
+    check_link(txn, h, req, link)?;
+    let meta = next_epoch(meta, *epoch)?;
+    validate_bundle(
+        &rooms::members(txn, h.room)?,
+        h.room,
+        meta.epoch,
+        acting,
+        bundle,
+    )?;
+    Ok(Event::Rekeyed {
+        meta,
+        bundle: bundle.to_vec(),
+        link: Box::new(link.clone()),
+    })
+}
+
+/// An eviction of a revoked member, on the signed word of their node (which must
+/// be the node it came from), recorded in a link this node signs as the home.
+pub(super) fn evict(
+    txn: &dyn ReadTxn,
+    h: &Home<'_>,
+    home: &Identity,
+    user: UserId,
+    attestation: &SignatureBytes,
+) -> Result<Event, Denial> {
+    assert_eq!(home.node_id(), h.me, "the home signs with its own identity");
+    let meta = h.meta(txn)?;
+    let removed = rooms::member(txn, h.room, user)?
+        .ok_or_else(|| Denial::not_found(format!("member {user}")))?;
+    if removed.home != h.from {
+        return Err(Denial::NotAMember);
+    }
+    check_eviction(removed.home, h.room, user, attestation).map_err(chain_denial)?;
+    let (len, head) = rooms::chain_head(txn, h.room)?;
+    if len >= CHAIN_LINKS_MAX {
+        return Err(Denial::Limit {
+            what: format!("a room's chain holds at most {CHAIN_LINKS_MAX} links"),
+        });
+    }
+    let link = SignedLink::sign(
+        home,
+        Link {
+            room: h.room,
+            prev: head,
+            by: Signer::Node(h.me),
+            change: Change::Evict {
+                user,
+                attestation: *attestation,
+            },
+        },
+    );
+    let meta = RoomMeta {
+        members_version: meta.members_version + 1,
+        rekey_due: true,
+        ..meta
+    };
+    Ok(Event::Evicted {
+        meta,
+        removed,
+        link: Box::new(link),
     })
 }
 
@@ -318,6 +439,10 @@ pub(super) fn publish(
     if frame.room != h.room {
         return Err(Denial::malformed("frame names another room"));
     }
+    let carried = meta.next_seq.0.saturating_sub(meta.epoch_start.0);
+    if meta.rekey_due || carried >= h.epoch_frames_max {
+        return Err(Denial::RekeyNeeded);
+    }
     h.acting_member(txn, frame.sender)?;
     if let Some(seq) = rooms::seq_of_id(txn, h.room, frame.id)? {
         return Err(Denial::Duplicate { seq });
@@ -355,6 +480,7 @@ pub(super) fn info(txn: &dyn ReadTxn, h: &Home<'_>, acting: UserId) -> Result<Ou
         policy: meta.policy,
         epoch: meta.epoch,
         next_seq: meta.next_seq,
+        chain_len: rooms::chain_head(txn, h.room)?.0,
         members: rooms::members(txn, h.room)?,
     }))
 }

@@ -21,13 +21,15 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::state::{registry, rooms::RoomMeta};
+use super::chain::SignedLink;
+use super::state::{registry, rooms, rooms::RoomMeta};
 use super::{
     applied, denied, gateway_of, origin, outbox_of, reply, ClientMsg, Denial, DomainConfig, Msg,
     Op, Outcome, ReplyTo, RoomMember, SignedRequest,
 };
 use crate::actor::{Actor, Context, System, Time};
-use crate::crypto::{Frame, SealedKey};
+use crate::crypto::{Frame, SealedKey, SignatureBytes};
+use crate::identity::Identity;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
 
@@ -48,9 +50,18 @@ pub enum Update {
         meta: RoomMeta,
         /// Every member.
         members: Vec<RoomMember>,
-        /// The creator's signed creation: proves to a node that has not seen the
-        /// room yet that the sender is its home.
-        create: Box<SignedRequest>,
+        /// The room's first chain link, the creator's signed creation: proves to a
+        /// node that has not seen the room yet that the sender is its home.
+        create: Box<SignedLink>,
+    },
+    /// Links of the room's membership chain, from index `from` on (a page of at
+    /// most [`CHAIN_PAGE_LINKS`]): the new link after each change, the whole chain
+    /// to a node new to the room. Sent after the snapshot, before keys.
+    Chain {
+        /// The index of the first link.
+        from: u64,
+        /// The links.
+        links: Vec<SignedLink>,
     },
     /// An epoch's key sealed to each of the receiving node's users (and only
     /// theirs), after the snapshot that made them members of that epoch.
@@ -71,8 +82,13 @@ pub enum Update {
     },
 }
 
+/// The most chain links one [`Update::Chain`] carries (a link is at most a few
+/// hundred bytes, so a page stays far below an envelope).
+pub const CHAIN_PAGE_LINKS: usize = 256;
+
 /// What a decided request changes: the input of [`apply`]. Each carries the room's
-/// record as it is after the change.
+/// record as it is after the change, and each membership change the chain link
+/// that records it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// The room was created with its owner as the only member.
@@ -83,8 +99,8 @@ pub enum Event {
         owner: RoomMember,
         /// Epoch 1's key, sealed by and to the creator.
         key: SealedKey,
-        /// The signed creation (the proof of the home).
-        create: Box<SignedRequest>,
+        /// The signed creation, the chain's first link (the proof of the home).
+        link: Box<SignedLink>,
     },
     /// A member joined, with the current epoch's key.
     Invited {
@@ -94,6 +110,8 @@ pub enum Event {
         member: RoomMember,
         /// Their key of the current epoch.
         key: SealedKey,
+        /// The link.
+        link: Box<SignedLink>,
     },
     /// A member left and the room moved to the next epoch.
     Removed {
@@ -103,6 +121,26 @@ pub enum Event {
         removed: RoomMember,
         /// The new epoch's key sealed to each remaining member.
         bundle: Vec<(UserId, SealedKey)>,
+        /// The link.
+        link: Box<SignedLink>,
+    },
+    /// The room moved to the next epoch with the same members.
+    Rekeyed {
+        /// The record after it (the new epoch).
+        meta: RoomMeta,
+        /// The new epoch's key sealed to each member.
+        bundle: Vec<(UserId, SealedKey)>,
+        /// The link.
+        link: Box<SignedLink>,
+    },
+    /// A revoked member was evicted; a rekey is now due.
+    Evicted {
+        /// The record after it (`rekey_due`).
+        meta: RoomMeta,
+        /// Who was evicted, as they were recorded.
+        removed: RoomMember,
+        /// The link, signed by this node as the room's home.
+        link: Box<SignedLink>,
     },
     /// A frame was sequenced.
     Published {
@@ -125,7 +163,11 @@ impl Event {
                 id: frame.id,
                 seq: *seq,
             },
-            Event::Created { .. } | Event::Invited { .. } | Event::Removed { .. } => Outcome::Done,
+            Event::Created { .. }
+            | Event::Invited { .. }
+            | Event::Removed { .. }
+            | Event::Rekeyed { .. }
+            | Event::Evicted { .. } => Outcome::Done,
         }
     }
 }
@@ -150,6 +192,20 @@ pub enum RoomMsg {
     },
     /// From the sequencer to a member node.
     Update(Update),
+    /// From this node's members actor (never from another node): `user`, one of
+    /// this node's users, was revoked. The room has them evicted: it signs its word
+    /// for the room's home and sends it there (or, being the home, evicts them).
+    Revoked {
+        /// The revoked user.
+        user: UserId,
+    },
+    /// To the room's sequencer, from the node of a revoked member: evict them.
+    Evict {
+        /// The member.
+        user: UserId,
+        /// Their node's signature over [`super::chain::eviction_message`].
+        attestation: SignatureBytes,
+    },
     /// The idle check (a timer).
     Tick,
 }
@@ -166,6 +222,10 @@ pub struct Room {
     /// Only used under [`Mutation::VolatileSequence`]: the next sequence number,
     /// kept in memory instead of the store.
     volatile_next: Option<Seq>,
+    /// This node's identity, if the driver gave it one (to sign evictions).
+    signer: Option<Identity>,
+    /// How many frames an epoch key may encrypt.
+    epoch_frames_max: u64,
 }
 
 impl Room {
@@ -173,6 +233,7 @@ impl Room {
         room: RoomId,
         config: DomainConfig,
         nodes: Option<std::sync::Arc<BTreeSet<NodeId>>>,
+        signer: Option<Identity>,
         cx: &mut Context<'_, S>,
     ) -> Self {
         cx.timer(config.idle, RoomMsg::Tick);
@@ -182,6 +243,8 @@ impl Room {
             idle: config.idle,
             busy: false,
             volatile_next: None,
+            signer,
+            epoch_frames_max: config.epoch_frames_max,
         }
     }
 }
@@ -212,6 +275,18 @@ impl<S: System<Msg = Msg>> Actor<S> for Room {
                     denied("room", Some(user), denial)
                 });
                 self.answer(cx, from, to, outcome)
+            }
+            RoomMsg::Revoked { user } if from == cx.node() => {
+                let result = self.revoked(user, cx);
+                self.settle_eviction(user, result)
+            }
+            RoomMsg::Revoked { .. } => {
+                tracing::warn!(room = ?self.room, ?from, "a revocation notice from another node dropped");
+                false
+            }
+            RoomMsg::Evict { user, attestation } => {
+                let result = self.evict(user, &attestation, from, cx);
+                self.settle_eviction(user, result)
             }
             RoomMsg::Update(update) => match self.update(update, from, cx) {
                 Ok(()) => false,
@@ -261,7 +336,73 @@ impl Room {
             from,
             now: cx.now(),
             nodes: self.nodes.as_deref(),
+            epoch_frames_max: self.epoch_frames_max,
         }
+    }
+
+    /// Logs and counts a refused eviction; returns whether to offer the message
+    /// again (the store failed).
+    fn settle_eviction(&self, user: UserId, result: Result<(), Denial>) -> bool {
+        match result {
+            Ok(()) => false,
+            Err(denial) => {
+                tracing::warn!(room = ?self.room, ?user, reason = denial.reason(), %denial, "eviction not made");
+                metrics::counter!("conclave_evictions_refused_total", "reason" => denial.reason())
+                    .increment(1);
+                denial == Denial::Storage
+            }
+        }
+    }
+
+    /// One of this node's users was revoked: evict them here (the home) or send
+    /// this node's signed word to the room's home, through the durable outbox.
+    fn revoked<S: System<Msg = Msg>>(
+        &mut self,
+        user: UserId,
+        cx: &mut Context<'_, S>,
+    ) -> Result<(), Denial> {
+        let signer = self
+            .signer
+            .as_ref()
+            .ok_or_else(|| Denial::missing("this node's identity (to sign the eviction)"))?;
+        let attestation = super::chain::attest_eviction(signer, self.room, user);
+        let me = cx.node();
+        let mut txn = cx.store().write()?;
+        registry::check_revoked(&*txn, user)?;
+        let meta = rooms::meta(&*txn, self.room)?
+            .ok_or_else(|| Denial::not_found(format!("room {}", self.room)))?;
+        if meta.sequencer() == me {
+            drop(txn);
+            return self.evict(user, &attestation, me, cx);
+        }
+        let msg = RoomMsg::Evict { user, attestation };
+        super::enqueue(
+            &mut *txn,
+            super::room_of(meta.sequencer(), self.room),
+            super::Deliverable::Room(msg),
+        )?;
+        txn.commit()?;
+        cx.send(outbox_of(me, meta.sequencer()), super::OutboxMsg::Kick);
+        Ok(())
+    }
+
+    /// On the sequencer: evicts `user` on the word of their node `from`, signing
+    /// the chain link as the room's home.
+    fn evict<S: System<Msg = Msg>>(
+        &mut self,
+        user: UserId,
+        attestation: &SignatureBytes,
+        from: NodeId,
+        cx: &mut Context<'_, S>,
+    ) -> Result<(), Denial> {
+        let signer = self
+            .signer
+            .clone()
+            .ok_or_else(|| Denial::missing("this node's identity (to sign the eviction)"))?;
+        let txn = cx.store().write()?;
+        let event = decide::evict(&*txn, &self.home(from, cx), &signer, user, attestation)?;
+        tracing::info!(room = ?self.room, ?user, "revoked member evicted");
+        self.commit(event, txn, cx).map(|_| ())
     }
 
     /// Decides a request and, if it changes the room, applies and commits it.
@@ -285,19 +426,10 @@ impl Room {
         let h = self.home(from, cx);
         let acting = req.request.user;
         let event = match &req.request.op {
-            Op::CreateRoom { .. } => decide::create(&*txn, &h, req)?,
-            Op::Invite {
-                invitee,
-                epoch,
-                key,
-                ..
-            } => decide::invite(&*txn, &h, acting, invitee, *epoch, key)?,
-            Op::Remove {
-                user,
-                epoch,
-                bundle,
-                ..
-            } => decide::remove(&*txn, &h, acting, *user, *epoch, bundle)?,
+            Op::CreateRoom { link, key } => decide::create(&*txn, &h, req, link, key)?,
+            Op::Invite { link, key } => decide::invite(&*txn, &h, req, link, key)?,
+            Op::Remove { link, bundle } => decide::remove(&*txn, &h, req, link, bundle)?,
+            Op::Rekey { link, bundle } => decide::rekey(&*txn, &h, req, link, bundle)?,
             Op::RoomInfo { .. } => return decide::info(&*txn, &h, acting),
             Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms => {
                 return Err(Denial::malformed("not a room request"));
@@ -380,6 +512,8 @@ impl Event {
             Event::Created { .. } => "created",
             Event::Invited { .. } => "invited",
             Event::Removed { .. } => "removed",
+            Event::Rekeyed { .. } => "rekeyed",
+            Event::Evicted { .. } => "evicted",
             Event::Published { .. } => "published",
         }
     }

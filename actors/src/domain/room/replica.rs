@@ -12,9 +12,10 @@ use x25519_dalek::PublicKey;
 use super::Update;
 use crate::actor::Time;
 use crate::crypto::{verify_frame, verify_sealed_key, Frame, SealError, SealedKey};
+use crate::domain::chain::{ChainState, SignedLink};
 use crate::domain::state::rooms::{RoomMeta, Visibility};
 use crate::domain::state::{keys, registry, rooms};
-use crate::domain::{Denial, Op, RoomMember, SignedRequest, ROOM_MEMBERS_MAX};
+use crate::domain::{Denial, RoomMember, ROOM_MEMBERS_MAX};
 use crate::identity::check_binding;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
@@ -122,24 +123,63 @@ pub(super) fn apply(txn: &mut dyn WriteTxn, at: &Copy, update: Update) -> Result
             let known = known.ok_or(UpdateError::UnknownRoom)?;
             store_frame(txn, at, known, seq, &frame, committed)
         }
+        Update::Chain { from, links } => {
+            known.ok_or(UpdateError::UnknownRoom)?;
+            store_links(txn, at.room, from, &links)
+        }
     }
 }
 
+/// Chain links from the room's home, appended in order. A link this node holds
+/// already is skipped if it is the same; anything that does not extend the chain
+/// (a gap, a fork, a link of another room, a bad signature) is refused. Member
+/// nodes check the chain's shape; clients verify what each link is allowed to do.
+fn store_links(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    from: u64,
+    links: &[SignedLink],
+) -> Result<(), UpdateError> {
+    if links.len() > super::CHAIN_PAGE_LINKS {
+        return Err(UpdateError::Malformed("more chain links than a page holds"));
+    }
+    for (index, link) in (from..).zip(links) {
+        let (len, head) = rooms::chain_head(&*txn, room)?;
+        if index < len {
+            let held = rooms::links(&*txn, room, index, 1)?;
+            if held.first().map(SignedLink::hash) != Some(link.hash()) {
+                return Err(UpdateError::Malformed(
+                    "a chain link differing from the one held",
+                ));
+            }
+            continue;
+        }
+        if index > len {
+            return Err(UpdateError::Malformed("a gap in the chain"));
+        }
+        let valid = if index == 0 {
+            ChainState::genesis(room, link).is_ok()
+        } else {
+            link.link.room == room && link.link.prev == head && link.verify().is_ok()
+        };
+        if !valid {
+            return Err(UpdateError::Malformed(
+                "a chain link that does not extend the chain",
+            ));
+        }
+        rooms::put_link(txn, room, index, link)?;
+    }
+    Ok(())
+}
+
 /// Whether `create` proves that `home` is the home of `room`, created by `owner`:
-/// the creator's own signature over a creation naming that room and home, the room
-/// id derived from that creator, home and nonce (so nobody can claim another
+/// the room's first chain link, signed by its creator, naming that home, with the
+/// room id derived from creator, home and nonce (so nobody can claim another
 /// room's id).
-fn proves_home(create: &SignedRequest, room: RoomId, home: NodeId, owner: UserId) -> bool {
-    let derived = match create.request.op {
-        Op::CreateRoom {
-            room: r,
-            home: h,
-            nonce,
-            ..
-        } => r == room && h == home && r == RoomId::derive(owner, h, nonce),
-        _ => false,
-    };
-    derived && create.request.user == owner && create.verify().is_ok()
+fn proves_home(create: &SignedLink, room: RoomId, home: NodeId, owner: UserId) -> bool {
+    ChainState::genesis(room, create).is_ok_and(|g| {
+        g.home == home && g.members.contains_key(&owner) && create.user() == Some(owner)
+    })
 }
 
 /// Whether a snapshot is well formed: from its home, a valid record, a bounded
@@ -199,14 +239,15 @@ fn snapshot(
     known: Option<RoomMeta>,
     mut meta: RoomMeta,
     members: &[RoomMember],
-    create: &SignedRequest,
+    create: &SignedLink,
 ) -> Result<(), UpdateError> {
     check_snapshot(&*txn, at, &meta, members)?;
     match known {
         None if !proves_home(create, at.room, at.from, meta.owner) => {
             return Err(UpdateError::UnprovenHome);
         }
-        None => rooms::put_creation(txn, at.room, create)?,
+        // The chain itself follows, from its first link.
+        None => {}
         Some(k) => {
             if meta.members_version <= k.members_version
                 && !mutation::active(Mutation::SkipReceiverDedup)

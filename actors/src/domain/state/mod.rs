@@ -19,8 +19,9 @@ use conclave_storage::{Store, StoreError, Table};
 
 /// The layout of the domain's tables this build reads and writes. Bumped whenever
 /// a stored type changes incompatibly (2: rooms' records carry `members_version`;
-/// sealed keys reach member nodes as room updates).
-pub const STORE_FORMAT: u32 = 2;
+/// sealed keys reach member nodes as room updates; 3: rooms keep their membership
+/// chain, and their records whether a rekey is due).
+pub const STORE_FORMAT: u32 = 3;
 
 const FORMAT: Table<[u8; 1], u32> = Table::new("store.format");
 

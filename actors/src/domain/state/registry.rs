@@ -140,3 +140,14 @@ pub fn authenticate(
     }
     check_active(txn, req.request.user)
 }
+
+/// Checks that `user` is a user of this node and revoked (what an eviction needs).
+pub fn check_revoked(txn: &dyn ReadTxn, user: UserId) -> Result<UserRecord, Denial> {
+    let record = USERS
+        .get(txn, &user.0)?
+        .ok_or_else(|| Denial::not_found(format!("user {user}")))?;
+    if record.status != UserStatus::Revoked {
+        return Err(Denial::malformed(format!("user {user} is not revoked")));
+    }
+    Ok(record)
+}

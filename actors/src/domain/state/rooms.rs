@@ -1,6 +1,7 @@
 //! Rooms as a node records them: the room's record ([`RoomMeta`]), its members,
 //! its frames and the message ids already sequenced, what each local user may read
-//! ([`Visibility`]), and the creator's signed creation (the proof of its home).
+//! ([`Visibility`]), and the room's membership chain (whose first link, the
+//! creator's signed creation, proves its home).
 //!
 //! On the room's sequencer (today its home) these are authoritative; on a member
 //! node they are the copy the sequencer's updates built.
@@ -9,7 +10,8 @@ use conclave_storage::{Order, ReadTxn, StoreError, Table, WriteTxn};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::Frame;
-use crate::domain::{Policy, RoomMember, SignedRequest, ROOM_MEMBERS_MAX};
+use crate::domain::chain::{ChainHash, SignedLink};
+use crate::domain::{Policy, RoomMember, ROOM_MEMBERS_MAX};
 use crate::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
 
 /// How many frames a room without `persist` keeps (on its home and member nodes).
@@ -48,6 +50,9 @@ pub struct RoomMeta {
     /// Bumped by every membership change (creation is 1), so a member node can
     /// order the snapshots it receives and skip an older one handed over again.
     pub members_version: u64,
+    /// A member was evicted (revoked by their node) since the epoch started: no
+    /// frame is sequenced until a member moves the room to a new epoch.
+    pub rekey_due: bool,
 }
 
 impl RoomMeta {
@@ -98,7 +103,7 @@ const MEMBERS: Table<([u8; 16], [u8; 32]), RoomMember> = Table::new("room.member
 const FRAMES: Table<([u8; 16], u64), Frame> = Table::new("room.frames");
 const IDS: Table<([u8; 16], u128), u64> = Table::new("room.ids");
 const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visible");
-const CREATED: Table<[u8; 16], SignedRequest> = Table::new("room.created");
+const CHAIN: Table<([u8; 16], u64), SignedLink> = Table::new("room.chain");
 /// Only written under the `fanout_to_removed` mutation: the nodes of removed members.
 const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
 
@@ -292,18 +297,59 @@ pub fn rooms_of(txn: &dyn ReadTxn, user: UserId) -> Result<Vec<(RoomId, NodeId)>
     Ok(out)
 }
 
-/// The creator's signed creation of `room`, if this node holds it.
-pub fn creation(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<SignedRequest>, StoreError> {
-    CREATED.get(txn, &room.0)
+/// The creator's signed creation of `room` (the first link of its chain), if this
+/// node holds it.
+pub fn creation(txn: &dyn ReadTxn, room: RoomId) -> Result<Option<SignedLink>, StoreError> {
+    CHAIN.get(txn, &(room.0, 0))
 }
 
-/// Keeps the creator's signed creation of `room`.
-pub fn put_creation(
+/// The length of `room`'s chain on this node and the hash of its last link
+/// (`(0, GENESIS)` if it holds none).
+pub fn chain_head(txn: &dyn ReadTxn, room: RoomId) -> Result<(u64, ChainHash), StoreError> {
+    let last = CHAIN.scan(txn, (room.0, 0)..=(room.0, u64::MAX), Order::Descending, 1)?;
+    Ok(match last.first() {
+        Some(((_, index), link)) => (index + 1, link.hash()),
+        None => (0, ChainHash::GENESIS),
+    })
+}
+
+/// Up to `limit` links of `room`'s chain from index `from` on.
+pub fn links(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<SignedLink>, StoreError> {
+    let links: Vec<(u64, SignedLink)> = CHAIN
+        .scan(
+            txn,
+            (room.0, from)..=(room.0, u64::MAX),
+            Order::Ascending,
+            limit,
+        )?
+        .into_iter()
+        .map(|((_, i), l)| (i, l))
+        .collect();
+    // Links are stored without gaps, so the page is contiguous from `from`.
+    debug_assert!(links.iter().zip(from..).all(|((i, _), j)| *i == j));
+    Ok(links.into_iter().map(|(_, l)| l).collect())
+}
+
+/// Appends `link` at `index`, which must be the chain's length (links are only
+/// ever appended, each naming the hash of the one before).
+pub fn put_link(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    create: &SignedRequest,
+    index: u64,
+    link: &SignedLink,
 ) -> Result<(), StoreError> {
-    CREATED.put(txn, &room.0, create)
+    debug_assert_eq!(link.link.room, room, "a room stores only its own links");
+    debug_assert_eq!(
+        chain_head(&*txn, room)?,
+        (index, link.link.prev),
+        "links are appended in order"
+    );
+    CHAIN.put(txn, &(room.0, index), link)
 }
 
 /// Only under the `fanout_to_removed` mutation: records a removed member's node.

@@ -730,17 +730,29 @@ impl System for Domain {
 }
 
 /// The messages a driver sends when a node starts: every outbox with messages
-/// waiting is kicked, so that what was queued before a crash is sent again.
+/// waiting is kicked, so that what was queued before a crash is sent again; and
+/// every room still listing a revoked user of this node is told again (a crash may
+/// have cut a revocation's evictions short; see [`RoomMsg::Revoked`]).
 pub fn boot(
     node: NodeId,
     store: &dyn conclave_storage::Store,
 ) -> Result<Vec<(ActorRef, Msg)>, conclave_storage::StoreError> {
     let txn = store.read()?;
     let pending = crate::outbox::pending_destinations(&*txn)?;
-    Ok(pending
+    let mut out: Vec<(ActorRef, Msg)> = pending
         .into_iter()
         .map(|dest| (outbox_of(node, dest), Msg::Outbox(OutboxMsg::Kick)))
-        .collect())
+        .collect();
+    let revoked = state::registry::list(&*txn)?
+        .into_iter()
+        .filter(|u| u.status == UserStatus::Revoked);
+    for entry in revoked {
+        let user = UserId(entry.user.signing);
+        for (room, _) in state::rooms::rooms_of(&*txn, user)? {
+            out.push((room_of(node, room), Msg::Room(RoomMsg::Revoked { user })));
+        }
+    }
+    Ok(out)
 }
 
 /// The address of a node's members actor.

@@ -402,12 +402,12 @@ mod tests {
     const HERE: NodeId = NodeId([2; 32]);
 
     /// A room created on `HOME` by a fresh owner, and its first snapshot.
-    fn room() -> (RoomId, RoomMeta, RoomMember, Box<SignedRequest>) {
+    fn room() -> (RoomId, RoomMeta, RoomMember, Box<SignedLink>) {
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let owner = Identity::generate(&mut rng);
         let (room, _, op) =
             client::create_room(&mut rng, &owner, HOME, Policy::default()).expect("create");
-        let create = Box::new(client::sign(&owner, Time::default(), &mut rng, op));
+        let create = Box::new(op.link().expect("a creation carries its link").clone());
         let meta = RoomMeta {
             home: HOME,
             policy: Policy::default(),
@@ -416,6 +416,7 @@ mod tests {
             next_seq: Seq(1),
             owner: owner.user_id(),
             members_version: 1,
+            rekey_due: false,
         };
         let member = RoomMember {
             user: owner.user_id(),
@@ -546,27 +547,10 @@ mod tests {
             client::create_room(&mut rng, &owner, HOME, Policy::default()).expect("create");
         // The owner signs a creation naming another id than its derivation.
         let claimed = RoomId([9; 16]);
-        let Op::CreateRoom { room: derived, .. } = &op else {
-            unreachable!()
-        };
-        assert_ne!(*derived, claimed);
-        let op = match op {
-            Op::CreateRoom {
-                nonce,
-                home,
-                policy,
-                key,
-                ..
-            } => Op::CreateRoom {
-                room: claimed,
-                nonce,
-                home,
-                policy,
-                key,
-            },
-            other => other,
-        };
-        let create = Box::new(client::sign(&owner, Time::default(), &mut rng, op));
+        let mut link = op.link().expect("a creation carries its link").link.clone();
+        assert_ne!(link.room, claimed);
+        link.room = claimed;
+        let create = Box::new(SignedLink::sign(&owner, link));
         let (_, meta, member, _) = room();
         let meta = RoomMeta {
             owner: owner.user_id(),
@@ -606,6 +590,49 @@ mod tests {
         let store = MemStore::new();
         let error = apply_to(&store, room, update).expect_err("taken");
         assert_eq!(error.reason(), "malformed");
+    }
+
+    #[test]
+    fn chain_links_are_stored_only_as_an_extension_of_the_chain_held() {
+        let (room, meta, member, create) = room();
+        let store = MemStore::new();
+        let snapshot = Update::Members {
+            meta,
+            members: vec![member],
+            create: create.clone(),
+        };
+        apply_to(&store, room, snapshot).expect("snapshot");
+        let chain = |from, links: Vec<SignedLink>| Update::Chain { from, links };
+        // A gap before the first link.
+        let error = apply_to(&store, room, chain(1, vec![(*create).clone()])).expect_err("gap");
+        assert_eq!(error.reason(), "malformed");
+        apply_to(&store, room, chain(0, vec![(*create).clone()])).expect("first link");
+        // Handed over again: skipped.
+        apply_to(&store, room, chain(0, vec![(*create).clone()])).expect("again");
+        // A link that does not follow the head, and one differing from the held one.
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let stranger = Identity::generate(&mut rng);
+        let loose = SignedLink::sign(
+            &stranger,
+            crate::domain::chain::Link {
+                room,
+                prev: crate::domain::chain::ChainHash([5; 32]),
+                by: crate::domain::chain::Signer::User(stranger.user_id()),
+                change: crate::domain::chain::Change::Rekey {
+                    epoch: Epoch(2),
+                    check: crate::domain::chain::KeyCheck([0; 32]),
+                },
+            },
+        );
+        for update in [chain(1, vec![loose.clone()]), chain(0, vec![loose])] {
+            let error = apply_to(&store, room, update).expect_err("refused");
+            assert_eq!(error.reason(), "malformed");
+        }
+        let txn = store.read().expect("read");
+        assert_eq!(
+            rooms::chain_head(&*txn, room).expect("head"),
+            (1, create.hash())
+        );
     }
 
     #[test]

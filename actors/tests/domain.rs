@@ -3,6 +3,9 @@
 //! semantics.
 
 use conclave_actors::crypto::SealedKey;
+use conclave_actors::domain::chain::{
+    ChainHash, ChainState, Change, KeyCheck, Link, SignedLink, Signer, CHAIN_LINKS_MAX,
+};
 use conclave_actors::domain::{
     client, Denial, History, Invitee, Op, Outcome, Policy, RoomRole, UserRole,
 };
@@ -25,7 +28,11 @@ struct World {
 }
 
 fn world(seed: u64) -> World {
-    let mut c = Cluster::new(3, seed);
+    world_with(seed, conclave_actors::domain::DomainConfig::default())
+}
+
+fn world_with(seed: u64, config: conclave_actors::domain::DomainConfig) -> World {
+    let mut c = Cluster::with_config(3, seed, config);
     let mut users = Vec::new();
     for i in 0..3 {
         let admin = Identity::generate(c.rng());
@@ -66,6 +73,27 @@ fn room_of_three(w: &mut World, policy: Policy) -> RoomId {
         Outcome::Done
     );
     room
+}
+
+/// The chain of `room` node `i` holds, verified from its creation.
+fn chain(c: &Cluster, i: usize, room: RoomId) -> ChainState {
+    let txn = c.nodes[i].store.read().unwrap();
+    let links =
+        conclave_actors::domain::state::rooms::links(&*txn, room, 0, CHAIN_LINKS_MAX as usize)
+            .unwrap();
+    ChainState::verify(room, &links).expect("the chain a node holds verifies")
+}
+
+/// A rekey by `by` to `epoch` with `bundle`, following `chain`.
+fn rekey_op(chain: &ChainState, by: &Identity, epoch: Epoch, bundle: Bundle) -> Op {
+    let change = Change::Rekey {
+        epoch,
+        check: KeyCheck([0; 32]),
+    };
+    Op::Rekey {
+        link: chain.next_link(by, change),
+        bundle,
+    }
 }
 
 fn committed(c: &mut Cluster, node: usize, request: u64) -> Seq {
@@ -446,12 +474,16 @@ fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
         let outcome = w.c.call(0, &dave, Op::RoomInfo { room });
         check("revoked request", Some(outcome), "revoked", before);
 
+        // Revoking dave evicted him: the room takes no frame until a rekey.
+        let evicted = chain(&w.c, 0, room);
+        assert!(!evicted.members.contains_key(&dave.user_id()));
+        assert!(evicted.rekey_due);
         // Bundles: malformed, omitting a member, adding a non-member, wrong epoch.
-        let info = w.c.room_info(0, &alice, room);
-        let (_, good) = client::remove(w.c.rng(), &alice, &info, dave.user_id()).unwrap();
-        let Op::Remove { bundle, .. } = good.clone() else {
+        let (_, good) = client::rekey(w.c.rng(), &alice, &evicted).unwrap();
+        let Op::Rekey { bundle, .. } = good.clone() else {
             unreachable!()
         };
+        assert_eq!(bundle.len(), 2, "alice and bob remain");
         let variants: Vec<(&str, Bundle, Epoch)> = vec![
             (
                 "malformed bundle",
@@ -485,16 +517,8 @@ fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
         ];
         for (what, bundle, epoch) in variants {
             let before = store.commits();
-            let outcome = w.c.call(
-                0,
-                &alice,
-                Op::Remove {
-                    room,
-                    user: dave.user_id(),
-                    epoch,
-                    bundle,
-                },
-            );
+            let outcome =
+                w.c.call(0, &alice, rekey_op(&evicted, &alice, epoch, bundle));
             check(what, Some(outcome), "bad_bundle", before);
         }
         // A key for bob re-targeted at another member does not verify.
@@ -503,17 +527,14 @@ fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
         swapped[0].1 = b;
         swapped[1].1 = a;
         let before = store.commits();
-        let outcome = w.c.call(
-            0,
-            &alice,
-            Op::Remove {
-                room,
-                user: dave.user_id(),
-                epoch: Epoch(2),
-                bundle: swapped,
-            },
-        );
+        let outcome =
+            w.c.call(0, &alice, rekey_op(&evicted, &alice, Epoch(2), swapped));
         check("swapped keys", Some(outcome), "bad_signature", before);
+        // A link signed by someone else than the requester.
+        let before = store.commits();
+        let bobs = rekey_op(&evicted, &bob, Epoch(2), bundle.clone());
+        let outcome = w.c.call(0, &alice, bobs);
+        check("another's link", Some(outcome), "malformed", before);
 
         // Requests: bad signature, expired, unknown user, missing capability, conflict.
         let mut req = client::sign(&alice, w.c.now(), w.c.rng(), Op::RoomInfo { room });
@@ -605,26 +626,30 @@ fn a_bundle_for_a_room_member_set_that_changed_is_refused() {
     let mut w = world(7);
     let room = room_of_three(&mut w, Policy::default());
     let alice = w.alice.clone();
-    // A remove prepared before carol left is no longer for exactly the members.
-    let info = w.c.room_info(0, &alice, room);
-    let (_, op) = client::remove(w.c.rng(), &alice, &info, w.bob.user_id()).unwrap();
+    // A removal prepared before carol left no longer follows the room's chain.
+    let before = chain(&w.c, 0, room);
+    let (_, op) = client::remove(w.c.rng(), &alice, &before, w.bob.user_id()).unwrap();
     assert_eq!(
         w.c.remove(0, &alice, room, w.carol.user_id()),
         Outcome::Done
     );
+    let outcome = w.c.call(0, &alice, op.clone());
+    assert_eq!(denial(Some(outcome)).reason(), "stale_chain");
+    // Linked to the new head, its bundle is not for exactly the members.
     let Op::Remove { bundle, .. } = op else {
         unreachable!()
     };
-    let outcome = w.c.call(
-        0,
-        &alice,
-        Op::Remove {
-            room,
-            user: w.bob.user_id(),
-            epoch: Epoch(2),
-            bundle,
-        },
-    );
+    let after = chain(&w.c, 0, room);
+    let change = Change::Remove {
+        user: w.bob.user_id(),
+        epoch: Epoch(3),
+        check: KeyCheck([0; 32]),
+    };
+    let relinked = Op::Remove {
+        link: after.next_link(&alice, change),
+        bundle,
+    };
+    let outcome = w.c.call(0, &alice, relinked);
     assert_eq!(denial(Some(outcome)).reason(), "bad_bundle");
 }
 
@@ -635,13 +660,13 @@ fn invites_need_a_valid_invitee_and_key() {
     let room = w.c.create_room(0, &alice, Policy::default());
     let keys = w.c.keys(0, &alice, room);
     let key = &keys[&Epoch(1)];
+    let chain = chain(&w.c, 0, room);
     // A key sealed to someone else than the invitee.
     let (home1, home2) = (w.c.id(1), w.c.id(2));
     let op = client::invite(
         w.c.rng(),
         &alice,
-        room,
-        Epoch(1),
+        &chain,
         key,
         Invitee {
             user: w.carol.public(),
@@ -657,36 +682,39 @@ fn invites_need_a_valid_invitee_and_key() {
     else {
         unreachable!()
     };
-    let outcome = w.c.call(
-        0,
-        &alice,
-        Op::Invite {
-            room,
-            invitee: Invitee {
-                user: w.bob.public(),
-                home: home1,
-                role: RoomRole::Member,
-            },
-            epoch: Epoch(1),
-            key: sealed_for_carol,
-        },
+    let bob_invitee = Invitee {
+        user: w.bob.public(),
+        home: home1,
+        role: RoomRole::Member,
+    };
+    let change = Change::Invite {
+        invitee: bob_invitee,
+        epoch: Epoch(1),
+    };
+    let op = Op::Invite {
+        link: chain.next_link(&alice, change),
+        key: sealed_for_carol,
+    };
+    assert_eq!(
+        denial(Some(w.c.call(0, &alice, op))).reason(),
+        "bad_signature"
     );
-    assert_eq!(denial(Some(outcome)).reason(), "bad_signature");
-    // A second owner.
+    // A second owner: nobody may make one (the chain's rule, the home's too).
     let op = client::invite(
         w.c.rng(),
         &alice,
-        room,
-        Epoch(1),
+        &chain,
         key,
         Invitee {
-            user: w.bob.public(),
-            home: home1,
             role: RoomRole::Owner,
+            ..bob_invitee
         },
     )
     .unwrap();
-    assert_eq!(denial(Some(w.c.call(0, &alice, op))).reason(), "malformed");
+    assert_eq!(
+        denial(Some(w.c.call(0, &alice, op))).reason(),
+        "missing_capability"
+    );
 }
 
 /// A room id names its creator and home: a user on another node cannot create a
@@ -714,13 +742,22 @@ fn a_room_id_is_bound_to_its_creation() {
         &key,
     )
     .unwrap();
-    let op = Op::CreateRoom {
-        room,
-        nonce: [7; 16],
-        home: n1,
-        policy: Policy::default(),
-        key: sealed,
-    };
+    let link = SignedLink::sign(
+        &bob,
+        Link {
+            room,
+            prev: ChainHash::GENESIS,
+            by: Signer::User(bob.user_id()),
+            change: Change::Create {
+                creator: bob.public(),
+                home: n1,
+                nonce: [7; 16],
+                policy: Policy::default(),
+                check: KeyCheck::of(room, Epoch(1), &key),
+            },
+        },
+    );
+    let op = Op::CreateRoom { link, key: sealed };
     let denied = denial(Some(w.c.call(1, &bob, op)));
     assert_eq!(denied.reason(), "malformed", "{denied}");
     // Alice's room goes on for carol on node 2.
@@ -750,25 +787,15 @@ fn a_peer_cannot_claim_a_room_homed_elsewhere() {
     // Node 1 (bob's) forges a snapshot of alice's room naming itself as home, with
     // a creation signed by bob, and queues it for node 2 through its outbox.
     let (n1, n2) = (w.c.id(1), w.c.id(2));
-    let Op::CreateRoom { key, .. } = client::create_room(w.c.rng(), &bob, n1, Policy::default())
+    let Op::CreateRoom { link, .. } = client::create_room(w.c.rng(), &bob, n1, Policy::default())
         .unwrap()
         .2
     else {
         unreachable!()
     };
-    let now = w.c.now();
-    let forged_create = client::sign(
-        &bob,
-        now,
-        w.c.rng(),
-        Op::CreateRoom {
-            room,
-            nonce: [0; 16],
-            home: n1,
-            policy: Policy::default(),
-            key,
-        },
-    );
+    let mut claim = link.link;
+    claim.room = room;
+    let forged_create = SignedLink::sign(&bob, claim);
     let meta = RoomMeta {
         home: n1,
         policy: Policy::default(),
@@ -777,6 +804,7 @@ fn a_peer_cannot_claim_a_room_homed_elsewhere() {
         next_seq: Seq(1),
         owner: alice.user_id(),
         members_version: 1,
+        rekey_due: false,
     };
     let routed = Routed {
         to: conclave_actors::domain::room_of(n2, room),
@@ -873,22 +901,108 @@ fn x25519_keys_must_be_bound_to_their_identity() {
         home: w.c.id(1),
         role: RoomRole::Member,
     };
-    let op = Op::Invite {
-        room,
+    let chain_now = chain(&w.c, 0, room);
+    let change = Change::Invite {
         invitee,
         epoch: Epoch(1),
+    };
+    let op = Op::Invite {
+        link: chain_now.next_link(&alice, change),
         key: sealed,
     };
     assert_eq!(denial(Some(w.c.call(0, &alice, op))).reason(), "malformed");
-    // A client refuses to seal to an unbound key, whoever handed it the member list.
-    let refused = client::invite(w.c.rng(), &alice, room, Epoch(1), &keys[&Epoch(1)], invitee);
+    // A client refuses to seal to an unbound key, whoever handed it the invitee.
+    let refused = client::invite(w.c.rng(), &alice, &chain_now, &keys[&Epoch(1)], invitee);
     assert_eq!(refused.unwrap_err(), SealError::UnboundRecipient);
+    // Members come from the verified chain, where every key is bound: a member
+    // list with a substituted key (what a lying node would hand over) is not
+    // sealed to.
     w.c.invite(0, &alice, room, &bob, 1, RoomRole::Member);
-    let mut info = w.c.room_info(0, &alice, room);
-    info.members
-        .iter_mut()
-        .filter(|m| m.user == bob.user_id())
-        .for_each(|m| m.exchange = dave.public().exchange);
-    let refused = client::remove(w.c.rng(), &alice, &info, alice.user_id());
+    let mut forged = chain(&w.c, 0, room);
+    if let Some(m) = forged.members.get_mut(&bob.user_id()) {
+        m.identity.exchange = dave.public().exchange;
+    }
+    let refused = client::remove(w.c.rng(), &alice, &forged, alice.user_id());
     assert_eq!(refused.err(), Some(SealError::UnboundRecipient));
+}
+
+/// Revoking a user evicts them from every room they are in (a link signed by the
+/// room's home on the word of the user's node), and the room takes no frame until
+/// a member moves it to a new epoch, whose key the evicted user's node never gets.
+#[test]
+fn revocation_evicts_the_user_from_their_rooms_and_the_room_rekeys() {
+    let mut w = world(12);
+    let room = room_of_three(&mut w, Policy::default());
+    let (alice, bob, carol) = (w.alice.clone(), w.bob.clone(), w.carol.clone());
+    let admin1 = Identity::generate(w.c.rng());
+    w.c.seed_admin(1, &admin1);
+    let revoke = Op::RevokeUser {
+        user: bob.user_id(),
+    };
+    assert_eq!(w.c.call(1, &admin1, revoke), Outcome::Done);
+    w.c.settle();
+    // Every node's chain ends with bob's eviction, signed by the home.
+    for i in 0..3 {
+        let state = chain(&w.c, i, room);
+        assert!(!state.members.contains_key(&bob.user_id()), "node {i}");
+        assert!(state.rekey_due, "node {i}");
+    }
+    let r = w.c.publish(0, &alice, room, b"before the rekey");
+    w.c.settle();
+    assert_eq!(denial(w.c.outcome(0, r)), Denial::RekeyNeeded);
+    // Carol (a plain member, on node 2) rekeys; then frames flow again.
+    let state = chain(&w.c, 2, room);
+    let (_, op) = client::rekey(w.c.rng(), &carol, &state).unwrap();
+    assert_eq!(w.c.call(2, &carol, op), Outcome::Done);
+    let r = w.c.publish(0, &alice, room, b"after the rekey");
+    w.c.settle();
+    committed(&mut w.c, 0, r);
+    assert_eq!(
+        w.c.read(2, &carol, room)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect::<Vec<_>>(),
+        vec![b"after the rekey".to_vec()]
+    );
+    // Bob's node holds no key of the new epoch, and reads him nothing new.
+    let txn = w.c.nodes[1].store.read().unwrap();
+    let bob_epochs: Vec<Epoch> =
+        conclave_actors::domain::state::keys::sealed_for(&*txn, room, bob.user_id())
+            .unwrap()
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect();
+    assert_eq!(bob_epochs, vec![Epoch(1)]);
+    let vis = conclave_actors::domain::state::rooms::visibility(&*txn, bob.user_id(), room)
+        .unwrap()
+        .expect("bob was a member");
+    assert!(vis.until.is_some(), "bob's reading did not end");
+}
+
+/// An epoch key encrypts at most `epoch_frames_max` frames: past that the home
+/// asks for a rekey, and takes frames again under the new key.
+#[test]
+fn past_the_epoch_frame_bound_the_room_asks_for_a_rekey() {
+    let config = conclave_actors::domain::DomainConfig {
+        epoch_frames_max: 3,
+        ..Default::default()
+    };
+    let mut w = world_with(13, config);
+    let room = room_of_three(&mut w, Policy::default());
+    let alice = w.alice.clone();
+    for text in [b"1", b"2", b"3"] {
+        let r = w.c.publish(0, &alice, room, text);
+        w.c.settle();
+        committed(&mut w.c, 0, r);
+    }
+    let r = w.c.publish(0, &alice, room, b"4");
+    w.c.settle();
+    assert_eq!(denial(w.c.outcome(0, r)), Denial::RekeyNeeded);
+    let state = chain(&w.c, 0, room);
+    let (_, op) = client::rekey(w.c.rng(), &alice, &state).unwrap();
+    assert_eq!(w.c.call(0, &alice, op), Outcome::Done);
+    let r = w.c.publish(0, &alice, room, b"4");
+    w.c.settle();
+    assert_eq!(committed(&mut w.c, 0, r), Seq(4));
+    assert_eq!(chain(&w.c, 0, room).epoch, Epoch(2));
 }

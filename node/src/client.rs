@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use conclave_actors::crypto::{Frame, SealedKey};
+use conclave_actors::domain::chain::SignedLink;
 use conclave_actors::domain::{self, Denial, Outcome, SignedRequest};
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use conclave_actors::wire::{decode_bounded, encode_bounded, WireError, ENVELOPE_BYTES_MAX};
@@ -32,10 +33,10 @@ use conclave_transports::quic::{connect_client, ClientConnection, ClientLink};
 use quinn::VarInt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::user::sealed::Carrier;
-use crate::user::{ApiError, FrameSource, Position, User};
+use crate::user::{ApiError, FrameSource, Position, User, CHAIN_LINKS_PER_CALL_MAX};
 use crate::Node;
 
 /// The largest request or response message.
@@ -68,6 +69,14 @@ pub enum ClientRequest {
         /// The room.
         room: RoomId,
     },
+    /// Up to [`CHAIN_LINKS_PER_CALL_MAX`] links of a room's membership chain,
+    /// from index `from` on (for a user who is or was a member).
+    Chain {
+        /// The room.
+        room: RoomId,
+        /// The index of the first link.
+        from: u64,
+    },
     /// The room's frames the user may read, from a position: history, then live.
     Subscribe {
         /// The room.
@@ -88,6 +97,8 @@ pub enum ClientResponse {
     Queued,
     /// Sealed keys, by epoch.
     Keys(Vec<(Epoch, SealedKey)>),
+    /// Chain links, in order (at most [`CHAIN_LINKS_PER_CALL_MAX`]).
+    Chain(Vec<SignedLink>),
     /// One frame of a subscription.
     Frame {
         /// Its place in the room.
@@ -167,6 +178,9 @@ fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
 
 async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnections) {
     let ClientConnection { user, conn } = client;
+    // Watched from before the registry check, so that a revocation right after it
+    // is not missed.
+    let revocations = node.revocations();
     if let Err(denial) = node.check_user(user) {
         refuse(&conn, user, &denial);
         return;
@@ -192,9 +206,7 @@ async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnec
     }
     tracing::debug!(%user, addr = %conn.remote_address(), "client connected");
     metrics::gauge!("conclave_clients_connected").increment(1.0);
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(node.clone(), user, send, recv));
-    }
+    serve_streams(&node, user, &conn, revocations).await;
     metrics::gauge!("conclave_clients_connected").decrement(1.0);
     let mut open = open
         .lock()
@@ -203,6 +215,44 @@ async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnec
         *count -= 1;
         if *count == 0 {
             open.remove(&user);
+        }
+    }
+}
+
+/// Serves the connection's streams until it closes, or until its user is revoked:
+/// then it is closed at once with [`code::REVOKED`], which ends every stream of it
+/// (subscriptions included).
+async fn serve_streams(
+    node: &Node,
+    user: UserId,
+    conn: &quinn::Connection,
+    mut revocations: broadcast::Receiver<UserId>,
+) {
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_stream(node.clone(), user, send, recv));
+                }
+                Err(_) => return,
+            },
+            revoked = revocations.recv(), if watching => match revoked {
+                Ok(revoked) if revoked != user => {}
+                Ok(_) => {
+                    refuse(conn, user, &Denial::Revoked);
+                    return;
+                }
+                // Missed revocations: the registry is the truth.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if let Err(denial) = node.check_user(user) {
+                        refuse(conn, user, &denial);
+                        return;
+                    }
+                }
+                // The node is stopping; its transport closes the connection.
+                Err(broadcast::error::RecvError::Closed) => watching = false,
+            },
         }
     }
 }
@@ -282,6 +332,10 @@ async fn answer(
                 Ok(keys) => ClientResponse::Keys(keys),
                 Err(e) => refusal(e),
             },
+        },
+        ClientRequest::Chain { room, from } => match Carrier::chain(node, user, room, from).await {
+            Ok(links) => ClientResponse::Chain(links),
+            Err(e) => refusal(e),
         },
         ClientRequest::Whoami => ClientResponse::Whoami {
             node: node.id(),
@@ -444,6 +498,24 @@ impl Carrier for RemoteNode {
 
     async fn publish(&self, frame: Frame) -> Result<Option<Outcome>, ApiError> {
         self.outcome(ClientRequest::Publish(Box::new(frame))).await
+    }
+
+    async fn chain(
+        &self,
+        _user: UserId,
+        room: RoomId,
+        from: u64,
+    ) -> Result<Vec<SignedLink>, ApiError> {
+        // The node answers for the connection's user only.
+        match self.roundtrip(&ClientRequest::Chain { room, from }).await? {
+            ClientResponse::Chain(links) if links.len() <= CHAIN_LINKS_PER_CALL_MAX => Ok(links),
+            ClientResponse::Chain(links) => Err(ApiError::Connection(format!(
+                "the node sent {} chain links, more than the {CHAIN_LINKS_PER_CALL_MAX} asked for",
+                links.len()
+            ))),
+            ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
+            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+        }
     }
 
     async fn sealed_keys(

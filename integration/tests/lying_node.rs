@@ -9,6 +9,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use conclave::{ApiError, Denial, Identity, Node, NodeId, Policy, Position, RoomRole, UserRole};
@@ -170,13 +171,31 @@ impl Cluster {
     }
 }
 
-/// The value of `conclave_client_refusals_total{reason}` in `exposition`.
-fn refusals(exposition: &str, reason: &str) -> u64 {
-    let series = format!("conclave_client_refusals_total{{reason=\"{reason}\"}} ");
+/// This process's metrics, as Prometheus text (the recorder is installed once,
+/// for every test of this file).
+fn metrics() -> String {
+    type Render = Box<dyn Fn() -> String + Send + Sync>;
+    static RENDER: OnceLock<Render> = OnceLock::new();
+    RENDER.get_or_init(|| {
+        let handle =
+            conclave::observe::install_prometheus().expect("one recorder per process");
+        Box::new(move || handle.render())
+    })()
+}
+
+/// The value of the series `name{reason}` in `exposition` (0 if absent).
+fn series(exposition: &str, name: &str, reason: &str) -> f64 {
+    let series = format!("{name}{{reason=\"{reason}\"}} ");
     exposition
         .lines()
         .find_map(|line| line.strip_prefix(&series))
-        .map_or(0, |value| value.trim().parse().expect("a counter value"))
+        .map_or(0.0, |value| value.trim().parse().expect("a metric value"))
+}
+
+/// The value of `conclave_client_refusals_total{reason}` in `exposition`.
+fn refusals(exposition: &str, reason: &str) -> u64 {
+    // A counter is a whole number.
+    series(exposition, "conclave_client_refusals_total", reason) as u64
 }
 
 /// Every reason a client refuses with.
@@ -487,12 +506,9 @@ async fn swapped_key(c: &mut Cluster, s: &Scene) {
     let members = alice.members(room).await.expect("verified members");
     assert!(members.iter().any(|(user, _, _)| *user == bob_id));
     match alice.remove(room, s.carol.user_id()).await {
-        Err(ApiError::Denied(denial)) => {
-            assert!(
-                matches!(denial, Denial::BadSignature | Denial::BadBundle { .. }),
-                "{denial}"
-            );
-        }
+        // The seal's signature covers its recipient's key: sealed to bob's bound
+        // key, it does not verify for the swapped one.
+        Err(ApiError::Denied(denial)) => assert_eq!(denial, Denial::BadSignature),
         other => panic!("the lying home took a bundle for its swapped key: {other:?}"),
     }
     let stored = c.node(A).stored_key_epochs(room, bob_id).expect("keys");
@@ -521,10 +537,9 @@ fn mallory_cannot_open(c: &Cluster, s: &Scene) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lies_is_believed_by_no_client() {
-    let metrics = conclave::observe::install_prometheus().expect("one recorder per process");
     let mut c = Cluster::start(2).await;
     let s = scene(&c).await;
-    let before = metrics.render();
+    let before = metrics();
     for reason in REASONS {
         assert_eq!(refusals(&before, reason), 0, "honest nodes: no {reason}");
     }
@@ -532,7 +547,7 @@ async fn a_node_that_lies_is_believed_by_no_client() {
     c.lie(B, lies_of_b(&s, &node_b, b)).await;
     bob_refuses_b(&c, &s).await;
     claim_refused(&c, &s).await;
-    let after = metrics.render();
+    let after = metrics();
     for reason in [
         "unknown_epoch",
         "unauthorized_sealer",
@@ -544,11 +559,54 @@ async fn a_node_that_lies_is_believed_by_no_client() {
         assert_eq!(refusals(&after, reason), 1, "{reason} counted once");
     }
     swapped_key(&mut c, &s).await;
-    let end = metrics.render();
+    let end = metrics();
     for reason in REASONS {
         assert_eq!(refusals(&end, reason), refusals(&after, reason), "{reason}");
     }
     c.down(A).await;
     c.down(B).await;
     mallory_cannot_open(&c, &s);
+}
+
+/// Revocation reaches open connections: a revoked user's connection over the
+/// client protocol is closed at once with the `revoked` close reason (and their
+/// subscription ends), not left open until they next ask for something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_users_connection_is_closed_at_once() {
+    let mut c = Cluster::start(1).await;
+    let node = c.node(A);
+    let admin = Identity::generate(&mut rng());
+    node.seed_admin(&admin.public()).expect("seed admin");
+    let admin = node.user(admin).await.expect("admin");
+    let eve = Identity::generate(&mut rng());
+    admin
+        .add_user(&eve.public(), UserRole::Member)
+        .await
+        .expect("add eve");
+    let remote = conclave::RemoteNode::connect(&eve, c.addrs[A], Some(c.ids[A]))
+        .await
+        .expect("eve connects");
+    let room = remote.create_room(Policy::default()).await.expect("create");
+    let mut sub = remote
+        .subscribe(room, Position::Start)
+        .await
+        .expect("subscribe");
+    let revoked_before = series(&metrics(), "conclave_client_auth_failures_total", "revoked");
+    admin.revoke_user(eve.user_id()).await.expect("revoke eve");
+    let next = tokio::time::timeout(Duration::from_millis(DELIVERY_WAIT_MS_MAX), sub.next())
+        .await
+        .expect("the subscription ends");
+    assert!(
+        matches!(next, None | Some(Err(ApiError::Denied(Denial::Revoked)))),
+        "{next:?}"
+    );
+    eventually("the connection is closed as revoked", || async {
+        series(&metrics(), "conclave_client_auth_failures_total", "revoked") > revoked_before
+    })
+    .await;
+    match remote.list_rooms().await {
+        Err(ApiError::Denied(Denial::Revoked)) => {}
+        other => panic!("a revoked user was answered: {other:?}"),
+    }
+    c.down(A).await;
 }

@@ -45,6 +45,8 @@ fn free_port() -> SocketAddr {
 }
 
 struct Cluster {
+    /// How many frames an epoch carries before its room must rekey.
+    epoch_frames_max: u64,
     dir: tempfile::TempDir,
     ids: Vec<NodeId>,
     addrs: Vec<SocketAddr>,
@@ -53,16 +55,20 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: usize) -> Self {
+        Self::start_with(n, DomainConfig::default().epoch_frames_max).await
+    }
+
+    async fn start_with(n: usize, epoch_frames_max: u64) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut ids = Vec::new();
         for i in 0..n {
-            let (identity, _) = conclave::identity_file::load_or_create(
-                &Self::data_in(&dir, i).join("node.id"),
-            )
-            .expect("node identity");
+            let (identity, _) =
+                conclave::identity_file::load_or_create(&Self::data_in(&dir, i).join("node.id"))
+                    .expect("node identity");
             ids.push(identity.node_id());
         }
         let mut cluster = Self {
+            epoch_frames_max,
             dir,
             ids,
             addrs: (0..n).map(|_| free_port()).collect(),
@@ -115,7 +121,7 @@ impl Cluster {
                 retry_base: Duration::from_millis(50),
                 retry_max: Duration::from_millis(500),
                 idle: Duration::from_secs(30),
-                ..DomainConfig::default()
+                epoch_frames_max: self.epoch_frames_max,
             })
             .commit_wait(Duration::from_secs(5));
         for j in 0..self.ids.len() {
@@ -177,8 +183,7 @@ fn metrics() -> String {
     type Render = Box<dyn Fn() -> String + Send + Sync>;
     static RENDER: OnceLock<Render> = OnceLock::new();
     RENDER.get_or_init(|| {
-        let handle =
-            conclave::observe::install_prometheus().expect("one recorder per process");
+        let handle = conclave::observe::install_prometheus().expect("one recorder per process");
         Box::new(move || handle.render())
     })()
 }
@@ -239,7 +244,10 @@ async fn wait_epochs(user: &conclave::User, room: RoomId, epochs: &[u64]) {
 /// `from` publishes `body` to `room` and `to` reads it: the epoch it was sent in.
 async fn talk(from: &conclave::User, to: &conclave::User, room: RoomId, body: &[u8]) -> Epoch {
     from.publish(room, body).await.expect("publish");
-    let mut sub = to.subscribe(room, Position::Start).await.expect("subscribe");
+    let mut sub = to
+        .subscribe(room, Position::Start)
+        .await
+        .expect("subscribe");
     loop {
         let next = tokio::time::timeout(Duration::from_millis(DELIVERY_WAIT_MS_MAX), sub.next())
             .await
@@ -461,7 +469,10 @@ async fn bob_refuses_b(c: &Cluster, s: &Scene) {
         assert_eq!(talk(&alice, &bob, room, b"c back").await, Epoch(1));
     }
     // (e) a creation that does not derive the room's id is refused.
-    assert_eq!(untrusted_reason(bob.members(s.claimed).await), "bad_genesis");
+    assert_eq!(
+        untrusted_reason(bob.members(s.claimed).await),
+        "bad_genesis"
+    );
 }
 
 /// (e) B's node itself refuses a creation claiming alice's room id.
@@ -502,7 +513,11 @@ async fn swapped_key(c: &mut Cluster, s: &Scene) {
     let alice = c.client(A, &s.alice).await;
     let info = alice.room_info(room).await.expect("room info");
     let served = info.members.iter().find(|m| m.user == bob_id).expect("bob");
-    assert_eq!(served.exchange, s.mallory.public().exchange, "the lie is served");
+    assert_eq!(
+        served.exchange,
+        s.mallory.public().exchange,
+        "the lie is served"
+    );
     let members = alice.members(room).await.expect("verified members");
     assert!(members.iter().any(|(user, _, _)| *user == bob_id));
     match alice.remove(room, s.carol.user_id()).await {
@@ -609,4 +624,58 @@ async fn a_revoked_users_connection_is_closed_at_once() {
         other => panic!("a revoked user was answered: {other:?}"),
     }
     c.down(A).await;
+}
+
+/// Frames an epoch may carry in [`revoked_members_are_evicted_and_the_room_rekeys`].
+const TEST_EPOCH_FRAMES_MAX: u64 = 4;
+
+/// A revoked member is evicted from their rooms (a link the home signs on their
+/// node's word); the next publish finds the room due for a rekey, rekeys it to the
+/// members the chain lists and goes on. An epoch that carried its most frames is
+/// rekeyed the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_members_are_evicted_and_the_room_rekeys() {
+    let c = Cluster::start_with(2, TEST_EPOCH_FRAMES_MAX).await;
+    let alice = c.client(A, &c.user(A).await).await;
+    let bob = c.client(B, &c.user(B).await).await;
+    let node_b = c.node(B);
+    let admin_b = Identity::generate(&mut rng());
+    node_b.seed_admin(&admin_b.public()).expect("seed admin");
+    let admin_b = node_b.user(admin_b).await.expect("admin");
+    let eve = Identity::generate(&mut rng());
+    admin_b
+        .add_user(&eve.public(), UserRole::Member)
+        .await
+        .expect("add eve");
+    let room = room_with(&alice, &bob, c.ids[B]).await;
+    alice
+        .invite(room, &eve.public(), c.ids[B], RoomRole::Member)
+        .await
+        .expect("invite eve");
+    assert_eq!(alice.members(room).await.expect("members").len(), 3);
+    admin_b
+        .revoke_user(eve.user_id())
+        .await
+        .expect("revoke eve");
+    eventually("eve is evicted", || async {
+        let members = alice.members(room).await.expect("members");
+        members.iter().all(|(user, _, _)| *user != eve.user_id())
+    })
+    .await;
+    // The eviction left the room due for a new epoch: the publish rekeys it.
+    assert_eq!(talk(&alice, &bob, room, b"after eve").await, Epoch(2));
+    assert_eq!(bob.members(room).await.expect("members").len(), 2);
+    // The epoch has carried one frame; the bound makes a later publish rekey.
+    for i in 1..TEST_EPOCH_FRAMES_MAX {
+        let body = format!("epoch 2, frame {i}");
+        assert_eq!(talk(&bob, &alice, room, body.as_bytes()).await, Epoch(2));
+    }
+    assert_eq!(talk(&bob, &alice, room, b"epoch 3").await, Epoch(3));
+    assert_eq!(
+        c.node(B)
+            .stored_key_epochs(room, eve.user_id())
+            .expect("keys"),
+        [Epoch(1)],
+        "eve's node holds no key after her eviction"
+    );
 }

@@ -585,7 +585,10 @@ impl<B: Backend> User<B> {
     fn keep_chain(&self, chain: ChainState) {
         assert!(chain.len >= 1, "a verified chain starts with the creation");
         let mut trust = self.lock_trust();
-        let kept = trust.chains.entry(chain.room).or_insert_with(|| chain.clone());
+        let kept = trust
+            .chains
+            .entry(chain.room)
+            .or_insert_with(|| chain.clone());
         if chain.len > kept.len {
             *kept = chain;
         }

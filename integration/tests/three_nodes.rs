@@ -81,6 +81,7 @@ impl Cluster {
                 retry_base: Duration::from_millis(50),
                 retry_max: Duration::from_millis(500),
                 idle: Duration::from_secs(30),
+                ..DomainConfig::default()
             })
             .commit_wait(Duration::from_secs(5));
         for j in 0..self.ids.len() {

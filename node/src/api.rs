@@ -970,4 +970,20 @@ mod tests {
         );
         assert_eq!(changes.try_recv().ok(), Some(RoomId([0; 16])));
     }
+
+    #[test]
+    fn only_this_node_closes_its_users_connections() {
+        let (me, other) = (NodeId([1; 32]), NodeId([3; 32]));
+        let gateway = Gateway::new(me);
+        let mut revoked = gateway.revoked.subscribe();
+        let user = UserId([9; 32]);
+        // Another node cannot have this node's users cut off.
+        gateway.deliver(other, ClientMsg::Revoked { user });
+        assert!(revoked.try_recv().is_err());
+        gateway.deliver(me, ClientMsg::Revoked { user });
+        assert_eq!(revoked.try_recv().ok(), Some(user));
+        // No connection listening is fine.
+        drop(revoked);
+        gateway.deliver(me, ClientMsg::Revoked { user });
+    }
 }

@@ -69,14 +69,6 @@ pub enum ClientRequest {
         /// The room.
         room: RoomId,
     },
-    /// Up to [`CHAIN_LINKS_PER_CALL_MAX`] links of a room's membership chain,
-    /// from index `from` on (for a user who is or was a member).
-    Chain {
-        /// The room.
-        room: RoomId,
-        /// The index of the first link.
-        from: u64,
-    },
     /// The room's frames the user may read, from a position: history, then live.
     Subscribe {
         /// The room.
@@ -86,6 +78,14 @@ pub enum ClientRequest {
     },
     /// Which node this is, and whom it sees.
     Whoami,
+    /// Up to [`CHAIN_LINKS_PER_CALL_MAX`] links of a room's membership chain,
+    /// from index `from` on (for a user who is or was a member).
+    Chain {
+        /// The room.
+        room: RoomId,
+        /// The index of the first link.
+        from: u64,
+    },
 }
 
 /// What a node answers.
@@ -97,8 +97,6 @@ pub enum ClientResponse {
     Queued,
     /// Sealed keys, by epoch.
     Keys(Vec<(Epoch, SealedKey)>),
-    /// Chain links, in order (at most [`CHAIN_LINKS_PER_CALL_MAX`]).
-    Chain(Vec<SignedLink>),
     /// One frame of a subscription.
     Frame {
         /// Its place in the room.
@@ -117,6 +115,8 @@ pub enum ClientResponse {
         /// The user.
         user: UserId,
     },
+    /// Chain links, in order (at most [`CHAIN_LINKS_PER_CALL_MAX`]).
+    Chain(Vec<SignedLink>),
 }
 
 /// Why a request or response could not be sent or received.

@@ -766,9 +766,16 @@ fn extend_chain(
     debug_assert_eq!(verified.as_ref().map_or(0, |c| c.len), from);
     let mut chain = verified;
     for (index, link) in (from..).zip(page) {
+        // On error neither changes anything: the chain stays as verified.
         let step = match chain.as_mut() {
-            Some(chain) => chain.apply(link),
-            None => ChainState::genesis(room, link).map(|genesis| chain = Some(genesis)),
+            Some(verified) => verified.apply(link),
+            None => match ChainState::genesis(room, link) {
+                Ok(genesis) => {
+                    chain = Some(genesis);
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            },
         };
         if let Err(error) = step {
             return (chain, Some((index, error.reason(), error.to_string())));
@@ -824,5 +831,74 @@ impl<B: Backend> Subscription<B> {
                 })
                 .map_err(crypto),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conclave_actors::domain::chain::{Change, Signer};
+
+    /// A room's creation and one invite, as their home would hold them.
+    fn chain_of_two() -> (RoomId, Identity, Vec<SignedLink>) {
+        let alice = Identity::generate(&mut rng());
+        let bob = Identity::generate(&mut rng());
+        let home = NodeId([1; 32]);
+        let (room, key, create) =
+            client::create_room(&mut rng(), &alice, home, Policy::default()).expect("create");
+        let first = create.link().expect("a creation carries its link").clone();
+        let genesis = ChainState::genesis(room, &first).expect("genesis");
+        let invitee = Invitee {
+            user: bob.public(),
+            home,
+            role: RoomRole::Member,
+        };
+        let invite = client::invite(&mut rng(), &alice, &genesis, &key, invitee).expect("invite");
+        let second = invite.link().expect("an invite carries its link").clone();
+        (room, alice, vec![first, second])
+    }
+
+    #[test]
+    fn a_chain_is_verified_from_its_creation_and_in_pages() {
+        let (room, _, links) = chain_of_two();
+        let (whole, refused) = extend_chain(room, None, 0, &links);
+        assert!(refused.is_none());
+        assert_eq!(whole.as_ref().map(|c| c.members.len()), Some(2));
+        let (first, _) = extend_chain(room, None, 0, &links[..1]);
+        let (paged, refused) = extend_chain(room, first, 1, &links[1..]);
+        assert!(refused.is_none());
+        assert_eq!(paged, whole);
+    }
+
+    #[test]
+    fn a_link_that_does_not_verify_is_refused_and_the_chain_stays_at_its_last_good_link() {
+        let (room, alice, mut links) = chain_of_two();
+        // The node's own identity names alice as the signer of its link.
+        let node = Identity::generate(&mut rng());
+        let mut forged = links[1].clone();
+        forged.link.by = Signer::User(node.user_id());
+        forged = SignedLink::sign(&node, forged.link);
+        forged.link.by = Signer::User(alice.user_id());
+        links[1] = forged;
+        let (chain, refused) = extend_chain(room, None, 0, &links);
+        assert_eq!(chain.as_ref().map(|c| c.len), Some(1));
+        assert!(matches!(refused, Some((1, "bad_signature", _))));
+        // A creation of another room is no genesis of this one.
+        let other = RoomId([9; 16]);
+        let (chain, refused) = extend_chain(other, None, 0, &links);
+        assert!(chain.is_none());
+        assert!(matches!(refused, Some((0, "wrong_room", _))));
+        // A node's link that is not an eviction.
+        let change = Change::Rekey {
+            epoch: Epoch(2),
+            check: conclave_actors::domain::chain::KeyCheck([0; 32]),
+        };
+        let genesis = ChainState::genesis(room, &links[0]).expect("genesis");
+        let mut by_node = genesis.next_link(&node, change);
+        by_node.link.by = Signer::Node(NodeId(node.public().signing));
+        let by_node = SignedLink::sign(&node, by_node.link);
+        let (chain, refused) = extend_chain(room, Some(genesis), 1, &[by_node]);
+        assert_eq!(chain.map(|c| c.len), Some(1));
+        assert!(matches!(refused, Some((1, "unauthorized", _))));
     }
 }

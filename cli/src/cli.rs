@@ -195,7 +195,9 @@ enum UserCmd {
     Add(UserAddArgs),
     /// List the node's users (admins only).
     List(ClientArgs),
-    /// Revoke a user (admins only). Revocation is a status flip, never a delete.
+    /// Revoke a user (admins only). Revocation is a status flip, never a delete:
+    /// the user's open connections are closed, and they are evicted from their
+    /// rooms (each room rekeys before its next message).
     Revoke {
         #[command(flatten)]
         client: ClientArgs,

@@ -6,7 +6,8 @@
 //! registry: an unknown user is refused with `not_found`, a revoked one with
 //! `revoked` — as the connection's close reason (code and text), logged with the
 //! user and address, and counted in `conclave_client_auth_failures_total{reason}`.
-//! The node keeps serving everyone else.
+//! The node keeps serving everyone else. A user revoked while connected has every
+//! connection closed at once with the same `revoked` code (their subscriptions end).
 //!
 //! Each request is one bidirectional stream: the client writes one postcard
 //! [`ClientRequest`] in a frame of the transport's framing codec
@@ -15,7 +16,9 @@
 //! [`ClientResponse`]s, framed the same way (a subscription streams frames until the client
 //! stops or the user is removed). Requests are signed by the user, frames are
 //! sealed and signed by the user: the node relays them to its actors exactly as the
-//! embedding API does and never sees plaintext. [`RemoteNode`] is the client side; a
+//! embedding API does and never sees plaintext. A room's membership chain is
+//! served as stored ([`ClientRequest::Chain`]); the client verifies it and believes
+//! nothing else about the room's members and keys. [`RemoteNode`] is the client side; a
 //! [`User`] over it offers the same operations as one over a local [`Node`].
 
 use std::collections::BTreeMap;

@@ -491,8 +491,15 @@ impl<B: Backend> User<B> {
     pub async fn publish(&self, room: RoomId, body: &[u8]) -> Result<Receipt, ApiError> {
         let mut stale_retries = 0;
         let mut rekeys = 0;
+        // The newest key held is used as is (reading the node's keys and chain
+        // would cost two more round trips per message); the home says when the
+        // room has moved on, and then they are read again.
+        let mut reread = false;
         loop {
-            let (epoch, key) = self.await_key(room).await?;
+            let (epoch, key) = match self.cached_newest(room) {
+                Some(newest) if !reread => newest,
+                _ => self.await_key(room).await?,
+            };
             let frame = client::seal(
                 &mut rng(),
                 &self.identity,
@@ -517,6 +524,7 @@ impl<B: Backend> User<B> {
                     // The room was rekeyed and the new key is on its way to this
                     // user's node: wait for it, then seal again.
                     stale_retries += 1;
+                    reread = true;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Some(Outcome::Denied(Denial::RekeyNeeded)) if rekeys < REKEY_RETRIES_MAX => {

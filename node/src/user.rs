@@ -195,7 +195,7 @@ pub trait FrameSource: Send + 'static {
 /// node yet (after an invite or a rekey).
 const KEY_WAIT_MAX: Duration = Duration::from_secs(10);
 
-/// The most chain links one [`sealed::Carrier::chain`] call returns (the same page
+/// The most chain links a node returns per request for a room's chain (the same page
 /// as a room's home sends its member nodes, so it fits one message).
 pub const CHAIN_LINKS_PER_CALL_MAX: usize = conclave_actors::domain::room::CHAIN_PAGE_LINKS;
 

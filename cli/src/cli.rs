@@ -79,7 +79,7 @@ enum Command {
     /// Users of a node: create identities, add, list, revoke.
     #[command(subcommand)]
     User(UserCmd),
-    /// Rooms: create, list, invite, remove (with rekey).
+    /// Rooms: create, list, invite, members (verified), remove (with rekey).
     #[command(subcommand)]
     Room(RoomCmd),
     /// Encrypt, sign and publish messages to a room (arguments, or stdin lines).
@@ -195,7 +195,9 @@ enum UserCmd {
     Add(UserAddArgs),
     /// List the node's users (admins only).
     List(ClientArgs),
-    /// Revoke a user (admins only). Revocation is a status flip, never a delete.
+    /// Revoke a user (admins only). Revocation is a status flip, never a delete:
+    /// the user's open connections are closed, and they are evicted from their
+    /// rooms (each room rekeys before its next message).
     Revoke {
         #[command(flatten)]
         client: ClientArgs,
@@ -279,6 +281,16 @@ enum RoomCmd {
         /// Their role in the room.
         #[arg(long, value_enum, default_value = "member")]
         role: RoleArg,
+    },
+    /// List a room's members as its membership chain says: every change signed by
+    /// the member who made it, verified here from the room's creation (not the
+    /// node's say-so).
+    Members {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The room.
+        #[arg(long, value_name = "ROOM")]
+        room: RoomId,
     },
     /// Remove a member; the room moves to a new epoch sealed to the others.
     Remove {
@@ -623,6 +635,16 @@ async fn room_cmd(cmd: RoomCmd) -> anyhow::Result<()> {
                 .invite(room, &public, home, room_role(role))
                 .await?;
             println!("invited {}", UserId(public.signing));
+        }
+        RoomCmd::Members { client, room } => {
+            for (user, role, home) in connect(&client).await?.members(room).await? {
+                let role = match role {
+                    RoomRole::Owner => "owner",
+                    RoomRole::Admin => "admin",
+                    RoomRole::Member => "member",
+                };
+                println!("{user} {role} home {home}");
+            }
         }
         RoomCmd::Remove { client, room, user } => {
             connect(&client).await?.remove(room, user).await?;

@@ -45,11 +45,14 @@ async fn main() -> anyhow::Result<()> {
     );
 
     alice.remove(room, carol.id()).await?;
-    let info = alice.room_info(room).await?;
+    // The members as the room's chain says, verified by alice's client (the
+    // home's `room_info` is only its say).
+    let members = alice.members(room).await?;
+    let epochs = alice.key_epochs(room).await?;
     println!(
         "carol removed; the room is now at epoch {} with {} members",
-        info.epoch.0,
-        info.members.len()
+        epochs.last().map_or(0, |e| e.0),
+        members.len()
     );
     alice
         .publish(room, b"only alice and bob can read this")

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use conclave_actors::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, Handler, System};
 use conclave_actors::crypto::{Frame, SealedKey};
+use conclave_actors::domain::chain::SignedLink;
 use conclave_actors::domain::{
     self, gateway_of, members_of, ClientMsg, Denial, Domain, DomainConfig, MembersMsg, Msg,
     Outcome, ReplyTo, SignedRequest,
@@ -52,7 +53,7 @@ use crate::data_dir::{store_dir, DataDirError, DataDirLock};
 use crate::host::{HostConfig, RouteError, Runtime};
 use crate::identity_file::{self, IdentityFileError};
 use crate::user::sealed::Carrier;
-use crate::user::{ApiError, FrameSource, Position, User};
+use crate::user::{ApiError, FrameSource, Position, User, CHAIN_LINKS_PER_CALL_MAX};
 
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +177,10 @@ impl NodeBuilder {
         let id = identity.node_id();
         let store = Arc::new(LmdbStore::open(&store_dir(&dir), self.lmdb.clone())?);
         domain::state::ensure_format(store.as_ref())?;
+        // The domain signs evictions of this node's revoked users with it.
+        let domain = Domain::new(self.domain)
+            .with_nodes(self.peers.keys().copied())
+            .with_identity(identity.clone());
         let mut quic = QuicConfig::new(identity, self.listen);
         quic.peers = self.peers.clone();
         quic.accept_clients = true;
@@ -185,7 +190,7 @@ impl NodeBuilder {
         let runtime = Runtime::start(HostConfig {
             node: id,
             system: NodeSystem {
-                domain: Domain::new(self.domain).with_nodes(self.peers.keys().copied()),
+                domain,
                 gateway: Arc::clone(&gateway),
             },
             store: Arc::new(crate::observe::MeteredStore::new(Arc::clone(&store)))
@@ -364,6 +369,12 @@ impl Node {
             tls: true,
             data_dir: self.inner.dir.display().to_string(),
         }
+    }
+
+    /// Revocations of this node's users from now on (the client protocol closes
+    /// their connections).
+    pub(crate) fn revocations(&self) -> broadcast::Receiver<UserId> {
+        self.inner.gateway.revoked.subscribe()
     }
 
     /// Whether `user` may act on this node (registered and active).
@@ -555,6 +566,25 @@ impl Carrier for Node {
         self.submit_publish(frame, wait).await
     }
 
+    async fn chain(
+        &self,
+        user: UserId,
+        room: RoomId,
+        from: u64,
+    ) -> Result<Vec<SignedLink>, ApiError> {
+        let store = self.open_store()?;
+        let txn = store.read_txn()?;
+        domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
+        // Whoever is or was a member may read the chain (a removed member still
+        // verifies the keys of the epochs they were in).
+        if domain::state::rooms::visibility(&txn, user, room)?.is_none() {
+            return Err(ApiError::Denied(Denial::NotAMember));
+        }
+        let links = domain::state::rooms::links(&txn, room, from, CHAIN_LINKS_PER_CALL_MAX)?;
+        debug_assert!(links.len() <= CHAIN_LINKS_PER_CALL_MAX);
+        Ok(links)
+    }
+
     async fn sealed_keys(
         &self,
         user: UserId,
@@ -735,7 +765,14 @@ struct Gateway {
     next: AtomicU64,
     pending: Mutex<BTreeMap<u64, Pending>>,
     changes: broadcast::Sender<RoomId>,
+    /// Users of this node just revoked: the client protocol closes their
+    /// connections.
+    revoked: broadcast::Sender<UserId>,
 }
+
+/// How many revocations wait for the client protocol's connections to see them;
+/// a connection that falls behind reads its user's status from the store instead.
+const REVOCATIONS_QUEUED_MAX: usize = 256;
 
 /// A request waiting for its outcome.
 struct Pending {
@@ -753,6 +790,7 @@ impl Gateway {
             next: AtomicU64::new(1),
             pending: Mutex::new(BTreeMap::new()),
             changes: broadcast::channel(1024).0,
+            revoked: broadcast::channel(REVOCATIONS_QUEUED_MAX).0,
         }
     }
 
@@ -817,6 +855,12 @@ impl Gateway {
                 true
             }
             ClientMsg::Changed { .. } => false,
+            ClientMsg::Revoked { user } if from == self.me => {
+                // No open connection is fine.
+                let _ = self.revoked.send(user);
+                true
+            }
+            ClientMsg::Revoked { .. } => false,
         };
         if !accepted {
             tracing::warn!(node = %from, "gateway message from a node that may not send it; dropped");
@@ -925,5 +969,21 @@ mod tests {
             },
         );
         assert_eq!(changes.try_recv().ok(), Some(RoomId([0; 16])));
+    }
+
+    #[test]
+    fn only_this_node_closes_its_users_connections() {
+        let (me, other) = (NodeId([1; 32]), NodeId([3; 32]));
+        let gateway = Gateway::new(me);
+        let mut revoked = gateway.revoked.subscribe();
+        let user = UserId([9; 32]);
+        // Another node cannot have this node's users cut off.
+        gateway.deliver(other, ClientMsg::Revoked { user });
+        assert!(revoked.try_recv().is_err());
+        gateway.deliver(me, ClientMsg::Revoked { user });
+        assert_eq!(revoked.try_recv().ok(), Some(user));
+        // No connection listening is fine.
+        drop(revoked);
+        gateway.deliver(me, ClientMsg::Revoked { user });
     }
 }

@@ -6,7 +6,8 @@
 //! registry: an unknown user is refused with `not_found`, a revoked one with
 //! `revoked` — as the connection's close reason (code and text), logged with the
 //! user and address, and counted in `conclave_client_auth_failures_total{reason}`.
-//! The node keeps serving everyone else.
+//! The node keeps serving everyone else. A user revoked while connected has every
+//! connection closed at once with the same `revoked` code (their subscriptions end).
 //!
 //! Each request is one bidirectional stream: the client writes one postcard
 //! [`ClientRequest`] in a frame of the transport's framing codec
@@ -15,7 +16,9 @@
 //! [`ClientResponse`]s, framed the same way (a subscription streams frames until the client
 //! stops or the user is removed). Requests are signed by the user, frames are
 //! sealed and signed by the user: the node relays them to its actors exactly as the
-//! embedding API does and never sees plaintext. [`RemoteNode`] is the client side; a
+//! embedding API does and never sees plaintext. A room's membership chain is
+//! served as stored ([`ClientRequest::Chain`]); the client verifies it and believes
+//! nothing else about the room's members and keys. [`RemoteNode`] is the client side; a
 //! [`User`] over it offers the same operations as one over a local [`Node`].
 
 use std::collections::BTreeMap;
@@ -23,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use conclave_actors::crypto::{Frame, SealedKey};
+use conclave_actors::domain::chain::SignedLink;
 use conclave_actors::domain::{self, Denial, Outcome, SignedRequest};
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use conclave_actors::wire::{decode_bounded, encode_bounded, WireError, ENVELOPE_BYTES_MAX};
@@ -32,10 +36,10 @@ use conclave_transports::quic::{connect_client, ClientConnection, ClientLink};
 use quinn::VarInt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::user::sealed::Carrier;
-use crate::user::{ApiError, FrameSource, Position, User};
+use crate::user::{ApiError, FrameSource, Position, User, CHAIN_LINKS_PER_CALL_MAX};
 use crate::Node;
 
 /// The largest request or response message.
@@ -77,6 +81,14 @@ pub enum ClientRequest {
     },
     /// Which node this is, and whom it sees.
     Whoami,
+    /// Up to [`CHAIN_LINKS_PER_CALL_MAX`] links of a room's membership chain,
+    /// from index `from` on (for a user who is or was a member).
+    Chain {
+        /// The room.
+        room: RoomId,
+        /// The index of the first link.
+        from: u64,
+    },
 }
 
 /// What a node answers.
@@ -106,6 +118,8 @@ pub enum ClientResponse {
         /// The user.
         user: UserId,
     },
+    /// Chain links, in order (at most [`CHAIN_LINKS_PER_CALL_MAX`]).
+    Chain(Vec<SignedLink>),
 }
 
 /// Why a request or response could not be sent or received.
@@ -167,6 +181,9 @@ fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
 
 async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnections) {
     let ClientConnection { user, conn } = client;
+    // Watched from before the registry check, so that a revocation right after it
+    // is not missed.
+    let revocations = node.revocations();
     if let Err(denial) = node.check_user(user) {
         refuse(&conn, user, &denial);
         return;
@@ -192,9 +209,7 @@ async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnec
     }
     tracing::debug!(%user, addr = %conn.remote_address(), "client connected");
     metrics::gauge!("conclave_clients_connected").increment(1.0);
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(serve_stream(node.clone(), user, send, recv));
-    }
+    serve_streams(&node, user, &conn, revocations).await;
     metrics::gauge!("conclave_clients_connected").decrement(1.0);
     let mut open = open
         .lock()
@@ -203,6 +218,44 @@ async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnec
         *count -= 1;
         if *count == 0 {
             open.remove(&user);
+        }
+    }
+}
+
+/// Serves the connection's streams until it closes, or until its user is revoked:
+/// then it is closed at once with [`code::REVOKED`], which ends every stream of it
+/// (subscriptions included).
+async fn serve_streams(
+    node: &Node,
+    user: UserId,
+    conn: &quinn::Connection,
+    mut revocations: broadcast::Receiver<UserId>,
+) {
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_stream(node.clone(), user, send, recv));
+                }
+                Err(_) => return,
+            },
+            revoked = revocations.recv(), if watching => match revoked {
+                Ok(revoked) if revoked != user => {}
+                Ok(_) => {
+                    refuse(conn, user, &Denial::Revoked);
+                    return;
+                }
+                // Missed revocations: the registry is the truth.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if let Err(denial) = node.check_user(user) {
+                        refuse(conn, user, &denial);
+                        return;
+                    }
+                }
+                // The node is stopping; its transport closes the connection.
+                Err(broadcast::error::RecvError::Closed) => watching = false,
+            },
         }
     }
 }
@@ -282,6 +335,10 @@ async fn answer(
                 Ok(keys) => ClientResponse::Keys(keys),
                 Err(e) => refusal(e),
             },
+        },
+        ClientRequest::Chain { room, from } => match Carrier::chain(node, user, room, from).await {
+            Ok(links) => ClientResponse::Chain(links),
+            Err(e) => refusal(e),
         },
         ClientRequest::Whoami => ClientResponse::Whoami {
             node: node.id(),
@@ -444,6 +501,24 @@ impl Carrier for RemoteNode {
 
     async fn publish(&self, frame: Frame) -> Result<Option<Outcome>, ApiError> {
         self.outcome(ClientRequest::Publish(Box::new(frame))).await
+    }
+
+    async fn chain(
+        &self,
+        _user: UserId,
+        room: RoomId,
+        from: u64,
+    ) -> Result<Vec<SignedLink>, ApiError> {
+        // The node answers for the connection's user only.
+        match self.roundtrip(&ClientRequest::Chain { room, from }).await? {
+            ClientResponse::Chain(links) if links.len() <= CHAIN_LINKS_PER_CALL_MAX => Ok(links),
+            ClientResponse::Chain(links) => Err(ApiError::Connection(format!(
+                "the node sent {} chain links, more than the {CHAIN_LINKS_PER_CALL_MAX} asked for",
+                links.len()
+            ))),
+            ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
+            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+        }
     }
 
     async fn sealed_keys(

@@ -17,6 +17,8 @@ mod data_dir;
 mod host;
 pub mod identity_file;
 pub mod observe;
+#[doc(hidden)]
+pub mod testing;
 pub mod user;
 
 pub use admin::{seed_admin_offline, AdminError, Seeded};
@@ -28,4 +30,7 @@ pub use conclave_actors::{
 };
 pub use data_dir::DataDirError;
 pub use host::{RouteError, StartError as RuntimeStartError, ACTIVE_ACTORS_MAX, MAILBOX_DEPTH_MAX};
-pub use user::{ApiError, Backend, FrameSource, Message, Position, Receipt, Subscription, User};
+pub use user::{
+    ApiError, Backend, FrameSource, Message, Position, Receipt, Subscription, User,
+    CHAIN_LINKS_PER_CALL_MAX,
+};

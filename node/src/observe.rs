@@ -73,6 +73,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Client connections refused, by reason.",
     ),
     (
+        "conclave_client_refusals_total",
+        "Chain links and sealed keys a user's client refused (they do not verify against the room's membership chain), by reason.",
+    ),
+    (
         "conclave_frames_duplicate_total",
         "Frames a member node received again and dropped.",
     ),

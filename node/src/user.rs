@@ -7,12 +7,13 @@
 //! decrypted. A [`Backend`] only carries signed requests, sealed keys and
 //! ciphertext.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use conclave_actors::crypto::{EpochKey, Frame, SealedKey};
+use conclave_actors::domain::chain::{ChainState, SignedLink};
 use conclave_actors::domain::{
     client, Denial, Invitee, Op, Outcome, Policy, RoomInfo, RoomRole, SignedRequest, UserEntry,
     UserRole,
@@ -59,6 +60,24 @@ pub enum ApiError {
     /// The connection to a remote node failed or broke.
     #[error("connection to the node failed: {0}")]
     Connection(String),
+    /// The node served something that does not verify against the room's
+    /// membership chain (a link no member signed, a key from a sealer the chain
+    /// does not authorize, …): it was refused, logged and counted in
+    /// `conclave_client_refusals_total{reason}`. The client keeps what it verified
+    /// before. `reason` is a [`conclave_actors::domain::chain::ChainError::reason`]
+    /// or a [`conclave_actors::domain::chain::KeyRefusal::reason`].
+    #[error("refused what the node served ({reason}): {detail}")]
+    Untrusted {
+        /// Why, as a metric label (`bad_signature`, `unauthorized`, `broken_chain`,
+        /// `bad_genesis`, `unknown_epoch`, `unauthorized_sealer`, `key_mismatch`, …).
+        reason: &'static str,
+        /// What exactly.
+        detail: String,
+    },
+    /// The user's node holds no membership chain of the room (the user is not a
+    /// member, or the chain has not reached their node yet).
+    #[error("no membership chain of room {0} on this node")]
+    NoChain(RoomId),
 }
 
 /// Where a subscription starts.
@@ -138,6 +157,16 @@ pub(crate) mod sealed {
             frame: Frame,
         ) -> impl Future<Output = Result<Option<Outcome>, ApiError>> + Send;
 
+        /// Up to [`super::CHAIN_LINKS_PER_CALL_MAX`] links of `room`'s membership
+        /// chain from index `from` on, as the node holds them (for a user of the
+        /// node who is or was a member). The client verifies them.
+        fn chain(
+            &self,
+            user: UserId,
+            room: RoomId,
+            from: u64,
+        ) -> impl Future<Output = Result<Vec<SignedLink>, ApiError>> + Send;
+
         /// The keys of `room` the node holds sealed to `user`.
         fn sealed_keys(
             &self,
@@ -166,12 +195,48 @@ pub trait FrameSource: Send + 'static {
 /// node yet (after an invite or a rekey).
 const KEY_WAIT_MAX: Duration = Duration::from_secs(10);
 
+/// The most chain links a node returns per request for a room's chain (the same page
+/// as a room's home sends its member nodes, so it fits one message).
+pub const CHAIN_LINKS_PER_CALL_MAX: usize = conclave_actors::domain::room::CHAIN_PAGE_LINKS;
+
+/// The most calls one chain sync makes: enough for the longest chain a room may
+/// hold, so a node that keeps serving links cannot keep a client busy forever.
+const CHAIN_SYNC_CALLS_MAX: u64 =
+    conclave_actors::domain::chain::CHAIN_LINKS_MAX / CHAIN_LINKS_PER_CALL_MAX as u64 + 1;
+
+/// How many times a membership change is signed again on a chain read again after
+/// the home said someone changed the room first ([`Denial::StaleChain`]).
+const STALE_CHAIN_RETRIES_MAX: u32 = 5;
+
+/// The first pause before such a retry (doubling each time): the user's node may
+/// not hold the home's newest link yet.
+const STALE_CHAIN_RETRY_MS_MIN: u64 = 50;
+
+/// How many times a publish rekeys the room and tries again when the home asks
+/// for a new epoch ([`Denial::RekeyNeeded`]).
+const REKEY_RETRIES_MAX: u32 = 3;
+
+/// How many refusals a client remembers as reported, so that a lie its node serves
+/// on every read is logged and counted once (past it, the memory starts over).
+const REFUSALS_REPORTED_MAX: usize = 4_096;
+
+/// What a client verified itself, per room: the chain, and the refusals it reported.
+#[derive(Default)]
+struct Trust {
+    /// The verified chain of each room, up to its last good link.
+    chains: BTreeMap<RoomId, ChainState>,
+    /// (room, link index or epoch, reason) of each refusal already reported.
+    reported: BTreeSet<(RoomId, u64, &'static str)>,
+}
+
 /// A user acting through a node. Cheap to clone.
 pub struct User<B: Backend = crate::Node> {
     backend: B,
     identity: Arc<Identity>,
-    /// Opened epoch keys, per room.
+    /// Opened epoch keys, per room: only keys the verified chain accepts.
     keys: Arc<Mutex<BTreeMap<RoomId, BTreeMap<Epoch, EpochKey>>>>,
+    /// The verified chains.
+    trust: Arc<Mutex<Trust>>,
 }
 
 impl<B: Backend> Clone for User<B> {
@@ -180,6 +245,7 @@ impl<B: Backend> Clone for User<B> {
             backend: self.backend.clone(),
             identity: Arc::clone(&self.identity),
             keys: Arc::clone(&self.keys),
+            trust: Arc::clone(&self.trust),
         }
     }
 }
@@ -209,6 +275,7 @@ impl<B: Backend> User<B> {
             backend,
             identity: Arc::new(identity),
             keys: Arc::new(Mutex::new(BTreeMap::new())),
+            trust: Arc::new(Mutex::new(Trust::default())),
         }
     }
 
@@ -279,7 +346,16 @@ impl<B: Backend> User<B> {
         let (room, key, op) =
             client::create_room(&mut rng(), &self.identity, self.backend.node_id(), policy)
                 .map_err(crypto)?;
+        // Our own creation: verified like any link, it starts the room's chain here.
+        let genesis = op
+            .link()
+            .map(|link| ChainState::genesis(room, link))
+            .transpose()
+            .map_err(crypto)?;
         self.call_done(op).await?;
+        if let Some(genesis) = genesis {
+            self.keep_chain(genesis);
+        }
         self.lock_keys()
             .entry(room)
             .or_default()
@@ -288,6 +364,8 @@ impl<B: Backend> User<B> {
     }
 
     /// Invites `invitee`, homed on `home`, sealing the room's current key to them.
+    /// The invitation follows the room's chain as this client verified it; if the
+    /// home's chain has moved on, it is read again and signed again.
     pub async fn invite(
         &self,
         room: RoomId,
@@ -295,18 +373,31 @@ impl<B: Backend> User<B> {
         home: NodeId,
         role: RoomRole,
     ) -> Result<(), ApiError> {
-        let (epoch, key) = self.await_key(room).await?;
         let invitee = Invitee {
             user: *invitee,
             home,
             role,
         };
-        let op = client::invite(&mut rng(), &self.identity, room, epoch, &key, invitee)
-            .map_err(crypto)?;
-        self.call_done(op).await
+        let mut attempt = 0;
+        loop {
+            let chain = self.await_chain(room).await?;
+            let key = self.await_epoch_key(room, chain.epoch).await?;
+            let op = client::invite(&mut rng(), &self.identity, &chain, &key, invitee)
+                .map_err(crypto)?;
+            match self.call_done(op).await {
+                Err(ApiError::Denied(Denial::StaleChain { .. }))
+                    if attempt < STALE_CHAIN_RETRIES_MAX =>
+                {
+                    stale_chain_pause(attempt).await;
+                    attempt += 1;
+                }
+                done => return done,
+            }
+        }
     }
 
-    /// The room as its home describes it (members only).
+    /// The room as its home describes it (members only). This is the home's
+    /// unverified say: for who is in the room, trust [`User::members`].
     pub async fn room_info(&self, room: RoomId) -> Result<RoomInfo, ApiError> {
         match self.call(Op::RoomInfo { room }).await? {
             Outcome::Room(info) => Ok(info),
@@ -314,26 +405,101 @@ impl<B: Backend> User<B> {
         }
     }
 
+    /// The room's members as its membership chain says, verified by this client
+    /// from the room's creation: `(user, role, home node)`. This is the list to
+    /// trust; [`User::room_info`] is only what the room's home says.
+    pub async fn members(&self, room: RoomId) -> Result<Vec<(UserId, RoomRole, NodeId)>, ApiError> {
+        let chain = self.await_chain(room).await?;
+        Ok(chain
+            .members
+            .iter()
+            .map(|(user, m)| (*user, m.role, m.home))
+            .collect())
+    }
+
+    /// The epochs of `room` whose keys this client holds: only keys its verified
+    /// chain accepts (the epoch exists, the sealer was authorized, the key is the
+    /// one the chain pins).
+    pub async fn key_epochs(&self, room: RoomId) -> Result<Vec<Epoch>, ApiError> {
+        self.refresh_keys(room).await?;
+        Ok(self
+            .lock_keys()
+            .get(&room)
+            .map(|keys| keys.keys().copied().collect())
+            .unwrap_or_default())
+    }
+
     /// Removes `user` from the room and moves it to a new epoch whose key is
-    /// sealed to every remaining member: from then on the room accepts only frames
-    /// of the new epoch, and the removed member receives nothing of it.
+    /// sealed to every remaining member the verified chain lists (never to a
+    /// member list a node supplied): from then on the room accepts only frames of
+    /// the new epoch, and the removed member receives nothing of it.
     pub async fn remove(&self, room: RoomId, user: UserId) -> Result<(), ApiError> {
-        let info = self.room_info(room).await?;
-        let (key, op) = client::remove(&mut rng(), &self.identity, &info, user).map_err(crypto)?;
-        let epoch = Epoch(info.epoch.0 + 1);
-        self.call_done(op).await?;
-        if user != self.id() {
-            self.lock_keys().entry(room).or_default().insert(epoch, key);
+        let mut attempt = 0;
+        loop {
+            let chain = self.await_chain(room).await?;
+            let (key, op) =
+                client::remove(&mut rng(), &self.identity, &chain, user).map_err(crypto)?;
+            match self.call_done(op).await {
+                Ok(()) => {
+                    if user != self.id() {
+                        self.keep_key(room, Epoch(chain.epoch.0 + 1), key);
+                    }
+                    return Ok(());
+                }
+                Err(ApiError::Denied(Denial::StaleChain { .. }))
+                    if attempt < STALE_CHAIN_RETRIES_MAX =>
+                {
+                    stale_chain_pause(attempt).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+    }
+
+    /// Moves the room to a new epoch with the same members: a fresh key sealed to
+    /// every member the verified chain lists. Returns the new epoch. (A publish
+    /// does this by itself when the room's home asks for it.)
+    pub async fn rekey(&self, room: RoomId) -> Result<Epoch, ApiError> {
+        let mut attempt = 0;
+        loop {
+            match self.rekey_once(room).await {
+                Err(ApiError::Denied(Denial::StaleChain { .. }))
+                    if attempt < STALE_CHAIN_RETRIES_MAX =>
+                {
+                    stale_chain_pause(attempt).await;
+                    attempt += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn rekey_once(&self, room: RoomId) -> Result<Epoch, ApiError> {
+        let chain = self.await_chain(room).await?;
+        let (key, op) = client::rekey(&mut rng(), &self.identity, &chain).map_err(crypto)?;
+        let epoch = Epoch(chain.epoch.0 + 1);
+        self.call_done(op).await?;
+        self.keep_key(room, epoch, key);
+        Ok(epoch)
     }
 
     /// Encrypts, signs and publishes `body` to `room`. Returns once the room's home
     /// has committed it, or once it is durably queued for an unreachable home.
+    /// When the home asks for a new epoch first (a member was evicted, or the
+    /// epoch carried its most frames), this rekeys the room and publishes again.
     pub async fn publish(&self, room: RoomId, body: &[u8]) -> Result<Receipt, ApiError> {
         let mut stale_retries = 0;
+        let mut rekeys = 0;
+        // The newest key held is used as is (reading the node's keys and chain
+        // would cost two more round trips per message); the home says when the
+        // room has moved on, and then they are read again.
+        let mut reread = false;
         loop {
-            let (epoch, key) = self.await_key(room).await?;
+            let (epoch, key) = match self.cached_newest(room) {
+                Some(newest) if !reread => newest,
+                _ => self.await_key(room).await?,
+            };
             let frame = client::seal(
                 &mut rng(),
                 &self.identity,
@@ -358,12 +524,31 @@ impl<B: Backend> User<B> {
                     // The room was rekeyed and the new key is on its way to this
                     // user's node: wait for it, then seal again.
                     stale_retries += 1;
+                    reread = true;
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(Outcome::Denied(Denial::RekeyNeeded)) if rekeys < REKEY_RETRIES_MAX => {
+                    rekeys += 1;
+                    self.rekey_for_publish(room).await?;
                 }
                 Some(Outcome::Denied(denial)) => return Err(ApiError::Denied(denial)),
                 Some(other) => return Err(ApiError::Unexpected(Box::new(other))),
                 None => return Ok(Receipt::Queued { id }),
             }
+        }
+    }
+
+    /// The rekey a publish makes when the home asks for one.
+    async fn rekey_for_publish(&self, room: RoomId) -> Result<(), ApiError> {
+        match self.rekey_once(room).await {
+            Ok(_) => Ok(()),
+            // Someone changed the room first, most likely another member rekeying
+            // for the same reason: take their key and publish again.
+            Err(ApiError::Denied(Denial::StaleChain { .. })) => {
+                tokio::time::sleep(Duration::from_millis(STALE_CHAIN_RETRY_MS_MIN)).await;
+                self.refresh_keys(room).await
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -395,21 +580,128 @@ impl<B: Backend> User<B> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Opens whatever keys of `room` the node holds for this user that are not
-    /// cached yet.
-    async fn refresh_keys(&self, room: RoomId) -> Result<(), ApiError> {
-        let sealed = self.backend.sealed_keys(self.id(), room).await?;
-        let mut cache = self.lock_keys();
-        let known = cache.entry(room).or_default();
-        let missing: Vec<_> = sealed
-            .into_iter()
-            .filter(|(epoch, _)| !known.contains_key(epoch))
-            .collect();
-        let (opened, errors) = client::open_keys(&self.identity, room, &missing);
-        for (epoch, error) in errors {
-            tracing::warn!(?room, epoch = epoch.0, %error, "a sealed key for this user does not open");
+    fn lock_trust(&self) -> std::sync::MutexGuard<'_, Trust> {
+        self.trust.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn keep_key(&self, room: RoomId, epoch: Epoch, key: EpochKey) {
+        self.lock_keys().entry(room).or_default().insert(epoch, key);
+    }
+
+    /// Keeps `chain` as the room's verified chain unless a longer one is kept
+    /// already (another call of this user's may have verified further).
+    fn keep_chain(&self, chain: ChainState) {
+        assert!(chain.len >= 1, "a verified chain starts with the creation");
+        let mut trust = self.lock_trust();
+        let kept = trust
+            .chains
+            .entry(chain.room)
+            .or_insert_with(|| chain.clone());
+        if chain.len > kept.len {
+            *kept = chain;
         }
-        known.extend(opened);
+    }
+
+    fn verified_chain(&self, room: RoomId) -> Option<ChainState> {
+        self.lock_trust().chains.get(&room).cloned()
+    }
+
+    /// Logs and counts a refusal of what the node served, once per (room, link
+    /// index or epoch, reason): a lie served on every read is reported once.
+    fn report(&self, room: RoomId, at: u64, reason: &'static str, detail: &str) {
+        let mut trust = self.lock_trust();
+        if trust.reported.len() >= REFUSALS_REPORTED_MAX {
+            trust.reported.clear();
+        }
+        if trust.reported.insert((room, at, reason)) {
+            tracing::warn!(
+                user = %self.identity.user_id(),
+                node = %self.backend.node_id(),
+                ?room,
+                at,
+                reason,
+                detail,
+                "refused what the node served: it does not verify against the room's membership chain"
+            );
+            metrics::counter!("conclave_client_refusals_total", "reason" => reason).increment(1);
+        }
+    }
+
+    /// Reads the links of `room`'s chain past the verified head from the node and
+    /// verifies them. `Ok(None)` if the node holds no chain of the room yet. A link
+    /// that does not verify is refused ([`ApiError::Untrusted`]), and the verified
+    /// chain stays at its last good link.
+    async fn sync_chain(&self, room: RoomId) -> Result<Option<ChainState>, ApiError> {
+        for _ in 0..CHAIN_SYNC_CALLS_MAX {
+            let verified = self.verified_chain(room);
+            let from = verified.as_ref().map_or(0, |c| c.len);
+            let mut page = self.backend.chain(self.id(), room, from).await?;
+            // A node answering more than a page is cut to a page.
+            page.truncate(CHAIN_LINKS_PER_CALL_MAX);
+            let full = page.len() == CHAIN_LINKS_PER_CALL_MAX;
+            let (extended, refused) = extend_chain(room, verified, from, &page);
+            if let Some(chain) = &extended {
+                self.keep_chain(chain.clone());
+            }
+            if let Some((at, reason, detail)) = refused {
+                self.report(room, at, reason, &detail);
+                return Err(ApiError::Untrusted { reason, detail });
+            }
+            if !full {
+                return Ok(extended);
+            }
+        }
+        Ok(self.verified_chain(room))
+    }
+
+    /// The verified chain of `room`, read up to the node's head, waiting (up to
+    /// [`KEY_WAIT_MAX`]) for the first links to reach this user's node.
+    async fn await_chain(&self, room: RoomId) -> Result<ChainState, ApiError> {
+        let deadline = tokio::time::Instant::now() + KEY_WAIT_MAX;
+        loop {
+            if let Some(chain) = self.sync_chain(room).await? {
+                return Ok(chain);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::NoChain(room));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Opens whatever keys of `room` the node holds for this user that are not
+    /// cached yet, and keeps those the verified chain accepts. Each refused key is
+    /// logged and counted by its reason, and never kept.
+    async fn refresh_keys(&self, room: RoomId) -> Result<(), ApiError> {
+        // The keys first, then the chain: a member node stores a change's link
+        // before its keys (both come from the home in order), so every key read
+        // here has its link in the chain read after it. The other way round an
+        // honest key arriving between the two reads would be refused.
+        let sealed = self.backend.sealed_keys(self.id(), room).await?;
+        let chain = match self.sync_chain(room).await {
+            Ok(Some(chain)) => chain,
+            Ok(None) => return Ok(()),
+            // A link the node added is refused (and reported); keys are still
+            // judged by the chain as far as it verified.
+            Err(refused @ ApiError::Untrusted { .. }) => {
+                self.verified_chain(room).ok_or(refused)?
+            }
+            Err(e) => return Err(e),
+        };
+        let missing: Vec<_> = {
+            let cache = self.lock_keys();
+            let known = cache.get(&room);
+            sealed
+                .into_iter()
+                .filter(|(epoch, _)| !known.is_some_and(|k| k.contains_key(epoch)))
+                .collect()
+        };
+        let (accepted, refused) = client::accept_keys(&self.identity, &chain, &missing);
+        for (epoch, refusal) in refused {
+            self.report(room, epoch.0, refusal.reason(), &refusal.to_string());
+        }
+        debug_assert!(accepted.keys().all(|e| chain.epochs.contains_key(e)));
+        self.lock_keys().entry(room).or_default().extend(accepted);
         Ok(())
     }
 
@@ -437,6 +729,20 @@ impl<B: Backend> User<B> {
         }
     }
 
+    /// The key of `room` at `epoch`, waiting (up to [`KEY_WAIT_MAX`]) for it.
+    async fn await_epoch_key(&self, room: RoomId, epoch: Epoch) -> Result<EpochKey, ApiError> {
+        let deadline = tokio::time::Instant::now() + KEY_WAIT_MAX;
+        loop {
+            if let Some(key) = self.key_for(room, epoch).await? {
+                return Ok(key);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::NoKey(room));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn key_for(&self, room: RoomId, epoch: Epoch) -> Result<Option<EpochKey>, ApiError> {
         if let Some(key) = self.lock_keys().get(&room).and_then(|k| k.get(&epoch)) {
             return Ok(Some(key.clone()));
@@ -448,6 +754,45 @@ impl<B: Backend> User<B> {
             .and_then(|k| k.get(&epoch))
             .cloned())
     }
+}
+
+/// Waits before the `attempt`-th retry after [`Denial::StaleChain`].
+async fn stale_chain_pause(attempt: u32) {
+    debug_assert!(attempt < STALE_CHAIN_RETRIES_MAX);
+    tokio::time::sleep(Duration::from_millis(STALE_CHAIN_RETRY_MS_MIN << attempt)).await;
+}
+
+/// `verified` (the chain up to index `from`) extended by `page`, the links from
+/// `from` on: the chain as far as it verifies, and the first refused link's index,
+/// reason and detail, if any.
+fn extend_chain(
+    room: RoomId,
+    verified: Option<ChainState>,
+    from: u64,
+    page: &[SignedLink],
+) -> (Option<ChainState>, Option<(u64, &'static str, String)>) {
+    debug_assert_eq!(verified.as_ref().map_or(0, |c| c.len), from);
+    let mut chain = verified;
+    for (index, link) in (from..).zip(page) {
+        // On error neither changes anything: the chain stays as verified.
+        let step = match chain.as_mut() {
+            Some(verified) => verified.apply(link),
+            None => match ChainState::genesis(room, link) {
+                Ok(genesis) => {
+                    chain = Some(genesis);
+                    Ok(())
+                }
+                Err(error) => Err(error),
+            },
+        };
+        if let Err(error) = step {
+            return (chain, Some((index, error.reason(), error.to_string())));
+        }
+    }
+    debug_assert!(chain
+        .as_ref()
+        .is_none_or(|c| c.len == from + page.len() as u64));
+    (chain, None)
 }
 
 /// A user's view of a room: history, then live messages, decrypted. See
@@ -494,5 +839,74 @@ impl<B: Backend> Subscription<B> {
                 })
                 .map_err(crypto),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conclave_actors::domain::chain::{Change, Signer};
+
+    /// A room's creation and one invite, as their home would hold them.
+    fn chain_of_two() -> (RoomId, Identity, Vec<SignedLink>) {
+        let alice = Identity::generate(&mut rng());
+        let bob = Identity::generate(&mut rng());
+        let home = NodeId([1; 32]);
+        let (room, key, create) =
+            client::create_room(&mut rng(), &alice, home, Policy::default()).expect("create");
+        let first = create.link().expect("a creation carries its link").clone();
+        let genesis = ChainState::genesis(room, &first).expect("genesis");
+        let invitee = Invitee {
+            user: bob.public(),
+            home,
+            role: RoomRole::Member,
+        };
+        let invite = client::invite(&mut rng(), &alice, &genesis, &key, invitee).expect("invite");
+        let second = invite.link().expect("an invite carries its link").clone();
+        (room, alice, vec![first, second])
+    }
+
+    #[test]
+    fn a_chain_is_verified_from_its_creation_and_in_pages() {
+        let (room, _, links) = chain_of_two();
+        let (whole, refused) = extend_chain(room, None, 0, &links);
+        assert!(refused.is_none());
+        assert_eq!(whole.as_ref().map(|c| c.members.len()), Some(2));
+        let (first, _) = extend_chain(room, None, 0, &links[..1]);
+        let (paged, refused) = extend_chain(room, first, 1, &links[1..]);
+        assert!(refused.is_none());
+        assert_eq!(paged, whole);
+    }
+
+    #[test]
+    fn a_link_that_does_not_verify_is_refused_and_the_chain_stays_at_its_last_good_link() {
+        let (room, alice, mut links) = chain_of_two();
+        // The node's own identity names alice as the signer of its link.
+        let node = Identity::generate(&mut rng());
+        let mut forged = links[1].clone();
+        forged.link.by = Signer::User(node.user_id());
+        forged = SignedLink::sign(&node, forged.link);
+        forged.link.by = Signer::User(alice.user_id());
+        links[1] = forged;
+        let (chain, refused) = extend_chain(room, None, 0, &links);
+        assert_eq!(chain.as_ref().map(|c| c.len), Some(1));
+        assert!(matches!(refused, Some((1, "bad_signature", _))));
+        // A creation of another room is no genesis of this one.
+        let other = RoomId([9; 16]);
+        let (chain, refused) = extend_chain(other, None, 0, &links);
+        assert!(chain.is_none());
+        assert!(matches!(refused, Some((0, "wrong_room", _))));
+        // A node's link that is not an eviction.
+        let change = Change::Rekey {
+            epoch: Epoch(2),
+            check: conclave_actors::domain::chain::KeyCheck([0; 32]),
+        };
+        let genesis = ChainState::genesis(room, &links[0]).expect("genesis");
+        let mut by_node = genesis.next_link(&node, change);
+        by_node.link.by = Signer::Node(NodeId(node.public().signing));
+        let by_node = SignedLink::sign(&node, by_node.link);
+        let (chain, refused) = extend_chain(room, Some(genesis), 1, &[by_node]);
+        assert_eq!(chain.map(|c| c.len), Some(1));
+        assert!(matches!(refused, Some((1, "unauthorized", _))));
     }
 }

@@ -46,6 +46,7 @@ fn config() -> DomainConfig {
         retry_max: Duration::from_secs(5),
         // No idle timer of another actor takes part.
         idle: Duration::from_secs(3600),
+        ..DomainConfig::default()
     }
 }
 
@@ -185,6 +186,7 @@ fn run_host(a: NodeId, b: NodeId) -> Outcome {
         system: Domain {
             config: config(),
             nodes: None,
+            identities: Default::default(),
         },
         store: store.clone(),
         transport: Arc::new(transport),

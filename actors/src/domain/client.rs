@@ -105,13 +105,16 @@ pub fn invite(
     })
 }
 
+/// An epoch key sealed to each member.
+pub type Bundle = Vec<(UserId, SealedKey)>;
+
 /// A fresh key for the chain's next epoch, sealed to every member but `except`.
 fn next_epoch_bundle(
     rng: &mut dyn CryptoRng,
     identity: &Identity,
     chain: &ChainState,
     except: Option<UserId>,
-) -> Result<(Epoch, EpochKey, Vec<(UserId, SealedKey)>), SealError> {
+) -> Result<(Epoch, EpochKey, Bundle), SealError> {
     let epoch = Epoch(chain.epoch.0 + 1);
     let key = EpochKey::generate(rng);
     let members = chain.others(except);

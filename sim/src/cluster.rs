@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use conclave_actors::actor::{ActorKind, ActorRef, Context, Effect, Handler, Time};
 use conclave_actors::crypto::Frame;
+use conclave_actors::domain::chain::{ChainState, SignedLink, CHAIN_LINKS_MAX};
 use conclave_actors::domain::{
     self, client, gateway_of, members_of, ClientMsg, Domain, DomainConfig, Invitee, MembersMsg,
     Msg, Op, Outcome, Policy, ReplyTo, Request, RoomInfo, RoomMsg,
@@ -43,7 +44,7 @@ use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
 use conclave_actors::lifecycle::{Incarnation, Lifecycles, Phase, Turn};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
-use conclave_storage::{MemStore, Store};
+use conclave_storage::{MemStore, ReadTxn, Store, StoreError};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -143,6 +144,9 @@ impl Mailbox {
 pub struct SimNode {
     /// Its id.
     pub id: NodeId,
+    /// Its identity (its Ed25519 key is its id): it signs evictions, and a node
+    /// that lies to its clients seals keys with it.
+    pub identity: Identity,
     /// Its disk.
     pub store: Arc<MemStore>,
     /// Its actors: active, stopping, and their mailboxes.
@@ -346,15 +350,17 @@ impl Cluster {
     /// Like [`Cluster::new`] with the domain's timing.
     pub fn with_config(n: usize, seed: u64, config: DomainConfig) -> Self {
         let mut ids = derive_rng(seed, 0, "node-ids");
-        let mut ids: Vec<NodeId> = (0..n)
-            .map(|_| Identity::generate(&mut ids).node_id())
-            .collect();
-        ids.sort();
-        let nodes = ids
+        let mut identities: Vec<Identity> = (0..n).map(|_| Identity::generate(&mut ids)).collect();
+        identities.sort_by_key(Identity::node_id);
+        let domain = identities
+            .iter()
+            .fold(Domain::new(config), |d, id| d.with_identity(id.clone()));
+        let nodes = identities
             .into_iter()
             .enumerate()
-            .map(|(i, id)| SimNode {
-                id,
+            .map(|(i, identity)| SimNode {
+                id: identity.node_id(),
+                identity,
                 store: Arc::new(MemStore::new()),
                 actors: Lifecycles::new(),
                 up: true,
@@ -372,7 +378,7 @@ impl Cluster {
             .collect();
         Self {
             nodes,
-            domain: Domain::new(config),
+            domain,
             queue: BTreeMap::new(),
             now: START,
             next_event: 0,
@@ -407,6 +413,11 @@ impl Cluster {
     /// Node `i`'s clock: the virtual time plus its offset.
     pub fn node_now(&self, i: usize) -> Time {
         offset(self.now, self.nodes[i].clock_offset)
+    }
+
+    /// The domain's configuration (timing, the frames an epoch may carry).
+    pub fn config(&self) -> DomainConfig {
+        self.domain.config
     }
 
     /// The cluster's random source (for clients' keys, nonces and ids).
@@ -579,6 +590,8 @@ impl Cluster {
             return;
         }
         if to.kind == ActorKind::GATEWAY {
+            // Replies are collected; `ClientMsg::Revoked` (close a revoked user's
+            // connections) has nothing to close here: clients read stores directly.
             if let Msg::Client(ClientMsg::Reply { request, outcome }) = msg {
                 self.replies
                     .entry((to.node, request))
@@ -1143,21 +1156,33 @@ impl Cluster {
         room
     }
 
-    /// The keys node `i` holds for `user` in `room`, opened.
+    /// `room`'s chain as node `i` holds it, verified from its creation (for
+    /// scripted tests: it must verify).
+    pub fn chain(&self, i: usize, room: RoomId) -> ChainState {
+        let txn = self.nodes[i].store.read().expect("read");
+        let links = stored_chain(&*txn, room).expect("read the chain");
+        ChainState::verify(room, &links)
+            .unwrap_or_else(|e| panic!("n{i}'s chain of room {room:?} does not verify: {e}"))
+    }
+
+    /// The keys node `i` holds for `user` in `room`, opened and accepted against
+    /// the chain node `i` holds (every one must be).
     pub fn keys(
         &self,
         i: usize,
         user: &Identity,
         room: RoomId,
     ) -> BTreeMap<Epoch, conclave_actors::crypto::EpochKey> {
+        let chain = self.chain(i, room);
         let txn = self.nodes[i].store.read().expect("read");
         let sealed = domain::state::keys::sealed_for(&*txn, room, user.user_id()).expect("keys");
-        let (keys, errors) = client::open_keys(user, room, &sealed);
-        assert!(errors.is_empty(), "keys that do not open: {errors:?}");
+        let (keys, refused) = client::accept_keys(user, &chain, &sealed);
+        assert!(refused.is_empty(), "keys refused: {refused:?}");
         keys
     }
 
-    /// `inviter` (homed on node `i`) invites `invitee` (homed on `home`).
+    /// `inviter` (homed on node `i`) invites `invitee` (homed on `home`), with the
+    /// key of the current epoch of the chain node `i` holds.
     pub fn invite(
         &mut self,
         i: usize,
@@ -1167,14 +1192,17 @@ impl Cluster {
         home: usize,
         role: domain::RoomRole,
     ) -> Outcome {
+        let chain = self.chain(i, room);
         let keys = self.keys(i, inviter, room);
-        let (&epoch, key) = keys.iter().next_back().expect("the inviter holds a key");
+        let key = keys
+            .get(&chain.epoch)
+            .expect("the inviter holds the current key");
         let invitee = Invitee {
             user: invitee.public(),
             home: self.id(home),
             role,
         };
-        let op = client::invite(&mut self.rng, inviter, room, epoch, key, invitee).expect("seal");
+        let op = client::invite(&mut self.rng, inviter, &chain, key, invitee).expect("seal");
         self.call(i, inviter, op)
     }
 
@@ -1186,11 +1214,19 @@ impl Cluster {
         }
     }
 
-    /// `remover` (on node `i`) removes `user`, rekeying the room.
+    /// `remover` (on node `i`) removes `user`, rekeying the room for the members
+    /// of the chain node `i` holds.
     pub fn remove(&mut self, i: usize, remover: &Identity, room: RoomId, user: UserId) -> Outcome {
-        let info = self.room_info(i, remover, room);
-        let (_key, op) = client::remove(&mut self.rng, remover, &info, user).expect("seal");
+        let chain = self.chain(i, room);
+        let (_key, op) = client::remove(&mut self.rng, remover, &chain, user).expect("seal");
         self.call(i, remover, op)
+    }
+
+    /// `member` (on node `i`) moves the room to its next epoch, same members.
+    pub fn rekey(&mut self, i: usize, member: &Identity, room: RoomId) -> Outcome {
+        let chain = self.chain(i, room);
+        let (_key, op) = client::rekey(&mut self.rng, member, &chain).expect("seal");
+        self.call(i, member, op)
     }
 
     /// Seals `text` as `user` (on node `i`) with their newest key and publishes it;
@@ -1264,6 +1300,32 @@ impl Cluster {
             .filter(|(_, depth)| *depth > 0)
             .collect()
     }
+}
+
+/// How many links one read of a store's chain takes.
+pub const CHAIN_READ_PAGE_LINKS: usize = 256;
+
+/// `room`'s chain as a store holds it, from its creation, read in pages (at most
+/// [`CHAIN_LINKS_MAX`] links and one page: more would not verify anyway).
+pub fn stored_chain(txn: &dyn ReadTxn, room: RoomId) -> Result<Vec<SignedLink>, StoreError> {
+    let mut links: Vec<SignedLink> = Vec::new();
+    loop {
+        let from = links.len() as u64;
+        let page = domain::state::rooms::links(txn, room, from, CHAIN_READ_PAGE_LINKS)?;
+        let full = page.len() == CHAIN_READ_PAGE_LINKS;
+        links.extend(page);
+        if !full || links.len() as u64 > CHAIN_LINKS_MAX {
+            return Ok(links);
+        }
+    }
+}
+
+/// `room`'s chain as node `node` holds it, verified from its creation; `None` if
+/// it holds none yet, or none that verifies, or its store cannot be read.
+pub fn verified_chain(node: &SimNode, room: RoomId) -> Option<ChainState> {
+    let txn = node.store.read().ok()?;
+    let links = stored_chain(&*txn, room).ok()?;
+    ChainState::verify(room, &links).ok()
 }
 
 /// `t` shifted by `offset` microseconds.

@@ -5,12 +5,17 @@
 use core::fmt;
 use core::time::Duration;
 
-use conclave_actors::domain::DomainConfig;
+use conclave_actors::domain::{DomainConfig, EPOCH_FRAMES_MAX};
 use conclave_actors::mutation::Mutation;
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 
 use crate::cluster::{derive_rng, Interleave, Scheduling};
+
+/// The fewest frames per epoch a seed that bounds epochs tightly draws.
+const EPOCH_FRAMES_DRAWN_MIN: u64 = 8;
+/// The most frames per epoch a seed that bounds epochs tightly draws.
+const EPOCH_FRAMES_DRAWN_MAX: u64 = 64;
 
 /// Partitions: how often one starts and how long it lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,17 +202,23 @@ fn draw_workload(rng: &mut ChaCha20Rng) -> (usize, usize, Duration, Duration, [u
 
 /// Half the seeds run the production timing; the others retry sooner or later
 /// and passivate idle actors within a second or two, so that activation from
-/// storage happens all the time.
+/// storage happens all the time. A third of the seeds bound an epoch to a few
+/// frames, so rooms rekey on their own all the time, under the faults.
 fn draw_domain(rng: &mut ChaCha20Rng) -> DomainConfig {
-    if coin(rng) {
+    let mut config = if coin(rng) {
         DomainConfig::default()
     } else {
         DomainConfig {
             retry_base: ms(rng, 20, 500),
             retry_max: ms(rng, 500, 5_000),
             idle: ms(rng, 200, 5_000),
+            epoch_frames_max: EPOCH_FRAMES_MAX,
         }
+    };
+    if between(rng, 0, 2) == 0 {
+        config.epoch_frames_max = between(rng, EPOCH_FRAMES_DRAWN_MIN, EPOCH_FRAMES_DRAWN_MAX);
     }
+    config
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
@@ -390,8 +401,8 @@ impl Options {
         )?;
         writeln!(
             f,
-            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}",
-            self.domain.retry_base, self.domain.retry_max, self.domain.idle
+            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}, an epoch carries at most {} frames",
+            self.domain.retry_base, self.domain.retry_max, self.domain.idle, self.domain.epoch_frames_max
         )?;
         Ok(())
     }

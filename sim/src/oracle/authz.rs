@@ -1,7 +1,8 @@
 //! Authz: only a room's home admits members and commits frames, and it commits
 //! only members' frames.
 
-use conclave_actors::domain::{Op, Outcome};
+use conclave_actors::domain::chain::Change;
+use conclave_actors::domain::Outcome;
 
 use super::{short, Oracle, Verdict, View, AUTHZ};
 use crate::cluster::{FrameHeader, Observation, Observed};
@@ -25,7 +26,9 @@ impl Oracle for Authz {
     fn on_decision(&mut self, view: &View<'_>, decision: &Observation) -> Verdict {
         match &decision.what {
             Observed::Request { request, outcome } => {
-                let Op::Invite { invitee, .. } = &request.op else {
+                let Some(Change::Invite { invitee, .. }) =
+                    request.op.link().map(|l| &l.link.change)
+                else {
                     return Verdict::Holds;
                 };
                 let first = !view.model.applied.contains(&(request.user, request.nonce));

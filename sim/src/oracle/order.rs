@@ -226,6 +226,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::CreateRoom { .. } => "create room",
         Op::Invite { .. } => "invite",
         Op::Remove { .. } => "remove",
+        Op::Rekey { .. } => "rekey",
         Op::RoomInfo { .. } => "room info",
         Op::ListRooms => "list rooms",
     }

@@ -210,6 +210,9 @@ impl Sweep {
         t.committed += s.committed;
         t.invites += s.invites;
         t.removals += s.removals;
+        t.rekeys += s.rekeys;
+        t.lies += s.lies;
+        t.refused += s.refused;
         t.read += s.read;
         t.crashes += s.crashes;
         t.partitions += s.partitions;
@@ -232,12 +235,12 @@ impl Sweep {
             mutation.map_or("none", |m| m.name())
         );
         println!(
-            "workload: {} frames published, {} committed, {} read by subscribers (verified, decrypted); {} invites, {} removals with rekey",
-            t.published, t.committed, t.read, t.invites, t.removals
+            "workload: {} frames published, {} committed, {} read by subscribers (verified, decrypted); {} invites, {} removals with rekey, {} rekeys",
+            t.published, t.committed, t.read, t.invites, t.removals, t.rekeys
         );
         println!(
-            "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay)",
-            t.crashes, t.partitions, self.wiped
+            "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay); {} keys slipped to users by their own node, {} keys refused by clients",
+            t.crashes, t.partitions, self.wiped, t.lies, t.refused
         );
         println!(
             "speed: {:.1} seeds/s; {:.0} virtual seconds in {:.1} wall seconds = {:.0} virtual s per wall s; {:.0} events/s ({:.0} messages handled/s)",
@@ -295,7 +298,7 @@ fn replay(
     let report = run_with(&options, trace.is_some());
     let s = report.stats;
     println!(
-        "ran {:.3} virtual seconds: {} events, {} messages handled; {} frames published, {} committed, {} read; {} invites, {} removals; {} crashes, {} partitions",
+        "ran {:.3} virtual seconds: {} events, {} messages handled; {} frames published, {} committed, {} read; {} invites, {} removals, {} rekeys; {} crashes, {} partitions; {} lies, {} keys refused",
         report.virtual_time.as_secs_f64(),
         report.events,
         report.handled,
@@ -304,8 +307,11 @@ fn replay(
         s.read,
         s.invites,
         s.removals,
+        s.rekeys,
         s.crashes,
-        s.partitions
+        s.partitions,
+        s.lies,
+        s.refused
     );
     for note in &report.notes {
         println!("note: {note}");
@@ -378,13 +384,13 @@ fn cut(detail: &str) -> String {
 
 fn print_mutations(rows: &[(Mutation, Option<Caught>)], seeds: Seeds) {
     println!(
-        "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} what the oracle saw",
+        "{:<24} {:<6} {:<11} {:>5} {:>9}  {:<14} what the oracle saw",
         "mutation", "caught", "oracle", "seeds", "at seed", "seed w/o it"
     );
     for (m, row) in rows {
         match row {
             Some((seed, tried, failure, clean_ok)) => println!(
-                "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} {}",
+                "{:<24} {:<6} {:<11} {:>5} {:>9}  {:<14} {}",
                 m.name(),
                 "yes",
                 failure.oracle,
@@ -394,7 +400,7 @@ fn print_mutations(rows: &[(Mutation, Option<Caught>)], seeds: Seeds) {
                 cut(&failure.detail)
             ),
             None => println!(
-                "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} -",
+                "{:<24} {:<6} {:<11} {:>5} {:>9}  {:<14} -",
                 m.name(),
                 "NO",
                 "-",

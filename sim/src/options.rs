@@ -17,6 +17,11 @@ const EPOCH_FRAMES_DRAWN_MIN: u64 = 8;
 /// The most frames per epoch a seed that bounds epochs tightly draws.
 const EPOCH_FRAMES_DRAWN_MAX: u64 = 64;
 
+/// The shortest mean time between two lies of a seed whose nodes lie.
+const LIE_MS_EVERY_MIN: u64 = 300;
+/// The longest mean time between two lies of a seed whose nodes lie.
+const LIE_MS_EVERY_MAX: u64 = 3_000;
+
 /// Partitions: how often one starts and how long it lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Partitions {
@@ -43,6 +48,14 @@ pub struct Crashes {
     pub mid_work_ppm: u32,
 }
 
+/// Nodes that lie to their own clients: how often one slips a user a key it
+/// sealed itself (see [`crate::faults::Fault::Lie`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lies {
+    /// Mean time between two lies.
+    pub every: Duration,
+}
+
 /// Everything a run derives from its seed (plus the node count and mutation, which
 /// the command line may fix).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +80,8 @@ pub struct Options {
     pub crashes: Option<Crashes>,
     /// Whether one node is lost for good (its disk wiped) during the chaos.
     pub wipe: bool,
+    /// Nodes lying to their own clients, if on.
+    pub lies: Option<Lies>,
     /// What one message costs every node.
     pub base_cost: Duration,
     /// Slow nodes and what one message costs them.
@@ -222,6 +237,15 @@ fn draw_domain(rng: &mut ChaCha20Rng) -> DomainConfig {
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
+/// before nodes lied. Two seeds in three have nodes that lie to their clients.
+fn draw_lies(seed: u64) -> Option<Lies> {
+    let mut rng = derive_rng(seed, 0, "lies");
+    (between(&mut rng, 0, 2) != 0).then(|| Lies {
+        every: ms(&mut rng, LIE_MS_EVERY_MIN, LIE_MS_EVERY_MAX),
+    })
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
 /// before mailboxes were modelled per actor. A quarter of the seeds handle a
 /// node's messages oldest first (one FIFO per node), the others pick a ready
 /// actor at random; half of all seeds also delay activations.
@@ -270,6 +294,7 @@ impl Options {
             partitions,
             crashes,
             wipe,
+            lies: draw_lies(seed),
             base_cost,
             slow,
             clock_offsets_ms,
@@ -355,6 +380,14 @@ impl Options {
             "  node lost for good (disk wiped): {}",
             on_off(self.wipe)
         )?;
+        match self.lies {
+            Some(l) => writeln!(
+                f,
+                "  nodes lying to their clients (keys they sealed themselves): every ~{:?}",
+                l.every
+            )?,
+            None => writeln!(f, "  nodes lying to their clients: off")?,
+        }
         Ok(())
     }
 

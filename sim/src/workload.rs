@@ -1,7 +1,11 @@
 //! The workload: users on every node, rooms, publishes, invites, removals with
-//! rekey, and subscribers reading history then live, all drawn from the seed's
-//! workload stream. Clients report what they do and see to the oracles (as
-//! [`Seen`]) and never judge it themselves.
+//! rekey, rekeys, and subscribers reading history then live, all drawn from the
+//! seed's workload stream. Clients report what they do and see to the oracles (as
+//! [`Seen`]) and never judge it themselves, with one exception, as real clients:
+//! they take a key only if the room's chain, as their node holds it and verified
+//! from its creation, pins it ([`client::accept_keys`]), and they seal invitations,
+//! removals and rekeys against that chain (never against a member list a node
+//! gave them). Whether what they accepted was right is still the oracles' call.
 
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

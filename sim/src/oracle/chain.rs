@@ -259,3 +259,99 @@ fn members_agree(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use conclave_actors::crypto::EpochKey;
+    use conclave_actors::domain::{History, Op, Policy, UserRole};
+    use conclave_actors::ids::Epoch;
+    use conclave_actors::Identity;
+
+    use super::*;
+    use crate::cluster::Cluster;
+    use crate::model::Model;
+    use crate::workload::Roster;
+
+    /// A one-node cluster with a room alice created, and the model of it.
+    fn room() -> (Cluster, Model, Identity, RoomId) {
+        let mut c = Cluster::new(1, 5);
+        let admin = Identity::generate(c.rng());
+        c.seed_admin(0, &admin);
+        let alice = Identity::generate(c.rng());
+        let add = Op::AddUser {
+            user: alice.public(),
+            role: UserRole::Member,
+        };
+        assert_eq!(c.call(0, &admin, add), Outcome::Done);
+        let room = c.create_room(0, &alice, Policy::default());
+        let mut model = Model::default();
+        let created = RoomModel::created(0, History::FromJoin, alice.user_id());
+        model.rooms.insert(room, created);
+        (c, model, alice, room)
+    }
+
+    fn accepted(c: &Cluster, model: &Model, room: RoomId, epoch: u64, key: &EpochKey) -> Verdict {
+        let roster = Roster::default();
+        let view = View {
+            cluster: c,
+            model,
+            roster: &roster,
+        };
+        let seen = Seen::KeyAccepted {
+            user: 0,
+            node: 0,
+            room,
+            epoch: Epoch(epoch),
+            key,
+        };
+        ChainOracle::default().on_client(&view, &seen)
+    }
+
+    #[test]
+    fn a_key_the_chain_pins_holds_and_any_other_fails() {
+        let (mut c, model, alice, room) = room();
+        let real = c.keys(0, &alice, room)[&Epoch(1)].clone();
+        assert_eq!(accepted(&c, &model, room, 1, &real), Verdict::Holds);
+        let forged = EpochKey::generate(c.rng());
+        let wrong = accepted(&c, &model, room, 1, &forged);
+        assert!(
+            matches!(&wrong, Verdict::Fails { oracle: CHAIN, detail } if detail.contains("not the one the room's chain pins")),
+            "{wrong:?}"
+        );
+        let unknown = accepted(&c, &model, room, 2, &real);
+        assert!(
+            matches!(&unknown, Verdict::Fails { oracle: CHAIN, detail } if detail.contains("does not have")),
+            "{unknown:?}"
+        );
+    }
+
+    #[test]
+    fn at_the_end_the_home_chain_lists_the_members_decided() {
+        let (c, mut model, _alice, room) = room();
+        let roster = Roster::default();
+        let view = View {
+            cluster: &c,
+            model: &model,
+            roster: &roster,
+        };
+        assert_eq!(ChainOracle::default().check_final(&view), Verdict::Holds);
+        // A member the home's decisions never made.
+        let stranger = crate::model::Member {
+            node: 0,
+            since: 1,
+            role: conclave_actors::domain::RoomRole::Member,
+        };
+        let m = model.rooms.get_mut(&room).expect("the room");
+        m.members.insert(UserId([9; 32]), stranger);
+        let view = View {
+            cluster: &c,
+            model: &model,
+            roster: &roster,
+        };
+        let verdict = ChainOracle::default().check_final(&view);
+        assert!(
+            matches!(&verdict, Verdict::Fails { oracle: CHAIN, detail } if detail.contains("not the same users")),
+            "{verdict:?}"
+        );
+    }
+}

@@ -67,6 +67,7 @@ fn a_client_refuses_every_key_its_node_sealed_and_takes_the_real_ones() {
             vec![(1, "unauthorized_sealer"), (3, "unknown_epoch")]
         )
     );
+
     // Alice moves the room on: the real key of epoch 3 replaces the lie, and bob
     // takes it; the lie about epoch 1 stays refused.
     assert_eq!(c.rekey(0, &alice, room), Outcome::Done);

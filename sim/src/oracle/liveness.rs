@@ -238,9 +238,11 @@ fn members(view: &View<'_>, room: RoomId, m: &RoomModel, state: &mut Vec<(&'stat
                 ),
             ));
         }
+        // A key a node sealed itself (a lie, see `Fault::Lie`) is no key to read with.
         let held: BTreeSet<u64> = domain::state::keys::sealed_for(&*txn, room, *uid)
             .unwrap_or_default()
             .into_iter()
+            .filter(|(_, key)| !node_sealed(view, key.sealer))
             .map(|(e, _)| e.0)
             .collect();
         let needed: BTreeSet<u64> = m.committed.range(since..).map(|(_, c)| c.epoch).collect();
@@ -250,6 +252,11 @@ fn members(view: &View<'_>, room: RoomId, m: &RoomModel, state: &mut Vec<(&'stat
             )));
         }
     }
+}
+
+/// Whether `sealer` is a node's identity (no member is).
+fn node_sealed(view: &View<'_>, sealer: UserId) -> bool {
+    view.cluster.nodes.iter().any(|n| n.id.0 == sealer.0)
 }
 
 /// Each removed member's live node shows their removal where the home made it.

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use conclave_actors::actor::{ActorKind, ActorRef, Context, Effect, Handler, Time};
 use conclave_actors::crypto::Frame;
-use conclave_actors::domain::chain::{ChainState, SignedLink, CHAIN_LINKS_MAX};
+use conclave_actors::domain::chain::{ChainState, Change, SignedLink, Signer, CHAIN_LINKS_MAX};
 use conclave_actors::domain::{
     self, client, gateway_of, members_of, ClientMsg, Domain, DomainConfig, Invitee, MembersMsg,
     Msg, Op, Outcome, Policy, ReplyTo, Request, RoomInfo, RoomMsg,
@@ -264,6 +264,21 @@ pub enum Observed {
         /// What the room answered.
         outcome: Outcome,
     },
+    /// A room evicted a revoked member: it appended an eviction link, signed as
+    /// the room's home (an eviction answers no client, so the driver sees it in
+    /// the link the room committed while it handled the revocation).
+    Evicted {
+        /// The member.
+        user: UserId,
+    },
+}
+
+/// What the driver watches a room's handling of a message for.
+enum Watch {
+    /// Its answer to a client.
+    Reply(Observed),
+    /// An eviction of `user`, when the room's chain held `len` links.
+    Eviction { user: UserId, len: u64 },
 }
 
 /// One decision of a room (see [`Observed`]).
@@ -810,7 +825,7 @@ impl Cluster {
             ));
         }
         let mut effects = self.activate(i, to, incarnation);
-        let observing = self.observing(to, &msg);
+        let observing = self.observing(i, to, &msg);
         let now = self.node_now(i);
         let node = &mut self.nodes[i];
         let store: Arc<MemStore> = Arc::clone(&node.store);
@@ -832,8 +847,10 @@ impl Cluster {
         if let (Some(journal), Some(text)) = (&mut self.journal, text) {
             journal.push(Turn::new(to, incarnation, from, text, &effects));
         }
-        if let Some(what) = observing {
-            self.observe_decision(i, to, what, &effects);
+        match observing {
+            Some(Watch::Reply(what)) => self.observe_decision(i, to, what, &effects),
+            Some(Watch::Eviction { user, len }) => self.observe_eviction(i, to, user, len),
+            None => {}
         }
         self.apply(i, to, incarnation, effects);
         true
@@ -863,21 +880,58 @@ impl Cluster {
         effects
     }
 
-    /// What to record of a room's decision on `msg`, if rooms are observed.
-    fn observing(&self, to: ActorRef, msg: &Msg) -> Option<Observed> {
+    /// What to record of a room's decision on `msg` (on node `i`), if rooms are
+    /// observed.
+    fn observing(&self, i: usize, to: ActorRef, msg: &Msg) -> Option<Watch> {
         if !self.observe || to.kind != ActorKind::ROOM {
             return None;
         }
         match msg {
-            Msg::Room(RoomMsg::Request { req, .. }) => Some(Observed::Request {
+            Msg::Room(RoomMsg::Request { req, .. }) => Some(Watch::Reply(Observed::Request {
                 request: Box::new(req.request.clone()),
                 outcome: Outcome::Forwarded,
-            }),
-            Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Observed::Publish {
+            })),
+            Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Watch::Reply(Observed::Publish {
                 frame: FrameHeader::from(frame),
                 outcome: Outcome::Forwarded,
-            }),
+            })),
+            Msg::Room(RoomMsg::Evict { user, .. } | RoomMsg::Revoked { user }) => {
+                let conclave_actors::actor::ActorKey::Room(room) = to.key else {
+                    return None;
+                };
+                let txn = self.nodes[i].store.read().ok()?;
+                let (len, _) = domain::state::rooms::chain_head(&*txn, room).ok()?;
+                Some(Watch::Eviction { user: *user, len })
+            }
             _ => None,
+        }
+    }
+
+    /// Records that room `to` on node `i` evicted `user`, if handling the message
+    /// appended exactly the link that does so (signed by node `i`) to the `len`
+    /// it held.
+    fn observe_eviction(&mut self, i: usize, to: ActorRef, user: UserId, len: u64) {
+        let conclave_actors::actor::ActorKey::Room(room) = to.key else {
+            return;
+        };
+        let Ok(txn) = self.nodes[i].store.read() else {
+            return;
+        };
+        let Ok(added) = domain::state::rooms::links(&*txn, room, len, 2) else {
+            return;
+        };
+        let evicted = matches!(
+            added.as_slice(),
+            [link] if link.link.by == Signer::Node(self.nodes[i].id)
+                && matches!(link.link.change, Change::Evict { user: u, .. } if u == user)
+        );
+        drop(txn);
+        if evicted {
+            self.observed.push(Observation {
+                node: i,
+                room,
+                what: Observed::Evicted { user },
+            });
         }
     }
 
@@ -902,6 +956,7 @@ impl Cluster {
                 Observed::Request { outcome, .. } | Observed::Publish { outcome, .. } => {
                     *outcome = decided;
                 }
+                Observed::Evicted { .. } => {}
             }
             self.observed.push(Observation {
                 node: i,

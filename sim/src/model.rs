@@ -116,6 +116,8 @@ pub struct RoomModel {
     pub ids: BTreeMap<MessageId, u64>,
     /// The next sequence number the home hands out.
     pub next_seq: u64,
+    /// A member was evicted since the epoch started: no frame until the next one.
+    pub rekey_due: bool,
 }
 
 impl RoomModel {
@@ -137,6 +139,7 @@ impl RoomModel {
             committed: BTreeMap::new(),
             ids: BTreeMap::new(),
             next_seq: 1,
+            rekey_due: false,
         }
     }
 
@@ -169,6 +172,7 @@ impl RoomModel {
             "{what} skipping epochs was accepted"
         );
         self.epoch += 1;
+        self.rekey_due = false;
         self.epoch_start.insert(self.epoch, self.next_seq);
         let nodes: BTreeSet<usize> = self.members.values().map(|m| m.node).collect();
         self.allowed.insert(self.epoch, nodes);
@@ -206,6 +210,8 @@ pub struct Model {
     pub removals: u64,
     /// Rekeys (same members, next epoch) the homes applied.
     pub rekeys: u64,
+    /// Every eviction of a revoked member a home made, as (room, user).
+    pub evictions: BTreeSet<(RoomId, UserId)>,
 }
 
 /// Whether `op` changes a room's membership or epoch (appends a chain link).
@@ -237,6 +243,11 @@ impl Model {
                 self.decided.insert(OpKey::Frame(frame.id));
                 if let (Outcome::Committed { id, seq }, true) = (outcome, accepted) {
                     self.commit(obs.room, frame, *id, *seq);
+                }
+            }
+            Observed::Evicted { user } => {
+                if accepted {
+                    self.evict(obs.room, *user);
                 }
             }
         }
@@ -277,6 +288,23 @@ impl Model {
             // Evictions are the home's own links, never a client's request.
             Change::Evict { .. } => {}
         }
+    }
+
+    /// The home evicted `user` (revoked by their node): they are removed, and the
+    /// room takes no frame until a member moves it to the next epoch.
+    fn evict(&mut self, room: RoomId, user: UserId) {
+        let Some(m) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if let Some(member) = m.members.remove(&user) {
+            let removed = Removed {
+                since: member.since,
+                until: m.next_seq,
+            };
+            m.removed.insert(user, removed);
+        }
+        m.rekey_due = true;
+        self.evictions.insert((room, user));
     }
 
     fn invite(&mut self, cluster: &Cluster, node: usize, room: RoomId, invitee: &Invitee) {

@@ -82,6 +82,10 @@ pub struct Options {
     pub wipe: bool,
     /// Nodes lying to their own clients, if on.
     pub lies: Option<Lies>,
+    /// Whether nodes' admins revoke users now and then (their rooms must evict
+    /// them). Off unless asked for (`--revocations`): it finds bugs the actors
+    /// still have (see the workload's `revoke`).
+    pub revocations: bool,
     /// What one message costs every node.
     pub base_cost: Duration,
     /// Slow nodes and what one message costs them.
@@ -295,6 +299,7 @@ impl Options {
             crashes,
             wipe,
             lies: draw_lies(seed),
+            revocations: false,
             base_cost,
             slow,
             clock_offsets_ms,
@@ -388,6 +393,7 @@ impl Options {
             )?,
             None => writeln!(f, "  nodes lying to their clients: off")?,
         }
+        writeln!(f, "  revocations: {}", on_off(self.revocations))?;
         Ok(())
     }
 

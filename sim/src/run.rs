@@ -82,6 +82,8 @@ pub struct Stats {
     pub removals: u64,
     /// Rekeys (same members, next epoch) the homes applied.
     pub rekeys: u64,
+    /// Evictions of revoked members the homes made.
+    pub evictions: u64,
     /// Frames subscribers read, verified and decrypted.
     pub read: u64,
     /// Crashes, wipes and partitions injected.
@@ -234,6 +236,7 @@ impl Sim {
             invites: self.model.invites,
             removals: self.model.removals,
             rekeys: self.model.rekeys,
+            evictions: self.model.evictions.len() as u64,
             read: self.workload.read,
             crashes: self.faults.crashes,
             partitions: self.faults.partitions,
@@ -384,6 +387,7 @@ impl Sim {
         for node in 0..self.o.nodes {
             let admin = Identity::generate(&mut ids);
             self.c.seed_admin(node, &admin);
+            self.roster.add_admin(admin.clone());
             for _ in 0..self.o.users_per_node {
                 let id = Identity::generate(&mut ids);
                 let uid = id.user_id();

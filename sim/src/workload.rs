@@ -37,6 +37,16 @@ const REMOVE_CHAIN_WAIT_MS_MAX: u64 = 10_000;
 /// ask for a rekey).
 const PUBLISHES_WATCHED_MAX: usize = 64;
 
+/// One chance in this many that a removal step (not a rekey) is a revocation by a
+/// node's admin instead.
+const REVOKE_INSTEAD_ONE_IN: u64 = 6;
+
+/// The most users one run revokes.
+const REVOCATIONS_MAX: usize = 3;
+
+/// How long the workload waits for a node to answer a revocation.
+const REVOKE_WAIT_MS_MAX: u64 = 10_000;
+
 /// How long a client waits before it sends another rekey on the same chain head.
 const REKEY_RETRY_MS: u64 = 2_000;
 
@@ -68,6 +78,8 @@ pub struct Roster {
     users: Vec<User>,
     by_uid: BTreeMap<UserId, usize>,
     rooms: Vec<RoomId>,
+    /// Each node's admin, by node.
+    admins: Vec<Identity>,
 }
 
 impl Roster {
@@ -78,6 +90,16 @@ impl Roster {
         assert!(previous.is_none(), "two users drew the same identity");
         self.users.push(user);
         index
+    }
+
+    /// Adds the admin of the next node (nodes in order).
+    pub fn add_admin(&mut self, admin: Identity) {
+        self.admins.push(admin);
+    }
+
+    /// The admin of node `i`.
+    pub fn admin(&self, i: usize) -> &Identity {
+        &self.admins[i]
     }
 
     /// Adds a room its home created.
@@ -153,6 +175,14 @@ struct PendingRemove {
     deadline: Time,
 }
 
+/// A revocation waiting for its node's answer.
+struct PendingRevoke {
+    node: usize,
+    user: usize,
+    request: u64,
+    deadline: Time,
+}
+
 /// A publish whose outcome is watched: a refusal for want of a rekey makes the
 /// publisher rekey.
 struct Watched {
@@ -183,6 +213,9 @@ pub struct Workload {
     /// When a rekey was last sent on a room's chain head: one per head, unless
     /// [`REKEY_RETRY_MS`] passed (the first one may have been lost in a crash).
     rekeyed: BTreeMap<(RoomId, ChainHash), Time>,
+    pending_revokes: Vec<PendingRevoke>,
+    /// Users revoked (or being revoked): nobody invites them any more.
+    revoked: BTreeSet<usize>,
     /// Keys refused and reported, by (user, room, epoch, the key's `enc`).
     refusals: BTreeSet<(usize, RoomId, Epoch, Option<[u8; 32]>)>,
     counter: u64,
@@ -203,6 +236,8 @@ impl Workload {
             subs: BTreeMap::new(),
             pending_removes: Vec::new(),
             watched: VecDeque::new(),
+            pending_revokes: Vec::new(),
+            revoked: BTreeSet::new(),
             rekeyed: BTreeMap::new(),
             refusals: BTreeSet::new(),
             counter: 0,
@@ -272,6 +307,7 @@ impl Workload {
     pub fn step(&mut self, env: &mut Env<'_>) {
         self.progress_removes(env);
         self.progress_publishes(env);
+        self.progress_revokes(env);
         let w = env.o.weights;
         let total: u32 = w.iter().sum();
         let mut roll = (self.rng.next_u64() % u64::from(total.max(1))) as u32;
@@ -287,6 +323,9 @@ impl Workload {
             0 => self.publish(env),
             1 => self.invite(env),
             2 if self.rng.next_u64().is_multiple_of(REKEY_INSTEAD_ONE_IN) => self.rekey(env),
+            2 if env.o.revocations && self.rng.next_u64().is_multiple_of(REVOKE_INSTEAD_ONE_IN) => {
+                self.revoke(env)
+            }
             2 => self.remove(env),
             _ => self.read_all(env, false),
         }
@@ -447,7 +486,9 @@ impl Workload {
         let candidates: Vec<usize> = (0..env.roster.users_len())
             .filter(|&u| {
                 let user = env.roster.user(u);
-                !members.contains(&user.uid) && !env.c.nodes[user.node].wiped
+                !members.contains(&user.uid)
+                    && !env.c.nodes[user.node].wiped
+                    && !self.revoked.contains(&u)
             })
             .collect();
         let invitee = pick(&mut self.rng, &candidates)?;
@@ -600,6 +641,60 @@ impl Workload {
                 }
                 Some(_) => {}
                 None => self.watched.push_back(w),
+            }
+        }
+    }
+
+    /// A live node's admin revokes one of its users (at most
+    /// [`REVOCATIONS_MAX`] a run): the node has them evicted from their rooms.
+    ///
+    /// Only with `--revocations`: it shows two bugs of the actors (issue 12),
+    /// left to fix there. A user invited to a room whose membership has not
+    /// reached their node when it revokes them is never evicted from it (the
+    /// node evicts from the rooms it knows then); and a node that joins a room
+    /// after an eviction, before the rekey, refuses the evicted member's earlier
+    /// frames of that epoch in its backfill (their sender is no member any more),
+    /// so its users never read them.
+    fn revoke(&mut self, env: &mut Env<'_>) {
+        if self.revoked.len() >= REVOCATIONS_MAX {
+            return;
+        }
+        let candidates: Vec<usize> = (0..env.roster.users_len())
+            .filter(|&u| !self.revoked.contains(&u) && env.live(env.roster.user(u).node))
+            .collect();
+        let Some(user) = pick(&mut self.rng, &candidates) else {
+            return;
+        };
+        let u = env.roster.user(user);
+        let op = Op::RevokeUser { user: u.uid };
+        let node = u.node;
+        env.c.mark(&format!("revoke u{user} on n{node}"));
+        let request = env.c.request(node, env.roster.admin(node), op);
+        self.revoked.insert(user);
+        let wait = Duration::from_millis(REVOKE_WAIT_MS_MAX);
+        self.pending_revokes.push(PendingRevoke {
+            node,
+            user,
+            request,
+            deadline: env.c.now().saturating_add(wait),
+        });
+    }
+
+    /// Revocations their node made are reported; the others wait, up to their
+    /// deadline (a crash may have taken the request or its answer).
+    fn progress_revokes(&mut self, env: &mut Env<'_>) {
+        let pending = std::mem::take(&mut self.pending_revokes);
+        for p in pending {
+            match env.c.outcome(p.node, p.request) {
+                Some(Outcome::Done) => {
+                    env.seen(&Seen::Revoked {
+                        user: p.user,
+                        node: p.node,
+                    });
+                }
+                Some(_) => {}
+                None if env.c.now() < p.deadline => self.pending_revokes.push(p),
+                None => {}
             }
         }
     }

@@ -66,6 +66,14 @@ impl Oracle for ChainOracle {
             && m.members.contains_key(&frame.sender);
         let carried = m.next_seq - m.current_epoch_start();
         let max = view.cluster.config().epoch_frames_max;
+        if in_sequence && m.rekey_due {
+            return fails(format!(
+                "room {}: a frame was committed at seq {} after a member was evicted, before the room moved on from epoch {} (whose key they hold)",
+                short(&decision.room.0),
+                seq.0,
+                m.epoch
+            ));
+        }
         if !in_sequence || carried < max {
             return Verdict::Holds;
         }

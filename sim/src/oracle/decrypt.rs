@@ -52,6 +52,7 @@ impl Oracle for Decrypt {
             Seen::Sent { .. }
             | Seen::Read { .. }
             | Seen::KeyRefused { .. }
+            | Seen::Revoked { .. }
             | Seen::KeyAccepted { .. } => Verdict::Holds,
         }
     }

@@ -56,6 +56,7 @@ impl Oracle for EpochOracle {
                     frame.epoch.0, seq.0, m.epoch, m.current_epoch_start(), frame.epoch.0
                 ))
             }
+            Observed::Evicted { .. } => Verdict::Holds,
         }
     }
 }

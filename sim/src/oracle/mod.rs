@@ -151,6 +151,14 @@ pub enum Seen<'a> {
         /// The key.
         key: &'a EpochKey,
     },
+    /// A node revoked one of its users (its admin's request was done): it must
+    /// have them evicted from every room they were a member of.
+    Revoked {
+        /// The user.
+        user: usize,
+        /// Their node.
+        node: usize,
+    },
     /// A subscriber read the frame at `seq` (not yet opened).
     Read {
         /// The subscriber's user.

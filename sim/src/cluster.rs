@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use conclave_actors::actor::{ActorKind, ActorRef, Context, Effect, Handler, Time};
 use conclave_actors::crypto::Frame;
+use conclave_actors::domain::chain::{ChainState, Change, SignedLink, Signer, CHAIN_LINKS_MAX};
 use conclave_actors::domain::{
     self, client, gateway_of, members_of, ClientMsg, Domain, DomainConfig, Invitee, MembersMsg,
     Msg, Op, Outcome, Policy, ReplyTo, Request, RoomInfo, RoomMsg,
@@ -43,7 +44,7 @@ use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
 use conclave_actors::lifecycle::{Incarnation, Lifecycles, Phase, Turn};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
-use conclave_storage::{MemStore, Store};
+use conclave_storage::{MemStore, ReadTxn, Store, StoreError};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -143,6 +144,9 @@ impl Mailbox {
 pub struct SimNode {
     /// Its id.
     pub id: NodeId,
+    /// Its identity (its Ed25519 key is its id): it signs evictions, and a node
+    /// that lies to its clients seals keys with it.
+    pub identity: Identity,
     /// Its disk.
     pub store: Arc<MemStore>,
     /// Its actors: active, stopping, and their mailboxes.
@@ -260,6 +264,21 @@ pub enum Observed {
         /// What the room answered.
         outcome: Outcome,
     },
+    /// A room evicted a revoked member: it appended an eviction link, signed as
+    /// the room's home (an eviction answers no client, so the driver sees it in
+    /// the link the room committed while it handled the revocation).
+    Evicted {
+        /// The member.
+        user: UserId,
+    },
+}
+
+/// What the driver watches a room's handling of a message for.
+enum Watch {
+    /// Its answer to a client.
+    Reply(Observed),
+    /// An eviction of `user`, when the room's chain held `len` links.
+    Eviction { user: UserId, len: u64 },
 }
 
 /// One decision of a room (see [`Observed`]).
@@ -346,15 +365,17 @@ impl Cluster {
     /// Like [`Cluster::new`] with the domain's timing.
     pub fn with_config(n: usize, seed: u64, config: DomainConfig) -> Self {
         let mut ids = derive_rng(seed, 0, "node-ids");
-        let mut ids: Vec<NodeId> = (0..n)
-            .map(|_| Identity::generate(&mut ids).node_id())
-            .collect();
-        ids.sort();
-        let nodes = ids
+        let mut identities: Vec<Identity> = (0..n).map(|_| Identity::generate(&mut ids)).collect();
+        identities.sort_by_key(Identity::node_id);
+        let domain = identities
+            .iter()
+            .fold(Domain::new(config), |d, id| d.with_identity(id.clone()));
+        let nodes = identities
             .into_iter()
             .enumerate()
-            .map(|(i, id)| SimNode {
-                id,
+            .map(|(i, identity)| SimNode {
+                id: identity.node_id(),
+                identity,
                 store: Arc::new(MemStore::new()),
                 actors: Lifecycles::new(),
                 up: true,
@@ -372,7 +393,7 @@ impl Cluster {
             .collect();
         Self {
             nodes,
-            domain: Domain::new(config),
+            domain,
             queue: BTreeMap::new(),
             now: START,
             next_event: 0,
@@ -407,6 +428,11 @@ impl Cluster {
     /// Node `i`'s clock: the virtual time plus its offset.
     pub fn node_now(&self, i: usize) -> Time {
         offset(self.now, self.nodes[i].clock_offset)
+    }
+
+    /// The domain's configuration (timing, the frames an epoch may carry).
+    pub fn config(&self) -> DomainConfig {
+        self.domain.config
     }
 
     /// The cluster's random source (for clients' keys, nonces and ids).
@@ -579,6 +605,8 @@ impl Cluster {
             return;
         }
         if to.kind == ActorKind::GATEWAY {
+            // Replies are collected; `ClientMsg::Revoked` (close a revoked user's
+            // connections) has nothing to close here: clients read stores directly.
             if let Msg::Client(ClientMsg::Reply { request, outcome }) = msg {
                 self.replies
                     .entry((to.node, request))
@@ -797,7 +825,7 @@ impl Cluster {
             ));
         }
         let mut effects = self.activate(i, to, incarnation);
-        let observing = self.observing(to, &msg);
+        let observing = self.observing(i, to, &msg);
         let now = self.node_now(i);
         let node = &mut self.nodes[i];
         let store: Arc<MemStore> = Arc::clone(&node.store);
@@ -819,8 +847,10 @@ impl Cluster {
         if let (Some(journal), Some(text)) = (&mut self.journal, text) {
             journal.push(Turn::new(to, incarnation, from, text, &effects));
         }
-        if let Some(what) = observing {
-            self.observe_decision(i, to, what, &effects);
+        match observing {
+            Some(Watch::Reply(what)) => self.observe_decision(i, to, what, &effects),
+            Some(Watch::Eviction { user, len }) => self.observe_eviction(i, to, user, len),
+            None => {}
         }
         self.apply(i, to, incarnation, effects);
         true
@@ -850,21 +880,58 @@ impl Cluster {
         effects
     }
 
-    /// What to record of a room's decision on `msg`, if rooms are observed.
-    fn observing(&self, to: ActorRef, msg: &Msg) -> Option<Observed> {
+    /// What to record of a room's decision on `msg` (on node `i`), if rooms are
+    /// observed.
+    fn observing(&self, i: usize, to: ActorRef, msg: &Msg) -> Option<Watch> {
         if !self.observe || to.kind != ActorKind::ROOM {
             return None;
         }
         match msg {
-            Msg::Room(RoomMsg::Request { req, .. }) => Some(Observed::Request {
+            Msg::Room(RoomMsg::Request { req, .. }) => Some(Watch::Reply(Observed::Request {
                 request: Box::new(req.request.clone()),
                 outcome: Outcome::Forwarded,
-            }),
-            Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Observed::Publish {
+            })),
+            Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Watch::Reply(Observed::Publish {
                 frame: FrameHeader::from(frame),
                 outcome: Outcome::Forwarded,
-            }),
+            })),
+            Msg::Room(RoomMsg::Evict { user, .. } | RoomMsg::Revoked { user }) => {
+                let conclave_actors::actor::ActorKey::Room(room) = to.key else {
+                    return None;
+                };
+                let txn = self.nodes[i].store.read().ok()?;
+                let (len, _) = domain::state::rooms::chain_head(&*txn, room).ok()?;
+                Some(Watch::Eviction { user: *user, len })
+            }
             _ => None,
+        }
+    }
+
+    /// Records that room `to` on node `i` evicted `user`, if handling the message
+    /// appended exactly the link that does so (signed by node `i`) to the `len`
+    /// it held.
+    fn observe_eviction(&mut self, i: usize, to: ActorRef, user: UserId, len: u64) {
+        let conclave_actors::actor::ActorKey::Room(room) = to.key else {
+            return;
+        };
+        let Ok(txn) = self.nodes[i].store.read() else {
+            return;
+        };
+        let Ok(added) = domain::state::rooms::links(&*txn, room, len, 2) else {
+            return;
+        };
+        let evicted = matches!(
+            added.as_slice(),
+            [link] if link.link.by == Signer::Node(self.nodes[i].id)
+                && matches!(link.link.change, Change::Evict { user: u, .. } if u == user)
+        );
+        drop(txn);
+        if evicted {
+            self.observed.push(Observation {
+                node: i,
+                room,
+                what: Observed::Evicted { user },
+            });
         }
     }
 
@@ -889,6 +956,7 @@ impl Cluster {
                 Observed::Request { outcome, .. } | Observed::Publish { outcome, .. } => {
                     *outcome = decided;
                 }
+                Observed::Evicted { .. } => {}
             }
             self.observed.push(Observation {
                 node: i,
@@ -1143,21 +1211,33 @@ impl Cluster {
         room
     }
 
-    /// The keys node `i` holds for `user` in `room`, opened.
+    /// `room`'s chain as node `i` holds it, verified from its creation (for
+    /// scripted tests: it must verify).
+    pub fn chain(&self, i: usize, room: RoomId) -> ChainState {
+        let txn = self.nodes[i].store.read().expect("read");
+        let links = stored_chain(&*txn, room).expect("read the chain");
+        ChainState::verify(room, &links)
+            .unwrap_or_else(|e| panic!("n{i}'s chain of room {room:?} does not verify: {e}"))
+    }
+
+    /// The keys node `i` holds for `user` in `room`, opened and accepted against
+    /// the chain node `i` holds (every one must be).
     pub fn keys(
         &self,
         i: usize,
         user: &Identity,
         room: RoomId,
     ) -> BTreeMap<Epoch, conclave_actors::crypto::EpochKey> {
+        let chain = self.chain(i, room);
         let txn = self.nodes[i].store.read().expect("read");
         let sealed = domain::state::keys::sealed_for(&*txn, room, user.user_id()).expect("keys");
-        let (keys, errors) = client::open_keys(user, room, &sealed);
-        assert!(errors.is_empty(), "keys that do not open: {errors:?}");
+        let (keys, refused) = client::accept_keys(user, &chain, &sealed);
+        assert!(refused.is_empty(), "keys refused: {refused:?}");
         keys
     }
 
-    /// `inviter` (homed on node `i`) invites `invitee` (homed on `home`).
+    /// `inviter` (homed on node `i`) invites `invitee` (homed on `home`), with the
+    /// key of the current epoch of the chain node `i` holds.
     pub fn invite(
         &mut self,
         i: usize,
@@ -1167,14 +1247,17 @@ impl Cluster {
         home: usize,
         role: domain::RoomRole,
     ) -> Outcome {
+        let chain = self.chain(i, room);
         let keys = self.keys(i, inviter, room);
-        let (&epoch, key) = keys.iter().next_back().expect("the inviter holds a key");
+        let key = keys
+            .get(&chain.epoch)
+            .expect("the inviter holds the current key");
         let invitee = Invitee {
             user: invitee.public(),
             home: self.id(home),
             role,
         };
-        let op = client::invite(&mut self.rng, inviter, room, epoch, key, invitee).expect("seal");
+        let op = client::invite(&mut self.rng, inviter, &chain, key, invitee).expect("seal");
         self.call(i, inviter, op)
     }
 
@@ -1186,11 +1269,19 @@ impl Cluster {
         }
     }
 
-    /// `remover` (on node `i`) removes `user`, rekeying the room.
+    /// `remover` (on node `i`) removes `user`, rekeying the room for the members
+    /// of the chain node `i` holds.
     pub fn remove(&mut self, i: usize, remover: &Identity, room: RoomId, user: UserId) -> Outcome {
-        let info = self.room_info(i, remover, room);
-        let (_key, op) = client::remove(&mut self.rng, remover, &info, user).expect("seal");
+        let chain = self.chain(i, room);
+        let (_key, op) = client::remove(&mut self.rng, remover, &chain, user).expect("seal");
         self.call(i, remover, op)
+    }
+
+    /// `member` (on node `i`) moves the room to its next epoch, same members.
+    pub fn rekey(&mut self, i: usize, member: &Identity, room: RoomId) -> Outcome {
+        let chain = self.chain(i, room);
+        let (_key, op) = client::rekey(&mut self.rng, member, &chain).expect("seal");
+        self.call(i, member, op)
     }
 
     /// Seals `text` as `user` (on node `i`) with their newest key and publishes it;
@@ -1264,6 +1355,32 @@ impl Cluster {
             .filter(|(_, depth)| *depth > 0)
             .collect()
     }
+}
+
+/// How many links one read of a store's chain takes.
+pub const CHAIN_READ_PAGE_LINKS: usize = 256;
+
+/// `room`'s chain as a store holds it, from its creation, read in pages (at most
+/// [`CHAIN_LINKS_MAX`] links and one page: more would not verify anyway).
+pub fn stored_chain(txn: &dyn ReadTxn, room: RoomId) -> Result<Vec<SignedLink>, StoreError> {
+    let mut links: Vec<SignedLink> = Vec::new();
+    loop {
+        let from = links.len() as u64;
+        let page = domain::state::rooms::links(txn, room, from, CHAIN_READ_PAGE_LINKS)?;
+        let full = page.len() == CHAIN_READ_PAGE_LINKS;
+        links.extend(page);
+        if !full || links.len() as u64 > CHAIN_LINKS_MAX {
+            return Ok(links);
+        }
+    }
+}
+
+/// `room`'s chain as node `node` holds it, verified from its creation; `None` if
+/// it holds none yet, or none that verifies, or its store cannot be read.
+pub fn verified_chain(node: &SimNode, room: RoomId) -> Option<ChainState> {
+    let txn = node.store.read().ok()?;
+    let links = stored_chain(&*txn, room).ok()?;
+    ChainState::verify(room, &links).ok()
 }
 
 /// `t` shifted by `offset` microseconds.

@@ -1,16 +1,23 @@
-//! The faults: the seed's plan (partitions, crashes, a node lost for good, drawn
-//! when the run starts) and how each one is applied to the cluster.
+//! The faults: the seed's plan (partitions, crashes, a node lost for good, nodes
+//! lying to their own clients, drawn when the run starts) and how each one is
+//! applied to the cluster.
 
 use core::time::Duration;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use conclave_actors::actor::Time;
+use conclave_actors::crypto::{seal_epoch_key, EpochKey};
+use conclave_actors::domain;
+use conclave_actors::ids::{Epoch, RoomId};
+use conclave_actors::{PublicIdentity, UserId};
+use conclave_storage::Store;
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 
 use crate::cluster::{derive_rng, Cluster, START};
-use crate::draw::{around, between, chance};
+use crate::draw::{around, between, chance, pick};
 use crate::options::{Crashes, Options, Partitions};
+use crate::workload::Roster;
 
 /// How long a crash waits for its node to be mid-work before it happens anyway.
 pub const CRASH_MID_WORK_WAIT_MS_MAX: u64 = 1_000;
@@ -46,6 +53,15 @@ pub enum Fault {
     },
     /// Heal links, as (from, to).
     Heal(Vec<(usize, usize)>),
+    /// A node lies to one of its own users: it writes into its own store, beside
+    /// the keys its rooms gave it, a key of a room the user is a member of, sealed
+    /// to the user's real X25519 key by an identity the node controls (its own),
+    /// never a member. The epoch is the next one, or an earlier one the user holds
+    /// no key for (which the chain has, started by someone else). An honest client
+    /// refuses it (`unknown_epoch`, `unauthorized_sealer`); one that takes it reads
+    /// with a key the node knows. A key the node holds is never overwritten, so
+    /// the lie takes nothing from the user.
+    Lie,
 }
 
 /// What applying a fault did that the run must follow up.
@@ -69,6 +85,10 @@ pub struct Faults {
     pub crashes: u64,
     /// Partitions injected.
     pub partitions: u64,
+    /// Keys nodes slipped their users ([`Fault::Lie`]).
+    pub lies: u64,
+    /// Whom a lie goes to, which epoch it names, and the key itself.
+    liar_rng: ChaCha20Rng,
 }
 
 impl Faults {
@@ -80,6 +100,8 @@ impl Faults {
             armed: BTreeMap::new(),
             crashes: 0,
             partitions: 0,
+            lies: 0,
+            liar_rng: derive_rng(o.seed, 0, "liar"),
         }
     }
 
@@ -88,8 +110,8 @@ impl Faults {
         self.plan.get(self.next).map(|(t, _)| *t)
     }
 
-    /// Applies the next fault.
-    pub fn apply_next(&mut self, c: &mut Cluster, o: &Options) -> Applied {
+    /// Applies the next fault (a lie goes to one of `roster`'s users).
+    pub fn apply_next(&mut self, c: &mut Cluster, o: &Options, roster: &Roster) -> Applied {
         assert!(self.next < self.plan.len(), "no fault is left to apply");
         let fault = std::mem::replace(&mut self.plan[self.next].1, Fault::Heal(Vec::new()));
         self.next += 1;
@@ -124,8 +146,58 @@ impl Faults {
                     c.connected(b, a);
                 }
             }
+            Fault::Lie => self.lie(c, roster),
         }
         Applied::Done
+    }
+
+    /// A live node slips one of its users who is a member of a room a key it
+    /// sealed itself ([`Fault::Lie`]); nothing if no live node hosts a member.
+    fn lie(&mut self, c: &mut Cluster, roster: &Roster) {
+        let members = live_members(c, roster);
+        let Some((user, room)) = pick(&mut self.liar_rng, &members) else {
+            return;
+        };
+        let u = roster.user(user);
+        let Some((epoch, held)) = self.lie_epoch(c, u.node, u.uid, room) else {
+            return;
+        };
+        if held {
+            return;
+        }
+        let recipient = u.id.public();
+        if slip_key(c, u.node, &recipient, room, epoch, &mut self.liar_rng) {
+            self.lies += 1;
+            c.mark(&format!("lie n{} u{user} epoch {}", u.node, epoch.0));
+        }
+    }
+
+    /// The epoch a lie to `uid` in `room` on node `i` names: the one after the
+    /// room's current one there, or (half the time, if any) an earlier one they
+    /// hold no key for; and whether they hold a key of it.
+    fn lie_epoch(
+        &mut self,
+        c: &Cluster,
+        i: usize,
+        uid: UserId,
+        room: RoomId,
+    ) -> Option<(Epoch, bool)> {
+        let txn = c.nodes[i].store.read().ok()?;
+        let meta = domain::state::rooms::meta(&*txn, room).ok()??;
+        let held: BTreeSet<Epoch> = domain::state::keys::sealed_for(&*txn, room, uid)
+            .ok()?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect();
+        let earlier: Vec<Epoch> = (1..meta.epoch.0)
+            .map(Epoch)
+            .filter(|e| !held.contains(e))
+            .collect();
+        let epoch = match pick(&mut self.liar_rng, &earlier) {
+            Some(e) if self.liar_rng.next_u64() & 1 == 1 => e,
+            _ => Epoch(meta.epoch.0 + 1),
+        };
+        Some((epoch, held.contains(&epoch)))
     }
 
     fn wipe(&mut self, c: &mut Cluster, i: usize) -> Applied {
@@ -198,6 +270,56 @@ impl Faults {
     }
 }
 
+/// Node `i` lies to `user`: it writes into its own store a fresh key of `room` at
+/// `epoch`, sealed to the user's X25519 key by the node's own identity (which no
+/// room has as a member). Whether it was written.
+pub fn slip_key(
+    c: &Cluster,
+    i: usize,
+    user: &PublicIdentity,
+    room: RoomId,
+    epoch: Epoch,
+    rng: &mut ChaCha20Rng,
+) -> bool {
+    let key = EpochKey::generate(rng);
+    let node = &c.nodes[i];
+    let sealer = node.identity.signing_key();
+    let recipient = user.exchange_key();
+    let Ok(sealed) = seal_epoch_key(rng, sealer, &recipient, room, epoch, &key) else {
+        return false;
+    };
+    let uid = UserId(user.signing);
+    node.store
+        .write()
+        .and_then(|mut txn| {
+            domain::state::keys::put(&mut *txn, room, epoch, uid, &sealed)?;
+            txn.commit()
+        })
+        .is_ok()
+}
+
+/// Every (user, room) of `roster` where the user's node is live and shows them as
+/// a member.
+fn live_members(c: &Cluster, roster: &Roster) -> Vec<(usize, RoomId)> {
+    let mut out = Vec::new();
+    for user in 0..roster.users_len() {
+        let u = roster.user(user);
+        if !live(c, u.node) {
+            continue;
+        }
+        let Ok(txn) = c.nodes[u.node].store.read() else {
+            continue;
+        };
+        for &room in roster.rooms() {
+            let vis = domain::state::rooms::visibility(&*txn, u.uid, room);
+            if matches!(vis, Ok(Some(v)) if v.until.is_none()) {
+                out.push((user, room));
+            }
+        }
+    }
+    out
+}
+
 /// Restarts node `i` and reconnects it with every live node.
 fn restart(c: &mut Cluster, o: &Options, i: usize) {
     c.restart(i);
@@ -227,6 +349,16 @@ pub fn plan(o: &Options) -> Vec<(Duration, Fault)> {
         let chaos = u64::try_from(o.chaos.as_micros()).unwrap_or(0);
         let at = Duration::from_micros(between(&mut rng, chaos / 4, chaos * 3 / 4));
         faults.push((at, Fault::Wipe(node)));
+    }
+    if let Some(lies) = o.lies {
+        let mut t = Duration::ZERO;
+        loop {
+            t += around(&mut rng, lies.every);
+            if t >= o.chaos {
+                break;
+            }
+            faults.push((t, Fault::Lie));
+        }
     }
     // Stable: faults at the same instant keep the order they were drawn in.
     faults.sort_by_key(|(t, _)| *t);

@@ -2,8 +2,8 @@
 //! caught.
 //!
 //! ```text
-//! conclave-sim run --seeds A..B [--nodes N] [--mutation NAME]
-//! conclave-sim replay --seed N [--trace FILE] [--print-hash] [--nodes N] [--mutation NAME]
+//! conclave-sim run --seeds A..B [--nodes N] [--mutation NAME] [--revocations]
+//! conclave-sim replay --seed N [--trace FILE] [--print-hash] [--nodes N] [--mutation NAME] [--revocations]
 //! conclave-sim mutations [--seeds A..B] [--nodes N]
 //! ```
 //!
@@ -44,6 +44,10 @@ enum Command {
         /// Switch a mutation on (needs a build with `--features mutations`).
         #[arg(long)]
         mutation: Option<String>,
+        /// Let nodes' admins revoke users (off by default: it shows bugs the actors
+        /// still have).
+        #[arg(long)]
+        revocations: bool,
     },
     /// Replay one seed exactly.
     Replay {
@@ -62,6 +66,9 @@ enum Command {
         /// The mutation, as given to `run`.
         #[arg(long)]
         mutation: Option<String>,
+        /// Revocations, as given to `run`.
+        #[arg(long)]
+        revocations: bool,
     },
     /// Run every mutation over the seeds until an oracle catches it.
     Mutations {
@@ -142,6 +149,18 @@ fn parse_mutation(name: Option<&str>) -> Result<Option<Mutation>, String> {
     Ok(Some(m))
 }
 
+/// The options of `seed`, as the command line shapes them.
+fn options(
+    seed: u64,
+    nodes: Option<usize>,
+    mutation: Option<Mutation>,
+    revocations: bool,
+) -> Options {
+    let mut options = Options::derive(seed, nodes, mutation);
+    options.revocations = revocations;
+    options
+}
+
 fn replay_command(seed: u64, nodes: Option<usize>, mutation: Option<Mutation>) -> String {
     let mut cmd = format!("conclave-sim replay --seed {seed}");
     if let Some(n) = nodes {
@@ -210,6 +229,10 @@ impl Sweep {
         t.committed += s.committed;
         t.invites += s.invites;
         t.removals += s.removals;
+        t.rekeys += s.rekeys;
+        t.evictions += s.evictions;
+        t.lies += s.lies;
+        t.refused += s.refused;
         t.read += s.read;
         t.crashes += s.crashes;
         t.partitions += s.partitions;
@@ -232,12 +255,12 @@ impl Sweep {
             mutation.map_or("none", |m| m.name())
         );
         println!(
-            "workload: {} frames published, {} committed, {} read by subscribers (verified, decrypted); {} invites, {} removals with rekey",
-            t.published, t.committed, t.read, t.invites, t.removals
+            "workload: {} frames published, {} committed, {} read by subscribers (verified, decrypted); {} invites, {} removals with rekey, {} rekeys, {} evictions of revoked members",
+            t.published, t.committed, t.read, t.invites, t.removals, t.rekeys, t.evictions
         );
         println!(
-            "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay)",
-            t.crashes, t.partitions, self.wiped
+            "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay); {} keys slipped to users by their own node, {} keys refused by clients",
+            t.crashes, t.partitions, self.wiped, t.lies, t.refused
         );
         println!(
             "speed: {:.1} seeds/s; {:.0} virtual seconds in {:.1} wall seconds = {:.0} virtual s per wall s; {:.0} events/s ({:.0} messages handled/s)",
@@ -254,10 +277,11 @@ impl Sweep {
                 continue;
             };
             println!("  seed {} {failure}", report.options.seed);
-            println!(
-                "    replay: {}",
-                replay_command(report.options.seed, nodes, mutation)
-            );
+            let mut replay = replay_command(report.options.seed, nodes, mutation);
+            if report.options.revocations {
+                replay.push_str(" --revocations");
+            }
+            println!("    replay: {replay}");
             for line in report.options.to_string().lines().skip(1) {
                 println!("    {}", line.trim_start());
             }
@@ -265,13 +289,18 @@ impl Sweep {
     }
 }
 
-fn sweep(seeds: Seeds, nodes: Option<usize>, mutation: Option<Mutation>) -> ExitCode {
+fn sweep(
+    seeds: Seeds,
+    nodes: Option<usize>,
+    mutation: Option<Mutation>,
+    revocations: bool,
+) -> ExitCode {
     let progress = Progress::new(seeds.len());
     let watch = Stopwatch::start();
     let mut sweep = Sweep::default();
     for (k, seed) in (seeds.start..seeds.end).enumerate() {
         progress.show(k as u64, sweep.failures.len(), "run");
-        sweep.add(run(&Options::derive(seed, nodes, mutation)));
+        sweep.add(run(&options(seed, nodes, mutation, revocations)));
     }
     progress.clear();
     let wall = watch.elapsed().as_secs_f64().max(1e-9);
@@ -287,15 +316,16 @@ fn replay(
     seed: u64,
     nodes: Option<usize>,
     mutation: Option<Mutation>,
+    revocations: bool,
     trace: Option<PathBuf>,
     print_hash: bool,
 ) -> ExitCode {
-    let options = Options::derive(seed, nodes, mutation);
+    let options = options(seed, nodes, mutation, revocations);
     println!("{options}");
     let report = run_with(&options, trace.is_some());
     let s = report.stats;
     println!(
-        "ran {:.3} virtual seconds: {} events, {} messages handled; {} frames published, {} committed, {} read; {} invites, {} removals; {} crashes, {} partitions",
+        "ran {:.3} virtual seconds: {} events, {} messages handled; {} frames published, {} committed, {} read; {} invites, {} removals, {} rekeys, {} evictions; {} crashes, {} partitions; {} lies, {} keys refused",
         report.virtual_time.as_secs_f64(),
         report.events,
         report.handled,
@@ -304,8 +334,12 @@ fn replay(
         s.read,
         s.invites,
         s.removals,
+        s.rekeys,
+        s.evictions,
         s.crashes,
-        s.partitions
+        s.partitions,
+        s.lies,
+        s.refused
     );
     for note in &report.notes {
         println!("note: {note}");
@@ -378,13 +412,13 @@ fn cut(detail: &str) -> String {
 
 fn print_mutations(rows: &[(Mutation, Option<Caught>)], seeds: Seeds) {
     println!(
-        "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} what the oracle saw",
+        "{:<24} {:<6} {:<11} {:>5} {:>9}  {:<14} what the oracle saw",
         "mutation", "caught", "oracle", "seeds", "at seed", "seed w/o it"
     );
     for (m, row) in rows {
         match row {
             Some((seed, tried, failure, clean_ok)) => println!(
-                "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} {}",
+                "{:<24} {:<6} {:<11} {:>5} {:>9}  {:<14} {}",
                 m.name(),
                 "yes",
                 failure.oracle,
@@ -394,7 +428,7 @@ fn print_mutations(rows: &[(Mutation, Option<Caught>)], seeds: Seeds) {
                 cut(&failure.detail)
             ),
             None => println!(
-                "{:<20} {:<6} {:<11} {:>5} {:>9}  {:<14} -",
+                "{:<24} {:<6} {:<11} {:>5} {:>9}  {:<14} -",
                 m.name(),
                 "NO",
                 "-",
@@ -448,8 +482,9 @@ fn main() -> ExitCode {
             seeds,
             nodes,
             mutation,
+            revocations,
         } => match parse_mutation(mutation.as_deref()) {
-            Ok(m) => sweep(seeds, nodes, m),
+            Ok(m) => sweep(seeds, nodes, m, revocations),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)
@@ -461,8 +496,9 @@ fn main() -> ExitCode {
             print_hash,
             nodes,
             mutation,
+            revocations,
         } => match parse_mutation(mutation.as_deref()) {
-            Ok(m) => replay(seed, nodes, m, trace, print_hash),
+            Ok(m) => replay(seed, nodes, m, revocations, trace, print_hash),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)

@@ -8,8 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use conclave_actors::crypto::Frame;
-use conclave_actors::domain::{self, History, Op, Outcome, RoomRole};
-use conclave_actors::ids::{MessageId, RoomId, Seq};
+use conclave_actors::domain::chain::Change;
+use conclave_actors::domain::{self, History, Invitee, Op, Outcome, RoomRole};
+use conclave_actors::ids::{Epoch, MessageId, RoomId, Seq};
 use conclave_actors::UserId;
 use conclave_storage::{ReadTxn, StoreError};
 
@@ -115,6 +116,8 @@ pub struct RoomModel {
     pub ids: BTreeMap<MessageId, u64>,
     /// The next sequence number the home hands out.
     pub next_seq: u64,
+    /// A member was evicted since the epoch started: no frame until the next one.
+    pub rekey_due: bool,
 }
 
 impl RoomModel {
@@ -136,6 +139,7 @@ impl RoomModel {
             committed: BTreeMap::new(),
             ids: BTreeMap::new(),
             next_seq: 1,
+            rekey_due: false,
         }
     }
 
@@ -157,6 +161,21 @@ impl RoomModel {
     /// The first sequence number of the current epoch.
     pub fn current_epoch_start(&self) -> u64 {
         self.epoch_start[&self.epoch]
+    }
+
+    /// The room moves to `epoch`, which must be the next one, with the members it
+    /// has now (after `what`, which moved it).
+    fn next_epoch(&mut self, epoch: Epoch, what: &str) {
+        assert_eq!(
+            epoch.0,
+            self.epoch + 1,
+            "{what} skipping epochs was accepted"
+        );
+        self.epoch += 1;
+        self.rekey_due = false;
+        self.epoch_start.insert(self.epoch, self.next_seq);
+        let nodes: BTreeSet<usize> = self.members.values().map(|m| m.node).collect();
+        self.allowed.insert(self.epoch, nodes);
     }
 
     /// What must hold after every decision the model took in.
@@ -189,14 +208,15 @@ pub struct Model {
     pub invites: u64,
     /// Removals the homes applied.
     pub removals: u64,
+    /// Rekeys (same members, next epoch) the homes applied.
+    pub rekeys: u64,
+    /// Every eviction of a revoked member a home made, as (room, user).
+    pub evictions: BTreeSet<(RoomId, UserId)>,
 }
 
-/// Whether `op` changes a room's membership.
+/// Whether `op` changes a room's membership or epoch (appends a chain link).
 pub fn changes_members(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::CreateRoom { .. } | Op::Invite { .. } | Op::Remove { .. }
-    )
+    op.link().is_some()
 }
 
 impl Model {
@@ -225,6 +245,11 @@ impl Model {
                     self.commit(obs.room, frame, *id, *seq);
                 }
             }
+            Observed::Evicted { user } => {
+                if accepted {
+                    self.evict(obs.room, *user);
+                }
+            }
         }
         if let Some(m) = self.rooms.get(&obs.room) {
             m.assert_invariants();
@@ -232,46 +257,17 @@ impl Model {
     }
 
     fn apply(&mut self, cluster: &Cluster, node: usize, room: RoomId, acting: UserId, op: &Op) {
-        match op {
-            Op::CreateRoom { policy, .. } => {
+        let Some(link) = op.link() else { return };
+        match &link.link.change {
+            Change::Create { policy, .. } => {
                 let created = RoomModel::created(node, policy.history, acting);
                 self.rooms.insert(room, created);
             }
-            Op::Invite { invitee, .. } => {
-                let Some(target) = cluster.index(invitee.home) else {
-                    return;
-                };
+            Change::Invite { invitee, .. } => self.invite(cluster, node, room, invitee),
+            Change::Remove { user, epoch, .. } => {
                 let Some(m) = self.rooms.get_mut(&room) else {
                     return;
                 };
-                assert_eq!(
-                    m.home, node,
-                    "an invite by a node not the home was accepted"
-                );
-                let since = match m.history {
-                    History::FromJoin => m.next_seq,
-                    History::FromEpoch => m.current_epoch_start(),
-                };
-                let user = UserId(invitee.user.signing);
-                let member = Member {
-                    node: target,
-                    since,
-                    role: invitee.role,
-                };
-                m.members.insert(user, member);
-                m.removed.remove(&user);
-                m.allowed.entry(m.epoch).or_default().insert(target);
-                self.invites += 1;
-            }
-            Op::Remove { user, epoch, .. } => {
-                let Some(m) = self.rooms.get_mut(&room) else {
-                    return;
-                };
-                assert_eq!(
-                    epoch.0,
-                    m.epoch + 1,
-                    "a removal skipping epochs was accepted"
-                );
                 if let Some(member) = m.members.remove(user) {
                     let removed = Removed {
                         since: member.since,
@@ -279,14 +275,63 @@ impl Model {
                     };
                     m.removed.insert(*user, removed);
                 }
-                m.epoch += 1;
-                m.epoch_start.insert(m.epoch, m.next_seq);
-                let nodes: BTreeSet<usize> = m.members.values().map(|m| m.node).collect();
-                m.allowed.insert(m.epoch, nodes);
+                m.next_epoch(*epoch, "a removal");
                 self.removals += 1;
             }
-            _ => {}
+            Change::Rekey { epoch, .. } => {
+                let Some(m) = self.rooms.get_mut(&room) else {
+                    return;
+                };
+                m.next_epoch(*epoch, "a rekey");
+                self.rekeys += 1;
+            }
+            // Evictions are the home's own links, never a client's request.
+            Change::Evict { .. } => {}
         }
+    }
+
+    /// The home evicted `user` (revoked by their node): they are removed, and the
+    /// room takes no frame until a member moves it to the next epoch.
+    fn evict(&mut self, room: RoomId, user: UserId) {
+        let Some(m) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if let Some(member) = m.members.remove(&user) {
+            let removed = Removed {
+                since: member.since,
+                until: m.next_seq,
+            };
+            m.removed.insert(user, removed);
+        }
+        m.rekey_due = true;
+        self.evictions.insert((room, user));
+    }
+
+    fn invite(&mut self, cluster: &Cluster, node: usize, room: RoomId, invitee: &Invitee) {
+        let Some(target) = cluster.index(invitee.home) else {
+            return;
+        };
+        let Some(m) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        assert_eq!(
+            m.home, node,
+            "an invite by a node not the home was accepted"
+        );
+        let since = match m.history {
+            History::FromJoin => m.next_seq,
+            History::FromEpoch => m.current_epoch_start(),
+        };
+        let user = UserId(invitee.user.signing);
+        let member = Member {
+            node: target,
+            since,
+            role: invitee.role,
+        };
+        m.members.insert(user, member);
+        m.removed.remove(&user);
+        m.allowed.entry(m.epoch).or_default().insert(target);
+        self.invites += 1;
     }
 
     fn commit(&mut self, room: RoomId, frame: &FrameHeader, id: MessageId, seq: Seq) {
@@ -312,8 +357,6 @@ impl Model {
 
 #[cfg(test)]
 mod tests {
-    use conclave_actors::ids::Epoch;
-
     use super::*;
 
     const ROOM: RoomId = RoomId([7; 16]);

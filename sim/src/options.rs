@@ -5,12 +5,22 @@
 use core::fmt;
 use core::time::Duration;
 
-use conclave_actors::domain::DomainConfig;
+use conclave_actors::domain::{DomainConfig, EPOCH_FRAMES_MAX};
 use conclave_actors::mutation::Mutation;
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 
 use crate::cluster::{derive_rng, Interleave, Scheduling};
+
+/// The fewest frames per epoch a seed that bounds epochs tightly draws.
+const EPOCH_FRAMES_DRAWN_MIN: u64 = 8;
+/// The most frames per epoch a seed that bounds epochs tightly draws.
+const EPOCH_FRAMES_DRAWN_MAX: u64 = 64;
+
+/// The shortest mean time between two lies of a seed whose nodes lie.
+const LIE_MS_EVERY_MIN: u64 = 300;
+/// The longest mean time between two lies of a seed whose nodes lie.
+const LIE_MS_EVERY_MAX: u64 = 3_000;
 
 /// Partitions: how often one starts and how long it lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +48,14 @@ pub struct Crashes {
     pub mid_work_ppm: u32,
 }
 
+/// Nodes that lie to their own clients: how often one slips a user a key it
+/// sealed itself (see [`crate::faults::Fault::Lie`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lies {
+    /// Mean time between two lies.
+    pub every: Duration,
+}
+
 /// Everything a run derives from its seed (plus the node count and mutation, which
 /// the command line may fix).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +80,12 @@ pub struct Options {
     pub crashes: Option<Crashes>,
     /// Whether one node is lost for good (its disk wiped) during the chaos.
     pub wipe: bool,
+    /// Nodes lying to their own clients, if on.
+    pub lies: Option<Lies>,
+    /// Whether nodes' admins revoke users now and then (their rooms must evict
+    /// them). Off unless asked for (`--revocations`): it finds bugs the actors
+    /// still have (see the workload's `revoke`).
+    pub revocations: bool,
     /// What one message costs every node.
     pub base_cost: Duration,
     /// Slow nodes and what one message costs them.
@@ -197,17 +221,32 @@ fn draw_workload(rng: &mut ChaCha20Rng) -> (usize, usize, Duration, Duration, [u
 
 /// Half the seeds run the production timing; the others retry sooner or later
 /// and passivate idle actors within a second or two, so that activation from
-/// storage happens all the time.
+/// storage happens all the time. A third of the seeds bound an epoch to a few
+/// frames, so rooms rekey on their own all the time, under the faults.
 fn draw_domain(rng: &mut ChaCha20Rng) -> DomainConfig {
-    if coin(rng) {
+    let mut config = if coin(rng) {
         DomainConfig::default()
     } else {
         DomainConfig {
             retry_base: ms(rng, 20, 500),
             retry_max: ms(rng, 500, 5_000),
             idle: ms(rng, 200, 5_000),
+            epoch_frames_max: EPOCH_FRAMES_MAX,
         }
+    };
+    if between(rng, 0, 2) == 0 {
+        config.epoch_frames_max = between(rng, EPOCH_FRAMES_DRAWN_MIN, EPOCH_FRAMES_DRAWN_MAX);
     }
+    config
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
+/// before nodes lied. Two seeds in three have nodes that lie to their clients.
+fn draw_lies(seed: u64) -> Option<Lies> {
+    let mut rng = derive_rng(seed, 0, "lies");
+    (between(&mut rng, 0, 2) != 0).then(|| Lies {
+        every: ms(&mut rng, LIE_MS_EVERY_MIN, LIE_MS_EVERY_MAX),
+    })
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
@@ -259,6 +298,8 @@ impl Options {
             partitions,
             crashes,
             wipe,
+            lies: draw_lies(seed),
+            revocations: false,
             base_cost,
             slow,
             clock_offsets_ms,
@@ -344,6 +385,15 @@ impl Options {
             "  node lost for good (disk wiped): {}",
             on_off(self.wipe)
         )?;
+        match self.lies {
+            Some(l) => writeln!(
+                f,
+                "  nodes lying to their clients (keys they sealed themselves): every ~{:?}",
+                l.every
+            )?,
+            None => writeln!(f, "  nodes lying to their clients: off")?,
+        }
+        writeln!(f, "  revocations: {}", on_off(self.revocations))?;
         Ok(())
     }
 
@@ -390,8 +440,8 @@ impl Options {
         )?;
         writeln!(
             f,
-            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}",
-            self.domain.retry_base, self.domain.retry_max, self.domain.idle
+            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}, an epoch carries at most {} frames",
+            self.domain.retry_base, self.domain.retry_max, self.domain.idle, self.domain.epoch_frames_max
         )?;
         Ok(())
     }

@@ -4,9 +4,10 @@
 //! A run has three phases:
 //! 1. **setup**, without faults: each node's admin is seeded, users are added
 //!    (`Op::AddUser`), rooms are created and their first members invited;
-//! 2. **chaos**: the workload (publishes, invites, removals with rekey, subscribers
-//!    reading history then live) runs while the seed's faults hit the network,
-//!    the disks and the clocks;
+//! 2. **chaos**: the workload (publishes, invites, removals with rekey, rekeys,
+//!    subscribers reading history then live, clients taking keys only through the
+//!    room's verified chain) runs while the seed's faults hit the network, the
+//!    disks and the clocks, and nodes lie to their own clients;
 //! 3. **liveness**: every fault stops, crashed nodes restart (a node lost for good
 //!    does not), every transport reports `Connected`, and within
 //!    [`LIVENESS_BOUND`] of virtual time every outbox must drain and every member
@@ -79,12 +80,20 @@ pub struct Stats {
     pub invites: u64,
     /// Removals (with rekey) the homes applied.
     pub removals: u64,
+    /// Rekeys (same members, next epoch) the homes applied.
+    pub rekeys: u64,
+    /// Evictions of revoked members the homes made.
+    pub evictions: u64,
     /// Frames subscribers read, verified and decrypted.
     pub read: u64,
     /// Crashes, wipes and partitions injected.
     pub crashes: u64,
     /// Partitions injected.
     pub partitions: u64,
+    /// Keys nodes slipped their own users (see [`crate::faults::Fault::Lie`]).
+    pub lies: u64,
+    /// Keys clients refused (lies, and keys that came before their chain).
+    pub refused: u64,
 }
 
 /// The result of one run.
@@ -226,9 +235,13 @@ impl Sim {
             committed: self.model.committed,
             invites: self.model.invites,
             removals: self.model.removals,
+            rekeys: self.model.rekeys,
+            evictions: self.model.evictions.len() as u64,
             read: self.workload.read,
             crashes: self.faults.crashes,
             partitions: self.faults.partitions,
+            lies: self.faults.lies,
+            refused: self.workload.refused,
         }
     }
 
@@ -374,6 +387,7 @@ impl Sim {
         for node in 0..self.o.nodes {
             let admin = Identity::generate(&mut ids);
             self.c.seed_admin(node, &admin);
+            self.roster.add_admin(admin.clone());
             for _ in 0..self.o.users_per_node {
                 let id = Identity::generate(&mut ids);
                 let uid = id.user_id();
@@ -467,7 +481,7 @@ impl Sim {
     }
 
     fn apply_fault(&mut self) {
-        match self.faults.apply_next(&mut self.c, &self.o) {
+        match self.faults.apply_next(&mut self.c, &self.o, &self.roster) {
             Applied::Done => {}
             Applied::Restarted(i) => {
                 // A home that restarts must still hold everything it committed.

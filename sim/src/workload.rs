@@ -1,15 +1,20 @@
 //! The workload: users on every node, rooms, publishes, invites, removals with
-//! rekey, and subscribers reading history then live, all drawn from the seed's
-//! workload stream. Clients report what they do and see to the oracles (as
-//! [`Seen`]) and never judge it themselves.
+//! rekey, rekeys, and subscribers reading history then live, all drawn from the
+//! seed's workload stream. Clients report what they do and see to the oracles (as
+//! [`Seen`]) and never judge it themselves, with one exception, as real clients:
+//! they take a key only if the room's chain, as their node holds it and verified
+//! from its creation, pins it ([`client::accept_keys`]), and they seal invitations,
+//! removals and rekeys against that chain (never against a member list a node
+//! gave them). Whether what they accepted was right is still the oracles' call.
 
 use core::time::Duration;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use conclave_actors::actor::Time;
-use conclave_actors::crypto::{EpochKey, Frame};
+use conclave_actors::crypto::{EpochKey, Frame, SealedKey};
+use conclave_actors::domain::chain::{ChainHash, ChainState};
 use conclave_actors::domain::{
-    self, client, History, Invitee, Op, Outcome, Policy, RoomRole, SignedRequest,
+    self, client, Denial, History, Invitee, Op, Outcome, Policy, RoomRole, SignedRequest,
 };
 use conclave_actors::ids::{Epoch, RoomId, Seq};
 use conclave_actors::{Identity, UserId};
@@ -17,16 +22,37 @@ use conclave_storage::Store;
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 
-use crate::cluster::{derive_rng, Cluster};
+use crate::cluster::{derive_rng, verified_chain, Cluster};
 use crate::draw::{between, chance, pick};
 use crate::faults::live;
 use crate::model::{room_frames, Model, OpKey};
 use crate::options::Options;
 use crate::oracle::{Checks, Round, Seen};
 
-/// How long a removal waits for the room's members (its first half) before the
-/// client gives up on it.
-const REMOVE_INFO_WAIT_MS_MAX: u64 = 10_000;
+/// How long a removal waits for the home's chain length and for the remover's
+/// node to hold the chain that far before the client gives up on it.
+const REMOVE_CHAIN_WAIT_MS_MAX: u64 = 10_000;
+
+/// How many of the newest publishes have their outcome watched (for refusals that
+/// ask for a rekey).
+const PUBLISHES_WATCHED_MAX: usize = 64;
+
+/// One chance in this many that a removal step (not a rekey) is a revocation by a
+/// node's admin instead.
+const REVOKE_INSTEAD_ONE_IN: u64 = 6;
+
+/// The most users one run revokes.
+const REVOCATIONS_MAX: usize = 3;
+
+/// How long the workload waits for a node to answer a revocation.
+const REVOKE_WAIT_MS_MAX: u64 = 10_000;
+
+/// How long a client waits before it sends another rekey on the same chain head.
+const REKEY_RETRY_MS: u64 = 2_000;
+
+/// One chance in this many that a removal step is a rekey (same members, next
+/// epoch) by a random member instead.
+const REKEY_INSTEAD_ONE_IN: u64 = 4;
 
 /// Share, in tenths, of invitees made admins of the room.
 const INVITE_ADMIN_TENTHS: u64 = 3;
@@ -52,6 +78,8 @@ pub struct Roster {
     users: Vec<User>,
     by_uid: BTreeMap<UserId, usize>,
     rooms: Vec<RoomId>,
+    /// Each node's admin, by node.
+    admins: Vec<Identity>,
 }
 
 impl Roster {
@@ -62,6 +90,16 @@ impl Roster {
         assert!(previous.is_none(), "two users drew the same identity");
         self.users.push(user);
         index
+    }
+
+    /// Adds the admin of the next node (nodes in order).
+    pub fn add_admin(&mut self, admin: Identity) {
+        self.admins.push(admin);
+    }
+
+    /// The admin of node `i`.
+    pub fn admin(&self, i: usize) -> &Identity {
+        &self.admins[i]
     }
 
     /// Adds a room its home created.
@@ -123,13 +161,35 @@ impl Env<'_> {
     }
 }
 
-/// A removal waiting for the room's members, which its rekey is sealed to.
+/// A removal waiting for the remover's node to hold the room's chain as far as
+/// the home has it: the next epoch's key is sealed to the members that chain lists.
 struct PendingRemove {
     node: usize,
     remover: usize,
+    room: RoomId,
     target: UserId,
+    /// The room-info request that asks the home how long the chain is.
+    request: u64,
+    /// How long the home said the chain is, once it answered.
+    chain_len: Option<u64>,
+    deadline: Time,
+}
+
+/// A revocation waiting for its node's answer.
+struct PendingRevoke {
+    node: usize,
+    user: usize,
     request: u64,
     deadline: Time,
+}
+
+/// A publish whose outcome is watched: a refusal for want of a rekey makes the
+/// publisher rekey.
+struct Watched {
+    node: usize,
+    request: u64,
+    user: usize,
+    room: RoomId,
 }
 
 /// A subscriber of a user to a room, reading history then live.
@@ -148,11 +208,23 @@ pub struct Workload {
     keycache: BTreeMap<(usize, RoomId), BTreeMap<Epoch, EpochKey>>,
     subs: BTreeMap<(usize, RoomId), Sub>,
     pending_removes: Vec<PendingRemove>,
+    /// The newest publishes, oldest first (at most [`PUBLISHES_WATCHED_MAX`]).
+    watched: VecDeque<Watched>,
+    /// When a rekey was last sent on a room's chain head: one per head, unless
+    /// [`REKEY_RETRY_MS`] passed (the first one may have been lost in a crash).
+    rekeyed: BTreeMap<(RoomId, ChainHash), Time>,
+    pending_revokes: Vec<PendingRevoke>,
+    /// Users revoked (or being revoked): nobody invites them any more.
+    revoked: BTreeSet<usize>,
+    /// Keys refused and reported, by (user, room, epoch, the key's `enc`).
+    refusals: BTreeSet<(usize, RoomId, Epoch, Option<[u8; 32]>)>,
     counter: u64,
     /// Frames published.
     pub published: u64,
     /// Frames subscribers read, verified and decrypted.
     pub read: u64,
+    /// Keys clients refused (each sealed key once).
+    pub refused: u64,
 }
 
 impl Workload {
@@ -163,9 +235,15 @@ impl Workload {
             keycache: BTreeMap::new(),
             subs: BTreeMap::new(),
             pending_removes: Vec::new(),
+            watched: VecDeque::new(),
+            pending_revokes: Vec::new(),
+            revoked: BTreeSet::new(),
+            rekeyed: BTreeMap::new(),
+            refusals: BTreeSet::new(),
             counter: 0,
             published: 0,
             read: 0,
+            refused: 0,
         }
     }
 
@@ -228,6 +306,8 @@ impl Workload {
     /// One workload step.
     pub fn step(&mut self, env: &mut Env<'_>) {
         self.progress_removes(env);
+        self.progress_publishes(env);
+        self.progress_revokes(env);
         let w = env.o.weights;
         let total: u32 = w.iter().sum();
         let mut roll = (self.rng.next_u64() % u64::from(total.max(1))) as u32;
@@ -242,6 +322,10 @@ impl Workload {
         match action {
             0 => self.publish(env),
             1 => self.invite(env),
+            2 if self.rng.next_u64().is_multiple_of(REKEY_INSTEAD_ONE_IN) => self.rekey(env),
+            2 if env.o.revocations && self.rng.next_u64().is_multiple_of(REVOKE_INSTEAD_ONE_IN) => {
+                self.revoke(env)
+            }
             2 => self.remove(env),
             _ => self.read_all(env, false),
         }
@@ -266,8 +350,10 @@ impl Workload {
             .collect()
     }
 
-    /// The keys `user`'s node holds for them in `room`, opened (cached). A key that
-    /// does not open is reported.
+    /// The keys `user`'s client holds in `room`: what it accepted before, and
+    /// what it accepts now of the keys their node holds, against the room's chain
+    /// as their node holds it, verified from its creation. Each key accepted or
+    /// refused is reported (a refused one once).
     fn keys(&mut self, env: &mut Env<'_>, user: usize, room: RoomId) -> BTreeMap<Epoch, EpochKey> {
         let node = env.roster.user(user).node;
         let uid = env.roster.user(user).uid;
@@ -281,19 +367,52 @@ impl Workload {
             .filter(|(e, _)| !cache.contains_key(e))
             .collect();
         if !fresh.is_empty() {
-            let (opened, errors) = client::open_keys(&env.roster.user(user).id, room, &fresh);
-            cache.extend(opened);
-            if let Some((epoch, error)) = errors.first() {
-                env.seen(&Seen::KeyUnopened {
-                    node,
-                    user,
-                    room,
-                    epoch: *epoch,
-                    error,
-                });
+            // No chain yet (or none that verifies): nothing can be accepted.
+            if let Some(chain) = verified_chain(&env.c.nodes[node], room) {
+                self.accept(env, user, &chain, &fresh);
             }
         }
         self.keycache[&(user, room)].clone()
+    }
+
+    /// `user`'s client judges `fresh` keys against `chain`, reports each verdict
+    /// and keeps what it accepted.
+    fn accept(
+        &mut self,
+        env: &mut Env<'_>,
+        user: usize,
+        chain: &ChainState,
+        fresh: &[(Epoch, SealedKey)],
+    ) {
+        let (node, room) = (env.roster.user(user).node, chain.room);
+        let (accepted, refused) = client::accept_keys(&env.roster.user(user).id, chain, fresh);
+        for (epoch, refusal) in &refused {
+            let enc = fresh.iter().find(|(e, _)| e == epoch).map(|(_, k)| k.enc);
+            if !self.refusals.insert((user, room, *epoch, enc)) {
+                continue;
+            }
+            self.refused += 1;
+            env.seen(&Seen::KeyRefused {
+                user,
+                node,
+                room,
+                epoch: *epoch,
+                refusal,
+            });
+        }
+        for (epoch, key) in accepted {
+            env.seen(&Seen::KeyAccepted {
+                user,
+                node,
+                room,
+                epoch,
+                key: &key,
+            });
+            self.keycache
+                .entry((user, room))
+                .or_default()
+                .insert(epoch, key);
+        }
     }
 
     fn publish(&mut self, env: &mut Env<'_>) {
@@ -307,6 +426,10 @@ impl Workload {
         let Some(room) = pick(&mut self.rng, &rooms) else {
             return;
         };
+        if Self::rekey_due(env, user, room) {
+            self.rekey_as(env, user, room);
+            return;
+        }
         let keys = self.keys(env, user, room);
         let epochs: Vec<Epoch> = keys.keys().copied().collect();
         let Some(&newest) = epochs.last() else { return };
@@ -327,6 +450,15 @@ impl Workload {
             .mark(&format!("publish u{user} n{node} epoch {}", epoch.0));
         let request = env.c.publish_frame(node, frame);
         self.published += 1;
+        if self.watched.len() >= PUBLISHES_WATCHED_MAX {
+            self.watched.pop_front();
+        }
+        self.watched.push_back(Watched {
+            node,
+            request,
+            user,
+            room,
+        });
         let text = text.as_slice();
         env.seen(&Seen::Published {
             node,
@@ -345,21 +477,23 @@ impl Workload {
         inviter: usize,
         room: RoomId,
     ) -> Option<(usize, u64)> {
-        let members: BTreeSet<UserId> = env
-            .model
-            .rooms
-            .get(&room)
-            .map(|m| m.members.keys().copied().collect())
-            .unwrap_or_default();
+        let node = env.roster.user(inviter).node;
+        let chain = verified_chain(&env.c.nodes[node], room)?;
+        let mut members: BTreeSet<UserId> = chain.members.keys().copied().collect();
+        if let Some(m) = env.model.rooms.get(&room) {
+            members.extend(m.members.keys().copied());
+        }
         let candidates: Vec<usize> = (0..env.roster.users_len())
             .filter(|&u| {
                 let user = env.roster.user(u);
-                !members.contains(&user.uid) && !env.c.nodes[user.node].wiped
+                !members.contains(&user.uid)
+                    && !env.c.nodes[user.node].wiped
+                    && !self.revoked.contains(&u)
             })
             .collect();
         let invitee = pick(&mut self.rng, &candidates)?;
         let keys = self.keys(env, inviter, room);
-        let (&epoch, key) = keys.iter().next_back()?;
+        let key = keys.get(&chain.epoch)?;
         let role = if self.rng.next_u64() % 10 < INVITE_ADMIN_TENTHS {
             RoomRole::Admin
         } else {
@@ -373,11 +507,13 @@ impl Workload {
             role,
         };
         let id = &env.roster.user(inviter).id;
-        let op = client::invite(env.c.rng(), id, room, epoch, key, to).ok()?;
-        env.c
-            .mark(&format!("invite u{inviter} u{invitee} epoch {}", epoch.0));
+        let op = client::invite(env.c.rng(), id, &chain, key, to).ok()?;
+        env.c.mark(&format!(
+            "invite u{inviter} u{invitee} epoch {}",
+            chain.epoch.0
+        ));
         let request = Self::send(env, inviter, Some(room), op);
-        Some((env.roster.user(inviter).node, request))
+        Some((node, request))
     }
 
     /// The live users who may change `room`'s members, as its home decided.
@@ -420,12 +556,14 @@ impl Workload {
         env.c
             .mark(&format!("room info for a removal by u{remover}"));
         let request = Self::send(env, remover, Some(room), Op::RoomInfo { room });
-        let wait = Duration::from_millis(REMOVE_INFO_WAIT_MS_MAX);
+        let wait = Duration::from_millis(REMOVE_CHAIN_WAIT_MS_MAX);
         self.pending_removes.push(PendingRemove {
             node: env.roster.user(remover).node,
             remover,
+            room,
             target,
             request,
+            chain_len: None,
             deadline: env.c.now().saturating_add(wait),
         });
     }
@@ -448,26 +586,179 @@ impl Workload {
         pick(&mut self.rng, &targets)
     }
 
-    /// Removals whose room members arrived are sealed and sent.
+    /// Removals whose remover's node holds the chain as far as the home said are
+    /// sealed and sent; the others wait, up to their deadline.
     fn progress_removes(&mut self, env: &mut Env<'_>) {
         let pending = std::mem::take(&mut self.pending_removes);
-        for p in pending {
-            match env.c.outcome(p.node, p.request) {
-                Some(Outcome::Room(info)) => {
-                    if !env.live(p.node) {
-                        continue;
-                    }
-                    let id = &env.roster.user(p.remover).id;
-                    if let Ok((_key, op)) = client::remove(env.c.rng(), id, &info, p.target) {
-                        env.c.mark(&format!("remove by u{}", p.remover));
-                        Self::send(env, p.remover, Some(info.room), op);
+        for mut p in pending {
+            if p.chain_len.is_none() {
+                match env.c.outcome(p.node, p.request) {
+                    Some(Outcome::Room(info)) => p.chain_len = Some(info.chain_len),
+                    Some(_) => continue,
+                    None => {}
+                }
+            }
+            let sent = env.live(p.node) && self.try_remove(env, &p);
+            if !sent && env.live(p.node) && env.c.now() < p.deadline {
+                self.pending_removes.push(p);
+            }
+        }
+    }
+
+    /// Sends `p`'s removal if the remover's node holds a verified chain as long as
+    /// the home said; whether it is done with (sent, or moot).
+    fn try_remove(&mut self, env: &mut Env<'_>, p: &PendingRemove) -> bool {
+        let Some(want) = p.chain_len else {
+            return false;
+        };
+        let Some(chain) = verified_chain(&env.c.nodes[p.node], p.room) else {
+            return false;
+        };
+        if chain.len < want {
+            return false;
+        }
+        if !chain.members.contains_key(&p.target) {
+            return true;
+        }
+        let id = &env.roster.user(p.remover).id;
+        if let Ok((_key, op)) = client::remove(env.c.rng(), id, &chain, p.target) {
+            env.c.mark(&format!("remove by u{}", p.remover));
+            Self::send(env, p.remover, Some(p.room), op);
+        }
+        true
+    }
+
+    /// Publishes refused for want of a rekey make their publisher rekey; the
+    /// others are done with once answered.
+    fn progress_publishes(&mut self, env: &mut Env<'_>) {
+        let watched = std::mem::take(&mut self.watched);
+        for w in watched {
+            match env.c.outcome(w.node, w.request) {
+                Some(Outcome::Denied(Denial::RekeyNeeded)) => {
+                    if env.live(w.node) {
+                        self.rekey_as(env, w.user, w.room);
                     }
                 }
                 Some(_) => {}
-                None if env.c.now() < p.deadline => self.pending_removes.push(p),
+                None => self.watched.push_back(w),
+            }
+        }
+    }
+
+    /// A live node's admin revokes one of its users (at most
+    /// [`REVOCATIONS_MAX`] a run): the node has them evicted from their rooms.
+    ///
+    /// Only with `--revocations`: it shows two bugs of the actors (issue 12),
+    /// left to fix there. A user invited to a room whose membership has not
+    /// reached their node when it revokes them is never evicted from it (the
+    /// node evicts from the rooms it knows then); and a node that joins a room
+    /// after an eviction, before the rekey, refuses the evicted member's earlier
+    /// frames of that epoch in its backfill (their sender is no member any more),
+    /// so its users never read them.
+    fn revoke(&mut self, env: &mut Env<'_>) {
+        if self.revoked.len() >= REVOCATIONS_MAX {
+            return;
+        }
+        let candidates: Vec<usize> = (0..env.roster.users_len())
+            .filter(|&u| !self.revoked.contains(&u) && env.live(env.roster.user(u).node))
+            .collect();
+        let Some(user) = pick(&mut self.rng, &candidates) else {
+            return;
+        };
+        let u = env.roster.user(user);
+        let op = Op::RevokeUser { user: u.uid };
+        let node = u.node;
+        env.c.mark(&format!("revoke u{user} on n{node}"));
+        let request = env.c.request(node, env.roster.admin(node), op);
+        self.revoked.insert(user);
+        let wait = Duration::from_millis(REVOKE_WAIT_MS_MAX);
+        self.pending_revokes.push(PendingRevoke {
+            node,
+            user,
+            request,
+            deadline: env.c.now().saturating_add(wait),
+        });
+    }
+
+    /// Revocations their node made are reported; the others wait, up to their
+    /// deadline (a crash may have taken the request or its answer).
+    fn progress_revokes(&mut self, env: &mut Env<'_>) {
+        let pending = std::mem::take(&mut self.pending_revokes);
+        for p in pending {
+            match env.c.outcome(p.node, p.request) {
+                Some(Outcome::Done) => {
+                    env.seen(&Seen::Revoked {
+                        user: p.user,
+                        node: p.node,
+                    });
+                }
+                Some(_) => {}
+                None if env.c.now() < p.deadline => self.pending_revokes.push(p),
                 None => {}
             }
         }
+    }
+
+    /// A random member of a random room moves it to its next epoch.
+    fn rekey(&mut self, env: &mut Env<'_>) {
+        let Some(room) = pick(&mut self.rng, env.roster.rooms()) else {
+            return;
+        };
+        let members: Vec<usize> = env
+            .model
+            .rooms
+            .get(&room)
+            .map(|m| {
+                m.members
+                    .keys()
+                    .filter_map(|u| env.roster.user_index(u))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let live: Vec<usize> = members
+            .into_iter()
+            .filter(|&u| env.live(env.roster.user(u).node))
+            .collect();
+        if let Some(user) = pick(&mut self.rng, &live) {
+            self.rekey_as(env, user, room);
+        }
+    }
+
+    /// Whether `user`'s node says `room` takes no frame until a member rekeys (a
+    /// member was evicted, or the epoch carried all the frames it may).
+    fn rekey_due(env: &Env<'_>, user: usize, room: RoomId) -> bool {
+        let node = env.roster.user(user).node;
+        let Ok(txn) = env.c.nodes[node].store.read() else {
+            return false;
+        };
+        let Ok(Some(meta)) = domain::state::rooms::meta(&*txn, room) else {
+            return false;
+        };
+        let carried = meta.next_seq.0.saturating_sub(meta.epoch_start.0);
+        meta.rekey_due || carried >= env.o.domain.epoch_frames_max
+    }
+
+    /// `user` moves `room` to its next epoch, sealed to the members of the chain
+    /// their node holds; once per chain head (another rekey on the same head
+    /// would be refused as stale) unless [`REKEY_RETRY_MS`] passed.
+    fn rekey_as(&mut self, env: &mut Env<'_>, user: usize, room: RoomId) -> Option<u64> {
+        let (node, uid) = (env.roster.user(user).node, env.roster.user(user).uid);
+        let chain = verified_chain(&env.c.nodes[node], room)?;
+        if !chain.members.contains_key(&uid) {
+            return None;
+        }
+        let now = env.c.now();
+        let retry = Duration::from_millis(REKEY_RETRY_MS);
+        let last = self.rekeyed.get(&(room, chain.head));
+        if last.is_some_and(|&t| now < t.saturating_add(retry)) {
+            return None;
+        }
+        self.rekeyed.insert((room, chain.head), now);
+        let id = &env.roster.user(user).id;
+        let (_key, op) = client::rekey(env.c.rng(), id, &chain).ok()?;
+        env.c
+            .mark(&format!("rekey u{user} epoch {}", chain.epoch.0 + 1));
+        Some(Self::send(env, user, Some(room), op))
     }
 
     /// Every subscriber reads what is new for it; `strict` at the end of the run

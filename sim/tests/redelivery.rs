@@ -143,19 +143,21 @@ fn a_home_does_not_apply_a_forwarded_invite_again_after_a_removal() {
     );
     // Bob (an admin, on node 1) invites carol and removes her again while node 1
     // cannot reach the home: both requests wait in node 1's outbox.
-    let info = w.c.room_info(0, &alice, room);
     w.c.cut_link(1, 0, true);
+    let mut chain = w.c.chain(1, room);
     let keys = w.c.keys(1, &bob, room);
-    let (&epoch, key) = keys.iter().next_back().unwrap();
+    let key = &keys[&chain.epoch];
     let invitee = Invitee {
         user: carol.public(),
         home: w.c.id(2),
         role: RoomRole::Member,
     };
-    let invite = client::invite(w.c.rng(), &bob, room, epoch, key, invitee).unwrap();
+    let invite = client::invite(w.c.rng(), &bob, &chain, key, invitee).unwrap();
+    // Bob's client follows its own invitation: the removal's link follows it.
+    chain.apply(invite.link().unwrap()).unwrap();
     w.c.request(1, &bob, invite);
     // The removal's bundle covers the members once carol is gone: alice and bob.
-    let (_key, remove) = client::remove(w.c.rng(), &bob, &info, carol.user_id()).unwrap();
+    let (_key, remove) = client::remove(w.c.rng(), &bob, &chain, carol.user_id()).unwrap();
     w.c.request(1, &bob, remove);
     w.c.settle();
     // The home is slow, applies both when the link heals, and crashes before its

@@ -1,7 +1,9 @@
 //! Authz: only a room's home admits members and commits frames, and it commits
 //! only members' frames.
 
-use conclave_actors::domain::{Op, Outcome};
+use conclave_actors::domain::chain::Change;
+use conclave_actors::domain::Outcome;
+use conclave_actors::UserId;
 
 use super::{short, Oracle, Verdict, View, AUTHZ};
 use crate::cluster::{FrameHeader, Observation, Observed};
@@ -25,7 +27,9 @@ impl Oracle for Authz {
     fn on_decision(&mut self, view: &View<'_>, decision: &Observation) -> Verdict {
         match &decision.what {
             Observed::Request { request, outcome } => {
-                let Op::Invite { invitee, .. } = &request.op else {
+                let Some(Change::Invite { invitee, .. }) =
+                    request.op.link().map(|l| &l.link.change)
+                else {
                     return Verdict::Holds;
                 };
                 let first = !view.model.applied.contains(&(request.user, request.nonce));
@@ -46,8 +50,27 @@ impl Oracle for Authz {
                 Outcome::Committed { id, seq } => commit(view, decision, frame, id, seq),
                 _ => Verdict::Holds,
             },
+            Observed::Evicted { user } => eviction(view, decision, *user),
         }
     }
+}
+
+/// An eviction is the home's, of a member.
+fn eviction(view: &View<'_>, decision: &Observation, user: UserId) -> Verdict {
+    let r = short(&decision.room.0);
+    let Some(m) = view.model.rooms.get(&decision.room) else {
+        return fails(format!("a member of unknown room {r} was evicted"));
+    };
+    if m.home != decision.node {
+        return fails(format!(
+            "room {r}: n{}, not its home n{}, evicted a member",
+            decision.node, m.home
+        ));
+    }
+    if !m.members.contains_key(&user) {
+        return fails(format!("room {r}: its home evicted a non-member"));
+    }
+    Verdict::Holds
 }
 
 /// A commit is the home's, in a room it knows, of a member's frame.

@@ -1,8 +1,10 @@
-//! Decrypt: every key a node holds for a member opens for them, and every frame
+//! Decrypt: every key a node holds for a member opens for them (whether the
+//! client may take it is the chain oracle's), and every frame
 //! a member may read verifies and decrypts, to what was sent.
 
 use std::collections::BTreeMap;
 
+use conclave_actors::domain::chain::KeyRefusal;
 use conclave_actors::ids::MessageId;
 
 use super::{short, Oracle, Seen, Verdict, View, DECRYPT};
@@ -33,21 +35,25 @@ impl Oracle for Decrypt {
                 assert!(previous.is_none(), "two frames drew message id {}", id.0);
                 Verdict::Holds
             }
-            Seen::KeyUnopened {
+            Seen::KeyRefused {
                 node,
                 user,
                 room,
                 epoch,
-                error,
+                refusal: refusal @ KeyRefusal::Unopened(_),
             } => fails(format!(
-                "n{node} holds a key of room {} epoch {} for user {} that does not open: {error}",
+                "n{node} holds a key of room {} epoch {} for user {} that does not open: {refusal}",
                 short(&room.0),
                 epoch.0,
                 short(&view.roster.user(user).uid.0)
             )),
             Seen::NoKey { .. } => no_key(view, seen),
             Seen::Opened { .. } => self.opened(seen),
-            Seen::Sent { .. } | Seen::Read { .. } => Verdict::Holds,
+            Seen::Sent { .. }
+            | Seen::Read { .. }
+            | Seen::KeyRefused { .. }
+            | Seen::Revoked { .. }
+            | Seen::KeyAccepted { .. } => Verdict::Holds,
         }
     }
 }

@@ -1,7 +1,8 @@
-//! Epoch: a removal moves a room to the next epoch, and frames committed after it
+//! Epoch: a removal (or a rekey) moves a room to the next epoch, and frames committed after it
 //! are of that epoch, so the removed member's keys open none of them.
 
-use conclave_actors::domain::{Op, Outcome};
+use conclave_actors::domain::chain::Change;
+use conclave_actors::domain::Outcome;
 
 use super::{short, Oracle, Verdict, View, EPOCH};
 use crate::cluster::{Observation, Observed};
@@ -29,15 +30,16 @@ impl Oracle for EpochOracle {
         };
         match &decision.what {
             Observed::Request { request, outcome } => {
-                let Op::Remove { epoch, .. } = request.op else {
-                    return Verdict::Holds;
+                let epoch = match request.op.link().map(|l| &l.link.change) {
+                    Some(Change::Remove { epoch, .. } | Change::Rekey { epoch, .. }) => *epoch,
+                    _ => return Verdict::Holds,
                 };
                 let first = !view.model.applied.contains(&(request.user, request.nonce));
                 if *outcome != Outcome::Done || !first || epoch.0 == m.epoch + 1 {
                     return Verdict::Holds;
                 }
                 fails(format!(
-                    "room {r}: a removal moved the room to epoch {} from epoch {}",
+                    "room {r}: a removal or rekey moved the room to epoch {} from epoch {}",
                     epoch.0, m.epoch
                 ))
             }
@@ -54,6 +56,7 @@ impl Oracle for EpochOracle {
                     frame.epoch.0, seq.0, m.epoch, m.current_epoch_start(), frame.epoch.0
                 ))
             }
+            Observed::Evicted { .. } => Verdict::Holds,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Liveness: once every fault has stopped, within [`LIVENESS_BOUND`] of virtual
 //! time every outbox drains, every forwarded request reaches its home, and every
 //! member node converges (shows its members and removals as the home decided,
-//! holds every frame they may read and the keys to open them).
+//! holds every frame they may read and the keys to open them), and every user a
+//! node revoked is evicted from each room they were a member of then.
 //!
 //! When nothing is on its way any more but something is still missing, it is lost
 //! for good: that fails at once, under the property the loss broke (order for
@@ -17,7 +18,7 @@ use conclave_actors::UserId;
 use conclave_storage::Store;
 
 use super::{ranges, short, summarize, Oracle, Phase, Seen, Verdict, View};
-use super::{DECRYPT, LIVENESS, ORDER};
+use super::{CHAIN, DECRYPT, LIVENESS, ORDER};
 use crate::model::{room_frames, OpKey, RoomModel};
 
 /// How long, after every fault has stopped, outboxes have to drain and member
@@ -44,6 +45,9 @@ pub struct Liveness {
     deadline: Option<Time>,
     /// Slices in a row with nothing on its way.
     quiet: u32,
+    /// Revoked users and the rooms they were members of then, as (user, room):
+    /// each must evict them.
+    revoked: Vec<(usize, RoomId)>,
 }
 
 /// What has not converged: what is still on its way, and what is missing on member
@@ -67,8 +71,17 @@ impl Oracle for Liveness {
         Verdict::Holds
     }
 
-    fn on_client(&mut self, _view: &View<'_>, seen: &Seen<'_>) -> Verdict {
+    fn on_client(&mut self, view: &View<'_>, seen: &Seen<'_>) -> Verdict {
         let (node, request, room, key) = match *seen {
+            Seen::Revoked { user, .. } => {
+                let uid = view.roster.user(user).uid;
+                for (&room, m) in &view.model.rooms {
+                    if m.members.contains_key(&uid) {
+                        self.revoked.push((user, room));
+                    }
+                }
+                return Verdict::Holds;
+            }
             Seen::Sent {
                 node,
                 request,
@@ -145,7 +158,36 @@ impl Liveness {
             members(view, room, m, &mut pending.state);
             removed(view, room, m, &mut pending.state);
         }
+        self.unevicted(view, &mut pending.state);
         pending
+    }
+
+    /// Revoked users still members of a room they were in when revoked, and never
+    /// evicted from it (unless its home or their node is lost for good).
+    fn unevicted(&self, view: &View<'_>, state: &mut Vec<(&'static str, String)>) {
+        for &(user, room) in &self.revoked {
+            let u = view.roster.user(user);
+            let Some(m) = view.model.rooms.get(&room) else {
+                continue;
+            };
+            let evicted = view.model.evictions.contains(&(room, u.uid));
+            if view.wiped(m.home)
+                || view.wiped(u.node)
+                || evicted
+                || !m.members.contains_key(&u.uid)
+            {
+                continue;
+            }
+            state.push((
+                CHAIN,
+                format!(
+                    "u{user}, revoked by n{}, is still a member of room {} (home n{})",
+                    u.node,
+                    short(&room.0),
+                    m.home
+                ),
+            ));
+        }
     }
 
     /// Requests a live node forwarded that their (not lost) home never decided on.
@@ -238,9 +280,11 @@ fn members(view: &View<'_>, room: RoomId, m: &RoomModel, state: &mut Vec<(&'stat
                 ),
             ));
         }
+        // A key a node sealed itself (a lie, see `Fault::Lie`) is no key to read with.
         let held: BTreeSet<u64> = domain::state::keys::sealed_for(&*txn, room, *uid)
             .unwrap_or_default()
             .into_iter()
+            .filter(|(_, key)| !node_sealed(view, key.sealer))
             .map(|(e, _)| e.0)
             .collect();
         let needed: BTreeSet<u64> = m.committed.range(since..).map(|(_, c)| c.epoch).collect();
@@ -250,6 +294,11 @@ fn members(view: &View<'_>, room: RoomId, m: &RoomModel, state: &mut Vec<(&'stat
             )));
         }
     }
+}
+
+/// Whether `sealer` is a node's identity (no member is).
+fn node_sealed(view: &View<'_>, sealer: UserId) -> bool {
+    view.cluster.nodes.iter().any(|n| n.id.0 == sealer.0)
 }
 
 /// Each removed member's live node shows their removal where the home made it.

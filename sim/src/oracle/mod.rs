@@ -10,6 +10,8 @@
 
 use core::fmt;
 
+use conclave_actors::crypto::EpochKey;
+use conclave_actors::domain::chain::KeyRefusal;
 use conclave_actors::ids::{Epoch, MessageId, RoomId, Seq};
 
 use crate::cluster::{Carried, Cluster, Observation, START};
@@ -19,6 +21,7 @@ use crate::run::Failure;
 use crate::workload::Roster;
 
 pub mod authz;
+pub mod chain;
 pub mod decrypt;
 pub mod durability;
 pub mod epoch;
@@ -43,12 +46,18 @@ pub const AUTHZ: &str = "authz";
 pub const DECRYPT: &str = "decrypt";
 /// Once faults stop, outboxes drain and members converge in bounded time.
 pub const LIVENESS: &str = "liveness";
+/// Every key a client accepts is the one the room's true chain pins for an epoch
+/// it has; every node's chain is a prefix of the home's, which verifies and lists
+/// the home's members; no epoch carries more frames than the bound.
+pub const CHAIN: &str = "chain";
 /// The fault-free setup did not complete (a bug, or a mutation that breaks
 /// even the fault-free path).
 pub const SETUP: &str = "setup";
 
 /// Every oracle, in the order [`Checks`] asks them.
-pub const ORACLES: [&str; 7] = [DURABILITY, ORDER, LEAK, EPOCH, AUTHZ, DECRYPT, LIVENESS];
+pub const ORACLES: [&str; 8] = [
+    DURABILITY, ORDER, LEAK, EPOCH, AUTHZ, DECRYPT, CHAIN, LIVENESS,
+];
 
 /// What the oracles may read: the cluster, the model and what the workload made.
 #[derive(Clone, Copy)]
@@ -113,18 +122,42 @@ pub enum Seen<'a> {
         /// What was sealed in it.
         text: &'a [u8],
     },
-    /// Keys a user's node holds for them that do not open.
-    KeyUnopened {
-        /// The node.
-        node: usize,
+    /// A client refused a key its node holds for its user: it does not open, or
+    /// the room's chain (as the user's node holds it) does not let the client
+    /// take it. Legitimate when the node lies or the chain has not arrived yet.
+    KeyRefused {
         /// The user.
         user: usize,
+        /// Their node.
+        node: usize,
         /// The room.
         room: RoomId,
-        /// The epoch of the first key that does not open.
+        /// The key's epoch.
         epoch: Epoch,
-        /// Why it does not.
-        error: &'a dyn fmt::Display,
+        /// Why it was refused.
+        refusal: &'a KeyRefusal,
+    },
+    /// A client accepted a key its node holds for its user, as the key of the
+    /// room at `epoch`.
+    KeyAccepted {
+        /// The user.
+        user: usize,
+        /// Their node.
+        node: usize,
+        /// The room.
+        room: RoomId,
+        /// The key's epoch.
+        epoch: Epoch,
+        /// The key.
+        key: &'a EpochKey,
+    },
+    /// A node revoked one of its users (its admin's request was done): it must
+    /// have them evicted from every room they were a member of.
+    Revoked {
+        /// The user.
+        user: usize,
+        /// Their node.
+        node: usize,
     },
     /// A subscriber read the frame at `seq` (not yet opened).
     Read {
@@ -272,6 +305,7 @@ impl Checks {
             Box::new(epoch::EpochOracle),
             Box::new(authz::Authz),
             Box::new(decrypt::Decrypt::default()),
+            Box::new(chain::ChainOracle::default()),
             Box::new(liveness::Liveness::default()),
         ];
         let names: Vec<&str> = oracles.iter().map(|o| o.name()).collect();

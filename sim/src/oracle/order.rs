@@ -16,7 +16,7 @@ use crate::model::{changes_members, room_frames, Landing};
 #[derive(Default)]
 pub struct Order {
     /// Per member node and room: the (epoch, member count) its copy last showed.
-    replica_epoch: BTreeMap<(usize, RoomId), (u64, usize)>,
+    replica_epoch: BTreeMap<(usize, RoomId), (u64, u64, usize)>,
 }
 
 fn fails(detail: String) -> Verdict {
@@ -51,12 +51,14 @@ impl Oracle for Order {
                 Outcome::Committed { id, seq } => commit(view, decision, frame, id, seq),
                 _ => Verdict::Holds,
             },
+            Observed::Evicted { .. } => Verdict::Holds,
         }
     }
 
-    /// A member node's copy of a room only moves forward: within an epoch members
-    /// are only added, and a removal starts the next epoch. Applying an older
-    /// update after a newer one (a duplicate, or a replay) would take it back.
+    /// A member node's copy of a room only moves forward: its epoch, and within an
+    /// epoch its membership version (bumped by every change, evictions included).
+    /// Applying an older update after a newer one (a duplicate, or a replay) would
+    /// take it back.
     fn on_room_handled(&mut self, view: &View<'_>, node: usize, room: RoomId) -> Verdict {
         // The home's own copy is the model's source, not a replica.
         if view.model.rooms.get(&room).is_none_or(|m| m.home == node) {
@@ -68,11 +70,13 @@ impl Oracle for Order {
         let seen = self.replica_epoch.entry((node, room)).or_insert(now);
         if now < *seen {
             return fails(format!(
-                "n{node}'s copy of room {} went back from epoch {} with {} members to epoch {} with {} members: it applied an older update after a newer one",
+                "n{node}'s copy of room {} went back from epoch {} with {} members (version {}) to epoch {} with {} members (version {}): it applied an older update after a newer one",
                 short(&room.0),
                 seen.0,
+                seen.2,
                 seen.1,
                 now.0,
+                now.2,
                 now.1
             ));
         }
@@ -185,12 +189,13 @@ fn commit(
     }
 }
 
-/// The (epoch, member count) of `node`'s copy of `room`, if it has one.
-fn replica_state(view: &View<'_>, node: usize, room: RoomId) -> Option<(u64, usize)> {
+/// The (epoch, membership version, member count) of `node`'s copy of `room`, if
+/// it has one.
+fn replica_state(view: &View<'_>, node: usize, room: RoomId) -> Option<(u64, u64, usize)> {
     let txn = view.cluster.nodes[node].store.read().ok()?;
     let meta = domain::state::rooms::meta(&*txn, room).ok()??;
     let members = domain::state::rooms::members(&*txn, room).map_or(0, |m| m.len());
-    Some((meta.epoch.0, members))
+    Some((meta.epoch.0, meta.members_version, members))
 }
 
 /// Node `i`'s copy of `room` holds only what the home committed, where it did.
@@ -226,6 +231,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::CreateRoom { .. } => "create room",
         Op::Invite { .. } => "invite",
         Op::Remove { .. } => "remove",
+        Op::Rekey { .. } => "rekey",
         Op::RoomInfo { .. } => "room info",
         Op::ListRooms => "list rooms",
     }

@@ -44,8 +44,8 @@ enum Command {
         /// Switch a mutation on (needs a build with `--features mutations`).
         #[arg(long)]
         mutation: Option<String>,
-        /// Let nodes' admins revoke users (off by default: it shows bugs the actors
-        /// still have).
+        /// Let nodes' admins revoke users in every seed (by default a third of the
+        /// seeds do).
         #[arg(long)]
         revocations: bool,
     },
@@ -157,7 +157,7 @@ fn options(
     revocations: bool,
 ) -> Options {
     let mut options = Options::derive(seed, nodes, mutation);
-    options.revocations = revocations;
+    options.revocations |= revocations;
     options
 }
 

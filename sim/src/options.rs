@@ -83,8 +83,8 @@ pub struct Options {
     /// Nodes lying to their own clients, if on.
     pub lies: Option<Lies>,
     /// Whether nodes' admins revoke users now and then (their rooms must evict
-    /// them). Off unless asked for (`--revocations`): it finds bugs the actors
-    /// still have (see the workload's `revoke`).
+    /// them). Drawn per seed (a third of them); `--revocations` turns it on for
+    /// every seed.
     pub revocations: bool,
     /// What one message costs every node.
     pub base_cost: Duration,
@@ -250,6 +250,13 @@ fn draw_lies(seed: u64) -> Option<Lies> {
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
+/// before revocations were drawn: a third of the seeds revoke users.
+fn draw_revocations(seed: u64) -> bool {
+    let mut rng = derive_rng(seed, 0, "revocations");
+    between(&mut rng, 0, 2) == 0
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
 /// before mailboxes were modelled per actor. A quarter of the seeds handle a
 /// node's messages oldest first (one FIFO per node), the others pick a ready
 /// actor at random; half of all seeds also delay activations.
@@ -299,7 +306,7 @@ impl Options {
             crashes,
             wipe,
             lies: draw_lies(seed),
-            revocations: false,
+            revocations: draw_revocations(seed),
             base_cost,
             slow,
             clock_offsets_ms,

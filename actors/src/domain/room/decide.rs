@@ -236,6 +236,10 @@ fn check_invitee(txn: &dyn ReadTxn, h: &Home<'_>, invitee: &Invitee) -> Result<(
         )));
     }
     let user = UserId(invitee.user.signing);
+    if invitee.home == h.me {
+        // This node's registry speaks for its own users: no revoked one joins.
+        registry::check_active(txn, user)?;
+    }
     if rooms::member(txn, h.room, user)?.is_some() {
         return Err(Denial::Conflict {
             what: format!("{user} is a member already"),

@@ -25,13 +25,14 @@ use super::chain::SignedLink;
 use super::state::{registry, rooms, rooms::RoomMeta};
 use super::{
     applied, denied, gateway_of, origin, outbox_of, reply, ClientMsg, Denial, DomainConfig, Msg,
-    Op, Outcome, ReplyTo, RoomMember, SignedRequest,
+    Op, Outcome, ReplyTo, RoomMember, SignedRequest, UserStatus,
 };
 use crate::actor::{Actor, Context, System, Time};
 use crate::crypto::{Frame, SealedKey, SignatureBytes};
 use crate::identity::Identity;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
+use conclave_storage::StoreError;
 
 mod apply;
 pub mod decide;
@@ -497,10 +498,37 @@ impl Room {
             from,
             now: cx.now(),
         };
+        let snapshot = matches!(update, Update::Members { .. });
         let mut txn = cx.store().write()?;
         replica::apply(&mut *txn, &at, update)?;
         txn.commit()?;
         cx.send(gateway_of(at.me), ClientMsg::Changed { room: self.room });
+        if snapshot {
+            self.evict_revoked_locals(cx)?;
+        }
+        Ok(())
+    }
+
+    /// A snapshot may list a user of this node revoked before the invite reached
+    /// it (the revocation evicted them only from the rooms it knew): have them
+    /// evicted now.
+    fn evict_revoked_locals<S: System<Msg = Msg>>(
+        &self,
+        cx: &mut Context<'_, S>,
+    ) -> Result<(), StoreError> {
+        let me = cx.node();
+        let txn = cx.store().read()?;
+        let mut revoked = Vec::new();
+        for member in rooms::members(&*txn, self.room)? {
+            let record = registry::user(&*txn, member.user)?;
+            if member.home == me && record.is_some_and(|r| r.status == UserStatus::Revoked) {
+                revoked.push(member.user);
+            }
+        }
+        drop(txn);
+        for user in revoked {
+            cx.send(super::room_of(me, self.room), RoomMsg::Revoked { user });
+        }
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use x25519_dalek::PublicKey;
 use super::Update;
 use crate::actor::Time;
 use crate::crypto::{verify_frame, verify_sealed_key, Frame, SealError, SealedKey};
-use crate::domain::chain::{ChainState, SignedLink};
+use crate::domain::chain::{ChainState, Change, SignedLink};
 use crate::domain::state::rooms::{RoomMeta, Visibility};
 use crate::domain::state::{keys, registry, rooms};
 use crate::domain::{Denial, RoomMember, ROOM_MEMBERS_MAX};
@@ -168,6 +168,9 @@ fn store_links(
             ));
         }
         rooms::put_link(txn, room, index, link)?;
+        if let Change::Evict { user, .. } = link.link.change {
+            rooms::put_evicted(txn, room, user, index)?;
+        }
     }
     Ok(())
 }
@@ -350,6 +353,18 @@ fn check_key(
     )
 }
 
+/// Whether `frame` (of the current epoch) is from a member evicted during it: an
+/// eviction keeps the epoch until a member rekeys, so a node that joins meanwhile
+/// is sent, as history, frames of a sender who is no longer a member. (A removal
+/// starts a new epoch, so no removed member's frame is of the current one.)
+fn evicted_in_epoch(
+    txn: &dyn conclave_storage::ReadTxn,
+    meta: &RoomMeta,
+    frame: &Frame,
+) -> Result<bool, StoreError> {
+    Ok(meta.rekey_due && rooms::was_evicted(txn, frame.room, frame.sender)?)
+}
+
 /// A committed frame, verified again and stored once.
 fn store_frame(
     txn: &mut dyn WriteTxn,
@@ -375,7 +390,9 @@ fn store_frame(
             got: frame.epoch,
         });
     }
-    if rooms::member(&*txn, at.room, frame.sender)?.is_none() {
+    if rooms::member(&*txn, at.room, frame.sender)?.is_none()
+        && !evicted_in_epoch(&*txn, &meta, frame)?
+    {
         return Err(UpdateError::NotAMember);
     }
     verify_frame(frame).map_err(|_| UpdateError::BadSignature)?;

@@ -104,6 +104,8 @@ const FRAMES: Table<([u8; 16], u64), Frame> = Table::new("room.frames");
 const IDS: Table<([u8; 16], u128), u64> = Table::new("room.ids");
 const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visible");
 const CHAIN: Table<([u8; 16], u64), SignedLink> = Table::new("room.chain");
+/// Members evicted from a room (revoked), by the index of the link that did it.
+const EVICTED: Table<([u8; 16], [u8; 32]), u64> = Table::new("room.evicted");
 /// Only written under the `fanout_to_removed` mutation: the nodes of removed members.
 const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
 
@@ -350,6 +352,21 @@ pub fn put_link(
         "links are appended in order"
     );
     CHAIN.put(txn, &(room.0, index), link)
+}
+
+/// Records that `user` was evicted from `room` by the chain link at `index`.
+pub fn put_evicted(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    user: UserId,
+    index: u64,
+) -> Result<(), StoreError> {
+    EVICTED.put(txn, &(room.0, user.0), &index)
+}
+
+/// Whether `user` was ever evicted from `room` (revoked while a member).
+pub fn was_evicted(txn: &dyn ReadTxn, room: RoomId, user: UserId) -> Result<bool, StoreError> {
+    Ok(EVICTED.get(txn, &(room.0, user.0))?.is_some())
 }
 
 /// Only under the `fanout_to_removed` mutation: records a removed member's node.

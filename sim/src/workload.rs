@@ -648,13 +648,11 @@ impl Workload {
     /// A live node's admin revokes one of its users (at most
     /// [`REVOCATIONS_MAX`] a run): the node has them evicted from their rooms.
     ///
-    /// Only with `--revocations`: it shows two bugs of the actors (issue 12),
-    /// left to fix there. A user invited to a room whose membership has not
-    /// reached their node when it revokes them is never evicted from it (the
-    /// node evicts from the rooms it knows then); and a node that joins a room
-    /// after an eviction, before the rekey, refuses the evicted member's earlier
-    /// frames of that epoch in its backfill (their sender is no member any more),
-    /// so its users never read them.
+    /// In the seeds that draw revocations (or with `--revocations`). It found two
+    /// bugs of the actors, fixed since: a user invited to a room whose membership
+    /// had not reached their node when it revoked them was never evicted from it;
+    /// and a node joining a room after an eviction, before the rekey, refused the
+    /// evicted member's earlier frames of that epoch in its backfill.
     fn revoke(&mut self, env: &mut Env<'_>) {
         if self.revoked.len() >= REVOCATIONS_MAX {
             return;

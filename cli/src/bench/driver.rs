@@ -446,8 +446,13 @@ pub(super) async fn measure(
     result.cpu_client = (client_after.cpu - client_before.cpu) / committed;
     result.switches =
         SwitchesPerMsg::between(&servers_before, &servers_after, result.max.delivered);
-    if with_half {
+    if with_half && result.max.delivered > 0 {
         half_load(args, rec, publish, publishers, warm + n, result).await;
+    } else if with_half {
+        // Half of a delivery rate of zero is no load to measure latency at.
+        result
+            .notes
+            .push("no half-load run: nothing was delivered at maximum load".into());
     }
     result.peak_rss_mib = samples(server_pids)
         .iter()

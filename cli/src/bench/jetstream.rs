@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
@@ -237,6 +237,56 @@ impl E2e {
     }
 }
 
+/// Pauses a consumer after an error, so that one that keeps failing does not spin.
+const READER_ERROR_PAUSE_MS: u64 = 10;
+
+/// Consumer errors of one row: how many, and the first.
+#[derive(Debug, Default)]
+struct ReaderErrors {
+    count: usize,
+    first: Option<String>,
+}
+
+/// One member's consumer: opens (with `e2e`) and records each message, then acks.
+struct Reader {
+    rec: Arc<Recorder>,
+    e2e: Option<E2e>,
+    errors: Arc<Mutex<ReaderErrors>>,
+}
+
+impl Reader {
+    /// Reads until the stream ends. Errors are read past, not ended on: an R3
+    /// consumer reports missed heartbeats or no responders while its leader moves,
+    /// and then goes on delivering.
+    async fn run(self, mut messages: async_nats::jetstream::consumer::pull::Stream) {
+        while let Some(item) = messages.next().await {
+            let message = match item {
+                Ok(m) => m,
+                Err(e) => {
+                    self.error(&e);
+                    tokio::time::sleep(Duration::from_millis(READER_ERROR_PAUSE_MS)).await;
+                    continue;
+                }
+            };
+            match &self.e2e {
+                Some(e2e) => {
+                    if let Ok(body) = e2e.open(&message.payload) {
+                        self.rec.delivered(&body);
+                    }
+                }
+                None => self.rec.delivered(&message.payload),
+            }
+            let _ = message.ack().await;
+        }
+    }
+
+    fn error(&self, e: &dyn std::fmt::Display) {
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        errors.count += 1;
+        errors.first.get_or_insert_with(|| e.to_string());
+    }
+}
+
 /// JetStream with `nodes` servers and R`nodes`, `members` durable consumers (one per
 /// member, connected round-robin to the servers), one publisher per server.
 pub(super) async fn jetstream(
@@ -288,6 +338,7 @@ pub(super) async fn jetstream(
         drop(stream);
         let e2e = E2e::new();
         let rec = Recorder::new(members, capacity(args));
+        let errors = Arc::new(Mutex::new(ReaderErrors::default()));
         let mut readers = Vec::new();
         for m in 0..members {
             let ctx = clients[m % nodes].clone();
@@ -301,24 +352,16 @@ pub(super) async fn jetstream(
                 })
                 .await
                 .map_err(|e| anyhow!("creating consumer m{m}: {e}"))?;
-            let mut messages = consumer
+            let messages = consumer
                 .messages()
                 .await
                 .map_err(|e| anyhow!("consuming m{m}: {e}"))?;
-            let rec = Arc::clone(&rec);
-            let e2e = e2e.clone();
-            readers.push(tokio::spawn(async move {
-                while let Some(Ok(message)) = messages.next().await {
-                    if crypto {
-                        if let Ok(body) = e2e.open(&message.payload) {
-                            rec.delivered(&body);
-                        }
-                    } else {
-                        rec.delivered(&message.payload);
-                    }
-                    let _ = message.ack().await;
-                }
-            }));
+            let reader = Reader {
+                rec: Arc::clone(&rec),
+                e2e: crypto.then(|| e2e.clone()),
+                errors: Arc::clone(&errors),
+            };
+            readers.push(tokio::spawn(reader.run(messages)));
         }
         let publishers = clients.clone();
         let seal = e2e.clone();
@@ -348,6 +391,13 @@ pub(super) async fn jetstream(
         measure(args, &rec, &publish, nodes, &pids, with_half, &mut result).await;
         for r in readers {
             r.abort();
+        }
+        let errors = errors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(first) = &errors.first {
+            result.notes.push(format!(
+                "{} consumer errors, read past (first: {first})",
+                errors.count
+            ));
         }
         anyhow::Ok(result)
     }

@@ -129,12 +129,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "machine: {}; {} B payloads, {} messages at max with {} in flight (and {} in the wide-window rows), then {} at half that rate{}\n",
+        "machine: {}; {} B payloads, {} messages at max with {} in flight{}, then {} at half that rate{}\n",
         report::machine(),
         args.size,
         args.messages(),
         args.in_flight,
-        args.wide_in_flight,
+        if args.wide_in_flight > 0 {
+            format!(" (and {} in the wide-window rows)", args.wide_in_flight)
+        } else {
+            String::new()
+        },
         args.messages() / 2,
         if args.quick { " (--quick)" } else { "" }
     );

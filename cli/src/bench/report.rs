@@ -71,6 +71,16 @@ pub(super) fn results_table(results: &[Result_], base_window: usize) -> String {
     out
 }
 
+/// `a ÷ b` to two decimals, or a dash when either side was not measured.
+fn ratio(a: f64, b: f64) -> String {
+    let r = a / b;
+    if r.is_finite() {
+        format!("{r:.2}")
+    } else {
+        "–".into()
+    }
+}
+
 /// conclave against each peer row of the same workload and window.
 pub(super) fn ratio_table(results: &[Result_], base_window: usize) -> String {
     let mut out = String::new();
@@ -84,15 +94,24 @@ pub(super) fn ratio_table(results: &[Result_], base_window: usize) -> String {
         {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 c.workload,
                 p.label(base_window),
-                c.max.commit_rate / p.max.commit_rate,
-                c.max.deliver_rate / p.max.deliver_rate,
-                percentile(&c.max.deliver_lat, 0.5) / percentile(&p.max.deliver_lat, 0.5),
-                percentile(&c.max.deliver_lat, 0.99) / percentile(&p.max.deliver_lat, 0.99),
-                percentile(&c.half.deliver_lat, 0.5) / percentile(&p.half.deliver_lat, 0.5),
-                c.cpu_server / p.cpu_server,
+                ratio(c.max.commit_rate, p.max.commit_rate),
+                ratio(c.max.deliver_rate, p.max.deliver_rate),
+                ratio(
+                    percentile(&c.max.deliver_lat, 0.5),
+                    percentile(&p.max.deliver_lat, 0.5)
+                ),
+                ratio(
+                    percentile(&c.max.deliver_lat, 0.99),
+                    percentile(&p.max.deliver_lat, 0.99)
+                ),
+                ratio(
+                    percentile(&c.half.deliver_lat, 0.5),
+                    percentile(&p.half.deliver_lat, 0.5)
+                ),
+                ratio(c.cpu_server, p.cpu_server),
             );
         }
     }

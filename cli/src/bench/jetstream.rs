@@ -34,7 +34,8 @@ const NATS_VERSION_MIN: (u32, u32, u32) = (2, 10, 0);
 
 /// The nats-server the JetStream rows run: `explicit` (--nats-server), else the
 /// install script's, else the first on the PATH; checked to be recent enough.
-pub(super) fn nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// Returns it with what its `--version` printed.
+pub(super) fn nats_server(explicit: Option<&Path>) -> anyhow::Result<(PathBuf, String)> {
     let venv = std::env::var_os("HOME").map(|h| Path::new(&h).join(NATS_VENV_EXE));
     let path = std::env::var("PATH").unwrap_or_default();
     let on_path = path
@@ -69,7 +70,7 @@ pub(super) fn nats_server(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
             exe.display()
         );
     }
-    Ok(exe)
+    Ok((exe, text.trim().to_string()))
 }
 
 /// `nats-server: v2.15.1` → (2, 15, 1).

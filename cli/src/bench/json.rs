@@ -209,6 +209,7 @@ pub(super) struct RunJson {
     pub(super) in_flight: usize,
     pub(super) wide_in_flight: usize,
     pub(super) nats_server: Option<String>,
+    pub(super) nats_server_version: Option<String>,
     pub(super) seconds: f64,
 }
 
@@ -345,6 +346,7 @@ mod tests {
                 in_flight: 64,
                 wide_in_flight: 256,
                 nats_server: None,
+                nats_server_version: None,
                 seconds: 1.0,
             },
             crypto_floor: &floor(),

@@ -129,8 +129,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "machine: {}; {} B payloads, {} messages at max with {} in flight{}, then {} at half that rate{}\n",
+        "machine: {}; peer: {}; {} B payloads, {} messages at max with {} in flight{}, then {} at half that rate{}\n",
         report::machine(),
+        nats.as_ref()
+            .map_or("none".into(), |(exe, v)| format!("{v} ({})", exe.display())),
         args.size,
         args.messages(),
         args.in_flight,
@@ -159,26 +161,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     eprint!("{report}");
-    let (results, room_notes) = room_workloads(&args, nats.as_deref(), &floor, started).await;
+    let (results, room_notes) = room_workloads(
+        &args,
+        nats.as_ref().map(|(exe, _)| exe.as_path()),
+        &floor,
+        started,
+    )
+    .await;
     notes.extend(room_notes);
     report.push_str(&report::results_table(&results, args.in_flight));
     report.push('\n');
     report.push_str(&report::ratio_table(&results, args.in_flight));
     let rooms = if args.has("c") {
-        eprintln!(
-            "== conclave, workload c (at {:.0} s)",
-            started.elapsed().as_secs_f64()
-        );
-        match conclave::conclave_rooms(&args).await {
-            Ok(c) => {
-                report.push_str(&report::rooms_line(&c));
-                Some(c)
-            }
-            Err(e) => {
-                notes.push(format!("conclave workload c failed: {e:#}"));
-                None
-            }
-        }
+        workload_c(&args, started, &mut report, &mut notes).await
     } else {
         None
     };
@@ -186,7 +181,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         &args,
         report,
         &Measured {
-            nats: nats.as_deref(),
+            nats: nats.as_ref(),
             floor: &floor,
             fsync: fsync.as_ref(),
             results: &results,
@@ -197,9 +192,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
 }
 
+/// Workload c, its paragraph added to `report` (or a note when it failed).
+async fn workload_c(
+    args: &BenchArgs,
+    started: Instant,
+    report: &mut String,
+    notes: &mut Vec<String>,
+) -> Option<conclave::RoomsResult> {
+    eprintln!(
+        "== conclave, workload c (at {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    match conclave::conclave_rooms(args).await {
+        Ok(c) => {
+            report.push_str(&report::rooms_line(&c));
+            Some(c)
+        }
+        Err(e) => {
+            notes.push(format!("conclave workload c failed: {e:#}"));
+            None
+        }
+    }
+}
+
 /// What a run measured, for its report's end and its files.
 struct Measured<'a> {
-    nats: Option<&'a Path>,
+    /// nats-server and its version.
+    nats: Option<&'a (PathBuf, String)>,
     floor: &'a Floor,
     fsync: Option<&'a FsyncFloor>,
     results: &'a [Result_],
@@ -232,7 +251,8 @@ fn finish(args: &BenchArgs, mut report: String, m: &Measured<'_>) -> anyhow::Res
             messages: args.messages(),
             in_flight: args.in_flight,
             wide_in_flight: args.wide_in_flight,
-            nats_server: m.nats.map(|p| p.display().to_string()),
+            nats_server: m.nats.map(|(exe, _)| exe.display().to_string()),
+            nats_server_version: m.nats.map(|(_, v)| v.clone()),
             seconds,
         },
         crypto_floor: m.floor,

@@ -42,7 +42,8 @@ use json::{Outcome, RunJson, Summary};
 /// Options of `conclave bench`.
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// Small counts: the whole run finishes in under a minute (for CI and spot checks).
+    /// Small counts and only the +crypto JetStream rows: the whole run takes about a
+    /// minute (for CI and spot checks).
     #[arg(long)]
     pub quick: bool,
     /// Messages per run at maximum throughput [default: 6000; 600 with --quick].

@@ -109,13 +109,15 @@ enum Command {
     ///
     /// Example: conclave demo
     Demo(DemoArgs),
-    /// Benchmark: conclave side by side with NATS JetStream and the crypto floor.
+    /// Benchmark: conclave side by side with NATS JetStream, the crypto floor and
+    /// the fsync floor.
     ///
     /// Starts local three-node clusters (separate processes, QUIC, LMDB with fsync),
     /// drives workloads a (1 room, 3 members), b (1 room, 30 members), c (many
-    /// rooms), then the same load on JetStream R1 and R3, with and without the same
-    /// end-to-end crypto, and prints a table (also DIR/bench.md, DIR/latency-*.svg).
-    /// nats-server must be installed for the JetStream rows: run
+    /// rooms), then the same load on JetStream R1 and R3 (fsync before ack and its
+    /// default, with and without the same end-to-end crypto), and prints a table
+    /// (also DIR/bench.md, DIR/bench.json, DIR/latency-*.svg) and, last, a
+    /// `summary:` line. nats-server 2.10+ is needed for the JetStream rows: run
     /// scripts/install-bench-deps.sh (or pass --jetstream none).
     ///
     /// Example: conclave bench --quick

@@ -1,7 +1,8 @@
 //! Feeds arbitrary bytes to the node's decoder of a client's request, exactly as the
 //! client protocol reads one (bounded postcard, no trailing bytes): it must return a
 //! typed error or a value, never panic; a decoded request re-encodes to a fixed
-//! point, and the checks the node runs on it (signatures) return, never panic.
+//! point, and the checks the node runs on it (signatures, chain links) return,
+//! never panic.
 #![no_main]
 
 use conclave::client::{ClientRequest, CLIENT_MESSAGE_BYTES_MAX};
@@ -16,11 +17,18 @@ fuzz_target!(|data: &[u8]| {
     match &request {
         ClientRequest::Call(signed) => {
             let _ = signed.verify();
+            if let Some(link) = signed.request.op.link() {
+                let _ = link.verify();
+                let _ = link.hash();
+            }
         }
         ClientRequest::Publish(frame) => {
             let _ = verify_frame(frame);
         }
-        ClientRequest::Keys { .. } | ClientRequest::Subscribe { .. } | ClientRequest::Whoami => {}
+        ClientRequest::Keys { .. }
+        | ClientRequest::Chain { .. }
+        | ClientRequest::Subscribe { .. }
+        | ClientRequest::Whoami => {}
     }
     let once =
         encode_bounded(&request, CLIENT_MESSAGE_BYTES_MAX).expect("a decoded request encodes");

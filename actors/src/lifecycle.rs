@@ -62,6 +62,15 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+/// The most messages one group commit takes. Both drivers handle messages against
+/// one batch ([`conclave_storage::Batch`]) until no mailbox is ready or this bound
+/// is reached, commit it once, and only then release what the batch's messages
+/// sent (to other actors, other nodes and clients).
+pub const BATCH_MESSAGES_MAX: usize = 256;
+
+/// The most bytes (keys and values written) one group commit takes.
+pub const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 use crate::actor::ActorRef;
 
 /// One activation of an address, numbered by its node: a timer carries the number

@@ -43,11 +43,15 @@ pub enum Mutation {
     /// authorized and the key is the one the chain pins: a node that seals a key
     /// of its own to a member then reads what they send.
     AcceptUnauthorizedKey,
+    /// The simulator's driver releases what a message sends as soon as it is
+    /// handled, before the batch holding its writes is committed: a crash then
+    /// takes back state that other nodes (or clients) were already told about.
+    ReleaseBeforeCommit,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 9] = [
+    pub const ALL: [Mutation; 10] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -57,6 +61,7 @@ impl Mutation {
         Mutation::BundleUnsplit,
         Mutation::PipelinedHandoff,
         Mutation::AcceptUnauthorizedKey,
+        Mutation::ReleaseBeforeCommit,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -71,6 +76,7 @@ impl Mutation {
             Mutation::BundleUnsplit => "bundle_unsplit",
             Mutation::PipelinedHandoff => "pipelined_handoff",
             Mutation::AcceptUnauthorizedKey => "accept_unauthorized_key",
+            Mutation::ReleaseBeforeCommit => "release_before_commit",
         }
     }
 

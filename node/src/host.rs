@@ -16,10 +16,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix::{Actor as _, ActorContext as _, AsyncContext as _};
 use conclave_actors::actor::{ActorRef, Context, Effect, Handler, System, Time};
-use conclave_actors::lifecycle::{Incarnation, Lifecycles, Phase};
+use conclave_actors::lifecycle::{
+    Incarnation, Lifecycles, Phase, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
+};
 use conclave_actors::wire::Envelope;
 use conclave_actors::NodeId;
-use conclave_storage::Store;
+use conclave_storage::{Batch, Store};
 use conclave_transports::{Incoming, Transport};
 use getrandom::SysRng;
 use rand_core::UnwrapErr;
@@ -104,10 +106,20 @@ impl<S: System> Mailbox<S> {
     }
 }
 
+/// What a batch's messages asked to send, held until the batch is durable.
+struct Held<M> {
+    sends: Vec<(ActorRef, ActorRef, M)>,
+    /// Whether a flush is queued on the arbiter behind the ready mailboxes.
+    scheduled: bool,
+}
+
 struct Shared<S: System> {
     node: NodeId,
     system: S,
-    store: Arc<dyn Store>,
+    /// The node's store, through which actors write in batches: one commit (one
+    /// fsync) for every message handled since the last flush.
+    batch: Batch,
+    held: Mutex<Held<S::Msg>>,
     transport: Arc<dyn Transport<S::Msg>>,
     arbiter: actix_rt::ArbiterHandle,
     /// The actors' lifecycles ([`conclave_actors::lifecycle`]), each active one
@@ -279,6 +291,54 @@ impl<S: System> Shared<S> {
         }
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, Held<S::Msg>> {
+        // Only pushed to and taken whole: a poisoned lock still guards a valid list.
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// After each handled message: a full batch is flushed now; otherwise a flush
+    /// is queued on the arbiter, behind the mailboxes that are ready, so that every
+    /// message handled until then shares its commit (no fixed delay: the batch is
+    /// whatever arrived while the last one was handled and synced).
+    fn turn_done(self: &Arc<Self>) {
+        let full = self.batch.txns() >= BATCH_MESSAGES_MAX || self.batch.bytes() >= BATCH_BYTES_MAX;
+        if full {
+            return self.flush();
+        }
+        let mut held = self.held();
+        if !held.scheduled {
+            held.scheduled = true;
+            let shared = Arc::clone(self);
+            actix_rt::spawn(async move { shared.flush() });
+        }
+    }
+
+    /// Commits the batch (one fsync), then releases what its messages sent. If the
+    /// commit fails, their writes are lost as in a crash, and so is what they sent
+    /// (peers resend what is not acknowledged; callers see no reply).
+    fn flush(self: &Arc<Self>) {
+        let sends = {
+            let mut held = self.held();
+            held.scheduled = false;
+            std::mem::take(&mut held.sends)
+        };
+        match self.batch.flush() {
+            Ok(txns) => {
+                if txns > 0 {
+                    metrics::histogram!("conclave_batch_transactions").record(txns as f64);
+                }
+                for (from, to, msg) in sends {
+                    // Sends between actors are never refused (see `Origin`).
+                    let _ = self.route(Origin::Actor, Some(from), to, msg);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, dropped = sends.len(), "group commit failed: the batch and what it sent are lost");
+                metrics::counter!("conclave_batch_commit_failures_total").increment(1);
+            }
+        }
+    }
+
     #[cfg(test)]
     fn record(&self, turn: contract::Turn) {
         self.journal
@@ -331,11 +391,12 @@ impl<S: System> Host<S> {
                 None,
                 wall_now(),
                 &mut rng,
-                self.shared.store.as_ref(),
+                &self.shared.batch,
                 &mut effects,
             );
             self.handler = self.shared.system.activate(&self.me, &mut cx);
         }
+        self.shared.turn_done();
         if self.handler.is_none() {
             tracing::warn!(actor = ?self.me, "messages to an actor this node does not have are dropped");
             effects.push(Effect::Stop);
@@ -361,7 +422,7 @@ impl<S: System> Host<S> {
                 from,
                 wall_now(),
                 &mut rng,
-                self.shared.store.as_ref(),
+                &self.shared.batch,
                 &mut effects,
             );
             handler.handle_any(msg, &mut cx);
@@ -375,16 +436,15 @@ impl<S: System> Host<S> {
             &effects,
         ));
         self.apply(effects, ctx);
+        self.shared.turn_done();
     }
 
     /// Carries out what the actor asked for, in order.
     fn apply(&mut self, effects: Vec<Effect<S::Msg>>, ctx: &mut actix::Context<Self>) {
         for effect in effects {
             match effect {
-                Effect::Send { from, to, msg } => {
-                    // Sends between actors are never refused (see `Origin`).
-                    let _ = self.shared.route(Origin::Actor, Some(from), to, msg);
-                }
+                // Released once the batch is durable (see `Shared::flush`).
+                Effect::Send { from, to, msg } => self.shared.held().sends.push((from, to, msg)),
                 Effect::Timer { after, msg } => {
                     // Due, it joins the back of the mailbox, behind what is queued
                     // already, as in the simulator; actix cancels it when this host
@@ -486,7 +546,11 @@ impl<S: System> Runtime<S> {
                     let shared = Arc::new(Shared {
                         node,
                         system,
-                        store,
+                        batch: Batch::new(store),
+                        held: Mutex::new(Held {
+                            sends: Vec::new(),
+                            scheduled: false,
+                        }),
                         transport,
                         arbiter: actix_rt::Arbiter::current(),
                         active: Mutex::new(Lifecycles::new()),
@@ -545,6 +609,11 @@ impl<S: System> Runtime<S> {
             if thread.join().is_err() {
                 tracing::error!("actor runtime thread panicked");
             }
+        }
+        // What the last batch wrote is kept (its sends are not: the runtime is
+        // gone, and peers resend what they do not see acknowledged).
+        if let Err(error) = self.shared.batch.flush() {
+            tracing::error!(%error, "the last batch could not be committed at shutdown");
         }
     }
 }

@@ -41,10 +41,13 @@ use conclave_actors::domain::{
     Msg, Op, Outcome, Policy, ReplyTo, Request, RoomInfo, RoomMsg,
 };
 use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
-use conclave_actors::lifecycle::{Incarnation, Lifecycles, Phase, Turn};
+use conclave_actors::lifecycle::{
+    Incarnation, Lifecycles, Phase, Turn, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
+};
+use conclave_actors::mutation::{self, Mutation};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
-use conclave_storage::{MemStore, ReadTxn, Store, StoreError};
+use conclave_storage::{Batch, MemStore, ReadTxn, Store, StoreError};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 
@@ -149,6 +152,21 @@ pub struct SimNode {
     pub identity: Identity,
     /// Its disk.
     pub store: Arc<MemStore>,
+    /// What its actors write through: a group commit over `store`, flushed when the
+    /// node has no ready message left or the batch is full.
+    pub batch: Arc<Batch>,
+    /// What the batch's messages sent, with what the driver saw them decide: both
+    /// released only once the batch is durable.
+    held: Vec<Release>,
+    /// A flush is under way (the node handles nothing until it is done).
+    flushing: bool,
+    /// Bumped by every crash: a `Flushed` event of an older life is ignored.
+    life: u64,
+    /// Virtual time one flush (commit and fsync) costs this node.
+    pub commit_cost: Duration,
+    /// Virtual time between a batch's commit and the release of what it owes (a
+    /// crash then loses only the latter).
+    pub release_delay: Duration,
     /// Its actors: active, stopping, and their mailboxes.
     actors: Lifecycles<Pending, Mailbox>,
     /// Whether the node is running.
@@ -177,6 +195,18 @@ pub struct SimNode {
     pub clock_offset: i64,
 }
 
+/// Something a batch's message owes the world, released after the batch's flush.
+enum Release {
+    /// A send.
+    Send {
+        from: ActorRef,
+        to: ActorRef,
+        msg: Msg,
+    },
+    /// What the driver saw a room decide (it counts once it is durable).
+    Observed(Observation),
+}
+
 enum Event {
     /// A message injected from outside any actor, or a local send.
     Deliver {
@@ -193,6 +223,11 @@ enum Event {
     },
     /// Node `node` handles the next message of one of its actors' mailboxes.
     Process { node: usize, token: u64 },
+    /// Node `node`'s flush (begun in its life `life`) is done: the batch is on
+    /// disk, and what it owes is released.
+    Flushed { node: usize, life: u64 },
+    /// Node `node` releases what its committed batch owes.
+    Released { node: usize, life: u64 },
 }
 
 /// A cross-node message as the network carried it, for leak checks.
@@ -373,22 +408,32 @@ impl Cluster {
         let nodes = identities
             .into_iter()
             .enumerate()
-            .map(|(i, identity)| SimNode {
-                id: identity.node_id(),
-                identity,
-                store: Arc::new(MemStore::new()),
-                actors: Lifecycles::new(),
-                up: true,
-                wiped: false,
-                rng: derive_rng(seed, i as u64, "node"),
-                sched_rng: derive_rng(seed, i as u64, "scheduler"),
-                queued: 0,
-                arrivals: 0,
-                busy_until: START,
-                scheduled: None,
-                token: 0,
-                cost: Duration::ZERO,
-                clock_offset: 0,
+            .map(|(i, identity)| {
+                let store = Arc::new(MemStore::new());
+                let batch = Arc::new(Batch::new(Arc::clone(&store) as Arc<dyn Store>));
+                SimNode {
+                    id: identity.node_id(),
+                    identity,
+                    store,
+                    batch,
+                    held: Vec::new(),
+                    flushing: false,
+                    life: 0,
+                    commit_cost: Duration::ZERO,
+                    release_delay: Duration::ZERO,
+                    actors: Lifecycles::new(),
+                    up: true,
+                    wiped: false,
+                    rng: derive_rng(seed, i as u64, "node"),
+                    sched_rng: derive_rng(seed, i as u64, "scheduler"),
+                    queued: 0,
+                    arrivals: 0,
+                    busy_until: START,
+                    scheduled: None,
+                    token: 0,
+                    cost: Duration::ZERO,
+                    clock_offset: 0,
+                }
             })
             .collect();
         Self {
@@ -586,6 +631,14 @@ impl Cluster {
                 Stepped::Other
             }
             Event::Process { node, token } => self.process(node, token),
+            Event::Flushed { node, life } => {
+                self.flushed(node, life);
+                Stepped::Other
+            }
+            Event::Released { node, life } => {
+                self.released(node, life);
+                Stepped::Other
+            }
         }
     }
 
@@ -738,8 +791,13 @@ impl Cluster {
                 return Stepped::Other;
             }
             node.scheduled = None;
+            if node.flushing {
+                // Busy committing: `flushed` schedules the next message.
+                return Stepped::Other;
+            }
         }
         let Some(to) = self.pick(i) else {
+            self.close_batch(i);
             self.reschedule(i);
             return Stepped::Other;
         };
@@ -757,6 +815,9 @@ impl Cluster {
         let handled = self.deliver(i, incarnation, pending);
         if self.nodes[i].up {
             self.end_if_drained(i, to);
+            if self.batch_closes(i) {
+                self.close_batch(i);
+            }
             self.reschedule(i);
         }
         if handled {
@@ -828,7 +889,7 @@ impl Cluster {
         let observing = self.observing(i, to, &msg);
         let now = self.node_now(i);
         let node = &mut self.nodes[i];
-        let store: Arc<MemStore> = Arc::clone(&node.store);
+        let store: Arc<Batch> = Arc::clone(&node.batch);
         let Some(handler) = node
             .actors
             .get_mut(&to)
@@ -863,7 +924,7 @@ impl Cluster {
         let mut effects = Vec::new();
         let now = self.node_now(i);
         let node = &mut self.nodes[i];
-        let store: Arc<MemStore> = Arc::clone(&node.store);
+        let store: Arc<Batch> = Arc::clone(&node.batch);
         let Some(slot) = node.actors.get_mut(&to) else {
             return effects;
         };
@@ -899,7 +960,7 @@ impl Cluster {
                 let conclave_actors::actor::ActorKey::Room(room) = to.key else {
                     return None;
                 };
-                let txn = self.nodes[i].store.read().ok()?;
+                let txn = self.nodes[i].batch.read().ok()?;
                 let (len, _) = domain::state::rooms::chain_head(&*txn, room).ok()?;
                 Some(Watch::Eviction { user: *user, len })
             }
@@ -914,7 +975,7 @@ impl Cluster {
         let conclave_actors::actor::ActorKey::Room(room) = to.key else {
             return;
         };
-        let Ok(txn) = self.nodes[i].store.read() else {
+        let Ok(txn) = self.nodes[i].batch.read() else {
             return;
         };
         let Ok(added) = domain::state::rooms::links(&*txn, room, len, 2) else {
@@ -927,11 +988,12 @@ impl Cluster {
         );
         drop(txn);
         if evicted {
-            self.observed.push(Observation {
+            let seen = Observation {
                 node: i,
                 room,
                 what: Observed::Evicted { user },
-            });
+            };
+            self.nodes[i].held.push(Release::Observed(seen));
         }
     }
 
@@ -958,11 +1020,12 @@ impl Cluster {
                 }
                 Observed::Evicted { .. } => {}
             }
-            self.observed.push(Observation {
+            let seen = Observation {
                 node: i,
                 room,
                 what,
-            });
+            };
+            self.nodes[i].held.push(Release::Observed(seen));
         }
     }
 
@@ -977,10 +1040,11 @@ impl Cluster {
         for effect in effects {
             match effect {
                 Effect::Send { from, to, msg } => {
-                    if to.node == me.node {
-                        self.arrive(Some(from), to, msg, None);
+                    if mutation::active(Mutation::ReleaseBeforeCommit) {
+                        // Mutation: sent before the batch that wrote its state is durable.
+                        self.send(i, from, to, msg);
                     } else {
-                        self.transmit(i, from, to, msg);
+                        self.nodes[i].held.push(Release::Send { from, to, msg });
                     }
                 }
                 Effect::Timer { after, msg } => {
@@ -1001,6 +1065,96 @@ impl Cluster {
                 Effect::Misrouted => {}
             }
         }
+    }
+
+    /// A send leaves node `i`: to a local actor's mailbox, or onto the network.
+    fn send(&mut self, i: usize, from: ActorRef, to: ActorRef, msg: Msg) {
+        if to.node == self.nodes[i].id {
+            self.arrive(Some(from), to, msg, None);
+        } else {
+            self.transmit(i, from, to, msg);
+        }
+    }
+
+    /// Whether node `i`'s batch ends after the message it just handled: it is full,
+    /// or no mailbox of the node is ready to add to it now.
+    fn batch_closes(&self, i: usize) -> bool {
+        let node = &self.nodes[i];
+        if node.batch.txns() >= BATCH_MESSAGES_MAX || node.batch.bytes() >= BATCH_BYTES_MAX {
+            return true;
+        }
+        let now = self.now;
+        !node
+            .actors
+            .iter()
+            .any(|(_, slot)| !slot.driver.queue.is_empty() && slot.driver.ready(now))
+    }
+
+    /// Node `i` flushes its batch: it is busy for its commit cost, then the batch
+    /// is durable and what it owes is released ([`Cluster::flushed`]). A crash in
+    /// between loses the whole batch, and what it owes.
+    fn close_batch(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if node.flushing || (node.held.is_empty() && node.batch.txns() == 0) {
+            return;
+        }
+        node.flushing = true;
+        let life = node.life;
+        let at = self
+            .now
+            .max(node.busy_until)
+            .saturating_add(node.commit_cost);
+        node.busy_until = at;
+        self.push(at, Event::Flushed { node: i, life });
+    }
+
+    /// Node `i`'s flush is done: the batch is committed, and what its rooms decided
+    /// counts. What it owes leaves now,
+    /// or, on a node with a release delay, a moment later ([`Cluster::released`]):
+    /// a crash in between loses what it owed and keeps what it wrote.
+    fn flushed(&mut self, i: usize, life: u64) {
+        let node = &mut self.nodes[i];
+        if node.life != life || !node.up {
+            return;
+        }
+        if let Err(error) = node.batch.flush() {
+            panic!("a simulated disk failed to commit a batch: {error}");
+        }
+        // What the batch's rooms decided is durable now, released or not.
+        let (seen, sends): (Vec<Release>, Vec<Release>) = std::mem::take(&mut node.held)
+            .into_iter()
+            .partition(|r| matches!(r, Release::Observed(_)));
+        node.held = sends;
+        let delay = node.release_delay;
+        for r in seen {
+            if let Release::Observed(seen) = r {
+                self.observed.push(seen);
+            }
+        }
+        self.mark(&format!("flush n{i}"));
+        if delay.is_zero() {
+            return self.released(i, life);
+        }
+        let at = self.now.saturating_add(delay);
+        self.nodes[i].busy_until = at;
+        self.push(at, Event::Released { node: i, life });
+    }
+
+    /// Node `i` releases what its last batch owes: its sends leave.
+    fn released(&mut self, i: usize, life: u64) {
+        let node = &mut self.nodes[i];
+        if node.life != life || !node.up {
+            return;
+        }
+        node.flushing = false;
+        let released = std::mem::take(&mut node.held);
+        for r in released {
+            match r {
+                Release::Send { from, to, msg } => self.send(i, from, to, msg),
+                Release::Observed(seen) => self.observed.push(seen),
+            }
+        }
+        self.reschedule(i);
     }
 
     fn chance(&mut self, ppm: u32) -> bool {
@@ -1071,6 +1225,10 @@ impl Cluster {
         node.queued = 0;
         node.scheduled = None;
         node.token += 1;
+        node.held.clear();
+        node.flushing = false;
+        node.life += 1;
+        node.batch.discard();
         node.store.crash();
     }
 

@@ -191,6 +191,8 @@ impl Sim {
             .max(LINK_LATENCY_US_MIN);
         for i in 0..o.nodes {
             c.nodes[i].cost = o.base_cost;
+            c.nodes[i].commit_cost = o.commit_cost;
+            c.nodes[i].release_delay = o.release_delay;
             c.nodes[i].clock_offset = o.clock_offsets_ms.get(i).copied().unwrap_or(0) * 1_000;
             for j in (0..o.nodes).filter(|&j| j != i) {
                 let us = between(&mut links, LINK_LATENCY_US_MIN, latency_us_max);

@@ -4,7 +4,8 @@
 //! atomic, durable write transactions. Two implementations pass one shared suite:
 //! [`LmdbStore`] (heed/LMDB, fsync before a commit returns) for production, and
 //! [`MemStore`] for the simulator, whose [`MemStore::crash`] discards every write that
-//! was not yet committed and synced, exactly as a power loss would.
+//! was not yet committed and synced, exactly as a power loss would. A [`Batch`] over
+//! either gives group commit: many transactions, one commit of the store.
 //!
 //! On top of the byte-level trait, [`Table`] gives typed access: keys encode in an
 //! order-preserving form ([`Key`]), values with postcard ([`serde`]).
@@ -17,14 +18,17 @@
 //! `.await`s.
 #![warn(missing_docs)]
 
+mod batch;
 mod check;
 mod error;
 mod lmdb;
 mod mem;
+mod merge;
 #[cfg(test)]
 mod suite;
 mod table;
 
+pub use batch::Batch;
 pub use error::StoreError;
 pub use lmdb::{LmdbOptions, LmdbReadTxn, LmdbStore};
 pub use mem::{MemStore, SyncPolicy};

@@ -12,6 +12,7 @@ use std::fmt;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
+use crate::merge::merge;
 use crate::{check, Entry, Order, ReadTxn, Result, Store, StoreError, WriteTxn};
 
 type TableData = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -379,56 +380,16 @@ fn scan(
     static NO_WRITES: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
     let base = base.get(table).map_or(&NO_DATA, |t| &**t);
     let overlay = overlay.get(table).unwrap_or(&NO_WRITES);
-    let base = base.range::<[u8], _>(range);
-    let overlay = overlay.range::<[u8], _>(range);
+    let base = base
+        .range::<[u8], _>(range)
+        .map(|(k, v)| (k.as_slice(), v.as_slice()));
+    let overlay = overlay
+        .range::<[u8], _>(range)
+        .map(|(k, v)| (k.as_slice(), v.as_deref()));
     let entries = match order {
         Order::Ascending => merge(base, overlay, order, limit),
         Order::Descending => merge(base.rev(), overlay.rev(), order, limit),
     };
     debug_assert!(entries.len() <= limit, "a scan returns at most its limit");
     Ok(entries)
-}
-
-/// Merges two iterators sorted in `order`; on equal keys the overlay wins, and an
-/// overlay `None` hides the key.
-fn merge<'x>(
-    base: impl Iterator<Item = (&'x Vec<u8>, &'x Vec<u8>)>,
-    overlay: impl Iterator<Item = (&'x Vec<u8>, &'x Option<Vec<u8>>)>,
-    order: Order,
-    limit: usize,
-) -> Vec<Entry> {
-    let mut base = base.peekable();
-    let mut overlay = overlay.peekable();
-    let mut out = Vec::new();
-    while out.len() < limit {
-        let from_base = match (base.peek(), overlay.peek()) {
-            (None, None) => break,
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-            (Some((b, _)), Some((o, _))) => {
-                let cmp = b.cmp(o);
-                let cmp = match order {
-                    Order::Ascending => cmp,
-                    Order::Descending => cmp.reverse(),
-                };
-                match cmp {
-                    std::cmp::Ordering::Less => true,
-                    std::cmp::Ordering::Greater => false,
-                    std::cmp::Ordering::Equal => {
-                        // Shadowed by the overlay.
-                        base.next();
-                        false
-                    }
-                }
-            }
-        };
-        if from_base {
-            if let Some((k, v)) = base.next() {
-                out.push((k.clone(), v.clone()));
-            }
-        } else if let Some((k, Some(v))) = overlay.next() {
-            out.push((k.clone(), v.clone()));
-        }
-    }
-    out
 }

@@ -73,6 +73,32 @@ impl Harness for MemHarness {
     }
 }
 
+/// A batch over an in-memory store: every suite test then runs on the batch's
+/// pending writes; a restart flushes (a clean stop) and crashes the store.
+struct BatchHarness {
+    mem: MemStore,
+    batch: crate::Batch,
+}
+
+impl BatchHarness {
+    fn new() -> Self {
+        let mem = MemStore::new();
+        let batch = crate::Batch::new(std::sync::Arc::new(mem.clone()));
+        BatchHarness { mem, batch }
+    }
+}
+
+impl Harness for BatchHarness {
+    fn store(&self) -> &dyn Store {
+        &self.batch
+    }
+    fn restart(&mut self) {
+        self.batch.flush().unwrap();
+        self.mem.crash();
+        self.batch = crate::Batch::new(std::sync::Arc::new(self.mem.clone()));
+    }
+}
+
 // ---- helpers ----
 
 fn put(store: &dyn Store, table: &str, kvs: &[(&[u8], &[u8])]) {
@@ -776,6 +802,9 @@ macro_rules! suite {
                 super::$name(&mut super::MemHarness { store: super::MemStore::new() })
             })*
         }
+        mod batch_suite {
+            $(#[test] fn $name() { super::$name(&mut super::BatchHarness::new()) })*
+        }
     };
 }
 
@@ -1004,4 +1033,80 @@ fn lmdb_too_many_tables_is_reported() {
     // The failed creation did not spoil the transaction.
     txn.commit().unwrap();
     assert_eq!(get(&store, "two", b"k").as_deref(), Some(&b"v"[..]));
+}
+
+// ---- Batch only: pending writes over flushed ones ----
+
+/// A small deterministic generator (xorshift), so the test needs no dependency.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Scan bounds for the batch model test: a few keys inside, at and past the ends.
+const BATCH_PROBES: &[&[u8]] = &[b"a", b"c", b"f", b"k", b"t", b"z"];
+
+#[test]
+fn batch_reads_match_a_model_across_flushes_and_dropped_txns() {
+    let mem = MemStore::new();
+    let batch = crate::Batch::new(std::sync::Arc::new(mem.clone()));
+    let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+    for round in 0..400 {
+        let mut txn = batch.write().unwrap();
+        let mut next = model.clone();
+        for _ in 0..g.below(6) {
+            let key = vec![b'a' + g.below(20) as u8];
+            if g.below(3) == 0 {
+                assert_eq!(txn.delete("t", &key).unwrap(), next.remove(&key).is_some());
+            } else {
+                let value = vec![round as u8, g.below(255) as u8];
+                txn.put("t", &key, &value).unwrap();
+                next.insert(key, value);
+            }
+        }
+        check_scans(&*txn, "t", &next, BATCH_PROBES);
+        if g.below(4) == 0 {
+            drop(txn);
+        } else {
+            txn.commit().unwrap();
+            model = next;
+        }
+        check_scans(&*batch.read().unwrap(), "t", &model, BATCH_PROBES);
+        if g.below(5) == 0 {
+            batch.flush().unwrap();
+            // What was flushed is in the store itself.
+            check_scans(&*mem.read().unwrap(), "t", &model, BATCH_PROBES);
+        }
+    }
+}
+
+#[test]
+fn nothing_of_a_batch_is_durable_before_its_flush() {
+    let mem = MemStore::new();
+    let batch = crate::Batch::new(std::sync::Arc::new(mem.clone()));
+    put(&batch, "t", &[(b"a", b"1"), (b"b", b"2")]);
+    assert_eq!(batch.txns(), 1);
+    assert_eq!(
+        get(&mem, "t", b"a"),
+        None,
+        "the store saw an unflushed write"
+    );
+    assert_eq!(get(&batch, "t", b"a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(batch.flush().unwrap(), 1);
+    mem.crash();
+    assert_eq!(get(&mem, "t", b"a").as_deref(), Some(&b"1"[..]));
+    put(&batch, "t", &[(b"c", b"3")]);
+    batch.discard();
+    assert_eq!(get(&batch, "t", b"c"), None);
+    assert_eq!(batch.flush().unwrap(), 0);
 }

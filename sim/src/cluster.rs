@@ -155,9 +155,10 @@ pub struct SimNode {
     /// What its actors write through: a group commit over `store`, flushed when the
     /// node has no ready message left or the batch is full.
     pub batch: Arc<Batch>,
-    /// What the batch's messages sent, with what the driver saw them decide: both
-    /// released only once the batch is durable.
-    held: Vec<Release>,
+    /// What the batch's messages sent: released only once the batch is durable.
+    held: Vec<(ActorRef, ActorRef, Msg)>,
+    /// What the driver saw the batch's rooms decide: it counts once it is durable.
+    decided: Vec<Observation>,
     /// A flush is under way (the node handles nothing until it is done).
     flushing: bool,
     /// Bumped by every crash: a `Flushed` event of an older life is ignored.
@@ -193,18 +194,6 @@ pub struct SimNode {
     pub cost: Duration,
     /// How far this node's clock is from true (virtual) time, in microseconds.
     pub clock_offset: i64,
-}
-
-/// Something a batch's message owes the world, released after the batch's flush.
-enum Release {
-    /// A send.
-    Send {
-        from: ActorRef,
-        to: ActorRef,
-        msg: Msg,
-    },
-    /// What the driver saw a room decide (it counts once it is durable).
-    Observed(Observation),
 }
 
 enum Event {
@@ -417,6 +406,7 @@ impl Cluster {
                     store,
                     batch,
                     held: Vec::new(),
+                    decided: Vec::new(),
                     flushing: false,
                     life: 0,
                     commit_cost: Duration::ZERO,
@@ -993,7 +983,7 @@ impl Cluster {
                 room,
                 what: Observed::Evicted { user },
             };
-            self.nodes[i].held.push(Release::Observed(seen));
+            self.nodes[i].decided.push(seen);
         }
     }
 
@@ -1025,7 +1015,7 @@ impl Cluster {
                 room,
                 what,
             };
-            self.nodes[i].held.push(Release::Observed(seen));
+            self.nodes[i].decided.push(seen);
         }
     }
 
@@ -1044,7 +1034,7 @@ impl Cluster {
                         // Mutation: sent before the batch that wrote its state is durable.
                         self.send(i, from, to, msg);
                     } else {
-                        self.nodes[i].held.push(Release::Send { from, to, msg });
+                        self.nodes[i].held.push((from, to, msg));
                     }
                 }
                 Effect::Timer { after, msg } => {
@@ -1095,7 +1085,8 @@ impl Cluster {
     /// between loses the whole batch, and what it owes.
     fn close_batch(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        if node.flushing || (node.held.is_empty() && node.batch.txns() == 0) {
+        let nothing = node.held.is_empty() && node.decided.is_empty() && node.batch.txns() == 0;
+        if node.flushing || nothing {
             return;
         }
         node.flushing = true;
@@ -1121,16 +1112,9 @@ impl Cluster {
             panic!("a simulated disk failed to commit a batch: {error}");
         }
         // What the batch's rooms decided is durable now, released or not.
-        let (seen, sends): (Vec<Release>, Vec<Release>) = std::mem::take(&mut node.held)
-            .into_iter()
-            .partition(|r| matches!(r, Release::Observed(_)));
-        node.held = sends;
+        let decided = std::mem::take(&mut node.decided);
         let delay = node.release_delay;
-        for r in seen {
-            if let Release::Observed(seen) = r {
-                self.observed.push(seen);
-            }
-        }
+        self.observed.extend(decided);
         self.mark(&format!("flush n{i}"));
         if delay.is_zero() {
             return self.released(i, life);
@@ -1148,11 +1132,8 @@ impl Cluster {
         }
         node.flushing = false;
         let released = std::mem::take(&mut node.held);
-        for r in released {
-            match r {
-                Release::Send { from, to, msg } => self.send(i, from, to, msg),
-                Release::Observed(seen) => self.observed.push(seen),
-            }
+        for (from, to, msg) in released {
+            self.send(i, from, to, msg);
         }
         self.reschedule(i);
     }
@@ -1226,6 +1207,7 @@ impl Cluster {
         node.scheduled = None;
         node.token += 1;
         node.held.clear();
+        node.decided.clear();
         node.flushing = false;
         node.life += 1;
         node.batch.discard();

@@ -28,11 +28,19 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// Bucket bounds of the messages-per-group-commit histogram: 1 to the batch bound
+/// ([`conclave_actors::lifecycle::BATCH_MESSAGES_MAX`]).
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// Installs the Prometheus exporter as the process's metrics recorder and
 /// describes conclave's metrics. Call once per process.
 pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("conclave_batch_transactions".into()),
+            BATCH_BUCKETS,
+        )?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -91,6 +99,18 @@ const COUNTERS: &[(&str, &str)] = &[
     (
         "conclave_keys_rejected_total",
         "Sealed keys from a room's home refused, by reason.",
+    ),
+    (
+        "conclave_updates_stale_total",
+        "Membership snapshots skipped on a member node because a newer one was applied.",
+    ),
+    (
+        "conclave_evictions_refused_total",
+        "Evictions of revoked members not made, by reason.",
+    ),
+    (
+        "conclave_batch_commit_failures_total",
+        "Group commits that failed (their batch and what it sent were dropped).",
     ),
     (
         "conclave_updates_rejected_total",
@@ -178,6 +198,12 @@ const HISTOGRAMS_SECONDS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Histograms of counts the node exports, with their HELP text.
+const HISTOGRAMS_COUNT: &[(&str, &str)] = &[(
+    "conclave_batch_transactions",
+    "Messages whose writes one group commit made durable.",
+)];
+
 /// Counters of bytes the node exports, with their HELP text.
 const COUNTERS_BYTES: &[(&str, &str)] = &[
     (
@@ -201,6 +227,9 @@ fn describe() {
     }
     for &(name, help) in HISTOGRAMS_SECONDS {
         describe_histogram!(name, Unit::Seconds, help);
+    }
+    for &(name, help) in HISTOGRAMS_COUNT {
+        describe_histogram!(name, Unit::Count, help);
     }
     for &(name, help) in COUNTERS_BYTES {
         describe_counter!(name, Unit::Bytes, help);

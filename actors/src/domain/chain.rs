@@ -810,14 +810,19 @@ mod tests {
             assert_eq!(error.reason(), reason, "{error}");
             assert_eq!(state, before, "a refused link changed the state");
         }
+    }
+
+    #[test]
+    fn a_forged_or_misaddressed_link_is_refused() {
+        let r = Room::new(9);
+        let owner = r.owner.clone();
+        let before = r.state.clone();
+        let rekey = Change::Rekey {
+            epoch: Epoch(2),
+            check: KeyCheck([0; 32]),
+        };
         // The owner's own link with its signature broken.
-        let mut forged = before.next_link(
-            &owner,
-            Change::Rekey {
-                epoch: Epoch(2),
-                check: KeyCheck([0; 32]),
-            },
-        );
+        let mut forged = before.next_link(&owner, rekey.clone());
         forged.link.change = Change::Rekey {
             epoch: Epoch(2),
             check: KeyCheck([1; 32]),
@@ -826,15 +831,10 @@ mod tests {
         assert_eq!(state.apply(&forged), Err(ChainError::BadSignature));
         // Another room's link.
         let other = Room::new(3);
-        let mut link = before.next_link(
-            &owner,
-            Change::Rekey {
-                epoch: Epoch(2),
-                check: KeyCheck([0; 32]),
-            },
-        );
+        let mut link = before.next_link(&owner, rekey);
         link.link.room = other.state.room;
         assert_eq!(state.apply(&link), Err(ChainError::WrongRoom));
+        assert_eq!(state, before);
     }
 
     #[test]

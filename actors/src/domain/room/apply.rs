@@ -32,15 +32,8 @@ pub(super) fn apply(
             key,
             link,
         } => {
-            rooms::put_meta(txn, room, meta)?;
             append(txn, room, link)?;
-            rooms::put_member(txn, room, owner)?;
-            keys::put(txn, room, meta.epoch, owner.user, key)?;
-            let visible = Visibility {
-                from: owner.since,
-                until: None,
-            };
-            rooms::put_visibility(txn, owner.user, room, &visible)
+            apply_joined(txn, room, me, meta, owner, key)
         }
         Event::Invited {
             meta,
@@ -48,18 +41,8 @@ pub(super) fn apply(
             key,
             link,
         } => {
-            rooms::put_meta(txn, room, meta)?;
             append(txn, room, link)?;
-            rooms::put_member(txn, room, member)?;
-            keys::put(txn, room, meta.epoch, member.user, key)?;
-            if member.home != me {
-                return Ok(());
-            }
-            let visible = Visibility {
-                from: member.since,
-                until: None,
-            };
-            rooms::put_visibility(txn, member.user, room, &visible)
+            apply_joined(txn, room, me, meta, member, key)
         }
         Event::Removed {
             meta,
@@ -98,6 +81,29 @@ pub(super) fn apply(
             rooms::put_meta(txn, room, meta)
         }
     }
+}
+
+/// A member joined (the creator at creation, or an invitee) with the current
+/// epoch's key; a member of this node may read from their `since` on.
+fn apply_joined(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    me: NodeId,
+    meta: &rooms::RoomMeta,
+    member: &RoomMember,
+    key: &SealedKey,
+) -> Result<(), StoreError> {
+    rooms::put_meta(txn, room, meta)?;
+    rooms::put_member(txn, room, member)?;
+    keys::put(txn, room, meta.epoch, member.user, key)?;
+    if member.home != me {
+        return Ok(());
+    }
+    let visible = Visibility {
+        from: member.since,
+        until: None,
+    };
+    rooms::put_visibility(txn, member.user, room, &visible)
 }
 
 /// Appends `link` to the room's chain (decide checked that it follows the head).

@@ -46,7 +46,7 @@ use conclave_actors::{Identity, PublicIdentity};
 use conclave_storage::{LmdbOptions, LmdbStore, Store, StoreError};
 use conclave_transports::quic::{QuicConfig, QuicTransport};
 use conclave_transports::{Transport, TransportEvent};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::admin::SeedError;
 use crate::data_dir::{store_dir, DataDirError, DataDirLock};
@@ -646,7 +646,7 @@ impl Node {
         room: RoomId,
         from: Position,
     ) -> Result<LocalFrames, ApiError> {
-        let mut changes = self.inner.gateway.changes.subscribe();
+        let mut changes = self.inner.gateway.watch(room);
         let deadline = tokio::time::Instant::now() + self.inner.request_timeout;
         let next = loop {
             let store = self.open_store()?;
@@ -662,11 +662,9 @@ impl Node {
                 };
             }
             drop(txn);
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
-                    return Err(ApiError::Denied(Denial::NotAMember));
-                }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Err(ApiError::Denied(Denial::NotAMember)),
             }
         };
         Ok(LocalFrames {
@@ -691,7 +689,8 @@ pub struct LocalFrames {
     room: RoomId,
     next: Seq,
     buffer: VecDeque<(Seq, Frame)>,
-    changes: broadcast::Receiver<RoomId>,
+    /// Wakes when this room changes on this node (and only this room).
+    changes: watch::Receiver<u64>,
 }
 
 /// How many frames are read from the store at once.
@@ -709,15 +708,10 @@ impl FrameSource for LocalFrames {
                 Err(Some(error)) => return Some(Err(error)),
                 Err(None) => return None,
             }
-            // Nothing new: wait for the room to change on this node.
-            loop {
-                match self.changes.recv().await {
-                    Ok(room) if room == self.room => break,
-                    Ok(_) => {}
-                    // Missed notifications: read the store again, it is the truth.
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
+            // Nothing new: wait for the room to change on this node. A change
+            // since the last read counts too (the watch keeps the latest).
+            if self.changes.changed().await.is_err() {
+                return None;
             }
         }
     }
@@ -764,11 +758,18 @@ struct Gateway {
     me: NodeId,
     next: AtomicU64,
     pending: Mutex<BTreeMap<u64, Pending>>,
-    changes: broadcast::Sender<RoomId>,
+    /// Per room with subscribers on this node: a change counter they watch, so a
+    /// change wakes only that room's subscribers (a room nobody watches any more
+    /// is forgotten at its next change).
+    changes: Mutex<BTreeMap<RoomId, watch::Sender<u64>>>,
     /// Users of this node just revoked: the client protocol closes their
     /// connections.
     revoked: broadcast::Sender<UserId>,
 }
+
+/// At this many watched rooms, rooms nobody watches any more are forgotten before
+/// another is added (they are otherwise forgotten at their next change).
+const WATCHED_ROOMS_PRUNE_AT: usize = 4096;
 
 /// How many revocations wait for the client protocol's connections to see them;
 /// a connection that falls behind reads its user's status from the store instead.
@@ -784,12 +785,44 @@ struct Pending {
 }
 
 impl Gateway {
+    fn changes(&self) -> std::sync::MutexGuard<'_, BTreeMap<RoomId, watch::Sender<u64>>> {
+        // Entries are inserted and removed whole: a poisoned lock guards a valid map.
+        self.changes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A receiver woken by every later change of `room` on this node.
+    fn watch(&self, room: RoomId) -> watch::Receiver<u64> {
+        let mut changes = self.changes();
+        if changes.len() >= WATCHED_ROOMS_PRUNE_AT {
+            // Rooms whose watchers all left and that have not changed since.
+            changes.retain(|_, sender| sender.receiver_count() > 0);
+        }
+        let sender = changes.entry(room).or_insert_with(|| watch::channel(0).0);
+        let mut receiver = sender.subscribe();
+        // Only changes from now on count.
+        receiver.mark_unchanged();
+        receiver
+    }
+
+    /// Wakes `room`'s subscribers, if it has any (and forgets it if it has none).
+    fn changed(&self, room: RoomId) {
+        let mut changes = self.changes();
+        let Some(sender) = changes.get(&room) else {
+            return;
+        };
+        if sender.receiver_count() == 0 {
+            changes.remove(&room);
+            return;
+        }
+        sender.send_modify(|version| *version = version.wrapping_add(1));
+    }
+
     fn new(me: NodeId) -> Self {
         Self {
             me,
             next: AtomicU64::new(1),
             pending: Mutex::new(BTreeMap::new()),
-            changes: broadcast::channel(1024).0,
+            changes: Mutex::new(BTreeMap::new()),
             revoked: broadcast::channel(REVOCATIONS_QUEUED_MAX).0,
         }
     }
@@ -850,8 +883,7 @@ impl Gateway {
                 }
             }
             ClientMsg::Changed { room } if from == self.me => {
-                // No subscriber is fine.
-                let _ = self.changes.send(room);
+                self.changed(room);
                 true
             }
             ClientMsg::Changed { .. } => false,
@@ -953,22 +985,19 @@ mod tests {
         gateway.deliver(home, done(request));
         assert_eq!(rx.try_recv().ok(), Some(Outcome::Done));
         assert!(rx.try_recv().is_err());
-        // Change notices only from this node.
-        let mut changes = gateway.changes.subscribe();
-        gateway.deliver(
-            other,
-            ClientMsg::Changed {
-                room: RoomId([0; 16]),
-            },
-        );
-        assert!(changes.try_recv().is_err());
-        gateway.deliver(
-            me,
-            ClientMsg::Changed {
-                room: RoomId([0; 16]),
-            },
-        );
-        assert_eq!(changes.try_recv().ok(), Some(RoomId([0; 16])));
+        // Change notices only from this node, and only to the room's watchers.
+        let (room, elsewhere) = (RoomId([0; 16]), RoomId([1; 16]));
+        let changes = gateway.watch(room);
+        gateway.deliver(other, ClientMsg::Changed { room });
+        assert!(!changes.has_changed().unwrap());
+        gateway.deliver(me, ClientMsg::Changed { room: elsewhere });
+        assert!(!changes.has_changed().unwrap());
+        gateway.deliver(me, ClientMsg::Changed { room });
+        assert!(changes.has_changed().unwrap());
+        // A room nobody watches any more is forgotten at its next change.
+        drop(changes);
+        gateway.deliver(me, ClientMsg::Changed { room });
+        assert!(gateway.changes().is_empty());
     }
 
     #[test]

@@ -718,7 +718,13 @@ impl<B: Backend> User<B> {
     async fn await_key(&self, room: RoomId) -> Result<(Epoch, EpochKey), ApiError> {
         let deadline = tokio::time::Instant::now() + KEY_WAIT_MAX;
         loop {
-            self.refresh_keys(room).await?;
+            match self.refresh_keys(room).await {
+                Ok(()) => {}
+                // Just invited: the membership has not reached this user's node yet.
+                Err(ApiError::Denied(Denial::NotAMember))
+                    if tokio::time::Instant::now() < deadline => {}
+                Err(error) => return Err(error),
+            }
             if let Some(found) = self.cached_newest(room) {
                 return Ok(found);
             }
@@ -733,8 +739,13 @@ impl<B: Backend> User<B> {
     async fn await_epoch_key(&self, room: RoomId, epoch: Epoch) -> Result<EpochKey, ApiError> {
         let deadline = tokio::time::Instant::now() + KEY_WAIT_MAX;
         loop {
-            if let Some(key) = self.key_for(room, epoch).await? {
-                return Ok(key);
+            match self.key_for(room, epoch).await {
+                Ok(Some(key)) => return Ok(key),
+                Ok(None) => {}
+                // The membership has not reached this user's node yet.
+                Err(ApiError::Denied(Denial::NotAMember))
+                    if tokio::time::Instant::now() < deadline => {}
+                Err(error) => return Err(error),
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ApiError::NoKey(room));

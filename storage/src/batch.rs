@@ -149,72 +149,76 @@ struct BatchRead<'a> {
     pending: Pending,
 }
 
+static NO_WRITES: Writes = BTreeMap::new();
+
 /// How many keys of `writes` lie within the bounds (each can hide one entry below).
-fn within(writes: &Writes, lower: Bound<&[u8]>, upper: Bound<&[u8]>) -> usize {
+fn within(writes: &Writes, (lower, upper): (Bound<&[u8]>, Bound<&[u8]>)) -> usize {
     writes.range::<[u8], _>((lower, upper)).count()
 }
 
-/// `below`'s entries (already at most `limit + within(writes)`) with `writes` on top.
-fn layer(
-    below: &[Entry],
-    writes: &Writes,
-    (lower, upper): (Bound<&[u8]>, Bound<&[u8]>),
-    order: Order,
-    limit: usize,
-) -> Vec<Entry> {
-    let below = below.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
-    let above = writes
-        .range::<[u8], _>((lower, upper))
-        .map(|(k, v)| (k.as_slice(), v.as_deref()));
-    match order {
-        Order::Ascending => merge(below, above, order, limit),
-        Order::Descending => merge(below, above.rev(), order, limit),
+/// `key` as read through `layers` (the topmost last) over `base`.
+fn layered_get(
+    base: &dyn ReadTxn,
+    layers: &[&Writes],
+    table: &str,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>> {
+    check::table_name(table)?;
+    check::key(table, key)?;
+    match layers.iter().rev().find_map(|w| w.get(key)) {
+        Some(value) => Ok(value.clone()),
+        None => base.get(table, key),
     }
 }
 
-impl BatchRead<'_> {
-    fn get_pending(&self, table: &str, key: &[u8]) -> Option<Option<Vec<u8>>> {
-        self.pending.get(table).and_then(|t| t.get(key)).cloned()
+/// A scan of `base` with `layers` (the topmost last) applied on top. Each layer
+/// can hide one entry below it per key it holds in range, so `base` is asked for
+/// that many more.
+fn layered_scan(
+    base: &dyn ReadTxn,
+    layers: &[&Writes],
+    table: &str,
+    (lower, upper): (Bound<&[u8]>, Bound<&[u8]>),
+    order: Order,
+    limit: usize,
+) -> Result<Vec<Entry>> {
+    check::table_name(table)?;
+    let Some(bounds) = check::bounds(table, lower, upper)? else {
+        return Ok(Vec::new());
+    };
+    let mut hidden: usize = layers.iter().map(|w| within(w, bounds)).sum();
+    let mut entries = base.scan(
+        table,
+        bounds.0,
+        bounds.1,
+        order,
+        limit.saturating_add(hidden),
+    )?;
+    for writes in layers {
+        hidden -= within(writes, bounds);
+        let below = entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
+        let above = writes
+            .range::<[u8], _>(bounds)
+            .map(|(k, v)| (k.as_slice(), v.as_deref()));
+        let keep = limit.saturating_add(hidden);
+        entries = match order {
+            Order::Ascending => merge(below, above, order, keep),
+            Order::Descending => merge(below, above.rev(), order, keep),
+        };
     }
+    debug_assert!(entries.len() <= limit, "a scan returns at most its limit");
+    Ok(entries)
+}
 
-    /// A scan asking the layers below for enough entries that `extra` writes above
-    /// may hide some and still leave `limit`.
-    fn scan_for(
-        &self,
-        table: &str,
-        bounds: (Bound<&[u8]>, Bound<&[u8]>),
-        order: Order,
-        limit: usize,
-        extra: usize,
-    ) -> Result<Vec<Entry>> {
-        static NO_WRITES: Writes = BTreeMap::new();
-        let writes = self.pending.get(table).map_or(&NO_WRITES, |w| &**w);
-        let hidden = within(writes, bounds.0, bounds.1) + extra;
-        let base = self.base.scan(
-            table,
-            bounds.0,
-            bounds.1,
-            order,
-            limit.saturating_add(hidden),
-        )?;
-        Ok(layer(
-            &base,
-            writes,
-            bounds,
-            order,
-            limit.saturating_add(extra),
-        ))
+impl BatchRead<'_> {
+    fn pending(&self, table: &str) -> &Writes {
+        self.pending.get(table).map_or(&NO_WRITES, |w| &**w)
     }
 }
 
 impl ReadTxn for BatchRead<'_> {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        check::table_name(table)?;
-        check::key(table, key)?;
-        match self.get_pending(table, key) {
-            Some(value) => Ok(value),
-            None => self.base.get(table, key),
-        }
+        layered_get(&*self.base, &[self.pending(table)], table, key)
     }
 
     fn scan(
@@ -225,11 +229,8 @@ impl ReadTxn for BatchRead<'_> {
         order: Order,
         limit: usize,
     ) -> Result<Vec<Entry>> {
-        check::table_name(table)?;
-        let Some(bounds) = check::bounds(table, lower, upper)? else {
-            return Ok(Vec::new());
-        };
-        self.scan_for(table, bounds, order, limit, 0)
+        let layers = [self.pending(table)];
+        layered_scan(&*self.base, &layers, table, (lower, upper), order, limit)
     }
 }
 
@@ -241,14 +242,18 @@ struct BatchWrite<'a> {
     _writer: MutexGuard<'a, ()>,
 }
 
+impl BatchWrite<'_> {
+    fn layers(&self, table: &str) -> [&Writes; 2] {
+        [
+            self.read.pending(table),
+            self.own.get(table).unwrap_or(&NO_WRITES),
+        ]
+    }
+}
+
 impl ReadTxn for BatchWrite<'_> {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        check::table_name(table)?;
-        check::key(table, key)?;
-        match self.own.get(table).and_then(|t| t.get(key)) {
-            Some(value) => Ok(value.clone()),
-            None => self.read.get(table, key),
-        }
+        layered_get(&*self.read.base, &self.layers(table), table, key)
     }
 
     fn scan(
@@ -259,15 +264,15 @@ impl ReadTxn for BatchWrite<'_> {
         order: Order,
         limit: usize,
     ) -> Result<Vec<Entry>> {
-        check::table_name(table)?;
-        let Some(bounds) = check::bounds(table, lower, upper)? else {
-            return Ok(Vec::new());
-        };
-        static NO_WRITES: Writes = BTreeMap::new();
-        let own = self.own.get(table).unwrap_or(&NO_WRITES);
-        let extra = within(own, bounds.0, bounds.1);
-        let below = self.read.scan_for(table, bounds, order, limit, extra)?;
-        Ok(layer(&below, own, bounds, order, limit))
+        let layers = self.layers(table);
+        layered_scan(
+            &*self.read.base,
+            &layers,
+            table,
+            (lower, upper),
+            order,
+            limit,
+        )
     }
 }
 

@@ -13,8 +13,8 @@ use crate::actor::Time;
 use crate::crypto::SignatureBytes;
 use crate::crypto::{verify_frame, verify_sealed_key, Frame, FrameError, SealError, SealedKey};
 use crate::domain::chain::{
-    check_eviction, may_invite, may_remove, ChainError, ChainState, Change, Link, SignedLink,
-    Signer, CHAIN_LINKS_MAX,
+    check_eviction, may_invite, may_remove, ChainError, ChainHash, ChainState, Change, Link,
+    SignedLink, Signer, CHAIN_LINKS_MAX,
 };
 use crate::domain::state::{registry, rooms, rooms::RoomMeta};
 use crate::domain::{
@@ -62,7 +62,8 @@ impl Home<'_> {
     }
 }
 
-fn seal_error(e: SealError) -> Denial {
+/// A sealed key's verification failure as the refusal it is.
+pub(super) fn seal_error(e: SealError) -> Denial {
     match e {
         SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
         other => Denial::bundle(other.to_string()),
@@ -83,16 +84,22 @@ fn check_link(
         ));
     }
     link.verify().map_err(|_| Denial::BadSignature)?;
-    let (len, head) = rooms::chain_head(txn, h.room)?;
+    let (len, head) = chain_head_with_room(txn, h.room)?;
     if link.link.prev != head {
         return Err(Denial::StaleChain { len });
     }
+    Ok(())
+}
+
+/// The room's chain length and head, if the chain may take one more link.
+fn chain_head_with_room(txn: &dyn ReadTxn, room: RoomId) -> Result<(u64, ChainHash), Denial> {
+    let (len, head) = rooms::chain_head(txn, room)?;
     if len >= CHAIN_LINKS_MAX {
         return Err(Denial::Limit {
             what: format!("a room's chain holds at most {CHAIN_LINKS_MAX} links"),
         });
     }
-    Ok(())
+    Ok((len, head))
 }
 
 fn chain_denial(e: ChainError) -> Denial {
@@ -349,12 +356,7 @@ pub(super) fn evict(
         return Err(Denial::NotAMember);
     }
     check_eviction(removed.home, h.room, user, attestation).map_err(chain_denial)?;
-    let (len, head) = rooms::chain_head(txn, h.room)?;
-    if len >= CHAIN_LINKS_MAX {
-        return Err(Denial::Limit {
-            what: format!("a room's chain holds at most {CHAIN_LINKS_MAX} links"),
-        });
-    }
+    let (_, head) = chain_head_with_room(txn, h.room)?;
     let link = SignedLink::sign(
         home,
         Link {
@@ -420,12 +422,14 @@ pub fn validate_bundle(
                 member.user
             )));
         }
-        verify_sealed_key(key, &PublicKey::from(member.exchange), room, epoch).map_err(
-            |e| match e {
-                SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
-                other => Denial::bundle(format!("key for {}: {other}", member.user)),
-            },
-        )?;
+        verify_sealed_key(key, &PublicKey::from(member.exchange), room, epoch).map_err(|e| {
+            match seal_error(e) {
+                Denial::BadBundle { problem } => {
+                    Denial::bundle(format!("key for {}: {problem}", member.user))
+                }
+                other => other,
+            }
+        })?;
     }
     Ok(())
 }

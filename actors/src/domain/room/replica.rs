@@ -11,7 +11,7 @@ use x25519_dalek::PublicKey;
 
 use super::Update;
 use crate::actor::Time;
-use crate::crypto::{verify_frame, verify_sealed_key, Frame, SealError, SealedKey};
+use crate::crypto::{verify_frame, verify_sealed_key, Frame, SealedKey};
 use crate::domain::chain::{ChainState, Change, SignedLink};
 use crate::domain::state::rooms::{RoomMeta, Visibility};
 use crate::domain::state::{keys, registry, rooms};
@@ -343,14 +343,8 @@ fn check_key(
     let Some(record) = registry::user(txn, user)? else {
         return Ok(Err(Denial::not_found(format!("user {user}"))));
     };
-    Ok(
-        verify_sealed_key(key, &PublicKey::from(record.exchange), room, epoch).map_err(
-            |e| match e {
-                SealError::BadSignature | SealError::InvalidSealerKey => Denial::BadSignature,
-                other => Denial::bundle(other.to_string()),
-            },
-        ),
-    )
+    let exchange = PublicKey::from(record.exchange);
+    Ok(verify_sealed_key(key, &exchange, room, epoch).map_err(super::decide::seal_error))
 }
 
 /// Whether `frame` (of the current epoch) is from a member evicted during it: an

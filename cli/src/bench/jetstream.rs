@@ -288,6 +288,53 @@ impl Reader {
     }
 }
 
+/// Creates the bench's stream, replicated on `nodes` servers. A cluster needs a
+/// meta leader before it takes streams, so it retries for up to 30 s.
+async fn create_stream(ctx: &async_nats::jetstream::Context, nodes: usize) -> anyhow::Result<()> {
+    use async_nats::jetstream::stream;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let created = ctx
+            .get_or_create_stream(stream::Config {
+                name: "BENCH".into(),
+                subjects: vec!["bench.>".into()],
+                storage: stream::StorageType::File,
+                num_replicas: nodes,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => bail!("creating the stream: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Member `m`'s durable consumer, read by `reader` in a task of its own.
+async fn start_reader(
+    ctx: &async_nats::jetstream::Context,
+    m: usize,
+    reader: Reader,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use async_nats::jetstream::consumer;
+    let stream = ctx.get_stream("BENCH").await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(format!("m{m}")),
+            ack_policy: consumer::AckPolicy::Explicit,
+            deliver_policy: consumer::DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow!("creating consumer m{m}: {e}"))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow!("consuming m{m}: {e}"))?;
+    Ok(tokio::spawn(reader.run(messages)))
+}
+
 /// JetStream with `nodes` servers and R`nodes`, `members` durable consumers (one per
 /// member, connected round-robin to the servers), one publisher per server.
 pub(super) async fn jetstream(
@@ -299,7 +346,7 @@ pub(super) async fn jetstream(
     with_half: bool,
     floor: &Floor,
 ) -> anyhow::Result<Result_> {
-    use async_nats::jetstream::{self as js, consumer, stream};
+    use async_nats::jetstream as js;
     let JsSpec {
         nodes,
         durability,
@@ -318,51 +365,18 @@ pub(super) async fn jetstream(
         for url in &cluster.urls {
             clients.push(js::new(nats_connect(url).await?));
         }
-        // A cluster needs a meta leader before it takes streams: retry.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            let created = clients[0]
-                .get_or_create_stream(stream::Config {
-                    name: "BENCH".into(),
-                    subjects: vec!["bench.>".into()],
-                    storage: stream::StorageType::File,
-                    num_replicas: nodes,
-                    ..Default::default()
-                })
-                .await;
-            match created {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => bail!("creating the stream: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        };
-        drop(stream);
+        create_stream(&clients[0], nodes).await?;
         let e2e = E2e::new();
         let rec = Recorder::new(members, capacity(args));
         let errors = Arc::new(Mutex::new(ReaderErrors::default()));
         let mut readers = Vec::new();
         for m in 0..members {
-            let ctx = clients[m % nodes].clone();
-            let stream = ctx.get_stream("BENCH").await?;
-            let consumer = stream
-                .create_consumer(consumer::pull::Config {
-                    durable_name: Some(format!("m{m}")),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    deliver_policy: consumer::DeliverPolicy::New,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| anyhow!("creating consumer m{m}: {e}"))?;
-            let messages = consumer
-                .messages()
-                .await
-                .map_err(|e| anyhow!("consuming m{m}: {e}"))?;
             let reader = Reader {
                 rec: Arc::clone(&rec),
                 e2e: crypto.then(|| e2e.clone()),
                 errors: Arc::clone(&errors),
             };
-            readers.push(tokio::spawn(reader.run(messages)));
+            readers.push(start_reader(&clients[m % nodes], m, reader).await?);
         }
         let publishers = clients.clone();
         let seal = e2e.clone();

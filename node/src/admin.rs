@@ -69,30 +69,46 @@ pub fn seed_admin_offline(data_dir: &Path, admin: &PublicIdentity) -> Result<See
         dir: data_dir.to_path_buf(),
         source,
     })?;
+    with_stopped_store(data_dir, |store| {
+        let store_error = |source| AdminError::Store {
+            dir: data_dir.to_path_buf(),
+            source,
+        };
+        match seed_admin(store, admin) {
+            Ok(()) => Ok(Seeded::Added),
+            Err(SeedError::Refused(Denial::Conflict { .. })) => already_admin(store, admin)
+                .map_err(store_error)?
+                .map_err(AdminError::Refused),
+            Err(SeedError::Refused(denial)) => Err(AdminError::Refused(denial)),
+            Err(SeedError::Store(source)) => Err(store_error(source)),
+        }
+    })
+}
+
+/// Runs `work` on the store of the stopped node whose data directory is
+/// `data_dir`: holds the directory's lock (a running node's directory is refused),
+/// checks the store's format, and closes the store before releasing the lock, so
+/// that a node starting right after finds it closed.
+pub(crate) fn with_stopped_store<T>(
+    data_dir: &Path,
+    work: impl FnOnce(&LmdbStore) -> Result<T, AdminError>,
+) -> Result<T, AdminError> {
     let lock = DataDirLock::acquire(data_dir)?;
-    let store_error = |source| AdminError::Store {
-        dir: data_dir.to_path_buf(),
-        source,
-    };
     let store =
-        LmdbStore::open(&store_dir(data_dir), LmdbOptions::default()).map_err(store_error)?;
+        LmdbStore::open(&store_dir(data_dir), LmdbOptions::default()).map_err(|source| {
+            AdminError::Store {
+                dir: data_dir.to_path_buf(),
+                source,
+            }
+        })?;
     domain::state::ensure_format(&store).map_err(|source| AdminError::Format {
         dir: data_dir.to_path_buf(),
         source,
     })?;
-    let seeded = match seed_admin(&store, admin) {
-        Ok(()) => Seeded::Added,
-        Err(SeedError::Refused(Denial::Conflict { .. })) => already_admin(&store, admin)
-            .map_err(store_error)?
-            .map_err(AdminError::Refused)?,
-        Err(SeedError::Refused(denial)) => return Err(AdminError::Refused(denial)),
-        Err(SeedError::Store(source)) => return Err(store_error(source)),
-    };
-    // The store closes before the lock is released, so that a node starting right
-    // after finds it closed.
+    let out = work(&store);
     drop(store);
     drop(lock);
-    Ok(seeded)
+    out
 }
 
 /// A bootstrap of an identity that is registered already changes nothing; that

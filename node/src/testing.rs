@@ -5,10 +5,9 @@
 use std::path::Path;
 
 use conclave_actors::domain;
-use conclave_storage::{LmdbOptions, LmdbStore, Store, StoreError, WriteTxn};
+use conclave_storage::{Store, StoreError, WriteTxn};
 
 use crate::admin::AdminError;
-use crate::data_dir::{store_dir, DataDirLock};
 
 /// Runs `write` in one write transaction on the store of the stopped node whose
 /// data directory is `data_dir`, and commits it if `write` succeeds. Refuses a
@@ -17,24 +16,16 @@ pub fn write_stopped<T>(
     data_dir: &Path,
     write: impl FnOnce(&mut dyn WriteTxn) -> Result<T, StoreError>,
 ) -> Result<T, AdminError> {
-    let lock = DataDirLock::acquire(data_dir)?;
-    let store_error = |source| AdminError::Store {
-        dir: data_dir.to_path_buf(),
-        source,
-    };
-    let store =
-        LmdbStore::open(&store_dir(data_dir), LmdbOptions::default()).map_err(store_error)?;
-    domain::state::ensure_format(&store).map_err(|source| AdminError::Format {
-        dir: data_dir.to_path_buf(),
-        source,
-    })?;
-    let mut txn = store.write().map_err(store_error)?;
-    let out = write(&mut *txn).map_err(store_error)?;
-    txn.commit().map_err(store_error)?;
-    // The store closes before the lock is released, as in `admin`.
-    drop(store);
-    drop(lock);
-    Ok(out)
+    crate::admin::with_stopped_store(data_dir, |store| {
+        let store_error = |source| AdminError::Store {
+            dir: data_dir.to_path_buf(),
+            source,
+        };
+        let mut txn = store.write().map_err(store_error)?;
+        let out = write(&mut *txn).map_err(store_error)?;
+        txn.commit().map_err(store_error)?;
+        Ok(out)
+    })
 }
 
 /// Hands a signed request to `node` as its client protocol would (a hand-built

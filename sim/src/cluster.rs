@@ -898,10 +898,17 @@ impl Cluster {
         if let (Some(journal), Some(text)) = (&mut self.journal, text) {
             journal.push(Turn::new(to, incarnation, from, text, &effects));
         }
-        match observing {
-            Some(Watch::Reply(what)) => self.observe_decision(i, to, what, &effects),
-            Some(Watch::Eviction { user, len }) => self.observe_eviction(i, to, user, len),
-            None => {}
+        // Chain links this turn's evictions were matched to (a run may carry two
+        // evictions of one user, and only one of them evicts).
+        let mut claimed = BTreeSet::new();
+        for (watch, effects) in observing.into_iter().zip(per_message(&effects)) {
+            match watch {
+                Some(Watch::Reply(what)) => self.observe_decision(i, to, what, effects),
+                Some(Watch::Eviction { user, len }) => {
+                    self.observe_eviction(i, to, user, len, &mut claimed);
+                }
+                None => {}
+            }
         }
         self.apply(i, to, incarnation, effects);
         true
@@ -931,22 +938,31 @@ impl Cluster {
         effects
     }
 
-    /// What to record of a room's decision on `msg` (on node `i`), if rooms are
-    /// observed.
-    fn observing(&self, i: usize, to: ActorRef, msg: &Msg) -> Option<Watch> {
+    /// What to record of a room's decisions on `msg` (on node `i`), if rooms are
+    /// observed: one entry per message it carries (a run carries many).
+    fn observing(&self, i: usize, to: ActorRef, msg: &Msg) -> Vec<Option<Watch>> {
         if !self.observe || to.kind != ActorKind::ROOM {
-            return None;
+            return Vec::new();
         }
         match msg {
-            Msg::Room(RoomMsg::Request { req, .. }) => Some(Watch::Reply(Observed::Request {
+            Msg::Room(RoomMsg::Run(run)) => run.iter().map(|m| self.watch(i, to, m)).collect(),
+            Msg::Room(msg) => vec![self.watch(i, to, msg)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// What to record of room `to`'s decision on `msg` (on node `i`).
+    fn watch(&self, i: usize, to: ActorRef, msg: &RoomMsg) -> Option<Watch> {
+        match msg {
+            RoomMsg::Request { req, .. } => Some(Watch::Reply(Observed::Request {
                 request: Box::new(req.request.clone()),
                 outcome: Outcome::Forwarded,
             })),
-            Msg::Room(RoomMsg::Publish { frame, .. }) => Some(Watch::Reply(Observed::Publish {
+            RoomMsg::Publish { frame, .. } => Some(Watch::Reply(Observed::Publish {
                 frame: FrameHeader::from(frame),
                 outcome: Outcome::Forwarded,
             })),
-            Msg::Room(RoomMsg::Evict { user, .. } | RoomMsg::Revoked { user }) => {
+            RoomMsg::Evict { user, .. } | RoomMsg::Revoked { user } => {
                 let conclave_actors::actor::ActorKey::Room(room) = to.key else {
                     return None;
                 };
@@ -959,25 +975,36 @@ impl Cluster {
     }
 
     /// Records that room `to` on node `i` evicted `user`, if handling the message
-    /// appended exactly the link that does so (signed by node `i`) to the `len`
-    /// it held.
-    fn observe_eviction(&mut self, i: usize, to: ActorRef, user: UserId, len: u64) {
+    /// (or the run that carried it) appended the link that does so, signed by
+    /// node `i`, to the `len` it held, and no other message of the turn was
+    /// matched to that link (`claimed`).
+    fn observe_eviction(
+        &mut self,
+        i: usize,
+        to: ActorRef,
+        user: UserId,
+        len: u64,
+        claimed: &mut BTreeSet<u64>,
+    ) {
         let conclave_actors::actor::ActorKey::Room(room) = to.key else {
             return;
         };
         let Ok(txn) = self.nodes[i].batch.read() else {
             return;
         };
-        let Ok(added) = domain::state::rooms::links(&*txn, room, len, 2) else {
+        // A run appends at most one link per message.
+        let most = domain::peer::RUN_MESSAGES_MAX;
+        let Ok(added) = domain::state::rooms::links(&*txn, room, len, most) else {
             return;
         };
-        let evicted = matches!(
-            added.as_slice(),
-            [link] if link.link.by == Signer::Node(self.nodes[i].id)
+        let evicted = (len..).zip(&added).find(|(index, link)| {
+            !claimed.contains(index)
+                && link.link.by == Signer::Node(self.nodes[i].id)
                 && matches!(link.link.change, Change::Evict { user: u, .. } if u == user)
-        );
+        });
         drop(txn);
-        if evicted {
+        if let Some((index, _)) = evicted {
+            claimed.insert(index);
             let seen = Observation {
                 node: i,
                 room,
@@ -1539,6 +1566,26 @@ fn key_users_in(msg: &Msg) -> Vec<UserId> {
         }) => keys.iter().map(|(user, _)| *user).collect(),
         _ => Vec::new(),
     }
+}
+
+/// A turn's effects, split per message it handled: a run's room answers each of
+/// its messages with an [`PeerMsg::Applied`] after that message's effects, so each
+/// part ends with one; anything else is one part.
+fn per_message(effects: &[Effect<Msg>]) -> Vec<&[Effect<Msg>]> {
+    let ends_one = |e: &Effect<Msg>| {
+        matches!(
+            e,
+            Effect::Send {
+                msg: Msg::Peer(domain::PeerMsg::Applied { .. }),
+                ..
+            }
+        )
+    };
+    let mut parts: Vec<&[Effect<Msg>]> = effects.split_inclusive(ends_one).collect();
+    if parts.is_empty() {
+        parts.push(effects);
+    }
+    parts
 }
 
 /// The (room, epoch) of every frame and key a message carries.

@@ -546,11 +546,20 @@ impl From<Deliverable> for Msg {
 }
 
 impl Deliverable {
+    /// Consecutive messages for one target, handed over as one run.
+    pub(crate) fn run(msgs: Vec<Deliverable>) -> Msg {
+        Msg::Room(RoomMsg::Run(
+            msgs.into_iter().map(|Deliverable::Room(m)| m).collect(),
+        ))
+    }
+
     /// Whether this message may be addressed to `to` (its kind matches, and it is
     /// one that travels: a room's idle timer never does).
     fn fits(&self, to: &ActorRef) -> bool {
         match (self, to.key) {
-            (Deliverable::Room(RoomMsg::Tick | RoomMsg::Revoked { .. }), _) => false,
+            (Deliverable::Room(RoomMsg::Tick | RoomMsg::Revoked { .. } | RoomMsg::Run(_)), _) => {
+                false
+            }
             (Deliverable::Room(_), ActorKey::Room(_)) => to.kind == ActorKind::ROOM,
             _ => false,
         }
@@ -905,5 +914,8 @@ mod tests {
         // A room's idle timer is its own: it never travels.
         let tick = Deliverable::Room(RoomMsg::Tick);
         assert!(!tick.fits(&room_of(node, RoomId([0; 16]))));
+        // Nor does a run: only this node's peer makes them.
+        let run = Deliverable::Room(RoomMsg::Run(Vec::new()));
+        assert!(!run.fits(&room_of(node, RoomId([0; 16]))));
     }
 }

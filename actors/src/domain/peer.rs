@@ -3,8 +3,10 @@
 //! It takes what the remote node's outbox sends ([`PeerMsg::Deliver`]), drops
 //! duplicates and anything after a gap (the outbox resends in order), and hands the
 //! messages to their local targets (rooms) **in sequence order per target, in
-//! parallel across targets**: a target gets its next message only when it has
-//! answered [`PeerMsg::Applied`] for the previous one, while other rooms go on.
+//! parallel across targets**: a free target gets everything waiting for it (up to
+//! [`RUN_MESSAGES_MAX`]) as one run, applied in one turn and so in one commit of
+//! the node's batch, and gets its next run only when it has answered
+//! [`PeerMsg::Applied`] for every message of this one, while other rooms go on.
 //! Everything a room depends on (its membership snapshot, its keys, its frames)
 //! goes to the room itself, so order per target is all the order there is. What
 //! waits or is in flight is bounded by the outbox's window.
@@ -22,7 +24,6 @@
 //! towards it resend at once instead of waiting for its backoff.
 
 use core::time::Duration;
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,11 @@ use crate::mutation::{self, Mutation};
 
 /// Acknowledge at least every this many applied messages.
 pub const ACK_EVERY_MESSAGES: u64 = 32;
+
+/// The most messages one target gets in one hand-off: a run is applied in one
+/// turn, so this bounds a turn's work (and what a run holds stays within the
+/// outbox's window).
+pub const RUN_MESSAGES_MAX: usize = 64;
 
 /// Messages to a peer actor.
 // Deliveries are the common case; boxing them would add an allocation per frame.
@@ -49,8 +55,9 @@ pub enum PeerMsg {
         /// The message.
         msg: Deliverable,
     },
-    /// From a local target: the message handed to it last has been committed or
-    /// refused for good (`done`), or must be offered again (`!done`: storage failed).
+    /// From a local target, once for each message handed to it, in order: the
+    /// message has been committed or refused for good (`done`), or must be offered
+    /// again (`!done`: storage failed).
     Applied {
         /// Whether it is finished.
         done: bool,
@@ -79,8 +86,11 @@ pub struct Peer {
     waiting: BTreeMap<ActorRef, VecDeque<(u64, Deliverable)>>,
     /// How many messages wait, over all targets.
     waiting_len: usize,
-    /// Handed over and not yet applied: at most one per target.
-    in_flight: BTreeMap<ActorRef, u64>,
+    /// Handed over and not yet answered: per target, the run it was handed, in
+    /// sequence order.
+    in_flight: BTreeMap<ActorRef, VecDeque<u64>>,
+    /// How many messages are in flight, over all targets.
+    in_flight_len: usize,
     /// Applied above the prefix, while a message before them is still in flight.
     applied: BTreeSet<u64>,
     connected: bool,
@@ -122,6 +132,7 @@ impl Peer {
             waiting: BTreeMap::new(),
             waiting_len: 0,
             in_flight: BTreeMap::new(),
+            in_flight_len: 0,
             applied: BTreeSet::new(),
             connected: false,
             last_heard: None,
@@ -150,7 +161,7 @@ impl Peer {
     fn assert_bounded(&self) {
         debug_assert!(self.durable <= self.high && self.high < self.expected);
         debug_assert!(
-            self.waiting_len + self.in_flight.len() <= super::outbox::OUTBOX_WINDOW_MESSAGES
+            self.waiting_len + self.in_flight_len <= super::outbox::OUTBOX_WINDOW_MESSAGES
                 || mutation::active(Mutation::SkipReceiverDedup)
         );
         debug_assert!(self.applied.first().is_none_or(|&a| a > self.high + 1));
@@ -158,6 +169,11 @@ impl Peer {
             self.waiting_len,
             self.waiting.values().map(VecDeque::len).sum::<usize>()
         );
+        debug_assert_eq!(
+            self.in_flight_len,
+            self.in_flight.values().map(VecDeque::len).sum::<usize>()
+        );
+        debug_assert!(self.in_flight.values().all(|run| !run.is_empty()));
     }
 
     /// Hands `msg` to its target now if the target is free, else queues it behind
@@ -176,38 +192,51 @@ impl Peer {
             tracing::warn!(remote = ?self.remote, ?to, "misaddressed delivery refused");
             metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "misaddressed").increment(1);
             self.finish(seq);
-        } else if let Entry::Vacant(slot) = self.in_flight.entry(to) {
-            slot.insert(seq);
-            cx.send(to, msg);
+        } else if !self.in_flight.contains_key(&to) {
+            self.hand(to, vec![(seq, msg)], cx);
         } else {
             self.waiting.entry(to).or_default().push_back((seq, msg));
             self.waiting_len += 1;
         }
     }
 
-    /// `target` is free again: hands it its next waiting message, if any.
+    /// `target` is free again: hands it what waits for it, if anything, as one run.
     fn next_for<S: System<Msg = Msg>>(&mut self, target: ActorRef, cx: &mut Context<'_, S>) {
+        debug_assert!(!self.in_flight.contains_key(&target), "one run per target");
         let Some(queue) = self.waiting.get_mut(&target) else {
             return;
         };
-        let next = if mutation::active(Mutation::PipelinedHandoff) {
-            // Mutation: a free room gets its newest waiting message.
-            queue.pop_back()
+        let take = queue.len().min(RUN_MESSAGES_MAX);
+        let run: Vec<_> = if mutation::active(Mutation::PipelinedHandoff) {
+            // Mutation: a free room gets its newest waiting messages first.
+            (0..take).filter_map(|_| queue.pop_back()).collect()
         } else {
-            queue.pop_front()
+            queue.drain(..take).collect()
         };
         if queue.is_empty() {
             self.waiting.remove(&target);
         }
-        if let Some((seq, msg)) = next {
-            self.waiting_len -= 1;
-            debug_assert!(
-                !self.in_flight.contains_key(&target),
-                "one in flight per target"
-            );
-            self.in_flight.insert(target, seq);
-            cx.send(target, msg);
-        }
+        self.waiting_len -= run.len();
+        self.hand(target, run, cx);
+    }
+
+    /// Hands `run` (consecutive messages for `target`, in sequence order) over.
+    fn hand<S: System<Msg = Msg>>(
+        &mut self,
+        target: ActorRef,
+        run: Vec<(u64, Deliverable)>,
+        cx: &mut Context<'_, S>,
+    ) {
+        debug_assert!(!run.is_empty() && run.len() <= RUN_MESSAGES_MAX);
+        let (seqs, msgs): (VecDeque<u64>, Vec<Deliverable>) = run.into_iter().unzip();
+        self.in_flight_len += seqs.len();
+        self.in_flight.insert(target, seqs);
+        // A run of one goes as the message itself.
+        let msg = match <[Deliverable; 1]>::try_from(msgs) {
+            Ok([only]) => Msg::from(only),
+            Err(run) => Deliverable::run(run),
+        };
+        cx.send(target, msg);
     }
 
     /// Records `seq` as applied (or refused for good) and moves the high-water mark
@@ -284,7 +313,7 @@ impl Peer {
             tracing::debug!(remote = ?self.remote, seq = seq.0, "delivery refused while passivating");
             return;
         }
-        let held = self.waiting_len + self.in_flight.len();
+        let held = self.waiting_len + self.in_flight_len;
         if seq.0 > self.expected || held >= super::outbox::OUTBOX_WINDOW_MESSAGES {
             // A gap (or, from a misbehaving outbox, more than its window): refused,
             // and the outbox resends in order.
@@ -307,17 +336,26 @@ impl Peer {
     /// A target answered for the message it was handed.
     fn on_applied<S: System<Msg = Msg>>(&mut self, done: bool, cx: &mut Context<'_, S>) {
         let Some(&target) = cx.sender() else { return };
-        let Some(seq) = self.in_flight.remove(&target) else {
+        let Some(run) = self.in_flight.get_mut(&target) else {
             return;
         };
+        let Some(seq) = run.pop_front() else {
+            return;
+        };
+        self.in_flight_len -= 1;
+        let free = run.is_empty();
+        if free {
+            self.in_flight.remove(&target);
+        }
         if done || seq <= self.high {
             // (A copy handed over again after a retry, whose first copy the prefix
             // already covers, is finished whatever its target answered.)
             self.finish(seq);
         } else {
             // The target's store failed: take this message and everything after it
-            // again when the outbox resends them (what is in flight to other
-            // targets finishes; the targets are idempotent).
+            // again when the outbox resends them (what is in flight finishes: the
+            // rest of this run comes back unapplied, other targets' runs apply,
+            // and the targets are idempotent).
             for queue in self.waiting.values_mut() {
                 queue.retain(|(s, _)| *s < seq);
             }
@@ -325,7 +363,9 @@ impl Peer {
             self.waiting_len = self.waiting.values().map(VecDeque::len).sum();
             self.expected = self.expected.min(seq);
         }
-        self.next_for(target, cx);
+        if free {
+            self.next_for(target, cx);
+        }
         self.assert_bounded();
         self.flush(cx);
     }
@@ -491,6 +531,53 @@ mod tests {
             crate::outbox::high_water(&*txn, THERE).expect("mark"),
             Seq(3)
         );
+    }
+
+    fn run_len(sent: &[(ActorRef, Msg)]) -> Option<usize> {
+        match sent {
+            [(_, Msg::Room(RoomMsg::Run(run)))] => Some(run.len()),
+            [(_, Msg::Room(_))] => Some(1),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn what_waits_for_a_room_goes_as_one_run_and_is_acknowledged_when_all_of_it_applied() {
+        let a = RoomId([0xa; 16]);
+        let mut bench = Bench::new();
+        assert_eq!(run_len(&bench.deliver(1, a)), Some(1));
+        for seq in 2..=4 {
+            assert_eq!(targets(&bench.deliver(seq, a)), vec![], "room a is busy");
+        }
+        // 1 applied: 2..=4 go together.
+        let sent = bench.applied(a);
+        assert_eq!(run_len(&sent), Some(3));
+        assert_eq!(acked(&sent), None, "acknowledged with a run in flight");
+        assert_eq!(acked(&bench.applied(a)), None);
+        assert_eq!(acked(&bench.applied(a)), None);
+        assert_eq!(acked(&bench.applied(a)), Some(4));
+    }
+
+    #[test]
+    fn a_run_that_fails_partway_is_acknowledged_only_below_the_failure() {
+        let a = RoomId([0xa; 16]);
+        let mut bench = Bench::new();
+        bench.deliver(1, a);
+        for seq in 2..=4 {
+            bench.deliver(seq, a);
+        }
+        bench.applied(a);
+        // The run 2..=4: 2 applied, the store failed on 3, so 4 comes back unapplied.
+        bench.applied(a);
+        let sent = bench.handle(room_of(HERE, a), PeerMsg::Applied { done: false });
+        assert_eq!(acked(&sent), None);
+        let sent = bench.handle(room_of(HERE, a), PeerMsg::Applied { done: false });
+        assert_eq!(acked(&sent), Some(2), "only the applied prefix");
+        // The outbox resends from 3: taken again, in order.
+        assert_eq!(run_len(&bench.deliver(3, a)), Some(1));
+        bench.deliver(4, a);
+        bench.applied(a);
+        assert_eq!(acked(&bench.applied(a)), Some(4));
     }
 
     #[test]

@@ -209,6 +209,12 @@ pub enum RoomMsg {
     },
     /// The idle check (a timer).
     Tick,
+    /// From this node's peer actor (never from another node): consecutive messages
+    /// the remote node's outbox delivered to this room, applied in order. The room
+    /// answers each one as if it came alone, and after a message its store failed
+    /// on it applies nothing more of the run (those answer "offer again"), so the
+    /// room's order holds however the run ends.
+    Run(Vec<RoomMsg>),
 }
 
 /// The room actor (see the module docs).
@@ -259,8 +265,61 @@ impl<S: System<Msg = Msg>> Actor<S> for Room {
             metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "bypassed_outbox").increment(1);
             return;
         };
+        match msg {
+            RoomMsg::Tick => self.tick(cx),
+            RoomMsg::Run(run) => self.run(run, from, cx),
+            msg => {
+                let retry = self.handle_one(msg, from, cx);
+                // A storage failure is not an answer: the message stays
+                // unacknowledged, so its sender's outbox offers it again.
+                applied(cx, !retry);
+            }
+        }
+    }
+}
+
+impl Room {
+    /// Applies a run the local peer handed over, in order, answering each message;
+    /// after the first one to fail on storage, the rest are answered "offer again"
+    /// unapplied.
+    fn run<S: System<Msg = Msg>>(
+        &mut self,
+        run: Vec<RoomMsg>,
+        from: NodeId,
+        cx: &mut Context<'_, S>,
+    ) {
+        let from_peer = cx
+            .sender()
+            .is_some_and(|s| s.kind == crate::actor::ActorKind::PEER && s.node == cx.node());
+        if !from_peer {
+            tracing::warn!(room = ?self.room, from = ?cx.sender(), "a run not from this node's peer dropped");
+            metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_peer")
+                .increment(1);
+            return;
+        }
+        let mut failed = false;
+        for msg in run {
+            if !failed {
+                failed = self.handle_one(msg, from, cx);
+            }
+            applied(cx, !failed);
+        }
+    }
+
+    /// Handles one message that is not a timer; returns whether it must be
+    /// offered again (the store failed, so nothing was decided).
+    fn handle_one<S: System<Msg = Msg>>(
+        &mut self,
+        msg: RoomMsg,
+        from: NodeId,
+        cx: &mut Context<'_, S>,
+    ) -> bool {
         let retry = match msg {
-            RoomMsg::Tick => return self.tick(cx),
+            RoomMsg::Tick | RoomMsg::Run(_) => {
+                // Only the peer makes runs, of delivered messages; a timer never travels.
+                tracing::warn!(room = ?self.room, "a timer or a run inside a run dropped");
+                false
+            }
             RoomMsg::Request { req, reply: to } => {
                 let user = req.request.user;
                 let outcome = self
@@ -300,13 +359,9 @@ impl<S: System<Msg = Msg>> Actor<S> for Room {
             },
         };
         self.busy = true;
-        // A storage failure is not an answer: the message stays unacknowledged, so
-        // its sender's outbox offers it again.
-        applied(cx, !retry);
+        retry
     }
-}
 
-impl Room {
     fn tick<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         if self.busy {
             self.busy = false;
@@ -544,5 +599,94 @@ impl Event {
             Event::Evicted { .. } => "evicted",
             Event::Published { .. } => "published",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use conclave_storage::{MemStore, ReadTxn, Store, WriteTxn};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::actor::Effect;
+    use crate::domain::{peer_of, room_of, Domain, PeerMsg};
+
+    const HOME: NodeId = NodeId([1; 32]);
+    const HERE: NodeId = NodeId([2; 32]);
+
+    /// A store whose next write fails once, when armed.
+    #[derive(Default)]
+    struct Flaky {
+        inner: MemStore,
+        fail_next_write: AtomicBool,
+    }
+
+    impl Store for Flaky {
+        fn read(&self) -> conclave_storage::Result<Box<dyn ReadTxn + '_>> {
+            self.inner.read()
+        }
+
+        fn write(&self) -> conclave_storage::Result<Box<dyn WriteTxn + '_>> {
+            if self.fail_next_write.swap(false, Ordering::SeqCst) {
+                return Err(StoreError::Io {
+                    op: "test",
+                    source: std::io::Error::other("injected"),
+                });
+            }
+            self.inner.write()
+        }
+    }
+
+    /// Hands `run` to a room on `HERE` as the peer for `HOME` does; returns its
+    /// answers, in order.
+    fn answers(store: &Flaky, run: Vec<RoomMsg>) -> Vec<bool> {
+        let id = RoomId([7; 16]);
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let mut effects = Vec::new();
+        let (me, peer) = (room_of(HERE, id), peer_of(HERE, HOME));
+        let mut cx =
+            Context::<Domain>::new(me, None, Time::default(), &mut rng, store, &mut effects);
+        let mut room = Room::activate(id, DomainConfig::default(), None, None, &mut cx);
+        let mut cx = Context::<Domain>::new(
+            me,
+            Some(peer),
+            Time::default(),
+            &mut rng,
+            store,
+            &mut effects,
+        );
+        room.handle(RoomMsg::Run(run), &mut cx);
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    to,
+                    msg: Msg::Peer(PeerMsg::Applied { done }),
+                    ..
+                } if *to == peer => Some(*done),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn keys() -> RoomMsg {
+        RoomMsg::Update(Update::Keys {
+            epoch: Epoch(1),
+            keys: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_run_answers_every_message_and_stops_applying_at_a_storage_failure() {
+        // Keys for a room this node does not know are refused for good: done.
+        let store = Flaky::default();
+        assert_eq!(answers(&store, vec![keys(), keys(), keys()]), [true; 3]);
+        // The store fails on the first: nothing after it is applied, so all three
+        // are offered again (the second would otherwise be refused, i.e. done).
+        store.fail_next_write.store(true, Ordering::SeqCst);
+        assert_eq!(answers(&store, vec![keys(), keys(), keys()]), [false; 3]);
     }
 }

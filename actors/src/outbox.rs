@@ -132,22 +132,38 @@ pub fn unacked(
     dest: NodeId,
     limit: usize,
 ) -> Result<Vec<(Seq, Vec<u8>)>, OutboxError> {
+    unsent(txn, dest, Seq(0), limit)
+}
+
+/// Of the first `window` unacknowledged messages to `dest`, those after `after`, in
+/// sequence order: what an outbox that has sent up to `after` sends next, without
+/// reading again what it sent already.
+pub fn unsent(
+    txn: &dyn ReadTxn,
+    dest: NodeId,
+    after: Seq,
+    window: usize,
+) -> Result<Vec<(Seq, Vec<u8>)>, OutboxError> {
     let head = read_head(txn, dest)?;
+    let window = u64::try_from(window).unwrap_or(u64::MAX);
+    let first = head.acked.max(after.0).saturating_add(1);
+    let last = head.sent.min(head.acked.saturating_add(window));
+    if first > last {
+        return Ok(Vec::new());
+    }
+    let expected = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
     let entries = MESSAGES.scan(
         txn,
-        (dest.0, head.acked + 1)..=(dest.0, head.sent),
+        (dest.0, first)..=(dest.0, last),
         Order::Ascending,
-        limit,
+        expected,
     )?;
     // Every unacknowledged message is stored: the scan is the consecutive run from
-    // the first unacknowledged one, or the store lost a message.
+    // `first`, or the store lost a message.
     let consecutive = entries
         .iter()
         .enumerate()
-        .all(|(i, ((_, seq), _))| *seq == head.acked + 1 + i as u64);
-    let expected = usize::try_from(head.sent - head.acked)
-        .unwrap_or(usize::MAX)
-        .min(limit);
+        .all(|(i, ((_, seq), _))| *seq == first + i as u64);
     if !consecutive || entries.len() != expected {
         return Err(StoreError::Corrupt {
             table: "outbox.messages".into(),

@@ -97,6 +97,19 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// `bodies` as consecutive frames, ready for one vectored write (quinn's
+/// `write_all_chunks`): each body's prefix, then the body itself, not copied.
+/// Nothing is returned when one of them is above `max`.
+pub fn frame_chunks(bodies: &[bytes::Bytes], max: usize) -> Result<Vec<bytes::Bytes>, FrameError> {
+    let mut chunks = Vec::with_capacity(2 * bodies.len());
+    for body in bodies {
+        let prefix = frame_prefix(body.len(), max)?;
+        chunks.push(bytes::Bytes::copy_from_slice(&prefix));
+        chunks.push(body.clone());
+    }
+    Ok(chunks)
+}
+
 /// Reads one frame of at most `max` body bytes. `Ok(None)` when the stream ended
 /// cleanly between frames.
 pub async fn read_frame<R: AsyncRead + Unpin>(

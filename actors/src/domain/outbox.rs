@@ -180,11 +180,17 @@ impl Outbox {
             .read()
             .map_err(crate::outbox::OutboxError::from)
             .and_then(|txn| {
-                let pending = crate::outbox::unacked(&*txn, self.dest, OUTBOX_WINDOW_MESSAGES)?;
+                let after = Seq(self.sent_upto);
+                let window = OUTBOX_WINDOW_MESSAGES;
+                let pending = crate::outbox::unsent(&*txn, self.dest, after, window)?;
                 Ok((pending, crate::outbox::depth(&*txn, self.dest)?))
             }) {
             Ok((pending, depth)) => {
                 self.report(depth);
+                if depth == 0 {
+                    self.passivate(cx);
+                    return;
+                }
                 pending
             }
             Err(error) => {
@@ -193,10 +199,6 @@ impl Outbox {
                 return;
             }
         };
-        if pending.is_empty() {
-            self.passivate(cx);
-            return;
-        }
         if self.stopping {
             let me_addr = *cx.me();
             cx.send(me_addr, OutboxMsg::Kick);
@@ -208,9 +210,7 @@ impl Outbox {
             "sent in sequence order"
         );
         for (seq, bytes) in pending {
-            if seq.0 <= self.sent_upto {
-                continue;
-            }
+            debug_assert!(seq.0 > self.sent_upto, "sent once per (re)send");
             match decode_bounded::<Routed>(&bytes, ENVELOPE_BYTES_MAX) {
                 Ok(Routed { to, msg }) => cx.send(peer, PeerMsg::Deliver { seq, to, msg }),
                 // Written by this node's own code, so this is a bug or a corrupt

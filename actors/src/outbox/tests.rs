@@ -281,3 +281,36 @@ fn the_harness_catches_acknowledging_before_persisting() {
         "no seed caught acknowledgements of unsynced messages"
     );
 }
+
+#[test]
+fn unsent_reads_only_past_what_was_sent_and_within_the_window() {
+    let store = MemStore::new();
+    with_write(&store, |txn| {
+        for i in 0..6u8 {
+            enqueue(txn, B, vec![i]).expect("enqueue");
+        }
+    });
+    let seqs = |after: u64, window: usize| -> Vec<u64> {
+        let read = store.read().expect("read");
+        unsent(&*read, B, Seq(after), window)
+            .expect("unsent")
+            .into_iter()
+            .map(|(s, _)| s.0)
+            .collect()
+    };
+    assert_eq!(
+        seqs(0, 4),
+        [1, 2, 3, 4],
+        "the window is the first unacknowledged"
+    );
+    assert_eq!(seqs(2, 4), [3, 4], "nothing sent already");
+    assert_eq!(seqs(4, 4), Vec::<u64>::new(), "the window is full");
+    with_write(&store, |txn| ack(txn, B, Seq(3)).expect("ack"));
+    // Acknowledged through 3: the window slides to 4..=6.
+    assert_eq!(seqs(4, 4), [5, 6]);
+    assert_eq!(
+        seqs(1, 2),
+        [4, 5],
+        "a stale mark reads from the first unacknowledged"
+    );
+}

@@ -171,3 +171,23 @@ async fn a_failing_stream_is_an_io_error_not_a_violation() {
 fn a_bound_the_prefix_cannot_express_is_a_programmer_error() {
     let _ = frame_prefix(0, FRAME_BYTES_MAX_LIMIT + 1);
 }
+
+#[tokio::test]
+async fn chunks_for_one_vectored_write_are_the_same_bytes_as_frames_written_one_by_one() {
+    let bodies: [&[u8]; 3] = [b"", b"abc", &[9u8; MAX]];
+    let owned: Vec<bytes::Bytes> = bodies
+        .iter()
+        .map(|b| bytes::Bytes::copy_from_slice(b))
+        .collect();
+    let chunks = frame_chunks(&owned, MAX).expect("within the bound");
+    assert_eq!(chunks.concat(), framed(&bodies).await);
+    // One body above the bound: no chunks at all, not a partial batch.
+    let too_big = [
+        bytes::Bytes::from_static(b"ok"),
+        bytes::Bytes::from(vec![0u8; MAX + 1]),
+    ];
+    assert!(matches!(
+        frame_chunks(&too_big, MAX),
+        Err(FrameError::TooLarge { .. })
+    ));
+}

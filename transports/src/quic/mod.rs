@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use conclave_actors::wire::{
     Envelope, MessageClass, WireMessage, ENVELOPE_BYTES_MAX, WIRE_VERSION,
 };
@@ -330,6 +331,11 @@ const UNI_STREAMS_CONCURRENT_MAX: u32 = 4;
 const BIDI_STREAMS_CONCURRENT_MAX: u32 = 64;
 /// A hello: its stream kind, then the sender's boot id (u64, big-endian).
 const HELLO_BYTES: usize = 1 + 8;
+/// The most queued messages a writer puts on its stream in one vectored write.
+const WRITE_BATCH_MESSAGES_MAX: usize = 64;
+/// The most bytes it puts there in one write (beyond the first message, which
+/// always goes).
+const WRITE_BATCH_BYTES_MAX: usize = 1 << 20;
 
 /// The first byte of every unidirectional stream says what it carries.
 mod kind {
@@ -1026,15 +1032,19 @@ fn settle<M: WireMessage>(
 }
 
 /// Writes one message class to the current link: one long-lived stream per link,
-/// opened with the class byte. A message whose write failed is written first on the
-/// next link. Each class has its own writer, so a blocked data stream never holds
-/// up control messages.
+/// opened with the class byte. Whatever is queued when the writer gets to it goes
+/// in one vectored write (up to [`WRITE_BATCH_MESSAGES_MAX`] messages and
+/// [`WRITE_BATCH_BYTES_MAX`] bytes), so a burst costs one wake-up and one call into
+/// quinn rather than one per message. Messages whose write failed are written first
+/// on the next link. Each class has its own writer, so a blocked data stream never
+/// holds up control messages.
 async fn run_writer(
     class: u8,
     mut queue: mpsc::Receiver<Outgoing>,
     mut link: watch::Receiver<Option<quinn::Connection>>,
 ) {
-    let mut pending: Option<Outgoing> = None;
+    // Bodies taken from the queue and not yet written.
+    let mut batch: Vec<Bytes> = Vec::new();
     // One turn per link; ends when the queue's sender or the link's is dropped.
     loop {
         let conn = match link.wait_for(Option::is_some).await {
@@ -1058,16 +1068,12 @@ async fn run_writer(
             }
             continue;
         }
-        // One turn per message, until this link fails or is replaced.
+        // One turn per batch, until this link fails or is replaced.
         loop {
-            let out = match pending.take() {
-                Some(out) => out,
-                None => tokio::select! {
+            if batch.is_empty() {
+                tokio::select! {
                     out = queue.recv() => match out {
-                        Some(out) => {
-                            metrics::gauge!("conclave_transport_send_queue_depth").decrement(1.0);
-                            out
-                        }
+                        Some(out) => take(&mut batch, out),
                         None => return,
                     },
                     changed = link.changed() => {
@@ -1078,14 +1084,10 @@ async fn run_writer(
                         let _ = stream.finish();
                         break;
                     }
-                },
-            };
-            let written = framing::write_frame(&mut stream, &out.bytes, ENVELOPE_BYTES_MAX).await;
-            if let Err(FrameError::TooLarge { len, max }) = written {
-                unreachable!("send queues only envelopes within the bound: {len} > {max}");
+                }
+                fill(&mut batch, &mut queue);
             }
-            if written.is_err() {
-                pending = Some(out);
+            if write_batch(&mut stream, &batch).await.is_err() {
                 // Make sure the link is seen as lost, then wait for the next one.
                 conn.close(VarInt::from_u32(code::STREAM_ERROR), b"stream_error");
                 if link.changed().await.is_err() {
@@ -1093,11 +1095,38 @@ async fn run_writer(
                 }
                 break;
             }
-            metrics::counter!("conclave_transport_frames_out_total").increment(1);
-            metrics::counter!("conclave_transport_bytes_out_total")
-                .increment((FRAME_PREFIX_BYTES + out.bytes.len()) as u64);
+            batch.clear();
         }
     }
+}
+
+/// Moves `out` from the send queue into `batch`.
+fn take(batch: &mut Vec<Bytes>, out: Outgoing) {
+    metrics::gauge!("conclave_transport_send_queue_depth").decrement(1.0);
+    batch.push(Bytes::from(out.bytes));
+}
+
+/// Adds what is already queued to `batch`, within the write bounds.
+fn fill(batch: &mut Vec<Bytes>, queue: &mut mpsc::Receiver<Outgoing>) {
+    let mut bytes: usize = batch.iter().map(Bytes::len).sum();
+    while batch.len() < WRITE_BATCH_MESSAGES_MAX && bytes < WRITE_BATCH_BYTES_MAX {
+        let Ok(out) = queue.try_recv() else { break };
+        bytes += out.bytes.len();
+        take(batch, out);
+    }
+}
+
+/// Writes `batch` as consecutive frames in one vectored write, and counts them.
+async fn write_batch(stream: &mut quinn::SendStream, batch: &[Bytes]) -> Result<(), ()> {
+    let mut chunks = match framing::frame_chunks(batch, ENVELOPE_BYTES_MAX) {
+        Ok(chunks) => chunks,
+        Err(error) => unreachable!("send queues only envelopes within the bound: {error}"),
+    };
+    stream.write_all_chunks(&mut chunks).await.map_err(|_| ())?;
+    let bytes: usize = batch.iter().map(|b| FRAME_PREFIX_BYTES + b.len()).sum();
+    metrics::counter!("conclave_transport_frames_out_total").increment(batch.len() as u64);
+    metrics::counter!("conclave_transport_bytes_out_total").increment(bytes as u64);
+    Ok(())
 }
 
 /// Reads every stream the peer opens on `conn`. For a connection that lost the

@@ -19,7 +19,7 @@
 use core::fmt;
 use core::time::Duration;
 
-use conclave_storage::Store;
+use conclave_storage::{ReadTxn, Store};
 use rand_core::CryptoRng;
 use serde::{Deserialize, Serialize};
 
@@ -191,7 +191,9 @@ impl<S: System, A: Actor<S>> Handler<S> for A {
 /// What an actor asked its driver to do, in the order it asked.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Effect<M> {
-    /// Deliver `msg` to `to`, local or remote, from `from`.
+    /// Deliver `msg` to `to`, local or remote, from `from`. Drivers that group
+    /// commits hold it until the batch the turn wrote to is durable, unless it is
+    /// `durable`.
     Send {
         /// The sending actor.
         from: ActorRef,
@@ -199,6 +201,10 @@ pub enum Effect<M> {
         to: ActorRef,
         /// The message.
         msg: M,
+        /// Made only of what was durable when the turn read it (through
+        /// [`Context::read_durable`]): no crash can take it back, so it leaves at once
+        /// instead of waiting for the batch's commit.
+        durable: bool,
     },
     /// Deliver `msg` to the requesting actor after `after`. A timer is cancelled if
     /// the actor passivates first: an actor that needs a deadline to survive stores
@@ -223,6 +229,8 @@ pub struct Context<'a, S: System> {
     now: Time,
     rng: &'a mut dyn CryptoRng,
     store: &'a dyn Store,
+    /// What of `store` is durable (the same store when every commit is).
+    durable: &'a dyn Store,
     effects: &'a mut Vec<Effect<S::Msg>>,
 }
 
@@ -243,8 +251,16 @@ impl<'a, S: System> Context<'a, S> {
             now,
             rng,
             store,
+            durable: store,
             effects,
         }
+    }
+
+    /// For drivers whose `store` commits in batches: `durable` is the store the
+    /// batches are flushed to, holding only what no crash can take back.
+    pub fn with_durable(mut self, durable: &'a dyn Store) -> Self {
+        self.durable = durable;
+        self
     }
 
     /// This actor's address.
@@ -281,12 +297,34 @@ impl<'a, S: System> Context<'a, S> {
         self.store
     }
 
-    /// Sends `msg` to `to`, on this node or another.
+    /// A read of the durable part of the store: what was committed for good,
+    /// without the writes of the batch in progress (this turn's included). What is
+    /// read here may feed [`Context::send_durable`].
+    pub fn read_durable(&self) -> conclave_storage::Result<Box<dyn ReadTxn + 'a>> {
+        self.durable.read()
+    }
+
+    /// Sends `msg` to `to`, on this node or another, once what this turn wrote is
+    /// durable.
     pub fn send(&mut self, to: ActorRef, msg: impl Into<S::Msg>) {
         self.effects.push(Effect::Send {
             from: self.me,
             to,
             msg: msg.into(),
+            durable: false,
+        });
+    }
+
+    /// Sends `msg` at once, without waiting for this turn's writes to be durable.
+    /// Only for a message made wholly of what was read through
+    /// [`Context::read_durable`]: anything read through [`Context::store`] may still be
+    /// taken back by a crash.
+    pub fn send_durable(&mut self, to: ActorRef, msg: impl Into<S::Msg>) {
+        self.effects.push(Effect::Send {
+            from: self.me,
+            to,
+            msg: msg.into(),
+            durable: true,
         });
     }
 

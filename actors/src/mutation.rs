@@ -47,11 +47,16 @@ pub enum Mutation {
     /// handled, before the batch holding its writes is committed: a crash then
     /// takes back state that other nodes (or clients) were already told about.
     ReleaseBeforeCommit,
+    /// An outbox reads what to send from the batch in progress instead of its
+    /// durable part, and still sends it at once: a crash before the commit then
+    /// takes back a message the destination has already applied, and its sequence
+    /// number is handed out again to another.
+    OutboxSendsUncommitted,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 10] = [
+    pub const ALL: [Mutation; 11] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -62,6 +67,7 @@ impl Mutation {
         Mutation::PipelinedHandoff,
         Mutation::AcceptUnauthorizedKey,
         Mutation::ReleaseBeforeCommit,
+        Mutation::OutboxSendsUncommitted,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -77,6 +83,7 @@ impl Mutation {
             Mutation::PipelinedHandoff => "pipelined_handoff",
             Mutation::AcceptUnauthorizedKey => "accept_unauthorized_key",
             Mutation::ReleaseBeforeCommit => "release_before_commit",
+            Mutation::OutboxSendsUncommitted => "outbox_sends_uncommitted",
         }
     }
 

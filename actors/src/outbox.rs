@@ -125,13 +125,12 @@ pub fn ack(txn: &mut dyn WriteTxn, dest: NodeId, upto: Seq) -> Result<u64, Outbo
     Ok(removed)
 }
 
+/// Queued messages as read back: sequence number and encoded message.
+pub type Queued = Vec<(Seq, Vec<u8>)>;
+
 /// The first `limit` unacknowledged messages to `dest`, in sequence order: what to
 /// (re)send.
-pub fn unacked(
-    txn: &dyn ReadTxn,
-    dest: NodeId,
-    limit: usize,
-) -> Result<Vec<(Seq, Vec<u8>)>, OutboxError> {
+pub fn unacked(txn: &dyn ReadTxn, dest: NodeId, limit: usize) -> Result<Queued, OutboxError> {
     unsent(txn, dest, Seq(0), limit)
 }
 
@@ -143,7 +142,7 @@ pub fn unsent(
     dest: NodeId,
     after: Seq,
     window: usize,
-) -> Result<Vec<(Seq, Vec<u8>)>, OutboxError> {
+) -> Result<Queued, OutboxError> {
     let head = read_head(txn, dest)?;
     let window = u64::try_from(window).unwrap_or(u64::MAX);
     let first = head.acked.max(after.0).saturating_add(1);

@@ -106,11 +106,32 @@ impl<S: System> Mailbox<S> {
     }
 }
 
-/// What a batch's messages asked to send, held until the batch is durable.
+/// A send held until the batch of the turn that made it is durable: (from, to,
+/// message).
+type HeldSend<M> = (ActorRef, ActorRef, M);
+
+/// What batches' messages asked to send, held until the batch is durable.
 struct Held<M> {
-    sends: Vec<(ActorRef, ActorRef, M)>,
+    /// The open batch's.
+    sends: Vec<HeldSend<M>>,
     /// Whether a flush is queued on the arbiter behind the ready mailboxes.
     scheduled: bool,
+    /// The sealed batch whose commit runs on the blocking pool, if any.
+    committing: Option<InFlight<M>>,
+}
+
+/// A sealed batch being committed off the arbiter thread.
+struct InFlight<M> {
+    /// What its messages sent.
+    sends: Vec<HeldSend<M>>,
+    done: Arc<Done>,
+}
+
+/// The outcome of a commit, set by the thread that ran it.
+#[derive(Default)]
+struct Done {
+    result: Mutex<Option<conclave_storage::Result<usize>>>,
+    ready: std::sync::Condvar,
 }
 
 struct Shared<S: System> {
@@ -296,14 +317,18 @@ impl<S: System> Shared<S> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// After each handled message: a full batch is flushed now; otherwise a flush
-    /// is queued on the arbiter, behind the mailboxes that are ready, so that every
-    /// message handled until then shares its commit (no fixed delay: the batch is
-    /// whatever arrived while the last one was handled and synced).
+    /// After each handled message: a full batch is committed now (once the one
+    /// before it is); otherwise a flush is queued on the arbiter, behind the
+    /// mailboxes that are ready, so that every message handled until then shares
+    /// its commit. No fixed delay: the batch is whatever arrived while the last one
+    /// was handled and synced.
     fn turn_done(self: &Arc<Self>) {
         let full = self.batch.txns() >= BATCH_MESSAGES_MAX || self.batch.bytes() >= BATCH_BYTES_MAX;
         if full {
-            return self.flush();
+            // Back-pressure: the arbiter waits for the disk rather than let the
+            // open batch grow past its bound.
+            self.wait_commit();
+            return self.start_commit();
         }
         let mut held = self.held();
         if !held.scheduled {
@@ -313,29 +338,120 @@ impl<S: System> Shared<S> {
         }
     }
 
-    /// Commits the batch (one fsync), then releases what its messages sent. If the
-    /// commit fails, their writes are lost as in a crash, and so is what they sent
-    /// (peers resend what is not acknowledged; callers see no reply).
+    /// The queued flush: commits the open batch, unless a commit is under way (its
+    /// end commits what accumulated meanwhile).
     fn flush(self: &Arc<Self>) {
-        let sends = {
+        {
             let mut held = self.held();
             held.scheduled = false;
-            std::mem::take(&mut held.sends)
+            if held.committing.is_some() {
+                return;
+            }
+        }
+        self.start_commit();
+    }
+
+    /// Seals the open batch and commits it on the blocking pool while the arbiter
+    /// goes on with the next one; what the batch sent is released when the commit
+    /// is done ([`Shared::finish_commit`]).
+    fn start_commit(self: &Arc<Self>) {
+        let mut held = self.held();
+        debug_assert!(held.committing.is_none(), "one commit at a time");
+        let sends = std::mem::take(&mut held.sends);
+        if self.batch.seal() == 0 {
+            // Nothing written, and no commit under way: everything these turns
+            // read was durable already.
+            drop(held);
+            return self.release(sends);
+        }
+        let done = Arc::new(Done::default());
+        held.committing = Some(InFlight {
+            sends,
+            done: Arc::clone(&done),
+        });
+        drop(held);
+        let shared = Arc::clone(self);
+        let commit = tokio::task::spawn_blocking(move || {
+            let result = shared.batch.commit_sealed();
+            *done.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
+            done.ready.notify_all();
+        });
+        let shared = Arc::clone(self);
+        actix_rt::spawn(async move {
+            let _ = commit.await;
+            if shared.finish_commit() && shared.has_open_work() {
+                shared.start_commit();
+            }
+        });
+    }
+
+    /// Whether the open batch wrote or sent anything.
+    fn has_open_work(&self) -> bool {
+        self.batch.txns() > 0 || !self.held().sends.is_empty()
+    }
+
+    /// Blocks until the commit under way, if any, is done, and finishes it.
+    fn wait_commit(self: &Arc<Self>) {
+        let Some(done) = self.held().committing.as_ref().map(|c| Arc::clone(&c.done)) else {
+            return;
         };
-        match self.batch.flush() {
+        let mut result = done.result.lock().unwrap_or_else(PoisonError::into_inner);
+        while result.is_none() {
+            result = done
+                .ready
+                .wait(result)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(result);
+        self.finish_commit();
+    }
+
+    /// If the commit under way is done, releases what its batch sent (or, if it
+    /// failed, drops that and the open batch's sends: their writes are lost as in
+    /// a crash, peers resend what is not acknowledged, callers see no reply).
+    /// Returns whether it finished one.
+    fn finish_commit(self: &Arc<Self>) -> bool {
+        let (in_flight, result) = {
+            let mut held = self.held();
+            let Some(result) = held.committing.as_ref().and_then(|c| {
+                c.done
+                    .result
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take()
+            }) else {
+                return false;
+            };
+            let Some(in_flight) = held.committing.take() else {
+                return false;
+            };
+            if result.is_err() {
+                let lost = std::mem::take(&mut held.sends);
+                tracing::error!(
+                    dropped = lost.len(),
+                    "the open batch was built on a batch that failed to commit: lost too"
+                );
+            }
+            (in_flight, result)
+        };
+        match result {
             Ok(txns) => {
-                if txns > 0 {
-                    metrics::histogram!("conclave_batch_transactions").record(txns as f64);
-                }
-                for (from, to, msg) in sends {
-                    // Sends between actors are never refused (see `Origin`).
-                    let _ = self.route(Origin::Actor, Some(from), to, msg);
-                }
+                metrics::histogram!("conclave_batch_transactions").record(txns as f64);
+                self.release(in_flight.sends);
             }
             Err(error) => {
-                tracing::error!(%error, dropped = sends.len(), "group commit failed: the batch and what it sent are lost");
+                tracing::error!(%error, dropped = in_flight.sends.len(), "group commit failed: the batch and what it sent are lost");
                 metrics::counter!("conclave_batch_commit_failures_total").increment(1);
             }
+        }
+        true
+    }
+
+    /// Sends what durable batches owe.
+    fn release(self: &Arc<Self>, sends: Vec<HeldSend<S::Msg>>) {
+        for (from, to, msg) in sends {
+            // Sends between actors are never refused (see `Origin`).
+            let _ = self.route(Origin::Actor, Some(from), to, msg);
         }
     }
 
@@ -393,7 +509,8 @@ impl<S: System> Host<S> {
                 &mut rng,
                 &self.shared.batch,
                 &mut effects,
-            );
+            )
+            .with_durable(&**self.shared.batch.base());
             self.handler = self.shared.system.activate(&self.me, &mut cx);
         }
         self.shared.turn_done();
@@ -424,7 +541,8 @@ impl<S: System> Host<S> {
                 &mut rng,
                 &self.shared.batch,
                 &mut effects,
-            );
+            )
+            .with_durable(&**self.shared.batch.base());
             handler.handle_any(msg, &mut cx);
         }
         #[cfg(test)]
@@ -444,7 +562,22 @@ impl<S: System> Host<S> {
         for effect in effects {
             match effect {
                 // Released once the batch is durable (see `Shared::flush`).
-                Effect::Send { from, to, msg } => self.shared.held().sends.push((from, to, msg)),
+                Effect::Send {
+                    from,
+                    to,
+                    msg,
+                    durable: false,
+                } => self.shared.held().sends.push((from, to, msg)),
+                // Made of durable state only: nothing to wait for.
+                Effect::Send {
+                    from,
+                    to,
+                    msg,
+                    durable: true,
+                } => {
+                    // Sends between actors are never refused (see `Origin`).
+                    let _ = self.shared.route(Origin::Actor, Some(from), to, msg);
+                }
                 Effect::Timer { after, msg } => {
                     // Due, it joins the back of the mailbox, behind what is queued
                     // already, as in the simulator; actix cancels it when this host
@@ -550,6 +683,7 @@ impl<S: System> Runtime<S> {
                         held: Mutex::new(Held {
                             sends: Vec::new(),
                             scheduled: false,
+                            committing: None,
                         }),
                         transport,
                         arbiter: actix_rt::Arbiter::current(),
@@ -610,8 +744,9 @@ impl<S: System> Runtime<S> {
                 tracing::error!("actor runtime thread panicked");
             }
         }
-        // What the last batch wrote is kept (its sends are not: the runtime is
-        // gone, and peers resend what they do not see acknowledged).
+        // What the last batches wrote is kept (their sends are not: the runtime is
+        // gone, and peers resend what they do not see acknowledged). A commit still
+        // under way on the blocking pool finishes first (`flush` waits for it).
         if let Err(error) = self.shared.batch.flush() {
             tracing::error!(%error, "the last batch could not be committed at shutdown");
         }

@@ -155,12 +155,15 @@ pub struct SimNode {
     /// What its actors write through: a group commit over `store`, flushed when the
     /// node has no ready message left or the batch is full.
     pub batch: Arc<Batch>,
-    /// What the batch's messages sent: released only once the batch is durable.
+    /// What the open batch's messages sent: released only once it is durable.
     held: Vec<(ActorRef, ActorRef, Msg)>,
-    /// What the driver saw the batch's rooms decide: it counts once it is durable.
+    /// What the driver saw the open batch's rooms decide: it counts once it is
+    /// durable.
     decided: Vec<Observation>,
-    /// A flush is under way (the node handles nothing until it is done).
-    flushing: bool,
+    /// What the sealed batch owes, from its sealing until its release. Meanwhile the
+    /// node goes on handling messages into the open batch (the disk syncs while the
+    /// processor works), up to a full batch.
+    committing: Option<Owed>,
     /// Bumped by every crash: a `Flushed` event of an older life is ignored.
     life: u64,
     /// Virtual time one flush (commit and fsync) costs this node.
@@ -194,6 +197,12 @@ pub struct SimNode {
     pub cost: Duration,
     /// How far this node's clock is from true (virtual) time, in microseconds.
     pub clock_offset: i64,
+}
+
+/// What a sealed batch owes once it is durable.
+struct Owed {
+    sends: Vec<(ActorRef, ActorRef, Msg)>,
+    decided: Vec<Observation>,
 }
 
 enum Event {
@@ -407,7 +416,7 @@ impl Cluster {
                     batch,
                     held: Vec::new(),
                     decided: Vec::new(),
-                    flushing: false,
+                    committing: None,
                     life: 0,
                     commit_cost: Duration::ZERO,
                     release_delay: Duration::ZERO,
@@ -781,8 +790,9 @@ impl Cluster {
                 return Stepped::Other;
             }
             node.scheduled = None;
-            if node.flushing {
-                // Busy committing: `flushed` schedules the next message.
+            if node.committing.is_some() && batch_full(&node.batch) {
+                // A full batch waits for the one before to be durable: `released`
+                // schedules the next message.
                 return Stepped::Other;
             }
         }
@@ -891,7 +901,8 @@ impl Cluster {
         };
         let text = self.journal.as_ref().map(|_| format!("{msg:?}"));
         {
-            let mut cx = Context::new(to, from, now, &mut node.rng, store.as_ref(), &mut effects);
+            let mut cx = Context::new(to, from, now, &mut node.rng, store.as_ref(), &mut effects)
+                .with_durable(store.base().as_ref());
             handler.handle_any(msg, &mut cx);
         }
         self.handled += 1;
@@ -930,7 +941,8 @@ impl Cluster {
         }
         debug_assert!(slot.driver.handler.is_none());
         slot.driver.activated = true;
-        let mut cx = Context::new(to, None, now, &mut node.rng, store.as_ref(), &mut effects);
+        let mut cx = Context::new(to, None, now, &mut node.rng, store.as_ref(), &mut effects)
+            .with_durable(store.base().as_ref());
         slot.driver.handler = self.domain.activate(&to, &mut cx);
         if slot.driver.handler.is_none() {
             node.actors.stop(&to, incarnation);
@@ -1056,9 +1068,16 @@ impl Cluster {
     ) {
         for effect in effects {
             match effect {
-                Effect::Send { from, to, msg } => {
-                    if mutation::active(Mutation::ReleaseBeforeCommit) {
-                        // Mutation: sent before the batch that wrote its state is durable.
+                Effect::Send {
+                    from,
+                    to,
+                    msg,
+                    durable,
+                } => {
+                    // Made of durable state only, it leaves at once; under the
+                    // mutation, everything does, before the batch that wrote its
+                    // state is durable.
+                    if durable || mutation::active(Mutation::ReleaseBeforeCommit) {
                         self.send(i, from, to, msg);
                     } else {
                         self.nodes[i].held.push((from, to, msg));
@@ -1097,7 +1116,7 @@ impl Cluster {
     /// or no mailbox of the node is ready to add to it now.
     fn batch_closes(&self, i: usize) -> bool {
         let node = &self.nodes[i];
-        if node.batch.txns() >= BATCH_MESSAGES_MAX || node.batch.bytes() >= BATCH_BYTES_MAX {
+        if batch_full(&node.batch) {
             return true;
         }
         let now = self.now;
@@ -1107,39 +1126,48 @@ impl Cluster {
             .any(|(_, slot)| !slot.driver.queue.is_empty() && slot.driver.ready(now))
     }
 
-    /// Node `i` flushes its batch: it is busy for its commit cost, then the batch
-    /// is durable and what it owes is released ([`Cluster::flushed`]). A crash in
-    /// between loses the whole batch, and what it owes.
+    /// Node `i` seals its open batch and commits it: the batch is durable a
+    /// commit cost after the node finished its last message, then what it owes is
+    /// released ([`Cluster::flushed`]). A crash in between loses the whole batch,
+    /// and what it owes. One batch commits at a time; the node goes on filling the
+    /// next one meanwhile.
     fn close_batch(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         let nothing = node.held.is_empty() && node.decided.is_empty() && node.batch.txns() == 0;
-        if node.flushing || nothing {
+        if node.committing.is_some() || nothing {
             return;
         }
-        node.flushing = true;
+        node.batch.seal();
+        node.committing = Some(Owed {
+            sends: std::mem::take(&mut node.held),
+            decided: std::mem::take(&mut node.decided),
+        });
         let life = node.life;
         let at = self
             .now
             .max(node.busy_until)
             .saturating_add(node.commit_cost);
-        node.busy_until = at;
         self.push(at, Event::Flushed { node: i, life });
     }
 
-    /// Node `i`'s flush is done: the batch is committed, and what its rooms decided
-    /// counts. What it owes leaves now,
-    /// or, on a node with a release delay, a moment later ([`Cluster::released`]):
-    /// a crash in between loses what it owed and keeps what it wrote.
+    /// Node `i`'s sealed batch is committed, and what its rooms decided counts.
+    /// What it owes leaves now, or, on a node with a release delay, a moment later
+    /// ([`Cluster::released`]): a crash in between loses what it owed and keeps
+    /// what it wrote.
     fn flushed(&mut self, i: usize, life: u64) {
         let node = &mut self.nodes[i];
         if node.life != life || !node.up {
             return;
         }
-        if let Err(error) = node.batch.flush() {
+        if let Err(error) = node.batch.commit_sealed() {
             panic!("a simulated disk failed to commit a batch: {error}");
         }
         // What the batch's rooms decided is durable now, released or not.
-        let decided = std::mem::take(&mut node.decided);
+        let decided = node
+            .committing
+            .as_mut()
+            .map(|owed| std::mem::take(&mut owed.decided))
+            .unwrap_or_default();
         let delay = node.release_delay;
         self.observed.extend(decided);
         self.mark(&format!("flush n{i}"));
@@ -1147,20 +1175,26 @@ impl Cluster {
             return self.released(i, life);
         }
         let at = self.now.saturating_add(delay);
-        self.nodes[i].busy_until = at;
         self.push(at, Event::Released { node: i, life });
     }
 
-    /// Node `i` releases what its last batch owes: its sends leave.
+    /// Node `i` releases what its last committed batch owes: its sends leave. The
+    /// open batch may then commit in turn.
     fn released(&mut self, i: usize, life: u64) {
         let node = &mut self.nodes[i];
         if node.life != life || !node.up {
             return;
         }
-        node.flushing = false;
-        let released = std::mem::take(&mut node.held);
+        let released = node
+            .committing
+            .take()
+            .map(|owed| owed.sends)
+            .unwrap_or_default();
         for (from, to, msg) in released {
             self.send(i, from, to, msg);
+        }
+        if self.batch_closes(i) {
+            self.close_batch(i);
         }
         self.reschedule(i);
     }
@@ -1235,7 +1269,7 @@ impl Cluster {
         node.token += 1;
         node.held.clear();
         node.decided.clear();
-        node.flushing = false;
+        node.committing = None;
         node.life += 1;
         node.batch.discard();
         node.store.crash();
@@ -1566,6 +1600,11 @@ fn key_users_in(msg: &Msg) -> Vec<UserId> {
         }) => keys.iter().map(|(user, _)| *user).collect(),
         _ => Vec::new(),
     }
+}
+
+/// Whether `batch` holds as much as one batch may.
+fn batch_full(batch: &Batch) -> bool {
+    batch.txns() >= BATCH_MESSAGES_MAX || batch.bytes() >= BATCH_BYTES_MAX
 }
 
 /// A turn's effects, split per message it handled: a run's room answers each of

@@ -9,6 +9,11 @@
 //! driver holds back everything the batch's messages owe the outside world (sends,
 //! acknowledgements, replies) and releases it only after the flush.
 //!
+//! A flush can also be split so that the next batch fills while this one syncs:
+//! [`Batch::seal`] closes the open batch (later transactions start a new one that
+//! reads through it), and [`Batch::commit_sealed`], on any thread, writes it to the
+//! store. One batch is sealed at a time.
+//!
 //! Readers of the underlying store (other threads) see only what was flushed: they
 //! never observe a write that a crash could still take back.
 
@@ -30,11 +35,22 @@ type Own = BTreeMap<String, Writes>;
 /// Writes committed into a batch and not yet flushed.
 #[derive(Default)]
 struct State {
+    /// The open batch.
     pending: Pending,
-    /// Transactions committed into the batch since the last flush.
+    /// Transactions committed into the open batch.
     txns: usize,
     /// Key and value bytes they wrote.
     bytes: usize,
+    /// The sealed batch being written to the store, and its transaction count:
+    /// under the open one for reads.
+    sealed: Option<(Pending, usize)>,
+}
+
+/// A reader's view of the batch: the sealed batch (if any), then the open one.
+#[derive(Clone, Default)]
+struct Snapshot {
+    sealed: Option<Pending>,
+    pending: Pending,
 }
 
 /// A group of write transactions flushed to a store in one commit (see the module
@@ -44,6 +60,9 @@ pub struct Batch {
     state: Mutex<State>,
     /// Held by a batch write transaction for its whole life: one at a time.
     writer: Mutex<()>,
+    /// Held while the sealed batch is written to the store: one commit at a time,
+    /// whichever thread asks.
+    committer: Mutex<()>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -63,6 +82,7 @@ impl Batch {
             base,
             state: Mutex::new(State::default()),
             writer: Mutex::new(()),
+            committer: Mutex::new(()),
         }
     }
 
@@ -76,7 +96,7 @@ impl Batch {
         &self.base
     }
 
-    /// How many transactions committed into the batch since the last flush.
+    /// How many transactions committed into the open batch.
     pub fn txns(&self) -> usize {
         self.state().txns
     }
@@ -86,18 +106,70 @@ impl Batch {
         self.state().bytes
     }
 
-    /// Writes every pending write to the store in one transaction and commits it.
-    /// Returns how many batch transactions it made durable. On error nothing of the
-    /// batch reached the store, and the batch is emptied all the same: its writes
-    /// are lost as a crash would lose them (the caller drops what they owed).
-    pub fn flush(&self) -> Result<usize> {
+    /// Whether a sealed batch waits for [`Batch::commit_sealed`].
+    pub fn is_sealed(&self) -> bool {
+        self.state().sealed.is_some()
+    }
+
+    /// Seals the open batch and its transactions for [`Batch::commit_sealed`];
+    /// transactions from now on go into a new open batch, which reads through the
+    /// sealed one. Returns how many transactions it sealed (0: nothing to commit,
+    /// nothing sealed).
+    ///
+    /// # Panics
+    /// If a sealed batch is still uncommitted: a driver commits in order, one at a
+    /// time.
+    pub fn seal(&self) -> usize {
         let _writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        let taken = std::mem::take(&mut *self.state());
-        if taken.txns == 0 {
-            return Ok(0);
+        let mut st = self.state();
+        assert!(st.sealed.is_none(), "one sealed batch at a time");
+        if st.txns == 0 {
+            return 0;
         }
+        let txns = std::mem::take(&mut st.txns);
+        st.bytes = 0;
+        let pending = std::mem::take(&mut st.pending);
+        st.sealed = Some((pending, txns));
+        txns
+    }
+
+    /// Writes the sealed batch to the store in one transaction and commits it (one
+    /// fsync); safe to call on another thread while the open batch fills. Returns
+    /// how many transactions it made durable (0 when nothing was sealed). On error
+    /// nothing of it reached the store, and it is dropped together with the open
+    /// batch, which was built on it: their writes are lost as a crash would lose
+    /// them (the caller drops what they owed).
+    pub fn commit_sealed(&self) -> Result<usize> {
+        let _committer = self
+            .committer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some((writes, txns)) = self.state().sealed.clone() else {
+            return Ok(0);
+        };
+        let result = self.write_through(&writes);
+        let mut st = self.state();
+        st.sealed = None;
+        if result.is_err() {
+            st.pending = Pending::default();
+            st.txns = 0;
+            st.bytes = 0;
+        }
+        result.map(|()| txns)
+    }
+
+    /// Commits what is sealed, then seals the open batch and commits it too (see
+    /// [`Batch::commit_sealed`]): everything to the store, now. Returns how many
+    /// transactions it made durable.
+    pub fn flush(&self) -> Result<usize> {
+        let earlier = self.commit_sealed()?;
+        self.seal();
+        Ok(earlier + self.commit_sealed()?)
+    }
+
+    fn write_through(&self, writes: &Pending) -> Result<()> {
         let mut txn = self.base.write()?;
-        for (table, writes) in taken.pending.iter() {
+        for (table, writes) in writes.iter() {
             for (key, value) in writes.iter() {
                 match value {
                     Some(value) => txn.put(table, key, value)?,
@@ -107,46 +179,44 @@ impl Batch {
                 }
             }
         }
-        txn.commit()?;
-        Ok(taken.txns)
+        txn.commit()
     }
 
-    /// Forgets every pending write (for a simulated crash: the process is gone).
+    /// Forgets every write not committed, sealed or open (for a simulated crash:
+    /// the process is gone).
     pub fn discard(&self) {
         *self.state() = State::default();
     }
 
-    fn snapshot(&self) -> Pending {
-        Arc::clone(&self.state().pending)
+    fn snapshot(&self) -> Snapshot {
+        let st = self.state();
+        Snapshot {
+            sealed: st.sealed.as_ref().map(|(writes, _)| Arc::clone(writes)),
+            pending: Arc::clone(&st.pending),
+        }
     }
 }
 
 impl Store for Batch {
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
-        Ok(Box::new(BatchRead {
-            base: self.base.read()?,
-            pending: self.snapshot(),
-        }))
+        Ok(Box::new(BatchRead::open(self)?))
     }
 
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
         let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(Box::new(BatchWrite {
             batch: self,
-            read: BatchRead {
-                base: self.base.read()?,
-                pending: self.snapshot(),
-            },
+            read: BatchRead::open(self)?,
             own: Own::new(),
             _writer: writer,
         }))
     }
 }
 
-/// The store's state with the batch's pending writes on top.
+/// The store's state with the batch's pending writes (sealed, then open) on top.
 struct BatchRead<'a> {
     base: Box<dyn ReadTxn + 'a>,
-    pending: Pending,
+    layers: Snapshot,
 }
 
 static NO_WRITES: Writes = BTreeMap::new();
@@ -210,15 +280,37 @@ fn layered_scan(
     Ok(entries)
 }
 
-impl BatchRead<'_> {
-    fn pending(&self, table: &str) -> &Writes {
-        self.pending.get(table).map_or(&NO_WRITES, |w| &**w)
+/// `table`'s writes in `pending`.
+fn writes_of<'p>(pending: &'p Pending, table: &str) -> &'p Writes {
+    pending.get(table).map_or(&NO_WRITES, |w| &**w)
+}
+
+impl<'a> BatchRead<'a> {
+    fn open(batch: &'a Batch) -> Result<Self> {
+        // The layers first, then the store: a sealed batch committed in between
+        // is then both in the store and in its layer, with the same writes. The
+        // other order could miss it in both.
+        let layers = batch.snapshot();
+        Ok(BatchRead {
+            base: batch.base.read()?,
+            layers,
+        })
+    }
+
+    /// The sealed batch's writes to `table`, then the open batch's.
+    fn pending(&self, table: &str) -> [&Writes; 2] {
+        let sealed = self
+            .layers
+            .sealed
+            .as_ref()
+            .map_or(&NO_WRITES, |p| writes_of(p, table));
+        [sealed, writes_of(&self.layers.pending, table)]
     }
 }
 
 impl ReadTxn for BatchRead<'_> {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        layered_get(&*self.base, &[self.pending(table)], table, key)
+        layered_get(&*self.base, &self.pending(table), table, key)
     }
 
     fn scan(
@@ -229,7 +321,7 @@ impl ReadTxn for BatchRead<'_> {
         order: Order,
         limit: usize,
     ) -> Result<Vec<Entry>> {
-        let layers = [self.pending(table)];
+        let layers = self.pending(table);
         layered_scan(&*self.base, &layers, table, (lower, upper), order, limit)
     }
 }
@@ -243,11 +335,9 @@ struct BatchWrite<'a> {
 }
 
 impl BatchWrite<'_> {
-    fn layers(&self, table: &str) -> [&Writes; 2] {
-        [
-            self.read.pending(table),
-            self.own.get(table).unwrap_or(&NO_WRITES),
-        ]
+    fn layers(&self, table: &str) -> [&Writes; 3] {
+        let [sealed, open] = self.read.pending(table);
+        [sealed, open, self.own.get(table).unwrap_or(&NO_WRITES)]
     }
 }
 

@@ -1056,10 +1056,13 @@ impl Gen {
 const BATCH_PROBES: &[&[u8]] = &[b"a", b"c", b"f", b"k", b"t", b"z"];
 
 #[test]
-fn batch_reads_match_a_model_across_flushes_and_dropped_txns() {
+fn batch_reads_match_a_model_across_flushes_seals_and_dropped_txns() {
     let mem = MemStore::new();
     let batch = crate::Batch::new(std::sync::Arc::new(mem.clone()));
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    // What the store must hold, and what a sealed batch will add to it.
+    let mut durable = model.clone();
+    let mut sealed: Option<BTreeMap<Vec<u8>, Vec<u8>>> = None;
     let mut g = Gen(0x9e37_79b9_7f4a_7c15);
     for round in 0..400 {
         let mut txn = batch.write().unwrap();
@@ -1082,12 +1085,48 @@ fn batch_reads_match_a_model_across_flushes_and_dropped_txns() {
             model = next;
         }
         check_scans(&*batch.read().unwrap(), "t", &model, BATCH_PROBES);
-        if g.below(5) == 0 {
-            batch.flush().unwrap();
-            // What was flushed is in the store itself.
-            check_scans(&*mem.read().unwrap(), "t", &model, BATCH_PROBES);
+        match g.below(10) {
+            0 | 1 => {
+                batch.flush().unwrap();
+                durable = model.clone();
+                sealed = None;
+            }
+            2 if sealed.is_none() && batch.seal() > 0 => sealed = Some(model.clone()),
+            3 if sealed.is_some() => {
+                batch.commit_sealed().unwrap();
+                durable = sealed.take().expect("sealed");
+            }
+            _ => {}
         }
+        assert_eq!(batch.is_sealed(), sealed.is_some());
+        // The store holds exactly what was committed: sealed or open writes never
+        // show through early.
+        check_scans(&*mem.read().unwrap(), "t", &durable, BATCH_PROBES);
     }
+}
+
+#[test]
+fn a_sealed_batch_commits_on_another_thread_while_the_next_one_fills() {
+    let mem = MemStore::new();
+    let batch = crate::Batch::new(std::sync::Arc::new(mem.clone()));
+    put(&batch, "t", &[(b"a", b"1")]);
+    assert_eq!(batch.seal(), 1);
+    put(&batch, "t", &[(b"a", b"2"), (b"b", b"2")]);
+    std::thread::scope(|scope| {
+        let committer = scope.spawn(|| batch.commit_sealed().unwrap());
+        // Whatever the committer has done so far, reads see both batches.
+        assert_eq!(get(&batch, "t", b"a").as_deref(), Some(&b"2"[..]));
+        assert_eq!(committer.join().expect("committer"), 1);
+    });
+    assert_eq!(
+        get(&mem, "t", b"a").as_deref(),
+        Some(&b"1"[..]),
+        "only the sealed batch is durable"
+    );
+    assert_eq!(get(&mem, "t", b"b"), None);
+    assert_eq!(get(&batch, "t", b"b").as_deref(), Some(&b"2"[..]));
+    assert_eq!(batch.flush().unwrap(), 1);
+    assert_eq!(get(&mem, "t", b"a").as_deref(), Some(&b"2"[..]));
 }
 
 #[test]

@@ -171,20 +171,19 @@ impl Outbox {
 }
 
 impl Outbox {
-    /// Sends what is queued and not yet sent (within the window), and arms the retry
-    /// timer while anything waits. Passivates when nothing does.
+    /// Sends what is queued, durable and not yet sent (within the window), and
+    /// arms the retry timer while anything waits. Passivates when nothing does.
+    ///
+    /// What waits is judged by the node's whole view (the batch in progress
+    /// included: a deletion by an acknowledgement counts at once), but what is
+    /// sent is read from the durable part of the store only, and sent at once: a
+    /// queued message is durable before anyone sees it, so its sequence number is
+    /// never handed out twice, and it need not wait for the commit of the batch
+    /// this turn belongs to. A message queued in the batch still in progress is
+    /// sent by the kick its writer sends once that batch is durable.
     fn pump<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         let me = cx.node();
-        let pending = match cx
-            .store()
-            .read()
-            .map_err(crate::outbox::OutboxError::from)
-            .and_then(|txn| {
-                let after = Seq(self.sent_upto);
-                let window = OUTBOX_WINDOW_MESSAGES;
-                let pending = crate::outbox::unsent(&*txn, self.dest, after, window)?;
-                Ok((pending, crate::outbox::depth(&*txn, self.dest)?))
-            }) {
+        let pending = match self.read_pending(cx) {
             Ok((pending, depth)) => {
                 self.report(depth);
                 if depth == 0 {
@@ -212,7 +211,7 @@ impl Outbox {
         for (seq, bytes) in pending {
             debug_assert!(seq.0 > self.sent_upto, "sent once per (re)send");
             match decode_bounded::<Routed>(&bytes, ENVELOPE_BYTES_MAX) {
-                Ok(Routed { to, msg }) => cx.send(peer, PeerMsg::Deliver { seq, to, msg }),
+                Ok(Routed { to, msg }) => cx.send_durable(peer, PeerMsg::Deliver { seq, to, msg }),
                 // Written by this node's own code, so this is a bug or a corrupt
                 // store; the receiver sees a gap and the rest waits behind it.
                 Err(error) => {
@@ -222,6 +221,24 @@ impl Outbox {
             self.sent_upto = seq.0;
         }
         self.arm(cx);
+    }
+
+    /// What to send next (durable, after what was sent, within the window) and how
+    /// many messages wait in all.
+    fn read_pending<S: System<Msg = Msg>>(
+        &self,
+        cx: &Context<'_, S>,
+    ) -> Result<(crate::outbox::Queued, u64), crate::outbox::OutboxError> {
+        let depth = crate::outbox::depth(&*cx.store().read()?, self.dest)?;
+        let durable = if mutation::active(Mutation::OutboxSendsUncommitted) {
+            // Mutation: what the batch in progress holds, sent at once all the same.
+            cx.store().read()?
+        } else {
+            cx.read_durable()?
+        };
+        let after = Seq(self.sent_upto);
+        let pending = crate::outbox::unsent(&*durable, self.dest, after, OUTBOX_WINDOW_MESSAGES)?;
+        Ok((pending, depth))
     }
 
     /// Drained: cancel the timer and passivate until the next kick (once).

@@ -9,7 +9,11 @@ use std::time::Duration;
 use super::{HostConfig, Runtime};
 use conclave_actors::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, Handler, System};
 use conclave_actors::NodeId;
-use conclave_storage::{LmdbOptions, LmdbStore, MemStore, Store, Table};
+use std::ops::Bound;
+
+use conclave_storage::{
+    Entry, LmdbOptions, LmdbStore, MemStore, Order, ReadTxn, Store, Table, WriteTxn,
+};
 use conclave_transports::mem::MemNetwork;
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +21,7 @@ const PINGER: ActorKind = ActorKind(100);
 const PONGER: ActorKind = ActorKind(101);
 const TIMER: ActorKind = ActorKind(102);
 const COUNTER: ActorKind = ActorKind(103);
+const WITNESS: ActorKind = ActorKind(104);
 
 const COUNTS: Table<u64, u64> = Table::new("test_counts");
 const WAIT: Duration = Duration::from_secs(20);
@@ -48,6 +53,17 @@ enum CounterMsg {
     Stall {
         ms: u64,
     },
+    /// Increment, and tell `witness` the new count.
+    IncrAndTell {
+        witness: ActorRef,
+    },
+}
+
+/// To the witness: counter `key` was told `count`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Told {
+    key: u64,
+    count: u64,
 }
 
 conclave_actors::message_union! {
@@ -57,6 +73,7 @@ conclave_actors::message_union! {
         Ponger(Ping),
         Timer(TimerMsg),
         Counter(CounterMsg),
+        Witness(Told),
     }
 }
 
@@ -64,9 +81,21 @@ impl conclave_actors::wire::WireMessage for Msg {}
 
 #[derive(Debug, PartialEq)]
 enum Event {
-    Done { rounds: u32 },
-    Fired { elapsed: Duration },
-    Count { key: u64, count: u64 },
+    Done {
+        rounds: u32,
+    },
+    Fired {
+        elapsed: Duration,
+    },
+    Count {
+        key: u64,
+        count: u64,
+    },
+    /// The witness was told `told`; the durable store held `stored` then.
+    Witnessed {
+        told: u64,
+        stored: u64,
+    },
     Activated(ActorKind),
 }
 
@@ -88,6 +117,7 @@ impl System for TestSystem {
             PINGER => Some(Box::new(Pinger { rounds: 0, events })),
             PONGER => Some(Box::new(Ponger)),
             TIMER => Some(Box::new(Timer { events })),
+            WITNESS => Some(Box::new(Witness { events })),
             COUNTER => {
                 let ActorKey::Id(key) = addr.key else {
                     return None;
@@ -187,6 +217,14 @@ impl Actor<TestSystem> for Counter {
             }
             CounterMsg::Passivate => cx.stop(),
             CounterMsg::Stall { ms } => std::thread::sleep(Duration::from_millis(ms)),
+            CounterMsg::IncrAndTell { witness } => {
+                self.handle(CounterMsg::Incr, cx);
+                let told = Told {
+                    key: self.key,
+                    count: self.count,
+                };
+                cx.send(witness, told);
+            }
             CounterMsg::PassivateThenIncrAndGet => {
                 cx.stop();
                 let me = *cx.me();
@@ -194,6 +232,23 @@ impl Actor<TestSystem> for Counter {
                 cx.send(me, CounterMsg::Get);
             }
         }
+    }
+}
+
+/// Reports what it is told next to what the durable store holds.
+struct Witness {
+    events: Sender<Event>,
+}
+
+impl Actor<TestSystem> for Witness {
+    type Msg = Told;
+    fn handle(&mut self, Told { key, count }: Told, cx: &mut Context<'_, TestSystem>) {
+        let txn = cx.read_durable().expect("read");
+        let stored = COUNTS.get(&*txn, &key).expect("get").unwrap_or(0);
+        let _ = self.events.send(Event::Witnessed {
+            told: count,
+            stored,
+        });
     }
 }
 
@@ -340,6 +395,81 @@ fn a_timer_fires_no_earlier_than_asked() {
             "fired after {elapsed:?}"
         ),
         other => panic!("expected the timer, got {other:?}"),
+    }
+    runtime.shutdown();
+}
+
+/// A store whose commits take [`SLOW_COMMIT`]: a disk slow enough that many
+/// messages are handled (into the next batch) while one commit is under way.
+struct SlowDisk(MemStore);
+
+/// How long a commit of [`SlowDisk`] takes.
+const SLOW_COMMIT: Duration = Duration::from_millis(5);
+
+struct SlowTxn<'a>(Box<dyn WriteTxn + 'a>);
+
+impl Store for SlowDisk {
+    fn read(&self) -> conclave_storage::Result<Box<dyn ReadTxn + '_>> {
+        self.0.read()
+    }
+
+    fn write(&self) -> conclave_storage::Result<Box<dyn WriteTxn + '_>> {
+        Ok(Box::new(SlowTxn(self.0.write()?)))
+    }
+}
+
+impl ReadTxn for SlowTxn<'_> {
+    fn get(&self, table: &str, key: &[u8]) -> conclave_storage::Result<Option<Vec<u8>>> {
+        self.0.get(table, key)
+    }
+
+    fn scan(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        order: Order,
+        limit: usize,
+    ) -> conclave_storage::Result<Vec<Entry>> {
+        self.0.scan(table, lower, upper, order, limit)
+    }
+}
+
+impl WriteTxn for SlowTxn<'_> {
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> conclave_storage::Result<()> {
+        self.0.put(table, key, value)
+    }
+
+    fn delete(&mut self, table: &str, key: &[u8]) -> conclave_storage::Result<bool> {
+        self.0.delete(table, key)
+    }
+
+    fn commit(self: Box<Self>) -> conclave_storage::Result<()> {
+        std::thread::sleep(SLOW_COMMIT);
+        self.0.commit()
+    }
+}
+
+#[test]
+fn a_send_leaves_only_once_the_batch_that_wrote_its_state_is_durable() {
+    let node = NodeId([1; 32]);
+    let disk = Arc::new(SlowDisk(MemStore::new()));
+    let (runtime, rx) = start(node, disk, &MemNetwork::<Msg>::new());
+    let counter = ActorRef::new(node, COUNTER, ActorKey::Id(3));
+    let witness = ActorRef::new(node, WITNESS, ActorKey::Unit);
+    const MESSAGES: u64 = 400;
+    for _ in 0..MESSAGES {
+        let msg = CounterMsg::IncrAndTell { witness };
+        runtime.tell(counter, msg).expect("accepted");
+    }
+    for expected in 1..=MESSAGES {
+        match next(&rx) {
+            Event::Witnessed { told, stored } => {
+                assert_eq!(told, expected, "in order");
+                assert!(stored >= told, "told {told} while the store held {stored}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
     runtime.shutdown();
 }

@@ -256,29 +256,49 @@ struct Reader {
 }
 
 impl Reader {
-    /// Reads until the stream ends. Errors are read past, not ended on: an R3
-    /// consumer reports missed heartbeats or no responders while its leader moves,
-    /// and then goes on delivering.
-    async fn run(self, mut messages: async_nats::jetstream::consumer::pull::Stream) {
-        while let Some(item) = messages.next().await {
-            let message = match item {
-                Ok(m) => m,
+    /// Reads until the stream ends (or the row aborts it). Errors are read past,
+    /// not ended on: an R3 consumer reports missed heartbeats or no responders while
+    /// its leader moves, and then goes on delivering. After "no responders" (a pull
+    /// request that reached no consumer leader, typically right after the stream
+    /// was created) async-nats's stream sends no further pull request, so the
+    /// reader opens a new one.
+    async fn run(self, consumer: async_nats::jetstream::consumer::PullConsumer) {
+        use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+        loop {
+            let mut messages = match consumer.messages().await {
+                Ok(messages) => messages,
                 Err(e) => {
                     self.error(&e);
                     tokio::time::sleep(Duration::from_millis(READER_ERROR_PAUSE_MS)).await;
                     continue;
                 }
             };
-            match &self.e2e {
-                Some(e2e) => {
-                    if let Ok(body) = e2e.open(&message.payload) {
-                        self.rec.delivered(&body);
+            while let Some(item) = messages.next().await {
+                match item {
+                    Ok(message) => self.take(message).await,
+                    Err(e) => {
+                        self.error(&e);
+                        tokio::time::sleep(Duration::from_millis(READER_ERROR_PAUSE_MS)).await;
+                        if e.kind() == MessagesErrorKind::NoResponders {
+                            break;
+                        }
                     }
                 }
-                None => self.rec.delivered(&message.payload),
             }
-            let _ = message.ack().await;
         }
+    }
+
+    /// Opens (with `e2e`) and records one message, then acknowledges it.
+    async fn take(&self, message: async_nats::jetstream::Message) {
+        match &self.e2e {
+            Some(e2e) => {
+                if let Ok(body) = e2e.open(&message.payload) {
+                    self.rec.delivered(&body);
+                }
+            }
+            None => self.rec.delivered(&message.payload),
+        }
+        let _ = message.ack().await;
     }
 
     fn error(&self, e: &dyn std::fmt::Display) {
@@ -328,11 +348,7 @@ async fn start_reader(
         })
         .await
         .map_err(|e| anyhow!("creating consumer m{m}: {e}"))?;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| anyhow!("consuming m{m}: {e}"))?;
-    Ok(tokio::spawn(reader.run(messages)))
+    Ok(tokio::spawn(reader.run(consumer)))
 }
 
 /// JetStream with `nodes` servers and R`nodes`, `members` durable consumers (one per

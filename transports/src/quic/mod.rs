@@ -56,8 +56,22 @@ mod code {
     pub const SHUTDOWN: u32 = 0x31;
 }
 
-/// TLS alerts (RFC 8446 §6) that mean the peer's identity was refused.
-const CERTIFICATE_ALERTS: [u8; 9] = [40, 42, 43, 44, 45, 46, 48, 51, 110];
+/// TLS alerts (RFC 8446 §6) that mean the peer's identity was refused, including
+/// `certificate_required` (116), sent to a client that offered no certificate.
+const CERTIFICATE_ALERTS: [u8; 10] = [40, 42, 43, 44, 45, 46, 48, 51, 110, 116];
+
+/// QUIC version 1 (RFC 9000), the only version spoken: quinn also offers drafts
+/// 29–34 unless told otherwise.
+const QUIC_V1: u32 = 1;
+
+/// An endpoint on `addr` that speaks QUIC version 1 only (a client offering a draft
+/// gets a version negotiation listing only it), serving `server` if given.
+fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let mut endpoint = quinn::EndpointConfig::default();
+    endpoint.supported_versions(vec![QUIC_V1]);
+    let socket = std::net::UdpSocket::bind(addr)?;
+    quinn::Endpoint::new(endpoint, server, socket, Arc::new(quinn::TokioRuntime))
+}
 /// TLS alerts that mean the peers speak different protocol versions.
 const VERSION_ALERTS: [u8; 2] = [70, 120];
 
@@ -275,7 +289,7 @@ pub async fn connect_client(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = quinn::Endpoint::client(local).map_err(ConnectError::Bind)?;
+    let endpoint = bind(local, None).map_err(ConnectError::Bind)?;
     let conn = endpoint
         .connect_with(client, addr, "conclave")
         .map_err(|e| ConnectError::Connection(e.to_string()))?
@@ -406,11 +420,10 @@ impl<M: WireMessage> QuicTransport<M> {
     pub fn start(config: QuicConfig) -> Result<(Self, QuicChannels<M>), StartError> {
         check_config(&config)?;
         let (server, client, client_alpn) = endpoint_configs(&config)?;
-        let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let endpoint = bind(config.listen, Some(server)).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_depth_max);
         let (events_tx, events_rx) = mpsc::channel(EVENTS_DEPTH_MAX);
         let (clients_tx, clients_rx) = mpsc::channel(CLIENTS_DEPTH_MAX);

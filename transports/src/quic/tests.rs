@@ -565,6 +565,52 @@ async fn a_peer_that_stops_reading_causes_backpressure_not_growth() {
     assert_eq!(refused, SendError::Backpressure(to));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_offering_a_quic_draft_is_refused_by_version_negotiation() {
+    let ib = identity(2);
+    let ab = free_addr();
+    let _b = start(config(&ib, ab, &[]));
+    let (endpoint, mut client) = raw_client(&identity(1), None);
+    client.version(0xff00_001d); // draft 29
+    let connecting = endpoint
+        .connect_with(client, ab, "conclave")
+        .expect("connect");
+    let error = tokio::time::timeout(WAIT, connecting)
+        .await
+        .expect("answered in time")
+        .expect_err("refused");
+    assert!(matches!(error, ConnectionError::VersionMismatch), "{error}");
+}
+
+fn tls_alert_close(alert: u8) -> ConnectionError {
+    ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+        error_code: quinn::TransportErrorCode::crypto(alert),
+        frame_type: None,
+        reason: Default::default(),
+    })
+}
+
+#[test]
+fn certificate_alerts_read_as_bad_certificates_and_others_do_not() {
+    // bad_certificate .. certificate_unknown, unknown_ca, decrypt_error,
+    // certificate_required (a client that offered no certificate).
+    for alert in [42, 43, 44, 45, 46, 48, 51, 116] {
+        assert_eq!(
+            auth_failure_of(&tls_alert_close(alert)),
+            Some((AuthFailure::BadCertificate, Side::Remote)),
+            "alert {alert}"
+        );
+    }
+    // internal_error, decode_error: not about who the peer is.
+    for alert in [80, 50] {
+        assert_eq!(
+            auth_failure_of(&tls_alert_close(alert)),
+            None,
+            "alert {alert}"
+        );
+    }
+}
+
 fn application_close(code: u32) -> ConnectionError {
     ConnectionError::ApplicationClosed(quinn::ApplicationClose {
         error_code: VarInt::from_u32(code),

@@ -372,7 +372,15 @@ impl<S: System> Shared<S> {
         drop(held);
         let shared = Arc::clone(self);
         let commit = tokio::task::spawn_blocking(move || {
-            let result = shared.batch.commit_sealed();
+            // A panic in the store must still end the commit, or the arbiter would
+            // wait for it for ever.
+            let commit = std::panic::AssertUnwindSafe(|| shared.batch.commit_sealed());
+            let result = std::panic::catch_unwind(commit).unwrap_or_else(|_| {
+                Err(conclave_storage::StoreError::Io {
+                    op: "commit",
+                    source: std::io::Error::other("the commit panicked"),
+                })
+            });
             *done.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
             done.ready.notify_all();
         });
@@ -407,9 +415,10 @@ impl<S: System> Shared<S> {
     }
 
     /// If the commit under way is done, releases what its batch sent (or, if it
-    /// failed, drops that and the open batch's sends: their writes are lost as in
-    /// a crash, peers resend what is not acknowledged, callers see no reply).
-    /// Returns whether it finished one.
+    /// failed, drops the batch and the open one built on it, with what both sent:
+    /// their writes are lost as in a crash, peers resend what is not acknowledged,
+    /// callers see no reply). Runs on the arbiter thread, between turns, so no
+    /// transaction of the open batch is under way. Returns whether it finished one.
     fn finish_commit(self: &Arc<Self>) -> bool {
         let (in_flight, result) = {
             let mut held = self.held();
@@ -427,6 +436,7 @@ impl<S: System> Shared<S> {
             };
             if result.is_err() {
                 let lost = std::mem::take(&mut held.sends);
+                self.batch.discard();
                 tracing::error!(
                     dropped = lost.len(),
                     "the open batch was built on a batch that failed to commit: lost too"

@@ -135,10 +135,13 @@ impl Batch {
 
     /// Writes the sealed batch to the store in one transaction and commits it (one
     /// fsync); safe to call on another thread while the open batch fills. Returns
-    /// how many transactions it made durable (0 when nothing was sealed). On error
-    /// nothing of it reached the store, and it is dropped together with the open
-    /// batch, which was built on it: their writes are lost as a crash would lose
-    /// them (the caller drops what they owed).
+    /// how many transactions it made durable (0 when nothing was sealed).
+    ///
+    /// On error nothing of it reached the store and it stays sealed (reads still
+    /// see it): the caller then drops it together with the open batch built on it,
+    /// and what they owed, with [`Batch::discard`] on the thread that runs the
+    /// transactions — never from here, where a transaction of the open batch may
+    /// be under way.
     pub fn commit_sealed(&self) -> Result<usize> {
         let _committer = self
             .committer
@@ -147,15 +150,9 @@ impl Batch {
         let Some((writes, txns)) = self.state().sealed.clone() else {
             return Ok(0);
         };
-        let result = self.write_through(&writes);
-        let mut st = self.state();
-        st.sealed = None;
-        if result.is_err() {
-            st.pending = Pending::default();
-            st.txns = 0;
-            st.bytes = 0;
-        }
-        result.map(|()| txns)
+        self.write_through(&writes)?;
+        self.state().sealed = None;
+        Ok(txns)
     }
 
     /// Commits what is sealed, then seals the open batch and commits it too (see
@@ -182,8 +179,9 @@ impl Batch {
         txn.commit()
     }
 
-    /// Forgets every write not committed, sealed or open (for a simulated crash:
-    /// the process is gone).
+    /// Forgets every write not committed, sealed or open: after a simulated crash
+    /// (the process is gone), or after a failed commit, from the thread that runs
+    /// the batch's transactions (none is open then).
     pub fn discard(&self) {
         *self.state() = State::default();
     }

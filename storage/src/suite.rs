@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Entry, LmdbOptions, LmdbStore, MemStore, Order, Store, StoreError, SyncPolicy, Table,
-    KEY_BYTES_MAX, TABLE_NAME_BYTES_MAX, VALUE_BYTES_MAX,
+    Entry, LmdbOptions, LmdbStore, MemStore, Order, ReadTxn, Result, Store, StoreError, SyncPolicy,
+    Table, WriteTxn, KEY_BYTES_MAX, TABLE_NAME_BYTES_MAX, VALUE_BYTES_MAX,
 };
 
 /// A store under test, and a way to restart it.
@@ -1148,4 +1148,98 @@ fn nothing_of_a_batch_is_durable_before_its_flush() {
     batch.discard();
     assert_eq!(get(&batch, "t", b"c"), None);
     assert_eq!(batch.flush().unwrap(), 0);
+}
+
+/// A store whose next commit fails once, when armed.
+struct FailNextCommit {
+    inner: MemStore,
+    armed: AtomicBool,
+}
+
+struct FailingTxn<'a> {
+    inner: Box<dyn WriteTxn + 'a>,
+    fail: bool,
+}
+
+impl Store for FailNextCommit {
+    fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
+        self.inner.read()
+    }
+
+    fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
+        let fail = self.armed.swap(false, SeqCst);
+        Ok(Box::new(FailingTxn {
+            inner: self.inner.write()?,
+            fail,
+        }))
+    }
+}
+
+impl ReadTxn for FailingTxn<'_> {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(table, key)
+    }
+
+    fn scan(
+        &self,
+        table: &str,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        order: Order,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        self.inner.scan(table, lower, upper, order, limit)
+    }
+}
+
+impl WriteTxn for FailingTxn<'_> {
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        self.inner.put(table, key, value)
+    }
+
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<bool> {
+        self.inner.delete(table, key)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        if self.fail {
+            return Err(StoreError::Io {
+                op: "commit",
+                source: std::io::Error::other("injected"),
+            });
+        }
+        self.inner.commit()
+    }
+}
+
+#[test]
+fn a_failed_commit_keeps_its_batch_until_the_caller_discards_it_with_the_next() {
+    let mem = MemStore::new();
+    let disk = std::sync::Arc::new(FailNextCommit {
+        inner: mem.clone(),
+        armed: AtomicBool::new(true),
+    });
+    let batch = crate::Batch::new(disk);
+    put(&batch, "t", &[(b"a", b"1")]);
+    batch.seal();
+    // A transaction of the open batch, under way while the commit fails, reads
+    // the sealed batch and writes what follows from it.
+    let mut txn = batch.write().unwrap();
+    assert_eq!(txn.get("t", b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    std::thread::scope(|scope| {
+        let failed = scope.spawn(|| batch.commit_sealed()).join().expect("joins");
+        assert!(failed.is_err());
+    });
+    txn.put("t", b"b", b"after a").unwrap();
+    txn.commit().unwrap();
+    // Nothing was cleared behind that transaction's back: both batches are still
+    // there, consistent with each other, and nothing reached the store.
+    assert!(batch.is_sealed());
+    assert_eq!(get(&batch, "t", b"a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(get(&mem, "t", b"a"), None);
+    // The caller drops them together; nothing built on the lost batch survives.
+    batch.discard();
+    assert_eq!(batch.flush().unwrap(), 0);
+    assert_eq!(get(&mem, "t", b"b"), None);
+    assert_eq!(get(&batch, "t", b"b"), None);
 }

@@ -151,6 +151,14 @@ impl Outbox {
             self.passivate(cx);
         } else {
             self.pump(cx);
+            if removed > 0 {
+                // The pump sizes the window from the durable store, where this
+                // acknowledgement is not yet: once it is, pump again (the kick is
+                // held until then), so the window reopens without waiting for the
+                // retry timer.
+                let me = *cx.me();
+                cx.send(me, OutboxMsg::Kick);
+            }
         }
     }
 

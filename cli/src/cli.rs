@@ -87,6 +87,8 @@ enum Command {
     /// Example: conclave send --node 127.0.0.1:7401 --as ./alice.id --room ROOM hello
     Send(SendArgs),
     /// Print a room's messages, decrypted: history, then live until interrupted.
+    /// One line per message, control characters escaped; a message that does not
+    /// verify or decrypt is reported on stderr and skipped.
     ///
     /// Example: conclave tail --node 127.0.0.1:7401 --as ./alice.id --room ROOM
     Tail(TailArgs),
@@ -681,19 +683,145 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
             .context("--from is start, live or a number")?)),
     };
     let mut sub = user.subscribe(args.room, from).await?;
-    let mut seen = 0;
-    while let Some(message) = sub.next().await {
-        let message = message?;
-        println!(
-            "#{} {} {}",
-            message.seq.0,
-            message.sender,
-            String::from_utf8_lossy(&message.body)
-        );
-        seen += 1;
-        if args.count.is_some_and(|n| seen >= n) {
-            break;
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    print_messages(&mut sub, args.count, &mut out, &mut err).await
+}
+
+/// What `conclave tail` prints from: a subscription (in tests, a list).
+trait Messages {
+    async fn next(&mut self) -> Option<Result<conclave::Message, conclave::ApiError>>;
+}
+
+impl Messages for conclave::Subscription<RemoteNode> {
+    async fn next(&mut self) -> Option<Result<conclave::Message, conclave::ApiError>> {
+        conclave::Subscription::next(self).await
+    }
+}
+
+/// Prints `messages`, one line each (`#seq sender body`), until `count` were
+/// printed or they end. A frame that does not verify, decrypt or have a key is
+/// reported on `err` and skipped: one member's bad frame must not stop everyone's
+/// tail. Anything else (the connection broke, the node refused) ends it.
+async fn print_messages(
+    messages: &mut impl Messages,
+    count: Option<usize>,
+    out: &mut impl std::io::Write,
+    err: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    use conclave::ApiError;
+    let mut printed = 0;
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(m) => {
+                writeln!(out, "#{} {} {}", m.seq.0, m.sender, printable(&m.body))?;
+                printed += 1;
+                if count.is_some_and(|n| printed >= n) {
+                    break;
+                }
+            }
+            Err(e @ (ApiError::Crypto(_) | ApiError::NoKey(_) | ApiError::Untrusted { .. })) => {
+                writeln!(err, "skipped a message: {e}")?;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// `body` as one line of text: bytes that are not UTF-8 replaced, control
+/// characters (newlines, a terminal's escape sequences) escaped, so a message
+/// prints as what it is and cannot drive the terminal.
+fn printable(body: &[u8]) -> String {
+    let mut line = String::with_capacity(body.len());
+    for c in String::from_utf8_lossy(body).chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use conclave::{ApiError, Epoch, Message, MessageId, UserId};
+
+    use super::*;
+
+    struct Listed(VecDeque<Result<Message, ApiError>>);
+
+    impl Messages for Listed {
+        async fn next(&mut self) -> Option<Result<Message, ApiError>> {
+            self.0.pop_front()
+        }
+    }
+
+    fn message(seq: u64, body: &[u8]) -> Result<Message, ApiError> {
+        Ok(Message {
+            seq: Seq(seq),
+            id: MessageId(u128::from(seq)),
+            sender: UserId([7; 32]),
+            epoch: Epoch(1),
+            body: body.to_vec(),
+        })
+    }
+
+    async fn tail_of(
+        items: Vec<Result<Message, ApiError>>,
+        count: Option<usize>,
+    ) -> (anyhow::Result<()>, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let result = print_messages(&mut Listed(items.into()), count, &mut out, &mut err).await;
+        let text = |b: Vec<u8>| String::from_utf8(b).expect("utf-8");
+        (result, text(out), text(err))
+    }
+
+    #[tokio::test]
+    async fn a_message_that_does_not_open_is_skipped_and_the_tail_goes_on() {
+        let items = vec![
+            message(1, b"one"),
+            Err(ApiError::Crypto("does not decrypt".into())),
+            Err(ApiError::Untrusted {
+                reason: "key_mismatch",
+                detail: "not the pinned key".into(),
+            }),
+            message(4, b"four"),
+        ];
+        let (result, out, err) = tail_of(items, None).await;
+        assert!(result.is_ok());
+        let sender = UserId([7; 32]);
+        assert_eq!(out, format!("#1 {sender} one\n#4 {sender} four\n"));
+        assert_eq!(err.lines().count(), 2, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_ends_the_tail_and_count_counts_printed_messages() {
+        let items = vec![
+            Err(ApiError::NoKey(RoomId([1; 16]))),
+            message(2, b"two"),
+            Err(ApiError::Connection("reset".into())),
+            message(3, b"never"),
+        ];
+        let (result, out, _) = tail_of(items, None).await;
+        assert!(result.is_err());
+        assert!(!out.contains("never"));
+        let items = vec![
+            Err(ApiError::NoKey(RoomId([1; 16]))),
+            message(2, b"a"),
+            message(3, b"b"),
+        ];
+        let (_, out, _) = tail_of(items, Some(1)).await;
+        assert_eq!(out.lines().count(), 1, "{out}");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_bad_utf8_replaced() {
+        assert_eq!(printable(b"plain text"), "plain text");
+        assert_eq!(printable(b"two\nlines"), "two\\nlines");
+        assert_eq!(printable(b"\x1b[2Jcleared"), "\\u{1b}[2Jcleared");
+        assert_eq!(printable(b"caf\xc3\xa9 \xff"), "caf\u{e9} \u{fffd}");
+    }
 }

@@ -131,22 +131,25 @@ pub type Queued = Vec<(Seq, Vec<u8>)>;
 /// The first `limit` unacknowledged messages to `dest`, in sequence order: what to
 /// (re)send.
 pub fn unacked(txn: &dyn ReadTxn, dest: NodeId, limit: usize) -> Result<Queued, OutboxError> {
-    unsent(txn, dest, Seq(0), limit)
+    unsent(txn, dest, Seq(0), Seq(0), limit)
 }
 
-/// Of the first `window` unacknowledged messages to `dest`, those after `after`, in
+/// Of the first `window` messages to `dest` after `acked`, those after `after`, in
 /// sequence order: what an outbox that has sent up to `after` sends next, without
-/// reading again what it sent already.
+/// reading again what it sent already. `acked` may be ahead of what `txn` holds (an
+/// acknowledgement not yet durable still opens the window); it never goes below it.
 pub fn unsent(
     txn: &dyn ReadTxn,
     dest: NodeId,
+    acked: Seq,
     after: Seq,
     window: usize,
 ) -> Result<Queued, OutboxError> {
     let head = read_head(txn, dest)?;
+    let acked = head.acked.max(acked.0);
     let window = u64::try_from(window).unwrap_or(u64::MAX);
-    let first = head.acked.max(after.0).saturating_add(1);
-    let last = head.sent.min(head.acked.saturating_add(window));
+    let first = acked.max(after.0).saturating_add(1);
+    let last = head.sent.min(acked.saturating_add(window));
     if first > last {
         return Ok(Vec::new());
     }
@@ -177,6 +180,13 @@ pub fn unsent(
         .into_iter()
         .map(|((_, seq), Payload(bytes))| (Seq(seq), bytes))
         .collect())
+}
+
+/// Acknowledged through where, and how many messages to `dest` wait for
+/// acknowledgement.
+pub fn progress(txn: &dyn ReadTxn, dest: NodeId) -> Result<(Seq, u64), OutboxError> {
+    let head = read_head(txn, dest)?;
+    Ok((Seq(head.acked), head.sent - head.acked))
 }
 
 /// How many messages to `dest` wait for acknowledgement.

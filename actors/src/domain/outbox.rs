@@ -151,14 +151,6 @@ impl Outbox {
             self.passivate(cx);
         } else {
             self.pump(cx);
-            if removed > 0 {
-                // The pump sizes the window from the durable store, where this
-                // acknowledgement is not yet: once it is, pump again (the kick is
-                // held until then), so the window reopens without waiting for the
-                // retry timer.
-                let me = *cx.me();
-                cx.send(me, OutboxMsg::Kick);
-            }
         }
     }
 
@@ -182,8 +174,9 @@ impl Outbox {
     /// Sends what is queued, durable and not yet sent (within the window), and
     /// arms the retry timer while anything waits. Passivates when nothing does.
     ///
-    /// What waits is judged by the node's whole view (the batch in progress
-    /// included: a deletion by an acknowledgement counts at once), but what is
+    /// What waits and where the window starts are judged by the node's whole view
+    /// (the batch in progress included: an acknowledgement counts at once, so the
+    /// window slides when it arrives, not when it is durable), but what is
     /// sent is read from the durable part of the store only, and sent at once: a
     /// queued message is durable before anyone sees it, so its sequence number is
     /// never handed out twice, and it need not wait for the commit of the batch
@@ -237,7 +230,7 @@ impl Outbox {
         &self,
         cx: &Context<'_, S>,
     ) -> Result<(crate::outbox::Queued, u64), crate::outbox::OutboxError> {
-        let depth = crate::outbox::depth(&*cx.store().read()?, self.dest)?;
+        let (acked, depth) = crate::outbox::progress(&*cx.store().read()?, self.dest)?;
         let durable = if mutation::active(Mutation::OutboxSendsUncommitted) {
             // Mutation: what the batch in progress holds, sent at once all the same.
             cx.store().read()?
@@ -245,7 +238,8 @@ impl Outbox {
             cx.read_durable()?
         };
         let after = Seq(self.sent_upto);
-        let pending = crate::outbox::unsent(&*durable, self.dest, after, OUTBOX_WINDOW_MESSAGES)?;
+        let window = OUTBOX_WINDOW_MESSAGES;
+        let pending = crate::outbox::unsent(&*durable, self.dest, acked, after, window)?;
         Ok((pending, depth))
     }
 
@@ -325,6 +319,72 @@ mod tests {
             Context::<Domain>::new(me, from, Time::default(), &mut rng, store, &mut effects);
         outbox.handle(msg, &mut cx);
         effects
+    }
+
+    /// Sends of `effects` that deliver, by sequence number.
+    fn delivered(effects: &[Effect<Msg>]) -> Vec<u64> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send {
+                    msg: Msg::Peer(PeerMsg::Deliver { seq, .. }),
+                    durable: true,
+                    ..
+                } => Some(seq.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Handles `msg` with the store seen through `batch`, whose durable part is
+    /// `disk`.
+    fn handle_batched(
+        outbox: &mut Outbox,
+        batch: &conclave_storage::Batch,
+        disk: &MemStore,
+        from: Option<ActorRef>,
+        msg: OutboxMsg,
+    ) -> Vec<Effect<Msg>> {
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let mut effects = Vec::new();
+        let me = outbox_of(HERE, THERE);
+        let mut cx =
+            Context::<Domain>::new(me, from, Time::default(), &mut rng, batch, &mut effects)
+                .with_durable(disk);
+        outbox.handle(msg, &mut cx);
+        effects
+    }
+
+    #[test]
+    fn an_acknowledgement_slides_the_window_before_it_is_durable() {
+        let disk = std::sync::Arc::new(MemStore::new());
+        for _ in 0..OUTBOX_WINDOW_MESSAGES + 3 {
+            enqueue(&disk);
+        }
+        let batch = conclave_storage::Batch::new(disk.clone());
+        let mut outbox = {
+            let (mut rng, mut effects) = (ChaCha20Rng::seed_from_u64(9), Vec::new());
+            let me = outbox_of(HERE, THERE);
+            let mut cx =
+                Context::<Domain>::new(me, None, Time::default(), &mut rng, &batch, &mut effects);
+            Outbox::activate(THERE, DomainConfig::default(), &mut cx)
+        };
+        let sent = delivered(&handle_batched(
+            &mut outbox,
+            &batch,
+            &disk,
+            None,
+            OutboxMsg::Kick,
+        ));
+        assert_eq!(sent.len(), OUTBOX_WINDOW_MESSAGES, "a full window");
+        // Three acknowledged: the acknowledgement is in the batch, not on disk yet,
+        // and the next three go at once (they are durable), not at the retry.
+        let ack = OutboxMsg::Ack { upto: Seq(3) };
+        let peer = Some(peer_of(THERE, HERE));
+        let sent = delivered(&handle_batched(&mut outbox, &batch, &disk, peer, ack));
+        let next = OUTBOX_WINDOW_MESSAGES as u64;
+        assert_eq!(sent, [next + 1, next + 2, next + 3]);
+        assert_eq!(batch.txns(), 1, "the acknowledgement is not durable yet");
     }
 
     #[test]

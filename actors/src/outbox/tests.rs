@@ -292,7 +292,7 @@ fn unsent_reads_only_past_what_was_sent_and_within_the_window() {
     });
     let seqs = |after: u64, window: usize| -> Vec<u64> {
         let read = store.read().expect("read");
-        unsent(&*read, B, Seq(after), window)
+        unsent(&*read, B, Seq(0), Seq(after), window)
             .expect("unsent")
             .into_iter()
             .map(|(s, _)| s.0)
@@ -313,4 +313,13 @@ fn unsent_reads_only_past_what_was_sent_and_within_the_window() {
         [4, 5],
         "a stale mark reads from the first unacknowledged"
     );
+    // An acknowledgement the caller knows of and this store does not yet (it is
+    // not durable) opens the window all the same.
+    let read = store.read().expect("read");
+    let ahead: Vec<u64> = unsent(&*read, B, Seq(5), Seq(4), 1)
+        .expect("unsent")
+        .into_iter()
+        .map(|(s, _)| s.0)
+        .collect();
+    assert_eq!(ahead, [6]);
 }

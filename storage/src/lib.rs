@@ -21,6 +21,7 @@
 mod batch;
 mod check;
 mod error;
+mod faulty;
 mod lmdb;
 mod mem;
 mod merge;
@@ -30,6 +31,7 @@ mod table;
 
 pub use batch::Batch;
 pub use error::StoreError;
+pub use faulty::Faulty;
 pub use lmdb::{LmdbOptions, LmdbReadTxn, LmdbStore};
 pub use mem::{MemStore, SyncPolicy};
 pub use table::{FixedKey, Key, Table};

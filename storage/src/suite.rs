@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Entry, LmdbOptions, LmdbStore, MemStore, Order, ReadTxn, Result, Store, StoreError, SyncPolicy,
-    Table, WriteTxn, KEY_BYTES_MAX, TABLE_NAME_BYTES_MAX, VALUE_BYTES_MAX,
+    Entry, LmdbOptions, LmdbStore, MemStore, Order, Store, StoreError, SyncPolicy, Table,
+    KEY_BYTES_MAX, TABLE_NAME_BYTES_MAX, VALUE_BYTES_MAX,
 };
 
 /// A store under test, and a way to restart it.
@@ -1150,75 +1150,11 @@ fn nothing_of_a_batch_is_durable_before_its_flush() {
     assert_eq!(batch.flush().unwrap(), 0);
 }
 
-/// A store whose next commit fails once, when armed.
-struct FailNextCommit {
-    inner: MemStore,
-    armed: AtomicBool,
-}
-
-struct FailingTxn<'a> {
-    inner: Box<dyn WriteTxn + 'a>,
-    fail: bool,
-}
-
-impl Store for FailNextCommit {
-    fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
-        self.inner.read()
-    }
-
-    fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
-        let fail = self.armed.swap(false, SeqCst);
-        Ok(Box::new(FailingTxn {
-            inner: self.inner.write()?,
-            fail,
-        }))
-    }
-}
-
-impl ReadTxn for FailingTxn<'_> {
-    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.inner.get(table, key)
-    }
-
-    fn scan(
-        &self,
-        table: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        order: Order,
-        limit: usize,
-    ) -> Result<Vec<Entry>> {
-        self.inner.scan(table, lower, upper, order, limit)
-    }
-}
-
-impl WriteTxn for FailingTxn<'_> {
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()> {
-        self.inner.put(table, key, value)
-    }
-
-    fn delete(&mut self, table: &str, key: &[u8]) -> Result<bool> {
-        self.inner.delete(table, key)
-    }
-
-    fn commit(self: Box<Self>) -> Result<()> {
-        if self.fail {
-            return Err(StoreError::Io {
-                op: "commit",
-                source: std::io::Error::other("injected"),
-            });
-        }
-        self.inner.commit()
-    }
-}
-
 #[test]
 fn a_failed_commit_keeps_its_batch_until_the_caller_discards_it_with_the_next() {
     let mem = MemStore::new();
-    let disk = std::sync::Arc::new(FailNextCommit {
-        inner: mem.clone(),
-        armed: AtomicBool::new(true),
-    });
+    let disk = std::sync::Arc::new(crate::Faulty::new(mem.clone()));
+    disk.fail_next_commit();
     let batch = crate::Batch::new(disk);
     put(&batch, "t", &[(b"a", b"1")]);
     batch.seal();

@@ -9,11 +9,7 @@ use std::time::Duration;
 use super::{HostConfig, Runtime};
 use conclave_actors::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, Handler, System};
 use conclave_actors::NodeId;
-use std::ops::Bound;
-
-use conclave_storage::{
-    Entry, LmdbOptions, LmdbStore, MemStore, Order, ReadTxn, Store, Table, WriteTxn,
-};
+use conclave_storage::{Faulty, LmdbOptions, LmdbStore, MemStore, Store, Table};
 use conclave_transports::mem::MemNetwork;
 use serde::{Deserialize, Serialize};
 
@@ -399,61 +395,14 @@ fn a_timer_fires_no_earlier_than_asked() {
     runtime.shutdown();
 }
 
-/// A store whose commits take [`SLOW_COMMIT`]: a disk slow enough that many
-/// messages are handled (into the next batch) while one commit is under way.
-struct SlowDisk(MemStore);
-
-/// How long a commit of [`SlowDisk`] takes.
+/// How long a commit of the slow disk below takes: long enough that many messages
+/// are handled (into the next batch) while one commit is under way.
 const SLOW_COMMIT: Duration = Duration::from_millis(5);
-
-struct SlowTxn<'a>(Box<dyn WriteTxn + 'a>);
-
-impl Store for SlowDisk {
-    fn read(&self) -> conclave_storage::Result<Box<dyn ReadTxn + '_>> {
-        self.0.read()
-    }
-
-    fn write(&self) -> conclave_storage::Result<Box<dyn WriteTxn + '_>> {
-        Ok(Box::new(SlowTxn(self.0.write()?)))
-    }
-}
-
-impl ReadTxn for SlowTxn<'_> {
-    fn get(&self, table: &str, key: &[u8]) -> conclave_storage::Result<Option<Vec<u8>>> {
-        self.0.get(table, key)
-    }
-
-    fn scan(
-        &self,
-        table: &str,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        order: Order,
-        limit: usize,
-    ) -> conclave_storage::Result<Vec<Entry>> {
-        self.0.scan(table, lower, upper, order, limit)
-    }
-}
-
-impl WriteTxn for SlowTxn<'_> {
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> conclave_storage::Result<()> {
-        self.0.put(table, key, value)
-    }
-
-    fn delete(&mut self, table: &str, key: &[u8]) -> conclave_storage::Result<bool> {
-        self.0.delete(table, key)
-    }
-
-    fn commit(self: Box<Self>) -> conclave_storage::Result<()> {
-        std::thread::sleep(SLOW_COMMIT);
-        self.0.commit()
-    }
-}
 
 #[test]
 fn a_send_leaves_only_once_the_batch_that_wrote_its_state_is_durable() {
     let node = NodeId([1; 32]);
-    let disk = Arc::new(SlowDisk(MemStore::new()));
+    let disk = Arc::new(Faulty::new(MemStore::new()).with_commit_delay(SLOW_COMMIT));
     let (runtime, rx) = start(node, disk, &MemNetwork::<Msg>::new());
     let counter = ActorRef::new(node, COUNTER, ActorKey::Id(3));
     let witness = ActorRef::new(node, WITNESS, ActorKey::Unit);

@@ -604,9 +604,7 @@ impl Event {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use conclave_storage::{MemStore, ReadTxn, Store, WriteTxn};
+    use conclave_storage::{Faulty, MemStore};
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
 
@@ -617,32 +615,9 @@ mod tests {
     const HOME: NodeId = NodeId([1; 32]);
     const HERE: NodeId = NodeId([2; 32]);
 
-    /// A store whose next write fails once, when armed.
-    #[derive(Default)]
-    struct Flaky {
-        inner: MemStore,
-        fail_next_write: AtomicBool,
-    }
-
-    impl Store for Flaky {
-        fn read(&self) -> conclave_storage::Result<Box<dyn ReadTxn + '_>> {
-            self.inner.read()
-        }
-
-        fn write(&self) -> conclave_storage::Result<Box<dyn WriteTxn + '_>> {
-            if self.fail_next_write.swap(false, Ordering::SeqCst) {
-                return Err(StoreError::Io {
-                    op: "test",
-                    source: std::io::Error::other("injected"),
-                });
-            }
-            self.inner.write()
-        }
-    }
-
     /// Hands `run` to a room on `HERE` as the peer for `HOME` does; returns its
     /// answers, in order.
-    fn answers(store: &Flaky, run: Vec<RoomMsg>) -> Vec<bool> {
+    fn answers(store: &Faulty<MemStore>, run: Vec<RoomMsg>) -> Vec<bool> {
         let id = RoomId([7; 16]);
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         let mut effects = Vec::new();
@@ -682,11 +657,11 @@ mod tests {
     #[test]
     fn a_run_answers_every_message_and_stops_applying_at_a_storage_failure() {
         // Keys for a room this node does not know are refused for good: done.
-        let store = Flaky::default();
+        let store = Faulty::new(MemStore::new());
         assert_eq!(answers(&store, vec![keys(), keys(), keys()]), [true; 3]);
         // The store fails on the first: nothing after it is applied, so all three
         // are offered again (the second would otherwise be refused, i.e. done).
-        store.fail_next_write.store(true, Ordering::SeqCst);
+        store.fail_next_write();
         assert_eq!(answers(&store, vec![keys(), keys(), keys()]), [false; 3]);
     }
 }

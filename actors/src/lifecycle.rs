@@ -71,6 +71,13 @@ pub const BATCH_MESSAGES_MAX: usize = 256;
 /// The most bytes (keys and values written) one group commit takes.
 pub const BATCH_BYTES_MAX: usize = 8 * 1024 * 1024;
 
+/// Whether `batch` holds as much as one batch may: the drivers then commit it
+/// (or wait for the commit before it) before handling anything more.
+pub fn batch_full(batch: &conclave_storage::Batch) -> bool {
+    let (txns, bytes) = batch.size();
+    txns >= BATCH_MESSAGES_MAX || bytes >= BATCH_BYTES_MAX
+}
+
 use crate::actor::ActorRef;
 
 /// One activation of an address, numbered by its node: a timer carries the number

@@ -16,9 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix::{Actor as _, ActorContext as _, AsyncContext as _};
 use conclave_actors::actor::{ActorRef, Context, Effect, Handler, System, Time};
-use conclave_actors::lifecycle::{
-    Incarnation, Lifecycles, Phase, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
-};
+use conclave_actors::lifecycle::{batch_full, Incarnation, Lifecycles, Phase};
 use conclave_actors::wire::Envelope;
 use conclave_actors::NodeId;
 use conclave_storage::{Batch, Store};
@@ -323,8 +321,7 @@ impl<S: System> Shared<S> {
     /// its commit. No fixed delay: the batch is whatever arrived while the last one
     /// was handled and synced.
     fn turn_done(self: &Arc<Self>) {
-        let full = self.batch.txns() >= BATCH_MESSAGES_MAX || self.batch.bytes() >= BATCH_BYTES_MAX;
-        if full {
+        if batch_full(&self.batch) {
             // Back-pressure: the arbiter waits for the disk rather than let the
             // open batch grow past its bound.
             self.wait_commit();

@@ -41,9 +41,7 @@ use conclave_actors::domain::{
     Msg, Op, Outcome, Policy, ReplyTo, Request, RoomInfo, RoomMsg,
 };
 use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
-use conclave_actors::lifecycle::{
-    Incarnation, Lifecycles, Phase, Turn, BATCH_BYTES_MAX, BATCH_MESSAGES_MAX,
-};
+use conclave_actors::lifecycle::{batch_full, Incarnation, Lifecycles, Phase, Turn};
 use conclave_actors::mutation::{self, Mutation};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
@@ -1600,11 +1598,6 @@ fn key_users_in(msg: &Msg) -> Vec<UserId> {
         }) => keys.iter().map(|(user, _)| *user).collect(),
         _ => Vec::new(),
     }
-}
-
-/// Whether `batch` holds as much as one batch may.
-fn batch_full(batch: &Batch) -> bool {
-    batch.txns() >= BATCH_MESSAGES_MAX || batch.bytes() >= BATCH_BYTES_MAX
 }
 
 /// A turn's effects, split per message it handled: a run's room answers each of

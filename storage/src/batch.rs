@@ -96,6 +96,13 @@ impl Batch {
         &self.base
     }
 
+    /// How many transactions committed into the open batch, and how many key and
+    /// value bytes they wrote (one look at the state).
+    pub fn size(&self) -> (usize, usize) {
+        let st = self.state();
+        (st.txns, st.bytes)
+    }
+
     /// How many transactions committed into the open batch.
     pub fn txns(&self) -> usize {
         self.state().txns

@@ -808,11 +808,17 @@ pub(crate) fn origin<S: System>(cx: &Context<'_, S>) -> Option<NodeId> {
 /// applied (committed, or refused for good: `done`) or must be offered again (the
 /// store failed). Targets call this last, for every message.
 pub(crate) fn applied<S: System<Msg = Msg>>(cx: &mut Context<'_, S>, done: bool) {
-    if let Some(&sender) = cx.sender() {
-        if sender.kind == ActorKind::PEER && sender.node == cx.node() {
-            cx.send(sender, PeerMsg::Applied { done });
-        }
+    if let Some(peer) = local_peer(cx) {
+        cx.send(peer, PeerMsg::Applied { done });
     }
+}
+
+/// The sender of the current message if it is one of this node's peer actors
+/// (which hand over what other nodes' outboxes deliver).
+pub(crate) fn local_peer<S: System>(cx: &Context<'_, S>) -> Option<ActorRef> {
+    cx.sender()
+        .copied()
+        .filter(|s| s.kind == ActorKind::PEER && s.node == cx.node())
 }
 
 /// Logs and counts a refusal, and returns it as an outcome.

@@ -312,13 +312,7 @@ mod tests {
         from: Option<ActorRef>,
         msg: OutboxMsg,
     ) -> Vec<Effect<Msg>> {
-        let mut rng = ChaCha20Rng::seed_from_u64(9);
-        let mut effects = Vec::new();
-        let me = outbox_of(HERE, THERE);
-        let mut cx =
-            Context::<Domain>::new(me, from, Time::default(), &mut rng, store, &mut effects);
-        outbox.handle(msg, &mut cx);
-        effects
+        handle_batched(outbox, store, store, from, msg)
     }
 
     /// Sends of `effects` that deliver, by sequence number.
@@ -340,8 +334,8 @@ mod tests {
     /// `disk`.
     fn handle_batched(
         outbox: &mut Outbox,
-        batch: &conclave_storage::Batch,
-        disk: &MemStore,
+        batch: &dyn Store,
+        disk: &dyn Store,
         from: Option<ActorRef>,
         msg: OutboxMsg,
     ) -> Vec<Effect<Msg>> {
@@ -369,19 +363,15 @@ mod tests {
                 Context::<Domain>::new(me, None, Time::default(), &mut rng, &batch, &mut effects);
             Outbox::activate(THERE, DomainConfig::default(), &mut cx)
         };
-        let sent = delivered(&handle_batched(
-            &mut outbox,
-            &batch,
-            &disk,
-            None,
-            OutboxMsg::Kick,
-        ));
+        let disk = disk.as_ref();
+        let kick = OutboxMsg::Kick;
+        let sent = delivered(&handle_batched(&mut outbox, &batch, disk, None, kick));
         assert_eq!(sent.len(), OUTBOX_WINDOW_MESSAGES, "a full window");
         // Three acknowledged: the acknowledgement is in the batch, not on disk yet,
         // and the next three go at once (they are durable), not at the retry.
         let ack = OutboxMsg::Ack { upto: Seq(3) };
         let peer = Some(peer_of(THERE, HERE));
-        let sent = delivered(&handle_batched(&mut outbox, &batch, &disk, peer, ack));
+        let sent = delivered(&handle_batched(&mut outbox, &batch, disk, peer, ack));
         let next = OUTBOX_WINDOW_MESSAGES as u64;
         assert_eq!(sent, [next + 1, next + 2, next + 3]);
         assert_eq!(batch.txns(), 1, "the acknowledgement is not durable yet");

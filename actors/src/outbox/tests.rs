@@ -197,10 +197,7 @@ fn exchange(seed: u64, ack_unsynced: bool) -> Result<(), String> {
             }
         }
         // The network reorders.
-        for i in (1..in_flight.len()).rev() {
-            let j = (rng.next_u32() as usize) % (i + 1);
-            in_flight.swap(i, j);
-        }
+        shuffle(&mut rng, &mut in_flight);
         // The receiver takes what arrives, storing it with the high-water mark.
         for (seq, bytes) in in_flight.drain(..) {
             let mut txn = receiver.write().expect("write");
@@ -230,10 +227,7 @@ fn exchange(seed: u64, ack_unsynced: bool) -> Result<(), String> {
             }
         }
         // Acknowledgements come back, reordered and duplicated.
-        for i in (1..acks.len()).rev() {
-            let j = (rng.next_u32() as usize) % (i + 1);
-            acks.swap(i, j);
-        }
+        shuffle(&mut rng, &mut acks);
         for upto in acks.drain(..) {
             let mut txn = sender.write().expect("write");
             match ack(&mut *txn, B, upto) {
@@ -246,6 +240,19 @@ fn exchange(seed: u64, ack_unsynced: bool) -> Result<(), String> {
         }
     }
 
+    check_delivered(&receiver, messages, seed)
+}
+
+/// Reorders `items` as the network may (Fisher–Yates).
+fn shuffle<T>(rng: &mut ChaCha20Rng, items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        let j = (rng.next_u32() as usize) % (i + 1);
+        items.swap(i, j);
+    }
+}
+
+/// Whether `receiver` holds each of the `messages` exactly once, in order.
+fn check_delivered(receiver: &MemStore, messages: u32, seed: u64) -> Result<(), String> {
     let read = receiver.read().expect("read");
     let delivered = DELIVERED
         .scan(&*read, .., Order::Ascending, usize::MAX)

@@ -288,10 +288,7 @@ impl Room {
         from: NodeId,
         cx: &mut Context<'_, S>,
     ) {
-        let from_peer = cx
-            .sender()
-            .is_some_and(|s| s.kind == crate::actor::ActorKind::PEER && s.node == cx.node());
-        if !from_peer {
+        if super::local_peer(cx).is_none() {
             tracing::warn!(room = ?self.room, from = ?cx.sender(), "a run not from this node's peer dropped");
             metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_peer")
                 .increment(1);

@@ -77,9 +77,25 @@ struct Member {
 struct Seen {
     /// Message id → times seen.
     ids: BTreeMap<u128, u32>,
+    /// Sequence → the message id read there.
+    seqs: BTreeMap<u64, u128>,
+    /// Sequences read again with another message id.
+    conflicts: usize,
     /// The next sequence number to read from.
     next: Seq,
     attached: bool,
+}
+
+impl Seen {
+    /// Notes message `id` read at `seq`.
+    fn read(&mut self, seq: u64, id: u128) {
+        *self.ids.entry(id).or_default() += 1;
+        if self.seqs.insert(seq, id).is_some_and(|was| was != id) {
+            self.conflicts += 1;
+        }
+        // Subscription::next refuses a sequence with no next.
+        self.next = Seq(seq.saturating_add(1));
+    }
 }
 
 type SharedSeen = Arc<Mutex<Seen>>;
@@ -92,7 +108,8 @@ fn lock(seen: &SharedSeen) -> MutexGuard<'_, Seen> {
 #[derive(Default)]
 struct Sent {
     attempted: usize,
-    committed: Vec<u128>,
+    /// Message id and the sequence its receipt gave.
+    committed: Vec<(u128, u64)>,
     queued: Vec<u128>,
     failed: usize,
 }
@@ -155,9 +172,7 @@ async fn reader(
         if let Ok(mut sub) = sub.await {
             lock(&seen).attached = true;
             while let Some(Ok(message)) = sub.next().await {
-                let mut s = lock(&seen);
-                *s.ids.entry(message.id.0).or_default() += 1;
-                s.next = Seq(message.seq.0 + 1);
+                lock(&seen).read(message.seq.0, message.id.0);
             }
         }
         lock(&seen).attached = false;
@@ -285,7 +300,7 @@ fn record(
     result: Result<Receipt, ApiError>,
 ) {
     match result {
-        Ok(Receipt::Committed { id, .. }) => sent.committed.push(id.0),
+        Ok(Receipt::Committed { id, seq }) => sent.committed.push((id.0, seq.0)),
         Ok(Receipt::Queued { id }) => sent.queued.push(id.0),
         Err(error) => {
             sent.failed += 1;
@@ -302,7 +317,8 @@ fn record(
 /// Waits (up to --settle) until every member has every committed and every
 /// queued message, then a moment more so that a duplicate would show.
 async fn settle(args: &CheckArgs, sent: &Sent, seen: &[SharedSeen]) {
-    let expected: BTreeSet<u128> = sent.committed.iter().chain(&sent.queued).copied().collect();
+    let committed = sent.committed.iter().map(|&(id, _)| id);
+    let expected: BTreeSet<u128> = committed.chain(sent.queued.iter().copied()).collect();
     let deadline = Instant::now() + Duration::from_secs(args.settle);
     loop {
         let done = seen.iter().all(|s| {
@@ -317,33 +333,69 @@ async fn settle(args: &CheckArgs, sent: &Sent, seen: &[SharedSeen]) {
     tokio::time::sleep(Duration::from_millis(DUPLICATE_WAIT_MS)).await;
 }
 
-/// Prints each member's tally; true when nothing committed is missing and nothing
-/// arrived twice (and, in mode once, nothing failed or stayed queued).
+/// Prints each member's tally; true when nothing committed is missing, nothing
+/// arrived twice, the sequences a member read have no gap and no sequence holds
+/// two messages, and every receipt's sequence holds its message (and, in mode
+/// once, nothing failed or stayed queued).
 fn verdict(args: &CheckArgs, sent: &Sent, members: &[Member], seen: &[SharedSeen]) -> bool {
     let mut ok = args.mode == CheckMode::Loop || sent.failed == 0;
     for (m, s) in members.iter().zip(seen) {
         let s = lock(s);
-        let missing = sent
-            .committed
-            .iter()
-            .filter(|id| !s.ids.contains_key(id))
-            .count();
-        let missing_queued = sent
-            .queued
-            .iter()
-            .filter(|id| !s.ids.contains_key(id))
-            .count();
-        let duplicates = s.ids.values().filter(|&&n| n > 1).count();
-        let received = s.ids.len();
+        let tally = Tally::of(sent, &s);
         println!(
-            "{:<12} on {}: received {received}, missing {missing} committed, {missing_queued} queued not yet delivered, {duplicates} delivered twice",
-            m.name, m.node.name,
+            "{:<12} on {}: received {}, missing {} committed, {} queued not yet delivered, {} delivered twice, {} sequence gaps, {} sequences read with two messages, {} receipts whose sequence holds another message",
+            m.name, m.node.name, s.ids.len(), tally.missing, tally.missing_queued,
+            tally.duplicates, tally.gaps, s.conflicts, tally.misplaced,
         );
-        if missing > 0 || duplicates > 0 || (args.mode == CheckMode::Once && missing_queued > 0) {
+        let queued_ok = args.mode == CheckMode::Loop || tally.missing_queued == 0;
+        if !(tally.is_clean() && s.conflicts == 0 && queued_ok) {
             ok = false;
         }
     }
     ok
+}
+
+/// What one member's reader got wrong.
+struct Tally {
+    missing: usize,
+    missing_queued: usize,
+    duplicates: usize,
+    /// Sequences between the first and the last read that were not read.
+    gaps: u64,
+    /// Receipts whose sequence this member read with another message.
+    misplaced: usize,
+}
+
+impl Tally {
+    fn of(sent: &Sent, s: &Seen) -> Self {
+        let span = match (s.seqs.keys().next(), s.seqs.keys().next_back()) {
+            (Some(first), Some(last)) => last - first + 1,
+            _ => 0,
+        };
+        Self {
+            missing: sent
+                .committed
+                .iter()
+                .filter(|(id, _)| !s.ids.contains_key(id))
+                .count(),
+            missing_queued: sent
+                .queued
+                .iter()
+                .filter(|id| !s.ids.contains_key(id))
+                .count(),
+            duplicates: s.ids.values().filter(|&&n| n > 1).count(),
+            gaps: span - s.seqs.len() as u64,
+            misplaced: sent
+                .committed
+                .iter()
+                .filter(|(id, seq)| s.seqs.get(seq).is_some_and(|got| got != id))
+                .count(),
+        }
+    }
+
+    fn is_clean(&self) -> bool {
+        self.missing == 0 && self.duplicates == 0 && self.gaps == 0 && self.misplaced == 0
+    }
 }
 
 fn print_tick(started: Instant, members: &[Member], seen: &[SharedSeen], sent: &Sent) {
@@ -369,4 +421,50 @@ fn print_tick(started: Instant, members: &[Member], seen: &[SharedSeen], sent: &
         ));
     }
     println!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(committed: &[(u128, u64)]) -> Sent {
+        Sent {
+            attempted: committed.len(),
+            committed: committed.to_vec(),
+            ..Sent::default()
+        }
+    }
+
+    #[test]
+    fn a_reader_that_read_every_receipt_where_it_landed_is_clean() {
+        let mut seen = Seen::default();
+        for (seq, id) in [(4, 40), (5, 50), (6, 60)] {
+            seen.read(seq, id);
+        }
+        let tally = Tally::of(&sent(&[(40, 4), (50, 5), (60, 6)]), &seen);
+        assert!(tally.is_clean());
+        assert_eq!((seen.conflicts, seen.next), (0, Seq(7)));
+    }
+
+    #[test]
+    fn a_gap_a_misplaced_receipt_and_a_sequence_read_twice_are_each_caught() {
+        let mut gap = Seen::default();
+        for (seq, id) in [(1, 10), (2, 20), (4, 40)] {
+            gap.read(seq, id);
+        }
+        let tally = Tally::of(&sent(&[(10, 1), (20, 2), (40, 4)]), &gap);
+        assert_eq!((tally.gaps, tally.is_clean()), (1, false));
+
+        let mut swapped = Seen::default();
+        swapped.read(1, 20);
+        swapped.read(2, 10);
+        let tally = Tally::of(&sent(&[(10, 1), (20, 2)]), &swapped);
+        assert_eq!((tally.misplaced, tally.missing), (2, 0));
+        assert!(!tally.is_clean());
+
+        let mut twice = Seen::default();
+        twice.read(1, 10);
+        twice.read(1, 11);
+        assert_eq!(twice.conflicts, 1);
+    }
 }

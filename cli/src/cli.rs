@@ -98,7 +98,9 @@ enum Command {
     /// End-to-end verification against a cluster started by `cluster up`.
     ///
     /// Creates a user on every node, a room spanning them, publishes --messages
-    /// messages and confirms every member decrypts every one exactly once. With
+    /// messages and confirms every member decrypts every one exactly once, reads
+    /// the room's sequence with no gap and finds each message where its receipt
+    /// said. With
     /// --mode loop it publishes every --interval for --duration and prints
     /// sent/received per member each second, reconnecting to nodes that restart.
     ///

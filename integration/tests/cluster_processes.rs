@@ -117,6 +117,26 @@ fn promtool_check(exposition: &str) {
     );
 }
 
+/// How long [`slowloris`] waits for the server to cut it: far beyond the server's
+/// header timeout (5 s).
+const SLOWLORIS_WAIT_S: u64 = 30;
+
+/// Sends half a request's headers to `addr` and waits for the server to close;
+/// returns how long the connection was held (the whole wait if never closed).
+async fn slowloris(addr: SocketAddr) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: slow\r\n")
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let wait = Duration::from_secs(SLOWLORIS_WAIT_S);
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut sink)).await;
+    started.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_up_check_kill_restart_and_scrape() {
     let dir = tempfile::tempdir().unwrap();
@@ -168,6 +188,9 @@ async fn cluster_up_check_kill_restart_and_scrape() {
         text.contains("OK: every member decrypted every committed message exactly once"),
         "{text}"
     );
+
+    // Meanwhile, a client trickles a request's headers to node0's metrics server.
+    let slowloris = tokio::spawn(slowloris(file.node[0].metrics));
 
     // Loop mode; node1 is killed with SIGKILL in the middle and restarted.
     let looping = Command::new(EXE)
@@ -224,6 +247,12 @@ async fn cluster_up_check_kill_restart_and_scrape() {
             "{line}"
         );
     }
+
+    let held = slowloris.await.unwrap();
+    assert!(
+        held < Duration::from_secs(SLOWLORIS_WAIT_S),
+        "the metrics server held a connection without headers for {held:?}"
+    );
 
     // A client the registry does not know is refused with not_found, and counted.
     let stranger = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conclave_storage::{Entry, Order, ReadTxn, Store, StoreError, WriteTxn};
+use conclave_transports::throttle::Throttle;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
@@ -377,29 +378,60 @@ pub async fn serve_http(
             upkeep.run_upkeep();
         }
     });
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (handle, node) = (handle.clone(), node.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let response = route(&req, &handle, &node);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(error) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
-                    tracing::debug!(%error, "metrics connection ended");
-                }
-            });
-        }
-    });
+    tokio::spawn(accept_http(listener, handle, node));
     tracing::info!(addr = %bound, "serving /metrics and /healthz");
     Ok(bound)
+}
+
+/// Connections to the metrics server served at once; more wait in the kernel's
+/// backlog.
+const HTTP_CONNECTIONS_MAX: usize = 64;
+/// How long a client may take to send a request's headers (a slowloris is cut).
+const HTTP_HEADER_WAIT_MS: u64 = 5_000;
+/// How long one connection may last, requests included (a client that never reads
+/// its response is cut).
+const HTTP_CONNECTION_MS_MAX: u64 = 60_000;
+/// The pause after a failed accept (out of file descriptors, say), so that the
+/// loop does not spin.
+const HTTP_ACCEPT_RETRY_MS: u64 = 100;
+
+async fn accept_http(listener: tokio::net::TcpListener, handle: PrometheusHandle, node: Node) {
+    static ACCEPT_FAILED: Throttle = Throttle::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS_MAX));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                if let Some(suppressed) = ACCEPT_FAILED.admit() {
+                    tracing::warn!(%error, suppressed, "metrics server: accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(HTTP_ACCEPT_RETRY_MS)).await;
+                continue;
+            }
+        };
+        let (handle, node) = (handle.clone(), node.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let response = route(&req, &handle, &node);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(HTTP_HEADER_WAIT_MS))
+                .serve_connection(io, service);
+            let lifetime = Duration::from_millis(HTTP_CONNECTION_MS_MAX);
+            match tokio::time::timeout(lifetime, connection).await {
+                Ok(Err(error)) => tracing::debug!(%error, "metrics connection ended"),
+                Err(_) => tracing::debug!("metrics connection cut: open too long"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
 }
 
 /// A minimal HTTP/1.0 GET of `path` on `addr`: the status code and the body. For

@@ -62,14 +62,16 @@ pub enum ApiError {
     Connection(String),
     /// The node served something that does not verify against the room's
     /// membership chain (a link no member signed, a key from a sealer the chain
-    /// does not authorize, …): it was refused, logged and counted in
+    /// does not authorize, …) or a frame out of sequence: it was refused, logged and counted in
     /// `conclave_client_refusals_total{reason}`. The client keeps what it verified
     /// before. `reason` is a [`conclave_actors::domain::chain::ChainError::reason`]
-    /// or a [`conclave_actors::domain::chain::KeyRefusal::reason`].
+    /// or a [`conclave_actors::domain::chain::KeyRefusal::reason`], or
+    /// `bad_sequence`.
     #[error("refused what the node served ({reason}): {detail}")]
     Untrusted {
         /// Why, as a metric label (`bad_signature`, `unauthorized`, `broken_chain`,
-        /// `bad_genesis`, `unknown_epoch`, `unauthorized_sealer`, `key_mismatch`, …).
+        /// `bad_genesis`, `unknown_epoch`, `unauthorized_sealer`, `key_mismatch`,
+        /// `bad_sequence`, …).
         reason: &'static str,
         /// What exactly.
         detail: String,
@@ -621,7 +623,7 @@ impl<B: Backend> User<B> {
                 at,
                 reason,
                 detail,
-                "refused what the node served: it does not verify against the room's membership chain"
+                "refused what the node served: it does not verify"
             );
             metrics::counter!("conclave_client_refusals_total", "reason" => reason).increment(1);
         }
@@ -829,7 +831,15 @@ impl<B: Backend> Subscription<B> {
             Ok(item) => item,
             Err(e) => return Some(Err(e)),
         };
-        self.next = Seq(seq.0 + 1);
+        let Some(next) = advance(self.next, seq) else {
+            let detail = format!("sequence {} where {} or later was due", seq.0, self.next.0);
+            self.user.report(self.room, seq.0, "bad_sequence", &detail);
+            return Some(Err(ApiError::Untrusted {
+                reason: "bad_sequence",
+                detail,
+            }));
+        };
+        self.next = next;
         if frame.room != self.room {
             return Some(Err(ApiError::Crypto("a frame of another room".into())));
         }
@@ -853,10 +863,32 @@ impl<B: Backend> Subscription<B> {
     }
 }
 
+/// Where a subscription resumes after a frame at `seq`, when `next` was due;
+/// `None` if the node's sequence does not move forward (a node sending one twice,
+/// or going back, would have the client show a message twice) or leaves no room
+/// for a next (the node chose it: no overflow).
+fn advance(next: Seq, seq: Seq) -> Option<Seq> {
+    seq.0.checked_add(1).filter(|_| seq >= next).map(Seq)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use conclave_actors::domain::chain::{Change, Signer};
+
+    #[test]
+    fn a_subscription_moves_forward_only_and_never_overflows() {
+        assert_eq!(advance(Seq(0), Seq(0)), Some(Seq(1)));
+        // Gaps are fine: a user reads only what they may.
+        assert_eq!(advance(Seq(3), Seq(9)), Some(Seq(10)));
+        assert_eq!(advance(Seq(10), Seq(9)), None, "a sequence seen again");
+        assert_eq!(advance(Seq(10), Seq(2)), None, "a sequence going back");
+        assert_eq!(
+            advance(Seq(10), Seq(u64::MAX)),
+            None,
+            "no next after the last"
+        );
+    }
 
     /// A room's creation and one invite, as their home would hold them.
     fn chain_of_two() -> (RoomId, Identity, Vec<SignedLink>) {

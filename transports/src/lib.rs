@@ -6,12 +6,14 @@
 //! crate holds the abstraction, [`mem`] (the in-process transport for tests),
 //! [`quic`] (quinn + rustls, mutually authenticated by Ed25519 identities) and
 //! [`framing`], the one length-prefixed codec of conclave's streams, which the
-//! client protocol uses too.
+//! client protocol uses too; and [`throttle`], the rate limit of log lines a
+//! hostile peer could trigger at will.
 #![warn(missing_docs)]
 
 pub mod framing;
 pub mod mem;
 pub mod quic;
+pub mod throttle;
 
 use core::fmt;
 

@@ -129,6 +129,7 @@ async fn check_setup(file: &ClusterFile) -> anyhow::Result<(RoomId, Vec<Member>)
             .with_context(|| format!("connecting to {} as its admin", node.name))?;
         let identity = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));
         admin.add_user(&identity.public(), UserRole::Member).await?;
+        admin.node().close().await;
         members.push(Member {
             name: format!("user@{}", node.name),
             node: node.clone(),
@@ -149,6 +150,7 @@ async fn check_setup(file: &ClusterFile) -> anyhow::Result<(RoomId, Vec<Member>)
             )
             .await?;
     }
+    owner.node().close().await;
     Ok((room, members))
 }
 
@@ -271,6 +273,9 @@ async fn publish(args: &CheckArgs, room: RoomId, members: &[Member], seen: &[Sha
         if !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
+    }
+    for publisher in publishers.into_iter().flatten() {
+        publisher.node().close().await;
     }
     sent
 }

@@ -88,7 +88,9 @@ enum Command {
     Send(SendArgs),
     /// Print a room's messages, decrypted: history, then live until interrupted.
     /// One line per message, control characters escaped; a message that does not
-    /// verify or decrypt is reported on stderr and skipped.
+    /// verify or decrypt is reported on stderr and skipped. When the node restarts,
+    /// the tail reconnects and resumes after the last message printed (it gives
+    /// up after 30 s without the node).
     ///
     /// Example: conclave tail --node 127.0.0.1:7401 --as ./alice.id --room ROOM
     Tail(TailArgs),
@@ -533,6 +535,21 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<User<RemoteNode>> {
     Ok(user)
 }
 
+/// Runs `act` as the user of `client`, then closes the connection (bounded), so
+/// that the node stops counting it against the user's limit as the command exits.
+async fn as_user<T, E>(
+    client: &ClientArgs,
+    act: impl AsyncFnOnce(&User<RemoteNode>) -> Result<T, E>,
+) -> anyhow::Result<T>
+where
+    anyhow::Error: From<E>,
+{
+    let user = connect(client).await?;
+    let result = act(&user).await;
+    user.node().close().await;
+    Ok(result?)
+}
+
 /// `conclave user add --admin`: the node's first admin, written offline into its
 /// store (the node must be stopped; a running node is reported, not written to).
 fn bootstrap(args: UserAddArgs) -> anyhow::Result<()> {
@@ -581,14 +598,14 @@ async fn user_cmd(cmd: UserCmd) -> anyhow::Result<()> {
             };
             let public =
                 parse_public(&args.public.ok_or_else(|| anyhow!("--public is required"))?)?;
-            connect(&client)
-                .await?
-                .add_user(&public, user_role(args.role))
-                .await?;
+            as_user(&client, async |u| {
+                u.add_user(&public, user_role(args.role)).await
+            })
+            .await?;
             println!("added {}", UserId(public.signing));
         }
         UserCmd::List(client) => {
-            for entry in connect(&client).await?.list_users().await? {
+            for entry in as_user(&client, async |u| u.list_users().await).await? {
                 println!(
                     "{} {:?} {:?} public {}",
                     UserId(entry.user.signing),
@@ -599,7 +616,7 @@ async fn user_cmd(cmd: UserCmd) -> anyhow::Result<()> {
             }
         }
         UserCmd::Revoke { client, user } => {
-            connect(&client).await?.revoke_user(user).await?;
+            as_user(&client, async |u| u.revoke_user(user).await).await?;
             println!("revoked {user}");
         }
     }
@@ -620,11 +637,11 @@ async fn room_cmd(cmd: RoomCmd) -> anyhow::Result<()> {
                     HistoryArg::FromEpoch => History::FromEpoch,
                 },
             };
-            let room = connect(&client).await?.create_room(policy).await?;
+            let room = as_user(&client, async |u| u.create_room(policy).await).await?;
             println!("{room}");
         }
         RoomCmd::List(client) => {
-            for (room, home) in connect(&client).await?.list_rooms().await? {
+            for (room, home) in as_user(&client, async |u| u.list_rooms().await).await? {
                 println!("{room} home {home}");
             }
         }
@@ -636,14 +653,12 @@ async fn room_cmd(cmd: RoomCmd) -> anyhow::Result<()> {
             role,
         } => {
             let public = parse_public(&public)?;
-            connect(&client)
-                .await?
-                .invite(room, &public, home, room_role(role))
-                .await?;
+            let role = room_role(role);
+            as_user(&client, async |u| u.invite(room, &public, home, role).await).await?;
             println!("invited {}", UserId(public.signing));
         }
         RoomCmd::Members { client, room } => {
-            for (user, role, home) in connect(&client).await?.members(room).await? {
+            for (user, role, home) in as_user(&client, async |u| u.members(room).await).await? {
                 let role = match role {
                     RoomRole::Owner => "owner",
                     RoomRole::Admin => "admin",
@@ -653,7 +668,7 @@ async fn room_cmd(cmd: RoomCmd) -> anyhow::Result<()> {
             }
         }
         RoomCmd::Remove { client, room, user } => {
-            connect(&client).await?.remove(room, user).await?;
+            as_user(&client, async |u| u.remove(room, user).await).await?;
             println!("removed {user}; the room has a new epoch key");
         }
     }
@@ -661,22 +676,23 @@ async fn room_cmd(cmd: RoomCmd) -> anyhow::Result<()> {
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<()> {
-    let user = connect(&args.client).await?;
     let mut messages = args.messages;
     if messages.is_empty() {
         messages = std::io::stdin().lines().collect::<Result<_, _>>()?;
     }
-    for text in messages {
-        match user.publish(args.room, text.as_bytes()).await? {
-            Receipt::Committed { seq, .. } => println!("committed #{}", seq.0),
-            Receipt::Queued { id } => println!("queued {id} (the room's home is unreachable)"),
+    as_user(&args.client, async |user| {
+        for text in messages {
+            match user.publish(args.room, text.as_bytes()).await? {
+                Receipt::Committed { seq, .. } => println!("committed #{}", seq.0),
+                Receipt::Queued { id } => println!("queued {id} (the room's home is unreachable)"),
+            }
         }
-    }
-    Ok(())
+        anyhow::Ok(())
+    })
+    .await
 }
 
 async fn tail(args: TailArgs) -> anyhow::Result<()> {
-    let user = connect(&args.client).await?;
     let from = match args.from.as_str() {
         "start" => Position::Start,
         "live" => Position::Live,
@@ -684,9 +700,12 @@ async fn tail(args: TailArgs) -> anyhow::Result<()> {
             .parse()
             .context("--from is start, live or a number")?)),
     };
-    let mut sub = user.subscribe(args.room, from).await?;
-    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-    print_messages(&mut sub, args.count, &mut out, &mut err).await
+    as_user(&args.client, async |user| {
+        let mut sub = user.subscribe(args.room, from).await?;
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+        print_messages(&mut sub, args.count, &mut out, &mut err).await
+    })
+    .await
 }
 
 /// What `conclave tail` prints from: a subscription (in tests, a list).

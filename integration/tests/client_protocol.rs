@@ -137,3 +137,48 @@ async fn remote_users_act_like_local_ones_and_refusals_carry_their_reason() {
         .is_err());
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_of_a_client_that_vanished_stop_counting_against_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder().data_dir(dir.path()).start().await.unwrap();
+    let addr = node.local_addr().unwrap();
+    let alice = Identity::generate(&mut rng());
+    node.seed_admin(&alice.public()).unwrap();
+    let limit = conclave::client::CONNECTIONS_PER_USER_MAX;
+
+    // A client process holding every connection alice may have, on a runtime of
+    // its own: dropping it is the process being killed (no close is sent).
+    let vanishing = tokio::runtime::Runtime::new().unwrap();
+    let held = {
+        let alice = alice.clone();
+        vanishing
+            .spawn(async move {
+                let mut held = Vec::new();
+                for _ in 0..limit {
+                    held.push(
+                        RemoteNode::connect(&alice, addr, None)
+                            .await
+                            .expect("within"),
+                    );
+                }
+                held
+            })
+            .await
+            .unwrap()
+    };
+    // While that client is alive, its connections count.
+    match RemoteNode::connect(&alice, addr, None).await {
+        Err(ApiError::Denied(Denial::Limit { .. })) => {}
+        other => panic!("expected limit, got {other:?}"),
+    }
+    vanishing.shutdown_background();
+    drop(held);
+
+    // Once it is gone, its silent connections no longer do.
+    let back = RemoteNode::connect(&alice, addr, None)
+        .await
+        .expect("served again once the vanished client's connections are silent");
+    assert!(back.list_users().await.is_ok());
+    node.shutdown().await;
+}

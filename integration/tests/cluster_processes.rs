@@ -137,13 +137,14 @@ async fn slowloris(addr: SocketAddr) -> Duration {
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_up_check_kill_restart_and_scrape() {
+/// `conclave cluster up` with `nodes` nodes in a fresh directory, once it says it
+/// is running: the directory, the guard that stops it, its status table.
+fn cluster_up(nodes: usize, salt: u16) -> (tempfile::TempDir, Guard, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let cluster_dir = dir.path().join("cluster");
-    let base = free_base_port(0).to_string();
+    let base = free_base_port(salt).to_string();
     let up = Command::new(EXE)
-        .args(["cluster", "up", "--nodes", "3", "--dir"])
+        .args(["cluster", "up", "--nodes", &nodes.to_string(), "--dir"])
         .arg(&cluster_dir)
         .args(["--base-port", &base])
         .env("RUST_LOG", "warn")
@@ -165,6 +166,13 @@ async fn cluster_up_check_kill_restart_and_scrape() {
         }
         table.push(line);
     }
+    (dir, guard, table)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_up_check_kill_restart_and_scrape() {
+    let (dir, mut guard, table) = cluster_up(3, 0);
+    let cluster_dir = dir.path().join("cluster");
     assert!(table.len() >= 4, "status table: {table:?}");
     let file = ClusterFile::read(&cluster_dir).expect("cluster.toml");
     assert_eq!(file.node.len(), 3);
@@ -261,6 +269,40 @@ async fn cluster_up_check_kill_restart_and_scrape() {
         other => panic!("expected not_found, got {other:?}"),
     }
 
+    // Commands close their connection as they exit: more of them in a row than
+    // the per-user limit are all served, and the node never has to find one of
+    // their connections silent.
+    let node0 = &file.node[0];
+    let client = [
+        "--node",
+        &node0.addr.to_string(),
+        "--node-id",
+        &node0.id,
+        "--as",
+        node0.admin.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let command = |args: &[&str]| {
+        let out = Command::new(EXE)
+            .args(args)
+            .args(&client)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run conclave");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let room = command(&["room", "create"]).trim().to_string();
+    for i in 0..2 * conclave::client::CONNECTIONS_PER_USER_MAX {
+        let text = command(&["send", "--room", &room, &format!("one of many {i}")]);
+        assert!(text.starts_with("committed #"), "{text}");
+    }
+
     // Every node (node1 restarted) is healthy again, and its exposition is valid.
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in &file.node {
@@ -299,6 +341,16 @@ async fn cluster_up_check_kill_restart_and_scrape() {
         "conclave_active_actors{kind=\"room\"}",
     ] {
         assert!(node0.contains(expected), "node0 metrics lack {expected}");
+    }
+    for series in [
+        "conclave_client_connections_silent_total ",
+        "conclave_client_auth_failures_total{reason=\"limit\"} ",
+    ] {
+        let counted = node0.lines().find(|l| l.starts_with(series));
+        assert!(
+            counted.is_none_or(|l| l.ends_with(" 0")),
+            "node0: {counted:?}"
+        );
     }
     let (_, node2) = http_get(file.node[2].metrics, "/metrics").await.unwrap();
     for expected in [
@@ -360,4 +412,123 @@ fn the_demo_shows_every_member_decrypting_the_conversation() {
     }
     assert!(text.contains("/metrics"), "{text}");
     assert!(text.contains(" send --node "), "{text}");
+}
+
+/// How many times [`a_subscriber_is_receiving_again_soon_after_its_node_is_killed_and_restarted`]
+/// kills the subscriber's node.
+const KILLS: usize = 5;
+/// The bound the test asserts on the time from a restarted node answering
+/// `/healthz` to its subscriber receiving again: generous (the target is 2 s; a
+/// subscriber that waits for the idle timeout takes 10 s, one that does not
+/// resume never receives).
+const RECEIVING_AGAIN_S_MAX: u64 = 6;
+/// How often the publisher publishes.
+const PUBLISH_INTERVAL_MS: u64 = 50;
+
+/// Waits until `addr`'s `/healthz` says ready.
+async fn wait_healthy(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !health(addr).await.is_some_and(|h| h.ready) {
+        assert!(Instant::now() < deadline, "{addr} never became ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A member `user` of a fresh room homed on node0, with `bob` on node1: both
+/// registered by the nodes' admins (whose connections are closed).
+async fn two_members(
+    file: &ClusterFile,
+) -> (conclave::User<RemoteNode>, Identity, conclave::RoomId) {
+    let mut members = Vec::new();
+    for node in &file.node {
+        let admin = conclave::identity_file::load(&node.admin).expect("admin identity");
+        let admin = RemoteNode::connect(&admin, node.addr, Some(node.node_id().unwrap()))
+            .await
+            .expect("admin connects");
+        let identity = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));
+        admin
+            .add_user(&identity.public(), conclave::UserRole::Member)
+            .await
+            .expect("user added");
+        admin.node().close().await;
+        members.push(identity);
+    }
+    let (alice, bob) = (members.remove(0), members.remove(0));
+    let alice = RemoteNode::connect(&alice, file.node[0].addr, None)
+        .await
+        .expect("alice connects");
+    let room = alice
+        .create_room(conclave::Policy::default())
+        .await
+        .expect("room");
+    let node1 = file.node[1].node_id().unwrap();
+    alice
+        .invite(room, &bob.public(), node1, conclave::RoomRole::Member)
+        .await
+        .expect("invite");
+    (alice, bob, room)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_is_receiving_again_soon_after_its_node_is_killed_and_restarted() {
+    let (dir, mut guard, _) = cluster_up(2, 2);
+    let file = ClusterFile::read(&dir.path().join("cluster")).expect("cluster.toml");
+    let (alice, bob, room) = two_members(&file).await;
+    // Bob reads on node1, through one subscription for the whole test.
+    let bob = RemoteNode::connect(&bob, file.node[1].addr, None)
+        .await
+        .expect("bob connects");
+    let mut sub = bob
+        .subscribe(room, conclave::Position::Start)
+        .await
+        .expect("subscribe");
+    let (received, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = sub.next().await {
+            if let Ok(message) = message {
+                let _ = received.send(message.seq);
+            }
+        }
+    });
+    // Alice publishes on node0 throughout.
+    let publisher = tokio::spawn(async move {
+        for i in 0u64.. {
+            let _ = alice.publish(room, format!("m{i}").as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(PUBLISH_INTERVAL_MS)).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), arrivals.recv())
+        .await
+        .expect("bob receives before any kill");
+
+    let mut pid = file.node[1].pid;
+    let mut waits = Vec::new();
+    for _ in 0..KILLS {
+        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let restarted = Command::new(EXE)
+            .args(&file.node[1].args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart node1");
+        pid = restarted.id();
+        guard.others.push(restarted);
+        wait_healthy(file.node[1].metrics).await;
+        let ready = Instant::now();
+        while arrivals.try_recv().is_ok() {}
+        let bound = Duration::from_secs(RECEIVING_AGAIN_S_MAX);
+        tokio::time::timeout(bound, arrivals.recv())
+            .await
+            .unwrap_or_else(|_| panic!("bob received nothing {bound:?} after node1 was back"))
+            .expect("bob's subscription is still open");
+        waits.push(ready.elapsed());
+    }
+    publisher.abort();
+    waits.sort();
+    println!(
+        "receiving again after a restart: median {:?}, worst {:?} ({KILLS} kills)",
+        waits[KILLS / 2],
+        waits[KILLS - 1]
+    );
 }

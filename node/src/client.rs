@@ -18,11 +18,11 @@
 //! sealed and signed by the user: the node relays them to its actors exactly as the
 //! embedding API does and never sees plaintext. A room's membership chain is
 //! served as stored ([`ClientRequest::Chain`]); the client verifies it and believes
-//! nothing else about the room's members and keys. [`RemoteNode`] is the client side; a
-//! [`User`] over it offers the same operations as one over a local [`Node`].
+//! nothing else about the room's members and keys. [`crate::RemoteNode`] is the
+//! client side; a [`crate::User`] over it offers the same operations as one over a
+//! local [`Node`].
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use conclave_actors::crypto::{Frame, SealedKey};
@@ -30,16 +30,16 @@ use conclave_actors::domain::chain::SignedLink;
 use conclave_actors::domain::{self, Denial, Outcome, SignedRequest};
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use conclave_actors::wire::{decode_bounded, encode_bounded, WireError, ENVELOPE_BYTES_MAX};
-use conclave_actors::Identity;
 use conclave_transports::framing::{read_frame, write_frame, FrameError};
-use conclave_transports::quic::{connect_client, ClientConnection, ClientLink};
+use conclave_transports::quic::ClientConnection;
+use conclave_transports::throttle::Throttle;
 use quinn::VarInt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::user::sealed::Carrier;
-use crate::user::{ApiError, FrameSource, Position, User, CHAIN_LINKS_PER_CALL_MAX};
+use crate::user::{ApiError, FrameSource, Position};
 use crate::Node;
 
 /// The largest request or response message.
@@ -58,6 +58,9 @@ pub mod code {
     pub const UNAVAILABLE: u32 = 0x42;
     /// The user holds [`super::CONNECTIONS_PER_USER_MAX`] connections already.
     pub const TOO_MANY_CONNECTIONS: u32 = 0x43;
+    /// Nothing arrived on the connection for [`super::CLIENT_SILENCE_MS_MAX`] while
+    /// its user was at the limit: its client is taken to be gone.
+    pub const SILENT: u32 = 0x44;
 }
 
 /// What a client asks.
@@ -81,7 +84,7 @@ pub enum ClientRequest {
     },
     /// Which node this is, and whom it sees.
     Whoami,
-    /// Up to [`CHAIN_LINKS_PER_CALL_MAX`] links of a room's membership chain,
+    /// Up to [`crate::user::CHAIN_LINKS_PER_CALL_MAX`] links of a room's membership chain,
     /// from index `from` on (for a user who is or was a member).
     Chain {
         /// The room.
@@ -118,13 +121,13 @@ pub enum ClientResponse {
         /// The user.
         user: UserId,
     },
-    /// Chain links, in order (at most [`CHAIN_LINKS_PER_CALL_MAX`]).
+    /// Chain links, in order (at most [`crate::user::CHAIN_LINKS_PER_CALL_MAX`]).
     Chain(Vec<SignedLink>),
 }
 
 /// Why a request or response could not be sent or received.
 #[derive(Debug, thiserror::Error)]
-enum MessageError {
+pub(crate) enum MessageError {
     /// The framing failed: too large, truncated, or the stream failed.
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -133,7 +136,7 @@ enum MessageError {
     Wire(#[from] WireError),
 }
 
-async fn write_msg<T: Serialize>(
+pub(crate) async fn write_msg<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
 ) -> Result<(), MessageError> {
@@ -143,7 +146,7 @@ async fn write_msg<T: Serialize>(
 }
 
 /// Reads one message; `Ok(None)` if the stream ended cleanly before it.
-async fn read_msg<T: DeserializeOwned>(
+pub(crate) async fn read_msg<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
 ) -> Result<Option<T>, MessageError> {
     let Some(bytes) = read_frame(recv, CLIENT_MESSAGE_BYTES_MAX).await? else {
@@ -163,10 +166,17 @@ pub(crate) async fn serve(node: Node, mut clients: mpsc::Receiver<ClientConnecti
 /// How many connections one user may hold open to a node at once.
 pub const CONNECTIONS_PER_USER_MAX: usize = 8;
 
+/// A connection from which nothing arrived for this long does not count against
+/// its user's limit: its client vanished (a process killed, a machine gone) without
+/// closing. Live clients send a keep-alive every
+/// [`conclave_transports::quic::CLIENT_KEEP_ALIVE_MS`].
+pub const CLIENT_SILENCE_MS_MAX: u64 = 2_500;
+
 /// Open connections per user.
-type OpenConnections = Arc<std::sync::Mutex<BTreeMap<UserId, usize>>>;
+type OpenConnections = Arc<std::sync::Mutex<BTreeMap<UserId, Vec<quinn::Connection>>>>;
 
 fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
+    static REFUSED: Throttle = Throttle::new();
     let reason = denial.reason();
     let code = match denial {
         Denial::NotFound { .. } => code::NOT_FOUND,
@@ -174,9 +184,65 @@ fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
         Denial::Limit { .. } => code::TOO_MANY_CONNECTIONS,
         _ => code::UNAVAILABLE,
     };
-    tracing::warn!(%user, addr = %conn.remote_address(), reason, "client refused");
+    if let Some(suppressed) = REFUSED.admit() {
+        tracing::warn!(%user, addr = %conn.remote_address(), reason, suppressed, "client refused");
+    }
     metrics::counter!("conclave_client_auth_failures_total", "reason" => reason).increment(1);
     conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+fn lock(
+    open: &OpenConnections,
+) -> std::sync::MutexGuard<'_, BTreeMap<UserId, Vec<quinn::Connection>>> {
+    open.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Of `conns`, those from which no datagram arrived during
+/// [`CLIENT_SILENCE_MS_MAX`] (waited here).
+async fn silent(conns: Vec<quinn::Connection>) -> Vec<quinn::Connection> {
+    let heard = |c: &quinn::Connection| c.stats().udp_rx.datagrams;
+    let before: Vec<u64> = conns.iter().map(heard).collect();
+    tokio::time::sleep(std::time::Duration::from_millis(CLIENT_SILENCE_MS_MAX)).await;
+    conns
+        .into_iter()
+        .zip(before)
+        .filter(|(c, before)| c.close_reason().is_none() && heard(c) == *before)
+        .map(|(c, _)| c)
+        .collect()
+}
+
+/// Admits `conn` as one of `user`'s connections if they hold fewer than
+/// [`CONNECTIONS_PER_USER_MAX`] live ones: at the limit, their connections that
+/// stayed silent are closed (`silent`) and no longer count.
+async fn admit(open: &OpenConnections, user: UserId, conn: &quinn::Connection) -> bool {
+    let held = lock(open).get(&user).cloned().unwrap_or_default();
+    if held.len() >= CONNECTIONS_PER_USER_MAX {
+        for gone in silent(held).await {
+            tracing::info!(%user, addr = %gone.remote_address(), "closing a client connection that went silent");
+            metrics::counter!("conclave_client_connections_silent_total").increment(1);
+            gone.close(VarInt::from_u32(code::SILENT), b"silent");
+        }
+    }
+    let mut open = lock(open);
+    let held = open.entry(user).or_default();
+    held.retain(|c| c.close_reason().is_none());
+    if held.len() >= CONNECTIONS_PER_USER_MAX {
+        return false;
+    }
+    held.push(conn.clone());
+    true
+}
+
+/// Forgets `conn` among `user`'s connections.
+fn release(open: &OpenConnections, user: UserId, conn: &quinn::Connection) {
+    let mut open = lock(open);
+    if let Some(held) = open.get_mut(&user) {
+        held.retain(|c| c.stable_id() != conn.stable_id());
+        if held.is_empty() {
+            open.remove(&user);
+        }
+    }
 }
 
 async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnections) {
@@ -189,37 +255,16 @@ async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnec
         return;
     }
     // Bounded per user: each connection may hold streams and buffered requests.
-    {
-        let mut open = open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = open.entry(user).or_insert(0);
-        if *count >= CONNECTIONS_PER_USER_MAX {
-            drop(open);
-            refuse(
-                &conn,
-                user,
-                &Denial::Limit {
-                    what: format!("at most {CONNECTIONS_PER_USER_MAX} connections per user"),
-                },
-            );
-            return;
-        }
-        *count += 1;
+    if !admit(&open, user, &conn).await {
+        let what = format!("at most {CONNECTIONS_PER_USER_MAX} connections per user");
+        refuse(&conn, user, &Denial::Limit { what });
+        return;
     }
     tracing::debug!(%user, addr = %conn.remote_address(), "client connected");
     metrics::gauge!("conclave_clients_connected").increment(1.0);
     serve_streams(&node, user, &conn, revocations).await;
     metrics::gauge!("conclave_clients_connected").decrement(1.0);
-    let mut open = open
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(count) = open.get_mut(&user) {
-        *count -= 1;
-        if *count == 0 {
-            open.remove(&user);
-        }
-    }
+    release(&open, user, &conn);
 }
 
 /// Serves the connection's streams until it closes, or until its user is revoked:
@@ -371,219 +416,6 @@ async fn answer(
         }
     };
     write_msg(send, &response).await
-}
-
-/// A user's node reached over the client protocol. Cheap to clone.
-#[derive(Clone)]
-pub struct RemoteNode {
-    link: Arc<ClientLink>,
-}
-
-impl std::fmt::Debug for RemoteNode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteNode")
-            .field("node", &self.link.node)
-            .field("addr", &self.link.conn.remote_address())
-            .finish()
-    }
-}
-
-/// What a connection error means for the caller: the node's refusal reasons become
-/// denials.
-fn connection_error(error: &quinn::ConnectionError) -> ApiError {
-    if let quinn::ConnectionError::ApplicationClosed(close) = error {
-        let code = close.error_code.into_inner();
-        if code == u64::from(code::NOT_FOUND) {
-            return ApiError::Denied(Denial::NotFound {
-                what: "user (refused by the node)".into(),
-            });
-        }
-        if code == u64::from(code::REVOKED) {
-            return ApiError::Denied(Denial::Revoked);
-        }
-        if code == u64::from(code::TOO_MANY_CONNECTIONS) {
-            return ApiError::Denied(Denial::Limit {
-                what: format!("at most {CONNECTIONS_PER_USER_MAX} connections per user"),
-            });
-        }
-    }
-    ApiError::Connection(error.to_string())
-}
-
-impl RemoteNode {
-    /// Connects to the node at `addr` as `identity` and checks that the node
-    /// accepts the user (refusals come back as [`ApiError::Denied`] with the node's
-    /// reason). With `expected`, the node must prove it is that node.
-    pub async fn connect(
-        identity: &Identity,
-        addr: SocketAddr,
-        expected: Option<NodeId>,
-    ) -> Result<User<RemoteNode>, ApiError> {
-        let link = connect_client(identity, addr, expected)
-            .await
-            .map_err(|e| ApiError::Connection(e.to_string()))?;
-        let remote = RemoteNode {
-            link: Arc::new(link),
-        };
-        match remote.roundtrip(&ClientRequest::Whoami).await? {
-            ClientResponse::Whoami { .. } => Ok(User::new(remote, identity.clone())),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
-        }
-    }
-
-    /// The id of the node this connection reached, as the node proved it in the
-    /// handshake (what a client pins).
-    pub fn node_id(&self) -> NodeId {
-        self.link.node
-    }
-
-    /// The address of the node.
-    pub fn addr(&self) -> SocketAddr {
-        self.link.conn.remote_address()
-    }
-
-    async fn open(&self, request: &ClientRequest) -> Result<quinn::RecvStream, ApiError> {
-        let conn = &self.link.conn;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| connection_error(&e))?;
-        if let Err(error) = write_msg(&mut send, request).await {
-            return Err(match conn.close_reason() {
-                Some(reason) => connection_error(&reason),
-                None => ApiError::Connection(error.to_string()),
-            });
-        }
-        let _ = send.finish();
-        Ok(recv)
-    }
-
-    async fn read(&self, recv: &mut quinn::RecvStream) -> Result<ClientResponse, ApiError> {
-        match read_msg(recv).await {
-            Ok(Some(response)) => Ok(response),
-            Ok(None) => Err(ApiError::Connection("the node closed the stream".into())),
-            Err(error) => Err(match self.link.conn.close_reason() {
-                Some(reason) => connection_error(&reason),
-                None => ApiError::Connection(error.to_string()),
-            }),
-        }
-    }
-
-    /// One request, one response, within [`REQUEST_TIMEOUT`] (a node that died
-    /// mid-request is not waited for until the connection's idle timeout).
-    async fn roundtrip(&self, request: &ClientRequest) -> Result<ClientResponse, ApiError> {
-        let exchange = async {
-            let mut recv = self.open(request).await?;
-            self.read(&mut recv).await
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ApiError::Timeout(REQUEST_TIMEOUT))?
-    }
-
-    async fn outcome(&self, request: ClientRequest) -> Result<Option<Outcome>, ApiError> {
-        match self.roundtrip(&request).await? {
-            ClientResponse::Outcome(outcome) => Ok(Some(outcome)),
-            ClientResponse::Queued => Ok(None),
-            ClientResponse::Refused(denial) => Ok(Some(Outcome::Denied(denial))),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
-        }
-    }
-}
-
-impl Carrier for RemoteNode {
-    type Frames = RemoteFrames;
-
-    fn node_id(&self) -> NodeId {
-        self.link.node
-    }
-
-    async fn call(&self, req: SignedRequest) -> Result<Option<Outcome>, ApiError> {
-        self.outcome(ClientRequest::Call(Box::new(req))).await
-    }
-
-    async fn publish(&self, frame: Frame) -> Result<Option<Outcome>, ApiError> {
-        self.outcome(ClientRequest::Publish(Box::new(frame))).await
-    }
-
-    async fn chain(
-        &self,
-        _user: UserId,
-        room: RoomId,
-        from: u64,
-    ) -> Result<Vec<SignedLink>, ApiError> {
-        // The node answers for the connection's user only.
-        match self.roundtrip(&ClientRequest::Chain { room, from }).await? {
-            ClientResponse::Chain(links) if links.len() <= CHAIN_LINKS_PER_CALL_MAX => Ok(links),
-            ClientResponse::Chain(links) => Err(ApiError::Connection(format!(
-                "the node sent {} chain links, more than the {CHAIN_LINKS_PER_CALL_MAX} asked for",
-                links.len()
-            ))),
-            ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
-        }
-    }
-
-    async fn sealed_keys(
-        &self,
-        _user: UserId,
-        room: RoomId,
-    ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
-        // The node answers for the connection's user only.
-        match self.roundtrip(&ClientRequest::Keys { room }).await? {
-            ClientResponse::Keys(keys) => Ok(keys),
-            ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
-        }
-    }
-
-    async fn frames(
-        &self,
-        _user: UserId,
-        room: RoomId,
-        from: Position,
-    ) -> Result<RemoteFrames, ApiError> {
-        let recv = self.open(&ClientRequest::Subscribe { room, from }).await?;
-        Ok(RemoteFrames {
-            node: self.clone(),
-            recv,
-            done: false,
-        })
-    }
-}
-
-/// A subscription's frames, streamed by the node.
-pub struct RemoteFrames {
-    node: RemoteNode,
-    recv: quinn::RecvStream,
-    done: bool,
-}
-
-impl FrameSource for RemoteFrames {
-    async fn next(&mut self) -> Option<Result<(Seq, Frame), ApiError>> {
-        if self.done {
-            return None;
-        }
-        let response = self.node.read(&mut self.recv).await;
-        match response {
-            Ok(ClientResponse::Frame { seq, frame }) => Some(Ok((seq, *frame))),
-            Ok(ClientResponse::Ended) => {
-                self.done = true;
-                None
-            }
-            Ok(ClientResponse::Refused(denial)) => {
-                self.done = true;
-                Some(Err(ApiError::Denied(denial)))
-            }
-            Ok(other) => {
-                self.done = true;
-                Some(Err(ApiError::Connection(format!(
-                    "unexpected answer {other:?}"
-                ))))
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
-        }
-    }
 }
 
 /// Lets a reader of the registry state decide whether `user` may connect.

@@ -17,19 +17,20 @@ mod data_dir;
 mod host;
 pub mod identity_file;
 pub mod observe;
+mod remote;
 #[doc(hidden)]
 pub mod testing;
 pub mod user;
 
 pub use admin::{seed_admin_offline, AdminError, Seeded};
 pub use api::{LocalFrames, Node, NodeBuilder, StartError};
-pub use client::RemoteNode;
 pub use conclave_actors::domain::{Denial, History, Policy, RoomRole, UserRole};
 pub use conclave_actors::{
     Epoch, Identity, MessageId, NodeId, PublicIdentity, RoomId, Seq, UserId,
 };
 pub use data_dir::DataDirError;
 pub use host::{RouteError, StartError as RuntimeStartError, ACTIVE_ACTORS_MAX, MAILBOX_DEPTH_MAX};
+pub use remote::{RemoteFrames, RemoteNode};
 pub use user::{
     ApiError, Backend, FrameSource, Message, Position, Receipt, Subscription, User,
     CHAIN_LINKS_PER_CALL_MAX,

@@ -82,8 +82,16 @@ const COUNTERS: &[(&str, &str)] = &[
         "Client connections refused, by reason.",
     ),
     (
+        "conclave_client_connections_silent_total",
+        "Client connections closed because nothing arrived on them for 2.5 s while their user was at the connection limit.",
+    ),
+    (
         "conclave_client_refusals_total",
-        "Chain links and sealed keys a user's client refused (they do not verify against the room's membership chain), by reason.",
+        "Chain links, sealed keys and frames a user's client refused (they do not verify against the room's membership chain, or come out of sequence), by reason.",
+    ),
+    (
+        "conclave_client_reconnects_total",
+        "Connections a user's client replaced after its connection to the node died.",
     ),
     (
         "conclave_frames_duplicate_total",

@@ -64,14 +64,50 @@ const CERTIFICATE_ALERTS: [u8; 10] = [40, 42, 43, 44, 45, 46, 48, 51, 110, 116];
 /// 29–34 unless told otherwise.
 const QUIC_V1: u32 = 1;
 
+/// The domain tags of the endpoint keys derived from a node's identity.
+const RESET_KEY_TAG: &[u8] = b"conclave/quic-stateless-reset/v1";
+const CID_KEY_TAG: &[u8] = b"conclave/quic-connection-id/v1";
+
+/// SHA-256 of `tag` and `identity`'s Ed25519 secret: a key only this identity can
+/// derive, that reveals nothing of the secret.
+fn derived_key(identity: &Identity, tag: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(tag);
+    hash.update(identity.signing_key().to_bytes());
+    hash.finalize().into()
+}
+
 /// An endpoint on `addr` that speaks QUIC version 1 only (a client offering a draft
 /// gets a version negotiation listing only it), serving `server` if given.
-fn bind(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+///
+/// A server's stateless-reset key and connection-id key are derived from its
+/// identity, so that a restarted node recognises the connection ids of its
+/// previous run and resets those connections at their first packet: their clients
+/// reconnect at once instead of waiting for the idle timeout.
+fn bind(
+    addr: SocketAddr,
+    server: Option<(quinn::ServerConfig, &Identity)>,
+) -> std::io::Result<quinn::Endpoint> {
     let mut endpoint = quinn::EndpointConfig::default();
+    let server = server.map(|(config, identity)| {
+        let reset = derived_key(identity, RESET_KEY_TAG);
+        endpoint.reset_key(Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &reset,
+        )));
+        let cid = derived_key(identity, CID_KEY_TAG);
+        let cid = u64::from_le_bytes(cid[..8].try_into().expect("8 of 32 bytes"));
+        endpoint.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid))
+        });
+        config
+    });
     endpoint.supported_versions(vec![QUIC_V1]);
     let socket = std::net::UdpSocket::bind(addr)?;
     quinn::Endpoint::new(endpoint, server, socket, Arc::new(quinn::TokioRuntime))
 }
+
 /// TLS alerts that mean the peers speak different protocol versions.
 const VERSION_ALERTS: [u8; 2] = [70, 120];
 
@@ -160,9 +196,14 @@ pub const INCOMING_DEPTH_MAX_DEFAULT: usize = 1024;
 /// Default of [`QuicConfig::idle_timeout`], and the idle timeout of a client's
 /// connection: a peer that died is noticed after this long without a packet.
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
-/// Default of [`QuicConfig::keep_alive`] (and of a client's connection): well below
+/// Default of [`QuicConfig::keep_alive`]: well below
 /// the idle timeout, so that two lost keep-alives do not end a healthy connection.
 pub const KEEP_ALIVE_MS_DEFAULT: u64 = 3_000;
+/// How often a user's client sends a keep-alive when it has nothing else to send:
+/// often, so that a node restarted after a crash resets the client's connection
+/// within about this long, and so that a node can tell a live client from a
+/// vanished one (see `CLIENT_SILENCE_MS_MAX` in the node's client protocol).
+pub const CLIENT_KEEP_ALIVE_MS: u64 = 1_000;
 /// Default of [`QuicConfig::reconnect_delay_min`].
 pub const RECONNECT_DELAY_MS_MIN_DEFAULT: u64 = 50;
 /// Default of [`QuicConfig::reconnect_delay_max`].
@@ -278,7 +319,7 @@ pub async fn connect_client(
     let mut client =
         quinn::ClientConfig::new(tls::client_crypto(key, tls::client_alpn(WIRE_VERSION))?);
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_MS_DEFAULT)));
+    transport.keep_alive_interval(Some(Duration::from_millis(CLIENT_KEEP_ALIVE_MS)));
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_millis(IDLE_TIMEOUT_MS_DEFAULT))
             .map_err(|e| ConnectError::Connection(e.to_string()))?,
@@ -420,9 +461,11 @@ impl<M: WireMessage> QuicTransport<M> {
     pub fn start(config: QuicConfig) -> Result<(Self, QuicChannels<M>), StartError> {
         check_config(&config)?;
         let (server, client, client_alpn) = endpoint_configs(&config)?;
-        let endpoint = bind(config.listen, Some(server)).map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
+        let endpoint = bind(config.listen, Some((server, &config.identity))).map_err(|source| {
+            StartError::Bind {
+                addr: config.listen,
+                source,
+            }
         })?;
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_depth_max);
         let (events_tx, events_rx) = mpsc::channel(EVENTS_DEPTH_MAX);

@@ -655,3 +655,55 @@ fn backoff_doubles_up_to_its_maximum_and_jitters_below_its_ceiling() {
     backoff.reset();
     assert_eq!(backoff.next, min);
 }
+
+/// Starts `config`'s transport on `rt` (a runtime the test can drop as a crash).
+async fn start_on(rt: &tokio::runtime::Runtime, config: QuicConfig) -> Node {
+    rt.spawn(async move { start(config) })
+        .await
+        .expect("start task")
+}
+
+/// Starts `config`'s transport, retrying the bind while the address of a stopped
+/// one is still held.
+async fn restart(config: QuicConfig) -> Node {
+    for _ in 0..REBIND_ATTEMPTS_MAX {
+        match QuicTransport::start(config.clone()) {
+            Ok(node) => return node,
+            Err(StartError::Bind { .. }) => {
+                tokio::time::sleep(Duration::from_millis(REBIND_INTERVAL_MS)).await
+            }
+            Err(other) => panic!("restart failed: {other}"),
+        }
+    }
+    panic!("the address stayed held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_resets_the_connections_of_its_crashed_run() {
+    let ib = identity(2);
+    let ab = free_addr();
+    let mut server = config(&ib, ab, &[]);
+    server.accept_clients = true;
+    // The node's first run, on a runtime of its own: dropping it is a crash (no
+    // close is sent; the connection's state is simply gone).
+    let crashing = tokio::runtime::Runtime::new().expect("runtime");
+    let (transport, mut channels) = start_on(&crashing, server.clone()).await;
+    let link = connect_client(&identity(1), ab, Some(ib.node_id()))
+        .await
+        .expect("client connects");
+    let served = tokio::time::timeout(WAIT, channels.clients.recv())
+        .await
+        .expect("handed over in time")
+        .expect("a client connection");
+    crashing.shutdown_background();
+    drop((transport, channels, served));
+
+    let _restarted = restart(server).await;
+    // The client's next packet (a keep-alive) reaches the new run, which answers
+    // with a stateless reset that only the same identity's key produces: the
+    // connection ends with `Reset`, not with the idle timeout.
+    let error = tokio::time::timeout(WAIT, link.conn.closed())
+        .await
+        .expect("the connection ends in time");
+    assert!(matches!(error, ConnectionError::Reset), "{error}");
+}

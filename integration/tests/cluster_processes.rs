@@ -3,32 +3,17 @@
 //! and restarted from its data directory, and every node's `/metrics` (validated
 //! with `promtool check metrics`) and `/healthz`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use conclave::observe::{http_get, Health};
+use conclave::observe::http_get;
 use conclave::{ApiError, Denial, Identity, RemoteNode};
 use conclave_cli::cluster::ClusterFile;
+use conclave_integration::processes::{cluster_up, free_base_port, health, signal, wait_healthy};
 
 const EXE: &str = env!("CARGO_BIN_EXE_conclave-it");
-
-/// A base port P such that P..P+3 (UDP and TCP) and P+100..P+103 (TCP) are free now.
-fn free_base_port(salt: u16) -> u16 {
-    let seed = (std::process::id() as u16).wrapping_add(salt.wrapping_mul(4099));
-    for attempt in 0..200u16 {
-        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(7919)) % 20_000);
-        let free = (0..3).all(|i| {
-            UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
-                && TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
-        });
-        if free {
-            return base;
-        }
-    }
-    panic!("no free port range found");
-}
 
 fn run(args: &[&str]) -> Output {
     Command::new(EXE)
@@ -36,31 +21,6 @@ fn run(args: &[&str]) -> Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run conclave")
-}
-
-/// Stops the cluster (SIGINT to `cluster up`, which stops its nodes) and kills a
-/// restarted node, even when the test fails.
-struct Guard {
-    up: Option<Child>,
-    others: Vec<Child>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut up) = self.up.take() {
-            signal(up.id(), nix::sys::signal::Signal::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while up.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = up.kill();
-            let _ = up.wait();
-        }
-        for child in &mut self.others {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// The committed, queued and failed counts of a check's summary line.
@@ -76,16 +36,6 @@ fn summary(text: &str) -> (usize, usize, usize) {
     // published N messages in S.s s: C committed, Q queued, F failed
     let n = numbers.len();
     (numbers[n - 3], numbers[n - 2], numbers[n - 1])
-}
-
-fn signal(pid: u32, signal: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal");
-}
-
-async fn health(addr: SocketAddr) -> Option<Health> {
-    let (status, body) = http_get(addr, "/healthz").await.ok()?;
-    assert!(status == 200 || status == 503, "healthz status {status}");
-    Some(serde_json::from_str(&body).expect("healthz is JSON"))
 }
 
 fn promtool_check(exposition: &str) {
@@ -137,41 +87,9 @@ async fn slowloris(addr: SocketAddr) -> Duration {
     started.elapsed()
 }
 
-/// `conclave cluster up` with `nodes` nodes in a fresh directory, once it says it
-/// is running: the directory, the guard that stops it, its status table.
-fn cluster_up(nodes: usize, salt: u16) -> (tempfile::TempDir, Guard, Vec<String>) {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster_dir = dir.path().join("cluster");
-    let base = free_base_port(salt).to_string();
-    let up = Command::new(EXE)
-        .args(["cluster", "up", "--nodes", &nodes.to_string(), "--dir"])
-        .arg(&cluster_dir)
-        .args(["--base-port", &base])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("cluster up");
-    let mut guard = Guard {
-        up: Some(up),
-        others: Vec::new(),
-    };
-    let stdout = guard.up.as_mut().unwrap().stdout.take().unwrap();
-    // Wait for the status table and "cluster running".
-    let mut lines = BufReader::new(stdout).lines();
-    let mut table = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.expect("cluster up output");
-        if line.contains("cluster running") {
-            break;
-        }
-        table.push(line);
-    }
-    (dir, guard, table)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_up_check_kill_restart_and_scrape() {
-    let (dir, mut guard, table) = cluster_up(3, 0);
+    let (dir, mut guard, table) = cluster_up(EXE, 3, 0);
     let cluster_dir = dir.path().join("cluster");
     assert!(table.len() >= 4, "status table: {table:?}");
     let file = ClusterFile::read(&cluster_dir).expect("cluster.toml");
@@ -425,15 +343,6 @@ const RECEIVING_AGAIN_S_MAX: u64 = 6;
 /// How often the publisher publishes.
 const PUBLISH_INTERVAL_MS: u64 = 50;
 
-/// Waits until `addr`'s `/healthz` says ready.
-async fn wait_healthy(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !health(addr).await.is_some_and(|h| h.ready) {
-        assert!(Instant::now() < deadline, "{addr} never became ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// A member `user` of a fresh room homed on node0, with `bob` on node1: both
 /// registered by the nodes' admins (whose connections are closed).
 async fn two_members(
@@ -471,7 +380,7 @@ async fn two_members(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_is_receiving_again_soon_after_its_node_is_killed_and_restarted() {
-    let (dir, mut guard, _) = cluster_up(2, 2);
+    let (dir, mut guard, _) = cluster_up(EXE, 2, 2);
     let file = ClusterFile::read(&dir.path().join("cluster")).expect("cluster.toml");
     let (alice, bob, room) = two_members(&file).await;
     // Bob reads on node1, through one subscription for the whole test.

@@ -22,7 +22,6 @@
 //! client side; a [`crate::User`] over it offers the same operations as one over a
 //! local [`Node`].
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use conclave_actors::crypto::{Frame, SealedKey};
@@ -30,7 +29,9 @@ use conclave_actors::domain::chain::SignedLink;
 use conclave_actors::domain::{self, Denial, Outcome, SignedRequest};
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use conclave_actors::wire::{decode_bounded, encode_bounded, WireError, ENVELOPE_BYTES_MAX};
-use conclave_transports::framing::{read_frame, write_frame, FrameError};
+use conclave_transports::framing::{
+    read_frame, read_frame_body, read_frame_len, write_frame, FrameError,
+};
 use conclave_transports::quic::ClientConnection;
 use conclave_transports::throttle::Throttle;
 use quinn::VarInt;
@@ -38,6 +39,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::admission::{Admission, Budgets};
+pub use crate::admission::{
+    CLIENT_REQUEST_BYTES_BUDGET, CLIENT_REQUEST_BYTES_PER_USER, CLIENT_SILENCE_MS_MAX,
+    CONNECTIONS_PER_USER_MAX,
+};
 use crate::user::sealed::Carrier;
 use crate::user::{ApiError, FrameSource, Position};
 use crate::Node;
@@ -157,23 +163,15 @@ pub(crate) async fn read_msg<T: DeserializeOwned>(
 
 /// Serves the client connections the transport hands over, until it stops.
 pub(crate) async fn serve(node: Node, mut clients: mpsc::Receiver<ClientConnection>) {
-    let open = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let admission = Arc::new(Admission::new());
     while let Some(client) = clients.recv().await {
-        tokio::spawn(serve_connection(node.clone(), client, Arc::clone(&open)));
+        tokio::spawn(serve_connection(
+            node.clone(),
+            client,
+            Arc::clone(&admission),
+        ));
     }
 }
-
-/// How many connections one user may hold open to a node at once.
-pub const CONNECTIONS_PER_USER_MAX: usize = 8;
-
-/// A connection from which nothing arrived for this long does not count against
-/// its user's limit: its client vanished (a process killed, a machine gone) without
-/// closing. Live clients send a keep-alive every
-/// [`conclave_transports::quic::CLIENT_KEEP_ALIVE_MS`].
-pub const CLIENT_SILENCE_MS_MAX: u64 = 2_500;
-
-/// Open connections per user.
-type OpenConnections = Arc<std::sync::Mutex<BTreeMap<UserId, Vec<quinn::Connection>>>>;
 
 fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
     static REFUSED: Throttle = Throttle::new();
@@ -191,61 +189,7 @@ fn refuse(conn: &quinn::Connection, user: UserId, denial: &Denial) {
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }
 
-fn lock(
-    open: &OpenConnections,
-) -> std::sync::MutexGuard<'_, BTreeMap<UserId, Vec<quinn::Connection>>> {
-    open.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Of `conns`, those from which no datagram arrived during
-/// [`CLIENT_SILENCE_MS_MAX`] (waited here).
-async fn silent(conns: Vec<quinn::Connection>) -> Vec<quinn::Connection> {
-    let heard = |c: &quinn::Connection| c.stats().udp_rx.datagrams;
-    let before: Vec<u64> = conns.iter().map(heard).collect();
-    tokio::time::sleep(std::time::Duration::from_millis(CLIENT_SILENCE_MS_MAX)).await;
-    conns
-        .into_iter()
-        .zip(before)
-        .filter(|(c, before)| c.close_reason().is_none() && heard(c) == *before)
-        .map(|(c, _)| c)
-        .collect()
-}
-
-/// Admits `conn` as one of `user`'s connections if they hold fewer than
-/// [`CONNECTIONS_PER_USER_MAX`] live ones: at the limit, their connections that
-/// stayed silent are closed (`silent`) and no longer count.
-async fn admit(open: &OpenConnections, user: UserId, conn: &quinn::Connection) -> bool {
-    let held = lock(open).get(&user).cloned().unwrap_or_default();
-    if held.len() >= CONNECTIONS_PER_USER_MAX {
-        for gone in silent(held).await {
-            tracing::info!(%user, addr = %gone.remote_address(), "closing a client connection that went silent");
-            metrics::counter!("conclave_client_connections_silent_total").increment(1);
-            gone.close(VarInt::from_u32(code::SILENT), b"silent");
-        }
-    }
-    let mut open = lock(open);
-    let held = open.entry(user).or_default();
-    held.retain(|c| c.close_reason().is_none());
-    if held.len() >= CONNECTIONS_PER_USER_MAX {
-        return false;
-    }
-    held.push(conn.clone());
-    true
-}
-
-/// Forgets `conn` among `user`'s connections.
-fn release(open: &OpenConnections, user: UserId, conn: &quinn::Connection) {
-    let mut open = lock(open);
-    if let Some(held) = open.get_mut(&user) {
-        held.retain(|c| c.stable_id() != conn.stable_id());
-        if held.is_empty() {
-            open.remove(&user);
-        }
-    }
-}
-
-async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnections) {
+async fn serve_connection(node: Node, client: ClientConnection, admission: Arc<Admission>) {
     let ClientConnection { user, conn } = client;
     // Watched from before the registry check, so that a revocation right after it
     // is not missed.
@@ -255,16 +199,16 @@ async fn serve_connection(node: Node, client: ClientConnection, open: OpenConnec
         return;
     }
     // Bounded per user: each connection may hold streams and buffered requests.
-    if !admit(&open, user, &conn).await {
+    let Some(budgets) = admission.admit(user, &conn).await else {
         let what = format!("at most {CONNECTIONS_PER_USER_MAX} connections per user");
         refuse(&conn, user, &Denial::Limit { what });
         return;
-    }
+    };
     tracing::debug!(%user, addr = %conn.remote_address(), "client connected");
     metrics::gauge!("conclave_clients_connected").increment(1.0);
-    serve_streams(&node, user, &conn, revocations).await;
+    serve_streams(&node, user, &conn, revocations, Arc::new(budgets)).await;
     metrics::gauge!("conclave_clients_connected").decrement(1.0);
-    release(&open, user, &conn);
+    admission.release(user, &conn);
 }
 
 /// Serves the connection's streams until it closes, or until its user is revoked:
@@ -275,13 +219,14 @@ async fn serve_streams(
     user: UserId,
     conn: &quinn::Connection,
     mut revocations: broadcast::Receiver<UserId>,
+    budgets: Arc<Budgets>,
 ) {
     let mut watching = true;
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_stream(node.clone(), user, send, recv));
+                    tokio::spawn(serve_stream(node.clone(), user, Arc::clone(&budgets), (send, recv)));
                 }
                 Err(_) => return,
             },
@@ -305,28 +250,77 @@ async fn serve_streams(
     }
 }
 
+/// Why a request was refused before it was read: a metric label and the problem.
+struct Unread {
+    reason: &'static str,
+    denial: Denial,
+}
+
+impl Unread {
+    fn malformed(reason: &'static str, problem: impl ToString) -> Self {
+        let problem = problem.to_string();
+        Self {
+            reason,
+            denial: Denial::Malformed { problem },
+        }
+    }
+
+    fn framing(error: FrameError) -> Self {
+        let reason = match error {
+            FrameError::TooLarge { .. } => "too_large",
+            FrameError::TruncatedPrefix { .. } | FrameError::TruncatedBody { .. } => "truncated",
+            _ => "stream_failed",
+        };
+        Self::malformed(reason, error)
+    }
+}
+
+/// Reads one request within the node's byte budget; `Ok(None)` if the stream
+/// ended before one.
+async fn read_request(
+    recv: &mut quinn::RecvStream,
+    budgets: &Budgets,
+) -> Result<Option<ClientRequest>, Unread> {
+    let len = match read_frame_len(recv, CLIENT_MESSAGE_BYTES_MAX).await {
+        Ok(Some(len)) => len,
+        Ok(None) => return Ok(None),
+        Err(error) => return Err(Unread::framing(error)),
+    };
+    let _held = budgets
+        .take(len)
+        .map_err(|(reason, denial)| Unread { reason, denial })?;
+    let body = read_frame_body(recv, len).await.map_err(Unread::framing)?;
+    decode_bounded(&body, CLIENT_MESSAGE_BYTES_MAX)
+        .map(Some)
+        .map_err(|error| Unread::malformed("undecodable", error))
+}
+
 async fn serve_stream(
     node: Node,
     user: UserId,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    budgets: Arc<Budgets>,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
 ) {
+    static REFUSED: Throttle = Throttle::new();
     // A request arrives whole, promptly: a client trickling bytes is cut off.
-    let read =
-        match tokio::time::timeout(REQUEST_TIMEOUT, read_msg::<ClientRequest>(&mut recv)).await {
-            Ok(read) => read.map_err(|error| error.to_string()),
-            Err(_) => Err("request not received in time".to_string()),
-        };
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut recv, &budgets))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Unread::malformed(
+                "too_slow",
+                "request not received in time",
+            ))
+        });
     let request = match read {
         Ok(Some(request)) => request,
         Ok(None) => return,
-        Err(problem) => {
-            metrics::counter!("conclave_client_requests_malformed_total").increment(1);
-            let _ = write_msg(
-                &mut send,
-                &ClientResponse::Refused(Denial::Malformed { problem }),
-            )
-            .await;
+        Err(Unread { reason, denial }) => {
+            metrics::counter!("conclave_client_requests_refused_total", "reason" => reason)
+                .increment(1);
+            if let Some(suppressed) = REFUSED.admit() {
+                tracing::warn!(%user, reason, %denial, suppressed, "client request refused");
+            }
+            let _ = write_msg(&mut send, &ClientResponse::Refused(denial)).await;
             let _ = send.finish();
             return;
         }

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod admission;
 pub mod api;
 pub mod client;
 mod data_dir;

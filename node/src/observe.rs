@@ -134,8 +134,8 @@ const COUNTERS: &[(&str, &str)] = &[
         "Client connections refused before authentication, by reason.",
     ),
     (
-        "conclave_client_requests_malformed_total",
-        "Client requests that did not decode.",
+        "conclave_client_requests_refused_total",
+        "Client requests refused before they were read, by reason (too_large, truncated, undecodable, too_slow, busy, stream_failed).",
     ),
     (
         "conclave_transport_frames_in_total",
@@ -151,7 +151,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     (
         "conclave_transport_handshakes_total",
-        "Node connection handshakes, by result.",
+        "QUIC handshakes, by result: ok (incoming, and dials to peers), and for incoming ones retry, dropped_busy, timed_out, auth_failed, protocol_error, version_mismatch, closed_by_peer, reset, closed_locally, cids_exhausted).",
     ),
     (
         "conclave_transport_reconnects_total",
@@ -188,6 +188,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "conclave_transport_send_queue_depth",
         "Envelopes waiting in peers' send queues.",
+    ),
+    (
+        "conclave_transport_handshakes_in_flight",
+        "Incoming QUIC handshakes in progress (at most 256; past 16, clients must answer a Retry first).",
     ),
 ];
 

@@ -116,6 +116,20 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max: usize,
 ) -> Result<Option<Vec<u8>>, FrameError> {
+    match read_frame_len(reader, max).await? {
+        Some(len) => read_frame_body(reader, len).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's length prefix and checks it against `max`: the body's length,
+/// or `None` when the stream ended cleanly between frames. A caller that must
+/// budget memory for the body (the client protocol) does so here, before
+/// [`read_frame_body`].
+pub async fn read_frame_len<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> Result<Option<usize>, FrameError> {
     assert!(
         max <= FRAME_BYTES_MAX_LIMIT,
         "a frame bound must fit the prefix"
@@ -128,15 +142,21 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
     let announced = u32::from_be_bytes(prefix);
     // Checked before any allocation: the length is the peer's word.
-    let len = match usize::try_from(announced) {
-        Ok(len) if len <= max => len,
-        _ => {
-            return Err(FrameError::TooLarge {
-                len: u64::from(announced),
-                max,
-            })
-        }
-    };
+    match usize::try_from(announced) {
+        Ok(len) if len <= max => Ok(Some(len)),
+        _ => Err(FrameError::TooLarge {
+            len: u64::from(announced),
+            max,
+        }),
+    }
+}
+
+/// Reads a frame's body of `len` bytes (a length [`read_frame_len`] checked); the
+/// buffer grows as the bytes arrive.
+pub async fn read_frame_body<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+) -> Result<Vec<u8>, FrameError> {
     let mut body = Vec::with_capacity(len.min(FRAME_PREALLOC_BYTES_MAX));
     let got = reader.take(len as u64).read_to_end(&mut body).await?;
     if got < len {
@@ -147,8 +167,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         len,
         "a frame body is exactly its announced length"
     );
-    assert!(body.len() <= max);
-    Ok(Some(body))
+    Ok(body)
 }
 
 /// Fills `buf` from `reader` until it is full or the stream ends; returns the bytes

@@ -26,6 +26,7 @@ pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +40,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::framing::{self, FrameError, FRAME_PREFIX_BYTES};
+use crate::throttle::Throttle;
 use crate::{AuthFailure, Incoming, SendError, Side, Transport, TransportEvent};
 
 /// Application close codes. Auth failures first, then framing, then lifecycle.
@@ -365,8 +367,20 @@ pub async fn connect_client(
 /// Events that may wait before new ones are dropped.
 const EVENTS_DEPTH_MAX: usize = 1024;
 
-/// Handshakes that may be in progress at once: enough for a cluster, not a flood.
-const INCOMING_HANDSHAKES_MAX: usize = 256;
+/// Handshakes that may be in progress at once: enough for a cluster and its
+/// clients, not a flood. Past it, new ones are dropped unanswered (no state is
+/// kept and nothing is sent back, so a spoofed source reflects nothing). Each
+/// costs the node ~31 KB until it ends.
+pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
+/// Handshakes in progress past which a new client must first prove it owns its
+/// address with a QUIC Retry (one stateless round trip): a flood from spoofed
+/// sources then costs one small packet each and no state.
+pub const HANDSHAKES_BEFORE_RETRY: usize = 16;
+/// How long a handshake may take before it is abandoned (quinn's own limit is the
+/// idle timeout, 10 s).
+pub const HANDSHAKE_WAIT_MS_MAX: u64 = 3_000;
+/// Incoming connections quinn may hold before the accept loop sees them.
+const INCOMING_HANDSHAKES_MAX: usize = HANDSHAKES_IN_FLIGHT_MAX;
 /// Authorized connections from one peer that may wait for its task.
 const ACCEPTED_DEPTH_MAX: usize = 2;
 /// The largest reconnect delay a configuration may ask for (one hour).
@@ -378,12 +392,73 @@ const HELLO_WAIT_MS_MAX: u64 = 5_000;
 const CLOSE_REASON_WAIT_MS_MAX: u64 = 200;
 /// How long a connection that lost the simultaneous-dial tie-break may take to drain.
 const RETIRE_WAIT_MS_MAX: u64 = 5_000;
-/// Unidirectional streams a peer may have open at once: a hello and one stream per
-/// message class, with room to reopen one.
-const UNI_STREAMS_CONCURRENT_MAX: u32 = 4;
-/// Bidirectional streams a client may have open at once (one per request); nodes
-/// use none.
-const BIDI_STREAMS_CONCURRENT_MAX: u32 = 64;
+/// What one connection may make this node hold: streams the other side may have
+/// open at once, the bytes it may send ahead of what the node has read (the
+/// connection's receive window) and the bytes the node keeps unacknowledged for it
+/// (its send window).
+#[derive(Clone, Copy, Debug)]
+struct Allowance {
+    uni_streams: u32,
+    bidi_streams: u32,
+    receive_window_bytes: u32,
+    send_window_bytes: u64,
+}
+
+/// A peer node: a hello and one unidirectional stream per message class, with
+/// room to reopen one; no bidirectional stream; windows well above its four
+/// streams' (quinn's default stream window is 1.25 MB).
+const PEER_ALLOWANCE: Allowance = Allowance {
+    uni_streams: 4,
+    bidi_streams: 0,
+    receive_window_bytes: 16 << 20,
+    send_window_bytes: 16 << 20,
+};
+
+/// A user's client: requests on bidirectional streams only (one per request), and
+/// small windows, so that a user's connections pin little of the node (the node
+/// also bounds the request bytes it holds for all clients together).
+pub const CLIENT_STREAMS_MAX: u32 = 32;
+/// See [`CLIENT_STREAMS_MAX`].
+pub const CLIENT_RECEIVE_WINDOW_BYTES: u32 = 2 << 20;
+/// See [`CLIENT_STREAMS_MAX`].
+pub const CLIENT_SEND_WINDOW_BYTES: u64 = 2 << 20;
+const CLIENT_ALLOWANCE: Allowance = Allowance {
+    uni_streams: 0,
+    bidi_streams: CLIENT_STREAMS_MAX,
+    receive_window_bytes: CLIENT_RECEIVE_WINDOW_BYTES,
+    send_window_bytes: CLIENT_SEND_WINDOW_BYTES,
+};
+
+impl Allowance {
+    /// What an accepted connection is allowed before it is known to be a peer
+    /// or a client (streams need the handshake done, so: none), and its first
+    /// receive window, a client's.
+    fn handshaking() -> Self {
+        Self {
+            uni_streams: 0,
+            bidi_streams: 0,
+            ..CLIENT_ALLOWANCE
+        }
+    }
+
+    /// Grants this allowance on `conn` (streams and windows only grow for peers;
+    /// for clients, streams grow and the send window shrinks).
+    fn grant(self, conn: &quinn::Connection) {
+        conn.set_max_concurrent_uni_streams(VarInt::from_u32(self.uni_streams));
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.bidi_streams));
+        conn.set_receive_window(VarInt::from_u32(self.receive_window_bytes));
+        conn.set_send_window(self.send_window_bytes);
+    }
+
+    /// Sets this allowance as `transport`'s initial one.
+    fn configure(self, transport: &mut quinn::TransportConfig) {
+        transport
+            .max_concurrent_uni_streams(VarInt::from_u32(self.uni_streams))
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.bidi_streams))
+            .receive_window(VarInt::from_u32(self.receive_window_bytes))
+            .send_window(self.send_window_bytes);
+    }
+}
 /// A hello: its stream kind, then the sender's boot id (u64, big-endian).
 const HELLO_BYTES: usize = 1 + 8;
 /// The most queued messages a writer puts on its stream in one vectored write.
@@ -552,16 +627,22 @@ fn endpoint_configs(
     let key = tls::certified_key(&config.identity, &provider)?;
     let alpn = tls::alpn(config.protocol_version);
     let client_alpn = tls::client_alpn(config.protocol_version);
-    let transport = Arc::new(transport_config(config)?);
     let mut alpns = vec![alpn.clone()];
     if config.accept_clients {
         alpns.push(client_alpn.clone());
     }
+    // Whoever connects gets nothing until it is known to be a peer or a client
+    // (accept_one then grants that allowance); connections this node dials are
+    // to peers.
+    let mut accepting = transport_config(config)?;
+    Allowance::handshaking().configure(&mut accepting);
     let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(Arc::clone(&key), alpns)?);
-    server.transport_config(Arc::clone(&transport));
+    server.transport_config(Arc::new(accepting));
     server.max_incoming(INCOMING_HANDSHAKES_MAX);
+    let mut dialing = transport_config(config)?;
+    PEER_ALLOWANCE.configure(&mut dialing);
     let mut client = quinn::ClientConfig::new(tls::client_crypto(key, alpn)?);
-    client.transport_config(transport);
+    client.transport_config(Arc::new(dialing));
     Ok((server, client, client_alpn))
 }
 
@@ -660,8 +741,6 @@ fn transport_config(config: &QuicConfig) -> Result<quinn::TransportConfig, Start
     transport
         .max_idle_timeout(Some(idle))
         .keep_alive_interval(Some(config.keep_alive))
-        .max_concurrent_uni_streams(VarInt::from_u32(UNI_STREAMS_CONCURRENT_MAX))
-        .max_concurrent_bidi_streams(VarInt::from_u32(BIDI_STREAMS_CONCURRENT_MAX))
         // Datagrams are never used: buffer none.
         .datagram_receive_buffer_size(None);
     Ok(transport)
@@ -688,15 +767,19 @@ impl<M> Shared<M> {
         }
     }
 
-    /// Logs, counts and reports an authentication failure.
+    /// Logs (rate-limited), counts and reports an authentication failure.
     fn auth_failed(&self, peer: Option<NodeId>, addr: SocketAddr, reason: AuthFailure, side: Side) {
-        tracing::warn!(
-            ?peer,
-            %addr,
-            reason = reason.as_str(),
-            side = ?side,
-            "peer authentication failed"
-        );
+        static FAILED: Throttle = Throttle::new();
+        if let Some(suppressed) = FAILED.admit() {
+            tracing::warn!(
+                ?peer,
+                %addr,
+                reason = reason.as_str(),
+                side = ?side,
+                suppressed,
+                "peer authentication failed"
+            );
+        }
         metrics::counter!("conclave_transport_auth_failures_total", "reason" => reason.as_str())
             .increment(1);
         self.event(TransportEvent::AuthFailed {
@@ -731,6 +814,31 @@ impl<M> Shared<M> {
             }
             None => false,
         }
+    }
+
+    /// Reports an incoming handshake that failed: as a node's authentication
+    /// failure, or (`client`: it asked for the client protocol) as a client's,
+    /// counted in `conclave_client_auth_failures_total{reason}`. Returns whether it
+    /// was about authentication.
+    fn report_handshake_error(
+        &self,
+        client: bool,
+        addr: SocketAddr,
+        error: &ConnectionError,
+    ) -> bool {
+        static FAILED: Throttle = Throttle::new();
+        if !client {
+            return self.report_connection_error(None, addr, error);
+        }
+        let Some((reason, side)) = auth_failure_of(error) else {
+            return false;
+        };
+        if let Some(suppressed) = FAILED.admit() {
+            tracing::warn!(%addr, reason = reason.as_str(), side = ?side, suppressed, "client authentication failed");
+        }
+        metrics::counter!("conclave_client_auth_failures_total", "reason" => reason.as_str())
+            .increment(1);
+        true
     }
 
     /// Completes the mutual acceptance on a connection whose handshake finished:
@@ -779,23 +887,108 @@ impl<M> Shared<M> {
     }
 }
 
-/// Runs until the endpoint closes (at shutdown).
+/// Runs until the endpoint closes (at shutdown). Admits each incoming handshake,
+/// asks for a Retry or drops it, by the handshakes in flight.
 async fn accept_loop<M: WireMessage>(shared: Arc<Shared<M>>) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = shared.endpoint.accept().await {
-        let shared = Arc::clone(&shared);
-        // Short-lived and bounded by INCOMING_HANDSHAKES_MAX plus the hello wait.
-        tokio::spawn(accept_one(shared, incoming));
+        let busy = in_flight.load(Ordering::SeqCst);
+        if busy >= HANDSHAKES_IN_FLIGHT_MAX {
+            handshake_counted("dropped_busy");
+            incoming.ignore();
+        } else if busy >= HANDSHAKES_BEFORE_RETRY
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            handshake_counted("retry");
+            // Only an unvalidated address can fail to be retried: nothing to do.
+            let _ = incoming.retry();
+        } else {
+            let slot = HandshakeSlot::take(&in_flight);
+            // Short-lived: bounded by HANDSHAKE_WAIT_MS_MAX plus the hello wait.
+            tokio::spawn(accept_one(Arc::clone(&shared), incoming, slot));
+        }
     }
 }
 
-async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Incoming) {
+fn handshake_counted(result: &'static str) {
+    metrics::counter!("conclave_transport_handshakes_total", "result" => result).increment(1);
+}
+
+/// One handshake in flight, counted until dropped.
+struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl HandshakeSlot {
+    fn take(in_flight: &Arc<AtomicUsize>) -> Self {
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        metrics::gauge!("conclave_transport_handshakes_in_flight").increment(1.0);
+        Self(Arc::clone(in_flight))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let before = self.0.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(before > 0, "a slot is released once");
+        metrics::gauge!("conclave_transport_handshakes_in_flight").decrement(1.0);
+    }
+}
+
+/// The label of a handshake that failed with `error`.
+fn handshake_failure(error: &ConnectionError) -> &'static str {
+    match error {
+        _ if auth_failure_of(error).is_some() => "auth_failed",
+        ConnectionError::TimedOut => "timed_out",
+        ConnectionError::VersionMismatch => "version_mismatch",
+        ConnectionError::TransportError(_) => "protocol_error",
+        ConnectionError::ConnectionClosed(_) | ConnectionError::ApplicationClosed(_) => {
+            "closed_by_peer"
+        }
+        ConnectionError::Reset => "reset",
+        ConnectionError::LocallyClosed => "closed_locally",
+        ConnectionError::CidsExhausted => "cids_exhausted",
+    }
+}
+
+/// Completes an admitted handshake within [`HANDSHAKE_WAIT_MS_MAX`] (its slot is
+/// released then); the ALPN the client asked for, and the connection.
+async fn handshake(
+    incoming: quinn::Incoming,
+    slot: HandshakeSlot,
+) -> (Option<Vec<u8>>, Result<quinn::Connection, ConnectionError>) {
+    let mut connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(error) => return (None, Err(error)),
+    };
+    let mut alpn = None;
+    let wait = Duration::from_millis(HANDSHAKE_WAIT_MS_MAX);
+    let done = tokio::time::timeout(wait, async {
+        // Known from the client's hello, before its certificate is checked: a
+        // failure can then be told apart as a client's or a node's.
+        alpn = handshake_alpn(connecting.handshake_data().await.ok());
+        (&mut connecting).await
+    })
+    .await;
+    drop(slot);
+    (alpn, done.unwrap_or(Err(ConnectionError::TimedOut)))
+}
+
+async fn accept_one<M: WireMessage>(
+    shared: Arc<Shared<M>>,
+    incoming: quinn::Incoming,
+    slot: HandshakeSlot,
+) {
     let addr = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
+    let (alpn, conn) = handshake(incoming, slot).await;
+    let conn = match conn {
+        Ok(conn) => {
+            handshake_counted("ok");
+            conn
+        }
         Err(error) => {
-            metrics::counter!("conclave_transport_handshakes_total", "result" => "failed")
-                .increment(1);
-            if !shared.report_connection_error(None, addr, &error) {
+            handshake_counted(handshake_failure(&error));
+            let client = alpn.as_deref() == Some(shared.client_alpn.as_slice());
+            if !shared.report_handshake_error(client, addr, &error) {
                 tracing::debug!(%addr, %error, "incoming handshake failed");
             }
             return;
@@ -808,6 +1001,7 @@ async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Inc
     if alpn_of(&conn).as_deref() == Some(shared.client_alpn.as_slice()) {
         // A user's client (only offered when clients are accepted): the receiver
         // decides whether to serve them.
+        CLIENT_ALLOWANCE.grant(&conn);
         let client = ClientConnection {
             user: conclave_actors::UserId(peer.0),
             conn,
@@ -832,7 +1026,7 @@ async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Inc
         shared.refuse(&conn, Some(peer), AuthFailure::UnknownPeer);
         return;
     };
-    metrics::counter!("conclave_transport_handshakes_total", "result" => "ok").increment(1);
+    PEER_ALLOWANCE.grant(&conn);
     let remote_boot = match shared.exchange_hellos(&conn, peer).await {
         Ok(boot) => boot,
         Err(error) => {
@@ -858,7 +1052,11 @@ async fn accept_one<M: WireMessage>(shared: Arc<Shared<M>>, incoming: quinn::Inc
 
 /// The ALPN protocol a connection negotiated.
 fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?
+    handshake_alpn(conn.handshake_data())
+}
+
+fn handshake_alpn(data: Option<Box<dyn std::any::Any>>) -> Option<Vec<u8>> {
+    data?
         .downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()?
         .protocol

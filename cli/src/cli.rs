@@ -72,7 +72,9 @@ enum Command {
     ///
     /// Listens for peers and clients on --listen (QUIC), serves /metrics and /healthz
     /// on --metrics, and stops cleanly on a signal: every committed change is on disk
-    /// and undelivered messages stay in the outboxes for the next start.
+    /// and undelivered messages stay in the outboxes for the next start. If its
+    /// actors stop by themselves (a panic), it exits with status 1 so that a
+    /// supervisor restarts it (crash-only).
     ///
     /// Example: conclave node --data ./data/a --listen 127.0.0.1:7401 --peer ID@127.0.0.1:7402
     Node(NodeArgs),
@@ -436,8 +438,16 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         node.id(),
         node.local_addr().map_or_else(|| listen.to_string(), |a| a.to_string()),
     );
-    wait_for_signal().await;
-    tracing::info!("signal received; stopping");
+    // Crash-only: a node whose actors stopped by themselves (a panic) exits with
+    // an error so that its supervisor restarts it; recovery is a restart.
+    tokio::select! {
+        () = wait_for_signal() => tracing::info!("signal received; stopping"),
+        failure = node.stopped_by_failure() => {
+            tracing::error!(%failure, "the node failed; exiting so that it is restarted");
+            node.shutdown().await;
+            bail!("the node failed: {failure}");
+        }
+    }
     node.shutdown().await;
     Ok(())
 }

@@ -349,15 +349,11 @@ impl Node {
 
     /// Readiness and posture, as `/healthz` reports them.
     pub fn health(&self) -> crate::observe::Health {
-        let ready = self.store().is_some()
-            && self
-                .inner
-                .runtime
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_some();
+        let failure = self.failure();
+        let ready = self.store().is_some() && failure.is_none();
         crate::observe::Health {
             ready,
+            failure,
             node_id: self.inner.id.to_string(),
             peers_connected: self
                 .inner
@@ -368,6 +364,44 @@ impl Node {
             peers_known: self.inner.peers.len(),
             tls: true,
             data_dir: self.inner.dir.display().to_string(),
+        }
+    }
+
+    /// Why the node cannot serve, if it cannot: shut down, its actor runtime
+    /// stopped by itself (an actor panicked; crash-only: restart the process, as
+    /// `conclave node` does by exiting), or its last group commit failed (a full or
+    /// failing store; cleared by the next commit that succeeds).
+    pub fn failure(&self) -> Option<String> {
+        let runtime = self
+            .inner
+            .runtime
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match runtime.as_ref() {
+            None => Some("shut down".into()),
+            Some(runtime) => runtime.failure().map(|f| f.to_string()),
+        }
+    }
+
+    /// Waits until the node's actor runtime has stopped by itself (an actor
+    /// panicked) and says why; never returns for a healthy node. Its store may be
+    /// failing meanwhile: that is reported by [`Node::failure`], and does not end
+    /// this wait.
+    pub async fn stopped_by_failure(&self) -> String {
+        let mut tick = tokio::time::interval(FAILURE_POLL);
+        loop {
+            tick.tick().await;
+            let runtime = self
+                .inner
+                .runtime
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(failure @ crate::host::Failure::Stopped) =
+                runtime.as_ref().and_then(|r| r.failure())
+            {
+                return failure.to_string();
+            }
         }
     }
 
@@ -677,6 +711,9 @@ impl Node {
         })
     }
 }
+
+/// How often [`Node::stopped_by_failure`] looks at the actor runtime.
+const FAILURE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Most frames [`Node::stored_frames`] reads at once.
 pub const STORED_FRAMES_MAX: usize = 4096;

@@ -67,6 +67,17 @@ pub enum RouteError {
     Stopped,
 }
 
+/// Why a runtime cannot serve (see [`Runtime::failure`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The actor runtime stopped by itself: an actor panicked.
+    #[error("the actor runtime stopped (an actor panicked)")]
+    Stopped,
+    /// The last group commit failed.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
 /// Where a message comes from decides which limits apply: messages from outside are
 /// bounded and refused when over a limit; messages between actors are the actors'
 /// own protocol and are always delivered.
@@ -146,6 +157,10 @@ struct Shared<S: System> {
     /// under this lock. It is never held while actor code runs: activation runs on
     /// the arbiter thread inside the new host (see `spawn`).
     active: Mutex<Actors<S>>,
+    /// Why the last group commit failed, until one succeeds (health reports it).
+    storage_failure: Mutex<Option<String>>,
+    /// The actor that panicked, which stopped the runtime.
+    panicked: Mutex<Option<ActorRef>>,
     /// Every handled message, for the driver contract test.
     #[cfg(test)]
     journal: Mutex<Vec<contract::Turn>>,
@@ -231,7 +246,7 @@ impl<S: System> Shared<S> {
                 depth: host_depth,
                 shared,
             };
-            host.activate(ctx);
+            host.guarded(|host| host.activate(ctx));
             host
         });
         Mailbox { addr, depth }
@@ -441,14 +456,21 @@ impl<S: System> Shared<S> {
             }
             (in_flight, result)
         };
+        let mut failure = self
+            .storage_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(txns) => {
+                *failure = None;
+                drop(failure);
                 metrics::histogram!("conclave_batch_transactions").record(txns as f64);
                 self.release(in_flight.sends);
             }
             Err(error) => {
                 tracing::error!(%error, dropped = in_flight.sends.len(), "group commit failed: the batch and what it sent are lost");
                 metrics::counter!("conclave_batch_commit_failures_total").increment(1);
+                *failure = Some(error.to_string());
             }
         }
         true
@@ -505,6 +527,23 @@ fn kind_label(kind: conclave_actors::ActorKind) -> String {
 
 impl<S: System> Host<S> {
     /// Builds the actor from its stored state, on the arbiter thread.
+    /// Runs actor code. Crash-only: an actor that panics leaves its state
+    /// unknown, so the whole runtime stops (its thread ends, [`Runtime::failure`]
+    /// says so, and the node is restarted by its supervisor), rather than that one
+    /// actor's messages vanishing while the rest carry on.
+    fn guarded(&mut self, run: impl FnOnce(&mut Self)) {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self)));
+        if ran.is_err() {
+            tracing::error!(actor = ?self.me, "an actor panicked: stopping the node's actors");
+            *self
+                .shared
+                .panicked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(self.me);
+            actix::System::current().stop();
+        }
+    }
+
     fn activate(&mut self, ctx: &mut actix::Context<Self>) {
         let mut effects = Vec::new();
         let mut rng = UnwrapErr(SysRng);
@@ -612,7 +651,7 @@ impl<S: System> actix::Handler<Fired<S::Msg>> for Host<S> {
     type Result = ();
     fn handle(&mut self, fired: Fired<S::Msg>, ctx: &mut actix::Context<Self>) {
         if self.shared.timer_fires(&self.me, self.incarnation) {
-            self.deliver(None, fired.msg, ctx);
+            self.guarded(|host| host.deliver(None, fired.msg, ctx));
         }
     }
 }
@@ -630,7 +669,7 @@ impl<S: System> actix::Handler<Deliver<S::Msg>> for Host<S> {
     type Result = ();
     fn handle(&mut self, d: Deliver<S::Msg>, ctx: &mut actix::Context<Self>) {
         self.depth.fetch_sub(1, Ordering::Relaxed);
-        self.deliver(d.from, d.msg, ctx);
+        self.guarded(|host| host.deliver(d.from, d.msg, ctx));
     }
 }
 
@@ -695,6 +734,8 @@ impl<S: System> Runtime<S> {
                         transport,
                         arbiter: actix_rt::Arbiter::current(),
                         active: Mutex::new(Lifecycles::new()),
+                        storage_failure: Mutex::new(None),
+                        panicked: Mutex::new(None),
                         #[cfg(test)]
                         journal: Mutex::new(Vec::new()),
                     });
@@ -723,10 +764,39 @@ impl<S: System> Runtime<S> {
     /// `to` must be on this node. A message to an address the system has no actor for
     /// is accepted here, then dropped and counted when activation finds nothing.
     pub fn tell(&self, to: ActorRef, msg: impl Into<S::Msg>) -> Result<(), RouteError> {
-        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+        if self.stopped() {
             return Err(RouteError::Stopped);
         }
         self.shared.route(Origin::Outside, None, to, msg.into())
+    }
+
+    /// Whether the runtime has stopped by itself: its thread ended, or an actor
+    /// panicked and it is ending.
+    fn stopped(&self) -> bool {
+        let panicked = self
+            .shared
+            .panicked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        panicked || self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Why the runtime cannot serve, if it cannot: its thread ended without being
+    /// stopped (an actor panicked: every actor of the node has stopped, and the
+    /// node must be restarted — conclave is crash-only), or the last group commit
+    /// failed (the store refuses writes, e.g. a full map; this clears when a commit
+    /// succeeds again).
+    pub fn failure(&self) -> Option<Failure> {
+        if self.stopped() {
+            return Some(Failure::Stopped);
+        }
+        let storage = self
+            .shared
+            .storage_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        storage.clone().map(Failure::Storage)
     }
 
     /// How many actors are active or stopping (only tests ask).

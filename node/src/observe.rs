@@ -315,8 +315,12 @@ impl<S: Store> Store for MeteredStore<S> {
 /// What `/healthz` reports.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Health {
-    /// The node's actors, store and transport are running.
+    /// The node's actors, store and transport are running, and its last commit
+    /// succeeded.
     pub ready: bool,
+    /// Why it is not ready (see [`crate::Node::failure`]).
+    #[serde(default)]
+    pub failure: Option<String>,
     /// The node id.
     pub node_id: String,
     /// Peers with an authenticated connection now.

@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{HostConfig, Runtime};
+use super::{Failure, HostConfig, Runtime};
 use conclave_actors::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, Handler, System};
 use conclave_actors::NodeId;
 use conclave_storage::{Faulty, LmdbOptions, LmdbStore, MemStore, Store, Table};
@@ -53,6 +53,8 @@ enum CounterMsg {
     IncrAndTell {
         witness: ActorRef,
     },
+    /// A bug in the actor.
+    Panic,
 }
 
 /// To the witness: counter `key` was told `count`.
@@ -213,6 +215,7 @@ impl Actor<TestSystem> for Counter {
             }
             CounterMsg::Passivate => cx.stop(),
             CounterMsg::Stall { ms } => std::thread::sleep(Duration::from_millis(ms)),
+            CounterMsg::Panic => panic!("the counter was asked to panic"),
             CounterMsg::IncrAndTell { witness } => {
                 self.handle(CounterMsg::Incr, cx);
                 let told = Told {
@@ -420,6 +423,38 @@ fn a_send_leaves_only_once_the_batch_that_wrote_its_state_is_durable() {
             other => panic!("unexpected {other:?}"),
         }
     }
+    runtime.shutdown();
+}
+
+#[test]
+fn an_actor_that_panics_stops_the_runtime_which_says_so() {
+    let node = NodeId([1; 32]);
+    let (runtime, _rx) = start(node, Arc::new(MemStore::new()), &MemNetwork::<Msg>::new());
+    let counter = ActorRef::new(node, COUNTER, ActorKey::Id(1));
+    runtime.tell(counter, CounterMsg::Incr).expect("accepted");
+    assert_eq!(runtime.failure(), None);
+    runtime.tell(counter, CounterMsg::Panic).expect("accepted");
+    wait_until(|| runtime.failure() == Some(Failure::Stopped));
+    assert!(runtime.tell(counter, CounterMsg::Incr).is_err());
+}
+
+#[test]
+fn a_failed_commit_is_reported_until_a_commit_succeeds() {
+    let node = NodeId([1; 32]);
+    let disk = Arc::new(Faulty::new(MemStore::new()));
+    let store: Arc<dyn Store> = disk.clone();
+    let (runtime, rx) = start(node, store, &MemNetwork::<Msg>::new());
+    let counter = ActorRef::new(node, COUNTER, ActorKey::Id(2));
+    let witness = ActorRef::new(node, WITNESS, ActorKey::Unit);
+    disk.fail_next_commit();
+    runtime.tell(counter, CounterMsg::Incr).expect("accepted");
+    wait_until(|| matches!(runtime.failure(), Some(Failure::Storage(_))));
+    // The next commit succeeds, and the failure is no longer reported.
+    runtime
+        .tell(counter, CounterMsg::IncrAndTell { witness })
+        .expect("accepted");
+    assert!(matches!(next(&rx), Event::Witnessed { .. }));
+    assert_eq!(runtime.failure(), None);
     runtime.shutdown();
 }
 

@@ -339,6 +339,38 @@ fn publishing_while_the_home_is_unreachable_is_queued_and_commits_later() {
     assert_eq!(w.c.read(2, &w.carol.clone(), room).len(), 1);
 }
 
+#[test]
+fn a_non_members_publish_never_enters_an_outbox() {
+    let mut w = world(6);
+    let room = room_of_three(&mut w, Policy::default());
+    let (alice, carol) = (w.alice.clone(), w.carol.clone());
+    let keys = w.c.keys(2, &carol, room);
+    // Carol is removed; her node still knows the room and where its home is.
+    assert_eq!(w.c.remove(0, &alice, room, carol.user_id()), Outcome::Done);
+    w.c.settle();
+    // With the home unreachable, whatever node 2 forwarded would wait in its outbox.
+    w.c.partition(0, 2, true);
+    let frame =
+        w.c.seal(&carol, room, Epoch(1), &keys[&Epoch(1)], b"spam")
+            .expect("seal");
+    let r = w.c.publish_frame(2, frame);
+    w.c.settle();
+    assert_eq!(
+        w.c.outcomes(2, r),
+        vec![Outcome::Denied(Denial::NotAMember)]
+    );
+    assert!(
+        w.c.outbox_depths(2).is_empty(),
+        "{:?}",
+        w.c.outbox_depths(2)
+    );
+    // A member's publish from a member node still travels.
+    let bob = w.bob.clone();
+    let r = w.c.publish(1, &bob, room, b"from a member");
+    w.c.settle();
+    committed(&mut w.c, 1, r);
+}
+
 /// Counts of `conclave_requests_denied_total` by reason.
 fn denied_counts(recorder: &DebuggingRecorder) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();

@@ -146,11 +146,18 @@ struct NodeArgs {
     /// A peer node: its id and address (repeat for each peer).
     #[arg(long = "peer", value_name = "ID@ADDR")]
     peers: Vec<String>,
-    /// A TOML file with data, listen, metrics and [[peer]] id/addr entries (flags
-    /// given too override it).
+    /// The largest the store may grow to, in GiB (default 64; the file is sparse).
+    /// Past it, writes are refused and /healthz reports the node not ready.
+    #[arg(long, value_name = "GIB", value_parser = clap::value_parser!(u64).range(1..=STORE_MAX_GIB_CEILING))]
+    store_max_gib: Option<u64>,
+    /// A TOML file with data, listen, metrics, store_max_gib and [[peer]] id/addr
+    /// entries (flags given too override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
+
+/// The largest `--store-max-gib` (1 TiB).
+const STORE_MAX_GIB_CEILING: u64 = 1024;
 
 /// What `--config` holds.
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -158,6 +165,7 @@ struct NodeConfig {
     data: Option<PathBuf>,
     listen: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
+    store_max_gib: Option<u64>,
     #[serde(default)]
     peer: Vec<PeerConfig>,
 }
@@ -426,6 +434,14 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     let handle = observe::install_prometheus().context("installing the metrics exporter")?;
     let mut builder = Node::builder().data_dir(&data).listen(listen);
+    if let Some(gib) = args.store_max_gib.or(config.store_max_gib) {
+        if !(1..=STORE_MAX_GIB_CEILING).contains(&gib) {
+            bail!("store_max_gib must be between 1 and {STORE_MAX_GIB_CEILING}, not {gib}");
+        }
+        let bytes =
+            usize::try_from(gib << 30).context("store_max_gib does not fit this machine")?;
+        builder = builder.store_bytes_max(bytes);
+    }
     for (id, addr) in &peers {
         builder = builder.peer(*id, *addr);
     }

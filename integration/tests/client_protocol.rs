@@ -182,3 +182,38 @@ async fn connections_of_a_client_that_vanished_stop_counting_against_the_limit()
     assert!(back.list_users().await.is_ok());
     node.shutdown().await;
 }
+
+/// The store bound of [`a_full_store_makes_the_node_not_ready_and_says_why`].
+const SMALL_STORE_BYTES: usize = 4 << 20;
+/// More publishes than that store can hold.
+const PUBLISHES_MAX: usize = 10_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_makes_the_node_not_ready_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder()
+        .data_dir(dir.path())
+        .store_bytes_max(SMALL_STORE_BYTES)
+        .start()
+        .await
+        .unwrap();
+    let alice = Identity::generate(&mut rng());
+    node.seed_admin(&alice.public()).unwrap();
+    let alice = node.user(alice).await.unwrap();
+    let room = alice.create_room(Policy::default()).await.unwrap();
+    assert!(node.health().ready);
+    let body = vec![b'x'; 32 << 10];
+    let mut refused = None;
+    for _ in 0..PUBLISHES_MAX {
+        if let Err(error) = alice.publish(room, &body).await {
+            refused = Some(error);
+            break;
+        }
+    }
+    let refused = refused.expect("a 4 MiB store fills up");
+    let health = node.health();
+    assert!(!health.ready, "{health:?} after {refused}");
+    let failure = health.failure.unwrap_or_default();
+    assert!(failure.starts_with("storage:"), "{failure}");
+    node.shutdown().await;
+}

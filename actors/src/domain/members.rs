@@ -147,7 +147,7 @@ impl Members {
                     .op
                     .room()
                     .ok_or_else(|| Denial::malformed("no room"))?;
-                self.forward(room, RoomMsg::Request { req, reply }, cx)
+                self.forward(acting, room, RoomMsg::Request { req, reply }, cx)
             }
         }
     }
@@ -163,22 +163,34 @@ impl Members {
             registry::check_active(&*txn, frame.sender)?;
         }
         metrics::counter!("conclave_frames_published_total").increment(1);
-        let room = frame.room;
-        self.forward(room, RoomMsg::Publish { frame, reply }, cx)
+        let (sender, room) = (frame.sender, frame.room);
+        self.forward(sender, room, RoomMsg::Publish { frame, reply }, cx)
     }
 
-    /// Sends `msg` to `room`'s sequencer: directly if it is this node, else through the
-    /// outbox (answering [`Outcome::Forwarded`]; the home answers the rest).
+    /// Sends `msg` (from `acting`) to `room`'s sequencer: directly if it is this
+    /// node, else through the outbox (answering [`Outcome::Forwarded`]; the home
+    /// answers the rest) if `acting` is a member of the room as this node knows:
+    /// what a non-member sends never enters an outbox shared by every room towards
+    /// that node.
     fn forward<S: System<Msg = Msg>>(
         &mut self,
+        acting: UserId,
         room: RoomId,
         msg: RoomMsg,
         cx: &mut Context<'_, S>,
     ) -> Result<Option<Outcome>, Denial> {
         let me = cx.node();
-        // A read transaction: a local home (the common case) needs no writer.
-        let home: NodeId = rooms::sequencer_of(&*cx.store().read()?, room)?
-            .ok_or_else(|| Denial::not_found(format!("room {room}")))?;
+        let home: NodeId = {
+            // A read transaction: a local home (the common case) needs no writer.
+            let txn = cx.store().read()?;
+            let home = rooms::sequencer_of(&*txn, room)?
+                .ok_or_else(|| Denial::not_found(format!("room {room}")))?;
+            let member = rooms::visibility(&*txn, acting, room)?.is_some_and(|v| v.until.is_none());
+            if home != me && !member {
+                return Err(Denial::NotAMember);
+            }
+            home
+        };
         if home == me {
             cx.send(room_of(me, room), msg);
             return Ok(None);

@@ -821,6 +821,14 @@ struct Pending {
     forwarded: bool,
 }
 
+/// Where a run's request numbers start: random, so that two runs of a node share
+/// none in practice (each run draws 2^64 apart, and numbers a run hands out are
+/// consecutive from there).
+fn first_request_number() -> u64 {
+    use rand_core::Rng;
+    rand_core::UnwrapErr(getrandom::SysRng).next_u64()
+}
+
 impl Gateway {
     fn changes(&self) -> std::sync::MutexGuard<'_, BTreeMap<RoomId, watch::Sender<u64>>> {
         // Entries are inserted and removed whole: a poisoned lock guards a valid map.
@@ -857,7 +865,10 @@ impl Gateway {
     fn new(me: NodeId) -> Self {
         Self {
             me,
-            next: AtomicU64::new(1),
+            // Random, not 1: an answer to a request of an earlier run of this
+            // node (forwarded, decided by the home after a restart) must not be
+            // taken for the answer to a new request that got the same number.
+            next: AtomicU64::new(first_request_number()),
             pending: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(BTreeMap::new()),
             revoked: broadcast::channel(REVOCATIONS_QUEUED_MAX).0,
@@ -869,6 +880,7 @@ impl Gateway {
         answerers: std::collections::BTreeSet<NodeId>,
     ) -> (u64, mpsc::UnboundedReceiver<Outcome>) {
         let request = self.next.fetch_add(1, Ordering::Relaxed);
+        // Wrapping past u64::MAX is fine: numbers only need to differ.
         let (tx, rx) = mpsc::unbounded_channel();
         self.pending
             .lock()
@@ -1035,6 +1047,26 @@ mod tests {
         drop(changes);
         gateway.deliver(me, ClientMsg::Changed { room });
         assert!(gateway.changes().is_empty());
+    }
+
+    #[test]
+    fn an_answer_to_a_request_of_an_earlier_run_does_not_reach_a_new_request() {
+        let (me, home) = (NodeId([1; 32]), NodeId([2; 32]));
+        // A request forwarded to the home, then the node restarts before the
+        // home's answer comes back.
+        let (old, _) = Gateway::new(me).register([me, home].into());
+        let restarted = Gateway::new(me);
+        let (new, mut rx) = restarted.register([me, home].into());
+        assert_ne!(old, new, "a new run numbers its requests afresh");
+        let late = ClientMsg::Reply {
+            request: old,
+            outcome: Outcome::Done,
+        };
+        restarted.deliver(home, late);
+        assert!(
+            rx.try_recv().is_err(),
+            "the old answer reached request {new}"
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub fn half_open_handshakes(node: SocketAddr, count: usize) -> std::io::Result<H
         None,
     );
     let mut report = HalfOpen::default();
+    let mut answers = Answers::default();
     let mut buf = Vec::new();
     for _ in 0..count {
         let now = Instant::now();
@@ -62,22 +63,43 @@ pub fn half_open_handshakes(node: SocketAddr, count: usize) -> std::io::Result<H
             socket.send_to(&buf[..transmit.size], node)?;
             report.sent += 1;
         }
+        // Read as we go: the socket's buffer would not hold every answer.
+        socket.set_nonblocking(true)?;
+        answers.read(&socket);
+        socket.set_nonblocking(false)?;
     }
-    let mut answered = BTreeSet::new();
-    let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
-    while let Ok((len, _)) = socket.recv_from(&mut datagram) {
-        match datagram[..len].first().map(|b| b & LONG_TYPE_MASK) {
-            Some(RETRY) => report.retried += 1,
-            Some(INITIAL) => {
-                if let Some(cid) = destination_cid(&datagram[..len]) {
-                    answered.insert(cid.to_vec());
+    answers.read(&socket);
+    report.answered = answers.answered.len();
+    report.retried = answers.retried;
+    Ok(report)
+}
+
+/// What came back to [`half_open_handshakes`].
+#[derive(Default)]
+struct Answers {
+    /// The connections the node answered with an Initial.
+    answered: BTreeSet<Vec<u8>>,
+    retried: usize,
+}
+
+impl Answers {
+    /// Reads datagrams until none is waiting (or, on a blocking socket, until
+    /// its read timeout).
+    fn read(&mut self, socket: &UdpSocket) {
+        let mut datagram = vec![0u8; DATAGRAM_BYTES_MAX];
+        while let Ok((len, _)) = socket.recv_from(&mut datagram) {
+            let packet = &datagram[..len];
+            match packet.first().map(|b| b & LONG_TYPE_MASK) {
+                Some(RETRY) => self.retried += 1,
+                Some(INITIAL) => {
+                    if let Some(cid) = destination_cid(packet) {
+                        self.answered.insert(cid.to_vec());
+                    }
                 }
+                _ => {}
             }
-            _ => {}
         }
     }
-    report.answered = answered.len();
-    Ok(report)
 }
 
 /// The destination connection id of a long-header packet (the id this client

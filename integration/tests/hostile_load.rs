@@ -187,4 +187,19 @@ async fn a_hostile_client_cannot_grow_the_node_past_its_limits() {
         committed > 0 && failed == 0,
         "legitimate publishes: {committed} committed, {failed} failed"
     );
+
+    // Every refusal is counted by its reason.
+    let (_, metrics) = conclave::observe::http_get(node.metrics, "/metrics")
+        .await
+        .expect("scrape");
+    for series in [
+        "conclave_transport_handshakes_total{result=\"retry\"}",
+        "conclave_client_requests_refused_total{reason=\"busy\"}",
+    ] {
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        assert!(count.is_some_and(|n| n > 0.0), "{series}: {count:?}");
+    }
 }

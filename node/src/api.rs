@@ -698,7 +698,14 @@ impl Node {
             drop(txn);
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Err(ApiError::Denied(Denial::NotAMember)),
+                Ok(Err(_)) | Err(_) => {
+                    // Counted like every other refusal (the actors' are).
+                    let reason = Denial::NotAMember.reason();
+                    tracing::info!(?user, ?room, reason, "subscription refused");
+                    metrics::counter!("conclave_requests_denied_total", "reason" => reason)
+                        .increment(1);
+                    return Err(ApiError::Denied(Denial::NotAMember));
+                }
             }
         };
         Ok(LocalFrames {

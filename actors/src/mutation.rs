@@ -52,11 +52,16 @@ pub enum Mutation {
     /// takes back a message the destination has already applied, and its sequence
     /// number is handed out again to another.
     OutboxSendsUncommitted,
+    /// The receiving peer ignores the stream a delivery carries (its sender's
+    /// incarnation and first held message): it keeps the mark it has, and on an
+    /// empty store starts from nothing taken, so a node back with an empty disk
+    /// waits for ever for messages its senders no longer hold.
+    IgnoreStreams,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 11] = [
+    pub const ALL: [Mutation; 12] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -68,6 +73,7 @@ impl Mutation {
         Mutation::AcceptUnauthorizedKey,
         Mutation::ReleaseBeforeCommit,
         Mutation::OutboxSendsUncommitted,
+        Mutation::IgnoreStreams,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -84,6 +90,7 @@ impl Mutation {
             Mutation::AcceptUnauthorizedKey => "accept_unauthorized_key",
             Mutation::ReleaseBeforeCommit => "release_before_commit",
             Mutation::OutboxSendsUncommitted => "outbox_sends_uncommitted",
+            Mutation::IgnoreStreams => "ignore_streams",
         }
     }
 

@@ -11,6 +11,16 @@
 //! destination), however the network drops, duplicates or reorders, and however
 //! often either side restarts.
 //!
+//! Sequence numbers mean something only within one run of the sender's store: each
+//! start of a node draws a new **incarnation**, and every delivery carries its
+//! [`Stream`] (the incarnation, and the first message the sender still holds). A
+//! receiver follows one incarnation per origin ([`Mark`]); a delivery of another
+//! one (the sender restarted, or its store was reset or restored from a backup),
+//! or one whose sender no longer holds what the receiver waits for (the receiver's
+//! store was reset), makes it follow the stream afresh from its first message
+//! ([`follow`]) instead of dropping new messages as duplicates or waiting for ever
+//! for a gap. Receivers are idempotent, so taking a message again is harmless.
+//!
 //! These are plain functions over a transaction; the outbox actor drives them with
 //! its timers and the transport.
 
@@ -40,7 +50,69 @@ pub const OUTBOX_DESTINATIONS_MAX: usize = 1 << 16;
 
 const MESSAGES: Table<([u8; 32], u64), Payload> = Table::new("outbox.messages");
 const HEADS: Table<[u8; 32], Head> = Table::new("outbox.heads");
-const HIGH_WATER: Table<[u8; 32], u64> = Table::new("inbox.high_water");
+/// This run's incarnation, under key 0 (see [`start_incarnation`]).
+const INCARNATION: Table<u8, u64> = Table::new("outbox.incarnation");
+const MARKS: Table<[u8; 32], Mark> = Table::new("inbox.marks");
+
+/// Which stream a delivery belongs to: the sender's incarnation, and the first
+/// message it still holds for this destination (every one before it was
+/// acknowledged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stream {
+    /// The sender's incarnation.
+    pub incarnation: u64,
+    /// Its oldest unacknowledged sequence number for the destination.
+    pub first: Seq,
+}
+
+/// What a receiver has taken from one origin: the incarnation it follows and the
+/// last sequence number taken from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// The origin's incarnation.
+    pub incarnation: u64,
+    /// The last sequence number taken (0: none).
+    pub high: u64,
+}
+
+/// Why a receiver follows a stream afresh (see [`follow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resync {
+    /// It followed no stream of that origin (a new origin, or its store is new).
+    First,
+    /// The origin started again (a restart, or a store reset or restored).
+    NewIncarnation,
+    /// The origin no longer holds what the receiver waits for: the receiver's
+    /// store lost what it had taken (reset, or restored from an older backup).
+    Behind,
+}
+
+impl Resync {
+    /// As a metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Resync::First => "first",
+            Resync::NewIncarnation => "new_incarnation",
+            Resync::Behind => "behind",
+        }
+    }
+}
+
+/// Whether a receiver at `mark` must follow `stream` afresh, and the mark to
+/// follow it from (just before the stream's first message): `None` if `mark`
+/// already follows it.
+pub fn follow(mark: Option<Mark>, stream: Stream) -> Option<(Mark, Resync)> {
+    let fresh = Mark {
+        incarnation: stream.incarnation,
+        high: stream.first.0.saturating_sub(1),
+    };
+    match mark {
+        None => Some((fresh, Resync::First)),
+        Some(m) if m.incarnation != stream.incarnation => Some((fresh, Resync::NewIncarnation)),
+        Some(m) if m.high < fresh.high => Some((fresh, Resync::Behind)),
+        Some(_) => None,
+    }
+}
 
 /// Why an outbox operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +136,10 @@ pub enum OutboxError {
         /// The last sequence number sent to it.
         sent: u64,
     },
+    /// No incarnation was recorded for this run (the driver records one at
+    /// start, with [`start_incarnation`]).
+    #[error("no incarnation recorded for this run of the node")]
+    NoIncarnation,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -195,9 +271,20 @@ pub fn depth(txn: &dyn ReadTxn, dest: NodeId) -> Result<u64, OutboxError> {
     Ok(head.sent - head.acked)
 }
 
-/// Whether any outbox or high-water mark was ever written.
+/// Whether any outbox or mark was ever written.
 pub fn any(txn: &dyn ReadTxn) -> Result<bool, StoreError> {
-    Ok(HEADS.first(txn)?.is_some() || HIGH_WATER.first(txn)?.is_some())
+    Ok(HEADS.first(txn)?.is_some() || MARKS.first(txn)?.is_some())
+}
+
+/// Records `drawn` (random, from the driver) as this run's incarnation: every
+/// start of a node begins new streams (see the module docs).
+pub fn start_incarnation(txn: &mut dyn WriteTxn, drawn: u64) -> Result<(), StoreError> {
+    INCARNATION.put(txn, &0, &drawn)
+}
+
+/// This run's incarnation; `None` before [`start_incarnation`].
+pub fn incarnation(txn: &dyn ReadTxn) -> Result<Option<u64>, StoreError> {
+    INCARNATION.get(txn, &0)
 }
 
 /// Every destination with messages waiting for acknowledgement, in id order: what a
@@ -226,10 +313,28 @@ pub enum Arrival {
     },
 }
 
-/// Takes message `seq` from `origin` if it is the next one. Commit `txn` together
-/// with the message's effects, so that taking it and acting on it are one step.
-pub fn accept(txn: &mut dyn WriteTxn, origin: NodeId, seq: Seq) -> Result<Arrival, StoreError> {
-    let high = HIGH_WATER.get(&*txn, &origin.0)?.unwrap_or(0);
+/// Takes message `seq` of `stream` from `origin` if it is the next one, following
+/// the stream afresh first if needed ([`follow`]). Commit `txn` together with the
+/// message's effects, so that taking it and acting on it are one step.
+pub fn accept(
+    txn: &mut dyn WriteTxn,
+    origin: NodeId,
+    stream: Stream,
+    seq: Seq,
+) -> Result<Arrival, StoreError> {
+    let mut mark = MARKS.get(&*txn, &origin.0)?;
+    if let Some((fresh, _)) = follow(mark, stream) {
+        mark = Some(fresh);
+    }
+    if crate::mutation::active(crate::mutation::Mutation::IgnoreStreams) {
+        // Mutation: the stored mark stays, whatever the stream.
+        let kept = MARKS.get(&*txn, &origin.0)?.unwrap_or_default();
+        mark = Some(Mark {
+            incarnation: stream.incarnation,
+            high: kept.high,
+        });
+    }
+    let Mark { incarnation, high } = mark.expect("a mark is followed from here on");
     if seq.0 <= high {
         return Ok(Arrival::Duplicate);
     }
@@ -238,14 +343,17 @@ pub fn accept(txn: &mut dyn WriteTxn, origin: NodeId, seq: Seq) -> Result<Arriva
             expected: Seq(high + 1),
         });
     }
-    HIGH_WATER.put(txn, &origin.0, &seq.0)?;
-    debug_assert_eq!(HIGH_WATER.get(&*txn, &origin.0)?, Some(high + 1));
+    let next = Mark {
+        incarnation,
+        high: seq.0,
+    };
+    MARKS.put(txn, &origin.0, &next)?;
     Ok(Arrival::Fresh)
 }
 
-/// The last sequence number taken from `origin` (0 if none): what to acknowledge.
-pub fn high_water(txn: &dyn ReadTxn, origin: NodeId) -> Result<Seq, StoreError> {
-    Ok(Seq(HIGH_WATER.get(txn, &origin.0)?.unwrap_or(0)))
+/// What the receiver has taken from `origin` (`None`: nothing yet).
+pub fn mark(txn: &dyn ReadTxn, origin: NodeId) -> Result<Option<Mark>, StoreError> {
+    MARKS.get(txn, &origin.0)
 }
 
 #[cfg(test)]

@@ -165,15 +165,18 @@ pub async fn pin_requests(
 }
 
 /// Writes a length prefix of `announce` and body bytes until flow control stops
-/// them (or the body is whole); returns the bytes written.
+/// them, one byte short of the whole body (so that the request stays open, and
+/// what the node took for it stays taken); returns the bytes written.
 async fn fill(send: &mut quinn::SendStream, announce: u32, wait: Duration) -> u64 {
     let mut written = 0u64;
     if send.write_all(&announce.to_be_bytes()).await.is_err() {
         return written;
     }
+    let short = u64::from(announce).saturating_sub(1);
     let chunk = vec![0u8; PIN_CHUNK_BYTES];
-    while written < u64::from(announce) {
-        match tokio::time::timeout(wait, send.write(&chunk)).await {
+    while written < short {
+        let len = usize::try_from(short - written).map_or(chunk.len(), |n| n.min(chunk.len()));
+        match tokio::time::timeout(wait, send.write(&chunk[..len])).await {
             Ok(Ok(n)) => written += n as u64,
             _ => break,
         }

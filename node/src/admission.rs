@@ -43,6 +43,20 @@ pub(crate) struct Admission {
 struct Held {
     conns: Vec<quinn::Connection>,
     budget: Arc<Semaphore>,
+    /// Whether a new connection is finding out which of these went silent: one
+    /// at a time (others are refused meanwhile), so that a user cannot have
+    /// connections pile up waiting.
+    probing: bool,
+}
+
+impl Held {
+    fn new() -> Self {
+        Self {
+            conns: Vec::new(),
+            budget: Arc::new(Semaphore::new(CLIENT_REQUEST_BYTES_PER_USER)),
+            probing: false,
+        }
+    }
 }
 
 /// The budgets a connection's requests draw from: its user's and the node's.
@@ -95,19 +109,19 @@ impl Admission {
     /// that stayed silent are closed (`silent`) and no longer count. The budgets
     /// its requests draw from, or `None` if refused.
     pub(crate) async fn admit(&self, user: UserId, conn: &quinn::Connection) -> Option<Budgets> {
-        let held = self.lock().get(&user).map(|h| h.conns.clone());
-        if let Some(held) = held.filter(|h| h.len() >= CONNECTIONS_PER_USER_MAX) {
-            for gone in silent(held).await {
+        if let Some(held) = self.probe_start(user)? {
+            let gone = silent(held).await;
+            if let Some(held) = self.lock().get_mut(&user) {
+                held.probing = false;
+            }
+            for gone in gone {
                 tracing::info!(%user, addr = %gone.remote_address(), "closing a client connection that went silent");
                 metrics::counter!("conclave_client_connections_silent_total").increment(1);
                 gone.close(VarInt::from_u32(code::SILENT), b"silent");
             }
         }
         let mut users = self.lock();
-        let held = users.entry(user).or_insert_with(|| Held {
-            conns: Vec::new(),
-            budget: Arc::new(Semaphore::new(CLIENT_REQUEST_BYTES_PER_USER)),
-        });
+        let held = users.entry(user).or_insert_with(Held::new);
         held.conns.retain(|c| c.close_reason().is_none());
         if held.conns.len() >= CONNECTIONS_PER_USER_MAX {
             return None;
@@ -119,12 +133,29 @@ impl Admission {
         })
     }
 
+    /// At the limit, the connections to look at for silence (and the probe is
+    /// now this caller's): `Some(None)` below the limit, `None` (refuse) if
+    /// another connection of the user is probing already.
+    fn probe_start(&self, user: UserId) -> Option<Option<Vec<quinn::Connection>>> {
+        let mut users = self.lock();
+        let held = users.entry(user).or_insert_with(Held::new);
+        held.conns.retain(|c| c.close_reason().is_none());
+        if held.conns.len() < CONNECTIONS_PER_USER_MAX {
+            return Some(None);
+        }
+        if held.probing {
+            return None;
+        }
+        held.probing = true;
+        Some(Some(held.conns.clone()))
+    }
+
     /// Forgets `conn` among `user`'s connections.
     pub(crate) fn release(&self, user: UserId, conn: &quinn::Connection) {
         let mut users = self.lock();
         if let Some(held) = users.get_mut(&user) {
             held.conns.retain(|c| c.stable_id() != conn.stable_id());
-            if held.conns.is_empty() {
+            if held.conns.is_empty() && !held.probing {
                 users.remove(&user);
             }
         }

@@ -177,6 +177,12 @@ impl NodeBuilder {
         let id = identity.node_id();
         let store = Arc::new(LmdbStore::open(&store_dir(&dir), self.lmdb.clone())?);
         domain::state::ensure_format(store.as_ref())?;
+        // A new run: the streams this node sends start afresh.
+        let incarnation = {
+            use rand_core::Rng;
+            rand_core::UnwrapErr(getrandom::SysRng).next_u64()
+        };
+        domain::begin_run(store.as_ref(), incarnation)?;
         // The domain signs evictions of this node's revoked users with it.
         let domain = Domain::new(self.domain)
             .with_nodes(self.peers.keys().copied())
@@ -762,6 +768,12 @@ impl FrameSource for LocalFrames {
 }
 
 impl LocalFrames {
+    /// The sequence number the subscription reads next (where a `Live` one
+    /// actually starts, before any frame).
+    pub(crate) fn position(&self) -> Seq {
+        self.buffer.front().map_or(self.next, |(seq, _)| *seq)
+    }
+
     /// Reads the next batch from the store. `Ok(true)` if anything was buffered;
     /// `Err(None)` when the stream is over (the user was removed and has read
     /// everything they may).

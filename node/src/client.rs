@@ -1,6 +1,6 @@
 //! The client protocol: users talking to their node over QUIC.
 //!
-//! A client connects to the node's QUIC port with ALPN `conclave-client/3` (the wire version) and
+//! A client connects to the node's QUIC port with ALPN `conclave-client/4` (the wire version) and
 //! authenticates as a **user** with the same identity binding nodes use (an RFC
 //! 7250 raw Ed25519 key, proven in the TLS handshake). The node then checks its
 //! registry: an unknown user is refused with `not_found`, a revoked one with
@@ -116,6 +116,12 @@ pub enum ClientResponse {
         /// The frame (still encrypted).
         frame: Box<Frame>,
     },
+    /// The first answer to a subscription: the sequence number it reads from (a
+    /// client that must resume a `Live` one before any frame resumes there).
+    Started {
+        /// That sequence number.
+        at: Seq,
+    },
     /// The subscription is over: the user was removed and has read all they may.
     Ended,
     /// The request was refused.
@@ -204,6 +210,7 @@ async fn serve_connection(node: Node, client: ClientConnection, admission: Arc<A
         refuse(&conn, user, &Denial::Limit { what });
         return;
     };
+    conclave_transports::quic::grant_client_allowance(&conn);
     tracing::debug!(%user, addr = %conn.remote_address(), "client connected");
     metrics::gauge!("conclave_clients_connected").increment(1.0);
     serve_streams(&node, user, &conn, revocations, Arc::new(budgets)).await;
@@ -391,10 +398,16 @@ async fn answer(
                 Ok(frames) => frames,
                 Err(e) => return write_msg(send, &refusal(e)).await,
             };
+            let at = frames.position();
+            write_msg(send, &ClientResponse::Started { at }).await?;
             loop {
                 let response = tokio::select! {
                     next = frames.next() => match next {
                         Some(Ok((seq, frame))) => ClientResponse::Frame { seq, frame: Box::new(frame) },
+                        // The node is stopping: no refusal, which would end the
+                        // subscription for good; the connection closes with the
+                        // node and the client resumes on its next one.
+                        Some(Err(ApiError::Route(_))) => break,
                         Some(Err(e)) => refusal(e),
                         None => ClientResponse::Ended,
                     },
@@ -407,6 +420,9 @@ async fn answer(
                     return Ok(());
                 }
             }
+            // Held open until the connection closes (or the client stops it).
+            let _ = send.stopped().await;
+            return Ok(());
         }
     };
     write_msg(send, &response).await

@@ -367,6 +367,10 @@ impl<S: System> Shared<S> {
     /// goes on with the next one; what the batch sent is released when the commit
     /// is done ([`Shared::finish_commit`]).
     fn start_commit(self: &Arc<Self>) {
+        if self.has_panicked() {
+            // The open batch holds the writes of a turn cut short: never committed.
+            return;
+        }
         let mut held = self.held();
         debug_assert!(held.committing.is_none(), "one commit at a time");
         let sends = std::mem::take(&mut held.sends);
@@ -476,8 +480,20 @@ impl<S: System> Shared<S> {
         true
     }
 
+    /// Whether an actor panicked: from then on nothing more is committed, sent or
+    /// handled (crash-only; see [`Host::guarded`]).
+    fn has_panicked(&self) -> bool {
+        self.panicked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
     /// Sends what durable batches owe.
     fn release(self: &Arc<Self>, sends: Vec<HeldSend<S::Msg>>) {
+        if self.has_panicked() {
+            return;
+        }
         for (from, to, msg) in sends {
             // Sends between actors are never refused (see `Origin`).
             let _ = self.route(Origin::Actor, Some(from), to, msg);
@@ -532,6 +548,11 @@ impl<S: System> Host<S> {
     /// says so, and the node is restarted by its supervisor), rather than that one
     /// actor's messages vanishing while the rest carry on.
     fn guarded(&mut self, run: impl FnOnce(&mut Self)) {
+        if self.shared.has_panicked() {
+            // The node is stopping: no actor runs again (actix may still hand this
+            // host, or another, what its mailbox holds).
+            return;
+        }
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self)));
         if ran.is_err() {
             tracing::error!(actor = ?self.me, "an actor panicked: stopping the node's actors");
@@ -773,13 +794,7 @@ impl<S: System> Runtime<S> {
     /// Whether the runtime has stopped by itself: its thread ended, or an actor
     /// panicked and it is ending.
     fn stopped(&self) -> bool {
-        let panicked = self
-            .shared
-            .panicked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some();
-        panicked || self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.shared.has_panicked() || self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Why the runtime cannot serve, if it cannot: its thread ended without being
@@ -820,6 +835,14 @@ impl<S: System> Runtime<S> {
             if thread.join().is_err() {
                 tracing::error!("actor runtime thread panicked");
             }
+        }
+        if self.shared.has_panicked() {
+            // Crash-only: as if the process died at the panic. The sealed batch
+            // holds whole turns (committed if its commit is under way); the open
+            // one holds the panicking turn's writes, and is dropped.
+            let _ = self.shared.batch.commit_sealed();
+            self.shared.batch.discard();
+            return;
         }
         // What the last batches wrote is kept (their sends are not: the runtime is
         // gone, and peers resend what they do not see acknowledged). A commit still

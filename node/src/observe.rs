@@ -106,6 +106,14 @@ const COUNTERS: &[(&str, &str)] = &[
         "Outbox messages received after a gap and dropped (the sender resends in order).",
     ),
     (
+        "conclave_inbox_resyncs_total",
+        "Times a peer followed another node's stream afresh, by reason (first, new_incarnation: that node restarted or its store was reset or restored; behind: this node's store lost what it had taken).",
+    ),
+    (
+        "conclave_inbox_deferred_total",
+        "Deliveries of a new stream left for the sender to resend until what the peer held of the old one was finished.",
+    ),
+    (
         "conclave_keys_rejected_total",
         "Sealed keys from a room's home refused, by reason.",
     ),

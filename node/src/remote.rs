@@ -96,10 +96,15 @@ fn connection_error(error: &quinn::ConnectionError) -> ApiError {
 }
 
 /// Whether a connection that ended with `error` is worth replacing: not when this
-/// client closed it, nor when the node refused the user.
+/// client closed it, nor when the node refused the user for good (`not_found`,
+/// `revoked`); a `limit` refusal is worth another try at the next request.
 fn replaceable(error: &quinn::ConnectionError) -> bool {
-    !matches!(error, quinn::ConnectionError::LocallyClosed)
-        && !matches!(connection_error(error), ApiError::Denied(_))
+    let refused = match connection_error(error) {
+        ApiError::Denied(Denial::Limit { .. }) => false,
+        ApiError::Denied(_) => true,
+        _ => false,
+    };
+    !matches!(error, quinn::ConnectionError::LocallyClosed) && !refused
 }
 
 /// Whether a request may be sent again after its connection died: only reads (a
@@ -359,6 +364,7 @@ impl RemoteFrames {
             match self.node.open(&request).await {
                 Ok(stream) => return Ok(stream),
                 Err(ApiError::Denied(denial)) => return Err(ApiError::Denied(denial)),
+                Err(error) if self.node.inner.closed.load(Ordering::SeqCst) => return Err(error),
                 Err(error) if tokio::time::Instant::now() + delay > deadline => return Err(error),
                 Err(_) => {}
             }
@@ -367,30 +373,42 @@ impl RemoteFrames {
         }
     }
 
-    /// What one read of the stream means: a frame, the end, or (`None`) a
-    /// connection that died, to be resumed.
-    fn interpret(
-        &mut self,
-        response: Result<ClientResponse, ApiError>,
-        link: &ClientLink,
-    ) -> Option<Option<Result<(Seq, Frame), ApiError>>> {
+    /// What one read of the stream means.
+    fn interpret(&mut self, response: Result<ClientResponse, ApiError>, link: &ClientLink) -> Read {
         let item = match response {
             Ok(ClientResponse::Frame { seq, frame }) => {
                 // Subscription::next refuses a sequence with no next.
                 self.from = Position::At(Seq(seq.0.saturating_add(1)));
-                return Some(Some(Ok((seq, *frame))));
+                return Read::Item(Some(Ok((seq, *frame))));
             }
+            // Where it starts: a `Live` subscription resumed before its first
+            // frame resumes here, not at the node's present then.
+            Ok(ClientResponse::Started { at }) if self.from == Position::Live => {
+                self.from = Position::At(at);
+                return Read::Again;
+            }
+            Ok(ClientResponse::Started { .. }) => return Read::Again,
             Ok(ClientResponse::Ended) => None,
             Ok(ClientResponse::Refused(denial)) => Some(Err(ApiError::Denied(denial))),
             Ok(other) => Some(Err(ApiError::Connection(format!(
                 "unexpected answer {other:?}"
             )))),
-            Err(_) if RemoteNode::died(link) => return None,
+            Err(_) if RemoteNode::died(link) => return Read::Resume,
             Err(e) => Some(Err(e)),
         };
         self.done = true;
-        Some(item)
+        Read::Item(item)
     }
+}
+
+/// What one read of a subscription's stream means.
+enum Read {
+    /// A frame, an error, or (`None`) the end.
+    Item(Option<Result<(Seq, Frame), ApiError>>),
+    /// Nothing to return: read on.
+    Again,
+    /// The connection died: resume on a new one.
+    Resume,
 }
 
 impl FrameSource for RemoteFrames {
@@ -408,12 +426,13 @@ impl FrameSource for RemoteFrames {
             };
             let response = RemoteNode::read(&link, &mut recv).await;
             match self.interpret(response, &link) {
-                Some(item) => {
+                Read::Item(item) => {
                     self.stream = Some((recv, link));
                     return item;
                 }
-                None => {
-                    tracing::info!(room = ?self.room, "subscription's connection died: resuming")
+                Read::Again => self.stream = Some((recv, link)),
+                Read::Resume => {
+                    tracing::info!(room = ?self.room, "subscription's connection died: resuming");
                 }
             }
         }

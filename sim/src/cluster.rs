@@ -175,6 +175,10 @@ pub struct SimNode {
     pub up: bool,
     /// Whether the node was lost for good (its disk wiped); it never restarts.
     pub wiped: bool,
+    /// Whether the node came back with an empty disk under its identity: what it
+    /// held is lost for good (it is `wiped`), but it is up and other nodes'
+    /// streams to it must flow again.
+    pub reborn: bool,
     /// The node's own random source (what its actors get from `cx.rng()`).
     rng: ChaCha20Rng,
     /// Which mailbox runs next, and activation delays ([`Scheduling`]).
@@ -421,6 +425,7 @@ impl Cluster {
                     actors: Lifecycles::new(),
                     up: true,
                     wiped: false,
+                    reborn: false,
                     rng: derive_rng(seed, i as u64, "node"),
                     sched_rng: derive_rng(seed, i as u64, "scheduler"),
                     queued: 0,
@@ -433,7 +438,7 @@ impl Cluster {
                 }
             })
             .collect();
-        Self {
+        let mut cluster = Self {
             nodes,
             domain,
             queue: BTreeMap::new(),
@@ -459,7 +464,19 @@ impl Cluster {
             trace: TraceHasher::new(),
             trace_log: None,
             journal: None,
+        };
+        for i in 0..n {
+            cluster.begin_run(i);
         }
+        cluster
+    }
+
+    /// Begins a run of node `i` (at creation and at every restart), with an
+    /// incarnation drawn from the node's own randomness, as the runtime does.
+    fn begin_run(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let incarnation = node.rng.next_u64();
+        domain::begin_run(node.store.as_ref(), incarnation).expect("a run begins");
     }
 
     /// The current virtual time.
@@ -1288,6 +1305,16 @@ impl Cluster {
         node.store.wipe();
     }
 
+    /// Crashes node `i` and starts it again at once with an empty store under the
+    /// same identity: everything it held is lost for good (it counts as wiped),
+    /// but it serves again.
+    pub fn reborn(&mut self, i: usize) {
+        self.wipe(i);
+        self.mark(&format!("reborn n{i}"));
+        self.nodes[i].reborn = true;
+        self.start(i);
+    }
+
     /// Restarts node `i` from its store, as the runtime does on start (a wiped node
     /// stays down).
     pub fn restart(&mut self, i: usize) {
@@ -1295,9 +1322,15 @@ impl Cluster {
             return;
         }
         self.mark(&format!("restart n{i}"));
+        self.start(i);
+    }
+
+    /// Starts node `i` from its store.
+    fn start(&mut self, i: usize) {
         self.nodes[i].up = true;
         self.nodes[i].busy_until = self.now;
         let id = self.nodes[i].id;
+        self.begin_run(i);
         let boot = domain::boot(id, self.nodes[i].store.as_ref()).expect("boot reads the store");
         for (to, msg) in boot {
             self.tell(to, msg);

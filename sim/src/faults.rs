@@ -44,6 +44,8 @@ pub enum Fault {
     Restart(usize),
     /// Lose the node for good.
     Wipe(usize),
+    /// The node comes back at once with an empty disk under its identity.
+    Reborn(usize),
     /// Cut links, as (from, to).
     Cut {
         /// The links.
@@ -130,6 +132,7 @@ impl Faults {
                 }
             }
             Fault::Wipe(i) => return self.wipe(c, i),
+            Fault::Reborn(i) => return self.reborn(c, o, i),
             Fault::Cut { links, symmetric } => {
                 self.partitions += 1;
                 for &(a, b) in &links {
@@ -209,6 +212,27 @@ impl Faults {
         assert!(c.nodes[i].wiped && !c.nodes[i].up);
         Applied::Wiped(format!(
             "n{i} was lost for good at {:.3}s (disk wiped; it never restarts)",
+            c.now().saturating_since(START).as_secs_f64()
+        ))
+    }
+
+    fn reborn(&mut self, c: &mut Cluster, o: &Options, i: usize) -> Applied {
+        if c.nodes[i].wiped {
+            return Applied::Done;
+        }
+        self.crashes += 1;
+        for j in (0..o.nodes).filter(|&j| j != i) {
+            c.disconnected(j, i);
+        }
+        c.reborn(i);
+        let others: Vec<usize> = (0..o.nodes).filter(|&j| j != i && live(c, j)).collect();
+        for j in others {
+            c.connected(i, j);
+            c.connected(j, i);
+        }
+        Applied::Wiped(format!(
+            "n{i} came back with an empty disk at {:.3}s (what it held is lost for good; \
+             it serves again under its identity)",
             c.now().saturating_since(START).as_secs_f64()
         ))
     }
@@ -349,6 +373,14 @@ pub fn plan(o: &Options) -> Vec<(Duration, Fault)> {
         let chaos = u64::try_from(o.chaos.as_micros()).unwrap_or(0);
         let at = Duration::from_micros(between(&mut rng, chaos / 4, chaos * 3 / 4));
         faults.push((at, Fault::Wipe(node)));
+    }
+    if o.reborn {
+        // A stream of its own: the other faults stay what they were.
+        let mut rng = derive_rng(o.seed, 0, "reborn-plan");
+        let node = (rng.next_u64() % o.nodes as u64) as usize;
+        let chaos = u64::try_from(o.chaos.as_micros()).unwrap_or(0);
+        let at = Duration::from_micros(between(&mut rng, chaos / 4, chaos * 3 / 4));
+        faults.push((at, Fault::Reborn(node)));
     }
     if let Some(lies) = o.lies {
         let mut t = Duration::ZERO;

@@ -80,6 +80,9 @@ pub struct Options {
     pub crashes: Option<Crashes>,
     /// Whether one node is lost for good (its disk wiped) during the chaos.
     pub wipe: bool,
+    /// Whether one node comes back with an empty store under the same identity
+    /// (a disk replaced, a data directory deleted) during the chaos.
+    pub reborn: bool,
     /// Nodes lying to their own clients, if on.
     pub lies: Option<Lies>,
     /// Whether nodes' admins revoke users now and then (their rooms must evict
@@ -278,6 +281,13 @@ fn draw_release_delay(seed: u64) -> Duration {
 
 /// Drawn from a stream of its own, so that every other option stays what it was
 /// before revocations were drawn: a third of the seeds revoke users.
+/// Drawn from a stream of its own, so that every other option stays what it was
+/// before streams had incarnations: a quarter of the seeds with two nodes or more.
+fn draw_reborn(seed: u64, nodes: usize) -> bool {
+    let mut rng = derive_rng(seed, 0, "reborn");
+    nodes >= 2 && between(&mut rng, 0, 3) == 0
+}
+
 fn draw_revocations(seed: u64) -> bool {
     let mut rng = derive_rng(seed, 0, "revocations");
     between(&mut rng, 0, 2) == 0
@@ -332,6 +342,7 @@ impl Options {
             partitions,
             crashes,
             wipe,
+            reborn: draw_reborn(seed, nodes),
             lies: draw_lies(seed),
             revocations: draw_revocations(seed),
             base_cost,
@@ -420,6 +431,11 @@ impl Options {
             f,
             "  node lost for good (disk wiped): {}",
             on_off(self.wipe)
+        )?;
+        writeln!(
+            f,
+            "  node back with an empty disk under its identity: {}",
+            on_off(self.reborn)
         )?;
         match self.lies {
             Some(l) => writeln!(

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use crate::{Entry, Order, ReadTxn, Result, Store, StoreError, WriteTxn};
 
-/// `inner` with faults on request: the next write transaction refused, the next
-/// commit failed, every commit slowed down.
+/// `inner` with faults on request: the next read or write transaction refused,
+/// the next commit failed, every commit slowed down.
 pub struct Faulty<S> {
     inner: S,
+    fail_next_read: AtomicBool,
     fail_next_write: AtomicBool,
     fail_next_commit: AtomicBool,
     commit_delay: Duration,
@@ -22,6 +23,7 @@ impl<S: Store> Faulty<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
+            fail_next_read: AtomicBool::new(false),
             fail_next_write: AtomicBool::new(false),
             fail_next_commit: AtomicBool::new(false),
             commit_delay: Duration::ZERO,
@@ -32,6 +34,11 @@ impl<S: Store> Faulty<S> {
     pub fn with_commit_delay(mut self, delay: Duration) -> Self {
         self.commit_delay = delay;
         self
+    }
+
+    /// The next [`Store::read`] fails.
+    pub fn fail_next_read(&self) {
+        self.fail_next_read.store(true, Ordering::SeqCst);
     }
 
     /// The next [`Store::write`] fails.
@@ -54,6 +61,9 @@ fn injected(op: &'static str) -> StoreError {
 
 impl<S: Store> Store for Faulty<S> {
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
+        if self.fail_next_read.swap(false, Ordering::SeqCst) {
+            return Err(injected("begin a read"));
+        }
         self.inner.read()
     }
 

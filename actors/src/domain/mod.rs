@@ -738,8 +738,20 @@ impl System for Domain {
     }
 }
 
-/// The messages a driver sends when a node starts: every outbox with messages
-/// waiting is kicked, so that what was queued before a crash is sent again; and
+/// Records `incarnation` (drawn at random by the driver) as the run of the node
+/// that starts now, before any of its actors runs: every stream of messages this
+/// node sends starts afresh (see [`crate::outbox`]).
+pub fn begin_run(
+    store: &dyn conclave_storage::Store,
+    incarnation: u64,
+) -> Result<(), conclave_storage::StoreError> {
+    let mut txn = store.write()?;
+    crate::outbox::start_incarnation(&mut *txn, incarnation)?;
+    txn.commit()
+}
+
+/// The messages a driver sends when a node starts (after [`begin_run`]): every
+/// outbox with messages waiting is kicked, so that what was queued before a crash is sent again; and
 /// every room still listing a revoked user of this node is told again (a crash may
 /// have cut a revocation's evictions short; see [`RoomMsg::Revoked`]).
 pub fn boot(
@@ -865,9 +877,10 @@ pub(crate) fn enqueue(
             Err(Denial::OutboxFull { node: dest })
         }
         Err(crate::outbox::OutboxError::Store(e)) => Err(e.into()),
-        Err(e @ crate::outbox::OutboxError::AckBeyondSent { .. }) => {
-            Err(Denial::malformed(e.to_string()))
-        }
+        Err(
+            e @ (crate::outbox::OutboxError::AckBeyondSent { .. }
+            | crate::outbox::OutboxError::NoIncarnation),
+        ) => Err(Denial::malformed(e.to_string())),
     }
 }
 
@@ -879,6 +892,10 @@ mod tests {
     fn outbox_messages_share_one_stream_and_replies_are_control() {
         let deliver = Msg::Peer(PeerMsg::Deliver {
             seq: Seq(1),
+            stream: crate::outbox::Stream {
+                incarnation: 1,
+                first: Seq(1),
+            },
             to: room_of(NodeId([1; 32]), RoomId([0; 16])),
             msg: Deliverable::Room(RoomMsg::Update(room::Update::Keys {
                 epoch: Epoch(1),
@@ -886,7 +903,10 @@ mod tests {
             })),
         });
         assert_eq!(deliver.class(), MessageClass::Data);
-        let ack = Msg::Outbox(OutboxMsg::Ack { upto: Seq(1) });
+        let ack = Msg::Outbox(OutboxMsg::Ack {
+            upto: Seq(1),
+            incarnation: 1,
+        });
         assert_eq!(ack.class(), MessageClass::Control);
     }
 

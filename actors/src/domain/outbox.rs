@@ -18,6 +18,7 @@ use super::{peer_of, DomainConfig, Msg, PeerMsg, Routed};
 use crate::actor::{Actor, Context, System};
 use crate::ids::{NodeId, Seq};
 use crate::mutation::{self, Mutation};
+use crate::outbox::Stream;
 use crate::wire::{decode_bounded, ENVELOPE_BYTES_MAX};
 
 /// How many unacknowledged messages an outbox sends before waiting for an
@@ -32,10 +33,13 @@ pub enum OutboxMsg {
     /// The destination is reachable again: send everything unacknowledged now,
     /// from the first, with the shortest delay.
     Resend,
-    /// From the destination's peer actor: everything up to `upto` is applied.
+    /// From the destination's peer actor: everything up to `upto` of the stream
+    /// of incarnation `incarnation` is applied.
     Ack {
         /// The destination's high-water mark for this node.
         upto: Seq,
+        /// The incarnation whose stream it acknowledges (another run's is ignored).
+        incarnation: u64,
     },
     /// The retry timer of round `round`.
     Retry {
@@ -49,6 +53,8 @@ pub enum OutboxMsg {
 pub struct Outbox {
     dest: NodeId,
     config: DomainConfig,
+    /// This run's incarnation, once read.
+    incarnation: Option<u64>,
     /// The highest sequence number sent since the last (re)send from the start.
     sent_upto: u64,
     backoff: Duration,
@@ -74,6 +80,7 @@ impl Outbox {
         Outbox {
             dest,
             config,
+            incarnation: None,
             sent_upto: 0,
             backoff: config.retry_base,
             round: 0,
@@ -102,13 +109,19 @@ impl<S: System<Msg = Msg>> Actor<S> for Outbox {
                 self.backoff = self.config.retry_base;
                 self.pump(cx);
             }
-            OutboxMsg::Ack { upto } => {
+            OutboxMsg::Ack { upto, incarnation } => {
                 if cx.sender() != Some(&peer_of(self.dest, me)) {
                     tracing::warn!(dest = ?self.dest, sender = ?cx.sender(), "acknowledgement not from the destination's peer dropped");
                     metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_peer").increment(1);
                     return;
                 }
-                self.on_ack(upto, cx);
+                match self.incarnation(cx) {
+                    Ok(mine) if mine == incarnation => self.on_ack(upto, cx),
+                    // It acknowledges another run's numbers, which mean other
+                    // messages now.
+                    Ok(_) => metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "stale_ack").increment(1),
+                    Err(error) => tracing::error!(dest = ?self.dest, %error, "could not read this run's incarnation; acknowledgement dropped"),
+                }
             }
             // Only this outbox's own timer retries.
             OutboxMsg::Retry { round } if round == self.round && cx.sender().is_none() => {
@@ -185,13 +198,13 @@ impl Outbox {
     fn pump<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         let me = cx.node();
         let pending = match self.read_pending(cx) {
-            Ok((pending, depth)) => {
+            Ok((pending, depth, stream)) => {
                 self.report(depth);
                 if depth == 0 {
                     self.passivate(cx);
                     return;
                 }
-                pending
+                (pending, stream)
             }
             Err(error) => {
                 tracing::error!(dest = ?self.dest, %error, "could not read the outbox; retrying later");
@@ -199,6 +212,7 @@ impl Outbox {
                 return;
             }
         };
+        let (pending, stream) = pending;
         if self.stopping {
             let me_addr = *cx.me();
             cx.send(me_addr, OutboxMsg::Kick);
@@ -212,7 +226,15 @@ impl Outbox {
         for (seq, bytes) in pending {
             debug_assert!(seq.0 > self.sent_upto, "sent once per (re)send");
             match decode_bounded::<Routed>(&bytes, ENVELOPE_BYTES_MAX) {
-                Ok(Routed { to, msg }) => cx.send_durable(peer, PeerMsg::Deliver { seq, to, msg }),
+                Ok(Routed { to, msg }) => {
+                    let deliver = PeerMsg::Deliver {
+                        seq,
+                        stream,
+                        to,
+                        msg,
+                    };
+                    cx.send_durable(peer, deliver);
+                }
                 // Written by this node's own code, so this is a bug or a corrupt
                 // store; the receiver sees a gap and the rest waits behind it.
                 Err(error) => {
@@ -224,13 +246,32 @@ impl Outbox {
         self.arm(cx);
     }
 
-    /// What to send next (durable, after what was sent, within the window) and how
-    /// many messages wait in all.
-    fn read_pending<S: System<Msg = Msg>>(
-        &self,
+    /// This run's incarnation (from the store: the driver records it at start).
+    fn incarnation<S: System<Msg = Msg>>(
+        &mut self,
         cx: &Context<'_, S>,
-    ) -> Result<(crate::outbox::Queued, u64), crate::outbox::OutboxError> {
+    ) -> Result<u64, crate::outbox::OutboxError> {
+        if let Some(known) = self.incarnation {
+            return Ok(known);
+        }
+        let stored = crate::outbox::incarnation(&*cx.store().read()?)?;
+        let known = stored.ok_or(crate::outbox::OutboxError::NoIncarnation)?;
+        self.incarnation = Some(known);
+        Ok(known)
+    }
+
+    /// What to send next (durable, after what was sent, within the window), how
+    /// many messages wait in all, and the stream they go on.
+    fn read_pending<S: System<Msg = Msg>>(
+        &mut self,
+        cx: &Context<'_, S>,
+    ) -> Result<(crate::outbox::Queued, u64, Stream), crate::outbox::OutboxError> {
+        let incarnation = self.incarnation(cx)?;
         let (acked, depth) = crate::outbox::progress(&*cx.store().read()?, self.dest)?;
+        let stream = Stream {
+            incarnation,
+            first: Seq(acked.0 + 1),
+        };
         let durable = if mutation::active(Mutation::OutboxSendsUncommitted) {
             // Mutation: what the batch in progress holds, sent at once all the same.
             cx.store().read()?
@@ -240,7 +281,7 @@ impl Outbox {
         let after = Seq(self.sent_upto);
         let window = OUTBOX_WINDOW_MESSAGES;
         let pending = crate::outbox::unsent(&*durable, self.dest, acked, after, window)?;
-        Ok((pending, depth))
+        Ok((pending, depth, stream))
     }
 
     /// Drained: cancel the timer and passivate until the next kick (once).
@@ -294,6 +335,14 @@ mod tests {
 
     const HERE: NodeId = NodeId([1; 32]);
     const THERE: NodeId = NodeId([2; 32]);
+
+    /// The run of HERE the tests' outboxes send in.
+    const RUN: u64 = 11;
+
+    /// Begins HERE's run in `store` (as the driver does at start).
+    fn begin(store: &MemStore) {
+        crate::domain::begin_run(store, RUN).expect("run");
+    }
 
     fn enqueue(store: &MemStore) {
         let routed = Routed {
@@ -352,6 +401,7 @@ mod tests {
     #[test]
     fn an_acknowledgement_slides_the_window_before_it_is_durable() {
         let disk = std::sync::Arc::new(MemStore::new());
+        begin(&disk);
         for _ in 0..OUTBOX_WINDOW_MESSAGES + 3 {
             enqueue(&disk);
         }
@@ -369,7 +419,10 @@ mod tests {
         assert_eq!(sent.len(), OUTBOX_WINDOW_MESSAGES, "a full window");
         // Three acknowledged: the acknowledgement is in the batch, not on disk yet,
         // and the next three go at once (they are durable), not at the retry.
-        let ack = OutboxMsg::Ack { upto: Seq(3) };
+        let ack = OutboxMsg::Ack {
+            upto: Seq(3),
+            incarnation: RUN,
+        };
         let peer = Some(peer_of(THERE, HERE));
         let sent = delivered(&handle_batched(&mut outbox, &batch, disk, peer, ack));
         let next = OUTBOX_WINDOW_MESSAGES as u64;
@@ -380,6 +433,7 @@ mod tests {
     #[test]
     fn a_stopping_outbox_hands_new_work_to_its_next_incarnation() {
         let store = MemStore::new();
+        begin(&store);
         let mut rng = ChaCha20Rng::seed_from_u64(9);
         let mut effects = Vec::new();
         let me = outbox_of(HERE, THERE);
@@ -388,7 +442,19 @@ mod tests {
         let mut outbox = Outbox::activate(THERE, DomainConfig::default(), &mut cx);
         enqueue(&store);
         handle(&mut outbox, &store, None, OutboxMsg::Kick);
-        let ack = OutboxMsg::Ack { upto: Seq(1) };
+        let stale = OutboxMsg::Ack {
+            upto: Seq(1),
+            incarnation: RUN + 1,
+        };
+        let effects = handle(&mut outbox, &store, Some(peer_of(THERE, HERE)), stale);
+        assert!(
+            !effects.iter().any(|e| matches!(e, Effect::Stop)),
+            "another run's acknowledgement removes nothing"
+        );
+        let ack = OutboxMsg::Ack {
+            upto: Seq(1),
+            incarnation: RUN,
+        };
         let effects = handle(&mut outbox, &store, Some(peer_of(THERE, HERE)), ack);
         assert!(
             effects.iter().any(|e| matches!(e, Effect::Stop)),

@@ -11,6 +11,12 @@
 //! goes to the room itself, so order per target is all the order there is. What
 //! waits or is in flight is bounded by the outbox's window.
 //!
+//! Each delivery carries its outbox's [`Stream`]: a new incarnation of that node,
+//! or an outbox that no longer holds what this peer waits for (this node's store
+//! was reset), makes the peer follow the stream afresh from its first message
+//! ([`crate::outbox::follow`]), once what it holds of the old one is finished; a
+//! mark it cannot read is never taken as "nothing taken".
+//!
 //! The durable high-water mark ([`crate::outbox::accept`]) covers only the
 //! **applied prefix**: message `n` counts once it and every message before it are
 //! applied, so a crash can never acknowledge a message that was still in flight.
@@ -32,6 +38,7 @@ use super::{outbox_of, Deliverable, DomainConfig, Msg, OutboxMsg};
 use crate::actor::{Actor, ActorRef, Context, System, Time};
 use crate::ids::{NodeId, Seq};
 use crate::mutation::{self, Mutation};
+use crate::outbox::{Mark, Stream};
 
 /// Acknowledge at least every this many applied messages.
 pub const ACK_EVERY_MESSAGES: u64 = 32;
@@ -50,6 +57,8 @@ pub enum PeerMsg {
     Deliver {
         /// Its sequence number in that outbox.
         seq: Seq,
+        /// The outbox's stream: its incarnation and first held message.
+        stream: Stream,
         /// The local target.
         to: ActorRef,
         /// The message.
@@ -75,6 +84,13 @@ pub enum PeerMsg {
 pub struct Peer {
     remote: NodeId,
     idle: Duration,
+    /// The remote outbox's stream this peer follows: `None` before its first
+    /// delivery when nothing was taken from that node yet, or when the mark could
+    /// not be read (then it is read again before any delivery is taken).
+    stream: Option<Stream>,
+    /// Whether the stored mark could be read (a read error is never taken as
+    /// "nothing taken yet").
+    known: bool,
     /// Every message up to here is applied (the applied prefix).
     high: u64,
     /// The high-water mark last written and acknowledged.
@@ -109,23 +125,30 @@ impl Peer {
         config: DomainConfig,
         cx: &mut Context<'_, S>,
     ) -> Self {
-        let high = match cx
+        let stored = cx
             .store()
             .read()
-            .and_then(|txn| crate::outbox::high_water(&*txn, remote))
-        {
-            Ok(seq) => seq.0,
+            .and_then(|txn| crate::outbox::mark(&*txn, remote));
+        let (mark, known) = match stored {
+            Ok(mark) => (mark, true),
             Err(error) => {
-                // Starting from zero only makes the outbox's resends look new; every
-                // target is idempotent, so that is safe, merely slower.
-                tracing::error!(?remote, %error, "could not read the high-water mark; starting from zero");
-                0
+                tracing::error!(?remote, %error, "could not read the mark of what was taken; taking nothing until it can be read");
+                (None, false)
             }
         };
+        let high = mark.map_or(0, |m| m.high);
+        // The stream is known from its first delivery (its first message is
+        // carried then).
+        let stream = mark.map(|m| Stream {
+            incarnation: m.incarnation,
+            first: Seq(m.high + 1),
+        });
         cx.timer(config.idle, PeerMsg::Tick);
         Peer {
             remote,
             idle: config.idle,
+            stream,
+            known,
             high,
             durable: high,
             expected: high + 1,
@@ -147,13 +170,73 @@ impl Peer {
     }
 
     fn ack<S: System<Msg = Msg>>(&self, cx: &mut Context<'_, S>) {
+        let Some(stream) = self.stream else {
+            return;
+        };
         let to = self.remote_outbox(cx.node());
         cx.send(
             to,
             OutboxMsg::Ack {
                 upto: Seq(self.durable),
+                incarnation: stream.incarnation,
             },
         );
+    }
+
+    /// Before taking a delivery of `stream`: reads the stored mark if it could not
+    /// be read before, and follows `stream` afresh if it must
+    /// ([`crate::outbox::follow`]), once nothing of the old one is pending.
+    /// Whether the delivery may be taken.
+    fn follow<S: System<Msg = Msg>>(&mut self, stream: Stream, cx: &mut Context<'_, S>) -> bool {
+        if !self.known {
+            match cx
+                .store()
+                .read()
+                .and_then(|txn| crate::outbox::mark(&*txn, self.remote))
+            {
+                Ok(mark) => {
+                    self.known = true;
+                    self.adopt(mark.unwrap_or_default());
+                    self.stream = mark.map(|m| Stream {
+                        incarnation: m.incarnation,
+                        first: Seq(m.high + 1),
+                    });
+                }
+                Err(_) => return false,
+            }
+        }
+        let current = self.stream.map(|s| Mark {
+            incarnation: s.incarnation,
+            high: self.high,
+        });
+        if mutation::active(Mutation::IgnoreStreams) {
+            // Mutation: whatever the stream, the mark stays (from nothing taken).
+            self.stream.get_or_insert(stream);
+            return true;
+        }
+        let Some((mark, why)) = crate::outbox::follow(current, stream) else {
+            return true;
+        };
+        let idle = self.in_flight.is_empty() && self.waiting_len == 0 && self.applied.is_empty();
+        if !idle {
+            // What was taken of the old stream finishes first; the outbox resends.
+            return false;
+        }
+        // Nothing to write: the first message taken records the new mark
+        // (`accept` follows the stream the same way), and a crash before that
+        // only means following it afresh again.
+        tracing::info!(remote = ?self.remote, reason = why.reason(), from = mark.high + 1, "following the remote node's outbox afresh");
+        metrics::counter!("conclave_inbox_resyncs_total", "reason" => why.reason()).increment(1);
+        self.stream = Some(stream);
+        self.adopt(mark);
+        true
+    }
+
+    /// Takes `mark` as what was taken and acknowledged.
+    fn adopt(&mut self, mark: Mark) {
+        self.high = mark.high;
+        self.durable = mark.high;
+        self.expected = mark.high + 1;
     }
 
     /// What this peer holds that is not applied yet: accepted messages are either
@@ -264,10 +347,14 @@ impl Peer {
         if self.high == self.durable || !(idle || self.high - self.durable >= ACK_EVERY_MESSAGES) {
             return;
         }
+        let Some(stream) = self.stream else {
+            debug_assert!(false, "nothing is applied before a stream is followed");
+            return;
+        };
         let (from, to) = (self.durable, self.high);
         let result = cx.store().write().and_then(|mut txn| {
             for s in from + 1..=to {
-                crate::outbox::accept(&mut *txn, self.remote, Seq(s))?;
+                crate::outbox::accept(&mut *txn, self.remote, stream, Seq(s))?;
             }
             txn.commit()
         });
@@ -287,13 +374,23 @@ impl Peer {
     /// A message from the remote outbox.
     fn deliver<S: System<Msg = Msg>>(
         &mut self,
-        seq: Seq,
+        (seq, stream): (Seq, Stream),
         to: ActorRef,
         msg: Deliverable,
         cx: &mut Context<'_, S>,
     ) {
         self.busy = true;
         self.last_heard = Some(cx.now());
+        if stream.first > seq || stream.first.0 == 0 {
+            // An outbox always holds the message it sends.
+            metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "bad_stream")
+                .increment(1);
+            return;
+        }
+        if !self.follow(stream, cx) {
+            metrics::counter!("conclave_inbox_deferred_total").increment(1);
+            return;
+        }
         if seq.0 < self.expected {
             if mutation::active(Mutation::SkipReceiverDedup) {
                 // Mutation: the duplicate is handed over again.
@@ -377,13 +474,18 @@ impl<S: System<Msg = Msg>> Actor<S> for Peer {
     fn handle(&mut self, msg: PeerMsg, cx: &mut Context<'_, S>) {
         let me = cx.node();
         match msg {
-            PeerMsg::Deliver { seq, to, msg } => {
+            PeerMsg::Deliver {
+                seq,
+                stream,
+                to,
+                msg,
+            } => {
                 if cx.sender() != Some(&self.remote_outbox(me)) {
                     tracing::warn!(remote = ?self.remote, sender = ?cx.sender(), "delivery not from the remote node's outbox dropped");
                     metrics::counter!("conclave_runtime_messages_dropped_total", "reason" => "not_outbox").increment(1);
                     return;
                 }
-                self.deliver(seq, to, msg, cx);
+                self.deliver((seq, stream), to, msg, cx);
             }
             PeerMsg::Applied { done } => self.on_applied(done, cx),
             PeerMsg::Connected | PeerMsg::Disconnected | PeerMsg::Tick if cx.sender().is_some() => {
@@ -427,7 +529,7 @@ impl Peer {
 
 #[cfg(test)]
 mod tests {
-    use conclave_storage::{MemStore, Store};
+    use conclave_storage::{Faulty, MemStore, Store};
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
 
@@ -439,22 +541,37 @@ mod tests {
     const HERE: NodeId = NodeId([1; 32]);
     const THERE: NodeId = NodeId([2; 32]);
 
+    /// THERE's stream in the tests: its first run, holding everything from 1.
+    const STREAM: Stream = Stream {
+        incarnation: 5,
+        first: Seq(1),
+    };
+
     struct Bench {
         peer: Peer,
-        store: MemStore,
+        store: Faulty<MemStore>,
         rng: ChaCha20Rng,
+        stream: Stream,
     }
 
     impl Bench {
         fn new() -> Self {
-            let store = MemStore::new();
+            Self::on(Faulty::new(MemStore::new()))
+        }
+
+        fn on(store: Faulty<MemStore>) -> Self {
             let mut rng = ChaCha20Rng::seed_from_u64(7);
             let mut effects = Vec::new();
             let me = crate::domain::peer_of(HERE, THERE);
             let mut cx =
                 Context::<Domain>::new(me, None, Time::default(), &mut rng, &store, &mut effects);
             let peer = Peer::activate(THERE, DomainConfig::default(), &mut cx);
-            Bench { peer, store, rng }
+            Bench {
+                peer,
+                store,
+                rng,
+                stream: STREAM,
+            }
         }
 
         /// Handles `msg` from `from`; returns what it sent, as (target, message).
@@ -486,6 +603,7 @@ mod tests {
             };
             let msg = PeerMsg::Deliver {
                 seq: Seq(seq),
+                stream: self.stream,
                 to: room_of(HERE, room),
                 msg: Deliverable::Room(RoomMsg::Update(update)),
             };
@@ -502,10 +620,21 @@ mod tests {
     }
 
     fn acked(sent: &[(ActorRef, Msg)]) -> Option<u64> {
+        acked_in(sent).map(|(upto, _)| upto)
+    }
+
+    /// The acknowledgement sent, as (upto, incarnation).
+    fn acked_in(sent: &[(ActorRef, Msg)]) -> Option<(u64, u64)> {
         sent.iter().find_map(|(_, m)| match m {
-            Msg::Outbox(OutboxMsg::Ack { upto }) => Some(upto.0),
+            Msg::Outbox(OutboxMsg::Ack { upto, incarnation }) => Some((upto.0, *incarnation)),
             _ => None,
         })
+    }
+
+    /// The mark the bench's store holds for THERE.
+    fn stored(bench: &Bench) -> Option<Mark> {
+        let txn = bench.store.read().expect("read");
+        crate::outbox::mark(&*txn, THERE).expect("mark")
     }
 
     #[test]
@@ -526,11 +655,7 @@ mod tests {
         // a finished 2: everything is applied, so 1..=3 is acknowledged at once.
         let sent = bench.applied(a);
         assert_eq!(acked(&sent), Some(3));
-        let txn = bench.store.read().expect("read");
-        assert_eq!(
-            crate::outbox::high_water(&*txn, THERE).expect("mark"),
-            Seq(3)
-        );
+        assert_eq!(stored(&bench).map(|m| m.high), Some(3));
     }
 
     fn run_len(sent: &[(ActorRef, Msg)]) -> Option<usize> {
@@ -616,5 +741,80 @@ mod tests {
         assert_eq!(targets(&bench.deliver(1, a)), vec![room_of(HERE, a)]);
         let sent = bench.applied(a);
         assert_eq!(acked(&sent), Some(2));
+    }
+
+    #[test]
+    fn a_new_incarnation_is_followed_once_the_old_streams_messages_are_finished() {
+        let a = RoomId([0xa; 16]);
+        let mut bench = Bench::new();
+        bench.deliver(1, a);
+        bench.deliver(2, a);
+        bench.applied(a);
+        assert_eq!(acked_in(&bench.applied(a)), Some((2, 5)));
+        // THERE restarted; its outbox holds everything from 3. Without the
+        // incarnation, a store restored from a backup would renumber from 1 and
+        // its new messages would be dropped as duplicates.
+        bench.stream = Stream {
+            incarnation: 6,
+            first: Seq(3),
+        };
+        assert_eq!(targets(&bench.deliver(3, a)), vec![room_of(HERE, a)]);
+        // Another run begins while 3 is in flight: its delivery waits.
+        bench.stream = Stream {
+            incarnation: 7,
+            first: Seq(1),
+        };
+        assert_eq!(targets(&bench.deliver(1, a)), vec![], "deferred");
+        assert_eq!(acked_in(&bench.applied(a)), Some((3, 6)));
+        // The old stream is finished: the new one is followed from its first.
+        assert_eq!(targets(&bench.deliver(1, a)), vec![room_of(HERE, a)]);
+        assert_eq!(acked_in(&bench.applied(a)), Some((1, 7)));
+        assert_eq!(
+            stored(&bench),
+            Some(Mark {
+                incarnation: 7,
+                high: 1
+            })
+        );
+    }
+
+    #[test]
+    fn a_peer_whose_store_was_reset_follows_from_the_first_message_its_origin_holds() {
+        let a = RoomId([0xa; 16]);
+        // A fresh store, while THERE acknowledged up to 9 from this node's
+        // earlier store: 1..=9 will never come again.
+        let mut bench = Bench::new();
+        bench.stream = Stream {
+            incarnation: 5,
+            first: Seq(10),
+        };
+        assert_eq!(targets(&bench.deliver(10, a)), vec![room_of(HERE, a)]);
+        assert_eq!(acked(&bench.applied(a)), Some(10));
+    }
+
+    #[test]
+    fn a_mark_that_cannot_be_read_is_never_taken_as_nothing_taken() {
+        let a = RoomId([0xa; 16]);
+        let mut earlier = Bench::new();
+        earlier.deliver(1, a);
+        earlier.deliver(2, a);
+        earlier.applied(a);
+        earlier.applied(a);
+        // The peer starts again, and its store cannot be read at that moment.
+        earlier.store.fail_next_read();
+        let mut bench = Bench::on(earlier.store);
+        // It reads the mark again before taking anything: 2 is a duplicate, 3 is
+        // taken (before, it started from 0: 1 and 2 were handed over again).
+        let sent = bench.deliver(2, a);
+        assert!(
+            !targets(&sent).contains(&room_of(HERE, a)),
+            "2 handed over again"
+        );
+        assert_eq!(
+            acked(&sent),
+            Some(2),
+            "the duplicate is acknowledged at the mark"
+        );
+        assert_eq!(targets(&bench.deliver(3, a)), vec![room_of(HERE, a)]);
     }
 }

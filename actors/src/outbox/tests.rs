@@ -126,23 +126,83 @@ fn queued_messages_survive_a_crash_and_uncommitted_ones_do_not() {
     );
 }
 
+/// A stream from a sender that has held everything since its first message.
+const STREAM: Stream = Stream {
+    incarnation: 7,
+    first: Seq(1),
+};
+
+/// The last sequence number `store` took from `origin` (0: none).
+fn high(store: &MemStore, origin: NodeId) -> u64 {
+    mark(&*store.read().expect("read"), origin)
+        .expect("mark")
+        .map_or(0, |m| m.high)
+}
+
 #[test]
 fn the_receiver_takes_each_message_once_and_only_in_order() {
     let store = MemStore::new();
-    let take = |seq| with_write(&store, |txn| accept(txn, A, Seq(seq)).expect("accept"));
+    let take = |seq| {
+        with_write(&store, |txn| {
+            accept(txn, A, STREAM, Seq(seq)).expect("accept")
+        })
+    };
     assert_eq!(take(2), Arrival::Gap { expected: Seq(1) });
     assert_eq!(take(1), Arrival::Fresh);
     assert_eq!(take(1), Arrival::Duplicate);
     assert_eq!(take(3), Arrival::Gap { expected: Seq(2) });
     assert_eq!(take(2), Arrival::Fresh);
     assert_eq!(take(0), Arrival::Duplicate);
+    assert_eq!(high(&store, A), 2);
+    assert_eq!(high(&store, B), 0);
+}
+
+#[test]
+fn a_receiver_follows_a_new_incarnation_and_skips_what_its_sender_no_longer_holds() {
+    let store = MemStore::new();
+    let take = |stream, seq| {
+        with_write(&store, |txn| {
+            accept(txn, A, stream, Seq(seq)).expect("accept")
+        })
+    };
+    let stream = |incarnation, first| Stream {
+        incarnation,
+        first: Seq(first),
+    };
+    assert_eq!(take(stream(1, 1), 1), Arrival::Fresh);
+    assert_eq!(take(stream(1, 1), 2), Arrival::Fresh);
+    // The sender restarted: its acknowledged prefix ends at 2.
+    assert_eq!(take(stream(2, 3), 3), Arrival::Fresh);
+    assert_eq!(take(stream(2, 3), 2), Arrival::Duplicate);
+    // The sender's store was restored from a backup and numbers from 1 again:
+    // without the incarnation, 1 would be dropped as a duplicate (and lost).
+    assert_eq!(take(stream(3, 1), 1), Arrival::Fresh);
+    // The receiver's store was reset: without the stream's first message, it
+    // would wait for message 1 for ever.
+    let reset = MemStore::new();
+    let take_reset = |seq| {
+        with_write(&reset, |txn| {
+            accept(txn, A, stream(3, 7), Seq(seq)).expect("accept")
+        })
+    };
+    assert_eq!(take_reset(7), Arrival::Fresh);
+    assert_eq!(high(&reset, A), 7);
+    // Behind within one incarnation: the sender holds nothing before 10.
+    assert_eq!(take(stream(3, 10), 10), Arrival::Fresh);
     assert_eq!(
-        high_water(&*store.read().expect("read"), A).expect("hwm"),
-        Seq(2)
+        follow(
+            Some(Mark {
+                incarnation: 3,
+                high: 10
+            }),
+            stream(3, 5)
+        ),
+        None,
+        "a stream the receiver is ahead of is followed as it is"
     );
     assert_eq!(
-        high_water(&*store.read().expect("read"), B).expect("hwm"),
-        Seq(0)
+        follow(None, stream(4, 1)).map(|(_, why)| why),
+        Some(Resync::First)
     );
 }
 
@@ -178,8 +238,10 @@ fn exchange(seed: u64, ack_unsynced: bool) -> Result<(), String> {
         }
     });
 
-    let mut in_flight: Vec<(Seq, Vec<u8>)> = Vec::new();
-    let mut acks: Vec<Seq> = Vec::new();
+    // Every start of the sender is a new incarnation.
+    let mut incarnation = 1;
+    let mut in_flight: Vec<(Stream, Seq, Vec<u8>)> = Vec::new();
+    let mut acks: Vec<(u64, Seq)> = Vec::new();
     let mut rounds = 0;
     while depth(&*sender.read().expect("read"), B).expect("depth") > 0 {
         rounds += 1;
@@ -187,8 +249,16 @@ fn exchange(seed: u64, ack_unsynced: bool) -> Result<(), String> {
             return Err(format!("seed {seed}: no progress"));
         }
         // The sender (re)sends a window of what is unacknowledged.
-        let window = unacked(&*sender.read().expect("read"), B, 8).expect("unacked");
-        for msg in window {
+        let read = sender.read().expect("read");
+        let (acked, _) = progress(&*read, B).expect("progress");
+        let stream = Stream {
+            incarnation,
+            first: Seq(acked.0 + 1),
+        };
+        let window = unacked(&*read, B, 8).expect("unacked");
+        drop(read);
+        for (seq, bytes) in window {
+            let msg = (stream, seq, bytes);
             if rng.next_u32() % 100 >= drop_pct {
                 if rng.next_u32() % 100 < dup_pct {
                     in_flight.push(msg.clone());
@@ -199,36 +269,40 @@ fn exchange(seed: u64, ack_unsynced: bool) -> Result<(), String> {
         // The network reorders.
         shuffle(&mut rng, &mut in_flight);
         // The receiver takes what arrives, storing it with the high-water mark.
-        for (seq, bytes) in in_flight.drain(..) {
+        for (stream, seq, bytes) in in_flight.drain(..) {
             let mut txn = receiver.write().expect("write");
-            if accept(&mut *txn, A, seq).expect("accept") == Arrival::Fresh {
+            if accept(&mut *txn, A, stream, seq).expect("accept") == Arrival::Fresh {
                 DELIVERED
                     .put(&mut *txn, &seq.0, &Payload(bytes))
                     .expect("deliver");
             }
             txn.commit().expect("commit");
-            let hwm = high_water(&*receiver.read().expect("read"), A).expect("hwm");
+            let hwm = mark(&*receiver.read().expect("read"), A).expect("mark");
             if rng.next_u32() % 100 >= drop_pct {
-                acks.push(hwm);
+                acks.extend(hwm.map(|m| (m.incarnation, Seq(m.high))));
             }
             if rng.next_u32() % 100 < crash_pct {
                 receiver.crash();
                 // What the sender has dropped as acknowledged must still be held
                 // by the receiver, or it is lost for good.
-                let hwm = high_water(&*receiver.read().expect("read"), A).expect("hwm");
+                let hwm = high(&receiver, A);
                 let pending = depth(&*sender.read().expect("read"), B).expect("depth");
                 let acked = u64::from(messages) - pending;
-                if hwm.0 < acked {
+                if hwm < acked {
                     return Err(format!(
                         "seed {seed}: the receiver lost message {} after it was acknowledged",
-                        hwm.0 + 1
+                        hwm + 1
                     ));
                 }
             }
         }
         // Acknowledgements come back, reordered and duplicated.
         shuffle(&mut rng, &mut acks);
-        for upto in acks.drain(..) {
+        for (of, upto) in acks.drain(..) {
+            if of != incarnation {
+                // Acknowledges another run's stream: dropped.
+                continue;
+            }
             let mut txn = sender.write().expect("write");
             match ack(&mut *txn, B, upto) {
                 Ok(_) => txn.commit().expect("commit"),
@@ -237,6 +311,7 @@ fn exchange(seed: u64, ack_unsynced: bool) -> Result<(), String> {
         }
         if rng.next_u32() % 100 < crash_pct {
             sender.crash();
+            incarnation += 1;
         }
     }
 

@@ -63,6 +63,18 @@ fn enqueue(store: &dyn Store, dest: NodeId) {
     txn.commit().expect("commit");
 }
 
+/// The run both drivers' node A is in: the same, so that the messages compare as
+/// text (each driver would draw its own).
+const RUN: u64 = 0xc0de;
+
+/// B's acknowledgement of A's stream up to 1.
+fn ack_one() -> OutboxMsg {
+    OutboxMsg::Ack {
+        upto: Seq(1),
+        incarnation: RUN,
+    }
+}
+
 /// The sequence numbers the outbox in `store` towards `dest` still holds.
 fn unacked(store: &dyn Store, dest: NodeId) -> Vec<u64> {
     let txn = store.read().expect("read");
@@ -140,10 +152,11 @@ fn run_sim(seed: u64) -> (NodeId, NodeId, Outcome) {
     sim.partition(0, 1, true);
     sim.journal = Some(Vec::new());
     let outbox = outbox_of(a, b);
+    conclave_actors::domain::begin_run(sim.nodes[0].store.as_ref(), RUN).expect("run");
     enqueue(sim.nodes[0].store.as_ref(), b);
     sim.tell(outbox, OutboxMsg::Kick);
     sim.run_for(Duration::from_millis(1));
-    sim.tell_from(peer_of(b, a), outbox, OutboxMsg::Ack { upto: Seq(1) });
+    sim.tell_from(peer_of(b, a), outbox, ack_one());
     sim.tell(outbox, OutboxMsg::Kick);
     sim.run_for(Duration::from_millis(1));
     assert_eq!(sim.active_actors(0), 0, "the outbox passivated");
@@ -181,6 +194,7 @@ fn run_host(a: NodeId, b: NodeId) -> Outcome {
     // B's end of the network: it receives what A sends and never answers.
     let (_b_transport, _b_incoming) = net.join(b);
     let store = Arc::new(MemStore::new());
+    conclave_actors::domain::begin_run(store.as_ref(), RUN).expect("run");
     let runtime = Runtime::start(HostConfig {
         node: a,
         system: Domain {
@@ -204,7 +218,7 @@ fn run_host(a: NodeId, b: NodeId) -> Outcome {
     // thread runs one thing at a time, and this is one thing.
     let script = Arc::clone(&shared);
     let queued = shared.arbiter.spawn_fn(move || {
-        let ack = OutboxMsg::Ack { upto: Seq(1) };
+        let ack = ack_one();
         let from = Some(peer_of(b, a));
         let _ = script.route(Origin::Outside, from, outbox, ack.into());
         let _ = script.route(Origin::Outside, None, outbox, OutboxMsg::Kick.into());
@@ -227,7 +241,7 @@ type Short<'a> = (u64, Option<ActorRef>, &'a str, usize, usize, bool);
 
 /// The outcome the contract prescribes (see the module docs).
 fn expected(a: NodeId, b: NodeId) -> Vec<Short<'static>> {
-    let ack = "Outbox(Ack { upto: Seq(1) })";
+    let ack = "Outbox(Ack { upto: Seq(1), incarnation: 49374 })";
     vec![
         (1, None, "Outbox(Kick)", 1, 1, false),
         (1, Some(peer_of(b, a)), ack, 0, 0, true),

@@ -53,7 +53,7 @@ enum CounterMsg {
     IncrAndTell {
         witness: ActorRef,
     },
-    /// A bug in the actor.
+    /// A bug in the actor, after it wrote an increment.
     Panic,
 }
 
@@ -215,7 +215,14 @@ impl Actor<TestSystem> for Counter {
             }
             CounterMsg::Passivate => cx.stop(),
             CounterMsg::Stall { ms } => std::thread::sleep(Duration::from_millis(ms)),
-            CounterMsg::Panic => panic!("the counter was asked to panic"),
+            CounterMsg::Panic => {
+                let mut txn = cx.store().write().expect("write txn");
+                COUNTS
+                    .put(&mut *txn, &self.key, &(self.count + 1))
+                    .expect("put");
+                txn.commit().expect("commit");
+                panic!("the counter was asked to panic");
+            }
             CounterMsg::IncrAndTell { witness } => {
                 self.handle(CounterMsg::Incr, cx);
                 let told = Told {
@@ -427,15 +434,26 @@ fn a_send_leaves_only_once_the_batch_that_wrote_its_state_is_durable() {
 }
 
 #[test]
-fn an_actor_that_panics_stops_the_runtime_which_says_so() {
+fn an_actor_that_panics_stops_the_runtime_which_says_so_and_commits_nothing_after() {
     let node = NodeId([1; 32]);
-    let (runtime, _rx) = start(node, Arc::new(MemStore::new()), &MemNetwork::<Msg>::new());
+    let store = Arc::new(MemStore::new());
+    let (runtime, rx) = start(node, store.clone(), &MemNetwork::<Msg>::new());
     let counter = ActorRef::new(node, COUNTER, ActorKey::Id(1));
-    runtime.tell(counter, CounterMsg::Incr).expect("accepted");
+    let witness = ActorRef::new(node, WITNESS, ActorKey::Unit);
+    runtime
+        .tell(counter, CounterMsg::IncrAndTell { witness })
+        .expect("accepted");
+    assert!(matches!(next(&rx), Event::Witnessed { told: 1, stored: 1 }));
     assert_eq!(runtime.failure(), None);
+    // It writes, then panics; what waits behind it is never handled.
     runtime.tell(counter, CounterMsg::Panic).expect("accepted");
+    runtime.tell(counter, CounterMsg::Incr).expect("accepted");
     wait_until(|| runtime.failure() == Some(Failure::Stopped));
     assert!(runtime.tell(counter, CounterMsg::Incr).is_err());
+    // As if the process had died at the panic: its turn's write is not kept.
+    runtime.shutdown();
+    let txn = store.read().expect("read");
+    assert_eq!(COUNTS.get(&*txn, &1).expect("get"), Some(1));
 }
 
 #[test]

@@ -212,13 +212,14 @@ impl Liveness {
     }
 }
 
-/// Live nodes' outboxes that still hold messages for nodes not lost for good.
+/// Live nodes' outboxes that still hold messages for nodes not lost for good, or
+/// back under their identity with an empty disk (their streams must flow again).
 fn outboxes(view: &View<'_>) -> Vec<String> {
     let mut items = Vec::new();
     for i in (0..view.cluster.nodes.len()).filter(|&i| view.live(i)) {
         for (dest, depth) in view.cluster.outbox_depths(i) {
             if let Some(j) = view.cluster.index(dest) {
-                if !view.wiped(j) {
+                if !view.wiped(j) || view.cluster.nodes[j].reborn {
                     items.push(format!("outbox n{i}->n{j} holds {depth}"));
                 }
             }

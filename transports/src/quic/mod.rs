@@ -22,6 +22,7 @@
 //! arrive after some written on the new one; restoring order across connections,
 //! and resending what a lost connection swallowed, is the durable outbox's job.
 
+mod cid;
 pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -66,6 +67,9 @@ const CERTIFICATE_ALERTS: [u8; 10] = [40, 42, 43, 44, 45, 46, 48, 51, 110, 116];
 /// 29–34 unless told otherwise.
 const QUIC_V1: u32 = 1;
 
+/// The shortest time between two stateless resets a node sends.
+const RESET_INTERVAL_MS_MIN: u64 = 1;
+
 /// The domain tags of the endpoint keys derived from a node's identity.
 const RESET_KEY_TAG: &[u8] = b"conclave/quic-stateless-reset/v1";
 const CID_KEY_TAG: &[u8] = b"conclave/quic-connection-id/v1";
@@ -99,10 +103,11 @@ fn bind(
             &reset,
         )));
         let cid = derived_key(identity, CID_KEY_TAG);
-        let cid = u64::from_le_bytes(cid[..8].try_into().expect("8 of 32 bytes"));
-        endpoint.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid))
-        });
+        endpoint.cid_generator(move || Box::new(cid::SignedCids::new(&cid)));
+        // Every packet of a previous run's connection may be answered (resets are
+        // always smaller than what prompts them): after a restart, all of its
+        // clients learn at once, not 50 a second (quinn's default is 20 ms).
+        endpoint.min_reset_interval(Duration::from_millis(RESET_INTERVAL_MS_MIN));
         config
     });
     endpoint.supported_versions(vec![QUIC_V1]);
@@ -428,6 +433,13 @@ const CLIENT_ALLOWANCE: Allowance = Allowance {
     receive_window_bytes: CLIENT_RECEIVE_WINDOW_BYTES,
     send_window_bytes: CLIENT_SEND_WINDOW_BYTES,
 };
+
+/// Grants a client connection the node decided to serve its streams and windows
+/// ([`CLIENT_STREAMS_MAX`], [`CLIENT_RECEIVE_WINDOW_BYTES`],
+/// [`CLIENT_SEND_WINDOW_BYTES`]); before this, it may open none.
+pub fn grant_client_allowance(conn: &quinn::Connection) {
+    CLIENT_ALLOWANCE.grant(conn);
+}
 
 impl Allowance {
     /// What an accepted connection is allowed before it is known to be a peer
@@ -1000,8 +1012,8 @@ async fn accept_one<M: WireMessage>(
     };
     if alpn_of(&conn).as_deref() == Some(shared.client_alpn.as_slice()) {
         // A user's client (only offered when clients are accepted): the receiver
-        // decides whether to serve them.
-        CLIENT_ALLOWANCE.grant(&conn);
+        // decides whether to serve them, and grants them streams if it does
+        // ([`grant_client_allowance`]); until then they can send nothing.
         let client = ClientConnection {
             user: conclave_actors::UserId(peer.0),
             conn,

@@ -20,8 +20,9 @@ use conclave_storage::{Store, StoreError, Table};
 /// The layout of the domain's tables this build reads and writes. Bumped whenever
 /// a stored type changes incompatibly (2: rooms' records carry `members_version`;
 /// sealed keys reach member nodes as room updates; 3: rooms keep their membership
-/// chain, and their records whether a rekey is due).
-pub const STORE_FORMAT: u32 = 3;
+/// chain, and their records whether a rekey is due; 4: a receiver's mark per
+/// origin names the incarnation it follows, and a node records its run's).
+pub const STORE_FORMAT: u32 = 4;
 
 const FORMAT: Table<[u8; 1], u32> = Table::new("store.format");
 

@@ -612,7 +612,7 @@ fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
         );
         check("add existing user", Some(outcome), "conflict", before);
         let before = store.commits();
-        let outcome = w.c.call(0, &stranger, Op::ListRooms);
+        let outcome = w.c.call(0, &stranger, Op::ListRooms { after: None });
         check("unknown user request", Some(outcome), "not_found", before);
         let before = store.commits();
         let outcome = w.c.invite(0, &alice, room, &bob, 1, RoomRole::Member);

@@ -629,11 +629,12 @@ impl Carrier for Node {
         &self,
         user: UserId,
         room: RoomId,
+        after: Epoch,
     ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
         let store = self.open_store()?;
         let txn = store.read_txn()?;
         domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
-        Ok(domain::state::keys::sealed_for(&txn, room, user)?)
+        Ok(domain::state::keys::sealed_page(&txn, room, user, after)?)
     }
 
     async fn frames(

@@ -76,10 +76,13 @@ pub enum ClientRequest {
     Call(Box<SignedRequest>),
     /// A frame sealed and signed by the connection's user.
     Publish(Box<Frame>),
-    /// The keys of a room the node holds sealed to the connection's user.
+    /// A page of the keys of a room the node holds sealed to the connection's
+    /// user: the epochs after `after`.
     Keys {
         /// The room.
         room: RoomId,
+        /// Where the page starts (after this epoch; 0: the first).
+        after: Epoch,
     },
     /// The room's frames the user may read, from a position: history, then live.
     Subscribe {
@@ -375,9 +378,9 @@ async fn answer(
             })
         }
         ClientRequest::Publish(frame) => outcome(Carrier::publish(node, *frame).await),
-        ClientRequest::Keys { room } => match node.check_user(user) {
+        ClientRequest::Keys { room, after } => match node.check_user(user) {
             Err(denial) => ClientResponse::Refused(denial),
-            Ok(()) => match node.sealed_keys(user, room).await {
+            Ok(()) => match node.sealed_keys(user, room, after).await {
                 Ok(keys) => ClientResponse::Keys(keys),
                 Err(e) => refusal(e),
             },

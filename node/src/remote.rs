@@ -312,9 +312,10 @@ impl Carrier for RemoteNode {
         &self,
         _user: UserId,
         room: RoomId,
+        after: Epoch,
     ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
         // The node answers for the connection's user only.
-        match self.roundtrip(&ClientRequest::Keys { room }).await? {
+        match self.roundtrip(&ClientRequest::Keys { room, after }).await? {
             ClientResponse::Keys(keys) => Ok(keys),
             ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
             other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),

@@ -169,11 +169,15 @@ pub(crate) mod sealed {
             from: u64,
         ) -> impl Future<Output = Result<Vec<SignedLink>, ApiError>> + Send;
 
-        /// The keys of `room` the node holds sealed to `user`.
+        /// A page of the keys of `room` the node holds sealed to `user`: the
+        /// epochs after `after`, ascending (a page shorter than
+        /// [`conclave_actors::domain::state::keys::SEALED_KEYS_PAGE_MAX`] is the
+        /// last).
         fn sealed_keys(
             &self,
             user: UserId,
             room: RoomId,
+            after: Epoch,
         ) -> impl Future<Output = Result<Vec<(Epoch, SealedKey)>, ApiError>> + Send;
 
         /// The frames of `room` that `user` may read, from `from` on: history, then
@@ -203,6 +207,15 @@ pub const CHAIN_LINKS_PER_CALL_MAX: usize = conclave_actors::domain::room::CHAIN
 
 /// The most calls one chain sync makes: enough for the longest chain a room may
 /// hold, so a node that keeps serving links cannot keep a client busy forever.
+/// The most pages of rooms [`User::list_rooms`] asks for: a million memberships.
+const ROOM_PAGES_MAX: usize = 1 << 20 >> 12;
+
+/// The most pages of sealed keys read for one room: as many epochs as a chain can
+/// hold.
+const KEY_PAGES_MAX: u64 = conclave_actors::domain::chain::CHAIN_LINKS_MAX
+    / conclave_actors::domain::state::keys::SEALED_KEYS_PAGE_MAX as u64
+    + 1;
+
 const CHAIN_SYNC_CALLS_MAX: u64 =
     conclave_actors::domain::chain::CHAIN_LINKS_MAX / CHAIN_LINKS_PER_CALL_MAX as u64 + 1;
 
@@ -335,12 +348,40 @@ impl<B: Backend> User<B> {
         }
     }
 
-    /// The rooms this user is a member of, with their home nodes.
+    /// The rooms this user is a member of, with their home nodes (asked page by
+    /// page, each at most [`conclave_actors::domain::state::rooms::ROOMS_PAGE_MAX`]
+    /// memberships).
     pub async fn list_rooms(&self) -> Result<Vec<(RoomId, NodeId)>, ApiError> {
-        match self.call(Op::ListRooms).await? {
-            Outcome::Rooms(rooms) => Ok(rooms),
-            other => Err(ApiError::Unexpected(Box::new(other))),
+        let mut all: Vec<(RoomId, NodeId)> = Vec::new();
+        let mut after = None;
+        for _ in 0..ROOM_PAGES_MAX {
+            let (rooms, next) = match self.call(Op::ListRooms { after }).await? {
+                Outcome::Rooms { rooms, next } => (rooms, next),
+                other => return Err(ApiError::Unexpected(Box::new(other))),
+            };
+            // Pages move forward, in order: a node that does otherwise would have
+            // the client list rooms twice, or loop.
+            let floor = after.or(all.last().map(|(room, _)| *room));
+            let ordered = rooms.windows(2).all(|w| w[0].0 < w[1].0)
+                && rooms
+                    .first()
+                    .is_none_or(|(r, _)| floor.is_none_or(|f| *r > f))
+                && next.is_none_or(|n| rooms.last().is_none_or(|(r, _)| n >= *r))
+                && next.is_none_or(|n| after.is_none_or(|a| n > a));
+            if !ordered {
+                return Err(ApiError::Connection(
+                    "the node's room pages go backwards".into(),
+                ));
+            }
+            all.extend(rooms);
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok(all),
+            }
         }
+        Err(ApiError::Connection(format!(
+            "the node sent more than {ROOM_PAGES_MAX} pages of rooms"
+        )))
     }
 
     /// Creates a room homed on this user's node, with this user as its owner.
@@ -679,7 +720,7 @@ impl<B: Backend> User<B> {
         // before its keys (both come from the home in order), so every key read
         // here has its link in the chain read after it. The other way round an
         // honest key arriving between the two reads would be refused.
-        let sealed = self.backend.sealed_keys(self.id(), room).await?;
+        let sealed = self.sealed_keys(room).await?;
         let chain = match self.sync_chain(room).await {
             Ok(Some(chain)) => chain,
             Ok(None) => return Ok(()),
@@ -705,6 +746,33 @@ impl<B: Backend> User<B> {
         debug_assert!(accepted.keys().all(|e| chain.epochs.contains_key(e)));
         self.lock_keys().entry(room).or_default().extend(accepted);
         Ok(())
+    }
+
+    /// Every key of `room` the node holds sealed to this user, page by page (each
+    /// page after the last, ascending, or the node is not believed).
+    async fn sealed_keys(&self, room: RoomId) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
+        use conclave_actors::domain::state::keys::SEALED_KEYS_PAGE_MAX;
+        let mut all: Vec<(Epoch, SealedKey)> = Vec::new();
+        for _ in 0..KEY_PAGES_MAX {
+            let after = all.last().map_or(Epoch(0), |(epoch, _)| *epoch);
+            let page = self.backend.sealed_keys(self.id(), room, after).await?;
+            let ordered = page.windows(2).all(|w| w[0].0 < w[1].0)
+                && page.first().is_none_or(|(epoch, _)| *epoch > after)
+                && page.len() <= SEALED_KEYS_PAGE_MAX;
+            if !ordered {
+                return Err(ApiError::Connection(
+                    "the node's pages of sealed keys are out of order".into(),
+                ));
+            }
+            let last = page.len() < SEALED_KEYS_PAGE_MAX;
+            all.extend(page);
+            if last {
+                return Ok(all);
+            }
+        }
+        Err(ApiError::Connection(
+            "the node sent more pages of sealed keys than a room has epochs".into(),
+        ))
     }
 
     fn cached_newest(&self, room: RoomId) -> Option<(Epoch, EpochKey)> {

@@ -131,9 +131,10 @@ impl Members {
                 let txn = store.read()?;
                 Ok(Some(Outcome::Users(registry::list(&*txn)?)))
             }
-            Op::ListRooms => {
+            Op::ListRooms { after } => {
                 let txn = store.read()?;
-                Ok(Some(Outcome::Rooms(rooms::rooms_of(&*txn, acting)?)))
+                let (rooms, next) = rooms::rooms_page(&*txn, acting, *after)?;
+                Ok(Some(Outcome::Rooms { rooms, next }))
             }
             Op::CreateRoom { link, .. } => {
                 // Rooms are homed on their creator's node: this one.

@@ -361,8 +361,12 @@ pub enum Op {
         /// The room.
         room: RoomId,
     },
-    /// The rooms the acting user belongs to (as this node knows them).
-    ListRooms,
+    /// A page of the rooms the acting user belongs to (as this node knows them),
+    /// after `after` in room id order.
+    ListRooms {
+        /// Where the page starts: after this room (`None`: the first page).
+        after: Option<RoomId>,
+    },
 }
 
 impl Op {
@@ -385,7 +389,9 @@ impl Op {
             | Op::Remove { link, .. }
             | Op::Rekey { link, .. } => Some(link.link.room),
             Op::RoomInfo { room } => Some(*room),
-            Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms => None,
+            Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms { .. } => {
+                None
+            }
         }
     }
 }
@@ -496,8 +502,13 @@ pub enum Outcome {
     },
     /// The node's users.
     Users(Vec<UserEntry>),
-    /// The acting user's rooms and their homes.
-    Rooms(Vec<(RoomId, NodeId)>),
+    /// A page of the acting user's rooms and their homes.
+    Rooms {
+        /// The rooms, in room id order.
+        rooms: Vec<(RoomId, NodeId)>,
+        /// Where the next page starts (`None`: this was the last).
+        next: Option<RoomId>,
+    },
     /// A room.
     Room(RoomInfo),
     /// Refused.

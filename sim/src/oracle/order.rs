@@ -60,8 +60,10 @@ impl Oracle for Order {
     /// Applying an older update after a newer one (a duplicate, or a replay) would
     /// take it back.
     fn on_room_handled(&mut self, view: &View<'_>, node: usize, room: RoomId) -> Verdict {
-        // The home's own copy is the model's source, not a replica.
-        if view.model.rooms.get(&room).is_none_or(|m| m.home == node) {
+        // The home's own copy is the model's source, not a replica; a node that
+        // lost its disk starts its copies over (what it takes again may be older
+        // than what its previous disk held).
+        if view.model.rooms.get(&room).is_none_or(|m| m.home == node) || view.wiped(node) {
             return Verdict::Holds;
         }
         let Some(now) = replica_state(view, node, room) else {
@@ -233,6 +235,6 @@ fn op_name(op: &Op) -> &'static str {
         Op::Remove { .. } => "remove",
         Op::Rekey { .. } => "rekey",
         Op::RoomInfo { .. } => "room info",
-        Op::ListRooms => "list rooms",
+        Op::ListRooms { .. } => "list rooms",
     }
 }

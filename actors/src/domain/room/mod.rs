@@ -484,7 +484,7 @@ impl Room {
             Op::Remove { link, bundle } => decide::remove(&*txn, &h, req, link, bundle)?,
             Op::Rekey { link, bundle } => decide::rekey(&*txn, &h, req, link, bundle)?,
             Op::RoomInfo { .. } => return decide::info(&*txn, &h, acting),
-            Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms => {
+            Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms { .. } => {
                 return Err(Denial::malformed("not a room request"));
             }
         };

@@ -103,4 +103,75 @@ mod tests {
             matches!(refused, Err(FormatError::Incompatible { found }) if found == STORE_FORMAT + 1)
         );
     }
+
+    #[test]
+    fn a_users_rooms_and_keys_are_read_in_pages_and_all_of_them_are_there() {
+        use crate::domain::Policy;
+        use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
+        let store = MemStore::new();
+        let user = UserId([7; 32]);
+        let home = NodeId([1; 32]);
+        // More memberships than a page, one in three left.
+        let count = rooms::ROOMS_PAGE_MAX + rooms::ROOMS_PAGE_MAX / 2;
+        let mut txn = store.write().expect("write");
+        for i in 0..count {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let room = RoomId(id);
+            let meta = rooms::RoomMeta {
+                home,
+                policy: Policy::default(),
+                epoch: Epoch(1),
+                epoch_start: Seq(1),
+                next_seq: Seq(1),
+                owner: user,
+                members_version: 1,
+                rekey_due: false,
+            };
+            rooms::put_meta(&mut *txn, room, &meta).expect("meta");
+            let until = (i % 3 == 0).then_some(Seq(1));
+            let vis = rooms::Visibility {
+                from: Seq(1),
+                until,
+            };
+            rooms::put_visibility(&mut *txn, user, room, &vis).expect("visibility");
+        }
+        let key = crate::crypto::SealedKey {
+            sealer: user,
+            enc: [0; 32],
+            ciphertext: vec![0; 48],
+            signature: crate::crypto::SignatureBytes([0; 64]),
+        };
+        let epochs = keys::SEALED_KEYS_PAGE_MAX as u64 + 5;
+        for epoch in 1..=epochs {
+            keys::put(&mut *txn, RoomId([9; 16]), Epoch(epoch), user, &key).expect("key");
+        }
+        txn.commit().expect("commit");
+
+        let txn = store.read().expect("read");
+        let (first, next) = rooms::rooms_page(&*txn, user, None).expect("page");
+        assert!(next.is_some(), "a full page has a next");
+        let (second, last) = rooms::rooms_page(&*txn, user, next).expect("page");
+        assert_eq!(last, None);
+        let members_now = count - count.div_ceil(3);
+        assert_eq!(first.len() + second.len(), members_now);
+        assert_eq!(
+            rooms::rooms_of(&*txn, user).expect("all").len(),
+            members_now
+        );
+        let page = keys::sealed_page(&*txn, RoomId([9; 16]), user, Epoch(0)).expect("keys");
+        assert_eq!(page.len(), keys::SEALED_KEYS_PAGE_MAX);
+        let rest =
+            keys::sealed_page(&*txn, RoomId([9; 16]), user, page[page.len() - 1].0).expect("keys");
+        assert_eq!(
+            rest.first().map(|(e, _)| e.0),
+            Some(keys::SEALED_KEYS_PAGE_MAX as u64 + 1)
+        );
+        assert_eq!(
+            keys::sealed_for(&*txn, RoomId([9; 16]), user)
+                .expect("all")
+                .len() as u64,
+            epochs
+        );
+    }
 }

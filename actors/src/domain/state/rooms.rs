@@ -17,8 +17,9 @@ use crate::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
 /// How many frames a room without `persist` keeps (on its home and member nodes).
 pub const EPHEMERAL_FRAMES_KEPT: u64 = 256;
 
-/// The most rooms [`rooms_of`] lists for one user (each ~50 bytes in a response).
-pub const ROOMS_LISTED_MAX: usize = 10_000;
+/// The most memberships one page of [`rooms_page`] looks at (a room listed is ~50
+/// bytes in a response: a page stays far under 1 MiB).
+pub const ROOMS_PAGE_MAX: usize = 4_096;
 
 /// The most frames of history a new member node is sent in one invitation. A longer
 /// history is refused with a reason rather than queued past what an outbox holds.
@@ -280,23 +281,57 @@ pub fn put_visibility(
     VISIBLE.put(txn, &(user.0, room.0), visibility)
 }
 
-/// The rooms a local user is a member of now, with their sequencers (at most
-/// [`ROOMS_LISTED_MAX`]).
-pub fn rooms_of(txn: &dyn ReadTxn, user: UserId) -> Result<Vec<(RoomId, NodeId)>, StoreError> {
-    let mut out = Vec::new();
-    for ((_, room), vis) in VISIBLE.scan(
+/// A room and its sequencer, as listed.
+pub type RoomHome = (RoomId, NodeId);
+
+/// One page of the rooms a local user is a member of now, with their
+/// sequencers, in room id order after `after`: the rooms, and where the next
+/// page starts (`None`: this was the last). A page looks at up to
+/// [`ROOMS_PAGE_MAX`] memberships (rooms the user left are skipped), so a page may
+/// be short, even empty, and still have a next.
+pub fn rooms_page(
+    txn: &dyn ReadTxn,
+    user: UserId,
+    after: Option<RoomId>,
+) -> Result<(Vec<RoomHome>, Option<RoomId>), StoreError> {
+    use std::ops::Bound::{Excluded, Included};
+    let lower = match after {
+        Some(room) => Excluded((user.0, room.0)),
+        None => Included((user.0, [0; 16])),
+    };
+    let seen = VISIBLE.scan(
         txn,
-        (user.0, [0; 16])..=(user.0, [0xff; 16]),
+        (lower, Included((user.0, [0xff; 16]))),
         Order::Ascending,
-        ROOMS_LISTED_MAX,
-    )? {
+        ROOMS_PAGE_MAX,
+    )?;
+    let next = (seen.len() == ROOMS_PAGE_MAX)
+        .then(|| seen.last().map(|((_, room), _)| RoomId(*room)))
+        .flatten();
+    let mut rooms = Vec::new();
+    for ((_, room), vis) in seen {
         if vis.until.is_none() {
             if let Some(node) = sequencer_of(txn, RoomId(room))? {
-                out.push((RoomId(room), node));
+                rooms.push((RoomId(room), node));
             }
         }
     }
-    Ok(out)
+    Ok((rooms, next))
+}
+
+/// Every room a local user is a member of now (page after page): for this node's
+/// own use (a revocation evicts the user from all of them).
+pub fn rooms_of(txn: &dyn ReadTxn, user: UserId) -> Result<Vec<(RoomId, NodeId)>, StoreError> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let (rooms, next) = rooms_page(txn, user, after)?;
+        all.extend(rooms);
+        match next {
+            Some(next) => after = Some(next),
+            None => return Ok(all),
+        }
+    }
 }
 
 /// The creator's signed creation of `room` (the first link of its chain), if this

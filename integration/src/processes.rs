@@ -104,3 +104,15 @@ pub async fn wait_healthy(addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Starts a node process again with the arguments it was first started with
+/// (`args`, from `cluster.toml`); its output is dropped.
+pub fn restart_node(exe: &str, args: &[String]) -> Child {
+    Command::new(exe)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart a node")
+}

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use conclave::observe::http_get;
 use conclave::{ApiError, Denial, Identity, RemoteNode};
-use conclave_cli::cluster::ClusterFile;
-use conclave_integration::processes::{cluster_up, free_base_port, health, signal, wait_healthy};
+use conclave_cli::cluster::{ClusterFile, ClusterNode};
+use conclave_integration::processes::{
+    cluster_up, free_base_port, health, restart_node, signal, wait_healthy,
+};
 
 const EXE: &str = env!("CARGO_BIN_EXE_conclave-it");
 
@@ -87,110 +89,10 @@ async fn slowloris(addr: SocketAddr) -> Duration {
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_up_check_kill_restart_and_scrape() {
-    let (dir, mut guard, table) = cluster_up(EXE, 3, 0);
-    let cluster_dir = dir.path().join("cluster");
-    assert!(table.len() >= 4, "status table: {table:?}");
-    let file = ClusterFile::read(&cluster_dir).expect("cluster.toml");
-    assert_eq!(file.node.len(), 3);
-    for node in &file.node {
-        let h = health(node.metrics).await.expect("healthz answers");
-        assert!(h.ready && h.tls);
-        assert_eq!(h.peers_known, 2);
-        assert_eq!(h.node_id, node.id);
-    }
-
-    // The end-to-end check.
-    let cluster_arg = cluster_dir.to_str().unwrap();
-    let out = run(&["check", "--cluster", cluster_arg, "--messages", "60"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "check failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("OK: every member decrypted every committed message exactly once"),
-        "{text}"
-    );
-
-    // Meanwhile, a client trickles a request's headers to node0's metrics server.
-    let slowloris = tokio::spawn(slowloris(file.node[0].metrics));
-
-    // Loop mode; node1 is killed with SIGKILL in the middle and restarted.
-    let looping = Command::new(EXE)
-        .args([
-            "check",
-            "--cluster",
-            cluster_arg,
-            "--mode",
-            "loop",
-            "--duration",
-            "16",
-            "--interval",
-            "40",
-            "--settle",
-            "60",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("check loop");
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    signal(file.node[1].pid, nix::sys::signal::Signal::SIGKILL);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let restarted = Command::new(EXE)
-        .args(&file.node[1].args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("restart node1");
-    guard.others.push(restarted);
-    let out = tokio::task::spawn_blocking(move || looping.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "loop check failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("OK: every member decrypted every committed message exactly once"),
-        "{text}"
-    );
-    // The kill was felt: publishing through node1 failed or was queued meanwhile.
-    let (committed, queued, failed) = summary(&text);
-    assert!(committed >= 40, "{text}");
-    assert!(queued + failed > 0, "the kill was not seen:\n{text}");
-    for line in text.lines().filter(|l| l.contains("delivered twice")) {
-        assert!(
-            line.contains("missing 0 committed") && line.contains(" 0 delivered twice"),
-            "{line}"
-        );
-    }
-
-    let held = slowloris.await.unwrap();
-    assert!(
-        held < Duration::from_secs(SLOWLORIS_WAIT_S),
-        "the metrics server held a connection without headers for {held:?}"
-    );
-
-    // A client the registry does not know is refused with not_found, and counted.
-    let stranger = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));
-    match RemoteNode::connect(&stranger, file.node[0].addr, None).await {
-        Err(ApiError::Denied(Denial::NotFound { .. })) => {}
-        other => panic!("expected not_found, got {other:?}"),
-    }
-
-    // Commands close their connection as they exit: more of them in a row than
-    // the per-user limit are all served, and the node never has to find one of
-    // their connections silent.
-    let node0 = &file.node[0];
+/// Runs more `conclave` commands in a row as one user than the per-user limit:
+/// each closes its connection as it exits, so all are served (and the node finds
+/// none of their connections silent: checked on its metrics by the caller).
+fn commands_close_their_connections(node0: &ClusterNode) {
     let client = [
         "--node",
         &node0.addr.to_string(),
@@ -220,7 +122,11 @@ async fn cluster_up_check_kill_restart_and_scrape() {
         let text = command(&["send", "--room", &room, &format!("one of many {i}")]);
         assert!(text.starts_with("committed #"), "{text}");
     }
+}
 
+/// Every node of `file` (a restarted one included) is healthy again, and its
+/// exposition is valid and holds what the test made happen.
+async fn every_node_is_healthy_and_its_metrics_valid(file: &ClusterFile) {
     // Every node (node1 restarted) is healthy again, and its exposition is valid.
     let deadline = Instant::now() + Duration::from_secs(30);
     for node in &file.node {
@@ -277,6 +183,104 @@ async fn cluster_up_check_kill_restart_and_scrape() {
     ] {
         assert!(node2.contains(expected), "node2 metrics lack {expected}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_up_check_kill_restart_and_scrape() {
+    let (dir, mut guard, table) = cluster_up(EXE, 3, 0);
+    let cluster_dir = dir.path().join("cluster");
+    assert!(table.len() >= 4, "status table: {table:?}");
+    let file = ClusterFile::read(&cluster_dir).expect("cluster.toml");
+    assert_eq!(file.node.len(), 3);
+    for node in &file.node {
+        let h = health(node.metrics).await.expect("healthz answers");
+        assert!(h.ready && h.tls);
+        assert_eq!(h.peers_known, 2);
+        assert_eq!(h.node_id, node.id);
+    }
+
+    // The end-to-end check.
+    let cluster_arg = cluster_dir.to_str().unwrap();
+    let out = run(&["check", "--cluster", cluster_arg, "--messages", "60"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("OK: every member decrypted every committed message exactly once"),
+        "{text}"
+    );
+
+    // Meanwhile, a client trickles a request's headers to node0's metrics server.
+    let slowloris = tokio::spawn(slowloris(file.node[0].metrics));
+
+    // Loop mode; node1 is killed with SIGKILL in the middle and restarted.
+    let looping = Command::new(EXE)
+        .args([
+            "check",
+            "--cluster",
+            cluster_arg,
+            "--mode",
+            "loop",
+            "--duration",
+            "16",
+            "--interval",
+            "40",
+            "--settle",
+            "60",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("check loop");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    signal(file.node[1].pid, nix::sys::signal::Signal::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    guard.others.push(restart_node(EXE, &file.node[1].args));
+    let out = tokio::task::spawn_blocking(move || looping.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "loop check failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("OK: every member decrypted every committed message exactly once"),
+        "{text}"
+    );
+    // The kill was felt: publishing through node1 failed or was queued meanwhile.
+    let (committed, queued, failed) = summary(&text);
+    assert!(committed >= 40, "{text}");
+    assert!(queued + failed > 0, "the kill was not seen:\n{text}");
+    for line in text.lines().filter(|l| l.contains("delivered twice")) {
+        assert!(
+            line.contains("missing 0 committed") && line.contains(" 0 delivered twice"),
+            "{line}"
+        );
+    }
+
+    let held = slowloris.await.unwrap();
+    assert!(
+        held < Duration::from_secs(SLOWLORIS_WAIT_S),
+        "the metrics server held a connection without headers for {held:?}"
+    );
+
+    // A client the registry does not know is refused with not_found, and counted.
+    let stranger = Identity::generate(&mut rand_core::UnwrapErr(getrandom::SysRng));
+    match RemoteNode::connect(&stranger, file.node[0].addr, None).await {
+        Err(ApiError::Denied(Denial::NotFound { .. })) => {}
+        other => panic!("expected not_found, got {other:?}"),
+    }
+
+    commands_close_their_connections(&file.node[0]);
+
+    every_node_is_healthy_and_its_metrics_valid(&file).await;
 
     // The cluster stops its nodes cleanly on SIGINT.
     let mut up = guard.up.take().unwrap();
@@ -414,13 +418,7 @@ async fn a_subscriber_is_receiving_again_soon_after_its_node_is_killed_and_resta
     let mut waits = Vec::new();
     for _ in 0..KILLS {
         signal(pid, nix::sys::signal::Signal::SIGKILL);
-        let restarted = Command::new(EXE)
-            .args(&file.node[1].args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("restart node1");
+        let restarted = restart_node(EXE, &file.node[1].args);
         pid = restarted.id();
         guard.others.push(restarted);
         wait_healthy(file.node[1].metrics).await;

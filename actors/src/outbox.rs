@@ -98,19 +98,29 @@ impl Resync {
     }
 }
 
-/// Whether a receiver at `mark` must follow `stream` afresh, and the mark to
-/// follow it from (just before the stream's first message): `None` if `mark`
-/// already follows it.
-pub fn follow(mark: Option<Mark>, stream: Stream) -> Option<(Mark, Resync)> {
+impl Mark {
+    /// The stream this mark follows, from the message after it.
+    pub fn stream(self) -> Stream {
+        Stream {
+            incarnation: self.incarnation,
+            first: Seq(self.high + 1),
+        }
+    }
+}
+
+/// The mark a receiver at `mark` follows `stream` from: `mark` itself, or, when
+/// it must follow the stream afresh (and why), the mark just before the stream's
+/// first message.
+pub fn follow(mark: Option<Mark>, stream: Stream) -> (Mark, Option<Resync>) {
     let fresh = Mark {
         incarnation: stream.incarnation,
         high: stream.first.0.saturating_sub(1),
     };
     match mark {
-        None => Some((fresh, Resync::First)),
-        Some(m) if m.incarnation != stream.incarnation => Some((fresh, Resync::NewIncarnation)),
-        Some(m) if m.high < fresh.high => Some((fresh, Resync::Behind)),
-        Some(_) => None,
+        None => (fresh, Some(Resync::First)),
+        Some(m) if m.incarnation != stream.incarnation => (fresh, Some(Resync::NewIncarnation)),
+        Some(m) if m.high < fresh.high => (fresh, Some(Resync::Behind)),
+        Some(m) => (m, None),
     }
 }
 
@@ -322,19 +332,18 @@ pub fn accept(
     stream: Stream,
     seq: Seq,
 ) -> Result<Arrival, StoreError> {
-    let mut mark = MARKS.get(&*txn, &origin.0)?;
-    if let Some((fresh, _)) = follow(mark, stream) {
-        mark = Some(fresh);
-    }
+    let stored = MARKS.get(&*txn, &origin.0)?;
+    let (
+        Mark {
+            incarnation,
+            mut high,
+        },
+        _,
+    ) = follow(stored, stream);
     if crate::mutation::active(crate::mutation::Mutation::IgnoreStreams) {
         // Mutation: the stored mark stays, whatever the stream.
-        let kept = MARKS.get(&*txn, &origin.0)?.unwrap_or_default();
-        mark = Some(Mark {
-            incarnation: stream.incarnation,
-            high: kept.high,
-        });
+        high = stored.map_or(0, |m| m.high);
     }
-    let Mark { incarnation, high } = mark.expect("a mark is followed from here on");
     if seq.0 <= high {
         return Ok(Arrival::Duplicate);
     }

@@ -39,6 +39,7 @@ use crate::actor::{Actor, ActorRef, Context, System, Time};
 use crate::ids::{NodeId, Seq};
 use crate::mutation::{self, Mutation};
 use crate::outbox::{Mark, Stream};
+use conclave_storage::StoreError;
 
 /// Acknowledge at least every this many applied messages.
 pub const ACK_EVERY_MESSAGES: u64 = 32;
@@ -125,33 +126,15 @@ impl Peer {
         config: DomainConfig,
         cx: &mut Context<'_, S>,
     ) -> Self {
-        let stored = cx
-            .store()
-            .read()
-            .and_then(|txn| crate::outbox::mark(&*txn, remote));
-        let (mark, known) = match stored {
-            Ok(mark) => (mark, true),
-            Err(error) => {
-                tracing::error!(?remote, %error, "could not read the mark of what was taken; taking nothing until it can be read");
-                (None, false)
-            }
-        };
-        let high = mark.map_or(0, |m| m.high);
-        // The stream is known from its first delivery (its first message is
-        // carried then).
-        let stream = mark.map(|m| Stream {
-            incarnation: m.incarnation,
-            first: Seq(m.high + 1),
-        });
         cx.timer(config.idle, PeerMsg::Tick);
-        Peer {
+        let mut peer = Peer {
             remote,
             idle: config.idle,
-            stream,
-            known,
-            high,
-            durable: high,
-            expected: high + 1,
+            stream: None,
+            known: false,
+            high: 0,
+            durable: 0,
+            expected: 1,
             waiting: BTreeMap::new(),
             waiting_len: 0,
             in_flight: BTreeMap::new(),
@@ -161,7 +144,22 @@ impl Peer {
             last_heard: None,
             busy: false,
             stopping: false,
+        };
+        if let Err(error) = peer.load(cx) {
+            tracing::error!(?remote, %error, "could not read the mark of what was taken; taking nothing until it can be read");
         }
+        peer
+    }
+
+    /// Reads what was taken from the remote node (its stored mark) and takes it
+    /// as this peer's state; until that succeeds, nothing is taken.
+    fn load<S: System<Msg = Msg>>(&mut self, cx: &Context<'_, S>) -> Result<(), StoreError> {
+        let mark = crate::outbox::mark(&*cx.store().read()?, self.remote)?;
+        self.known = true;
+        self.adopt(mark.unwrap_or_default());
+        // Without a mark, the stream is known from its first delivery.
+        self.stream = mark.map(Mark::stream);
+        Ok(())
     }
 
     /// The remote outbox this peer answers.
@@ -188,22 +186,8 @@ impl Peer {
     /// ([`crate::outbox::follow`]), once nothing of the old one is pending.
     /// Whether the delivery may be taken.
     fn follow<S: System<Msg = Msg>>(&mut self, stream: Stream, cx: &mut Context<'_, S>) -> bool {
-        if !self.known {
-            match cx
-                .store()
-                .read()
-                .and_then(|txn| crate::outbox::mark(&*txn, self.remote))
-            {
-                Ok(mark) => {
-                    self.known = true;
-                    self.adopt(mark.unwrap_or_default());
-                    self.stream = mark.map(|m| Stream {
-                        incarnation: m.incarnation,
-                        first: Seq(m.high + 1),
-                    });
-                }
-                Err(_) => return false,
-            }
+        if !self.known && self.load(cx).is_err() {
+            return false;
         }
         let current = self.stream.map(|s| Mark {
             incarnation: s.incarnation,
@@ -214,7 +198,7 @@ impl Peer {
             self.stream.get_or_insert(stream);
             return true;
         }
-        let Some((mark, why)) = crate::outbox::follow(current, stream) else {
+        let (mark, Some(why)) = crate::outbox::follow(current, stream) else {
             return true;
         };
         let idle = self.in_flight.is_empty() && self.waiting_len == 0 && self.applied.is_empty();

@@ -189,21 +189,16 @@ fn a_receiver_follows_a_new_incarnation_and_skips_what_its_sender_no_longer_hold
     assert_eq!(high(&reset, A), 7);
     // Behind within one incarnation: the sender holds nothing before 10.
     assert_eq!(take(stream(3, 10), 10), Arrival::Fresh);
+    let ahead = Mark {
+        incarnation: 3,
+        high: 10,
+    };
     assert_eq!(
-        follow(
-            Some(Mark {
-                incarnation: 3,
-                high: 10
-            }),
-            stream(3, 5)
-        ),
-        None,
+        follow(Some(ahead), stream(3, 5)),
+        (ahead, None),
         "a stream the receiver is ahead of is followed as it is"
     );
-    assert_eq!(
-        follow(None, stream(4, 1)).map(|(_, why)| why),
-        Some(Resync::First)
-    );
+    assert_eq!(follow(None, stream(4, 1)).1, Some(Resync::First));
 }
 
 /// Stored by the receiver in the same transaction as the high-water mark.

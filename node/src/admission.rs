@@ -39,6 +39,16 @@ pub(crate) struct Admission {
     budget: Arc<Semaphore>,
 }
 
+/// What a new connection of a user at the limit does first.
+enum Probe {
+    /// The user is below the limit: nothing.
+    Unneeded,
+    /// Look for silent connections among these (the probe is this caller's).
+    Mine(Vec<quinn::Connection>),
+    /// Another connection is looking: refused.
+    Busy,
+}
+
 /// One user's live connections and byte budget.
 struct Held {
     conns: Vec<quinn::Connection>,
@@ -75,7 +85,8 @@ impl Budgets {
         &self,
         bytes: usize,
     ) -> Result<(SemaphorePermit<'_>, SemaphorePermit<'_>), Refused> {
-        let bytes = u32::try_from(bytes).expect("a request fits a budget's counter");
+        // Beyond what a budget counts, it cannot fit: refused like any other.
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
         let busy = |whose: &str, budget: usize| {
             let what = format!("{whose} holds {budget} bytes of requests in progress");
             ("busy", Denial::Limit { what })
@@ -109,16 +120,12 @@ impl Admission {
     /// that stayed silent are closed (`silent`) and no longer count. The budgets
     /// its requests draw from, or `None` if refused.
     pub(crate) async fn admit(&self, user: UserId, conn: &quinn::Connection) -> Option<Budgets> {
-        if let Some(held) = self.probe_start(user)? {
-            let gone = silent(held).await;
-            if let Some(held) = self.lock().get_mut(&user) {
-                held.probing = false;
-            }
-            for gone in gone {
-                tracing::info!(%user, addr = %gone.remote_address(), "closing a client connection that went silent");
-                metrics::counter!("conclave_client_connections_silent_total").increment(1);
-                gone.close(VarInt::from_u32(code::SILENT), b"silent");
-            }
+        match self.probe_start(user) {
+            Probe::Unneeded => {}
+            // Another connection of the user is looking already: this one is
+            // refused rather than left waiting (and holding its memory).
+            Probe::Busy => return None,
+            Probe::Mine(held) => self.close_silent(user, held).await,
         }
         let mut users = self.lock();
         let held = users.entry(user).or_insert_with(Held::new);
@@ -133,21 +140,34 @@ impl Admission {
         })
     }
 
-    /// At the limit, the connections to look at for silence (and the probe is
-    /// now this caller's): `Some(None)` below the limit, `None` (refuse) if
-    /// another connection of the user is probing already.
-    fn probe_start(&self, user: UserId) -> Option<Option<Vec<quinn::Connection>>> {
+    /// Closes those of `user`'s connections `held` that stay silent, and gives the
+    /// probe back.
+    async fn close_silent(&self, user: UserId, held: Vec<quinn::Connection>) {
+        let gone = silent(held).await;
+        if let Some(held) = self.lock().get_mut(&user) {
+            held.probing = false;
+        }
+        for gone in gone {
+            tracing::info!(%user, addr = %gone.remote_address(), "closing a client connection that went silent");
+            metrics::counter!("conclave_client_connections_silent_total").increment(1);
+            gone.close(VarInt::from_u32(code::SILENT), b"silent");
+        }
+    }
+
+    /// Whether `user`'s new connection must first look for silent ones, and takes
+    /// the probe if so.
+    fn probe_start(&self, user: UserId) -> Probe {
         let mut users = self.lock();
         let held = users.entry(user).or_insert_with(Held::new);
         held.conns.retain(|c| c.close_reason().is_none());
         if held.conns.len() < CONNECTIONS_PER_USER_MAX {
-            return Some(None);
+            return Probe::Unneeded;
         }
         if held.probing {
-            return None;
+            return Probe::Busy;
         }
         held.probing = true;
-        Some(Some(held.conns.clone()))
+        Probe::Mine(held.conns.clone())
     }
 
     /// Forgets `conn` among `user`'s connections.

@@ -178,11 +178,7 @@ impl NodeBuilder {
         let store = Arc::new(LmdbStore::open(&store_dir(&dir), self.lmdb.clone())?);
         domain::state::ensure_format(store.as_ref())?;
         // A new run: the streams this node sends start afresh.
-        let incarnation = {
-            use rand_core::Rng;
-            rand_core::UnwrapErr(getrandom::SysRng).next_u64()
-        };
-        domain::begin_run(store.as_ref(), incarnation)?;
+        domain::begin_run(store.as_ref(), random_u64())?;
         // The domain signs evictions of this node's revoked users with it.
         let domain = Domain::new(self.domain)
             .with_nodes(self.peers.keys().copied())
@@ -841,10 +837,9 @@ struct Pending {
     forwarded: bool,
 }
 
-/// Where a run's request numbers start: random, so that two runs of a node share
-/// none in practice (each run draws 2^64 apart, and numbers a run hands out are
-/// consecutive from there).
-fn first_request_number() -> u64 {
+/// A random u64 from the OS: a run's incarnation, where its request numbers start
+/// (so that two runs of a node share none in practice).
+fn random_u64() -> u64 {
     use rand_core::Rng;
     rand_core::UnwrapErr(getrandom::SysRng).next_u64()
 }
@@ -888,7 +883,7 @@ impl Gateway {
             // Random, not 1: an answer to a request of an earlier run of this
             // node (forwarded, decided by the home after a restart) must not be
             // taken for the answer to a new request that got the same number.
-            next: AtomicU64::new(first_request_number()),
+            next: AtomicU64::new(random_u64()),
             pending: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(BTreeMap::new()),
             revoked: broadcast::channel(REVOCATIONS_QUEUED_MAX).0,

@@ -9,7 +9,7 @@
 //! here knows any domain logic, so another host could replace this file without
 //! touching an actor.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -159,8 +159,9 @@ struct Shared<S: System> {
     active: Mutex<Actors<S>>,
     /// Why the last group commit failed, until one succeeds (health reports it).
     storage_failure: Mutex<Option<String>>,
-    /// The actor that panicked, which stopped the runtime.
-    panicked: Mutex<Option<ActorRef>>,
+    /// Whether an actor panicked, which stopped the runtime. Read on every turn:
+    /// an atomic, not a lock.
+    panicked: AtomicBool,
     /// Every handled message, for the driver contract test.
     #[cfg(test)]
     journal: Mutex<Vec<contract::Turn>>,
@@ -483,10 +484,7 @@ impl<S: System> Shared<S> {
     /// Whether an actor panicked: from then on nothing more is committed, sent or
     /// handled (crash-only; see [`Host::guarded`]).
     fn has_panicked(&self) -> bool {
-        self.panicked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.panicked.load(Ordering::Acquire)
     }
 
     /// Sends what durable batches owe.
@@ -556,11 +554,7 @@ impl<S: System> Host<S> {
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(self)));
         if ran.is_err() {
             tracing::error!(actor = ?self.me, "an actor panicked: stopping the node's actors");
-            *self
-                .shared
-                .panicked
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(self.me);
+            self.shared.panicked.store(true, Ordering::Release);
             actix::System::current().stop();
         }
     }
@@ -756,7 +750,7 @@ impl<S: System> Runtime<S> {
                         arbiter: actix_rt::Arbiter::current(),
                         active: Mutex::new(Lifecycles::new()),
                         storage_failure: Mutex::new(None),
-                        panicked: Mutex::new(None),
+                        panicked: AtomicBool::new(false),
                         #[cfg(test)]
                         journal: Mutex::new(Vec::new()),
                     });

@@ -205,13 +205,22 @@ impl RemoteNode {
         link.conn.close_reason().is_some_and(|e| replaceable(&e))
     }
 
-    /// Sends `request` on a new stream; returns the stream's receiving half and the
-    /// connection it is on.
+    /// Sends `request` on a new stream of the live connection; returns the
+    /// stream's receiving half and the connection it is on.
     async fn open(
         &self,
         request: &ClientRequest,
     ) -> Result<(quinn::RecvStream, Arc<ClientLink>), ApiError> {
         let link = self.link().await?;
+        let recv = Self::send_on(&link, request).await?;
+        Ok((recv, link))
+    }
+
+    /// Sends `request` on a new stream of `link`.
+    async fn send_on(
+        link: &ClientLink,
+        request: &ClientRequest,
+    ) -> Result<quinn::RecvStream, ApiError> {
         let (mut send, recv) = link
             .conn
             .open_bi()
@@ -224,7 +233,22 @@ impl RemoteNode {
             });
         }
         let _ = send.finish();
-        Ok((recv, link))
+        Ok(recv)
+    }
+
+    /// One request and its response on the live connection, and whether a
+    /// failure came from that connection dying (which a new one can mend).
+    async fn exchange(&self, request: &ClientRequest) -> (Result<ClientResponse, ApiError>, bool) {
+        let link = match self.link().await {
+            Ok(link) => link,
+            Err(error) => return (Err(error), false),
+        };
+        let answer = match Self::send_on(&link, request).await {
+            Ok(mut recv) => Self::read(&link, &mut recv).await,
+            Err(error) => Err(error),
+        };
+        let died = answer.is_err() && Self::died(&link);
+        (answer, died)
     }
 
     async fn read(
@@ -246,18 +270,9 @@ impl RemoteNode {
     /// whose connection died is asked once more on a new connection.
     async fn roundtrip(&self, request: &ClientRequest) -> Result<ClientResponse, ApiError> {
         let exchange = async {
-            let mut link = None;
-            let attempt = async {
-                let (mut recv, on) = self.open(request).await?;
-                link = Some(Arc::clone(&on));
-                Self::read(&on, &mut recv).await
-            };
-            match attempt.await {
-                Err(_) if rereadable(request) && link.as_deref().is_some_and(Self::died) => {
-                    let (mut recv, on) = self.open(request).await?;
-                    Self::read(&on, &mut recv).await
-                }
-                answer => answer,
+            match self.exchange(request).await {
+                (Err(_), true) if rereadable(request) => self.exchange(request).await.0,
+                (answer, _) => answer,
             }
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)

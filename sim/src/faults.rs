@@ -225,11 +225,7 @@ impl Faults {
             c.disconnected(j, i);
         }
         c.reborn(i);
-        let others: Vec<usize> = (0..o.nodes).filter(|&j| j != i && live(c, j)).collect();
-        for j in others {
-            c.connected(i, j);
-            c.connected(j, i);
-        }
+        connect_to_live(c, o, i);
         Applied::Wiped(format!(
             "n{i} came back with an empty disk at {:.3}s (what it held is lost for good; \
              it serves again under its identity)",
@@ -347,6 +343,11 @@ fn live_members(c: &Cluster, roster: &Roster) -> Vec<(usize, RoomId)> {
 /// Restarts node `i` and reconnects it with every live node.
 fn restart(c: &mut Cluster, o: &Options, i: usize) {
     c.restart(i);
+    connect_to_live(c, o, i);
+}
+
+/// Node `i` is up again: it and every live node see their connection back.
+fn connect_to_live(c: &mut Cluster, o: &Options, i: usize) {
     let others: Vec<usize> = (0..o.nodes).filter(|&j| j != i && live(c, j)).collect();
     for j in others {
         c.connected(i, j);

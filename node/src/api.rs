@@ -702,11 +702,8 @@ impl Node {
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => {
-                    // Counted like every other refusal (the actors' are).
-                    let reason = Denial::NotAMember.reason();
-                    tracing::info!(?user, ?room, reason, "subscription refused");
-                    metrics::counter!("conclave_requests_denied_total", "reason" => reason)
-                        .increment(1);
+                    // Logged and counted like the actors' refusals.
+                    domain::denied("subscribe", Some(user), Denial::NotAMember);
                     return Err(ApiError::Denied(Denial::NotAMember));
                 }
             }

@@ -845,7 +845,7 @@ pub(crate) fn local_peer<S: System>(cx: &Context<'_, S>) -> Option<ActorRef> {
 }
 
 /// Logs and counts a refusal, and returns it as an outcome.
-pub(crate) fn denied(actor: &'static str, user: Option<UserId>, denial: Denial) -> Outcome {
+pub fn denied(actor: &'static str, user: Option<UserId>, denial: Denial) -> Outcome {
     tracing::info!(actor, ?user, reason = denial.reason(), %denial, "request denied");
     metrics::counter!("conclave_requests_denied_total", "reason" => denial.reason()).increment(1);
     Outcome::Denied(denial)

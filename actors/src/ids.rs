@@ -41,6 +41,9 @@ pub enum ParseIdError {
         /// Digits found.
         got: usize,
     },
+    /// Not a ULID (a message id): 26 Crockford base-32 characters.
+    #[error("not a message id (a ULID)")]
+    NotUlid,
     /// A character is not a hex digit.
     #[error("not a hex string")]
     NotHex,
@@ -143,6 +146,15 @@ impl MessageId {
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", ulid::Ulid(self.0))
+    }
+}
+
+impl core::str::FromStr for MessageId {
+    type Err = ParseIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ulid::Ulid::from_string(s)
+            .map(|u| Self(u.0))
+            .map_err(|_| ParseIdError::NotUlid)
     }
 }
 

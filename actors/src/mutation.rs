@@ -57,11 +57,16 @@ pub enum Mutation {
     /// empty store starts from nothing taken, so a node back with an empty disk
     /// waits for ever for messages its senders no longer hold.
     IgnoreStreams,
+    /// A room's home answers a forwarded request or frame only directly, best
+    /// effort, and queues nothing for the node that forwarded it: a refusal (or a
+    /// membership change's outcome) decided while that node is unreachable, or
+    /// after its caller stopped waiting, is never reported.
+    VolatileReplies,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 12] = [
+    pub const ALL: [Mutation; 13] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -74,6 +79,7 @@ impl Mutation {
         Mutation::ReleaseBeforeCommit,
         Mutation::OutboxSendsUncommitted,
         Mutation::IgnoreStreams,
+        Mutation::VolatileReplies,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -91,6 +97,7 @@ impl Mutation {
             Mutation::ReleaseBeforeCommit => "release_before_commit",
             Mutation::OutboxSendsUncommitted => "outbox_sends_uncommitted",
             Mutation::IgnoreStreams => "ignore_streams",
+            Mutation::VolatileReplies => "volatile_replies",
         }
     }
 

@@ -15,8 +15,9 @@ use crate::actor::ActorRef;
 /// The wire version this build speaks. Bumped on any incompatible change (2: epoch
 /// keys travel as updates of their room, and snapshots carry `members_version`; 3:
 /// membership changes carry signed chain links, and rooms send their chain; 4:
-/// deliveries carry their outbox's stream and acknowledgements its incarnation).
-pub const WIRE_VERSION: u8 = 4;
+/// deliveries carry their outbox's stream and acknowledgements its incarnation; 5:
+/// a room's home reports late outcomes to the asking node, and clients ask for them).
+pub const WIRE_VERSION: u8 = 5;
 
 /// The hard upper bound on one encoded envelope, version byte included.
 pub const ENVELOPE_BYTES_MAX: usize = 1024 * 1024;

@@ -6,8 +6,9 @@ use conclave_actors::crypto::SealedKey;
 use conclave_actors::domain::chain::{
     ChainHash, ChainState, Change, KeyCheck, Link, SignedLink, Signer, CHAIN_LINKS_MAX,
 };
+use conclave_actors::domain::state::outcomes;
 use conclave_actors::domain::{
-    client, Denial, History, Invitee, Op, Outcome, Policy, RoomRole, UserRole,
+    client, Asked, Denial, History, Invitee, Op, Outcome, Policy, RoomRole, UserRole,
 };
 use conclave_actors::ids::{Epoch, RoomId, Seq};
 use conclave_actors::{Identity, Time};
@@ -371,6 +372,102 @@ fn a_non_members_publish_never_enters_an_outbox() {
     committed(&mut w.c, 1, r);
 }
 
+/// What node `i` reports to `user` about what they asked in `room`.
+fn reported(c: &Cluster, i: usize, user: &Identity, room: RoomId, asked: Asked) -> Option<Outcome> {
+    let txn = c.nodes[i].store.read().unwrap();
+    outcomes::of(&*txn, user.user_id(), room, asked).unwrap()
+}
+
+#[test]
+fn the_homes_late_decisions_reach_the_asking_node_after_it_restarted() {
+    let mut w = world(7);
+    let room = room_of_three(&mut w, Policy::default());
+    let (alice, bob, carol) = (w.alice.clone(), w.bob.clone(), w.carol.clone());
+    let keys = w.c.keys(1, &bob, room);
+    let stale =
+        w.c.seal(&bob, room, Epoch(1), &keys[&Epoch(1)], b"stale")
+            .unwrap();
+    assert_eq!(w.c.remove(0, &alice, room, carol.user_id()), Outcome::Done);
+    w.c.settle();
+    // Cut off from the home, bob's node queues a frame of the old epoch and a rekey.
+    w.c.partition(0, 1, true);
+    let frame = Asked::Frame { id: stale.id };
+    let r1 = w.c.publish_frame(1, stale);
+    let chain = w.c.chain(1, room);
+    let (_key, op) = client::rekey(w.c.rng(), &bob, &chain).unwrap();
+    let now = w.c.node_now(1);
+    let req = client::sign(&bob, now, w.c.rng(), op);
+    let rekey = Asked::Request {
+        nonce: req.request.nonce,
+    };
+    let r2 = w.c.send_signed(1, req);
+    w.c.settle();
+    assert_eq!(w.c.outcomes(1, r1), vec![Outcome::Forwarded]);
+    assert_eq!(w.c.outcomes(1, r2), vec![Outcome::Forwarded]);
+    assert_eq!(reported(&w.c, 1, &bob, room, frame), None);
+    // Bob's node restarts (nobody waits for those answers any more), then the
+    // home decides.
+    w.c.crash(1);
+    w.c.restart(1);
+    w.c.partition(0, 1, false);
+    w.c.settle();
+    let stale_epoch = Denial::StaleEpoch {
+        current: Epoch(2),
+        got: Epoch(1),
+    };
+    assert_eq!(
+        reported(&w.c, 1, &bob, room, frame),
+        Some(Outcome::Denied(stale_epoch))
+    );
+    assert_eq!(reported(&w.c, 1, &bob, room, rekey), Some(Outcome::Done));
+    // Another user of the node learns nothing of bob's.
+    assert_eq!(reported(&w.c, 1, &carol, room, rekey), None);
+    // A committed frame is reported by where it was sequenced.
+    let r3 = w.c.publish(1, &bob, room, b"fresh");
+    w.c.settle();
+    let Some(Outcome::Committed { id, seq }) = w.c.outcome(1, r3) else {
+        panic!("not committed: {:?}", w.c.outcomes(1, r3));
+    };
+    assert_eq!(
+        reported(&w.c, 1, &bob, room, Asked::Frame { id }),
+        Some(Outcome::Committed { id, seq })
+    );
+    assert_eq!(reported(&w.c, 1, &carol, room, Asked::Frame { id }), None);
+}
+
+#[test]
+fn a_late_decision_from_a_node_that_is_not_the_rooms_home_is_refused() {
+    use conclave_actors::domain::{Deliverable, OutboxMsg, RoomMsg, Routed};
+    let mut w = world(8);
+    let room = room_of_three(&mut w, Policy::default());
+    let bob = w.bob.clone();
+    // Node 2 (carol's) claims a decision on bob's request for node 1 to record.
+    let (n1, n2) = (w.c.id(1), w.c.id(2));
+    let asked = Asked::Request { nonce: 7 };
+    let routed = Routed {
+        to: conclave_actors::domain::room_of(n1, room),
+        msg: Deliverable::Room(RoomMsg::Decided {
+            user: bob.user_id(),
+            asked,
+            request: 1,
+            outcome: Outcome::Denied(Denial::NotAMember),
+        }),
+    };
+    let bytes = conclave_actors::wire::encode_bounded(&routed, 1 << 20).unwrap();
+    {
+        let mut txn = w.c.nodes[2].store.write().unwrap();
+        conclave_actors::outbox::enqueue(&mut *txn, n1, bytes).unwrap();
+        txn.commit().unwrap();
+    }
+    w.c.tell(conclave_actors::domain::outbox_of(n2, n1), OutboxMsg::Kick);
+    w.c.settle();
+    assert_eq!(reported(&w.c, 1, &bob, room, asked), None);
+    assert!(
+        w.c.outbox_depths(2).is_empty(),
+        "refused, not offered again"
+    );
+}
+
 /// Counts of `conclave_requests_denied_total` by reason.
 fn denied_counts(recorder: &DebuggingRecorder) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
@@ -621,8 +718,15 @@ fn bad_input_is_refused_with_its_reason_counted_and_changes_nothing() {
         let before = store.commits();
         let outcome = w.c.invite(1, &bob, room, &carol, 2, RoomRole::Member);
         assert_eq!(denial(Some(outcome)).reason(), "missing_capability");
-        // Node 0 committed only the peer's high-water mark for bob's request.
-        assert!(store.commits() <= before + 1);
+        // Node 0 committed only the peer's high-water mark for bob's request, the
+        // refusal it queued for bob's node, and that entry's removal once bob's
+        // node had it (the room itself wrote nothing).
+        assert!(store.commits() <= before + 3);
+        assert!(
+            w.c.outbox_depths(0).is_empty(),
+            "{:?}",
+            w.c.outbox_depths(0)
+        );
 
         // Nothing but the first two frames was ever committed.
         let txn = store.read().unwrap();

@@ -11,10 +11,10 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use conclave::admin::{self, Seeded};
 use conclave::{
-    identity_file, observe, History, Identity, Node, NodeId, Policy, Position, PublicIdentity,
-    Receipt, RemoteNode, RoomRole, User, UserId, UserRole,
+    identity_file, observe, Asked, History, Identity, Node, NodeId, Outcome, Policy, Position,
+    PublicIdentity, Receipt, RemoteNode, RoomRole, User, UserId, UserRole,
 };
-use conclave_actors::ids::{RoomId, Seq};
+use conclave_actors::ids::{MessageId, RoomId, Seq};
 use serde::{Deserialize, Serialize};
 
 use crate::bench::BenchArgs;
@@ -320,6 +320,30 @@ enum RoomCmd {
         /// The member's user id.
         #[arg(long, value_name = "ID")]
         user: UserId,
+    },
+    /// What became of a message or a request that was queued for the room's
+    /// home (`send` and the room commands print what they queued): committed at
+    /// its sequence number, done, refused with the home's reason, or not decided
+    /// yet.
+    ///
+    /// Example: conclave room outcome --node 127.0.0.1:7402 --as ./bob.id --room ROOM --message ID
+    Outcome {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The room.
+        #[arg(long, value_name = "ROOM")]
+        room: RoomId,
+        /// The queued message's id.
+        #[arg(
+            long,
+            value_name = "ID",
+            conflicts_with = "request",
+            required_unless_present = "request"
+        )]
+        message: Option<MessageId>,
+        /// The queued request's number.
+        #[arg(long, value_name = "N")]
+        request: Option<u64>,
     },
 }
 
@@ -696,6 +720,27 @@ async fn room_cmd(cmd: RoomCmd) -> anyhow::Result<()> {
         RoomCmd::Remove { client, room, user } => {
             as_user(&client, async |u| u.remove(room, user).await).await?;
             println!("removed {user}; the room has a new epoch key");
+        }
+        RoomCmd::Outcome {
+            client,
+            room,
+            message,
+            request,
+        } => {
+            let asked = match (message, request) {
+                (Some(id), _) => Asked::Frame { id },
+                (None, Some(nonce)) => Asked::Request { nonce },
+                (None, None) => bail!("--message or --request is needed"),
+            };
+            match as_user(&client, async |u| u.outcome(room, asked).await).await? {
+                Some(Outcome::Committed { seq, .. }) => println!("committed #{}", seq.0),
+                Some(Outcome::Done) => println!("done"),
+                Some(Outcome::Denied(denial)) => {
+                    println!("refused ({}): {denial}", denial.reason());
+                }
+                Some(other) => println!("{other:?}"),
+                None => println!("not decided yet (or not known to this node)"),
+            }
         }
     }
     Ok(())

@@ -5,8 +5,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use conclave::{
-    ApiError, Denial, Identity, Message, Node, NodeId, Policy, Position, Receipt, RoomRole,
-    UserRole,
+    ApiError, Asked, Denial, Identity, Message, Node, NodeId, Outcome, Policy, Position, Receipt,
+    RoomRole, UserRole,
 };
 use conclave_actors::domain::DomainConfig;
 use conclave_actors::ids::{Epoch, RoomId, Seq};
@@ -27,10 +27,16 @@ struct Cluster {
     ids: Vec<NodeId>,
     addrs: Vec<SocketAddr>,
     nodes: Vec<Option<Node>>,
+    /// How long a call or a publish waits for the room's home once forwarded.
+    wait: Duration,
 }
 
 impl Cluster {
     async fn start(n: usize) -> Self {
+        Self::start_waiting(n, Duration::from_secs(5)).await
+    }
+
+    async fn start_waiting(n: usize, wait: Duration) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut ids = Vec::new();
         for i in 0..n {
@@ -46,6 +52,7 @@ impl Cluster {
             ids,
             addrs,
             nodes: (0..n).map(|_| None).collect(),
+            wait,
         };
         for i in 0..n {
             cluster.up(i).await;
@@ -83,7 +90,8 @@ impl Cluster {
                 idle: Duration::from_secs(30),
                 ..DomainConfig::default()
             })
-            .commit_wait(Duration::from_secs(5));
+            .commit_wait(self.wait)
+            .request_timeout(self.wait);
         for j in 0..self.ids.len() {
             if j != i {
                 builder = builder.peer(self.ids[j], self.addrs[j]);
@@ -348,6 +356,80 @@ async fn publishing_while_the_home_is_down_is_queued_and_commits_when_it_returns
     let got = take(&mut sub, 1).await;
     assert_eq!(got[0].body, b"while the home is down");
     assert_eq!(got[0].sender, bob.id());
+    for i in 0..3 {
+        c.node(i).shutdown().await;
+    }
+}
+
+/// What became of `asked` as `user`'s node reports it, once it is decided (or
+/// `None` after 20 s).
+async fn decided<B: conclave::Backend>(
+    user: &conclave::User<B>,
+    room: RoomId,
+    asked: Asked,
+) -> Option<Outcome> {
+    for _ in 0..200 {
+        if let Some(outcome) = user.outcome(room, asked).await.expect("outcome") {
+            return Some(outcome);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_queued_while_the_home_was_down_reports_its_outcome_later() {
+    let mut c = Cluster::start_waiting(3, Duration::from_secs(1)).await;
+    let (room, [alice, bob, _carol]) = room(&c).await;
+    let alice_identity = identity_of(&alice);
+    // Bob's rekey follows the chain his node holds: let carol's invite reach it.
+    for _ in 0..100 {
+        if bob.members(room).await.is_ok_and(|m| m.len() == 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.down(0).await;
+    // Bob's node queues, in order: a frame, a rekey, and a frame sealed with the
+    // key the rekey replaces (the home will refuse it).
+    let Receipt::Queued { id: first } = bob.publish(room, b"first").await.unwrap() else {
+        panic!("not queued");
+    };
+    let rekey = match bob.rekey(room).await {
+        Err(ApiError::Queued { room: r, asked }) if r == room => asked,
+        other => panic!("the rekey was not queued: {other:?}"),
+    };
+    let Receipt::Queued { id: stale } = bob.publish(room, b"stale").await.unwrap() else {
+        panic!("not queued");
+    };
+    assert_eq!(
+        bob.outcome(room, Asked::Frame { id: first }).await.unwrap(),
+        None
+    );
+    c.up(0).await;
+    let _alice = c.node(0).user(alice_identity).await.unwrap();
+    // Asked through the node in process and through the client protocol.
+    let bob_remote = conclave::RemoteNode::connect(&identity_of(&bob), c.addrs[1], Some(c.ids[1]))
+        .await
+        .expect("connect");
+    let Some(Outcome::Committed { id, seq }) =
+        decided(&bob, room, Asked::Frame { id: first }).await
+    else {
+        panic!("the first frame was not reported committed");
+    };
+    assert_eq!((id, seq), (first, Seq(1)));
+    assert_eq!(decided(&bob_remote, room, rekey).await, Some(Outcome::Done));
+    let refused = Outcome::Denied(Denial::StaleEpoch {
+        current: Epoch(2),
+        got: Epoch(1),
+    });
+    let stale = Asked::Frame { id: stale };
+    assert_eq!(
+        decided(&bob_remote, room, stale).await,
+        Some(refused.clone())
+    );
+    assert_eq!(decided(&bob, room, stale).await, Some(refused));
+    bob_remote.node().close().await;
     for i in 0..3 {
         c.node(i).shutdown().await;
     }

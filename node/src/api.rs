@@ -38,7 +38,7 @@ use conclave_actors::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, Hand
 use conclave_actors::crypto::{Frame, SealedKey};
 use conclave_actors::domain::chain::SignedLink;
 use conclave_actors::domain::{
-    self, gateway_of, members_of, ClientMsg, Denial, Domain, DomainConfig, MembersMsg, Msg,
+    self, gateway_of, members_of, Asked, ClientMsg, Denial, Domain, DomainConfig, MembersMsg, Msg,
     Outcome, ReplyTo, SignedRequest,
 };
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
@@ -631,6 +631,18 @@ impl Carrier for Node {
         let txn = store.read_txn()?;
         domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
         Ok(domain::state::keys::sealed_page(&txn, room, user, after)?)
+    }
+
+    async fn outcome(
+        &self,
+        user: UserId,
+        room: RoomId,
+        asked: Asked,
+    ) -> Result<Option<Outcome>, ApiError> {
+        let store = self.open_store()?;
+        let txn = store.read_txn()?;
+        domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
+        Ok(domain::state::outcomes::of(&txn, user, room, asked)?)
     }
 
     async fn frames(

@@ -1,6 +1,6 @@
 //! The client protocol: users talking to their node over QUIC.
 //!
-//! A client connects to the node's QUIC port with ALPN `conclave-client/4` (the wire version) and
+//! A client connects to the node's QUIC port with ALPN `conclave-client/5` (the wire version) and
 //! authenticates as a **user** with the same identity binding nodes use (an RFC
 //! 7250 raw Ed25519 key, proven in the TLS handshake). The node then checks its
 //! registry: an unknown user is refused with `not_found`, a revoked one with
@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use conclave_actors::crypto::{Frame, SealedKey};
 use conclave_actors::domain::chain::SignedLink;
-use conclave_actors::domain::{self, Denial, Outcome, SignedRequest};
+use conclave_actors::domain::{self, Asked, Denial, Outcome, SignedRequest};
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use conclave_actors::wire::{decode_bounded, encode_bounded, WireError, ENVELOPE_BYTES_MAX};
 use conclave_transports::framing::{
@@ -91,6 +91,14 @@ pub enum ClientRequest {
         /// Where to start.
         from: Position,
     },
+    /// What became of something the connection's user asked that was queued for
+    /// a room's home (see [`crate::User::outcome`]).
+    Outcome {
+        /// The room.
+        room: RoomId,
+        /// What was asked.
+        asked: Asked,
+    },
     /// Which node this is, and whom it sees.
     Whoami,
     /// Up to [`crate::user::CHAIN_LINKS_PER_CALL_MAX`] links of a room's membership chain,
@@ -138,6 +146,8 @@ pub enum ClientResponse {
     },
     /// Chain links, in order (at most [`crate::user::CHAIN_LINKS_PER_CALL_MAX`]).
     Chain(Vec<SignedLink>),
+    /// What became of what was asked (`None`: not decided yet, or not known).
+    Decided(Option<Outcome>),
 }
 
 /// Why a request or response could not be sent or received.
@@ -344,7 +354,7 @@ async fn serve_stream(
 fn refusal(error: ApiError) -> ClientResponse {
     match error {
         ApiError::Denied(denial) => ClientResponse::Refused(denial),
-        ApiError::Queued => ClientResponse::Queued,
+        ApiError::Queued { .. } => ClientResponse::Queued,
         other => ClientResponse::Refused(Denial::Malformed {
             problem: other.to_string(),
         }),
@@ -389,6 +399,12 @@ async fn answer(
             Ok(links) => ClientResponse::Chain(links),
             Err(e) => refusal(e),
         },
+        ClientRequest::Outcome { room, asked } => {
+            match Carrier::outcome(node, user, room, asked).await {
+                Ok(decided) => ClientResponse::Decided(decided),
+                Err(e) => refusal(e),
+            }
+        }
         ClientRequest::Whoami => ClientResponse::Whoami {
             node: node.id(),
             user,

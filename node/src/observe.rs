@@ -131,7 +131,11 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     (
         "conclave_updates_rejected_total",
-        "Room updates from a room's home refused, by reason.",
+        "Room updates (and late outcomes) from a room's home refused, by reason.",
+    ),
+    (
+        "conclave_outcomes_unreported_total",
+        "Decisions on forwarded requests whose word for the asking node could not be queued (the request is offered again), by reason.",
     ),
     (
         "conclave_runtime_messages_dropped_total",

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use conclave_actors::crypto::{Frame, SealedKey};
 use conclave_actors::domain::chain::SignedLink;
-use conclave_actors::domain::{Denial, Outcome, SignedRequest};
+use conclave_actors::domain::{Asked, Denial, Outcome, SignedRequest};
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use conclave_actors::Identity;
 use conclave_transports::quic::{connect_client, ClientLink};
@@ -114,6 +114,7 @@ fn rereadable(request: &ClientRequest) -> bool {
         request,
         ClientRequest::Keys { .. }
             | ClientRequest::Chain { .. }
+            | ClientRequest::Outcome { .. }
             | ClientRequest::Whoami
             | ClientRequest::Subscribe { .. }
     )
@@ -332,6 +333,23 @@ impl Carrier for RemoteNode {
         // The node answers for the connection's user only.
         match self.roundtrip(&ClientRequest::Keys { room, after }).await? {
             ClientResponse::Keys(keys) => Ok(keys),
+            ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
+            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    async fn outcome(
+        &self,
+        _user: UserId,
+        room: RoomId,
+        asked: Asked,
+    ) -> Result<Option<Outcome>, ApiError> {
+        // The node answers for the connection's user only.
+        match self
+            .roundtrip(&ClientRequest::Outcome { room, asked })
+            .await?
+        {
+            ClientResponse::Decided(decided) => Ok(decided),
             ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
             other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
         }

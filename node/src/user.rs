@@ -15,8 +15,8 @@ use std::time::Duration;
 use conclave_actors::crypto::{EpochKey, Frame, SealedKey};
 use conclave_actors::domain::chain::{ChainState, SignedLink};
 use conclave_actors::domain::{
-    client, Denial, Invitee, Op, Outcome, Policy, RoomInfo, RoomRole, SignedRequest, UserEntry,
-    UserRole,
+    client, Asked, Denial, Invitee, Op, Outcome, Policy, RoomInfo, RoomRole, SignedRequest,
+    UserEntry, UserRole,
 };
 use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq, UserId};
 use conclave_actors::{Identity, PublicIdentity};
@@ -35,9 +35,17 @@ pub enum ApiError {
     #[error("denied ({reason}): {denial}", reason = .0.reason(), denial = .0)]
     Denied(Denial),
     /// The request is in the durable outbox towards the room's home node, which has
-    /// not answered yet (it may be unreachable). It will be applied when it is back.
-    #[error("queued for the room's home node, which has not answered yet")]
-    Queued,
+    /// not answered yet (it may be unreachable). It will be decided when it is back;
+    /// [`User::outcome`] then tells what was decided.
+    #[error(
+        "queued for the room's home node, which has not answered yet ({asked} of room {room})"
+    )]
+    Queued {
+        /// The room.
+        room: RoomId,
+        /// The request, as [`User::outcome`] asks for it.
+        asked: Asked,
+    },
     /// No answer within the request timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
@@ -180,6 +188,15 @@ pub(crate) mod sealed {
             after: Epoch,
         ) -> impl Future<Output = Result<Vec<(Epoch, SealedKey)>, ApiError>> + Send;
 
+        /// What the node knows became of `asked` by `user` in `room` (see
+        /// [`super::User::outcome`]).
+        fn outcome(
+            &self,
+            user: UserId,
+            room: RoomId,
+            asked: Asked,
+        ) -> impl Future<Output = Result<Option<Outcome>, ApiError>> + Send;
+
         /// The frames of `room` that `user` may read, from `from` on: history, then
         /// live.
         fn frames(
@@ -316,10 +333,16 @@ impl<B: Backend> User<B> {
 
     async fn call(&self, op: Op) -> Result<Outcome, ApiError> {
         let req = client::sign(&self.identity, wall_now(), &mut rng(), op);
-        match self.backend.call(req).await? {
-            Some(Outcome::Denied(denial)) => Err(ApiError::Denied(denial)),
-            Some(outcome) => Ok(outcome),
-            None => Err(ApiError::Queued),
+        let (room, nonce) = (req.request.op.room(), req.request.nonce);
+        match (self.backend.call(req).await?, room) {
+            (Some(Outcome::Denied(denial)), _) => Err(ApiError::Denied(denial)),
+            (Some(outcome), _) => Ok(outcome),
+            (None, Some(room)) => Err(ApiError::Queued {
+                room,
+                asked: Asked::Request { nonce },
+            }),
+            // Only a room's requests travel to another node.
+            (None, None) => Err(ApiError::Unexpected(Box::new(Outcome::Forwarded))),
         }
     }
 
@@ -579,6 +602,18 @@ impl<B: Backend> User<B> {
                 None => return Ok(Receipt::Queued { id }),
             }
         }
+    }
+
+    /// What became of something this user asked that was queued for the room's
+    /// home ([`Receipt::Queued`], [`ApiError::Queued`]), as their node knows it:
+    /// [`Outcome::Committed`] for a frame the home sequenced, [`Outcome::Done`] for
+    /// a membership change it applied, [`Outcome::Denied`] with the home's reason
+    /// for either one it refused. `None`: not decided yet (the home may be
+    /// unreachable), or not known to the node. The node keeps the last
+    /// [`conclave_actors::domain::state::outcomes::LATE_OUTCOMES_PER_USER_MAX`]
+    /// refusals and request outcomes per user.
+    pub async fn outcome(&self, room: RoomId, asked: Asked) -> Result<Option<Outcome>, ApiError> {
+        self.backend.outcome(self.id(), room, asked).await
     }
 
     /// The rekey a publish makes when the home asks for one.

@@ -200,6 +200,9 @@ pub struct Model {
     pub rooms: BTreeMap<RoomId, RoomModel>,
     /// Every request and frame some home decided on (whatever the outcome).
     pub decided: BTreeSet<OpKey>,
+    /// What homes decided on each of them (more than once if a crash took a
+    /// decision back before it was durable).
+    pub verdicts: BTreeMap<OpKey, Vec<Outcome>>,
     /// Every membership change a home applied, as (user, nonce).
     pub applied: BTreeSet<(UserId, u64)>,
     /// Frames the homes committed.
@@ -225,8 +228,9 @@ impl Model {
     pub fn take(&mut self, cluster: &Cluster, obs: &Observation, accepted: bool) {
         match &obs.what {
             Observed::Request { request, outcome } => {
-                self.decided
-                    .insert(OpKey::Request(request.user, request.nonce));
+                let key = OpKey::Request(request.user, request.nonce);
+                self.decided.insert(key);
+                self.verdicts.entry(key).or_default().push(outcome.clone());
                 if *outcome != Outcome::Done {
                     return;
                 }
@@ -241,6 +245,8 @@ impl Model {
             }
             Observed::Publish { frame, outcome } => {
                 self.decided.insert(OpKey::Frame(frame.id));
+                let verdicts = self.verdicts.entry(OpKey::Frame(frame.id)).or_default();
+                verdicts.push(outcome.clone());
                 if let (Outcome::Committed { id, seq }, true) = (outcome, accepted) {
                     self.commit(obs.room, frame, *id, *seq);
                 }

@@ -25,7 +25,7 @@ use rand_core::Rng;
 use crate::cluster::{derive_rng, verified_chain, Cluster};
 use crate::draw::{between, chance, pick};
 use crate::faults::live;
-use crate::model::{room_frames, Model, OpKey};
+use crate::model::{changes_members, room_frames, Model, OpKey};
 use crate::options::Options;
 use crate::oracle::{Checks, Round, Seen};
 
@@ -262,6 +262,7 @@ impl Workload {
     /// concerns `room` (a node may forward it to the room's home).
     pub fn send(env: &mut Env<'_>, user: usize, room: Option<RoomId>, op: Op) -> u64 {
         let node = env.roster.user(user).node;
+        let reported = changes_members(&op);
         let req = Self::sign(env, user, op);
         let key = OpKey::Request(req.request.user, req.request.nonce);
         let request = env.c.send_signed(node, req);
@@ -271,6 +272,7 @@ impl Workload {
                 request,
                 room,
                 key,
+                reported,
             });
         }
         request
@@ -461,6 +463,7 @@ impl Workload {
         });
         let text = text.as_slice();
         env.seen(&Seen::Published {
+            user,
             node,
             request,
             room,

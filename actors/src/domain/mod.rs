@@ -454,6 +454,33 @@ pub struct ReplyTo {
     pub request: u64,
 }
 
+/// What a user asked that a room's home decides, as the user knows it: a request
+/// by its nonce, a frame by its message id. With the user and the room it names the
+/// outcome their node records when the home answers late
+/// ([`state::outcomes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Asked {
+    /// A signed request ([`Request::nonce`]).
+    Request {
+        /// The request's nonce.
+        nonce: u64,
+    },
+    /// A frame.
+    Frame {
+        /// Its message id.
+        id: MessageId,
+    },
+}
+
+impl core::fmt::Display for Asked {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Asked::Request { nonce } => write!(f, "request {nonce}"),
+            Asked::Frame { id } => write!(f, "message {id}"),
+        }
+    }
+}
+
 /// A registry entry, as listed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserEntry {

@@ -1,5 +1,8 @@
 //! Liveness: once every fault has stopped, within [`LIVENESS_BOUND`] of virtual
-//! time every outbox drains, every forwarded request reaches its home, and every
+//! time every outbox drains, every forwarded request reaches its home, whose
+//! decision reaches the node that forwarded it (as the outcome that node reports to
+//! its user: a frame's sequence number or refusal, a membership change's outcome),
+//! and every
 //! member node converges (shows its members and removals as the home decided,
 //! holds every frame they may read and the keys to open them), and every user a
 //! node revoked is evicted from each room they were a member of then.
@@ -12,7 +15,7 @@ use core::time::Duration;
 use std::collections::BTreeSet;
 
 use conclave_actors::actor::Time;
-use conclave_actors::domain::{self, Outcome};
+use conclave_actors::domain::{self, Asked, Outcome};
 use conclave_actors::ids::{RoomId, Seq};
 use conclave_actors::UserId;
 use conclave_storage::Store;
@@ -35,6 +38,9 @@ struct Forwardable {
     request: u64,
     room: RoomId,
     key: OpKey,
+    /// The user, and what their node reports to them when the home decided
+    /// (`None`: nothing, a read).
+    asked: Option<(UserId, Asked)>,
 }
 
 /// See the module docs.
@@ -72,7 +78,7 @@ impl Oracle for Liveness {
     }
 
     fn on_client(&mut self, view: &View<'_>, seen: &Seen<'_>) -> Verdict {
-        let (node, request, room, key) = match *seen {
+        let (node, request, room, key, asked) = match *seen {
             Seen::Revoked { user, .. } => {
                 let uid = view.roster.user(user).uid;
                 for (&room, m) in &view.model.rooms {
@@ -87,14 +93,27 @@ impl Oracle for Liveness {
                 request,
                 room,
                 key,
-            } => (node, request, room, key),
+                reported,
+            } => {
+                let asked = match key {
+                    OpKey::Request(user, nonce) if reported => {
+                        Some((user, Asked::Request { nonce }))
+                    }
+                    _ => None,
+                };
+                (node, request, room, key, asked)
+            }
             Seen::Published {
+                user,
                 node,
                 request,
                 room,
                 id,
                 ..
-            } => (node, request, room, OpKey::Frame(id)),
+            } => {
+                let asked = Some((view.roster.user(user).uid, Asked::Frame { id }));
+                (node, request, room, OpKey::Frame(id), asked)
+            }
             _ => return Verdict::Holds,
         };
         self.forwardable.push(Forwardable {
@@ -102,6 +121,7 @@ impl Oracle for Liveness {
             request,
             room,
             key,
+            asked,
         });
         Verdict::Holds
     }
@@ -159,7 +179,49 @@ impl Liveness {
             removed(view, room, m, &mut pending.state);
         }
         self.unevicted(view, &mut pending.state);
+        self.unreported(view, &mut pending.state);
         pending
+    }
+
+    /// Decisions on forwarded requests that the (live, not wiped) node that
+    /// forwarded them does not report to its user as the (not lost) home decided.
+    fn unreported(&self, view: &View<'_>, state: &mut Vec<(&'static str, String)>) {
+        for s in &self.forwardable {
+            let (Some((user, asked)), Some(m)) = (s.asked, view.model.rooms.get(&s.room)) else {
+                continue;
+            };
+            let Some(verdicts) = view.model.verdicts.get(&s.key) else {
+                continue;
+            };
+            if m.home == s.node || !view.live(s.node) || view.wiped(s.node) || view.wiped(m.home) {
+                continue;
+            }
+            let Ok(txn) = view.cluster.nodes[s.node].store.read() else {
+                continue;
+            };
+            let reported = domain::state::outcomes::of(&*txn, user, s.room, asked)
+                .ok()
+                .flatten();
+            let agrees = match &reported {
+                Some(Outcome::Committed { id, seq }) => {
+                    m.committed.get(&seq.0).is_some_and(|c| c.id == *id)
+                }
+                Some(outcome) => verdicts.contains(outcome),
+                None => false,
+            };
+            if !agrees {
+                state.push((
+                    LIVENESS,
+                    format!(
+                        "n{} reports {reported:?} for {asked:?} of {} in room {}, home n{} decided {verdicts:?}",
+                        s.node,
+                        label(view, &user),
+                        short(&s.room.0),
+                        m.home
+                    ),
+                ));
+            }
+        }
     }
 
     /// Revoked users still members of a room they were in when revoked, and never

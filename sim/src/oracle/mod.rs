@@ -108,9 +108,14 @@ pub enum Seen<'a> {
         room: RoomId,
         /// What the home will know it by.
         key: OpKey,
+        /// Whether its home reports its outcome to the user's node durably (a
+        /// membership change; a read is not reported).
+        reported: bool,
     },
     /// A frame published.
     Published {
+        /// The user.
+        user: usize,
         /// The user's node.
         node: usize,
         /// The publish request, on that node.

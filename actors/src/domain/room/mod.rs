@@ -22,10 +22,11 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::chain::SignedLink;
-use super::state::{registry, rooms, rooms::RoomMeta};
+use super::state::{outcomes, registry, rooms, rooms::RoomMeta};
 use super::{
-    applied, denied, gateway_of, origin, outbox_of, reply, ClientMsg, Denial, DomainConfig, Msg,
-    Op, Outcome, ReplyTo, RoomMember, SignedRequest, UserStatus,
+    applied, denied, enqueue, gateway_of, origin, outbox_of, reply, room_of, Asked, ClientMsg,
+    Deliverable, Denial, DomainConfig, Msg, Op, Outcome, ReplyTo, RoomMember, SignedRequest,
+    UserStatus,
 };
 use crate::actor::{Actor, Context, System, Time};
 use crate::crypto::{Frame, SealedKey, SignatureBytes};
@@ -207,6 +208,22 @@ pub enum RoomMsg {
         /// Their node's signature over [`super::chain::eviction_message`].
         attestation: SignatureBytes,
     },
+    /// From a room's home to the node that forwarded a request or a frame, through
+    /// the home's outbox, in the transaction that decided it: what the home
+    /// decided, where the asking node cannot learn it otherwise (a membership
+    /// change's outcome, a frame's refusal; a committed frame reaches the sender's
+    /// node itself). That node records it for the user
+    /// ([`super::state::outcomes`]) and tells its gateway.
+    Decided {
+        /// Who asked.
+        user: UserId,
+        /// What they asked.
+        asked: Asked,
+        /// The request number at the asking node's gateway.
+        request: u64,
+        /// The decision: [`Outcome::Done`] or [`Outcome::Denied`].
+        outcome: Outcome,
+    },
     /// The idle check (a timer).
     Tick,
     /// From this node's peer actor (never from another node): consecutive messages
@@ -215,6 +232,16 @@ pub enum RoomMsg {
     /// on it applies nothing more of the run (those answer "offer again"), so the
     /// room's order holds however the run ends.
     Run(Vec<RoomMsg>),
+}
+
+/// Who asked for what, on the node that forwarded it to this room's home: where
+/// the home's word goes durably ([`RoomMsg::Decided`]).
+#[derive(Clone, Copy, Debug)]
+struct Asker {
+    node: NodeId,
+    user: UserId,
+    asked: Asked,
+    request: u64,
 }
 
 /// The room actor (see the module docs).
@@ -319,19 +346,49 @@ impl Room {
             }
             RoomMsg::Request { req, reply: to } => {
                 let user = req.request.user;
+                // A membership change's outcome is reported durably; a read is
+                // simply asked again.
+                let asker = req.request.op.link().map(|_| Asker {
+                    node: from,
+                    user,
+                    asked: Asked::Request {
+                        nonce: req.request.nonce,
+                    },
+                    request: to.request,
+                });
                 let outcome = self
-                    .request(&req, from, cx)
+                    .request(&req, from, asker, cx)
                     .unwrap_or_else(|denial| denied("room", Some(user), denial));
-                self.answer(cx, from, to, outcome)
+                self.answer(cx, from, to, asker, outcome)
             }
             RoomMsg::Publish { frame, reply: to } => {
-                let user = frame.sender;
+                let asker = Asker {
+                    node: from,
+                    user: frame.sender,
+                    asked: Asked::Frame { id: frame.id },
+                    request: to.request,
+                };
                 let outcome = self.publish(frame, from, cx).unwrap_or_else(|denial| {
                     metrics::counter!("conclave_frames_rejected_total", "reason" => denial.reason())
                         .increment(1);
-                    denied("room", Some(user), denial)
+                    denied("room", Some(asker.user), denial)
                 });
-                self.answer(cx, from, to, outcome)
+                self.answer(cx, from, to, Some(asker), outcome)
+            }
+            RoomMsg::Decided {
+                user,
+                asked,
+                request,
+                outcome,
+            } => {
+                let late = outcomes::Late {
+                    room: self.room,
+                    asked,
+                    outcome,
+                    at: cx.now(),
+                };
+                let result = self.decided(user, late, request, from, cx);
+                self.settle_update(from, result)
             }
             RoomMsg::Revoked { user } if from == cx.node() => {
                 let result = self.revoked(user, cx);
@@ -345,15 +402,10 @@ impl Room {
                 let result = self.evict(user, &attestation, from, cx);
                 self.settle_eviction(user, result)
             }
-            RoomMsg::Update(update) => match self.update(update, from, cx) {
-                Ok(()) => false,
-                Err(error) => {
-                    tracing::warn!(room = ?self.room, ?from, reason = error.reason(), %error, "update from the room's home refused");
-                    metrics::counter!("conclave_updates_rejected_total", "reason" => error.reason())
-                        .increment(1);
-                    matches!(error, UpdateError::Storage(_))
-                }
-            },
+            RoomMsg::Update(update) => {
+                let result = self.update(update, from, cx);
+                self.settle_update(from, result)
+            }
         };
         self.busy = true;
         retry
@@ -368,18 +420,134 @@ impl Room {
         }
     }
 
-    /// Replies with `outcome`; returns whether the message must be offered again
-    /// (the store failed, so nothing was decided).
+    /// Logs and counts a refused update (or late outcome) from `from`; returns
+    /// whether to offer it again (the store failed).
+    fn settle_update(&self, from: NodeId, result: Result<(), UpdateError>) -> bool {
+        let Err(error) = result else { return false };
+        tracing::warn!(room = ?self.room, ?from, reason = error.reason(), %error, "update from the room's home refused");
+        metrics::counter!("conclave_updates_rejected_total", "reason" => error.reason())
+            .increment(1);
+        matches!(error, UpdateError::Storage(_))
+    }
+
+    /// Replies with `outcome` and, for a refusal `asker` must learn, queues it
+    /// for their node (a decision that changed the room queued its report when it
+    /// committed); returns whether the message must be offered again (the store
+    /// or the outbox failed, so nothing was decided).
     fn answer<S: System<Msg = Msg>>(
         &self,
         cx: &mut Context<'_, S>,
         from: NodeId,
         to: ReplyTo,
+        asker: Option<Asker>,
         outcome: Outcome,
     ) -> bool {
-        let retry = outcome == Outcome::Denied(Denial::Storage);
-        reply(cx, from, to, outcome);
+        let retry = match (&outcome, asker) {
+            (Outcome::Denied(Denial::Storage), _) => true,
+            // A local caller has its answer (this node writes nothing for it).
+            (Outcome::Denied(_), Some(asker)) if asker.node != cx.node() => {
+                self.report_refusal(cx, asker, &outcome)
+            }
+            _ => false,
+        };
+        // A forwarded message that is offered again is decided then: an answer
+        // now would be taken for the final one.
+        if !retry || from == cx.node() {
+            reply(cx, from, to, outcome);
+        }
         retry
+    }
+
+    /// Queues a refusal for the node that forwarded what was refused; returns
+    /// whether that failed for a reason that may pass (the store, a full outbox),
+    /// so the message must be offered again.
+    fn report_refusal<S: System<Msg = Msg>>(
+        &self,
+        cx: &mut Context<'_, S>,
+        asker: Asker,
+        outcome: &Outcome,
+    ) -> bool {
+        let queued = cx
+            .store()
+            .write()
+            .map_err(Denial::from)
+            .and_then(|mut txn| {
+                let queued = self.report(&mut *txn, cx.node(), asker, outcome)?;
+                txn.commit()?;
+                Ok(queued)
+            });
+        match queued {
+            Ok(true) => {
+                cx.send(outbox_of(cx.node(), asker.node), super::OutboxMsg::Kick);
+                false
+            }
+            Ok(false) => false,
+            Err(denial) => {
+                tracing::warn!(room = ?self.room, node = %asker.node, reason = denial.reason(), %denial, "a refusal could not be queued for the asking node");
+                metrics::counter!("conclave_outcomes_unreported_total", "reason" => denial.reason())
+                    .increment(1);
+                matches!(denial, Denial::Storage | Denial::OutboxFull { .. })
+            }
+        }
+    }
+
+    /// Queues `outcome` in `txn` for `asker`'s node if it is another node (whose
+    /// room copy records it, see [`RoomMsg::Decided`]); returns whether it did.
+    fn report(
+        &self,
+        txn: &mut dyn conclave_storage::WriteTxn,
+        me: NodeId,
+        asker: Asker,
+        outcome: &Outcome,
+    ) -> Result<bool, Denial> {
+        if asker.node == me || mutation::active(Mutation::VolatileReplies) {
+            return Ok(false);
+        }
+        let msg = RoomMsg::Decided {
+            user: asker.user,
+            asked: asker.asked,
+            request: asker.request,
+            outcome: outcome.clone(),
+        };
+        enqueue(txn, room_of(asker.node, self.room), Deliverable::Room(msg))?;
+        Ok(true)
+    }
+
+    /// On the node that forwarded a request: records what the room's home `from`
+    /// decided late on it for `user`, and tells the gateway (whose caller may still
+    /// be waiting).
+    fn decided<S: System<Msg = Msg>>(
+        &mut self,
+        user: UserId,
+        late: outcomes::Late,
+        request: u64,
+        from: NodeId,
+        cx: &mut Context<'_, S>,
+    ) -> Result<(), UpdateError> {
+        let me = cx.node();
+        if from == me {
+            return Err(UpdateError::FromSelf);
+        }
+        if !matches!(late.outcome, Outcome::Done | Outcome::Denied(_)) {
+            return Err(UpdateError::Malformed(
+                "a late outcome other than done or denied",
+            ));
+        }
+        let mut txn = cx.store().write()?;
+        let home = rooms::sequencer_of(&*txn, self.room)?.ok_or(UpdateError::UnknownRoom)?;
+        if home != from {
+            return Err(UpdateError::NotFromHome { from, home });
+        }
+        if registry::user(&*txn, user)?.is_none() {
+            return Err(UpdateError::Malformed(
+                "a late outcome for a user of another node",
+            ));
+        }
+        outcomes::record(&mut *txn, user, &late)?;
+        txn.commit()?;
+        let outcome = late.outcome;
+        cx.send(gateway_of(me), ClientMsg::Reply { request, outcome });
+        Ok(())
     }
 
     fn home<'a>(&'a self, from: NodeId, cx: &Context<'_, impl System>) -> decide::Home<'a> {
@@ -455,7 +623,7 @@ impl Room {
         let txn = cx.store().write()?;
         let event = decide::evict(&*txn, &self.home(from, cx), &signer, user, attestation)?;
         tracing::info!(room = ?self.room, ?user, "revoked member evicted");
-        self.commit(event, txn, cx).map(|_| ())
+        self.commit(event, txn, None, cx).map(|_| ())
     }
 
     /// Decides a request and, if it changes the room, applies and commits it.
@@ -463,6 +631,7 @@ impl Room {
         &mut self,
         req: &SignedRequest,
         from: NodeId,
+        asker: Option<Asker>,
         cx: &mut Context<'_, S>,
     ) -> Result<Outcome, Denial> {
         let txn = cx.store().write()?;
@@ -489,7 +658,7 @@ impl Room {
             }
         };
         tracing::info!(room = ?self.room, user = ?acting, op = event.name(), "room changed");
-        self.commit(event, txn, cx)
+        self.commit(event, txn, asker, cx)
     }
 
     /// Decides a frame and, if it is accepted, sequences and commits it.
@@ -505,22 +674,28 @@ impl Room {
             .volatile_next
             .filter(|_| mutation::active(Mutation::VolatileSequence));
         let event = decide::publish(&*txn, &self.home(from, cx), frame, next)?;
-        let outcome = self.commit(event, txn, cx)?;
+        let outcome = self.commit(event, txn, None, cx)?;
         metrics::counter!("conclave_frames_committed_total").increment(1);
         Ok(outcome)
     }
 
-    /// Applies `event`, queues its fan-out, commits, and only then kicks the
-    /// outboxes and tells local subscribers.
+    /// Applies `event`, queues its fan-out and its report to `asker`'s node,
+    /// commits, and only then kicks the outboxes and tells local subscribers.
     fn commit<S: System<Msg = Msg>>(
         &mut self,
         event: Event,
         mut txn: Box<dyn conclave_storage::WriteTxn + '_>,
+        asker: Option<Asker>,
         cx: &mut Context<'_, S>,
     ) -> Result<Outcome, Denial> {
         let me = cx.node();
         apply::apply(&mut *txn, self.room, me, &event)?;
-        let nodes = apply::fan_out(&mut *txn, self.room, me, cx.now(), &event)?;
+        let mut nodes = apply::fan_out(&mut *txn, self.room, me, cx.now(), &event)?;
+        if let Some(asker) = asker {
+            if self.report(&mut *txn, me, asker, &event.outcome())? {
+                nodes.insert(asker.node);
+            }
+        }
         txn.commit()?;
         if let Event::Published { meta, frame, .. } = &event {
             if mutation::active(Mutation::VolatileSequence) {

@@ -391,6 +391,8 @@ fn store_frame(
     }
     verify_frame(frame).map_err(|_| UpdateError::BadSignature)?;
     rooms::put_frame(txn, at.room, &meta.policy, seq, frame)?;
+    // The sender's node learns from it that their frame was committed, and where.
+    rooms::put_id(txn, at.room, frame.id, seq)?;
     meta.next_seq = meta.next_seq.max(Seq(seq.0.saturating_add(1)));
     rooms::put_meta(txn, at.room, &meta)?;
     metrics::counter!("conclave_frames_delivered_total").increment(1);

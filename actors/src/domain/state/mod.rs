@@ -10,8 +10,10 @@
 //! | [`registry`] | the node's users (role, status, bound X25519 key) |
 //! | [`rooms`] | each room's record, members, frames, message ids, local readers' visibility, and its signed creation |
 //! | [`keys`] | sealed epoch keys by (room, user, epoch) |
+//! | [`outcomes`] | what rooms' homes decided late on requests this node forwarded |
 
 pub mod keys;
+pub mod outcomes;
 pub mod registry;
 pub mod rooms;
 
@@ -21,8 +23,9 @@ use conclave_storage::{Store, StoreError, Table};
 /// a stored type changes incompatibly (2: rooms' records carry `members_version`;
 /// sealed keys reach member nodes as room updates; 3: rooms keep their membership
 /// chain, and their records whether a rekey is due; 4: a receiver's mark per
-/// origin names the incarnation it follows, and a node records its run's).
-pub const STORE_FORMAT: u32 = 4;
+/// origin names the incarnation it follows, and a node records its run's; 5: member
+/// nodes index frames by message id, and record late outcomes).
+pub const STORE_FORMAT: u32 = 5;
 
 const FORMAT: Table<[u8; 1], u32> = Table::new("store.format");
 

@@ -147,7 +147,9 @@ struct NodeArgs {
     #[arg(long = "peer", value_name = "ID@ADDR")]
     peers: Vec<String>,
     /// The largest the store may grow to, in GiB (default 64; the file is sparse).
-    /// Past it, writes are refused and /healthz reports the node not ready.
+    /// Its last eighth (at most 1 GiB) is kept for acknowledgements and deletes:
+    /// once data reaches into it, new frames, rooms and invites are refused
+    /// (store_full) and /healthz reports the node not ready.
     #[arg(long, value_name = "GIB", value_parser = clap::value_parser!(u64).range(1..=STORE_MAX_GIB_CEILING))]
     store_max_gib: Option<u64>,
     /// A TOML file with data, listen, metrics, store_max_gib and [[peer]] id/addr

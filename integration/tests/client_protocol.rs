@@ -211,9 +211,14 @@ async fn a_full_store_makes_the_node_not_ready_and_says_why() {
         }
     }
     let refused = refused.expect("a 4 MiB store fills up");
+    // Refused with its reason, before the store itself fails.
+    assert!(
+        matches!(refused, ApiError::Denied(Denial::StoreFull { .. })),
+        "{refused}"
+    );
     let health = node.health();
     assert!(!health.ready, "{health:?} after {refused}");
     let failure = health.failure.unwrap_or_default();
-    assert!(failure.starts_with("storage:"), "{failure}");
+    assert!(failure.starts_with("store_full"), "{failure}");
     node.shutdown().await;
 }

@@ -27,16 +27,25 @@ struct Cluster {
     ids: Vec<NodeId>,
     addrs: Vec<SocketAddr>,
     nodes: Vec<Option<Node>>,
-    /// How long a call or a publish waits for the room's home once forwarded.
+    /// How long a publish waits for the room's home once forwarded (a call: up to
+    /// its request timeout, the default unless `calls_wait`).
     wait: Duration,
+    calls_wait: bool,
+    /// A node whose store is small (and its bound).
+    small: Option<(usize, usize)>,
 }
 
 impl Cluster {
     async fn start(n: usize) -> Self {
-        Self::start_waiting(n, Duration::from_secs(5)).await
+        Self::start_with(n, Duration::from_secs(5), true, None).await
     }
 
-    async fn start_waiting(n: usize, wait: Duration) -> Self {
+    async fn start_with(
+        n: usize,
+        wait: Duration,
+        calls_wait: bool,
+        small: Option<(usize, usize)>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut ids = Vec::new();
         for i in 0..n {
@@ -53,6 +62,8 @@ impl Cluster {
             addrs,
             nodes: (0..n).map(|_| None).collect(),
             wait,
+            calls_wait,
+            small,
         };
         for i in 0..n {
             cluster.up(i).await;
@@ -90,8 +101,13 @@ impl Cluster {
                 idle: Duration::from_secs(30),
                 ..DomainConfig::default()
             })
-            .commit_wait(self.wait)
-            .request_timeout(self.wait);
+            .commit_wait(self.wait);
+        if self.calls_wait {
+            builder = builder.request_timeout(self.wait);
+        }
+        if let Some((_, bytes)) = self.small.filter(|(j, _)| *j == i) {
+            builder = builder.store_bytes_max(bytes);
+        }
         for j in 0..self.ids.len() {
             if j != i {
                 builder = builder.peer(self.ids[j], self.addrs[j]);
@@ -379,7 +395,7 @@ async fn decided<B: conclave::Backend>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_was_queued_while_the_home_was_down_reports_its_outcome_later() {
-    let mut c = Cluster::start_waiting(3, Duration::from_secs(1)).await;
+    let mut c = Cluster::start_with(3, Duration::from_secs(1), true, None).await;
     let (room, [alice, bob, _carol]) = room(&c).await;
     let alice_identity = identity_of(&alice);
     // Bob's rekey follows the chain his node holds: let carol's invite reach it.
@@ -430,6 +446,50 @@ async fn what_was_queued_while_the_home_was_down_reports_its_outcome_later() {
     );
     assert_eq!(decided(&bob, room, stale).await, Some(refused));
     bob_remote.node().close().await;
+    for i in 0..3 {
+        c.node(i).shutdown().await;
+    }
+}
+
+/// Bob's node, whose store fills up, refuses new work with `store_full` and says
+/// so in its health, and still sends what it queued: the reserve it keeps lets
+/// the acknowledgements delete it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_refuses_new_work_with_its_reason_and_still_drains_its_outbox() {
+    const STORE_BYTES: usize = 4 << 20;
+    const PUBLISHES_MAX: usize = 1_000;
+    let wait = Duration::from_millis(50);
+    let mut c = Cluster::start_with(3, wait, false, Some((1, STORE_BYTES))).await;
+    let (room, [alice, bob, carol]) = room(&c).await;
+    let alice_identity = identity_of(&alice);
+    c.down(0).await;
+    let body = vec![b'x'; 64 << 10];
+    let mut queued = 0;
+    let refused = loop {
+        assert!(
+            queued < PUBLISHES_MAX,
+            "a {STORE_BYTES}-byte store never filled"
+        );
+        match bob.publish(room, &body).await {
+            Ok(Receipt::Queued { .. }) => queued += 1,
+            Ok(receipt) => panic!("committed with the home down: {receipt:?}"),
+            Err(error) => break error,
+        }
+    };
+    assert!(
+        matches!(refused, ApiError::Denied(Denial::StoreFull { .. })),
+        "{refused}"
+    );
+    let health = c.node(1).health();
+    assert!(!health.ready, "{health:?}");
+    let failure = health.failure.unwrap_or_default();
+    assert!(failure.starts_with("store_full"), "{failure}");
+    // The home is back: everything bob's node queued reaches it.
+    c.up(0).await;
+    let _alice = c.node(0).user(alice_identity).await.unwrap();
+    let mut sub = carol.subscribe(room, Position::Start).await.unwrap();
+    let got = take(&mut sub, queued).await;
+    assert!(got.iter().all(|m| m.sender == bob.id() && m.body == body));
     for i in 0..3 {
         c.node(i).shutdown().await;
     }

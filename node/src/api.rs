@@ -371,18 +371,35 @@ impl Node {
 
     /// Why the node cannot serve, if it cannot: shut down, its actor runtime
     /// stopped by itself (an actor panicked; crash-only: restart the process, as
-    /// `conclave node` does by exiting), or its last group commit failed (a full or
-    /// failing store; cleared by the next commit that succeeds).
+    /// `conclave node` does by exiting), its last group commit failed (a failing
+    /// store; cleared by the next commit that succeeds), or its store reaches into
+    /// the reserve kept for acknowledgements and deletes (`store_full`: it refuses
+    /// new frames and rooms until space is freed).
     pub fn failure(&self) -> Option<String> {
         let runtime = self
             .inner
             .runtime
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        match runtime.as_ref() {
+        let failure = match runtime.as_ref() {
             None => Some("shut down".into()),
             Some(runtime) => runtime.failure().map(|f| f.to_string()),
-        }
+        };
+        drop(runtime);
+        failure.or_else(|| self.store_full())
+    }
+
+    /// `store_full: …` if the store reaches into its reserve.
+    fn store_full(&self) -> Option<String> {
+        let usage = self.store()?.usage().ok().flatten()?;
+        usage.full().then(|| {
+            format!(
+                "store_full: {} of {} bytes used (a reserve of {} is kept for acknowledgements and deletes); new frames and rooms are refused",
+                usage.used_bytes,
+                usage.max_bytes,
+                usage.reserve_bytes()
+            )
+        })
     }
 
     /// Waits until the node's actor runtime has stopped by itself (an actor

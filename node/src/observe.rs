@@ -313,6 +313,10 @@ impl WriteTxn for MeteredTxn<'_> {
 }
 
 impl<S: Store> Store for MeteredStore<S> {
+    fn usage(&self) -> Result<Option<conclave_storage::Usage>, StoreError> {
+        self.inner.usage()
+    }
+
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>, StoreError> {
         self.inner.read()
     }

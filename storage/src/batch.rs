@@ -207,6 +207,11 @@ impl Store for Batch {
         Ok(Box::new(BatchRead::open(self)?))
     }
 
+    /// The store's (what is committed; a batch is small next to the reserve).
+    fn usage(&self) -> Result<Option<crate::Usage>> {
+        self.base.usage()
+    }
+
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
         let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(Box::new(BatchWrite {

@@ -60,6 +60,10 @@ fn injected(op: &'static str) -> StoreError {
 }
 
 impl<S: Store> Store for Faulty<S> {
+    fn usage(&self) -> Result<Option<crate::Usage>> {
+        self.inner.usage()
+    }
+
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>> {
         if self.fail_next_read.swap(false, Ordering::SeqCst) {
             return Err(injected("begin a read"));

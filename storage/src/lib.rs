@@ -99,4 +99,36 @@ pub trait Store: Send + Sync + 'static {
     fn read(&self) -> Result<Box<dyn ReadTxn + '_>>;
     /// Begins the write transaction.
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>>;
+    /// How much of its bound the store's committed data takes, if it has a bound
+    /// (`None`: it has none, as the in-memory store).
+    fn usage(&self) -> Result<Option<Usage>> {
+        Ok(None)
+    }
+}
+
+/// The most a bounded store keeps in reserve (see [`Usage::full`]): 1 GiB.
+pub const RESERVE_BYTES_MAX: u64 = 1 << 30;
+
+/// How much of its bound a store's committed data takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes the data takes (pages in use).
+    pub used_bytes: u64,
+    /// The store's bound.
+    pub max_bytes: u64,
+}
+
+impl Usage {
+    /// What is kept for work that finishes what was accepted or frees space
+    /// (acknowledgements, deletes, resends): an eighth of the bound, at most
+    /// [`RESERVE_BYTES_MAX`].
+    pub fn reserve_bytes(&self) -> u64 {
+        (self.max_bytes / 8).min(RESERVE_BYTES_MAX)
+    }
+
+    /// Whether the data reaches into the reserve: new work must be refused, so that
+    /// what frees space can still be written.
+    pub fn full(&self) -> bool {
+        self.used_bytes.saturating_add(self.reserve_bytes()) >= self.max_bytes
+    }
 }

@@ -260,6 +260,25 @@ impl Store for LmdbStore {
         Ok(Box::new(self.read_txn()?))
     }
 
+    /// The pages of every table and of LMDB's catalog, as of now (pages freed but
+    /// not yet reused are not counted: LMDB reuses them first).
+    fn usage(&self) -> Result<Option<crate::Usage>> {
+        let read = self.read_txn()?;
+        let catalog = self.env.unnamed_database_stat();
+        let page_bytes = u64::from(catalog.page_size);
+        let mut pages = pages_of(&catalog);
+        for db in read.handles.values() {
+            let stat = db
+                .stat(&read.txn)
+                .map_err(self.err("read a table's size"))?;
+            pages = pages.saturating_add(pages_of(&stat));
+        }
+        Ok(Some(crate::Usage {
+            used_bytes: pages.saturating_mul(page_bytes),
+            max_bytes: self.map_size_bytes as u64,
+        }))
+    }
+
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {
         // Blocks on LMDB's writer lock while another write transaction is open.
         let txn = self
@@ -275,6 +294,13 @@ impl Store for LmdbStore {
             created: BTreeMap::new(),
         }))
     }
+}
+
+/// The pages a table's B-tree takes.
+fn pages_of(stat: &heed::DatabaseStat) -> u64 {
+    [stat.branch_pages, stat.leaf_pages, stat.overflow_pages]
+        .iter()
+        .fold(0u64, |sum, &n| sum.saturating_add(n as u64))
 }
 
 /// A read transaction on an [`LmdbStore`]: a consistent snapshot, `Send`.

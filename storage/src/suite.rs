@@ -1018,6 +1018,51 @@ fn lmdb_map_full_is_reported_and_the_store_stays_usable() {
 }
 
 #[test]
+fn lmdb_usage_follows_the_data_and_is_full_at_the_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LmdbOptions {
+        map_size_bytes: 4 << 20,
+        ..LmdbOptions::default()
+    };
+    let store = LmdbStore::open(dir.path(), opts).unwrap();
+    let empty = store.usage().unwrap().expect("LMDB has a bound");
+    assert_eq!(empty.max_bytes, 4 << 20);
+    assert_eq!(empty.reserve_bytes(), 512 << 10);
+    assert!(!empty.full(), "{empty:?}");
+    let value = vec![7u8; 64 << 10];
+    let mut written = 0u32;
+    while !store.usage().unwrap().unwrap().full() {
+        assert!(written < 64, "4 MiB never filled: {:?}", store.usage());
+        put(&store, "t", &[(&written.to_be_bytes(), &value)]);
+        written += 1;
+    }
+    let full = store.usage().unwrap().unwrap();
+    assert!(
+        full.used_bytes >= u64::from(written) * (64 << 10),
+        "{full:?}"
+    );
+    assert!(full.used_bytes + full.reserve_bytes() >= full.max_bytes);
+    // The reserve takes what frees space: deleting everything commits, and the
+    // data shrinks back.
+    let mut txn = store.write().unwrap();
+    for i in 0..written {
+        assert!(txn.delete("t", &i.to_be_bytes()).unwrap());
+    }
+    txn.commit().unwrap();
+    let after = store.usage().unwrap().unwrap();
+    assert!(
+        after.used_bytes < empty.used_bytes + (64 << 10),
+        "{after:?}"
+    );
+    assert!(!after.full());
+    assert_eq!(
+        MemStore::new().usage().unwrap(),
+        None,
+        "the memory store has no bound"
+    );
+}
+
+#[test]
 fn lmdb_too_many_tables_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let opts = LmdbOptions {

@@ -196,6 +196,8 @@ impl Members {
             cx.send(room_of(me, room), msg);
             return Ok(None);
         }
+        // Queued work is new work: it waits for space like the home's own.
+        super::room_for_more(cx.store())?;
         let mut txn = cx.store().write()?;
         enqueue(&mut *txn, room_of(home, room), Deliverable::Room(msg))?;
         txn.commit()?;

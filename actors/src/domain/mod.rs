@@ -218,6 +218,15 @@ pub enum Denial {
     /// The node's storage failed; nothing was changed.
     #[error("storage error")]
     Storage,
+    /// The node's store reaches into the reserve it keeps for acknowledgements
+    /// and deletes: it takes no new frames or rooms until space is freed.
+    #[error("the node's store is full ({used_bytes} of {max_bytes} bytes used): retry later")]
+    StoreFull {
+        /// Bytes the store's data takes.
+        used_bytes: u64,
+        /// Its bound.
+        max_bytes: u64,
+    },
 }
 
 impl Denial {
@@ -241,6 +250,7 @@ impl Denial {
             Denial::StaleChain { .. } => "stale_chain",
             Denial::RekeyNeeded => "rekey_needed",
             Denial::Storage => "storage",
+            Denial::StoreFull { .. } => "store_full",
         }
     }
 
@@ -869,6 +879,19 @@ pub(crate) fn local_peer<S: System>(cx: &Context<'_, S>) -> Option<ActorRef> {
     cx.sender()
         .copied()
         .filter(|s| s.kind == ActorKind::PEER && s.node == cx.node())
+}
+
+/// Refuses new work (a frame, a room, a member) once the store reaches into the
+/// reserve it keeps for what frees space or finishes accepted work
+/// ([`conclave_storage::Usage::full`]).
+pub(crate) fn room_for_more(store: &dyn conclave_storage::Store) -> Result<(), Denial> {
+    match store.usage()? {
+        Some(usage) if usage.full() => Err(Denial::StoreFull {
+            used_bytes: usage.used_bytes,
+            max_bytes: usage.max_bytes,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Logs and counts a refusal, and returns it as an outcome.

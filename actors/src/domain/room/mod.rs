@@ -427,7 +427,7 @@ impl Room {
         tracing::warn!(room = ?self.room, ?from, reason = error.reason(), %error, "update from the room's home refused");
         metrics::counter!("conclave_updates_rejected_total", "reason" => error.reason())
             .increment(1);
-        matches!(error, UpdateError::Storage(_))
+        matches!(error, UpdateError::Storage(_) | UpdateError::StoreFull)
     }
 
     /// Replies with `outcome` and, for a refusal `asker` must learn, queues it
@@ -645,6 +645,11 @@ impl Room {
         if req.request.op.room() != Some(self.room) {
             return Err(Denial::malformed("request for another room"));
         }
+        // What grows the store waits for space; removals and rekeys, which keep a
+        // room safe, go on in the reserve.
+        if matches!(req.request.op, Op::CreateRoom { .. } | Op::Invite { .. }) {
+            super::room_for_more(cx.store())?;
+        }
         let h = self.home(from, cx);
         let acting = req.request.user;
         let event = match &req.request.op {
@@ -668,6 +673,7 @@ impl Room {
         from: NodeId,
         cx: &mut Context<'_, S>,
     ) -> Result<Outcome, Denial> {
+        super::room_for_more(cx.store())?;
         let txn = cx.store().write()?;
         // Mutation: the sequence number comes from memory.
         let next = self
@@ -726,6 +732,12 @@ impl Room {
             now: cx.now(),
         };
         let snapshot = matches!(update, Update::Members { .. });
+        if matches!(update, Update::Frame { .. }) {
+            // Offered again later: the home's outbox holds it meanwhile.
+            if let Err(Denial::StoreFull { .. }) = super::room_for_more(cx.store()) {
+                return Err(UpdateError::StoreFull);
+            }
+        }
         let mut txn = cx.store().write()?;
         replica::apply(&mut *txn, &at, update)?;
         txn.commit()?;

@@ -65,6 +65,9 @@ pub enum UpdateError {
     /// The store failed: the update is offered again later.
     #[error(transparent)]
     Storage(#[from] StoreError),
+    /// The store reaches into its reserve: the frame is offered again later.
+    #[error("the store is full")]
+    StoreFull,
 }
 
 impl UpdateError {
@@ -81,6 +84,7 @@ impl UpdateError {
             UpdateError::NotAMember => "not_a_member",
             UpdateError::BadSignature => "bad_signature",
             UpdateError::Storage(_) => "storage",
+            UpdateError::StoreFull => "store_full",
         }
     }
 }

@@ -449,7 +449,6 @@ fn a_late_decision_from_a_node_that_is_not_the_rooms_home_is_refused() {
         msg: Deliverable::Room(RoomMsg::Decided {
             user: bob.user_id(),
             asked,
-            request: 1,
             outcome: Outcome::Denied(Denial::NotAMember),
         }),
     };

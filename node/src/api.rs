@@ -148,7 +148,7 @@ impl NodeBuilder {
     }
 
     /// How long a publish waits for its commit before reporting
-    /// [`Receipt::Queued`] (default 2 s).
+    /// [`crate::Receipt::Queued`] (default 2 s).
     pub fn commit_wait(mut self, wait: Duration) -> Self {
         self.commit_wait = wait;
         self

@@ -1,6 +1,6 @@
 //! Acting as a user: the same operations whether the user's node runs in this
 //! process ([`crate::Node`]) or is reached over the client protocol
-//! ([`crate::client::RemoteNode`]).
+//! ([`crate::RemoteNode`]).
 //!
 //! Everything secret happens here, in the user's process: epoch keys are created
 //! and sealed to members, requests and frames are signed, frames are encrypted and
@@ -610,8 +610,8 @@ impl<B: Backend> User<B> {
     /// a membership change it applied, [`Outcome::Denied`] with the home's reason
     /// for either one it refused. `None`: not decided yet (the home may be
     /// unreachable), or not known to the node. The node keeps the last
-    /// [`conclave_actors::domain::state::outcomes::LATE_OUTCOMES_PER_USER_MAX`]
-    /// refusals and request outcomes per user.
+    /// [`conclave_actors::domain::state::outcomes::LATE_OUTCOMES_PER_ROOM_MAX`]
+    /// refusals and request outcomes per user and room.
     pub async fn outcome(&self, room: RoomId, asked: Asked) -> Result<Option<Outcome>, ApiError> {
         self.backend.outcome(self.id(), room, asked).await
     }

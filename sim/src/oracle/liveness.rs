@@ -202,12 +202,19 @@ impl Liveness {
             let reported = domain::state::outcomes::of(&*txn, user, s.room, asked)
                 .ok()
                 .flatten();
-            let agrees = match &reported {
-                Some(Outcome::Committed { id, seq }) => {
+            let agrees = match (&reported, s.key) {
+                (Some(Outcome::Committed { id, seq }), _) => {
                     m.committed.get(&seq.0).is_some_and(|c| c.id == *id)
                 }
-                Some(outcome) => verdicts.contains(outcome),
-                None => false,
+                // A frame the home committed is never reported refused.
+                (Some(Outcome::Denied(_)), OpKey::Frame(id)) => !m.ids.contains_key(&id),
+                // A change is reported done exactly when the home applied it
+                // (deciding it again later refuses it as stale).
+                (Some(outcome), OpKey::Request(u, nonce)) => {
+                    let applied = view.model.applied.contains(&(u, nonce));
+                    verdicts.contains(outcome) && applied == (*outcome == Outcome::Done)
+                }
+                _ => false,
             };
             if !agrees {
                 state.push((

@@ -219,8 +219,6 @@ pub enum RoomMsg {
         user: UserId,
         /// What they asked.
         asked: Asked,
-        /// The request number at the asking node's gateway.
-        request: u64,
         /// The decision: [`Outcome::Done`] or [`Outcome::Denied`].
         outcome: Outcome,
     },
@@ -241,7 +239,6 @@ struct Asker {
     node: NodeId,
     user: UserId,
     asked: Asked,
-    request: u64,
 }
 
 /// The room actor (see the module docs).
@@ -354,7 +351,6 @@ impl Room {
                     asked: Asked::Request {
                         nonce: req.request.nonce,
                     },
-                    request: to.request,
                 });
                 let outcome = self
                     .request(&req, from, asker, cx)
@@ -366,7 +362,6 @@ impl Room {
                     node: from,
                     user: frame.sender,
                     asked: Asked::Frame { id: frame.id },
-                    request: to.request,
                 };
                 let outcome = self.publish(frame, from, cx).unwrap_or_else(|denial| {
                     metrics::counter!("conclave_frames_rejected_total", "reason" => denial.reason())
@@ -378,16 +373,9 @@ impl Room {
             RoomMsg::Decided {
                 user,
                 asked,
-                request,
                 outcome,
             } => {
-                let late = outcomes::Late {
-                    room: self.room,
-                    asked,
-                    outcome,
-                    at: cx.now(),
-                };
-                let result = self.decided(user, late, request, from, cx);
+                let result = self.decided(user, asked, outcome, from, cx);
                 self.settle_update(from, result)
             }
             RoomMsg::Revoked { user } if from == cx.node() => {
@@ -506,7 +494,6 @@ impl Room {
         let msg = RoomMsg::Decided {
             user: asker.user,
             asked: asker.asked,
-            request: asker.request,
             outcome: outcome.clone(),
         };
         enqueue(txn, room_of(asker.node, self.room), Deliverable::Room(msg))?;
@@ -514,39 +501,40 @@ impl Room {
     }
 
     /// On the node that forwarded a request: records what the room's home `from`
-    /// decided late on it for `user`, and tells the gateway (whose caller may still
-    /// be waiting).
+    /// decided late on it for `user`, one of this node's users who is or was a
+    /// member of the room. (A caller still waiting had the home's direct answer;
+    /// nothing is passed to the gateway from here, where the gateway could not
+    /// tell which home answers.)
     fn decided<S: System<Msg = Msg>>(
         &mut self,
         user: UserId,
-        late: outcomes::Late,
-        request: u64,
+        asked: Asked,
+        outcome: Outcome,
         from: NodeId,
         cx: &mut Context<'_, S>,
     ) -> Result<(), UpdateError> {
-        let me = cx.node();
-        if from == me {
+        if from == cx.node() {
             return Err(UpdateError::FromSelf);
-        }
-        if !matches!(late.outcome, Outcome::Done | Outcome::Denied(_)) {
-            return Err(UpdateError::Malformed(
-                "a late outcome other than done or denied",
-            ));
         }
         let mut txn = cx.store().write()?;
         let home = rooms::sequencer_of(&*txn, self.room)?.ok_or(UpdateError::UnknownRoom)?;
         if home != from {
             return Err(UpdateError::NotFromHome { from, home });
         }
-        if registry::user(&*txn, user)?.is_none() {
+        let local = registry::user(&*txn, user)?.is_some();
+        if !local || rooms::visibility(&*txn, user, self.room)?.is_none() {
             return Err(UpdateError::Malformed(
-                "a late outcome for a user of another node",
+                "a late outcome for a user of another node, or not of the room",
             ));
         }
-        outcomes::record(&mut *txn, user, &late)?;
+        match outcomes::record(&mut *txn, user, self.room, asked, outcome) {
+            Ok(()) => {}
+            Err(outcomes::RecordError::Unfit) => {
+                return Err(UpdateError::Malformed("a late outcome that is not one"));
+            }
+            Err(outcomes::RecordError::Store(e)) => return Err(e.into()),
+        }
         txn.commit()?;
-        let outcome = late.outcome;
-        cx.send(gateway_of(me), ClientMsg::Reply { request, outcome });
         Ok(())
     }
 

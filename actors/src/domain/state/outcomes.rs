@@ -8,59 +8,115 @@
 //! outcome is its sequence number if the node holds it, else a recorded refusal,
 //! else not known yet.
 //!
-//! Records are kept per user, oldest first, at most [`LATE_OUTCOMES_PER_USER_MAX`]:
-//! a user who provokes refusals without end evicts only their own oldest records.
+//! One record per (user, room, what was asked). A home may decide the same request
+//! twice (a redelivery after a crash, or after the peer offered a run again): a
+//! membership change it applied the first time is then refused as stale, so a
+//! recorded [`Outcome::Done`] is never replaced by a refusal (an applied change
+//! cannot be undone). Records are kept per (user, room), oldest first, at most
+//! [`LATE_OUTCOMES_PER_ROOM_MAX`], each at most [`LATE_OUTCOME_BYTES_MAX`]: a
+//! room's home can make a node keep only so much, and only for that room.
 
 use conclave_storage::{Order, ReadTxn, StoreError, Table, WriteTxn};
 use serde::{Deserialize, Serialize};
 
 use super::rooms;
-use crate::actor::Time;
 use crate::domain::{Asked, Outcome};
 use crate::ids::{RoomId, Seq, UserId};
 
-/// The most late outcomes a node keeps per user (the oldest go first).
-pub const LATE_OUTCOMES_PER_USER_MAX: u64 = 1_024;
+/// The most late outcomes a node keeps per user and room (the oldest go first).
+pub const LATE_OUTCOMES_PER_ROOM_MAX: u64 = 1_024;
 
-/// A late outcome, under (user, serial): serials grow by one per record of the user.
-const LATE: Table<([u8; 32], u64), Late> = Table::new("outcome.late");
+/// The largest late outcome a node records, encoded (a refusal's reason and its
+/// few words of detail take far less).
+pub const LATE_OUTCOME_BYTES_MAX: usize = 512;
+
+/// (user, room, what was asked: a kind byte and a big-endian nonce or message id).
+type AskedKey = ([u8; 32], [u8; 16], [u8; 17]);
+
+/// A late outcome, under (user, room, serial): serials grow by one per record.
+const LATE: Table<([u8; 32], [u8; 16], u64), Late> = Table::new("outcome.late");
+/// The serial of the record of (user, room, what was asked).
+const ASKED: Table<AskedKey, u64> = Table::new("outcome.asked");
 
 /// What a room's home decided on something a user asked through this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Late {
-    /// The room.
-    pub room: RoomId,
-    /// What was asked.
-    pub asked: Asked,
-    /// What the home decided ([`Outcome::Done`] or [`Outcome::Denied`]).
-    pub outcome: Outcome,
-    /// When this node recorded it.
-    pub at: Time,
+struct Late {
+    asked: Asked,
+    outcome: Outcome,
 }
 
-/// Records `late` for `user`, dropping their oldest record past
-/// [`LATE_OUTCOMES_PER_USER_MAX`].
-pub fn record(txn: &mut dyn WriteTxn, user: UserId, late: &Late) -> Result<(), StoreError> {
-    let range = (user.0, 0)..=(user.0, u64::MAX);
+/// Why a late outcome was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// It is neither [`Outcome::Done`] nor [`Outcome::Denied`], or it is larger
+    /// than [`LATE_OUTCOME_BYTES_MAX`].
+    #[error("a late outcome must be done or denied, in at most {LATE_OUTCOME_BYTES_MAX} bytes")]
+    Unfit,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn asked_key(asked: Asked) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    let (kind, id) = match asked {
+        Asked::Request { nonce } => (0, u128::from(nonce)),
+        Asked::Frame { id } => (1, id.0),
+    };
+    key[0] = kind;
+    key[1..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// Records `outcome` of `asked` by `user` in `room`, unless a `Done` is recorded
+/// for it already; drops the (user, room)'s oldest record past
+/// [`LATE_OUTCOMES_PER_ROOM_MAX`].
+pub fn record(
+    txn: &mut dyn WriteTxn,
+    user: UserId,
+    room: RoomId,
+    asked: Asked,
+    outcome: Outcome,
+) -> Result<(), RecordError> {
+    let fits = crate::wire::encode_bounded(&outcome, LATE_OUTCOME_BYTES_MAX).is_ok();
+    if !fits || !matches!(outcome, Outcome::Done | Outcome::Denied(_)) {
+        return Err(RecordError::Unfit);
+    }
+    let late = Late { asked, outcome };
+    let index = (user.0, room.0, asked_key(asked));
+    if let Some(serial) = ASKED.get(&*txn, &index)? {
+        let held = LATE.get(&*txn, &(user.0, room.0, serial))?;
+        if held.is_some_and(|h| h.outcome == Outcome::Done) {
+            return Ok(());
+        }
+        return Ok(LATE.put(txn, &(user.0, room.0, serial), &late)?);
+    }
+    let serial = next_serial(txn, user, room)?;
+    LATE.put(txn, &(user.0, room.0, serial), &late)?;
+    ASKED.put(txn, &index, &serial)?;
+    Ok(())
+}
+
+/// The serial of the next record of (user, room), after dropping the oldest if
+/// the bound is reached (serials are contiguous: records go only from the front).
+fn next_serial(txn: &mut dyn WriteTxn, user: UserId, room: RoomId) -> Result<u64, StoreError> {
+    let range = (user.0, room.0, 0)..=(user.0, room.0, u64::MAX);
     let oldest = LATE.scan(&*txn, range.clone(), Order::Ascending, 1)?.pop();
     let newest = LATE.scan(&*txn, range, Order::Descending, 1)?.pop();
-    let next = match (oldest, newest) {
-        (Some(((_, first), _)), Some(((_, last), _))) => {
-            // Serials are contiguous: records go only from the front.
-            if last.saturating_sub(first) + 1 >= LATE_OUTCOMES_PER_USER_MAX {
-                LATE.delete(txn, &(user.0, first))?;
-            }
-            last.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-                table: "outcome.late".into(),
-                reason: "a user's serials are exhausted".into(),
-            })?
-        }
-        _ => 0,
+    let (Some(((_, _, first), gone)), Some(((_, _, last), _))) = (oldest, newest) else {
+        return Ok(0);
     };
-    LATE.put(txn, &(user.0, next), late)
+    if last.saturating_sub(first) + 1 >= LATE_OUTCOMES_PER_ROOM_MAX {
+        LATE.delete(txn, &(user.0, room.0, first))?;
+        ASKED.delete(txn, &(user.0, room.0, asked_key(gone.asked)))?;
+    }
+    last.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+        table: "outcome.late".into(),
+        reason: "a user's serials in a room are exhausted".into(),
+    })
 }
 
-/// What became of `asked` (by `user`, in `room`) as this node knows it: the newest
+/// What became of `asked` (by `user`, in `room`) as this node knows it: the
 /// recorded outcome, or for a frame the sequence number it holds it at (only a
 /// frame `user` sent, in a room they are or were a member of: nobody learns of
 /// others' frames here). `None`: not decided yet, or not known here.
@@ -81,16 +137,13 @@ pub fn of(
             }
         }
     }
-    let records = LATE.scan(
-        txn,
-        (user.0, 0)..=(user.0, u64::MAX),
-        Order::Descending,
-        LATE_OUTCOMES_PER_USER_MAX as usize,
-    )?;
-    Ok(records
-        .into_iter()
-        .find(|(_, late)| late.room == room && late.asked == asked)
-        .map(|(_, late)| late.outcome))
+    let Some(serial) = ASKED.get(txn, &(user.0, room.0, asked_key(asked)))? else {
+        return Ok(None);
+    };
+    Ok(LATE
+        .get(txn, &(user.0, room.0, serial))?
+        .filter(|late| late.asked == asked)
+        .map(|late| late.outcome))
 }
 
 /// Whether the frame held at `seq` was sent by `user` (a frame no longer held, of
@@ -108,37 +161,88 @@ mod tests {
     use crate::domain::Denial;
     use conclave_storage::{MemStore, Store};
 
-    fn late(nonce: u64) -> Late {
-        Late {
-            room: RoomId([7; 16]),
-            asked: Asked::Request { nonce },
-            outcome: Outcome::Denied(Denial::NotAMember),
-            at: Time::from_unix_micros(nonce),
-        }
+    const ROOM: RoomId = RoomId([7; 16]);
+
+    fn put(store: &MemStore, user: UserId, room: RoomId, nonce: u64, outcome: Outcome) {
+        let mut txn = store.write().unwrap();
+        record(&mut *txn, user, room, Asked::Request { nonce }, outcome).unwrap();
+        txn.commit().unwrap();
+    }
+
+    fn find(store: &MemStore, user: UserId, room: RoomId, nonce: u64) -> Option<Outcome> {
+        let txn = store.read().unwrap();
+        of(&*txn, user, room, Asked::Request { nonce }).unwrap()
     }
 
     #[test]
-    fn a_user_keeps_their_newest_outcomes_up_to_the_bound_and_others_keep_theirs() {
+    fn a_user_keeps_their_newest_outcomes_per_room_up_to_the_bound() {
         let store = MemStore::new();
         let (alice, bob) = (UserId([1; 32]), UserId([2; 32]));
-        let mut txn = store.write().unwrap();
-        record(&mut *txn, bob, &late(0)).unwrap();
-        for nonce in 0..LATE_OUTCOMES_PER_USER_MAX + 10 {
-            record(&mut *txn, alice, &late(nonce)).unwrap();
+        let denied = Outcome::Denied(Denial::NotAMember);
+        put(&store, bob, ROOM, 0, denied.clone());
+        put(&store, alice, RoomId([8; 16]), 0, denied.clone());
+        for nonce in 0..LATE_OUTCOMES_PER_ROOM_MAX + 10 {
+            put(&store, alice, ROOM, nonce, denied.clone());
         }
-        txn.commit().unwrap();
+        assert_eq!(find(&store, alice, ROOM, 9), None, "the oldest went first");
+        assert_eq!(find(&store, alice, ROOM, 10), Some(denied.clone()));
+        let last = LATE_OUTCOMES_PER_ROOM_MAX + 9;
+        assert_eq!(find(&store, alice, ROOM, last), Some(denied.clone()));
+        assert_eq!(
+            find(&store, bob, ROOM, 0),
+            Some(denied.clone()),
+            "another user's stay"
+        );
+        let other = Some(denied);
+        assert_eq!(
+            find(&store, alice, RoomId([8; 16]), 0),
+            other,
+            "another room's stay"
+        );
+        assert_eq!(
+            find(&store, bob, RoomId([8; 16]), 0),
+            None,
+            "a record is of one room"
+        );
         let txn = store.read().unwrap();
-        let room = RoomId([7; 16]);
-        let find = |user, nonce| of(&*txn, user, room, Asked::Request { nonce }).unwrap();
-        let denied = Some(Outcome::Denied(Denial::NotAMember));
-        assert_eq!(find(alice, 9), None, "the oldest went first");
-        assert_eq!(find(alice, 10), denied);
-        assert_eq!(find(alice, LATE_OUTCOMES_PER_USER_MAX + 9), denied);
-        assert_eq!(find(bob, 0), denied, "another user's records stay");
         let held = LATE.scan(&*txn, .., Order::Ascending, 4_096).unwrap();
-        assert_eq!(held.len() as u64, LATE_OUTCOMES_PER_USER_MAX + 1);
-        assert_eq!(find(alice, LATE_OUTCOMES_PER_USER_MAX + 10), None);
-        let other_room = of(&*txn, bob, RoomId([8; 16]), Asked::Request { nonce: 0 });
-        assert_eq!(other_room.unwrap(), None, "a record is of one room");
+        assert_eq!(held.len() as u64, LATE_OUTCOMES_PER_ROOM_MAX + 2);
+        let indexed = ASKED.scan(&*txn, .., Order::Ascending, 4_096).unwrap();
+        assert_eq!(indexed.len(), held.len(), "the index drops what goes");
+    }
+
+    #[test]
+    fn a_change_recorded_done_is_never_reported_refused_and_a_refusal_may_become_done() {
+        let store = MemStore::new();
+        let alice = UserId([1; 32]);
+        let stale = Outcome::Denied(Denial::StaleChain { len: 3 });
+        put(&store, alice, ROOM, 1, Outcome::Done);
+        put(&store, alice, ROOM, 1, stale.clone());
+        assert_eq!(find(&store, alice, ROOM, 1), Some(Outcome::Done));
+        let full = Outcome::Denied(Denial::StoreFull {
+            used_bytes: 1,
+            max_bytes: 1,
+        });
+        put(&store, alice, ROOM, 2, full);
+        put(&store, alice, ROOM, 2, Outcome::Done);
+        assert_eq!(find(&store, alice, ROOM, 2), Some(Outcome::Done));
+        let txn = store.read().unwrap();
+        let held = LATE.scan(&*txn, .., Order::Ascending, 16).unwrap();
+        assert_eq!(held.len(), 2, "one record per request");
+    }
+
+    #[test]
+    fn what_is_not_a_late_outcome_or_is_too_large_is_not_recorded() {
+        let store = MemStore::new();
+        let mut txn = store.write().unwrap();
+        let (user, asked) = (UserId([1; 32]), Asked::Request { nonce: 1 });
+        let huge = Outcome::Denied(Denial::Malformed {
+            problem: "x".repeat(LATE_OUTCOME_BYTES_MAX),
+        });
+        let forwarded = Outcome::Forwarded;
+        for outcome in [huge, forwarded] {
+            let result = record(&mut *txn, user, ROOM, asked, outcome);
+            assert!(matches!(result, Err(RecordError::Unfit)), "{result:?}");
+        }
     }
 }

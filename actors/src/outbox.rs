@@ -33,6 +33,14 @@ use crate::ids::{NodeId, Seq};
 /// [`enqueue`] fails with [`OutboxError::Full`] rather than growing without bound.
 pub const OUTBOX_DEPTH_MAX: u64 = 65_536;
 
+/// How many unacknowledged messages of one tag (for the domain: one room) one
+/// destination's outbox may hold: an eighth of it, so that what one room queues
+/// towards a node that is away or slow cannot take the outbox every room shares.
+pub const OUTBOX_TAG_DEPTH_MAX: u64 = OUTBOX_DEPTH_MAX / 8;
+
+/// What a message counts against (see [`OUTBOX_TAG_DEPTH_MAX`]).
+pub type Tag = [u8; 16];
+
 /// The stored message bytes (serialized as bytes, not as a sequence of u8).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Payload(#[serde(with = "serde_bytes")] Vec<u8>);
@@ -50,6 +58,10 @@ pub const OUTBOX_DESTINATIONS_MAX: usize = 1 << 16;
 
 const MESSAGES: Table<([u8; 32], u64), Payload> = Table::new("outbox.messages");
 const HEADS: Table<[u8; 32], Head> = Table::new("outbox.heads");
+/// The tag of each tagged message, under the message's key.
+const TAGS: Table<([u8; 32], u64), Tag> = Table::new("outbox.tags");
+/// How many unacknowledged messages each tag has, per destination.
+const TAG_DEPTHS: Table<([u8; 32], Tag), u64> = Table::new("outbox.tag_depths");
 /// This run's incarnation, under key 0 (see [`start_incarnation`]).
 const INCARNATION: Table<u8, u64> = Table::new("outbox.incarnation");
 const MARKS: Table<[u8; 32], Mark> = Table::new("inbox.marks");
@@ -135,6 +147,15 @@ pub enum OutboxError {
         /// Messages waiting.
         depth: u64,
     },
+    /// The destination's outbox holds [`OUTBOX_TAG_DEPTH_MAX`] unacknowledged
+    /// messages of this message's tag.
+    #[error("outbox to {dest} holds its share of {depth} messages of one room: retry later")]
+    ShareFull {
+        /// The destination.
+        dest: NodeId,
+        /// Messages of the tag waiting.
+        depth: u64,
+    },
     /// An acknowledgement names a sequence number that was never sent: the peer is
     /// confused or lying, and nothing is removed.
     #[error("acknowledgement from {dest} up to {upto} but only {sent} were sent")]
@@ -158,12 +179,31 @@ pub enum OutboxError {
 /// Durably queues `payload` for `dest` and returns its sequence number (from 1).
 /// Nothing is queued unless the caller commits `txn`.
 pub fn enqueue(txn: &mut dyn WriteTxn, dest: NodeId, payload: Vec<u8>) -> Result<Seq, OutboxError> {
+    enqueue_tagged(txn, dest, None, payload)
+}
+
+/// [`enqueue`], counting the message against `tag`'s share of the outbox
+/// ([`OUTBOX_TAG_DEPTH_MAX`]) until it is acknowledged.
+pub fn enqueue_tagged(
+    txn: &mut dyn WriteTxn,
+    dest: NodeId,
+    tag: Option<Tag>,
+    payload: Vec<u8>,
+) -> Result<Seq, OutboxError> {
     let mut head = read_head(&*txn, dest)?;
     let depth = head.sent - head.acked;
     if depth >= OUTBOX_DEPTH_MAX {
         return Err(OutboxError::Full { dest, depth });
     }
     head.sent += 1;
+    if let Some(tag) = tag {
+        let depth = TAG_DEPTHS.get(&*txn, &(dest.0, tag))?.unwrap_or(0);
+        if depth >= OUTBOX_TAG_DEPTH_MAX {
+            return Err(OutboxError::ShareFull { dest, depth });
+        }
+        TAG_DEPTHS.put(txn, &(dest.0, tag), &(depth + 1))?;
+        TAGS.put(txn, &(dest.0, head.sent), &tag)?;
+    }
     MESSAGES.put(txn, &(dest.0, head.sent), &Payload(payload))?;
     HEADS.put(txn, &dest.0, &head)?;
     debug_assert!(head.sent - head.acked <= OUTBOX_DEPTH_MAX);
@@ -202,9 +242,27 @@ pub fn ack(txn: &mut dyn WriteTxn, dest: NodeId, upto: Seq) -> Result<u64, Outbo
         return Ok(0);
     }
     let removed = upto.0 - head.acked;
+    let mut untagged: std::collections::BTreeMap<Tag, u64> = Default::default();
     for seq in head.acked + 1..=upto.0 {
         let existed = MESSAGES.delete(txn, &(dest.0, seq))?;
         debug_assert!(existed, "every unacknowledged message is stored");
+        if let Some(tag) = TAGS.get(&*txn, &(dest.0, seq))? {
+            TAGS.delete(txn, &(dest.0, seq))?;
+            *untagged.entry(tag).or_default() += 1;
+        }
+    }
+    for (tag, n) in untagged {
+        let depth = TAG_DEPTHS.get(&*txn, &(dest.0, tag))?.unwrap_or(0);
+        match depth.checked_sub(n) {
+            Some(0) => TAG_DEPTHS.delete(txn, &(dest.0, tag)).map(|_| ())?,
+            Some(left) => TAG_DEPTHS.put(txn, &(dest.0, tag), &left)?,
+            None => {
+                return Err(OutboxError::Store(StoreError::Corrupt {
+                    table: "outbox.tag_depths".into(),
+                    reason: format!("outbox to {dest}: {n} acknowledged of a tag counting {depth}"),
+                }))
+            }
+        }
     }
     head.acked = upto.0;
     HEADS.put(txn, &dest.0, &head)?;

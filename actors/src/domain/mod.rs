@@ -932,11 +932,17 @@ pub(crate) fn enqueue(
     let routed = Routed { to, msg };
     let bytes = crate::wire::encode_bounded(&routed, crate::wire::ENVELOPE_BYTES_MAX / 2)
         .map_err(|e| Denial::malformed(format!("message does not fit an envelope: {e}")))?;
-    match crate::outbox::enqueue(txn, to.node, bytes) {
+    // Every room gets at most its share of the outbox all rooms share.
+    let tag = match to.key {
+        ActorKey::Room(room) => Some(room.0),
+        _ => None,
+    };
+    match crate::outbox::enqueue_tagged(txn, to.node, tag, bytes) {
         Ok(_) => Ok(()),
-        Err(crate::outbox::OutboxError::Full { dest, .. }) => {
-            Err(Denial::OutboxFull { node: dest })
-        }
+        Err(
+            crate::outbox::OutboxError::Full { dest, .. }
+            | crate::outbox::OutboxError::ShareFull { dest, .. },
+        ) => Err(Denial::OutboxFull { node: dest }),
         Err(crate::outbox::OutboxError::Store(e)) => Err(e.into()),
         Err(
             e @ (crate::outbox::OutboxError::AckBeyondSent { .. }
@@ -1004,5 +1010,22 @@ mod tests {
         // Nor does a run: only this node's peer makes them.
         let run = Deliverable::Room(RoomMsg::Run(Vec::new()));
         assert!(!run.fits(&room_of(node, RoomId([0; 16]))));
+    }
+
+    #[test]
+    fn one_room_fills_only_its_share_of_an_outbox_and_other_rooms_still_queue() {
+        use conclave_storage::Store;
+        let store = conclave_storage::MemStore::new();
+        let (home, busy, quiet) = (NodeId([1; 32]), RoomId([1; 16]), RoomId([2; 16]));
+        let msg = || Deliverable::Room(RoomMsg::Tick);
+        let mut txn = store.write().unwrap();
+        for _ in 0..crate::outbox::OUTBOX_TAG_DEPTH_MAX {
+            enqueue(&mut *txn, room_of(home, busy), msg()).unwrap();
+        }
+        assert_eq!(
+            enqueue(&mut *txn, room_of(home, busy), msg()),
+            Err(Denial::OutboxFull { node: home })
+        );
+        enqueue(&mut *txn, room_of(home, quiet), msg()).expect("another room's share");
     }
 }

@@ -104,6 +104,43 @@ fn a_full_outbox_is_an_error_not_growth() {
 }
 
 #[test]
+fn one_tag_holds_at_most_its_share_and_others_still_get_in() {
+    let store = MemStore::new();
+    let (busy, quiet) = ([1u8; 16], [2u8; 16]);
+    let mut txn = store.write().expect("write");
+    for _ in 0..OUTBOX_TAG_DEPTH_MAX {
+        enqueue_tagged(&mut *txn, B, Some(busy), Vec::new()).expect("within the share");
+    }
+    let err = enqueue_tagged(&mut *txn, B, Some(busy), Vec::new()).unwrap_err();
+    assert!(
+        matches!(err, OutboxError::ShareFull { depth, .. } if depth == OUTBOX_TAG_DEPTH_MAX),
+        "{err}"
+    );
+    // Another tag, an untagged message and another destination still get in.
+    let quiet_seq = enqueue_tagged(&mut *txn, B, Some(quiet), Vec::new()).expect("another tag");
+    enqueue(&mut *txn, B, Vec::new()).expect("untagged");
+    enqueue_tagged(&mut *txn, A, Some(busy), Vec::new()).expect("another destination");
+    // Acknowledgements give the share back, tag by tag.
+    ack(&mut *txn, B, Seq(10)).expect("ack");
+    for _ in 0..10 {
+        enqueue_tagged(&mut *txn, B, Some(busy), Vec::new()).expect("room again after an ack");
+    }
+    assert!(enqueue_tagged(&mut *txn, B, Some(busy), Vec::new()).is_err());
+    ack(&mut *txn, B, quiet_seq).expect("ack");
+    assert_eq!(
+        TAG_DEPTHS.get(&*txn, &(B.0, quiet)).unwrap(),
+        None,
+        "nothing left"
+    );
+    let busy_left = TAG_DEPTHS.get(&*txn, &(B.0, busy)).unwrap();
+    assert_eq!(busy_left, Some(10), "the ten sent after the first ack");
+    let sent = read_head(&*txn, B).unwrap().sent;
+    ack(&mut *txn, B, Seq(sent)).expect("ack all");
+    let left = TAGS.scan(&*txn, (B.0, 0)..=(B.0, u64::MAX), Order::Ascending, 16);
+    assert!(left.unwrap().is_empty(), "no tag outlives its message");
+}
+
+#[test]
 fn queued_messages_survive_a_crash_and_uncommitted_ones_do_not() {
     let store = MemStore::with_policy(SyncPolicy::OnCommit);
     with_write(&store, |txn| {

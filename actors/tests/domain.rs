@@ -2,6 +2,8 @@
 //! in-memory network carrying encoded envelopes, in-memory stores with crash
 //! semantics.
 
+use core::time::Duration;
+
 use conclave_actors::crypto::SealedKey;
 use conclave_actors::domain::chain::{
     ChainHash, ChainState, Change, KeyCheck, Link, SignedLink, Signer, CHAIN_LINKS_MAX,
@@ -465,6 +467,41 @@ fn a_late_decision_from_a_node_that_is_not_the_rooms_home_is_refused() {
         w.c.outbox_depths(2).is_empty(),
         "refused, not offered again"
     );
+}
+
+#[test]
+fn a_user_past_their_publish_quota_is_refused_limit_and_others_go_on() {
+    use conclave_actors::domain::quota::{PublishQuota, QUOTA_BURST_S};
+    let quota = PublishQuota {
+        frames_per_s: 5,
+        bytes_per_s: 1 << 20,
+    };
+    let config = conclave_actors::domain::DomainConfig {
+        publish_quota: quota,
+        ..Default::default()
+    };
+    let mut w = world_with(10, config);
+    let room = room_of_three(&mut w, Policy::default());
+    let (alice, bob) = (w.alice.clone(), w.bob.clone());
+    let burst = quota.frames_per_s * QUOTA_BURST_S;
+    let requests: Vec<u64> = (0..burst + 2)
+        .map(|i| w.c.publish(0, &alice, room, format!("a{i}").as_bytes()))
+        .collect();
+    w.c.settle();
+    for r in &requests[..burst as usize] {
+        committed(&mut w.c, 0, *r);
+    }
+    for r in &requests[burst as usize..] {
+        assert_eq!(denial(w.c.outcome(0, *r)).reason(), "limit");
+    }
+    let r = w.c.publish(1, &bob, room, b"another user");
+    w.c.settle();
+    committed(&mut w.c, 1, r);
+    // A second later the bucket holds five frames again.
+    w.c.run_for(Duration::from_secs(1));
+    let r = w.c.publish(0, &alice, room, b"later");
+    w.c.settle();
+    committed(&mut w.c, 0, r);
 }
 
 /// Counts of `conclave_requests_denied_total` by reason.

@@ -122,6 +122,7 @@ impl Cluster {
                 retry_max: Duration::from_millis(500),
                 idle: Duration::from_secs(30),
                 epoch_frames_max: self.epoch_frames_max,
+                ..DomainConfig::default()
             })
             .commit_wait(Duration::from_secs(5));
         for j in 0..self.ids.len() {

@@ -241,6 +241,7 @@ fn draw_domain(rng: &mut ChaCha20Rng) -> DomainConfig {
             retry_max: ms(rng, 500, 5_000),
             idle: ms(rng, 200, 5_000),
             epoch_frames_max: EPOCH_FRAMES_MAX,
+            ..DomainConfig::default()
         }
     };
     if between(rng, 0, 2) == 0 {

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::quota::{PublishQuota, Quotas};
 use super::state::{registry, rooms};
 use super::{
     denied, enqueue, origin, outbox_of, reply, room_of, Deliverable, Denial, Msg, Op, Outcome,
@@ -40,11 +41,16 @@ pub enum MembersMsg {
 
 /// The members actor (see the module docs).
 #[derive(Debug)]
-pub struct Members;
+pub struct Members {
+    /// What each user may still publish.
+    quotas: Quotas,
+}
 
 impl Members {
-    pub(crate) fn activate<S: System>(_cx: &mut Context<'_, S>) -> Self {
-        Members
+    pub(crate) fn activate<S: System>(quota: PublishQuota, _cx: &mut Context<'_, S>) -> Self {
+        Members {
+            quotas: Quotas::new(quota),
+        }
     }
 }
 
@@ -163,6 +169,10 @@ impl Members {
             let txn = cx.store().read()?;
             registry::check_active(&*txn, frame.sender)?;
         }
+        let bytes = frame.ciphertext.len() as u64;
+        self.quotas
+            .take(frame.sender, bytes, cx.now())
+            .map_err(|what| Denial::Limit { what })?;
         metrics::counter!("conclave_frames_published_total").increment(1);
         let (sender, room) = (frame.sender, frame.room);
         self.forward(sender, room, RoomMsg::Publish { frame, reply }, cx)

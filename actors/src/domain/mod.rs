@@ -44,6 +44,7 @@ pub mod client;
 pub mod members;
 pub mod outbox;
 pub mod peer;
+pub mod quota;
 pub mod room;
 pub mod state;
 
@@ -659,6 +660,9 @@ pub struct DomainConfig {
     /// 96-bit nonces, so the bound keeps the chance of a nonce repeating under one
     /// key negligible.
     pub epoch_frames_max: u64,
+    /// What one user may publish per second through their node (refused with
+    /// [`Denial::Limit`] past it).
+    pub publish_quota: quota::PublishQuota,
 }
 
 /// An outbox's first resend delay, by default.
@@ -679,6 +683,7 @@ impl Default for DomainConfig {
             retry_max: Duration::from_millis(RETRY_DELAY_MS_MAX),
             idle: Duration::from_millis(IDLE_MS),
             epoch_frames_max: EPOCH_FRAMES_MAX,
+            publish_quota: quota::PublishQuota::default(),
         }
     }
 }
@@ -733,7 +738,9 @@ impl Domain {
         S: System<Msg = Msg>,
     {
         match (addr.kind, addr.key) {
-            (ActorKind::MEMBERS, ActorKey::Unit) => Some(Box::new(Members::activate(cx))),
+            (ActorKind::MEMBERS, ActorKey::Unit) => {
+                Some(Box::new(Members::activate(self.config.publish_quota, cx)))
+            }
             (ActorKind::ROOM, ActorKey::Room(room)) => Some(Box::new(Room::activate(
                 room,
                 self.config,

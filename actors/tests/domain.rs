@@ -504,6 +504,33 @@ fn a_user_past_their_publish_quota_is_refused_limit_and_others_go_on() {
     committed(&mut w.c, 0, r);
 }
 
+#[test]
+fn a_user_creates_at_most_their_share_of_rooms() {
+    use conclave_actors::domain::state::rooms::{self, ROOMS_CREATED_PER_USER_MAX};
+    let mut w = world(11);
+    let (alice, bob) = (w.alice.clone(), w.bob.clone());
+    w.c.create_room(0, &alice, Policy::default());
+    {
+        let txn = w.c.nodes[0].store.read().unwrap();
+        assert_eq!(rooms::created_by(&*txn, alice.user_id()).unwrap(), 1);
+    }
+    // As if alice had created all she may.
+    {
+        let mut txn = w.c.nodes[0].store.write().unwrap();
+        for _ in 1..ROOMS_CREATED_PER_USER_MAX {
+            rooms::count_created(&mut *txn, alice.user_id()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let node = w.c.id(0);
+    let (_room, _key, op) =
+        client::create_room(w.c.rng(), &alice, node, Policy::default()).unwrap();
+    let outcome = w.c.call(0, &alice, op);
+    assert_eq!(denial(Some(outcome)).reason(), "limit");
+    // Another user is not held to alice's count.
+    w.c.create_room(1, &bob, Policy::default());
+}
+
 /// Counts of `conclave_requests_denied_total` by reason.
 fn denied_counts(recorder: &DebuggingRecorder) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();

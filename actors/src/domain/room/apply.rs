@@ -33,6 +33,7 @@ pub(super) fn apply(
             link,
         } => {
             append(txn, room, link)?;
+            rooms::count_created(txn, owner.user)?;
             apply_joined(txn, room, me, meta, owner, key)
         }
         Event::Invited {

@@ -135,6 +135,14 @@ pub(super) fn create(
         });
     }
     let creator = registry::check_active(txn, acting)?;
+    if rooms::created_by(txn, acting)? >= rooms::ROOMS_CREATED_PER_USER_MAX {
+        return Err(Denial::Limit {
+            what: format!(
+                "rooms created: {} per user",
+                rooms::ROOMS_CREATED_PER_USER_MAX
+            ),
+        });
+    }
     let owner = genesis.members[&acting];
     if owner.identity.exchange != creator.exchange {
         return Err(Denial::malformed(

@@ -107,6 +107,23 @@ const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visibl
 const CHAIN: Table<([u8; 16], u64), SignedLink> = Table::new("room.chain");
 /// Members evicted from a room (revoked), by the index of the link that did it.
 const EVICTED: Table<([u8; 16], [u8; 32]), u64> = Table::new("room.evicted");
+/// How many rooms each user created on this node (rooms are never deleted).
+const CREATED: Table<[u8; 32], u64> = Table::new("room.created_by");
+
+/// The most rooms one user may create (each takes its record, chain and keys on
+/// its home for good).
+pub const ROOMS_CREATED_PER_USER_MAX: u64 = 10_000;
+
+/// How many rooms `user` created on this node.
+pub fn created_by(txn: &dyn ReadTxn, user: UserId) -> Result<u64, StoreError> {
+    Ok(CREATED.get(txn, &user.0)?.unwrap_or(0))
+}
+
+/// Counts one more room created by `user`.
+pub fn count_created(txn: &mut dyn WriteTxn, user: UserId) -> Result<(), StoreError> {
+    let created = created_by(&*txn, user)?;
+    CREATED.put(txn, &user.0, &created.saturating_add(1))
+}
 /// Only written under the `fanout_to_removed` mutation: the nodes of removed members.
 const MUTATION_REMOVED: Table<([u8; 16], [u8; 32]), u8> = Table::new("room.mutation_removed");
 

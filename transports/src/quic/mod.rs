@@ -381,6 +381,12 @@ pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
 /// address with a QUIC Retry (one stateless round trip): a flood from spoofed
 /// sources then costs one small packet each and no state.
 pub const HANDSHAKES_BEFORE_RETRY: usize = 16;
+/// Admitted handshakes from one IP address that may be in progress at once, counted
+/// apart for addresses a Retry proved and for the others (so a spoofer of an
+/// address cannot use up what its owner gets once proven). Past it, an unproven
+/// address is asked for a Retry and a proven one is dropped unanswered: one
+/// address cannot take every slot of [`HANDSHAKES_IN_FLIGHT_MAX`].
+pub const HANDSHAKES_PER_ADDRESS_MAX: usize = 32;
 /// How long a handshake may take before it is abandoned (quinn's own limit is the
 /// idle timeout, 10 s).
 pub const HANDSHAKE_WAIT_MS_MAX: u64 = 3_000;
@@ -902,24 +908,81 @@ impl<M> Shared<M> {
 /// Runs until the endpoint closes (at shutdown). Admits each incoming handshake,
 /// asks for a Retry or drops it, by the handshakes in flight.
 async fn accept_loop<M: WireMessage>(shared: Arc<Shared<M>>) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(InFlight::default());
     while let Some(incoming) = shared.endpoint.accept().await {
-        let busy = in_flight.load(Ordering::SeqCst);
-        if busy >= HANDSHAKES_IN_FLIGHT_MAX {
-            handshake_counted("dropped_busy");
-            incoming.ignore();
-        } else if busy >= HANDSHAKES_BEFORE_RETRY
-            && !incoming.remote_address_validated()
-            && incoming.may_retry()
-        {
-            handshake_counted("retry");
-            // Only an unvalidated address can fail to be retried: nothing to do.
-            let _ = incoming.retry();
-        } else {
-            let slot = HandshakeSlot::take(&in_flight);
-            // Short-lived: bounded by HANDSHAKE_WAIT_MS_MAX plus the hello wait.
-            tokio::spawn(accept_one(Arc::clone(&shared), incoming, slot));
+        let source = (
+            incoming.remote_address().ip(),
+            incoming.remote_address_validated(),
+        );
+        let busy = (
+            in_flight.total.load(Ordering::SeqCst),
+            in_flight.from(source),
+        );
+        match admission(busy, source.1, incoming.may_retry()) {
+            Admission::Drop(reason) => {
+                handshake_counted(reason);
+                incoming.ignore();
+            }
+            Admission::Retry => {
+                handshake_counted("retry");
+                // Only an unvalidated address can fail to be retried: nothing to do.
+                let _ = incoming.retry();
+            }
+            Admission::Admit => {
+                let slot = HandshakeSlot::take(&in_flight, source);
+                // Short-lived: bounded by HANDSHAKE_WAIT_MS_MAX plus the hello wait.
+                tokio::spawn(accept_one(Arc::clone(&shared), incoming, slot));
+            }
         }
+    }
+}
+
+/// What becomes of a new handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    /// Ignored unanswered, counted with this label.
+    Drop(&'static str),
+    /// Asked to prove its address first.
+    Retry,
+    /// Taken.
+    Admit,
+}
+
+/// What becomes of a new handshake, given the handshakes in flight `(in all,
+/// from its source)`, whether a Retry proved its address, and whether it may be
+/// asked for one.
+fn admission((total, from_source): (usize, usize), proven: bool, may_retry: bool) -> Admission {
+    let crowded = from_source >= HANDSHAKES_PER_ADDRESS_MAX;
+    if total >= HANDSHAKES_IN_FLIGHT_MAX {
+        Admission::Drop("dropped_busy")
+    } else if (total >= HANDSHAKES_BEFORE_RETRY || crowded) && !proven && may_retry {
+        Admission::Retry
+    } else if crowded {
+        Admission::Drop("dropped_address")
+    } else {
+        Admission::Admit
+    }
+}
+
+/// Where a handshake comes from: the IP address, and whether a Retry proved it.
+type Source = (std::net::IpAddr, bool);
+
+/// Handshakes in flight: in all, and per source.
+#[derive(Default)]
+struct InFlight {
+    total: AtomicUsize,
+    /// At most [`HANDSHAKES_IN_FLIGHT_MAX`] entries: one per admitted handshake at
+    /// most, removed when its count is back to zero.
+    per_source: std::sync::Mutex<std::collections::HashMap<Source, usize>>,
+}
+
+impl InFlight {
+    fn from(&self, source: Source) -> usize {
+        let map = self
+            .per_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(&source).copied().unwrap_or(0)
     }
 }
 
@@ -927,21 +990,44 @@ fn handshake_counted(result: &'static str) {
     metrics::counter!("conclave_transport_handshakes_total", "result" => result).increment(1);
 }
 
-/// One handshake in flight, counted until dropped.
-struct HandshakeSlot(Arc<AtomicUsize>);
+/// One handshake in flight, counted (in all and for its source) until dropped.
+struct HandshakeSlot {
+    in_flight: Arc<InFlight>,
+    source: Source,
+}
 
 impl HandshakeSlot {
-    fn take(in_flight: &Arc<AtomicUsize>) -> Self {
-        in_flight.fetch_add(1, Ordering::SeqCst);
+    fn take(in_flight: &Arc<InFlight>, source: Source) -> Self {
+        in_flight.total.fetch_add(1, Ordering::SeqCst);
+        *in_flight
+            .per_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(source)
+            .or_default() += 1;
         metrics::gauge!("conclave_transport_handshakes_in_flight").increment(1.0);
-        Self(Arc::clone(in_flight))
+        Self {
+            in_flight: Arc::clone(in_flight),
+            source,
+        }
     }
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        let before = self.0.fetch_sub(1, Ordering::SeqCst);
+        let before = self.in_flight.total.fetch_sub(1, Ordering::SeqCst);
         debug_assert!(before > 0, "a slot is released once");
+        let mut map = self
+            .in_flight
+            .per_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.source);
+            }
+        }
         metrics::gauge!("conclave_transport_handshakes_in_flight").decrement(1.0);
     }
 }

@@ -707,3 +707,26 @@ async fn a_restarted_node_resets_the_connections_of_its_crashed_run() {
         .expect("the connection ends in time");
     assert!(matches!(error, ConnectionError::Reset), "{error}");
 }
+
+#[test]
+fn one_address_gets_at_most_its_share_of_handshakes_and_a_proven_one_its_own() {
+    use super::{admission, Admission};
+    const PER: usize = HANDSHAKES_PER_ADDRESS_MAX;
+    // A quiet node takes anyone.
+    assert_eq!(admission((0, 0), false, true), Admission::Admit);
+    // Past the threshold, an unproven address must prove itself; a proven one is taken.
+    let busy = HANDSHAKES_BEFORE_RETRY;
+    assert_eq!(admission((busy, 0), false, true), Admission::Retry);
+    assert_eq!(admission((busy, 0), true, true), Admission::Admit);
+    // One address at its share: unproven, a Retry; proven (its own share), dropped.
+    assert_eq!(admission((PER, PER), false, true), Admission::Retry);
+    let crowded = Admission::Drop("dropped_address");
+    assert_eq!(admission((PER, PER), true, false), crowded);
+    assert_eq!(admission((PER, PER - 1), true, false), Admission::Admit);
+    // Full: everyone is dropped.
+    let full = HANDSHAKES_IN_FLIGHT_MAX;
+    assert_eq!(
+        admission((full, 0), true, false),
+        Admission::Drop("dropped_busy")
+    );
+}

@@ -25,6 +25,9 @@ pub const ROOMS_PAGE_MAX: usize = 4_096;
 /// history is refused with a reason rather than queued past what an outbox holds.
 pub const BACKFILL_FRAMES_MAX: usize = 16_384;
 
+// A history is queued at once: it must fit one room's share of an outbox.
+const _: () = assert!(BACKFILL_FRAMES_MAX as u64 <= crate::outbox::OUTBOX_TAG_DEPTH_MAX);
+
 /// The most ciphertext bytes of history a new member node is sent in one
 /// invitation (the whole backfill is one transaction).
 pub const BACKFILL_BYTES_MAX: usize = 64 * 1024 * 1024;

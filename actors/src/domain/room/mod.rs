@@ -432,6 +432,9 @@ impl Room {
     ) -> bool {
         let retry = match (&outcome, asker) {
             (Outcome::Denied(Denial::Storage), _) => true,
+            // Not a refusal: the frame was committed before, and reached the
+            // sender's node then.
+            (Outcome::Denied(Denial::Duplicate { .. }), _) => false,
             // A local caller has its answer (this node writes nothing for it).
             (Outcome::Denied(_), Some(asker)) if asker.node != cx.node() => {
                 self.report_refusal(cx, asker, &outcome)

@@ -61,9 +61,18 @@ pub struct LmdbStore {
     map_size_bytes: usize,
     max_tables: u32,
     path: PathBuf,
+    /// The last [`Store::usage`] and when it was measured.
+    usage: Mutex<Option<(std::time::Instant, crate::Usage)>>,
 }
 
 const MAP_SIZE_GRANULE: usize = 64 * 1024;
+
+/// How long a measured usage is answered again before it is measured anew (it is
+/// asked before every frame), while the data is more than [`USAGE_MARGIN_BYTES`]
+/// away from the reserve: 100 ms of writes take far less.
+const USAGE_FRESH_MS: u64 = 100;
+/// Within this of the reserve, usage is measured every time it is asked.
+const USAGE_MARGIN_BYTES: u64 = 64 << 20;
 
 /// fsyncs a directory, so that entries created in it survive power loss.
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -126,6 +135,7 @@ impl LmdbStore {
             map_size_bytes,
             max_tables: opts.max_tables,
             path: dir.to_path_buf(),
+            usage: Mutex::new(None),
         };
         let existing = store.open_existing_tables()?;
         *store
@@ -214,6 +224,24 @@ impl LmdbStore {
         Ok(handles)
     }
 
+    /// The pages of every table and of LMDB's catalog, now.
+    fn measure_usage(&self) -> Result<crate::Usage> {
+        let read = self.read_txn()?;
+        let catalog = self.env.unnamed_database_stat();
+        let page_bytes = u64::from(catalog.page_size);
+        let mut pages = pages_of(&catalog);
+        for db in read.handles.values() {
+            let stat = db
+                .stat(&read.txn)
+                .map_err(self.err("read a table's size"))?;
+            pages = pages.saturating_add(pages_of(&stat));
+        }
+        Ok(crate::Usage {
+            used_bytes: pages.saturating_mul(page_bytes),
+            max_bytes: self.map_size_bytes as u64,
+        })
+    }
+
     fn lock_handles(&self) -> MutexGuard<'_, Handles> {
         self.handles.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -260,23 +288,22 @@ impl Store for LmdbStore {
         Ok(Box::new(self.read_txn()?))
     }
 
-    /// The pages of every table and of LMDB's catalog, as of now (pages freed but
-    /// not yet reused are not counted: LMDB reuses them first).
+    /// The pages of every table and of LMDB's catalog, as of at most
+    /// [`USAGE_FRESH_MS`] ago while far from full, else now (pages freed but not
+    /// yet reused are not counted: LMDB reuses them first).
     fn usage(&self) -> Result<Option<crate::Usage>> {
-        let read = self.read_txn()?;
-        let catalog = self.env.unnamed_database_stat();
-        let page_bytes = u64::from(catalog.page_size);
-        let mut pages = pages_of(&catalog);
-        for db in read.handles.values() {
-            let stat = db
-                .stat(&read.txn)
-                .map_err(self.err("read a table's size"))?;
-            pages = pages.saturating_add(pages_of(&stat));
+        let fresh = std::time::Duration::from_millis(USAGE_FRESH_MS);
+        let mut cached = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, usage)) = *cached {
+            let room = usage.max_bytes.saturating_sub(usage.reserve_bytes());
+            let far = usage.used_bytes.saturating_add(USAGE_MARGIN_BYTES) < room;
+            if far && at.elapsed() < fresh {
+                return Ok(Some(usage));
+            }
         }
-        Ok(Some(crate::Usage {
-            used_bytes: pages.saturating_mul(page_bytes),
-            max_bytes: self.map_size_bytes as u64,
-        }))
+        let usage = self.measure_usage()?;
+        *cached = Some((std::time::Instant::now(), usage));
+        Ok(Some(usage))
     }
 
     fn write(&self) -> Result<Box<dyn WriteTxn + '_>> {

@@ -1063,6 +1063,24 @@ fn lmdb_usage_follows_the_data_and_is_full_at_the_reserve() {
 }
 
 #[test]
+fn lmdb_usage_far_from_full_is_measured_at_most_every_100_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LmdbStore::open(dir.path(), small_lmdb()).unwrap();
+    let before = store.usage().unwrap().unwrap();
+    let value = vec![7u8; 64 << 10];
+    for i in 0..16u32 {
+        put(&store, "t", &[(&i.to_be_bytes(), &value)]);
+    }
+    assert_eq!(store.usage().unwrap().unwrap(), before, "answered again");
+    std::thread::sleep(std::time::Duration::from_millis(110));
+    let after = store.usage().unwrap().unwrap();
+    assert!(
+        after.used_bytes >= before.used_bytes + (1 << 20),
+        "{after:?}"
+    );
+}
+
+#[test]
 fn lmdb_too_many_tables_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let opts = LmdbOptions {

@@ -225,6 +225,13 @@ fn run_host(a: NodeId, b: NodeId) -> Outcome {
     });
     assert!(queued, "the arbiter runs");
     wait_until("the stop", || turns() == 3 && runtime.active_actors() == 0);
+    // The acknowledgement's batch may still be on its way to the store: writing
+    // beside it before it lands would race its outbox head.
+    let acked = || {
+        let txn = store.read().expect("read");
+        conclave_actors::outbox::depth(&*txn, b).ok() == Some(0)
+    };
+    wait_until("the acknowledgement is committed", acked);
     enqueue(store.as_ref(), b);
     runtime.tell(outbox, OutboxMsg::Kick).expect("accepted");
     wait_until("the second send", || turns() == 4);

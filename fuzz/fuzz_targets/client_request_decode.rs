@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         }
         ClientRequest::Keys { .. }
         | ClientRequest::Chain { .. }
+        | ClientRequest::Outcome { .. }
         | ClientRequest::Subscribe { .. }
         | ClientRequest::Whoami => {}
     }

@@ -440,6 +440,19 @@ impl Node {
         self.store().ok_or(ApiError::Route(RouteError::Stopped))
     }
 
+    /// Runs `read` on one read transaction, for `user` if they are an active user
+    /// of this node.
+    fn read_as<T>(
+        &self,
+        user: UserId,
+        read: impl FnOnce(&dyn conclave_storage::ReadTxn) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let store = self.open_store()?;
+        let txn = store.read_txn()?;
+        domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
+        read(&txn)
+    }
+
     /// Registers `user` as an admin of this node without an acting admin: the
     /// bootstrap, for the operator. [`Denial::Conflict`] if registered already.
     /// (For a node that is not running, see [`crate::admin::seed_admin_offline`].)
@@ -625,17 +638,16 @@ impl Carrier for Node {
         room: RoomId,
         from: u64,
     ) -> Result<Vec<SignedLink>, ApiError> {
-        let store = self.open_store()?;
-        let txn = store.read_txn()?;
-        domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
-        // Whoever is or was a member may read the chain (a removed member still
-        // verifies the keys of the epochs they were in).
-        if domain::state::rooms::visibility(&txn, user, room)?.is_none() {
-            return Err(ApiError::Denied(Denial::NotAMember));
-        }
-        let links = domain::state::rooms::links(&txn, room, from, CHAIN_LINKS_PER_CALL_MAX)?;
-        debug_assert!(links.len() <= CHAIN_LINKS_PER_CALL_MAX);
-        Ok(links)
+        self.read_as(user, |txn| {
+            // Whoever is or was a member may read the chain (a removed member still
+            // verifies the keys of the epochs they were in).
+            if domain::state::rooms::visibility(txn, user, room)?.is_none() {
+                return Err(ApiError::Denied(Denial::NotAMember));
+            }
+            let links = domain::state::rooms::links(txn, room, from, CHAIN_LINKS_PER_CALL_MAX)?;
+            debug_assert!(links.len() <= CHAIN_LINKS_PER_CALL_MAX);
+            Ok(links)
+        })
     }
 
     async fn sealed_keys(
@@ -644,10 +656,9 @@ impl Carrier for Node {
         room: RoomId,
         after: Epoch,
     ) -> Result<Vec<(Epoch, SealedKey)>, ApiError> {
-        let store = self.open_store()?;
-        let txn = store.read_txn()?;
-        domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
-        Ok(domain::state::keys::sealed_page(&txn, room, user, after)?)
+        self.read_as(user, |txn| {
+            Ok(domain::state::keys::sealed_page(txn, room, user, after)?)
+        })
     }
 
     async fn outcome(
@@ -656,10 +667,9 @@ impl Carrier for Node {
         room: RoomId,
         asked: Asked,
     ) -> Result<Option<Outcome>, ApiError> {
-        let store = self.open_store()?;
-        let txn = store.read_txn()?;
-        domain::state::registry::check_active(&txn, user).map_err(ApiError::Denied)?;
-        Ok(domain::state::outcomes::of(&txn, user, room, asked)?)
+        self.read_as(user, |txn| {
+            Ok(domain::state::outcomes::of(txn, user, room, asked)?)
+        })
     }
 
     async fn frames(

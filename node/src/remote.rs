@@ -120,6 +120,11 @@ fn rereadable(request: &ClientRequest) -> bool {
     )
 }
 
+/// A node's answer that does not fit what was asked.
+fn unexpected(other: ClientResponse) -> ApiError {
+    ApiError::Connection(format!("unexpected answer {other:?}"))
+}
+
 impl RemoteNode {
     /// Connects to the node at `addr` as `identity` and checks that the node
     /// accepts the user (refusals come back as [`ApiError::Denied`] with the node's
@@ -144,7 +149,7 @@ impl RemoteNode {
         };
         match remote.roundtrip(&ClientRequest::Whoami).await? {
             ClientResponse::Whoami { .. } => Ok(User::new(remote, identity.clone())),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -286,7 +291,7 @@ impl RemoteNode {
             ClientResponse::Outcome(outcome) => Ok(Some(outcome)),
             ClientResponse::Queued => Ok(None),
             ClientResponse::Refused(denial) => Ok(Some(Outcome::Denied(denial))),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 }
@@ -320,7 +325,7 @@ impl Carrier for RemoteNode {
                 links.len()
             ))),
             ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -334,7 +339,7 @@ impl Carrier for RemoteNode {
         match self.roundtrip(&ClientRequest::Keys { room, after }).await? {
             ClientResponse::Keys(keys) => Ok(keys),
             ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -351,7 +356,7 @@ impl Carrier for RemoteNode {
         {
             ClientResponse::Decided(decided) => Ok(decided),
             ClientResponse::Refused(denial) => Err(ApiError::Denied(denial)),
-            other => Err(ApiError::Connection(format!("unexpected answer {other:?}"))),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -424,9 +429,7 @@ impl RemoteFrames {
             Ok(ClientResponse::Started { .. }) => return Read::Again,
             Ok(ClientResponse::Ended) => None,
             Ok(ClientResponse::Refused(denial)) => Some(Err(ApiError::Denied(denial))),
-            Ok(other) => Some(Err(ApiError::Connection(format!(
-                "unexpected answer {other:?}"
-            )))),
+            Ok(other) => Some(Err(unexpected(other))),
             Err(_) if RemoteNode::died(link) => return Read::Resume,
             Err(e) => Some(Err(e)),
         };

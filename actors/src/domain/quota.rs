@@ -53,6 +53,17 @@ struct Bucket {
     at: Time,
 }
 
+/// `bucket` as of `now`: refilled at `quota`'s rates for the time since, up to
+/// `full`.
+fn refilled(quota: PublishQuota, bucket: Bucket, full: Bucket, now: Time) -> Bucket {
+    let elapsed = now.saturating_since(bucket.at).as_micros();
+    Bucket {
+        frames: (bucket.frames + elapsed * u128::from(quota.frames_per_s)).min(full.frames),
+        bytes: (bucket.bytes + elapsed * u128::from(quota.bytes_per_s)).min(full.bytes),
+        at: now.max(bucket.at),
+    }
+}
+
 /// Every user's buckets.
 #[derive(Debug, Default)]
 pub(crate) struct Quotas {
@@ -82,14 +93,7 @@ impl Quotas {
 
     /// The bucket of a user as of `now`: refilled for the time since, up to full.
     fn level(&self, bucket: Bucket, now: Time) -> Bucket {
-        let full = self.full(now);
-        let elapsed = now.saturating_since(bucket.at).as_micros();
-        Bucket {
-            frames: (bucket.frames + elapsed * u128::from(self.quota.frames_per_s))
-                .min(full.frames),
-            bytes: (bucket.bytes + elapsed * u128::from(self.quota.bytes_per_s)).min(full.bytes),
-            at: now.max(bucket.at),
-        }
+        refilled(self.quota, bucket, self.full(now), now)
     }
 
     /// Takes one frame of `bytes` from `user`'s buckets at `now`, or says which
@@ -118,16 +122,11 @@ impl Quotas {
     /// Forgets the buckets that are full again.
     fn forget_full(&mut self, now: Time) {
         let full = self.full(now);
-        let levels: Vec<(UserId, Bucket)> = self
-            .buckets
-            .iter()
-            .map(|(u, b)| (*u, self.level(*b, now)))
-            .collect();
-        for (user, level) in levels {
-            if level.frames >= full.frames && level.bytes >= full.bytes {
-                self.buckets.remove(&user);
-            }
-        }
+        let quota = self.quota;
+        self.buckets.retain(|_, b| {
+            let level = refilled(quota, *b, full, now);
+            level.frames < full.frames || level.bytes < full.bytes
+        });
     }
 }
 

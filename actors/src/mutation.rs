@@ -62,11 +62,18 @@ pub enum Mutation {
     /// membership change's outcome) decided while that node is unreachable, or
     /// after its caller stopped waiting, is never reported.
     VolatileReplies,
+    /// A new member node's pull of the history does not end at the removal of
+    /// its last member: it goes on to the room's head, so the node is sent frames
+    /// sequenced after its users left.
+    HistoryPastRemoval,
+    /// A room's home sends live frames to a member node still catching up on
+    /// the history, so they arrive before frames they follow.
+    LiveBeforeCaughtUp,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 13] = [
+    pub const ALL: [Mutation; 15] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -80,6 +87,8 @@ impl Mutation {
         Mutation::OutboxSendsUncommitted,
         Mutation::IgnoreStreams,
         Mutation::VolatileReplies,
+        Mutation::HistoryPastRemoval,
+        Mutation::LiveBeforeCaughtUp,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -98,6 +107,8 @@ impl Mutation {
             Mutation::OutboxSendsUncommitted => "outbox_sends_uncommitted",
             Mutation::IgnoreStreams => "ignore_streams",
             Mutation::VolatileReplies => "volatile_replies",
+            Mutation::HistoryPastRemoval => "history_past_removal",
+            Mutation::LiveBeforeCaughtUp => "live_before_caught_up",
         }
     }
 

@@ -34,11 +34,10 @@ use crate::ids::{NodeId, Seq};
 pub const OUTBOX_DEPTH_MAX: u64 = 65_536;
 
 /// How many unacknowledged messages of one tag (for the domain: one room) one
-/// destination's outbox may hold: a quarter of it, so that what one room queues
+/// destination's outbox may hold: an eighth of it, so that what one room queues
 /// towards a node that is away or slow cannot take the outbox every room shares.
-/// (A quarter, not less: a new member node's history, up to
-/// [`crate::domain::state::rooms::BACKFILL_FRAMES_MAX`] frames, is queued at once.)
-pub const OUTBOX_TAG_DEPTH_MAX: u64 = OUTBOX_DEPTH_MAX / 4;
+/// (A new member node's history is queued a page at a time, as it asks.)
+pub const OUTBOX_TAG_DEPTH_MAX: u64 = OUTBOX_DEPTH_MAX / 8;
 
 /// What a message counts against (see [`OUTBOX_TAG_DEPTH_MAX`]).
 pub type Tag = [u8; 16];

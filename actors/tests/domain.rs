@@ -186,32 +186,180 @@ fn history_visibility_follows_the_room_policy() {
     }
 }
 
-/// A new member node is sent the whole history its new member may read, however
-/// many pages the home reads it in (more frames than one page).
+/// A new member node pulls the whole history its new member may read, page after
+/// page, and gets no live frame before the history's end: it holds a gapless
+/// prefix of the room at every moment, however long the history.
 #[test]
-fn a_new_member_node_gets_a_history_longer_than_one_page() {
+fn a_new_member_node_pulls_a_long_history_in_order_while_the_room_goes_on() {
+    use conclave_actors::domain::state::rooms::{self, BACKFILL_PAGE_FRAMES};
     let mut w = world(4);
     let policy = Policy {
         persist: true,
         history: History::FromEpoch,
     };
-    let room = w.c.create_room(0, &w.alice.clone(), policy);
-    let frames = conclave_actors::domain::state::rooms::BACKFILL_PAGE_FRAMES as u64 + 4;
-    for i in 0..frames {
-        w.c.publish(0, &w.alice.clone(), room, format!("m{i}").as_bytes());
+    let (alice, carol) = (w.alice.clone(), w.carol.clone());
+    let room = w.c.create_room(0, &alice, policy);
+    let history = 2 * BACKFILL_PAGE_FRAMES as u64 + 4;
+    for i in 0..history {
+        w.c.publish(0, &alice, room, format!("m{i}").as_bytes());
         if i % 64 == 63 {
             w.c.settle();
         }
     }
     w.c.settle();
-    let carol = w.carol.clone();
-    assert_eq!(
-        w.c.invite(0, &w.alice.clone(), room, &carol, 2, RoomRole::Member),
-        Outcome::Done
-    );
+    // The invitation, then at once more frames: the room goes on while node 2
+    // catches up.
+    let chain = w.c.chain(0, room);
+    let keys = w.c.keys(0, &alice, room);
+    let invitee = Invitee {
+        user: carol.public(),
+        home: w.c.id(2),
+        role: RoomRole::Member,
+    };
+    let op = client::invite(w.c.rng(), &alice, &chain, &keys[&chain.epoch], invitee).unwrap();
+    let invite = w.c.request(0, &alice, op);
+    let live = 40;
+    for i in 0..live {
+        w.c.publish(0, &alice, room, format!("live {i}").as_bytes());
+    }
+    // Two virtual seconds, looked at every 5 ms.
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        w.c.run_for(Duration::from_millis(5));
+        let txn = w.c.nodes[2].store.read().unwrap();
+        let stored = rooms::frames(&*txn, room, Seq(1), 4_096).unwrap();
+        let seqs: Vec<u64> = stored.iter().map(|(s, _)| s.0).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "a gap");
+        held.push(seqs.len());
+    }
     w.c.settle();
+    assert_eq!(w.c.outcome(0, invite), Some(Outcome::Done));
     let seen: Vec<u64> = w.c.read(2, &carol, room).iter().map(|(s, _)| s.0).collect();
-    assert_eq!(seen, (1..=frames).collect::<Vec<_>>());
+    assert_eq!(seen, (1..=history + live).collect::<Vec<_>>());
+    // It was seen part way (the last page and the frames published meanwhile
+    // were still to come).
+    held.dedup();
+    assert!(held.len() >= 2, "{held:?}");
+    let txn = w.c.nodes[0].store.read().unwrap();
+    assert!(rooms::catch_ups(&*txn, room, w.c.id(2)).unwrap().is_empty());
+}
+
+/// Node 0's room (persisted, history from the epoch) with `history` frames by
+/// alice, and carol of node 2 invited: her node is sent the history a frame a
+/// page, and its requests for more stop reaching node 0 (the link from node 2 to
+/// node 0 is cut until the caller heals it), so it is still catching up.
+fn a_room_node_2_catches_up_on(seed: u64, history: u64) -> (World, RoomId) {
+    use conclave_actors::domain::state::rooms;
+    let config = conclave_actors::domain::DomainConfig {
+        history_page_frames: 1,
+        ..Default::default()
+    };
+    let mut w = world_with(seed, config);
+    let policy = Policy {
+        persist: true,
+        history: History::FromEpoch,
+    };
+    let alice = w.alice.clone();
+    let room = w.c.create_room(0, &alice, policy);
+    for i in 0..history {
+        w.c.publish(0, &alice, room, format!("m{i}").as_bytes());
+    }
+    w.c.settle();
+    let chain = w.c.chain(0, room);
+    let keys = w.c.keys(0, &alice, room);
+    let invitee = Invitee {
+        user: w.carol.public(),
+        home: w.c.id(2),
+        role: RoomRole::Member,
+    };
+    let op = client::invite(w.c.rng(), &alice, &chain, &keys[&chain.epoch], invitee).unwrap();
+    let invite = w.c.request(0, &alice, op);
+    while w.c.outcome(0, invite).is_none() {
+        w.c.run_for(Duration::from_millis(1));
+    }
+    w.c.cut_link(2, 0, true);
+    assert_eq!(w.c.outcome(0, invite), Some(Outcome::Done));
+    let txn = w.c.nodes[0].store.read().unwrap();
+    assert!(!rooms::catch_ups(&*txn, room, w.c.id(2)).unwrap().is_empty());
+    drop(txn);
+    (w, room)
+}
+
+/// The sequence numbers of the frames node `i` holds of `room`.
+fn held(w: &World, i: usize, room: RoomId) -> Vec<u64> {
+    let txn = w.c.nodes[i].store.read().unwrap();
+    let frames = conclave_actors::domain::state::rooms::frames(&*txn, room, Seq(1), 4_096);
+    frames.unwrap().iter().map(|(s, _)| s.0).collect()
+}
+
+/// A node catching up on the history is sent frames of epochs before the room's
+/// current one and of members removed since: it checks each against the epoch
+/// and the membership at its sequence number, not today's. The removal of its
+/// last member ends what it is owed there: all before it, nothing after.
+#[test]
+fn a_node_catching_up_across_a_rekey_and_its_members_removal_gets_all_before_and_nothing_after() {
+    use conclave_actors::domain::state::rooms::{self, CatchUp};
+    let (mut w, room) = a_room_node_2_catches_up_on(5, 12);
+    let (alice, carol) = (w.alice.clone(), w.carol.clone());
+    assert_eq!(w.c.rekey(0, &alice, room), Outcome::Done);
+    for i in 0..3 {
+        w.c.publish(0, &alice, room, format!("epoch 2: {i}").as_bytes());
+    }
+    assert_eq!(w.c.remove(0, &alice, room, carol.user_id()), Outcome::Done);
+    let txn = w.c.nodes[0].store.read().unwrap();
+    let owed = rooms::catch_ups(&*txn, room, w.c.id(2)).unwrap();
+    drop(txn);
+    assert!(
+        matches!(
+            owed[..],
+            [CatchUp {
+                until: Some(Seq(16)),
+                ..
+            }]
+        ),
+        "frames 1 to 15 came before the removal: {owed:?}"
+    );
+    for i in 0..2 {
+        w.c.publish(0, &alice, room, format!("epoch 3: {i}").as_bytes());
+    }
+    w.c.cut_link(2, 0, false);
+    w.c.settle();
+    assert_eq!(held(&w, 2, room), (1..=15).collect::<Vec<_>>());
+    let read: Vec<u64> = w.c.read(2, &carol, room).iter().map(|(s, _)| s.0).collect();
+    assert_eq!(read, (1..=15).collect::<Vec<_>>());
+    let txn = w.c.nodes[0].store.read().unwrap();
+    assert!(rooms::catch_ups(&*txn, room, w.c.id(2)).unwrap().is_empty());
+}
+
+/// A node whose member is removed and invited again before it caught up is owed
+/// two stretches of the history: it gets the first to the removal, then the
+/// second, each frame once, in order, with no gap between what it may hold.
+#[test]
+fn a_node_invited_again_before_it_caught_up_gets_both_stretches_in_order() {
+    use conclave_actors::domain::state::rooms;
+    let (mut w, room) = a_room_node_2_catches_up_on(6, 10);
+    let (alice, carol) = (w.alice.clone(), w.carol.clone());
+    assert_eq!(w.c.remove(0, &alice, room, carol.user_id()), Outcome::Done);
+    for i in 0..3 {
+        w.c.publish(0, &alice, room, format!("while away {i}").as_bytes());
+    }
+    let invited = w.c.invite(0, &alice, room, &carol, 2, RoomRole::Member);
+    assert_eq!(invited, Outcome::Done);
+    let txn = w.c.nodes[0].store.read().unwrap();
+    assert_eq!(rooms::catch_ups(&*txn, room, w.c.id(2)).unwrap().len(), 2);
+    drop(txn);
+    for i in 0..2 {
+        w.c.publish(0, &alice, room, format!("back {i}").as_bytes());
+    }
+    w.c.cut_link(2, 0, false);
+    w.c.settle();
+    // The removal started epoch 2 at frame 11, which the second invitation
+    // reads from (history from the epoch).
+    assert_eq!(held(&w, 2, room), (1..=15).collect::<Vec<_>>());
+    let read: Vec<u64> = w.c.read(2, &carol, room).iter().map(|(s, _)| s.0).collect();
+    assert_eq!(read, (11..=15).collect::<Vec<_>>());
+    let txn = w.c.nodes[0].store.read().unwrap();
+    assert!(rooms::catch_ups(&*txn, room, w.c.id(2)).unwrap().is_empty());
 }
 
 #[test]

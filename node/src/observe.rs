@@ -134,6 +134,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Room updates (and late outcomes) from a room's home refused, by reason.",
     ),
     (
+        "conclave_history_pages_refused_total",
+        "Requests of a member node for the next page of a room's history not answered, by reason (full outboxes and store failures are asked again).",
+    ),
+    (
         "conclave_outcomes_unreported_total",
         "Decisions on forwarded requests whose word for the asking node could not be queued (the request is offered again), by reason.",
     ),

@@ -281,14 +281,26 @@ fn draw_release_delay(seed: u64) -> Duration {
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
-/// before revocations were drawn: a third of the seeds revoke users.
-/// Drawn from a stream of its own, so that every other option stays what it was
 /// before streams had incarnations: a quarter of the seeds with two nodes or more.
 fn draw_reborn(seed: u64, nodes: usize) -> bool {
     let mut rng = derive_rng(seed, 0, "reborn");
     nodes >= 2 && between(&mut rng, 0, 3) == 0
 }
 
+/// Drawn from a stream of its own, so that every other option stays what it was
+/// before new member nodes pulled their history: half the seeds send it in pages
+/// of 1 to 8 frames, so that catching up takes many pages, under the faults.
+fn draw_history_page(seed: u64) -> usize {
+    let mut rng = derive_rng(seed, 0, "history_page");
+    if coin(&mut rng) {
+        between(&mut rng, 1, 8) as usize
+    } else {
+        conclave_actors::domain::state::rooms::BACKFILL_PAGE_FRAMES
+    }
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
+/// before revocations were drawn: a third of the seeds revoke users.
 fn draw_revocations(seed: u64) -> bool {
     let mut rng = derive_rng(seed, 0, "revocations");
     between(&mut rng, 0, 2) == 0
@@ -331,7 +343,8 @@ impl Options {
         let clock_offsets_ms = draw_clocks(&mut rng, nodes);
         let (users_per_node, rooms, step_every, chaos, weights, stale_publish_ppm) =
             draw_workload(&mut rng);
-        let domain = draw_domain(&mut rng);
+        let mut domain = draw_domain(&mut rng);
+        domain.history_page_frames = draw_history_page(seed);
         let options = Options {
             seed,
             nodes,
@@ -495,8 +508,8 @@ impl Options {
         )?;
         writeln!(
             f,
-            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}, an epoch carries at most {} frames",
-            self.domain.retry_base, self.domain.retry_max, self.domain.idle, self.domain.epoch_frames_max
+            "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}, an epoch carries at most {} frames, history pages of {} frames",
+            self.domain.retry_base, self.domain.retry_max, self.domain.idle, self.domain.epoch_frames_max, self.domain.history_page_frames
         )?;
         Ok(())
     }

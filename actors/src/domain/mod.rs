@@ -663,6 +663,10 @@ pub struct DomainConfig {
     /// What one user may publish per second through their node (refused with
     /// [`Denial::Limit`] past it).
     pub publish_quota: quota::PublishQuota,
+    /// How many frames of history one page to a new member node holds (at most
+    /// [`state::rooms::BACKFILL_PAGE_FRAMES`]; the simulator draws small pages so
+    /// that catching up takes many).
+    pub history_page_frames: usize,
 }
 
 /// An outbox's first resend delay, by default.
@@ -684,6 +688,7 @@ impl Default for DomainConfig {
             idle: Duration::from_millis(IDLE_MS),
             epoch_frames_max: EPOCH_FRAMES_MAX,
             publish_quota: quota::PublishQuota::default(),
+            history_page_frames: state::rooms::BACKFILL_PAGE_FRAMES,
         }
     }
 }

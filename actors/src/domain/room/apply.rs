@@ -166,7 +166,7 @@ pub(super) fn fan_out(
     txn: &mut dyn WriteTxn,
     room: RoomId,
     me: NodeId,
-    now: Time,
+    (now, page): (Time, usize),
     event: &Event,
 ) -> Result<BTreeSet<NodeId>, Denial> {
     match event {
@@ -174,15 +174,22 @@ pub(super) fn fan_out(
         Event::Created { .. } => Ok(BTreeSet::new()),
         Event::Invited {
             meta, member, key, ..
-        } => fan_out_invited(txn, room, me, now, meta, member, key),
+        } => {
+            let new = (member, key);
+            fan_out_invited(txn, room, me, (now, page), meta, new)
+        }
         Event::Removed {
             meta,
             removed,
             bundle,
             ..
-        } => fan_out_epoch(txn, room, me, meta, Some(removed), bundle),
+        } => {
+            end_owed(txn, room, removed.home, meta.next_seq)?;
+            fan_out_epoch(txn, room, me, meta, Some(removed), bundle)
+        }
         Event::Rekeyed { meta, bundle, .. } => fan_out_epoch(txn, room, me, meta, None, bundle),
         Event::Evicted { meta, removed, .. } => {
+            end_owed(txn, room, removed.home, meta.next_seq)?;
             let nodes = snapshot(txn, room, me, meta, Some(removed.home))?;
             for &node in &nodes {
                 chain_to(txn, room, node, None)?;
@@ -195,7 +202,14 @@ pub(super) fn fan_out(
             committed,
             ..
         } => {
-            let mut nodes = member_nodes(&rooms::members(&*txn, room)?, me);
+            let mut nodes = BTreeSet::new();
+            for node in member_nodes(&rooms::members(&*txn, room)?, me) {
+                // A node catching up on the history gets this frame in its turn.
+                let live = mutation::active(Mutation::LiveBeforeCaughtUp);
+                if live || rooms::catch_ups(&*txn, room, node)?.is_empty() {
+                    nodes.insert(node);
+                }
+            }
             if mutation::active(Mutation::FanoutToRemoved) {
                 // Mutation: frames still go to the nodes of removed members.
                 nodes.extend(rooms::mutation_removed(&*txn, room)?);
@@ -220,10 +234,9 @@ fn fan_out_invited(
     txn: &mut dyn WriteTxn,
     room: RoomId,
     me: NodeId,
-    now: Time,
+    at: (Time, usize),
     meta: &rooms::RoomMeta,
-    member: &RoomMember,
-    key: &SealedKey,
+    (member, key): (&RoomMember, &SealedKey),
 ) -> Result<BTreeSet<NodeId>, Denial> {
     let nodes = snapshot(txn, room, me, meta, None)?;
     let members = rooms::members(&*txn, room)?;
@@ -253,7 +266,8 @@ fn fan_out_invited(
         },
     )?;
     if new_node {
-        backfill(txn, room, meta, member, now)?;
+        let from = kept_from(meta, member.since);
+        owe_history(txn, room, member.home, from, at)?;
     }
     Ok(nodes)
 }
@@ -350,46 +364,106 @@ fn snapshot(
     Ok(nodes)
 }
 
-/// Sends a new member node the history its new member may read, read in pages so
-/// that memory stays bounded; a history past [`rooms::BACKFILL_FRAMES_MAX`] frames
-/// or [`rooms::BACKFILL_BYTES_MAX`] bytes is refused with a reason (nothing is
-/// written: the caller's transaction is dropped).
-fn backfill(
+/// Owes new member node `node` the history from `from` on: its first page at
+/// once, or, if the node is still owed history of earlier memberships (it asks
+/// for that already), after it.
+fn owe_history(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    meta: &rooms::RoomMeta,
-    member: &RoomMember,
-    now: Time,
+    node: NodeId,
+    from: Seq,
+    (now, page): (Time, usize),
 ) -> Result<(), Denial> {
-    let (mut next, mut frames_total, mut bytes_total) = (kept_from(meta, member.since), 0, 0);
-    loop {
-        let page = rooms::frames(&*txn, room, next, rooms::BACKFILL_PAGE_FRAMES)?;
-        let full = page.len() == rooms::BACKFILL_PAGE_FRAMES;
-        for (seq, frame) in page {
-            frames_total += 1;
-            bytes_total += frame.ciphertext.len();
-            if frames_total > rooms::BACKFILL_FRAMES_MAX || bytes_total > rooms::BACKFILL_BYTES_MAX
-            {
-                return Err(Denial::Limit {
-                    what: format!(
-                        "the history a new member node would be sent exceeds {} frames or {} bytes",
-                        rooms::BACKFILL_FRAMES_MAX,
-                        rooms::BACKFILL_BYTES_MAX
-                    ),
-                });
-            }
-            next = Seq(seq.0.saturating_add(1));
-            let update = Update::Frame {
-                seq,
-                frame,
-                committed: now,
-            };
-            send(txn, room, member.home, update)?;
+    let owed = rooms::catch_ups(&*txn, room, node)?;
+    debug_assert!(
+        owed.iter().all(|s| s.until.is_some()),
+        "a node new to the room has no member whose history runs on"
+    );
+    if owed.len() >= rooms::CATCH_UPS_MAX {
+        return Err(Denial::Limit {
+            what: format!(
+                "node {node} is still owed {} stretches of room {room}'s history",
+                rooms::CATCH_UPS_MAX
+            ),
+        });
+    }
+    // What it is owed already it gets once.
+    let next = owed.iter().filter_map(|s| s.until).fold(from, Seq::max);
+    let stretch = rooms::CatchUp { next, until: None };
+    if owed.is_empty() {
+        send_page(txn, room, node, stretch, (now, page))
+    } else {
+        Ok(rooms::put_catch_up(txn, room, node, stretch)?)
+    }
+}
+
+/// The last member of `node` left the room before `until`: the history it is
+/// still owed ends there (nothing after a removal reaches the removed).
+fn end_owed(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId, until: Seq) -> Result<(), Denial> {
+    let hosts_members = rooms::members(&*txn, room)?.iter().any(|m| m.home == node);
+    if hosts_members || mutation::active(Mutation::HistoryPastRemoval) {
+        return Ok(());
+    }
+    for stretch in rooms::catch_ups(&*txn, room, node)? {
+        if stretch.until.is_some() {
+            continue;
         }
-        if !full {
-            return Ok(());
+        rooms::delete_catch_up(txn, room, node, stretch.next)?;
+        if stretch.next < until {
+            let ended = rooms::CatchUp {
+                until: Some(until),
+                ..stretch
+            };
+            rooms::put_catch_up(txn, room, node, ended)?;
         }
     }
+    Ok(())
+}
+
+/// Sends `node` the next page of a stretch of history it is owed: at most `page`
+/// frames ([`rooms::BACKFILL_PAGE_FRAMES`] by default), ending at the frame that
+/// passes [`rooms::BACKFILL_PAGE_BYTES`] or at the stretch's end. While it is owed
+/// more, the node is asked to ask for the next page ([`Update::More`]) and gets no
+/// live frame, so its frames arrive in order; once it is owed nothing, it is live.
+pub(super) fn send_page(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    node: NodeId,
+    stretch: rooms::CatchUp,
+    (now, page): (Time, usize),
+) -> Result<(), Denial> {
+    rooms::delete_catch_up(txn, room, node, stretch.next)?;
+    let frames_max = page.clamp(1, rooms::BACKFILL_PAGE_FRAMES);
+    let end = stretch.until.unwrap_or(Seq(u64::MAX));
+    let frames = rooms::frames(&*txn, room, stretch.next, frames_max)?;
+    // Fewer than asked for: the room holds no more.
+    let mut ended = frames.len() < frames_max;
+    let (mut next, mut bytes) = (stretch.next, 0usize);
+    for (seq, frame) in frames {
+        if seq >= end || bytes >= rooms::BACKFILL_PAGE_BYTES {
+            ended = seq >= end;
+            break;
+        }
+        bytes = bytes.saturating_add(frame.ciphertext.len());
+        next = Seq(seq.0.saturating_add(1));
+        let update = Update::Frame {
+            seq,
+            frame,
+            committed: now,
+        };
+        send(txn, room, node, update)?;
+    }
+    let following = if ended || next >= end {
+        rooms::catch_ups(&*txn, room, node)?.first().copied()
+    } else {
+        let rest = rooms::CatchUp { next, ..stretch };
+        rooms::put_catch_up(txn, room, node, rest)?;
+        Some(rest)
+    };
+    if let Some(owed) = following {
+        send(txn, room, node, Update::More { next: owed.next })?;
+    }
+    Ok(())
 }
 
 /// The first sequence number still kept from `since` on.

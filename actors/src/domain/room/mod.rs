@@ -82,6 +82,12 @@ pub enum Update {
         /// When the sequencer committed it (for the commit-to-deliver latency).
         committed: Time,
     },
+    /// The room's history continues at `next`: ask for it
+    /// ([`RoomMsg::MoreHistory`]). Until then the node gets no live frame.
+    More {
+        /// The next frame's sequence number.
+        next: Seq,
+    },
 }
 
 /// The most chain links one [`Update::Chain`] carries (a link is at most a few
@@ -222,6 +228,12 @@ pub enum RoomMsg {
         /// The decision: [`Outcome::Done`] or [`Outcome::Denied`].
         outcome: Outcome,
     },
+    /// To a room's home, from a member node catching up on the history (after
+    /// [`Update::More`]): the next page, from `from` on.
+    MoreHistory {
+        /// Where the page starts (what the home said the history continues at).
+        from: Seq,
+    },
     /// The idle check (a timer).
     Tick,
     /// From this node's peer actor (never from another node): consecutive messages
@@ -257,6 +269,8 @@ pub struct Room {
     signer: Option<Identity>,
     /// How many frames an epoch key may encrypt.
     epoch_frames_max: u64,
+    /// How many frames of history one page to a new member node holds.
+    history_page_frames: usize,
 }
 
 impl Room {
@@ -276,6 +290,7 @@ impl Room {
             volatile_next: None,
             signer,
             epoch_frames_max: config.epoch_frames_max,
+            history_page_frames: config.history_page_frames,
         }
     }
 }
@@ -394,6 +409,15 @@ impl Room {
                 let result = self.update(update, from, cx);
                 self.settle_update(from, result)
             }
+            RoomMsg::MoreHistory { from: next } => match self.more_history(next, from, cx) {
+                Ok(()) => false,
+                Err(denial) => {
+                    tracing::warn!(room = ?self.room, node = %from, reason = denial.reason(), %denial, "history page not sent");
+                    metrics::counter!("conclave_history_pages_refused_total", "reason" => denial.reason())
+                        .increment(1);
+                    matches!(denial, Denial::Storage | Denial::OutboxFull { .. })
+                }
+            },
         };
         self.busy = true;
         retry
@@ -415,7 +439,12 @@ impl Room {
         tracing::warn!(room = ?self.room, ?from, reason = error.reason(), %error, "update from the room's home refused");
         metrics::counter!("conclave_updates_rejected_total", "reason" => error.reason())
             .increment(1);
-        matches!(error, UpdateError::Storage(_) | UpdateError::StoreFull)
+        matches!(
+            error,
+            UpdateError::Storage(_)
+                | UpdateError::StoreFull
+                | UpdateError::Unqueued(Denial::Storage | Denial::OutboxFull { .. })
+        )
     }
 
     /// Replies with `outcome` and, for a refusal `asker` must learn, queues it
@@ -687,7 +716,8 @@ impl Room {
     ) -> Result<Outcome, Denial> {
         let me = cx.node();
         apply::apply(&mut *txn, self.room, me, &event)?;
-        let mut nodes = apply::fan_out(&mut *txn, self.room, me, cx.now(), &event)?;
+        let at = (cx.now(), self.history_page_frames);
+        let mut nodes = apply::fan_out(&mut *txn, self.room, me, at, &event)?;
         if let Some(asker) = asker {
             if self.report(&mut *txn, me, asker, &event.outcome())? {
                 nodes.insert(asker.node);
@@ -709,6 +739,36 @@ impl Room {
         Ok(event.outcome())
     }
 
+    /// On the room's home: sends member node `node` the next page of the history
+    /// it is owed, from `next` (where the home said it goes on). A request
+    /// answered already (handed over again), or for history no longer owed (the
+    /// node's members were removed before it got there), is done with.
+    fn more_history<S: System<Msg = Msg>>(
+        &mut self,
+        next: Seq,
+        node: NodeId,
+        cx: &mut Context<'_, S>,
+    ) -> Result<(), Denial> {
+        let me = cx.node();
+        let mut txn = cx.store().write()?;
+        let meta = rooms::meta(&*txn, self.room)?
+            .ok_or_else(|| Denial::not_found(format!("room {}", self.room)))?;
+        if meta.sequencer() != me || node == me {
+            return Err(Denial::malformed(
+                "history asked of a node that is not the room's home",
+            ));
+        }
+        let owed = rooms::catch_ups(&*txn, self.room, node)?;
+        let Some(stretch) = owed.first().filter(|s| s.next == next).copied() else {
+            return Ok(());
+        };
+        let at = (cx.now(), self.history_page_frames);
+        apply::send_page(&mut *txn, self.room, node, stretch, at)?;
+        txn.commit()?;
+        cx.send(outbox_of(me, node), super::OutboxMsg::Kick);
+        Ok(())
+    }
+
     /// Applies an update from the room's sequencer to this node's copy.
     fn update<S: System<Msg = Msg>>(
         &mut self,
@@ -723,6 +783,7 @@ impl Room {
             now: cx.now(),
         };
         let snapshot = matches!(update, Update::Members { .. });
+        let asks = matches!(update, Update::More { .. });
         if matches!(update, Update::Frame { .. }) {
             // Offered again later: the home's outbox holds it meanwhile.
             if let Err(Denial::StoreFull { .. }) = super::room_for_more(cx.store()) {
@@ -732,6 +793,9 @@ impl Room {
         let mut txn = cx.store().write()?;
         replica::apply(&mut *txn, &at, update)?;
         txn.commit()?;
+        if asks {
+            cx.send(outbox_of(at.me, from), super::OutboxMsg::Kick);
+        }
         cx.send(gateway_of(at.me), ClientMsg::Changed { room: self.room });
         if snapshot {
             self.evict_revoked_locals(cx)?;

@@ -15,7 +15,7 @@ use crate::crypto::{verify_frame, verify_sealed_key, Frame, SealedKey};
 use crate::domain::chain::{ChainState, Change, SignedLink};
 use crate::domain::state::rooms::{RoomMeta, Visibility};
 use crate::domain::state::{keys, registry, rooms};
-use crate::domain::{Denial, RoomMember, ROOM_MEMBERS_MAX};
+use crate::domain::{enqueue, room_of, Deliverable, Denial, RoomMember, ROOM_MEMBERS_MAX};
 use crate::identity::check_binding;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
@@ -48,10 +48,11 @@ pub enum UpdateError {
     /// A frame naming another room.
     #[error("a frame of another room")]
     WrongRoom,
-    /// A frame of another epoch than the room's current one.
-    #[error("a frame of epoch {got}, the room is at epoch {current}", got = .got.0, current = .current.0)]
+    /// A frame of another epoch than the one in force at its sequence number (the
+    /// room's current one, for a live frame).
+    #[error("a frame of epoch {got} where the room was at epoch {current}", got = .got.0, current = .current.0)]
     StaleEpoch {
-        /// The room's epoch here.
+        /// The room's epoch at the frame's sequence number.
         current: Epoch,
         /// The frame's.
         got: Epoch,
@@ -68,6 +69,10 @@ pub enum UpdateError {
     /// The store reaches into its reserve: the frame is offered again later.
     #[error("the store is full")]
     StoreFull,
+    /// The request for the history's next page could not be queued for the home
+    /// (offered again later when the outbox is full or the store failed).
+    #[error("the request for more history was not queued: {0}")]
+    Unqueued(Denial),
 }
 
 impl UpdateError {
@@ -85,6 +90,7 @@ impl UpdateError {
             UpdateError::BadSignature => "bad_signature",
             UpdateError::Storage(_) => "storage",
             UpdateError::StoreFull => "store_full",
+            UpdateError::Unqueued(denial) => denial.reason(),
         }
     }
 }
@@ -130,6 +136,11 @@ pub(super) fn apply(txn: &mut dyn WriteTxn, at: &Copy, update: Update) -> Result
         Update::Chain { from, links } => {
             known.ok_or(UpdateError::UnknownRoom)?;
             store_links(txn, at.room, from, &links)
+        }
+        Update::More { next } => {
+            known.ok_or(UpdateError::UnknownRoom)?;
+            let ask = Deliverable::Room(super::RoomMsg::MoreHistory { from: next });
+            enqueue(txn, room_of(at.from, at.room), ask).map_err(UpdateError::Unqueued)
         }
     }
 }
@@ -267,6 +278,7 @@ fn snapshot(
         }
     }
     replace_members(txn, at, &meta, members)?;
+    rooms::put_epoch_start(txn, at.room, meta.epoch_start, meta.epoch)?;
     rooms::put_meta(txn, at.room, &meta)?;
     Ok(())
 }
@@ -281,6 +293,9 @@ fn replace_members(
     for m in &old {
         rooms::delete_member(txn, at.room, m.user)?;
         let still = members.iter().any(|n| n.user == m.user);
+        if !still {
+            rooms::put_former(txn, at.room, m.user, meta.next_seq)?;
+        }
         if m.home == at.me && !still {
             let ended = Visibility {
                 from: m.since,
@@ -351,16 +366,36 @@ fn check_key(
     Ok(verify_sealed_key(key, &exchange, room, epoch).map_err(super::decide::seal_error))
 }
 
-/// Whether `frame` (of the current epoch) is from a member evicted during it: an
-/// eviction keeps the epoch until a member rekeys, so a node that joins meanwhile
-/// is sent, as history, frames of a sender who is no longer a member. (A removal
+/// Whether `frame`, at `seq`, is from someone who was a member when it was
+/// sequenced. A node catching up on the history is sent frames of senders removed
+/// since (this node saw them removed), and of senders evicted before it joined:
+/// an eviction keeps the epoch until a member rekeys, so their frames may be of
+/// the current epoch while a rekey is due, or of an earlier one. (A removal
 /// starts a new epoch, so no removed member's frame is of the current one.)
-fn evicted_in_epoch(
+fn sent_by_member(
     txn: &dyn conclave_storage::ReadTxn,
     meta: &RoomMeta,
+    seq: Seq,
     frame: &Frame,
 ) -> Result<bool, StoreError> {
-    Ok(meta.rekey_due && rooms::was_evicted(txn, frame.room, frame.sender)?)
+    let (room, sender) = (frame.room, frame.sender);
+    if rooms::member(txn, room, sender)?.is_some() || rooms::was_member_at(txn, room, sender, seq)?
+    {
+        return Ok(true);
+    }
+    let evicted_then = meta.rekey_due || frame.epoch < meta.epoch;
+    Ok(evicted_then && rooms::was_evicted(txn, room, sender)?)
+}
+
+/// The epoch a frame at `seq` must be of: the one in force there (a node catching
+/// up on the history is sent frames of epochs before the current one).
+fn epoch_at(
+    txn: &dyn conclave_storage::ReadTxn,
+    room: RoomId,
+    meta: &RoomMeta,
+    seq: Seq,
+) -> Result<Epoch, StoreError> {
+    Ok(rooms::epoch_at(txn, room, seq)?.unwrap_or(meta.epoch))
 }
 
 /// A committed frame, verified again and stored once.
@@ -382,15 +417,14 @@ fn store_frame(
     if frame.room != at.room {
         return Err(UpdateError::WrongRoom);
     }
-    if frame.epoch != meta.epoch {
+    let epoch = epoch_at(&*txn, at.room, &meta, seq)?;
+    if frame.epoch != epoch {
         return Err(UpdateError::StaleEpoch {
-            current: meta.epoch,
+            current: epoch,
             got: frame.epoch,
         });
     }
-    if rooms::member(&*txn, at.room, frame.sender)?.is_none()
-        && !evicted_in_epoch(&*txn, &meta, frame)?
-    {
+    if !sent_by_member(&*txn, &meta, seq, frame)? {
         return Err(UpdateError::NotAMember);
     }
     verify_frame(frame).map_err(|_| UpdateError::BadSignature)?;

@@ -25,7 +25,7 @@ use conclave_storage::{Store, StoreError, Table};
 /// chain, and their records whether a rekey is due; 4: a receiver's mark per
 /// origin names the incarnation it follows, and a node records its run's; 5: member
 /// nodes index frames by message id, and record late outcomes).
-pub const STORE_FORMAT: u32 = 5;
+pub const STORE_FORMAT: u32 = 6;
 
 const FORMAT: Table<[u8; 1], u32> = Table::new("store.format");
 

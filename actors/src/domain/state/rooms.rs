@@ -21,19 +21,13 @@ pub const EPHEMERAL_FRAMES_KEPT: u64 = 256;
 /// bytes in a response: a page stays far under 1 MiB).
 pub const ROOMS_PAGE_MAX: usize = 4_096;
 
-/// The most frames of history a new member node is sent in one invitation. A longer
-/// history is refused with a reason rather than queued past what an outbox holds.
-pub const BACKFILL_FRAMES_MAX: usize = 16_384;
-
-// A history is queued at once: it must fit one room's share of an outbox.
-const _: () = assert!(BACKFILL_FRAMES_MAX as u64 <= crate::outbox::OUTBOX_TAG_DEPTH_MAX);
-
-/// The most ciphertext bytes of history a new member node is sent in one
-/// invitation (the whole backfill is one transaction).
-pub const BACKFILL_BYTES_MAX: usize = 64 * 1024 * 1024;
-
-/// How many frames of history are read at once while backfilling.
+/// The most frames of history one page to a new member node holds (it asks for
+/// the next page once it has this one: see [`catching_up`]).
 pub const BACKFILL_PAGE_FRAMES: usize = 256;
+
+/// The most ciphertext bytes of history one page holds (a page ends at the frame
+/// that passes it).
+pub const BACKFILL_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// A room's record on a node (authoritative on its sequencer; the sequencer's last
 /// snapshot elsewhere).
@@ -110,6 +104,83 @@ const VISIBLE: Table<([u8; 32], [u8; 16]), Visibility> = Table::new("room.visibl
 const CHAIN: Table<([u8; 16], u64), SignedLink> = Table::new("room.chain");
 /// Members evicted from a room (revoked), by the index of the link that did it.
 const EVICTED: Table<([u8; 16], [u8; 32]), u64> = Table::new("room.evicted");
+/// On a member node: the epoch each of a room's epochs began at, by its first
+/// sequence number, as the home's snapshots said. A node catching up on the
+/// history is sent frames of epochs before the current one, each checked against
+/// the epoch in force at its sequence number.
+const EPOCH_STARTS: Table<([u8; 16], u64), u64> = Table::new("room.epoch_starts");
+/// On a member node: members the home's snapshots removed, and the sequence
+/// number of the room's next frame at their removal (their frames before it are
+/// history a node catching up is still sent).
+const FORMER: Table<([u8; 16], [u8; 32]), u64> = Table::new("room.former");
+/// On a room's home: the stretches of history member nodes are still owed, by
+/// (room, node, next frame to send), each to `until` (exclusive) or, while the
+/// node's members are still members, to the room's head.
+const CATCHING_UP: Table<([u8; 16], [u8; 32], u64), Option<u64>> = Table::new("room.catching_up");
+
+/// The most stretches of history one node may be owed in one room (each a
+/// membership of its users that began while it was catching up on the one
+/// before); an invitation that would owe it more is refused with `limit`.
+pub const CATCH_UPS_MAX: usize = 16;
+
+/// A stretch of history a member node is owed: from `next` to `until`
+/// (exclusive), or to the room's head when `until` is `None`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CatchUp {
+    /// The next frame to send.
+    pub next: Seq,
+    /// Where the stretch ends (the removal of the node's last member), if it does.
+    pub until: Option<Seq>,
+}
+
+/// The stretches of `room`'s history `node` is owed, oldest first. While there
+/// is any, the node gets no live frame: it asks for the history page after page,
+/// and the page that reaches the room's head makes it live, in order.
+pub fn catch_ups(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+    node: NodeId,
+) -> Result<Vec<CatchUp>, StoreError> {
+    let range = (room.0, node.0, 0)..=(room.0, node.0, u64::MAX);
+    let stretches = CATCHING_UP.scan(txn, range, Order::Ascending, CATCH_UPS_MAX + 1)?;
+    if stretches.len() > CATCH_UPS_MAX {
+        return Err(StoreError::Corrupt {
+            table: "room.catching_up".into(),
+            reason: format!("room {room} owes a node more than {CATCH_UPS_MAX} stretches"),
+        });
+    }
+    Ok(stretches
+        .into_iter()
+        .map(|((_, _, next), until)| CatchUp {
+            next: Seq(next),
+            until: until.map(Seq),
+        })
+        .collect())
+}
+
+/// Records a stretch `node` is owed.
+pub fn put_catch_up(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    node: NodeId,
+    stretch: CatchUp,
+) -> Result<(), StoreError> {
+    let key = (room.0, node.0, stretch.next.0);
+    CATCHING_UP.put(txn, &key, &stretch.until.map(|u| u.0))
+}
+
+/// Forgets the stretch `node` is owed from `next` (sent, or moved on).
+pub fn delete_catch_up(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    node: NodeId,
+    next: Seq,
+) -> Result<(), StoreError> {
+    CATCHING_UP
+        .delete(txn, &(room.0, node.0, next.0))
+        .map(|_| ())
+}
+
 /// How many rooms each user created on this node (rooms are never deleted).
 const CREATED: Table<[u8; 32], u64> = Table::new("room.created_by");
 
@@ -422,6 +493,44 @@ pub fn put_evicted(
 /// Whether `user` was ever evicted from `room` (revoked while a member).
 pub fn was_evicted(txn: &dyn ReadTxn, room: RoomId, user: UserId) -> Result<bool, StoreError> {
     Ok(EVICTED.get(txn, &(room.0, user.0))?.is_some())
+}
+
+/// Records that `epoch` of `room` began at `start`.
+pub fn put_epoch_start(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    start: Seq,
+    epoch: Epoch,
+) -> Result<(), StoreError> {
+    EPOCH_STARTS.put(txn, &(room.0, start.0), &epoch.0)
+}
+
+/// The epoch of `room` in force at `seq`, if this node knows where it began.
+pub fn epoch_at(txn: &dyn ReadTxn, room: RoomId, seq: Seq) -> Result<Option<Epoch>, StoreError> {
+    let last = EPOCH_STARTS.scan(txn, (room.0, 0)..=(room.0, seq.0), Order::Descending, 1)?;
+    Ok(last.first().map(|(_, epoch)| Epoch(*epoch)))
+}
+
+/// Records that `user` was removed from `room` when its next frame was `until`.
+pub fn put_former(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    user: UserId,
+    until: Seq,
+) -> Result<(), StoreError> {
+    FORMER.put(txn, &(room.0, user.0), &until.0)
+}
+
+/// Whether `user` was a member of `room` whose removal came after `seq`.
+pub fn was_member_at(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+    user: UserId,
+    seq: Seq,
+) -> Result<bool, StoreError> {
+    Ok(FORMER
+        .get(txn, &(room.0, user.0))?
+        .is_some_and(|until| seq.0 < until))
 }
 
 /// Only under the `fanout_to_removed` mutation: records a removed member's node.

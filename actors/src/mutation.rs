@@ -69,11 +69,17 @@ pub enum Mutation {
     /// A room's home sends live frames to a member node still catching up on
     /// the history, so they arrive before frames they follow.
     LiveBeforeCaughtUp,
+    /// A node forwards a user's publish to the room's home without checking that
+    /// the user is a member there: anyone's frames take places in outboxes every
+    /// room shares.
+    ForwardNonMembers,
+    /// A node takes every publish without the user's quota.
+    SkipQuota,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 15] = [
+    pub const ALL: [Mutation; 17] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -89,6 +95,8 @@ impl Mutation {
         Mutation::VolatileReplies,
         Mutation::HistoryPastRemoval,
         Mutation::LiveBeforeCaughtUp,
+        Mutation::ForwardNonMembers,
+        Mutation::SkipQuota,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -109,6 +117,8 @@ impl Mutation {
             Mutation::VolatileReplies => "volatile_replies",
             Mutation::HistoryPastRemoval => "history_past_removal",
             Mutation::LiveBeforeCaughtUp => "live_before_caught_up",
+            Mutation::ForwardNonMembers => "forward_non_members",
+            Mutation::SkipQuota => "skip_quota",
         }
     }
 

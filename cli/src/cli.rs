@@ -14,6 +14,7 @@ use conclave::{
     identity_file, observe, Asked, History, Identity, Node, NodeId, Outcome, Policy, Position,
     PublicIdentity, Receipt, RemoteNode, RoomRole, User, UserId, UserRole,
 };
+use conclave_actors::domain::DomainConfig;
 use conclave_actors::ids::{MessageId, RoomId, Seq};
 use serde::{Deserialize, Serialize};
 
@@ -152,14 +153,48 @@ struct NodeArgs {
     /// (store_full) and /healthz reports the node not ready.
     #[arg(long, value_name = "GIB", value_parser = clap::value_parser!(u64).range(1..=STORE_MAX_GIB_CEILING))]
     store_max_gib: Option<u64>,
-    /// A TOML file with data, listen, metrics, store_max_gib and [[peer]] id/addr
-    /// entries (flags given too override it).
+    /// How many frames one user may publish per second through this node
+    /// (default 2,000), in bursts of two seconds' worth; past it: limit.
+    #[arg(long, value_name = "FRAMES", value_parser = clap::value_parser!(u64).range(1..=PUBLISH_PER_S_CEILING))]
+    publish_per_s: Option<u64>,
+    /// How many MiB of ciphertext one user may publish per second through this
+    /// node (default 64), in bursts of two seconds' worth; past it: limit.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=PUBLISH_MIB_PER_S_CEILING))]
+    publish_mib_per_s: Option<u64>,
+    /// A TOML file with data, listen, metrics, store_max_gib, publish_per_s,
+    /// publish_mib_per_s and [[peer]] id/addr entries (flags given too override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
 /// The largest `--store-max-gib` (1 TiB).
 const STORE_MAX_GIB_CEILING: u64 = 1024;
+
+/// The largest `--publish-per-s` (a million frames a second: far past what a
+/// node commits, so only a mistake is refused).
+const PUBLISH_PER_S_CEILING: u64 = 1_000_000;
+
+/// The largest `--publish-mib-per-s` (1 TiB a second, likewise).
+const PUBLISH_MIB_PER_S_CEILING: u64 = 1 << 20;
+
+/// The node's domain settings: the defaults, with the publish quota the flags or
+/// the config file set (flags first).
+fn domain_config(args: &NodeArgs, config: &NodeConfig) -> anyhow::Result<DomainConfig> {
+    let mut domain = DomainConfig::default();
+    if let Some(frames) = args.publish_per_s.or(config.publish_per_s) {
+        if !(1..=PUBLISH_PER_S_CEILING).contains(&frames) {
+            bail!("publish_per_s must be between 1 and {PUBLISH_PER_S_CEILING}, not {frames}");
+        }
+        domain.publish_quota.frames_per_s = frames;
+    }
+    if let Some(mib) = args.publish_mib_per_s.or(config.publish_mib_per_s) {
+        if !(1..=PUBLISH_MIB_PER_S_CEILING).contains(&mib) {
+            bail!("publish_mib_per_s must be between 1 and {PUBLISH_MIB_PER_S_CEILING}, not {mib}");
+        }
+        domain.publish_quota.bytes_per_s = mib << 20;
+    }
+    Ok(domain)
+}
 
 /// What `--config` holds.
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -168,6 +203,8 @@ struct NodeConfig {
     listen: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
     store_max_gib: Option<u64>,
+    publish_per_s: Option<u64>,
+    publish_mib_per_s: Option<u64>,
     #[serde(default)]
     peer: Vec<PeerConfig>,
 }
@@ -435,6 +472,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         }
         None => NodeConfig::default(),
     };
+    let domain = domain_config(&args, &config)?;
     let data = args
         .data
         .or(config.data)
@@ -468,6 +506,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             usize::try_from(gib << 30).context("store_max_gib does not fit this machine")?;
         builder = builder.store_bytes_max(bytes);
     }
+    builder = builder.domain_config(domain);
     for (id, addr) in &peers {
         builder = builder.peer(*id, *addr);
     }
@@ -844,6 +883,39 @@ mod tests {
     use conclave::{ApiError, Epoch, Message, MessageId, UserId};
 
     use super::*;
+
+    /// `conclave node` with `flags` (after the data directory).
+    fn node_args(flags: &[&str]) -> NodeArgs {
+        let argv = ["conclave", "node", "--data", "d"].iter().chain(flags);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Node(args) => args,
+            _ => unreachable!("a node command"),
+        }
+    }
+
+    #[test]
+    fn the_publish_quota_comes_from_the_flags_over_the_config_file() {
+        let config: NodeConfig =
+            toml::from_str("publish_per_s = 10\npublish_mib_per_s = 3\n").expect("toml");
+        let quota = |args| domain_config(&args, &config).expect("valid").publish_quota;
+        let from_file = quota(node_args(&[]));
+        assert_eq!(
+            (from_file.frames_per_s, from_file.bytes_per_s),
+            (10, 3 << 20)
+        );
+        let flagged = quota(node_args(&["--publish-per-s", "7"]));
+        assert_eq!((flagged.frames_per_s, flagged.bytes_per_s), (7, 3 << 20));
+        let default = domain_config(&node_args(&[]), &NodeConfig::default()).expect("valid");
+        assert_eq!(default.publish_quota, DomainConfig::default().publish_quota);
+        // Zero would refuse every publish: a mistake, refused with a reason.
+        let zero: NodeConfig = toml::from_str("publish_per_s = 0").expect("toml");
+        let error = domain_config(&node_args(&[]), &zero).expect_err("refused");
+        assert!(error.to_string().contains("publish_per_s"), "{error}");
+        assert!(
+            Cli::try_parse_from(["conclave", "node", "--data", "d", "--publish-per-s", "0"])
+                .is_err()
+        );
+    }
 
     struct Listed(VecDeque<Result<Message, ApiError>>);
 

@@ -243,6 +243,8 @@ pub struct Carried {
     pub epochs: Vec<(RoomId, Epoch)>,
     /// The users whose sealed keys it carries.
     pub key_users: Vec<UserId>,
+    /// The room and sender of a publish it forwards to the room's home.
+    pub publisher: Option<(RoomId, UserId)>,
 }
 
 /// Network weather: applied to every cross-node message not on a cut link.
@@ -635,6 +637,7 @@ impl Cluster {
                         },
                         epochs: epochs_in(&envelope.msg),
                         key_users: key_users_in(&envelope.msg),
+                        publisher: publisher_in(&envelope.msg),
                     });
                 }
                 // As the runtime does: other nodes reach only a few addresses.
@@ -1630,6 +1633,18 @@ fn key_users_in(msg: &Msg) -> Vec<UserId> {
             ..
         }) => keys.iter().map(|(user, _)| *user).collect(),
         _ => Vec::new(),
+    }
+}
+
+/// The room and sender of the publish a message forwards, if it does.
+fn publisher_in(msg: &Msg) -> Option<(RoomId, UserId)> {
+    use domain::{Deliverable, PeerMsg, RoomMsg};
+    match msg {
+        Msg::Peer(PeerMsg::Deliver {
+            msg: Deliverable::Room(RoomMsg::Publish { frame, .. }),
+            ..
+        }) => Some((frame.room, frame.sender)),
+        _ => None,
     }
 }
 

@@ -5,6 +5,7 @@
 use core::fmt;
 use core::time::Duration;
 
+use conclave_actors::domain::quota::PublishQuota;
 use conclave_actors::domain::{DomainConfig, EPOCH_FRAMES_MAX};
 use conclave_actors::mutation::Mutation;
 use rand_chacha::ChaCha20Rng;
@@ -89,6 +90,11 @@ pub struct Options {
     /// them). Drawn per seed (a third of them); `--revocations` turns it on for
     /// every seed.
     pub revocations: bool,
+    /// Whether one user is hostile: now and then, besides the workload's steps,
+    /// they flood a room with three bursts' worth of publishes at once (the
+    /// publish quota is set low in these seeds) or publish to a room their node
+    /// knows and they are not a member of. Drawn per seed (a third of them).
+    pub hostile: bool,
     /// What one message costs every node.
     pub base_cost: Duration,
     /// What one group commit (a batch's commit and fsync) costs every node: the
@@ -300,6 +306,18 @@ fn draw_history_page(seed: u64) -> usize {
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
+/// before hostile users were drawn: a third of the seeds have one, and a publish
+/// quota of 4 to 12 frames per second per user (bursts of two seconds' worth), so
+/// that their floods trip it while the others mostly stay under it.
+fn draw_hostile(seed: u64) -> Option<PublishQuota> {
+    let mut rng = derive_rng(seed, 0, "hostile");
+    (between(&mut rng, 0, 2) == 0).then(|| PublishQuota {
+        frames_per_s: between(&mut rng, 4, 12),
+        ..PublishQuota::default()
+    })
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
 /// before revocations were drawn: a third of the seeds revoke users.
 fn draw_revocations(seed: u64) -> bool {
     let mut rng = derive_rng(seed, 0, "revocations");
@@ -345,6 +363,10 @@ impl Options {
             draw_workload(&mut rng);
         let mut domain = draw_domain(&mut rng);
         domain.history_page_frames = draw_history_page(seed);
+        let hostile = draw_hostile(seed);
+        if let Some(quota) = hostile {
+            domain.publish_quota = quota;
+        }
         let options = Options {
             seed,
             nodes,
@@ -359,6 +381,7 @@ impl Options {
             reborn: draw_reborn(seed, nodes),
             lies: draw_lies(seed),
             revocations: draw_revocations(seed),
+            hostile: hostile.is_some(),
             base_cost,
             commit_cost: draw_commit_cost(seed),
             release_delay: draw_release_delay(seed),
@@ -460,6 +483,14 @@ impl Options {
             None => writeln!(f, "  nodes lying to their clients: off")?,
         }
         writeln!(f, "  revocations: {}", on_off(self.revocations))?;
+        match self.hostile {
+            true => writeln!(
+                f,
+                "  a hostile user: floods and publishes where not a member; quota {} frames/s per user",
+                self.domain.publish_quota.frames_per_s
+            )?,
+            false => writeln!(f, "  a hostile user: off")?,
+        }
         Ok(())
     }
 

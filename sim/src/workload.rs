@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use conclave_actors::actor::Time;
 use conclave_actors::crypto::{EpochKey, Frame, SealedKey};
 use conclave_actors::domain::chain::{ChainHash, ChainState};
+use conclave_actors::domain::quota::QUOTA_BURST_S;
 use conclave_actors::domain::{
     self, client, Denial, History, Invitee, Op, Outcome, Policy, RoomRole, SignedRequest,
 };
@@ -60,6 +61,14 @@ const INVITE_ADMIN_TENTHS: u64 = 3;
 /// One chance in this many that a manager who is not the owner removes
 /// themselves rather than someone else.
 const REMOVE_SELF_ONE_IN: u64 = 5;
+
+/// In the seeds with a hostile user, one step in this many is followed by one
+/// of theirs.
+const HOSTILE_ONE_IN: u64 = 6;
+
+/// The hostile user: the first one, never revoked (what they pass of their quota
+/// is told by their publishes' outcomes, which a revocation would answer first).
+const HOSTILE_USER: usize = 0;
 
 /// A user of the workload.
 pub struct User {
@@ -321,6 +330,9 @@ impl Workload {
             }
             roll -= weight;
         }
+        if env.o.hostile && self.rng.next_u64().is_multiple_of(HOSTILE_ONE_IN) {
+            self.hostile(env);
+        }
         match action {
             0 => self.publish(env),
             1 => self.invite(env),
@@ -470,6 +482,98 @@ impl Workload {
             id,
             text,
         });
+    }
+
+    /// The hostile user (on a live node) floods a room of theirs, or trespasses.
+    fn hostile(&mut self, env: &mut Env<'_>) {
+        if !env.live(env.roster.user(HOSTILE_USER).node) {
+            return;
+        }
+        if self.rng.next_u64().is_multiple_of(2) {
+            self.flood(env);
+        } else {
+            self.trespass(env);
+        }
+    }
+
+    /// The hostile user hands their node three bursts' worth of publishes to one
+    /// room of theirs at once: what passes their quota is committed as usual.
+    fn flood(&mut self, env: &mut Env<'_>) {
+        let user = HOSTILE_USER;
+        let rooms = Self::rooms_of(env, user);
+        let Some(room) = pick(&mut self.rng, &rooms) else {
+            return;
+        };
+        let keys = self.keys(env, user, room);
+        let Some((&epoch, key)) = keys.iter().next_back() else {
+            return;
+        };
+        let (node, id) = (env.roster.user(user).node, env.roster.user(user).id.clone());
+        let per_s = env.o.domain.publish_quota.frames_per_s;
+        let burst = per_s * QUOTA_BURST_S;
+        env.c
+            .mark(&format!("flood u{user} n{node} {} frames", 3 * burst));
+        let now = env.c.node_now(node);
+        let mut requests = Vec::new();
+        for _ in 0..3 * burst {
+            self.counter += 1;
+            let text = format!("seed {} message {}", env.o.seed, self.counter).into_bytes();
+            let Ok(frame) = client::seal(env.c.rng(), &id, room, epoch, key, now, &text) else {
+                return;
+            };
+            let message = frame.id;
+            let request = env.c.publish_frame(node, frame);
+            self.published += 1;
+            let text = text.as_slice();
+            env.seen(&Seen::Published {
+                user,
+                node,
+                request,
+                room,
+                id: message,
+                text,
+            });
+            requests.push(request);
+        }
+        let allowance = burst + per_s;
+        env.seen(&Seen::Flood {
+            user,
+            node,
+            requests: &requests,
+            allowance,
+        });
+    }
+
+    /// The hostile user publishes, with a key of their own, to a room their node
+    /// knows and they are not a member of: their node refuses it, and it must
+    /// never reach the room's home.
+    fn trespass(&mut self, env: &mut Env<'_>) {
+        let u = env.roster.user(HOSTILE_USER);
+        let (node, uid, id) = (u.node, u.uid, u.id.clone());
+        let known: Vec<(RoomId, Epoch)> = match env.c.nodes[node].store.read() {
+            Ok(txn) => env
+                .roster
+                .rooms()
+                .iter()
+                .filter_map(|&room| {
+                    let meta = domain::state::rooms::meta(&*txn, room).ok()??;
+                    let vis = domain::state::rooms::visibility(&*txn, uid, room).ok()?;
+                    vis.is_none_or(|v| v.until.is_some())
+                        .then_some((room, meta.epoch))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        let Some((room, epoch)) = pick(&mut self.rng, &known) else {
+            return;
+        };
+        let key = EpochKey::generate(env.c.rng());
+        let now = env.c.node_now(node);
+        let Ok(frame) = client::seal(env.c.rng(), &id, room, epoch, &key, now, b"trespass") else {
+            return;
+        };
+        env.c.mark(&format!("trespass u{HOSTILE_USER} n{node}"));
+        env.c.publish_frame(node, frame);
     }
 
     /// `inviter` invites a random non-member to `room`. Returns the request, if
@@ -662,6 +766,7 @@ impl Workload {
         }
         let candidates: Vec<usize> = (0..env.roster.users_len())
             .filter(|&u| !self.revoked.contains(&u) && env.live(env.roster.user(u).node))
+            .filter(|&u| !(env.o.hostile && u == HOSTILE_USER))
             .collect();
         let Some(user) = pick(&mut self.rng, &candidates) else {
             return;

@@ -53,7 +53,8 @@ impl Oracle for Decrypt {
             | Seen::Read { .. }
             | Seen::KeyRefused { .. }
             | Seen::Revoked { .. }
-            | Seen::KeyAccepted { .. } => Verdict::Holds,
+            | Seen::KeyAccepted { .. }
+            | Seen::Flood { .. } => Verdict::Holds,
         }
     }
 }

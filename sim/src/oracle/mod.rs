@@ -20,6 +20,7 @@ use crate::model::{Model, OpKey};
 use crate::run::Failure;
 use crate::workload::Roster;
 
+pub mod abuse;
 pub mod authz;
 pub mod chain;
 pub mod decrypt;
@@ -42,6 +43,9 @@ pub const LEAK: &str = "leak";
 pub const EPOCH: &str = "epoch";
 /// Only members' frames and managers' changes are accepted, by the home.
 pub const AUTHZ: &str = "authz";
+/// What one user does cannot take what every user shares: a non-member's publish
+/// never leaves their node, and publishes past a user's quota are refused.
+pub const ABUSE: &str = "abuse";
 /// Every delivered frame verifies and decrypts for its members, to what was sent.
 pub const DECRYPT: &str = "decrypt";
 /// Once faults stop, outboxes drain and members converge in bounded time.
@@ -55,8 +59,8 @@ pub const CHAIN: &str = "chain";
 pub const SETUP: &str = "setup";
 
 /// Every oracle, in the order [`Checks`] asks them.
-pub const ORACLES: [&str; 8] = [
-    DURABILITY, ORDER, LEAK, EPOCH, AUTHZ, DECRYPT, CHAIN, LIVENESS,
+pub const ORACLES: [&str; 9] = [
+    DURABILITY, ORDER, LEAK, EPOCH, AUTHZ, ABUSE, DECRYPT, CHAIN, LIVENESS,
 ];
 
 /// What the oracles may read: the cluster, the model and what the workload made.
@@ -178,6 +182,18 @@ pub enum Seen<'a> {
         next: u64,
         /// The frame's message id.
         id: MessageId,
+    },
+    /// A hostile user handed their node `requests`, publishes all at once: at
+    /// most `allowance` of them may pass their publish quota.
+    Flood {
+        /// The user.
+        user: usize,
+        /// Their node.
+        node: usize,
+        /// The publish requests, on that node.
+        requests: &'a [u64],
+        /// A full bucket and a second's refill.
+        allowance: u64,
     },
     /// At the end of the run, a subscriber holds no key for a frame it may read.
     NoKey {
@@ -309,6 +325,7 @@ impl Checks {
             Box::new(leak::Leak),
             Box::new(epoch::EpochOracle),
             Box::new(authz::Authz),
+            Box::new(abuse::Abuse::default()),
             Box::new(decrypt::Decrypt::default()),
             Box::new(chain::ChainOracle::default()),
             Box::new(liveness::Liveness::default()),

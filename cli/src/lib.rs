@@ -14,6 +14,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use tracing_subscriber::prelude::*;
 
 mod bench;
 mod check;
@@ -26,12 +27,15 @@ mod signal;
 /// Runs the `conclave` command line with this process's arguments and returns its
 /// exit code.
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    // The actors' lines are rate-limited per call site: a peer or a user can make
+    // them log at will.
+    tracing_subscriber::registry()
+        .with(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with(conclave::logging::ThrottledActorLogs::default())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
     let cli = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

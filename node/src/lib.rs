@@ -17,6 +17,7 @@ pub mod client;
 mod data_dir;
 mod host;
 pub mod identity_file;
+pub mod logging;
 pub mod observe;
 mod remote;
 #[doc(hidden)]

@@ -476,3 +476,110 @@ fn kept_from(meta: &rooms::RoomMeta, since: Seq) -> Seq {
             .max(meta.next_seq.0.saturating_sub(rooms::EPHEMERAL_FRAMES_KEPT)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use conclave_storage::{MemStore, Store};
+
+    use super::*;
+    use crate::crypto::{Frame, SignatureBytes};
+    use crate::domain::{Policy, Routed};
+    use crate::ids::{Epoch, MessageId};
+
+    const NEW: NodeId = NodeId([3; 32]);
+    const ROOM: RoomId = RoomId([7; 16]);
+    const PAGE: usize = rooms::BACKFILL_PAGE_FRAMES;
+
+    /// The home's store holding `count` frames of `bytes` bytes each (as stored;
+    /// nobody checks them here).
+    fn home_with(count: u64, bytes: usize) -> MemStore {
+        let store = MemStore::new();
+        let mut txn = store.write().expect("write");
+        let policy = Policy {
+            persist: true,
+            ..Policy::default()
+        };
+        for seq in 1..=count {
+            let frame = Frame {
+                room: ROOM,
+                epoch: Epoch(1),
+                sender: UserId([5; 32]),
+                id: MessageId(u128::from(seq)),
+                nonce: [0; 12],
+                ciphertext: vec![1; bytes],
+                signature: SignatureBytes([0; 64]),
+            };
+            rooms::put_frame(&mut *txn, ROOM, &policy, Seq(seq), &frame).expect("frame");
+        }
+        txn.commit().expect("commit");
+        store
+    }
+
+    /// Takes and acknowledges what the home queued for `NEW`: the frames'
+    /// sequence numbers, and where the history goes on if it does.
+    fn take(store: &MemStore) -> (Vec<u64>, Option<Seq>) {
+        let mut txn = store.write().expect("write");
+        let queued = crate::outbox::unacked(&*txn, NEW, usize::MAX).expect("read");
+        let (mut seqs, mut more) = (Vec::new(), None);
+        for (_, bytes) in &queued {
+            let routed: Routed =
+                crate::wire::decode_bounded(bytes, crate::wire::ENVELOPE_BYTES_MAX)
+                    .expect("decode");
+            match routed.msg {
+                Deliverable::Room(RoomMsg::Update(Update::Frame { seq, .. })) => seqs.push(seq.0),
+                Deliverable::Room(RoomMsg::Update(Update::More { next })) => more = Some(next),
+                _ => panic!("only history is queued here"),
+            }
+        }
+        if let Some((last, _)) = queued.last() {
+            crate::outbox::ack(&mut *txn, NEW, *last).expect("ack");
+        }
+        txn.commit().expect("commit");
+        (seqs, more)
+    }
+
+    /// Owes `NEW` the whole history, then answers its requests for more as the
+    /// node would make them; returns the pages it was sent.
+    fn pull(store: &MemStore) -> Vec<Vec<u64>> {
+        let at = (Time::default(), PAGE);
+        let mut txn = store.write().expect("write");
+        owe_history(&mut *txn, ROOM, NEW, Seq(1), at).expect("owed");
+        txn.commit().expect("commit");
+        let mut pages = Vec::new();
+        loop {
+            let (seqs, more) = take(store);
+            pages.push(seqs);
+            let Some(next) = more else { break };
+            let mut txn = store.write().expect("write");
+            let owed = rooms::catch_ups(&*txn, ROOM, NEW).expect("owed");
+            assert_eq!(owed.first().map(|s| s.next), Some(next));
+            send_page(&mut *txn, ROOM, NEW, owed[0], at).expect("page");
+            txn.commit().expect("commit");
+        }
+        let txn = store.read().expect("read");
+        assert!(rooms::catch_ups(&*txn, ROOM, NEW).expect("owed").is_empty());
+        pages
+    }
+
+    /// Longer than two shares of an outbox, and than a whole invitation could
+    /// carry before (16,384 frames, refused `limit` past it).
+    #[test]
+    fn a_history_longer_than_an_outbox_share_is_sent_a_page_at_a_time_as_asked() {
+        let history = 2 * crate::outbox::OUTBOX_TAG_DEPTH_MAX + 100;
+        let pages = pull(&home_with(history, 1));
+        assert!(pages.iter().all(|p| p.len() <= PAGE));
+        let sent: Vec<u64> = pages.concat();
+        assert_eq!(sent, (1..=history).collect::<Vec<_>>());
+    }
+
+    /// A page ends at the frame that passes its byte bound.
+    #[test]
+    fn a_page_of_large_frames_ends_past_its_byte_bound() {
+        // As large as a frame that fits an envelope gets, about.
+        let bytes = 400 * 1024;
+        let per_page = rooms::BACKFILL_PAGE_BYTES.div_ceil(bytes);
+        let pages = pull(&home_with(30, bytes));
+        let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [per_page, per_page, 30 - 2 * per_page]);
+    }
+}

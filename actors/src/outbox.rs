@@ -39,6 +39,15 @@ pub const OUTBOX_DEPTH_MAX: u64 = 65_536;
 /// (A new member node's history is queued a page at a time, as it asks.)
 pub const OUTBOX_TAG_DEPTH_MAX: u64 = OUTBOX_DEPTH_MAX / 8;
 
+/// How many messages past [`OUTBOX_DEPTH_MAX`] an outbox still takes from
+/// [`enqueue_control`]: a request that lets the destination drain what it holds
+/// for this node must not wait behind this node's own backlog, or two nodes whose
+/// outboxes towards each other are full would each wait for the other for ever.
+pub const OUTBOX_CONTROL_RESERVE: u64 = 4_096;
+
+/// The most unacknowledged messages an outbox ever holds.
+const OUTBOX_HELD_MAX: u64 = OUTBOX_DEPTH_MAX + OUTBOX_CONTROL_RESERVE;
+
 /// What a message counts against (see [`OUTBOX_TAG_DEPTH_MAX`]).
 pub type Tag = [u8; 16];
 
@@ -191,9 +200,31 @@ pub fn enqueue_tagged(
     tag: Option<Tag>,
     payload: Vec<u8>,
 ) -> Result<Seq, OutboxError> {
+    enqueue_within(txn, dest, tag, payload, OUTBOX_DEPTH_MAX)
+}
+
+/// [`enqueue`] for a request that lets `dest` drain what it holds for this node:
+/// it counts against no tag and may use [`OUTBOX_CONTROL_RESERVE`] past a full
+/// outbox.
+pub fn enqueue_control(
+    txn: &mut dyn WriteTxn,
+    dest: NodeId,
+    payload: Vec<u8>,
+) -> Result<Seq, OutboxError> {
+    enqueue_within(txn, dest, None, payload, OUTBOX_HELD_MAX)
+}
+
+fn enqueue_within(
+    txn: &mut dyn WriteTxn,
+    dest: NodeId,
+    tag: Option<Tag>,
+    payload: Vec<u8>,
+    depth_max: u64,
+) -> Result<Seq, OutboxError> {
+    debug_assert!(depth_max <= OUTBOX_HELD_MAX);
     let mut head = read_head(&*txn, dest)?;
     let depth = head.sent - head.acked;
-    if depth >= OUTBOX_DEPTH_MAX {
+    if depth >= depth_max {
         return Err(OutboxError::Full { dest, depth });
     }
     head.sent += 1;
@@ -207,7 +238,7 @@ pub fn enqueue_tagged(
     }
     MESSAGES.put(txn, &(dest.0, head.sent), &Payload(payload))?;
     HEADS.put(txn, &dest.0, &head)?;
-    debug_assert!(head.sent - head.acked <= OUTBOX_DEPTH_MAX);
+    debug_assert!(head.sent - head.acked <= depth_max);
     Ok(Seq(head.sent))
 }
 
@@ -215,7 +246,7 @@ pub fn enqueue_tagged(
 /// acknowledged that was not sent, and no more can wait than an outbox holds.
 fn read_head(txn: &dyn ReadTxn, dest: NodeId) -> Result<Head, StoreError> {
     let head = HEADS.get(txn, &dest.0)?.unwrap_or_default();
-    if head.acked > head.sent || head.sent - head.acked > OUTBOX_DEPTH_MAX {
+    if head.acked > head.sent || head.sent - head.acked > OUTBOX_HELD_MAX {
         return Err(StoreError::Corrupt {
             table: "outbox.heads".into(),
             reason: format!(

@@ -941,6 +941,10 @@ pub(crate) fn enqueue(
     to: ActorRef,
     msg: Deliverable,
 ) -> Result<(), Denial> {
+    // A member node's request for the next page of a room's history lets the
+    // home drain what it holds for this node: it takes no room's share and may
+    // use the outbox's control reserve.
+    let control = matches!(msg, Deliverable::Room(RoomMsg::MoreHistory { .. }));
     let routed = Routed { to, msg };
     let bytes = crate::wire::encode_bounded(&routed, crate::wire::ENVELOPE_BYTES_MAX / 2)
         .map_err(|e| Denial::malformed(format!("message does not fit an envelope: {e}")))?;
@@ -949,7 +953,12 @@ pub(crate) fn enqueue(
         ActorKey::Room(room) => Some(room.0),
         _ => None,
     };
-    match crate::outbox::enqueue_tagged(txn, to.node, tag, bytes) {
+    let queued = if control {
+        crate::outbox::enqueue_control(txn, to.node, bytes)
+    } else {
+        crate::outbox::enqueue_tagged(txn, to.node, tag, bytes)
+    };
+    match queued {
         Ok(_) => Ok(()),
         Err(
             crate::outbox::OutboxError::Full { dest, .. }

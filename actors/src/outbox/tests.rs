@@ -104,6 +104,26 @@ fn a_full_outbox_is_an_error_not_growth() {
 }
 
 #[test]
+fn a_control_message_gets_into_a_full_outbox_within_its_reserve() {
+    let store = MemStore::new();
+    let mut txn = store.write().expect("write");
+    for _ in 0..OUTBOX_DEPTH_MAX {
+        enqueue(&mut *txn, B, Vec::new()).expect("within the bound");
+    }
+    for _ in 0..OUTBOX_CONTROL_RESERVE {
+        enqueue_control(&mut *txn, B, Vec::new()).expect("within the reserve");
+    }
+    let err = enqueue_control(&mut *txn, B, Vec::new()).unwrap_err();
+    assert!(matches!(err, OutboxError::Full { .. }), "{err}");
+    // The reserve is not a way around the bound for other messages, and an outbox
+    // holding it reads back as sound.
+    let err = enqueue(&mut *txn, B, Vec::new()).unwrap_err();
+    assert!(matches!(err, OutboxError::Full { .. }), "{err}");
+    let held = OUTBOX_DEPTH_MAX + OUTBOX_CONTROL_RESERVE;
+    assert_eq!(depth(&*txn, B).expect("depth"), held);
+}
+
+#[test]
 fn one_tag_holds_at_most_its_share_and_others_still_get_in() {
     let store = MemStore::new();
     let (busy, quiet) = ([1u8; 16], [2u8; 16]);

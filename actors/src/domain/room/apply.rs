@@ -265,9 +265,11 @@ fn fan_out_invited(
             keys,
         },
     )?;
-    if new_node {
+    if new_node && meta.policy.persist {
         let from = kept_from(meta, member.since);
         owe_history(txn, room, member.home, from, at)?;
+    } else if new_node {
+        send_kept(txn, room, member.home, kept_from(meta, member.since), at.0)?;
     }
     Ok(nodes)
 }
@@ -360,6 +362,13 @@ fn snapshot(
             create: create.clone(),
         };
         send(txn, room, node, update)?;
+        // A node still owed history is told again where it goes on: a request
+        // for it that was lost (the node came back with an empty store) or
+        // refused is made again, and one made already finds its page sent and
+        // is ignored.
+        if let Some(owed) = rooms::catch_ups(&*txn, room, node)?.first() {
+            send(txn, room, node, Update::More { next: owed.next })?;
+        }
     }
     Ok(nodes)
 }
@@ -395,6 +404,45 @@ fn owe_history(
     } else {
         Ok(rooms::put_catch_up(txn, room, node, stretch)?)
     }
+}
+
+/// An ephemeral room keeps its last [`rooms::EPHEMERAL_FRAMES_KEPT`] frames only,
+/// so a new member node is sent at once what it may read of them (the newest
+/// that fit [`rooms::EPHEMERAL_HISTORY_BYTES_MAX`]) and is live from here: were it
+/// sent pages as it asked, the room could drop frames it was still owed.
+fn send_kept(
+    txn: &mut dyn WriteTxn,
+    room: RoomId,
+    node: NodeId,
+    from: Seq,
+    now: Time,
+) -> Result<(), Denial> {
+    // Read newest first, a few at a time, so that memory stays within the bound.
+    const READ_FRAMES: usize = 16;
+    let (mut newest, mut bytes, mut before) = (Vec::new(), 0usize, Seq(u64::MAX));
+    'read: loop {
+        let read = rooms::frames_back(&*txn, room, from, before, READ_FRAMES)?;
+        let Some(&(oldest, _)) = read.last() else {
+            break;
+        };
+        for (seq, frame) in read {
+            bytes = bytes.saturating_add(frame.ciphertext.len());
+            if bytes > rooms::EPHEMERAL_HISTORY_BYTES_MAX {
+                break 'read;
+            }
+            newest.push((seq, frame));
+        }
+        before = oldest;
+    }
+    for (seq, frame) in newest.into_iter().rev() {
+        let update = Update::Frame {
+            seq,
+            frame,
+            committed: now,
+        };
+        send(txn, room, node, update)?;
+    }
+    Ok(())
 }
 
 /// The last member of `node` left the room before `until`: the history it is
@@ -490,6 +538,19 @@ mod tests {
     const ROOM: RoomId = RoomId([7; 16]);
     const PAGE: usize = rooms::BACKFILL_PAGE_FRAMES;
 
+    /// A frame of `ROOM` at `seq` (as stored; nobody checks it here).
+    fn test_frame(seq: u64) -> Frame {
+        Frame {
+            room: ROOM,
+            epoch: Epoch(1),
+            sender: UserId([5; 32]),
+            id: MessageId(u128::from(seq)),
+            nonce: [0; 12],
+            ciphertext: vec![1],
+            signature: SignatureBytes([0; 64]),
+        }
+    }
+
     /// The home's store holding `count` frames of `bytes` bytes each (as stored;
     /// nobody checks them here).
     fn home_with(count: u64, bytes: usize) -> MemStore {
@@ -501,13 +562,8 @@ mod tests {
         };
         for seq in 1..=count {
             let frame = Frame {
-                room: ROOM,
-                epoch: Epoch(1),
-                sender: UserId([5; 32]),
-                id: MessageId(u128::from(seq)),
-                nonce: [0; 12],
                 ciphertext: vec![1; bytes],
-                signature: SignatureBytes([0; 64]),
+                ..test_frame(seq)
             };
             rooms::put_frame(&mut *txn, ROOM, &policy, Seq(seq), &frame).expect("frame");
         }
@@ -528,7 +584,8 @@ mod tests {
             match routed.msg {
                 Deliverable::Room(RoomMsg::Update(Update::Frame { seq, .. })) => seqs.push(seq.0),
                 Deliverable::Room(RoomMsg::Update(Update::More { next })) => more = Some(next),
-                _ => panic!("only history is queued here"),
+                Deliverable::Room(RoomMsg::Update(Update::Members { .. })) => {}
+                _ => panic!("only history and snapshots are queued here"),
             }
         }
         if let Some((last, _)) = queued.last() {
@@ -570,6 +627,99 @@ mod tests {
         assert!(pages.iter().all(|p| p.len() <= PAGE));
         let sent: Vec<u64> = pages.concat();
         assert_eq!(sent, (1..=history).collect::<Vec<_>>());
+    }
+
+    /// A node that lost its request for more (its store was wiped) is told again
+    /// where its history goes on with the room's next snapshot, and the request
+    /// it made already, if it comes after all, is ignored.
+    #[test]
+    fn a_snapshot_tells_a_node_still_owed_history_where_it_goes_on() {
+        use rand_chacha::ChaCha20Rng;
+        use rand_core::SeedableRng;
+
+        use crate::domain::{client, RoomRole};
+        use crate::identity::Identity;
+
+        const HOME: NodeId = NodeId([1; 32]);
+        let mut rng = ChaCha20Rng::seed_from_u64(8);
+        let owner = Identity::generate(&mut rng);
+        let (room, _, op) =
+            client::create_room(&mut rng, &owner, HOME, Policy::default()).expect("create");
+        let store = MemStore::new();
+        let mut txn = store.write().expect("write");
+        let link = op.link().expect("a creation carries its link");
+        rooms::put_link(&mut *txn, room, 0, link).expect("link");
+        let policy = Policy::default();
+        let member = |user: UserId, home| RoomMember {
+            user,
+            exchange: [0; 32],
+            binding: SignatureBytes([0; 64]),
+            home,
+            role: RoomRole::Member,
+            since: Seq(1),
+        };
+        rooms::put_member(&mut *txn, room, &member(owner.user_id(), HOME)).expect("owner");
+        rooms::put_member(&mut *txn, room, &member(UserId([9; 32]), NEW)).expect("member");
+        let frame = |seq: u64| Frame {
+            room,
+            epoch: Epoch(1),
+            sender: owner.user_id(),
+            id: MessageId(u128::from(seq)),
+            nonce: [0; 12],
+            ciphertext: vec![1],
+            signature: SignatureBytes([0; 64]),
+        };
+        for seq in 1..=2 * PAGE as u64 {
+            rooms::put_frame(&mut *txn, room, &policy, Seq(seq), &frame(seq)).expect("frame");
+        }
+        owe_history(&mut *txn, room, NEW, Seq(1), (Time::default(), PAGE)).expect("owed");
+        txn.commit().expect("commit");
+        let next = Seq(PAGE as u64 + 1);
+        let (_, more) = take(&store);
+        assert_eq!(more, Some(next), "the first page says where it goes on");
+        // That request is lost; a later snapshot says it again.
+        let meta = rooms::RoomMeta {
+            home: HOME,
+            policy,
+            epoch: Epoch(1),
+            epoch_start: Seq(1),
+            next_seq: Seq(2 * PAGE as u64 + 1),
+            owner: owner.user_id(),
+            members_version: 3,
+            rekey_due: false,
+        };
+        let mut txn = store.write().expect("write");
+        snapshot(&mut *txn, room, HOME, &meta, None).expect("snapshot");
+        txn.commit().expect("commit");
+        assert_eq!(take(&store), (Vec::new(), Some(next)));
+    }
+
+    /// An ephemeral room's history (its last 256 frames) is sent at once, newest
+    /// first within its byte bound, and the node owes nothing: it is live.
+    #[test]
+    fn an_ephemeral_rooms_kept_frames_are_sent_at_once_the_newest_that_fit() {
+        let ephemeral = Policy {
+            persist: false,
+            ..Policy::default()
+        };
+        for (count, bytes) in [(300u64, 1usize), (60, 400 * 1024)] {
+            let store = MemStore::new();
+            let mut txn = store.write().expect("write");
+            for seq in 1..=count {
+                let frame = Frame {
+                    ciphertext: vec![1; bytes],
+                    ..test_frame(seq)
+                };
+                rooms::put_frame(&mut *txn, ROOM, &ephemeral, Seq(seq), &frame).expect("frame");
+            }
+            send_kept(&mut *txn, ROOM, NEW, Seq(1), Time::default()).expect("sent");
+            txn.commit().expect("commit");
+            let fit = (rooms::EPHEMERAL_HISTORY_BYTES_MAX / bytes) as u64;
+            let kept = count.min(rooms::EPHEMERAL_FRAMES_KEPT).min(fit);
+            assert_eq!(take(&store), ((count - kept + 1..=count).collect(), None));
+            let txn = store.read().expect("read");
+            assert!(rooms::catch_ups(&*txn, ROOM, NEW).expect("owed").is_empty());
+        }
     }
 
     /// A page ends at the frame that passes its byte bound.

@@ -388,14 +388,17 @@ fn sent_by_member(
 }
 
 /// The epoch a frame at `seq` must be of: the one in force there (a node catching
-/// up on the history is sent frames of epochs before the current one).
+/// up on the history is sent frames of epochs before the current one). Every
+/// snapshot applied records where its epoch began, so a frame before every start
+/// this node knows is before anything it may hold.
 fn epoch_at(
     txn: &dyn conclave_storage::ReadTxn,
     room: RoomId,
-    meta: &RoomMeta,
     seq: Seq,
-) -> Result<Epoch, StoreError> {
-    Ok(rooms::epoch_at(txn, room, seq)?.unwrap_or(meta.epoch))
+) -> Result<Epoch, UpdateError> {
+    rooms::epoch_at(txn, room, seq)?.ok_or(UpdateError::Malformed(
+        "a frame before every epoch this node knows of the room",
+    ))
 }
 
 /// A committed frame, verified again and stored once.
@@ -417,7 +420,7 @@ fn store_frame(
     if frame.room != at.room {
         return Err(UpdateError::WrongRoom);
     }
-    let epoch = epoch_at(&*txn, at.room, &meta, seq)?;
+    let epoch = epoch_at(&*txn, at.room, seq)?;
     if frame.epoch != epoch {
         return Err(UpdateError::StaleEpoch {
             current: epoch,

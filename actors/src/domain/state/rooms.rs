@@ -25,6 +25,10 @@ pub const ROOMS_PAGE_MAX: usize = 4_096;
 /// the next page once it has this one: see [`catching_up`]).
 pub const BACKFILL_PAGE_FRAMES: usize = 256;
 
+/// The most ciphertext bytes of an ephemeral room's history a new member node is
+/// sent (the newest frames that fit, at once: see `room::apply`).
+pub const EPHEMERAL_HISTORY_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 /// The most ciphertext bytes of history one page holds (a page ends at the frame
 /// that passes it).
 pub const BACKFILL_PAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -303,6 +307,34 @@ pub fn frames(
         .map(|((_, seq), f)| (Seq(seq), f))
         .collect();
     debug_assert!(frames.iter().all(|(s, f)| *s >= from && f.room == room));
+    Ok(frames)
+}
+
+/// Up to `limit` stored frames of `room` from `from` on and before `before`,
+/// newest first.
+pub fn frames_back(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+    from: Seq,
+    before: Seq,
+    limit: usize,
+) -> Result<Vec<(Seq, Frame)>, StoreError> {
+    if before <= from {
+        return Ok(Vec::new());
+    }
+    let frames: Vec<(Seq, Frame)> = FRAMES
+        .scan(
+            txn,
+            (room.0, from.0)..(room.0, before.0),
+            Order::Descending,
+            limit,
+        )?
+        .into_iter()
+        .map(|((_, seq), f)| (Seq(seq), f))
+        .collect();
+    debug_assert!(frames
+        .iter()
+        .all(|(s, f)| *s >= from && *s < before && f.room == room));
     Ok(frames)
 }
 

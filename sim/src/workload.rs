@@ -452,27 +452,40 @@ impl Workload {
         } else {
             newest
         };
+        let Some(request) = self.publish_sealed(env, user, room, (epoch, &keys[&epoch])) else {
+            return;
+        };
+        if self.watched.len() >= PUBLISHES_WATCHED_MAX {
+            self.watched.pop_front();
+        }
+        self.watched.push_back(Watched {
+            node: env.roster.user(user).node,
+            request,
+            user,
+            room,
+        });
+    }
+
+    /// Seals a fresh text as `user` for `room` at `epoch` with `key`, hands it
+    /// to their node and reports it; returns the publish request.
+    fn publish_sealed(
+        &mut self,
+        env: &mut Env<'_>,
+        user: usize,
+        room: RoomId,
+        (epoch, key): (Epoch, &EpochKey),
+    ) -> Option<u64> {
         self.counter += 1;
         let text = format!("seed {} message {}", env.o.seed, self.counter).into_bytes();
         let node = env.roster.user(user).node;
         let now = env.c.node_now(node);
         let id = &env.roster.user(user).id;
-        let sealed = client::seal(env.c.rng(), id, room, epoch, &keys[&epoch], now, &text);
-        let Ok(frame) = sealed else { return };
+        let frame = client::seal(env.c.rng(), id, room, epoch, key, now, &text).ok()?;
         let id = frame.id;
         env.c
             .mark(&format!("publish u{user} n{node} epoch {}", epoch.0));
         let request = env.c.publish_frame(node, frame);
         self.published += 1;
-        if self.watched.len() >= PUBLISHES_WATCHED_MAX {
-            self.watched.pop_front();
-        }
-        self.watched.push_back(Watched {
-            node,
-            request,
-            user,
-            room,
-        });
         let text = text.as_slice();
         env.seen(&Seen::Published {
             user,
@@ -482,6 +495,7 @@ impl Workload {
             id,
             text,
         });
+        Some(request)
     }
 
     /// The hostile user (on a live node) floods a room of theirs, or trespasses.
@@ -508,31 +522,16 @@ impl Workload {
         let Some((&epoch, key)) = keys.iter().next_back() else {
             return;
         };
-        let (node, id) = (env.roster.user(user).node, env.roster.user(user).id.clone());
+        let node = env.roster.user(user).node;
         let per_s = env.o.domain.publish_quota.frames_per_s;
         let burst = per_s * QUOTA_BURST_S;
         env.c
             .mark(&format!("flood u{user} n{node} {} frames", 3 * burst));
-        let now = env.c.node_now(node);
         let mut requests = Vec::new();
         for _ in 0..3 * burst {
-            self.counter += 1;
-            let text = format!("seed {} message {}", env.o.seed, self.counter).into_bytes();
-            let Ok(frame) = client::seal(env.c.rng(), &id, room, epoch, key, now, &text) else {
+            let Some(request) = self.publish_sealed(env, user, room, (epoch, key)) else {
                 return;
             };
-            let message = frame.id;
-            let request = env.c.publish_frame(node, frame);
-            self.published += 1;
-            let text = text.as_slice();
-            env.seen(&Seen::Published {
-                user,
-                node,
-                request,
-                room,
-                id: message,
-                text,
-            });
             requests.push(request);
         }
         let allowance = burst + per_s;

@@ -14,6 +14,8 @@ pub mod ids;
 pub mod lifecycle;
 pub mod mutation;
 pub mod outbox;
+#[cfg(feature = "replication")]
+pub mod replication;
 pub mod wire;
 
 pub use actor::{Actor, ActorKind, ActorRef, Context, Effect, Handler, System, Time};

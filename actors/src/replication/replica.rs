@@ -1,0 +1,389 @@
+//! One replica of one Raft group: raft-rs's `RawNode` over the group's stored
+//! log, driven by its caller (see the module docs of [`super`]).
+
+use conclave_storage::{ReadTxn, WriteTxn};
+use raft::prelude::{Entry, EntryType, Message};
+use raft::storage::MemStorage;
+use raft::{Config, RawNode, StateRole};
+
+use super::log::{self, LogError};
+
+/// How many ticks a leader waits between heartbeats.
+pub const HEARTBEAT_TICKS: usize = 2;
+
+/// The range an election timeout is drawn from, in ticks (ten heartbeats at
+/// least, so that a leader's heartbeats keep followers quiet).
+pub const ELECTION_TICKS: core::ops::Range<usize> = 10..20;
+
+/// The most `Ready` rounds one [`Replica::drive`] handles (what is left waits for
+/// the next call).
+const READY_ROUNDS_MAX: usize = 8;
+
+/// Why a replica could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// Its log or hard state could not be read or written.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// raft-rs refused (a message of another group, a proposal while no leader
+    /// is known, …).
+    #[error(transparent)]
+    Raft(#[from] raft::Error),
+    /// Something this first step does not do yet (snapshots, membership changes).
+    #[error("not supported yet: {0}")]
+    Unsupported(&'static str),
+}
+
+/// What one [`Replica::drive`] produced: messages to send once the caller's
+/// transaction is committed, and committed entries to apply, in order.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// To the other replicas.
+    pub messages: Vec<Message>,
+    /// Committed, not yet applied (leaders' empty entries included).
+    pub committed: Vec<Entry>,
+}
+
+/// One replica: its `RawNode` and the in-memory view of its log that raft-rs
+/// reads, kept in step with the store.
+pub struct Replica {
+    group: u64,
+    node: RawNode<MemStorage>,
+    memory: MemStorage,
+}
+
+impl Replica {
+    /// Opens replica `id` of `group` from what `txn` holds; a group with nothing
+    /// stored starts with `voters` (the same on every replica). `election_ticks`
+    /// is this replica's election timeout, drawn by the caller from
+    /// [`ELECTION_TICKS`] with a seeded rng.
+    pub fn open(
+        txn: &dyn ReadTxn,
+        group: u64,
+        id: u64,
+        voters: &[u64],
+        election_ticks: usize,
+    ) -> Result<Self, ReplicaError> {
+        assert!(
+            ELECTION_TICKS.contains(&election_ticks),
+            "an election timeout in range"
+        );
+        let memory = match log::load(txn, group)? {
+            Some(memory) => memory,
+            None => MemStorage::new(),
+        };
+        memory
+            .wl()
+            .set_conf_state(raft::prelude::ConfState::from((voters.to_vec(), vec![])));
+        let config = Config {
+            id,
+            election_tick: election_ticks,
+            heartbeat_tick: HEARTBEAT_TICKS,
+            // One value, so raft-rs draws nothing from the OS.
+            min_election_tick: election_ticks,
+            max_election_tick: election_ticks + 1,
+            pre_vote: true,
+            check_quorum: true,
+            // Committed entries are applied in the transaction that learns of
+            // them, so on a restart none is applied twice.
+            applied: memory.rl().hard_state().commit,
+            ..Config::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = RawNode::new(&config, memory.clone(), &logger)?;
+        Ok(Replica {
+            group,
+            node,
+            memory,
+        })
+    }
+
+    /// One tick of its clock (the caller's timer).
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// A message from another replica of the group.
+    pub fn step(&mut self, message: Message) -> Result<(), ReplicaError> {
+        Ok(self.node.step(message)?)
+    }
+
+    /// Proposes `data` (refused unless this replica leads).
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ReplicaError> {
+        Ok(self.node.propose(Vec::new(), data)?)
+    }
+
+    /// The leader this replica knows of, if any.
+    pub fn leader(&self) -> Option<u64> {
+        let leader = self.node.raft.leader_id;
+        (leader != raft::INVALID_ID).then_some(leader)
+    }
+
+    /// Whether it leads.
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// Its current term.
+    pub fn term(&self) -> u64 {
+        self.node.raft.term
+    }
+
+    /// Persists what raft-rs has ready into `txn` and returns what to send and
+    /// apply. The caller applies the committed entries in `txn` and sends the
+    /// messages only once `txn` is committed. After an error the replica's memory
+    /// is ahead of its store: drop it, and the transaction, and open it again.
+    pub fn drive(&mut self, txn: &mut dyn WriteTxn) -> Result<Output, ReplicaError> {
+        let mut out = Output::default();
+        // Advancing can make more ready (a commit learned while persisting);
+        // raft-rs settles within a few rounds.
+        for _ in 0..READY_ROUNDS_MAX {
+            if !self.node.has_ready() {
+                return Ok(out);
+            }
+            self.drive_once(txn, &mut out)?;
+        }
+        debug_assert!(
+            !self.node.has_ready(),
+            "raft-rs settles within {READY_ROUNDS_MAX} rounds"
+        );
+        Ok(out)
+    }
+
+    fn drive_once(&mut self, txn: &mut dyn WriteTxn, out: &mut Output) -> Result<(), ReplicaError> {
+        let mut ready = self.node.ready();
+        if !ready.snapshot().is_empty() {
+            return Err(ReplicaError::Unsupported("snapshots"));
+        }
+        out.messages.extend(ready.take_messages());
+        out.committed.extend(ready.take_committed_entries());
+        log::append(txn, self.group, ready.entries())?;
+        self.memory.wl().append(ready.entries())?;
+        if let Some(hard) = ready.hs() {
+            log::set_hard_state(txn, self.group, hard)?;
+            self.memory.wl().set_hardstate(hard.clone());
+        }
+        out.messages.extend(ready.take_persisted_messages());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            let mut core = self.memory.wl();
+            core.mut_hard_state().commit = commit;
+            log::set_hard_state(txn, self.group, core.hard_state())?;
+        }
+        out.messages.extend(light.take_messages());
+        out.committed.extend(light.take_committed_entries());
+        if out
+            .committed
+            .iter()
+            .any(|e| e.entry_type() != EntryType::EntryNormal)
+        {
+            return Err(ReplicaError::Unsupported("membership changes"));
+        }
+        self.node.advance_apply();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+    use conclave_storage::{MemStore, Store};
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::{Rng, SeedableRng};
+
+    use super::*;
+
+    const GROUP: u64 = 4;
+    const VOTERS: [u64; 3] = [1, 2, 3];
+
+    /// Three replicas on three stores, a network that delivers in order, and what
+    /// each replica applied.
+    struct Group {
+        stores: Vec<MemStore>,
+        replicas: Vec<Option<Replica>>,
+        timeouts: Vec<usize>,
+        wire: VecDeque<Message>,
+        applied: Vec<Vec<Vec<u8>>>,
+        /// Every (term, leader) seen.
+        leaders: BTreeSet<(u64, u64)>,
+    }
+
+    impl Group {
+        fn new(seed: u64) -> Self {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let span = (ELECTION_TICKS.end - ELECTION_TICKS.start) as u64;
+            let timeouts: Vec<usize> = VOTERS
+                .iter()
+                .map(|_| ELECTION_TICKS.start + (rng.next_u64() % span) as usize)
+                .collect();
+            let stores: Vec<MemStore> = VOTERS.iter().map(|_| MemStore::new()).collect();
+            let mut group = Group {
+                stores,
+                replicas: Vec::new(),
+                timeouts,
+                wire: VecDeque::new(),
+                applied: vec![Vec::new(); VOTERS.len()],
+                leaders: BTreeSet::new(),
+            };
+            group.replicas = (0..VOTERS.len()).map(|i| Some(group.open(i))).collect();
+            group
+        }
+
+        fn open(&self, i: usize) -> Replica {
+            let txn = self.stores[i].read().unwrap();
+            Replica::open(&*txn, GROUP, VOTERS[i], &VOTERS, self.timeouts[i]).unwrap()
+        }
+
+        /// Persists what replica `i` has ready, applies and queues what it gives.
+        fn drive(&mut self, i: usize) {
+            let Some(replica) = self.replicas[i].as_mut() else {
+                return;
+            };
+            let mut txn = self.stores[i].write().unwrap();
+            let out = replica.drive(&mut *txn).unwrap();
+            txn.commit().unwrap();
+            if replica.is_leader() {
+                self.leaders.insert((replica.term(), VOTERS[i]));
+            }
+            let data = out.committed.into_iter().map(|e| e.data.to_vec());
+            self.applied[i].extend(data.filter(|d| !d.is_empty()));
+            self.wire.extend(out.messages);
+        }
+
+        /// One tick everywhere, then every message delivered (to replicas up).
+        fn round(&mut self) {
+            for i in 0..VOTERS.len() {
+                if let Some(replica) = self.replicas[i].as_mut() {
+                    replica.tick();
+                }
+                self.drive(i);
+            }
+            while let Some(message) = self.wire.pop_front() {
+                let i = VOTERS.iter().position(|&v| v == message.to).unwrap();
+                if let Some(replica) = self.replicas[i].as_mut() {
+                    replica.step(message).unwrap();
+                    self.drive(i);
+                }
+            }
+        }
+
+        fn leader(&self) -> Option<usize> {
+            (0..VOTERS.len()).find(|&i| self.replicas[i].as_ref().is_some_and(Replica::is_leader))
+        }
+
+        /// At most one leader per term, ever.
+        fn assert_one_leader_per_term(&self) {
+            let mut by_term = BTreeMap::new();
+            for &(term, leader) in &self.leaders {
+                let other = by_term.insert(term, leader);
+                assert!(
+                    other.is_none(),
+                    "two leaders in term {term}: {other:?} and {leader}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn three_replicas_elect_one_leader_and_apply_the_same_entries_in_order() {
+        let mut group = Group::new(1);
+        for _ in 0..60 {
+            group.round();
+        }
+        let leader = group.leader().expect("a leader within 60 ticks");
+        for n in 0..20u8 {
+            group.replicas[leader]
+                .as_mut()
+                .unwrap()
+                .propose(vec![n])
+                .unwrap();
+            group.drive(leader);
+            group.round();
+        }
+        for _ in 0..5 {
+            group.round();
+        }
+        let expected: Vec<Vec<u8>> = (0..20u8).map(|n| vec![n]).collect();
+        for applied in &group.applied {
+            assert_eq!(applied, &expected);
+        }
+        group.assert_one_leader_per_term();
+    }
+
+    #[test]
+    fn a_restarted_replica_reloads_its_log_and_catches_up_applying_nothing_twice() {
+        let mut group = Group::new(2);
+        for _ in 0..60 {
+            group.round();
+        }
+        let leader = group.leader().expect("a leader");
+        let follower = (leader + 1) % VOTERS.len();
+        group.replicas[leader]
+            .as_mut()
+            .unwrap()
+            .propose(b"before".to_vec())
+            .unwrap();
+        for _ in 0..3 {
+            group.round();
+        }
+        // The follower crashes: what it held in memory is gone, its store stays.
+        group.replicas[follower] = None;
+        group.replicas[leader]
+            .as_mut()
+            .unwrap()
+            .propose(b"while down".to_vec())
+            .unwrap();
+        for _ in 0..3 {
+            group.round();
+        }
+        group.replicas[follower] = Some(group.open(follower));
+        for _ in 0..30 {
+            group.round();
+        }
+        let expected = vec![b"before".to_vec(), b"while down".to_vec()];
+        for applied in &group.applied {
+            assert_eq!(applied, &expected);
+        }
+        group.assert_one_leader_per_term();
+    }
+
+    #[test]
+    fn when_the_leader_stops_another_is_elected_in_a_later_term() {
+        let mut group = Group::new(3);
+        for _ in 0..60 {
+            group.round();
+        }
+        let first = group.leader().expect("a leader");
+        let term = group.replicas[first].as_ref().unwrap().term();
+        group.replicas[first] = None;
+        for _ in 0..60 {
+            group.round();
+        }
+        let second = group.leader().expect("a new leader");
+        assert_ne!(second, first);
+        assert!(group.replicas[second].as_ref().unwrap().term() > term);
+        group.assert_one_leader_per_term();
+    }
+
+    #[test]
+    fn the_same_seed_elects_the_same_leaders_at_the_same_ticks() {
+        let history = |seed| {
+            let mut group = Group::new(seed);
+            let mut seen = Vec::new();
+            for round in 0..80 {
+                group.round();
+                seen.push((round, group.leader()));
+                if round == 40 {
+                    if let Some(leader) = group.leader() {
+                        group.replicas[leader] = None;
+                    }
+                }
+            }
+            seen
+        };
+        for seed in 0..8 {
+            assert_eq!(history(seed), history(seed), "seed {seed}");
+        }
+    }
+}

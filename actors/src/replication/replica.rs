@@ -34,6 +34,27 @@ pub enum ReplicaError {
     Unsupported(&'static str),
 }
 
+/// raft-rs logs through slog: its lines go on to `tracing`, under this module's
+/// target (so a node's rate limit of the actors' lines covers them). Its info
+/// lines (elections, terms) are debug here: a node runs many groups.
+struct ToTracing;
+
+impl slog::Drain for ToTracing {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record<'_>, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        let message = record.msg();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => tracing::error!("raft: {message}"),
+            slog::Level::Warning => tracing::warn!("raft: {message}"),
+            slog::Level::Info => tracing::debug!("raft: {message}"),
+            slog::Level::Debug | slog::Level::Trace => tracing::trace!("raft: {message}"),
+        }
+        Ok(())
+    }
+}
+
 /// What one [`Replica::drive`] produced: messages to send once the caller's
 /// transaction is committed, and committed entries to apply, in order.
 #[derive(Debug, Default)]
@@ -89,7 +110,7 @@ impl Replica {
             applied: memory.rl().hard_state().commit,
             ..Config::default()
         };
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let logger = slog::Logger::root(ToTracing, slog::o!("group" => group));
         let node = RawNode::new(&config, memory.clone(), &logger)?;
         Ok(Replica {
             group,

@@ -202,13 +202,11 @@ pub(super) fn fan_out(
             committed,
             ..
         } => {
-            let mut nodes = BTreeSet::new();
-            for node in member_nodes(&rooms::members(&*txn, room)?, me) {
-                // A node catching up on the history gets this frame in its turn.
-                let live = mutation::active(Mutation::LiveBeforeCaughtUp);
-                if live || rooms::catch_ups(&*txn, room, node)?.is_empty() {
-                    nodes.insert(node);
-                }
+            let mut nodes = member_nodes(&rooms::members(&*txn, room)?, me);
+            // A node catching up on the history gets this frame in its turn.
+            if !mutation::active(Mutation::LiveBeforeCaughtUp) {
+                let catching_up = rooms::nodes_catching_up(&*txn, room)?;
+                nodes.retain(|node| !catching_up.contains(node));
             }
             if mutation::active(Mutation::FanoutToRemoved) {
                 // Mutation: frames still go to the nodes of removed members.

@@ -390,12 +390,17 @@ fn sent_by_member(
 /// The epoch a frame at `seq` must be of: the one in force there (a node catching
 /// up on the history is sent frames of epochs before the current one). Every
 /// snapshot applied records where its epoch began, so a frame before every start
-/// this node knows is before anything it may hold.
+/// this node knows is before anything it may hold. A live frame is of the
+/// current epoch: only history costs a read.
 fn epoch_at(
     txn: &dyn conclave_storage::ReadTxn,
+    meta: &RoomMeta,
     room: RoomId,
     seq: Seq,
 ) -> Result<Epoch, UpdateError> {
+    if seq >= meta.epoch_start {
+        return Ok(meta.epoch);
+    }
     rooms::epoch_at(txn, room, seq)?.ok_or(UpdateError::Malformed(
         "a frame before every epoch this node knows of the room",
     ))
@@ -420,7 +425,7 @@ fn store_frame(
     if frame.room != at.room {
         return Err(UpdateError::WrongRoom);
     }
-    let epoch = epoch_at(&*txn, at.room, seq)?;
+    let epoch = epoch_at(&*txn, &meta, at.room, seq)?;
     if frame.epoch != epoch {
         return Err(UpdateError::StaleEpoch {
             current: epoch,

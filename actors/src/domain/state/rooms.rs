@@ -162,6 +162,21 @@ pub fn catch_ups(
         .collect())
 }
 
+/// The nodes owed any of `room`'s history (one scan, usually of nothing: what a
+/// publish asks before it fans out).
+pub fn nodes_catching_up(
+    txn: &dyn ReadTxn,
+    room: RoomId,
+) -> Result<std::collections::BTreeSet<NodeId>, StoreError> {
+    let range = (room.0, [0; 32], 0)..=(room.0, [0xff; 32], u64::MAX);
+    let limit = (ROOM_MEMBERS_MAX + 1) * CATCH_UPS_MAX;
+    let stretches = CATCHING_UP.scan(txn, range, Order::Ascending, limit)?;
+    Ok(stretches
+        .into_iter()
+        .map(|((_, node, _), _)| NodeId(node))
+        .collect())
+}
+
 /// Records a stretch `node` is owed.
 pub fn put_catch_up(
     txn: &mut dyn WriteTxn,

@@ -57,6 +57,22 @@ pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("signal");
 }
 
+/// Kills process `pid` (SIGKILL) and waits until it has let go of its UDP address
+/// `listen` (an exiting process closes its sockets and its data directory's lock
+/// together): a node started again at once, on a loaded machine, could otherwise
+/// find both still held and exit.
+pub fn kill_and_wait_gone(pid: u32, listen: SocketAddr) {
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UdpSocket::bind(listen).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still holds {listen}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// What `addr`'s `/healthz` says, if it answers.
 pub async fn health(addr: SocketAddr) -> Option<Health> {
     let (status, body) = http_get(addr, "/healthz").await.ok()?;

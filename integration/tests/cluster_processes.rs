@@ -12,7 +12,7 @@ use conclave::observe::http_get;
 use conclave::{ApiError, Denial, Identity, RemoteNode};
 use conclave_cli::cluster::{ClusterFile, ClusterNode};
 use conclave_integration::processes::{
-    cluster_up, free_base_port, health, restart_node, signal, wait_healthy,
+    cluster_up, free_base_port, health, kill_and_wait_gone, restart_node, signal, wait_healthy,
 };
 
 const EXE: &str = env!("CARGO_BIN_EXE_conclave-it");
@@ -417,7 +417,7 @@ async fn a_subscriber_is_receiving_again_soon_after_its_node_is_killed_and_resta
     let mut pid = file.node[1].pid;
     let mut waits = Vec::new();
     for _ in 0..KILLS {
-        signal(pid, nix::sys::signal::Signal::SIGKILL);
+        kill_and_wait_gone(pid, file.node[1].addr);
         let restarted = restart_node(EXE, &file.node[1].args);
         pid = restarted.id();
         guard.others.push(restarted);

@@ -80,6 +80,8 @@ impl ActorKind {
     /// embedding API, the client protocol, the simulator's workload). Not a domain
     /// actor: each driver hosts it itself.
     pub const GATEWAY: ActorKind = ActorKind(6);
+    /// Every Raft group replica of a node (see [`crate::replication`]).
+    pub const REPLICAS: ActorKind = ActorKind(7);
 }
 
 impl fmt::Debug for ActorKind {
@@ -90,6 +92,7 @@ impl fmt::Debug for ActorKind {
             ActorKind::PEER => f.write_str("peer"),
             ActorKind::OUTBOX => f.write_str("outbox"),
             ActorKind::GATEWAY => f.write_str("gateway"),
+            ActorKind::REPLICAS => f.write_str("replicas"),
             ActorKind(other) => write!(f, "kind{other}"),
         }
     }

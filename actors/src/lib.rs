@@ -14,7 +14,6 @@ pub mod ids;
 pub mod lifecycle;
 pub mod mutation;
 pub mod outbox;
-#[cfg(feature = "replication")]
 pub mod replication;
 pub mod wire;
 

@@ -75,11 +75,24 @@ pub enum Mutation {
     ForwardNonMembers,
     /// A node takes every publish without the user's quota.
     SkipQuota,
+    /// A Raft replica keeps its term and vote in memory only: after a crash it
+    /// may vote a second time in a term, so that two leaders are elected in it.
+    RaftVoteUnpersisted,
+    /// A Raft replica applies entries as soon as it appends them, before they
+    /// are committed (and a leader change may then replace them).
+    RaftApplyUncommitted,
+    /// A Raft replica back with an empty disk votes and campaigns at once,
+    /// though it may have voted in the current term, or acknowledged entries,
+    /// before it lost them.
+    RaftRejoinVotes,
+    /// A Raft log is read back without checking its entries' checksums: a
+    /// flipped bit is served as if it were the entry.
+    RaftSkipChecksum,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 17] = [
+    pub const ALL: [Mutation; 21] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -97,6 +110,10 @@ impl Mutation {
         Mutation::LiveBeforeCaughtUp,
         Mutation::ForwardNonMembers,
         Mutation::SkipQuota,
+        Mutation::RaftVoteUnpersisted,
+        Mutation::RaftApplyUncommitted,
+        Mutation::RaftRejoinVotes,
+        Mutation::RaftSkipChecksum,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -119,6 +136,10 @@ impl Mutation {
             Mutation::LiveBeforeCaughtUp => "live_before_caught_up",
             Mutation::ForwardNonMembers => "forward_non_members",
             Mutation::SkipQuota => "skip_quota",
+            Mutation::RaftVoteUnpersisted => "raft_vote_unpersisted",
+            Mutation::RaftApplyUncommitted => "raft_apply_uncommitted",
+            Mutation::RaftRejoinVotes => "raft_rejoin_votes",
+            Mutation::RaftSkipChecksum => "raft_skip_checksum",
         }
     }
 

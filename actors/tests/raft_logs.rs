@@ -4,8 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use conclave_actors::replication::replica::ELECTION_TICKS;
 use conclave_actors::replication::Replica;
 use conclave_storage::{MemStore, Store};
+use rand_core::SeedableRng;
 use tracing_subscriber::prelude::*;
 
 /// The messages of the events seen.
@@ -31,13 +33,15 @@ fn a_replica_alone_elects_itself_and_raft_rs_says_so_through_tracing() {
     let seen = Seen::default();
     tracing_subscriber::registry().with(seen.clone()).init();
     let store = MemStore::new();
-    let timeout = 10;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
     let mut replica = {
         let txn = store.read().unwrap();
-        Replica::open(&*txn, 1, 1, &[1], timeout).unwrap()
+        Replica::open(&*txn, 1, 1, &[1], &mut rng).unwrap()
     };
-    for _ in 0..=timeout {
+    // The longest election timeout there is, and one tick more.
+    for _ in 0..ELECTION_TICKS.end {
         replica.tick();
+        replica.redraw_timeout(&mut rng);
         let mut txn = store.write().unwrap();
         replica.drive(&mut *txn).unwrap();
         txn.commit().unwrap();

@@ -189,6 +189,7 @@ impl NodeBuilder {
         let (transport, channels) = QuicTransport::<Msg>::start(quic)?;
         let local_addr = transport.local_addr().ok();
         let gateway = Arc::new(Gateway::new(id));
+        let boot = domain.boot(id, store.as_ref())?;
         let runtime = Runtime::start(HostConfig {
             node: id,
             system: NodeSystem {
@@ -201,7 +202,7 @@ impl NodeBuilder {
             incoming: channels.incoming,
         })?;
         let runtime = Arc::new(runtime);
-        for (to, msg) in domain::boot(id, store.as_ref())? {
+        for (to, msg) in boot {
             if let Err(error) = runtime.tell(to, msg) {
                 tracing::warn!(%error, "could not resume an outbox at start");
             }
@@ -993,6 +994,8 @@ impl Gateway {
                 true
             }
             ClientMsg::Revoked { .. } => false,
+            // Counted where it is decided (the replicas actor).
+            ClientMsg::Leading { .. } => from == self.me,
         };
         if !accepted {
             tracing::warn!(node = %from, "gateway message from a node that may not send it; dropped");

@@ -43,6 +43,7 @@ use conclave_actors::domain::{
 use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
 use conclave_actors::lifecycle::{batch_full, Incarnation, Lifecycles, Phase, Turn};
 use conclave_actors::mutation::{self, Mutation};
+use conclave_actors::replication::{Packet, ReplicasMsg};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
 use conclave_storage::{Batch, MemStore, ReadTxn, Store, StoreError};
@@ -245,6 +246,8 @@ pub struct Carried {
     pub key_users: Vec<UserId>,
     /// The room and sender of a publish it forwards to the room's home.
     pub publisher: Option<(RoomId, UserId)>,
+    /// The Raft messages it carries (between replicas actors).
+    pub raft: Vec<Packet>,
 }
 
 /// Network weather: applied to every cross-node message not on a cut link.
@@ -369,6 +372,11 @@ pub struct Cluster {
     /// Connections the transport has reported lost, as (observer, peer) indices.
     lost: BTreeSet<(usize, usize)>,
     replies: BTreeMap<(NodeId, u64), Vec<Outcome>>,
+    /// Every time a node told its gateway it leads a Raft group, as (node, group,
+    /// term), in order.
+    pub leading: Vec<(usize, u64, u64)>,
+    /// The (node, group) whose stored Raft log took a flipped bit.
+    pub flipped: BTreeSet<(usize, u64)>,
     next_request: u64,
     /// Every cross-node message delivered, in order (only if [`Cluster::carry_log`]).
     pub carried: Vec<Carried>,
@@ -406,7 +414,8 @@ impl Cluster {
         identities.sort_by_key(Identity::node_id);
         let domain = identities
             .iter()
-            .fold(Domain::new(config), |d, id| d.with_identity(id.clone()));
+            .fold(Domain::new(config), |d, id| d.with_identity(id.clone()))
+            .with_nodes(identities.iter().map(Identity::node_id));
         let nodes = identities
             .into_iter()
             .enumerate()
@@ -455,6 +464,8 @@ impl Cluster {
             cut: BTreeSet::new(),
             lost: BTreeSet::new(),
             replies: BTreeMap::new(),
+            leading: Vec::new(),
+            flipped: BTreeSet::new(),
             next_request: 0,
             carried: Vec::new(),
             carry_log: true,
@@ -469,6 +480,7 @@ impl Cluster {
         };
         for i in 0..n {
             cluster.begin_run(i);
+            cluster.boot(i);
         }
         cluster
     }
@@ -638,6 +650,10 @@ impl Cluster {
                         epochs: epochs_in(&envelope.msg),
                         key_users: key_users_in(&envelope.msg),
                         publisher: publisher_in(&envelope.msg),
+                        raft: match &envelope.msg {
+                            Msg::Replicas(ReplicasMsg::Raft { packets }) => packets.clone(),
+                            _ => Vec::new(),
+                        },
                     });
                 }
                 // As the runtime does: other nodes reach only a few addresses.
@@ -677,11 +693,19 @@ impl Cluster {
         if to.kind == ActorKind::GATEWAY {
             // Replies are collected; `ClientMsg::Revoked` (close a revoked user's
             // connections) has nothing to close here: clients read stores directly.
-            if let Msg::Client(ClientMsg::Reply { request, outcome }) = msg {
-                self.replies
-                    .entry((to.node, request))
-                    .or_default()
-                    .push(outcome);
+            match msg {
+                Msg::Client(ClientMsg::Reply { request, outcome }) => {
+                    self.replies
+                        .entry((to.node, request))
+                        .or_default()
+                        .push(outcome);
+                }
+                Msg::Client(ClientMsg::Leading { group, term }) => {
+                    self.trace.write_u64(group);
+                    self.trace.write_u64(term);
+                    self.leading.push((i, group, term));
+                }
+                _ => {}
             }
             return;
         }
@@ -1315,6 +1339,11 @@ impl Cluster {
         self.wipe(i);
         self.mark(&format!("reborn n{i}"));
         self.nodes[i].reborn = true;
+        // The driver knows the store is new under an old identity: the node's
+        // Raft groups rejoin (no vote until caught up).
+        self.domain
+            .rejoin(self.nodes[i].id, self.nodes[i].store.as_ref())
+            .expect("the rejoin mark is written");
         self.start(i);
     }
 
@@ -1332,9 +1361,17 @@ impl Cluster {
     fn start(&mut self, i: usize) {
         self.nodes[i].up = true;
         self.nodes[i].busy_until = self.now;
-        let id = self.nodes[i].id;
         self.begin_run(i);
-        let boot = domain::boot(id, self.nodes[i].store.as_ref()).expect("boot reads the store");
+        self.boot(i);
+    }
+
+    /// Sends node `i` the messages of its start ([`Domain::boot`]).
+    fn boot(&mut self, i: usize) {
+        let id = self.nodes[i].id;
+        let boot = self
+            .domain
+            .boot(id, self.nodes[i].store.as_ref())
+            .expect("boot reads the store");
         for (to, msg) in boot {
             self.tell(to, msg);
         }

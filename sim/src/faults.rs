@@ -9,6 +9,7 @@ use conclave_actors::actor::Time;
 use conclave_actors::crypto::{seal_epoch_key, EpochKey};
 use conclave_actors::domain;
 use conclave_actors::ids::{Epoch, RoomId};
+use conclave_actors::replication::log;
 use conclave_actors::{PublicIdentity, UserId};
 use conclave_storage::Store;
 use rand_chacha::ChaCha20Rng;
@@ -91,6 +92,8 @@ pub struct Faults {
     pub lies: u64,
     /// Whom a lie goes to, which epoch it names, and the key itself.
     liar_rng: ChaCha20Rng,
+    /// Which group and entry a bit flip hits.
+    flip_rng: ChaCha20Rng,
 }
 
 impl Faults {
@@ -104,6 +107,41 @@ impl Faults {
             partitions: 0,
             lies: 0,
             liar_rng: derive_rng(o.seed, 0, "liar"),
+            flip_rng: derive_rng(o.seed, 0, "bitflip-at"),
+        }
+    }
+
+    /// Flips one bit of one stored Raft entry of node `i` (down): a group it
+    /// replicates and an index of its log, drawn.
+    fn flip_bit(&mut self, c: &mut Cluster, i: usize) {
+        let Some(config) = c.config().replication else {
+            return;
+        };
+        let mut nodes: Vec<_> = c.nodes.iter().map(|n| n.id).collect();
+        nodes.sort();
+        let groups = config.groups_of(&nodes, c.nodes[i].id);
+        if groups.is_empty() {
+            return;
+        }
+        let group = groups[(self.flip_rng.next_u64() % groups.len() as u64) as usize];
+        let store = &c.nodes[i].store;
+        let Ok(hard) = store
+            .read()
+            .map_err(|_| ())
+            .and_then(|t| log::hard_state(&*t, group).map_err(|_| ()))
+        else {
+            return;
+        };
+        let index = 1 + self.flip_rng.next_u64() % hard.commit.max(1);
+        let bit = self.flip_rng.next_u64() as u32;
+        let flipped = store.write().map_err(|_| ()).and_then(|mut txn| {
+            let flipped = log::flip_bit(&mut *txn, group, index, bit).map_err(|_| ())?;
+            txn.commit().map_err(|_| ())?;
+            Ok(flipped)
+        });
+        if flipped == Ok(true) {
+            c.mark(&format!("bit flip n{i} group {group} entry {index}"));
+            c.flipped.insert((i, group));
         }
     }
 
@@ -127,6 +165,9 @@ impl Faults {
             }
             Fault::Restart(i) => {
                 if !c.nodes[i].up && !c.nodes[i].wiped {
+                    if o.bitflips == Some(i) {
+                        self.flip_bit(c, i);
+                    }
                     restart(c, o, i);
                     return Applied::Restarted(i);
                 }
@@ -355,6 +396,9 @@ fn connect_to_live(c: &mut Cluster, o: &Options, i: usize) {
     }
 }
 
+/// How many times the node whose disk flips bits crashes and comes back.
+const BITFLIP_CRASHES: usize = 3;
+
 /// The seed's fault plan: when each fault happens, relative to the start of the
 /// chaos. The draws happen in a fixed order (partitions, crashes, the wipe) so a
 /// seed always gives the same plan.
@@ -382,6 +426,18 @@ pub fn plan(o: &Options) -> Vec<(Duration, Fault)> {
         let chaos = u64::try_from(o.chaos.as_micros()).unwrap_or(0);
         let at = Duration::from_micros(between(&mut rng, chaos / 4, chaos * 3 / 4));
         faults.push((at, Fault::Reborn(node)));
+    }
+    if let Some(victim) = o.bitflips {
+        // A stream of its own: the other faults stay what they were. The victim
+        // crashes a few times and comes back with a flipped bit each time.
+        let mut rng = derive_rng(o.seed, 0, "bitflip-plan");
+        let chaos = u64::try_from(o.chaos.as_micros()).unwrap_or(0);
+        for _ in 0..BITFLIP_CRASHES {
+            let at = Duration::from_micros(between(&mut rng, chaos / 8, chaos * 7 / 8));
+            let down = Duration::from_millis(between(&mut rng, 10, 1_000));
+            faults.push((at, Fault::Crash(victim)));
+            faults.push((at + down, Fault::Restart(victim)));
+        }
     }
     if let Some(lies) = o.lies {
         let mut t = Duration::ZERO;

@@ -13,6 +13,7 @@ pub mod hash;
 pub mod model;
 pub mod options;
 pub mod oracle;
+pub mod probes;
 pub mod run;
 pub mod workload;
 

@@ -236,6 +236,8 @@ impl Sweep {
         t.read += s.read;
         t.crashes += s.crashes;
         t.partitions += s.partitions;
+        t.raft_terms += s.raft_terms;
+        t.raft_entries += s.raft_entries;
         if report.options.wipe {
             self.wiped += 1;
         }
@@ -261,6 +263,10 @@ impl Sweep {
         println!(
             "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay); {} keys slipped to users by their own node, {} keys refused by clients",
             t.crashes, t.partitions, self.wiped, t.lies, t.refused
+        );
+        println!(
+            "raft: {} leader terms, {} entries committed (through every node's groups)",
+            t.raft_terms, t.raft_entries
         );
         println!(
             "speed: {:.1} seeds/s; {:.0} virtual seconds in {:.1} wall seconds = {:.0} virtual s per wall s; {:.0} events/s ({:.0} messages handled/s)",
@@ -340,6 +346,10 @@ fn replay(
         s.partitions,
         s.lies,
         s.refused
+    );
+    println!(
+        "raft: {} leader terms, {} entries committed",
+        s.raft_terms, s.raft_entries
     );
     for note in &report.notes {
         println!("note: {note}");

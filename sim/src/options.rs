@@ -8,6 +8,7 @@ use core::time::Duration;
 use conclave_actors::domain::quota::PublishQuota;
 use conclave_actors::domain::{DomainConfig, EPOCH_FRAMES_MAX};
 use conclave_actors::mutation::Mutation;
+use conclave_actors::replication::Replication;
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 
@@ -84,6 +85,9 @@ pub struct Options {
     /// Whether one node comes back with an empty store under the same identity
     /// (a disk replaced, a data directory deleted) during the chaos.
     pub reborn: bool,
+    /// The node whose disk flips a bit in a stored Raft entry each time it
+    /// restarts (it must repair its log from the other replicas), if any.
+    pub bitflips: Option<usize>,
     /// Nodes lying to their own clients, if on.
     pub lies: Option<Lies>,
     /// Whether nodes' admins revoke users now and then (their rooms must evict
@@ -294,6 +298,17 @@ fn draw_reborn(seed: u64, nodes: usize) -> bool {
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
+/// before disks flipped bits: a quarter of the seeds without another lost disk
+/// pick one node (a minority of every group) whose Raft log takes a flipped bit
+/// at each restart.
+fn draw_bitflips(seed: u64, nodes: usize, disk_lost: bool) -> Option<usize> {
+    let mut rng = derive_rng(seed, 0, "bitflips");
+    let on = between(&mut rng, 0, 3) == 0;
+    let victim = between(&mut rng, 0, nodes as u64 - 1) as usize;
+    (on && !disk_lost && nodes >= 3).then_some(victim)
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
 /// before new member nodes pulled their history: half the seeds send it in pages
 /// of 1 to 8 frames, so that catching up takes many pages, under the faults.
 fn draw_history_page(seed: u64) -> usize {
@@ -302,6 +317,21 @@ fn draw_history_page(seed: u64) -> usize {
         between(&mut rng, 1, 8) as usize
     } else {
         conclave_actors::domain::state::rooms::BACKFILL_PAGE_FRAMES
+    }
+}
+
+/// Drawn from a stream of its own, so that every other option stays what it was
+/// before replication: every seed runs Raft groups (one meta group and 1 to 4
+/// shards, each on three nodes, or on five in a fifth of the seeds), ticking
+/// every 20 to 100 ms.
+fn draw_replication(seed: u64) -> Replication {
+    let mut rng = derive_rng(seed, 0, "replication");
+    let shards = between(&mut rng, 1, 4) as u16;
+    let factor = if between(&mut rng, 0, 4) == 0 { 5 } else { 3 };
+    Replication {
+        shards,
+        factor,
+        tick: ms(&mut rng, 20, 100),
     }
 }
 
@@ -363,6 +393,7 @@ impl Options {
             draw_workload(&mut rng);
         let mut domain = draw_domain(&mut rng);
         domain.history_page_frames = draw_history_page(seed);
+        domain.replication = Some(draw_replication(seed));
         let hostile = draw_hostile(seed);
         if let Some(quota) = hostile {
             domain.publish_quota = quota;
@@ -379,6 +410,7 @@ impl Options {
             crashes,
             wipe,
             reborn: draw_reborn(seed, nodes),
+            bitflips: draw_bitflips(seed, nodes, wipe || draw_reborn(seed, nodes)),
             lies: draw_lies(seed),
             revocations: draw_revocations(seed),
             hostile: hostile.is_some(),
@@ -474,6 +506,10 @@ impl Options {
             "  node back with an empty disk under its identity: {}",
             on_off(self.reborn)
         )?;
+        match self.bitflips {
+            Some(n) => writeln!(f, "  bit flips in the Raft log of n{n} at each restart")?,
+            None => writeln!(f, "  bit flips: off")?,
+        }
         match self.lies {
             Some(l) => writeln!(
                 f,
@@ -542,6 +578,13 @@ impl Options {
             "  timing: outbox retries from {:?} up to {:?}, idle actors passivate after {:?}, an epoch carries at most {} frames, history pages of {} frames",
             self.domain.retry_base, self.domain.retry_max, self.domain.idle, self.domain.epoch_frames_max, self.domain.history_page_frames
         )?;
+        if let Some(r) = self.domain.replication {
+            writeln!(
+                f,
+                "  replication: a meta group and {} shards, each on {} nodes, a Raft tick every {:?}",
+                r.shards, r.factor, r.tick
+            )?;
+        }
         Ok(())
     }
 }

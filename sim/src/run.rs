@@ -32,7 +32,10 @@ use crate::faults::{Applied, Faults};
 use crate::model::Model;
 use crate::options::Options;
 use crate::oracle::{durability, Checks, Phase, View};
+use crate::probes::Probes;
 use crate::workload::{Env, Roster, User, Workload};
+use conclave_actors::replication::log;
+use conclave_storage::Store as _;
 
 pub use crate::oracle;
 pub use crate::oracle::liveness::LIVENESS_BOUND;
@@ -94,6 +97,10 @@ pub struct Stats {
     pub lies: u64,
     /// Keys clients refused (lies, and keys that came before their chain).
     pub refused: u64,
+    /// Terms in which some node led a Raft group.
+    pub raft_terms: u64,
+    /// Raft entries committed (every group's highest stored commit index).
+    pub raft_entries: u64,
 }
 
 /// The result of one run.
@@ -174,6 +181,27 @@ struct Sim {
     workload: Workload,
     faults: Faults,
     checks: Checks,
+    probes: Probes,
+}
+
+/// Every group's highest commit index on any node's disk, summed.
+fn raft_committed(c: &Cluster) -> u64 {
+    let Some(config) = c.config().replication else {
+        return 0;
+    };
+    config
+        .groups()
+        .map(|group| {
+            c.nodes
+                .iter()
+                .filter_map(|n| {
+                    let txn = n.store.read().ok()?;
+                    log::hard_state(&*txn, group).ok().map(|h| h.commit)
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 impl Sim {
@@ -204,6 +232,7 @@ impl Sim {
                 c.nodes[n].cost = cost;
             }
         }
+        let o_seed = o.seed;
         Sim {
             workload: Workload::new(&o),
             faults: Faults::new(&o),
@@ -212,6 +241,7 @@ impl Sim {
             model: Model::default(),
             roster: Roster::default(),
             checks: Checks::new(),
+            probes: Probes::new(o_seed),
         }
     }
 
@@ -244,6 +274,8 @@ impl Sim {
             partitions: self.faults.partitions,
             lies: self.faults.lies,
             refused: self.workload.refused,
+            raft_terms: self.c.leading.len() as u64,
+            raft_entries: raft_committed(&self.c),
         }
     }
 
@@ -474,6 +506,7 @@ impl Sim {
             } else {
                 let (workload, mut env) = self.env();
                 workload.step(&mut env);
+                self.probes.step(&mut self.c);
                 next_step = next_step.saturating_add(around(self.workload.rng(), step_every));
             }
             if self.failed() {
@@ -486,6 +519,12 @@ impl Sim {
         match self.faults.apply_next(&mut self.c, &self.o, &self.roster) {
             Applied::Done => {}
             Applied::Restarted(i) => {
+                let (model, roster) = (&self.model, &self.roster);
+                self.checks
+                    .round(&mut self.c, model, roster, |o, view| o.on_restart(view, i));
+                if self.failed() {
+                    return;
+                }
                 // A home that restarts must still hold everything it committed.
                 let homed: Vec<RoomId> = self
                     .model

@@ -574,6 +574,14 @@ pub enum ClientMsg {
         /// The user.
         user: UserId,
     },
+    /// This node leads Raft group `group` in `term` (counted; the simulator
+    /// checks that no two nodes lead one group in one term).
+    Leading {
+        /// The group.
+        group: u64,
+        /// The term.
+        term: u64,
+    },
 }
 
 /// What travels through an outbox: the messages that change state on another node.
@@ -633,6 +641,7 @@ crate::message_union! {
         Peer(PeerMsg),
         Outbox(OutboxMsg),
         Client(ClientMsg),
+        Replicas(crate::replication::ReplicasMsg),
     }
 }
 
@@ -667,6 +676,10 @@ pub struct DomainConfig {
     /// [`state::rooms::BACKFILL_PAGE_FRAMES`]; the simulator draws small pages so
     /// that catching up takes many).
     pub history_page_frames: usize,
+    /// How the cluster's Raft groups are laid out; `None`: no replication (the
+    /// replicas actor is not started). Needs [`Domain::nodes`] and the
+    /// `replication` feature.
+    pub replication: Option<crate::replication::Replication>,
 }
 
 /// An outbox's first resend delay, by default.
@@ -689,6 +702,7 @@ impl Default for DomainConfig {
             epoch_frames_max: EPOCH_FRAMES_MAX,
             publish_quota: quota::PublishQuota::default(),
             history_page_frames: state::rooms::BACKFILL_PAGE_FRAMES,
+            replication: None,
         }
     }
 }
@@ -759,8 +773,65 @@ impl Domain {
             (ActorKind::OUTBOX, ActorKey::Node(dest)) if dest != addr.node => {
                 Some(Box::new(Outbox::activate(dest, self.config, cx)))
             }
+            #[cfg(feature = "replication")]
+            (ActorKind::REPLICAS, ActorKey::Unit) => {
+                let config = self.config.replication?;
+                let nodes = self.cluster()?;
+                let replicas = crate::replication::host::Replicas::activate(config, nodes, cx)?;
+                Some(Box::new(replicas))
+            }
             _ => None,
         }
+    }
+
+    /// The messages a driver sends when node `node` starts: [`boot`]'s, and the
+    /// first tick of its replicas actor when replication is on (each tick
+    /// schedules the next, so there is one clock per run).
+    pub fn boot(
+        &self,
+        node: NodeId,
+        store: &dyn conclave_storage::Store,
+    ) -> Result<Vec<(ActorRef, Msg)>, conclave_storage::StoreError> {
+        let mut out = boot(node, store)?;
+        if self.config.replication.is_some() && cfg!(feature = "replication") {
+            let replicas = ActorRef::new(node, ActorKind::REPLICAS, ActorKey::Unit);
+            out.push((
+                replicas,
+                Msg::Replicas(crate::replication::ReplicasMsg::Tick),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Marks every Raft group `node` replicates as rejoining: its store is new,
+    /// but the node (its identity) was in the cluster before, and may have voted
+    /// or held entries it no longer remembers (see
+    /// [`crate::replication::host`]). The driver calls it before the node's first
+    /// start on such a store.
+    #[cfg(feature = "replication")]
+    pub fn rejoin(
+        &self,
+        node: NodeId,
+        store: &dyn conclave_storage::Store,
+    ) -> Result<(), crate::replication::LogError> {
+        let (Some(config), Some(nodes)) = (self.config.replication, self.cluster()) else {
+            return Ok(());
+        };
+        let mut txn = store.write()?;
+        crate::replication::log::begin_rejoin(&mut *txn, config.groups_of(&nodes, node))?;
+        Ok(txn.commit()?)
+    }
+
+    /// The whole cluster, sorted: the known nodes and this one (`None` when the
+    /// nodes are not known).
+    pub fn cluster(&self) -> Option<std::sync::Arc<[NodeId]>> {
+        let nodes = self.nodes.as_ref()?;
+        let all: std::collections::BTreeSet<NodeId> = nodes
+            .iter()
+            .chain(self.identities.keys())
+            .copied()
+            .collect();
+        Some(all.into_iter().collect())
     }
 }
 
@@ -777,6 +848,9 @@ impl Domain {
                 to.key == ActorKey::Node(from.node) && from.key == ActorKey::Node(to.node)
             }
             (ActorKind::ROOM, ActorKind::GATEWAY) => to.key == ActorKey::Unit,
+            (ActorKind::REPLICAS, ActorKind::REPLICAS) => {
+                from.key == ActorKey::Unit && to.key == ActorKey::Unit
+            }
             _ => false,
         }
     }

@@ -1,21 +1,36 @@
-//! Replication, its first step (issue 15): one Raft group driven sans-IO.
+//! Replication on Raft (issue 15, in progress): raft-rs's `RawNode` driven
+//! sans-IO, every group a node replicates hosted in one actor.
 //!
 //! raft-rs (`RawNode`) decides; this module feeds it ticks and messages, writes
-//! what it must persist (entries, hard state) into the caller's write transaction
-//! and hands back the messages to send and the committed entries to apply. The
-//! caller sends the messages only after that transaction committed (the driver
+//! what it must persist (entries, hard state) into the driver's write
+//! transaction and hands back the messages to send and the committed entries to
+//! apply. The messages leave only after that transaction committed (the driver
 //! releases effects after the group commit), which satisfies raft-rs's rule that
 //! messages of a `Ready` be sent only after its entries and hard state are
 //! durable. Nothing here reads a clock or the OS's randomness: raft-rs draws an
 //! election timeout from `[min_election_tick, max_election_tick)`, and a replica is
-//! given a range of one value, drawn by its caller from a seeded rng.
+//! given a range of one value, drawn from the actor's `cx.rng()`.
 //!
-//! Not yet here (the next steps of the issue): hosting a group in an actor, the
-//! wire messages between replicas, log compaction and snapshots, membership
-//! changes, shards of rooms, and the simulator's Raft oracles.
+//! - [`layout`]: the groups (one meta group, a fixed number of shards), which
+//!   nodes replicate each, and the messages between replicas actors. Compiled in
+//!   every build.
+//! - `log`, `replica`, `host` (feature `replication`): the stored log, one
+//!   replica, and the actor hosting a node's replicas.
+//!
+//! Not yet here (the next steps of the issue): rooms and the user registry on
+//! the groups, log compaction and snapshots, membership changes, repair of a
+//! corrupt entry from other replicas.
 
+#[cfg(feature = "replication")]
+pub mod host;
+pub mod layout;
+#[cfg(feature = "replication")]
 pub mod log;
+#[cfg(feature = "replication")]
 pub mod replica;
 
+pub use layout::{Packet, ReplicasMsg, Replication, META_GROUP};
+#[cfg(feature = "replication")]
 pub use log::LogError;
+#[cfg(feature = "replication")]
 pub use replica::{Output, Replica, ReplicaError};

@@ -2,17 +2,28 @@
 //! log, driven by its caller (see the module docs of [`super`]).
 
 use conclave_storage::{ReadTxn, WriteTxn};
-use raft::prelude::{Entry, EntryType, Message};
+use raft::prelude::{Entry, EntryType, Message, MessageType};
 use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole};
+use rand_core::CryptoRng;
 
+use super::layout::{HEARTBEAT_TICKS, PROPOSAL_BYTES_MAX};
 use super::log::{self, LogError};
+use crate::mutation::{self, Mutation};
 
-/// How many ticks a leader waits between heartbeats.
-pub const HEARTBEAT_TICKS: usize = 2;
+/// The most bytes of entries one append message carries (one entry alone may
+/// pass it, up to [`PROPOSAL_BYTES_MAX`]).
+const APPEND_BYTES_MAX: u64 = 256 * 1024;
 
-/// The range an election timeout is drawn from, in ticks (ten heartbeats at
-/// least, so that a leader's heartbeats keep followers quiet).
+/// The most append messages a leader has in flight to one follower.
+const INFLIGHT_APPENDS_MAX: usize = 64;
+
+/// The range an election timeout is drawn from, in ticks (five heartbeats at
+/// least, so that a leader's heartbeats keep followers quiet). raft-rs draws a
+/// new one from the OS at every change of term or role; the replica replaces it
+/// at once with one drawn from its caller's seeded rng (see
+/// [`Replica::redraw_timeout`]), so that candidates that collided once do not
+/// collide for ever and a seed still decides everything.
 pub const ELECTION_TICKS: core::ops::Range<usize> = 10..20;
 
 /// The most `Ready` rounds one [`Replica::drive`] handles (what is left waits for
@@ -71,24 +82,21 @@ pub struct Replica {
     group: u64,
     node: RawNode<MemStorage>,
     memory: MemStorage,
+    /// The term and role its election timeout was last drawn for.
+    drawn_for: (u64, StateRole),
 }
 
 impl Replica {
     /// Opens replica `id` of `group` from what `txn` holds; a group with nothing
-    /// stored starts with `voters` (the same on every replica). `election_ticks`
-    /// is this replica's election timeout, drawn by the caller from
-    /// [`ELECTION_TICKS`] with a seeded rng.
+    /// stored starts with `voters` (the same on every replica). Its election
+    /// timeouts are drawn from `rng`.
     pub fn open(
         txn: &dyn ReadTxn,
         group: u64,
         id: u64,
         voters: &[u64],
-        election_ticks: usize,
+        rng: &mut dyn CryptoRng,
     ) -> Result<Self, ReplicaError> {
-        assert!(
-            ELECTION_TICKS.contains(&election_ticks),
-            "an election timeout in range"
-        );
         let memory = match log::load(txn, group)? {
             Some(memory) => memory,
             None => MemStorage::new(),
@@ -98,25 +106,48 @@ impl Replica {
             .set_conf_state(raft::prelude::ConfState::from((voters.to_vec(), vec![])));
         let config = Config {
             id,
-            election_tick: election_ticks,
+            election_tick: ELECTION_TICKS.start,
             heartbeat_tick: HEARTBEAT_TICKS,
-            // One value, so raft-rs draws nothing from the OS.
-            min_election_tick: election_ticks,
-            max_election_tick: election_ticks + 1,
+            min_election_tick: ELECTION_TICKS.start,
+            max_election_tick: ELECTION_TICKS.end,
             pre_vote: true,
             check_quorum: true,
             // Committed entries are applied in the transaction that learns of
             // them, so on a restart none is applied twice.
             applied: memory.rl().hard_state().commit,
+            max_size_per_msg: APPEND_BYTES_MAX,
+            max_inflight_msgs: INFLIGHT_APPENDS_MAX,
             ..Config::default()
         };
         let logger = slog::Logger::root(ToTracing, slog::o!("group" => group));
         let node = RawNode::new(&config, memory.clone(), &logger)?;
-        Ok(Replica {
+        let mut replica = Replica {
             group,
             node,
             memory,
-        })
+            drawn_for: (0, StateRole::Follower),
+        };
+        replica.draw_timeout(rng);
+        Ok(replica)
+    }
+
+    /// Replaces the election timeout raft-rs drew (from the OS) when the term
+    /// or role changed since the last draw; call it after every
+    /// [`Replica::tick`] and [`Replica::step`]. raft-rs draws at every change of
+    /// term or role and only then, so the timeout in force is always one drawn
+    /// from `rng`.
+    pub fn redraw_timeout(&mut self, rng: &mut dyn CryptoRng) {
+        let now = (self.node.raft.term, self.node.raft.state);
+        if now != self.drawn_for {
+            self.draw_timeout(rng);
+        }
+    }
+
+    fn draw_timeout(&mut self, rng: &mut dyn CryptoRng) {
+        let span = (ELECTION_TICKS.end - ELECTION_TICKS.start) as u64;
+        let ticks = ELECTION_TICKS.start + (rng.next_u64() % span) as usize;
+        self.node.raft.set_randomized_election_timeout(ticks);
+        self.drawn_for = (self.node.raft.term, self.node.raft.state);
     }
 
     /// One tick of its clock (the caller's timer).
@@ -124,14 +155,62 @@ impl Replica {
         self.node.tick();
     }
 
-    /// A message from another replica of the group.
-    pub fn step(&mut self, message: Message) -> Result<(), ReplicaError> {
+    /// A message from another replica of the group. A heartbeat's commit index
+    /// is cut to this replica's last index: raft-rs panics on one beyond it,
+    /// which only a replica that lost its log (or a node that lies) would see.
+    /// Snapshots are refused (none is ever sent yet).
+    pub fn step(&mut self, mut message: Message) -> Result<(), ReplicaError> {
+        match message.msg_type() {
+            MessageType::MsgSnapshot => return Err(ReplicaError::Unsupported("snapshots")),
+            MessageType::MsgHeartbeat => {
+                message.commit = message.commit.min(self.last_index());
+            }
+            _ => {}
+        }
         Ok(self.node.step(message)?)
     }
 
-    /// Proposes `data` (refused unless this replica leads).
+    /// The index of the last entry of its log.
+    pub fn last_index(&self) -> u64 {
+        self.node.raft.raft_log.last_index()
+    }
+
+    /// As leader: forgets what replica `id` acknowledged (it lost its store), so
+    /// that it is sent the log again from the start. Returns whether it leads.
+    pub fn reset_follower(&mut self, id: u64) -> bool {
+        if !self.is_leader() || id == self.node.raft.id {
+            return false;
+        }
+        if let Some(progress) = self.node.raft.mut_prs().get_mut(id) {
+            progress.matched = 0;
+            progress.become_probe();
+        }
+        true
+    }
+
+    /// Proposes `data` (forwarded to the leader by a follower that knows one;
+    /// refused when no leader is known or `data` is too large).
     pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ReplicaError> {
+        if data.len() > PROPOSAL_BYTES_MAX {
+            return Err(ReplicaError::Raft(raft::Error::ProposalDropped));
+        }
         Ok(self.node.propose(Vec::new(), data)?)
+    }
+
+    /// The highest index it knows committed.
+    pub fn commit(&self) -> u64 {
+        self.node.raft.raft_log.committed
+    }
+
+    /// Records a vote for the leader it follows, if it has none in this term: a
+    /// replica back with an empty store may have voted in this term before, for
+    /// this leader or for a loser; recording the leader keeps it from giving a
+    /// second vote in the term.
+    pub fn vote_for_leader(&mut self) {
+        let raft = &mut self.node.raft;
+        if raft.vote == raft::INVALID_ID && raft.leader_id != raft::INVALID_ID {
+            raft.vote = raft.leader_id;
+        }
     }
 
     /// The leader this replica knows of, if any.
@@ -177,11 +256,18 @@ impl Replica {
             return Err(ReplicaError::Unsupported("snapshots"));
         }
         out.messages.extend(ready.take_messages());
-        out.committed.extend(ready.take_committed_entries());
+        if mutation::active(Mutation::RaftApplyUncommitted) {
+            // Broken on purpose: what is appended is applied at once, committed
+            // or not (and what commits later is not applied again).
+            out.committed.extend(ready.entries().iter().cloned());
+            let _ = ready.take_committed_entries();
+        } else {
+            out.committed.extend(ready.take_committed_entries());
+        }
         log::append(txn, self.group, ready.entries())?;
         self.memory.wl().append(ready.entries())?;
         if let Some(hard) = ready.hs() {
-            log::set_hard_state(txn, self.group, hard)?;
+            persist_hard_state(txn, self.group, hard)?;
             self.memory.wl().set_hardstate(hard.clone());
         }
         out.messages.extend(ready.take_persisted_messages());
@@ -189,10 +275,13 @@ impl Replica {
         if let Some(commit) = light.commit_index() {
             let mut core = self.memory.wl();
             core.mut_hard_state().commit = commit;
-            log::set_hard_state(txn, self.group, core.hard_state())?;
+            persist_hard_state(txn, self.group, core.hard_state())?;
         }
         out.messages.extend(light.take_messages());
-        out.committed.extend(light.take_committed_entries());
+        let committed = light.take_committed_entries();
+        if !mutation::active(Mutation::RaftApplyUncommitted) {
+            out.committed.extend(committed);
+        }
         if out
             .committed
             .iter()
@@ -205,13 +294,28 @@ impl Replica {
     }
 }
 
+/// Writes `hard` as `group`'s hard state.
+fn persist_hard_state(
+    txn: &mut dyn WriteTxn,
+    group: u64,
+    hard: &raft::prelude::HardState,
+) -> Result<(), LogError> {
+    let mut stored = hard.clone();
+    if mutation::active(Mutation::RaftVoteUnpersisted) {
+        // Broken on purpose: term and vote stay in memory only.
+        let before = log::hard_state(&*txn, group)?;
+        (stored.term, stored.vote) = (before.term, before.vote);
+    }
+    log::set_hard_state(txn, group, &stored)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
     use conclave_storage::{MemStore, Store};
     use rand_chacha::ChaCha20Rng;
-    use rand_core::{Rng, SeedableRng};
+    use rand_core::SeedableRng;
 
     use super::*;
 
@@ -223,7 +327,8 @@ mod tests {
     struct Group {
         stores: Vec<MemStore>,
         replicas: Vec<Option<Replica>>,
-        timeouts: Vec<usize>,
+        /// Each replica's seeded random source.
+        rngs: Vec<ChaCha20Rng>,
         wire: VecDeque<Message>,
         applied: Vec<Vec<Vec<u8>>>,
         /// Every (term, leader) seen.
@@ -232,17 +337,15 @@ mod tests {
 
     impl Group {
         fn new(seed: u64) -> Self {
-            let mut rng = ChaCha20Rng::seed_from_u64(seed);
-            let span = (ELECTION_TICKS.end - ELECTION_TICKS.start) as u64;
-            let timeouts: Vec<usize> = VOTERS
+            let rngs = VOTERS
                 .iter()
-                .map(|_| ELECTION_TICKS.start + (rng.next_u64() % span) as usize)
+                .map(|&v| ChaCha20Rng::seed_from_u64(seed * 16 + v))
                 .collect();
             let stores: Vec<MemStore> = VOTERS.iter().map(|_| MemStore::new()).collect();
             let mut group = Group {
                 stores,
                 replicas: Vec::new(),
-                timeouts,
+                rngs,
                 wire: VecDeque::new(),
                 applied: vec![Vec::new(); VOTERS.len()],
                 leaders: BTreeSet::new(),
@@ -251,9 +354,9 @@ mod tests {
             group
         }
 
-        fn open(&self, i: usize) -> Replica {
+        fn open(&mut self, i: usize) -> Replica {
             let txn = self.stores[i].read().unwrap();
-            Replica::open(&*txn, GROUP, VOTERS[i], &VOTERS, self.timeouts[i]).unwrap()
+            Replica::open(&*txn, GROUP, VOTERS[i], &VOTERS, &mut self.rngs[i]).unwrap()
         }
 
         /// Persists what replica `i` has ready, applies and queues what it gives.
@@ -277,6 +380,7 @@ mod tests {
             for i in 0..VOTERS.len() {
                 if let Some(replica) = self.replicas[i].as_mut() {
                     replica.tick();
+                    replica.redraw_timeout(&mut self.rngs[i]);
                 }
                 self.drive(i);
             }
@@ -284,6 +388,7 @@ mod tests {
                 let i = VOTERS.iter().position(|&v| v == message.to).unwrap();
                 if let Some(replica) = self.replicas[i].as_mut() {
                     replica.step(message).unwrap();
+                    replica.redraw_timeout(&mut self.rngs[i]);
                     self.drive(i);
                 }
             }
@@ -358,7 +463,8 @@ mod tests {
         for _ in 0..3 {
             group.round();
         }
-        group.replicas[follower] = Some(group.open(follower));
+        let reopened = group.open(follower);
+        group.replicas[follower] = Some(reopened);
         for _ in 0..30 {
             group.round();
         }

@@ -29,6 +29,7 @@ pub mod epoch;
 pub mod leak;
 pub mod liveness;
 pub mod order;
+pub mod raft;
 
 /// No committed frame is lost or replaced, across any crash.
 pub const DURABILITY: &str = "durability";
@@ -54,13 +55,18 @@ pub const LIVENESS: &str = "liveness";
 /// it has; every node's chain is a prefix of the home's, which verifies and lists
 /// the home's members; no epoch carries more frames than the bound.
 pub const CHAIN: &str = "chain";
+/// The replication groups keep Raft's promises: one leader per term, one vote
+/// per node and term, nothing stored goes back across a crash, committed entries
+/// never change, what is applied is committed, and groups converge once faults
+/// stop.
+pub const RAFT: &str = "raft";
 /// The fault-free setup did not complete (a bug, or a mutation that breaks
 /// even the fault-free path).
 pub const SETUP: &str = "setup";
 
 /// Every oracle, in the order [`Checks`] asks them.
-pub const ORACLES: [&str; 9] = [
-    DURABILITY, ORDER, LEAK, EPOCH, AUTHZ, ABUSE, DECRYPT, CHAIN, LIVENESS,
+pub const ORACLES: [&str; 10] = [
+    DURABILITY, ORDER, LEAK, EPOCH, AUTHZ, ABUSE, DECRYPT, CHAIN, RAFT, LIVENESS,
 ];
 
 /// What the oracles may read: the cluster, the model and what the workload made.
@@ -283,6 +289,11 @@ pub trait Oracle {
         Verdict::Holds
     }
 
+    /// Node `node` restarted from its store (not after a wipe).
+    fn on_restart(&mut self, _view: &View<'_>, _node: usize) -> Verdict {
+        Verdict::Holds
+    }
+
     /// Every fault has stopped and another slice of time has run.
     fn on_settling(&mut self, _view: &View<'_>) -> Verdict {
         Verdict::Holds
@@ -328,6 +339,7 @@ impl Checks {
             Box::new(abuse::Abuse::default()),
             Box::new(decrypt::Decrypt::default()),
             Box::new(chain::ChainOracle::default()),
+            Box::new(raft::RaftOracle::default()),
             Box::new(liveness::Liveness::default()),
         ];
         let names: Vec<&str> = oracles.iter().map(|o| o.name()).collect();

@@ -1,0 +1,414 @@
+//! A node's replicas actor (`REPLICAS`, unit): every Raft group the node
+//! replicates, in one actor.
+//!
+//! - **Clock.** A timer ([`Replication::tick`]) ticks every group; a group whose
+//!   store was lost (rejoining) is not ticked, so it never campaigns.
+//! - **Persistence.** Each turn drives every group into one write transaction of
+//!   the driver's batch: entries, hard states and what was applied go to disk in
+//!   the batch's one commit.
+//! - **Sending.** The messages of all groups for one node leave as one
+//!   [`ReplicasMsg::Raft`], through [`Context::send`]: the driver releases it only
+//!   after the batch is durable, which is raft-rs's rule for what a `Ready` sends.
+//!   Raft tolerates loss, so nothing goes through the durable outboxes.
+//! - **Checks.** A packet is stepped only if its group is one both nodes
+//!   replicate, it names this node as receiver and its sender is the node the
+//!   transport authenticated.
+//! - **Rejoining.** A node whose store was lost under the same identity
+//!   ([`log::begin_rejoin`]) neither votes nor campaigns in a group until its
+//!   commit index reaches the one a leader announced to it, and records a vote for
+//!   that leader, so that it never votes twice in a term it may have voted in.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use conclave_storage::WriteTxn;
+use prost::Message as _;
+use raft::prelude::{Message, MessageType};
+
+use super::layout::{
+    node_of, raft_id, Packet, ReplicasMsg, Replication, PACKETS_BYTES_MAX, SHARDS_MAX,
+};
+use super::log::{self, LogError};
+use super::replica::{Replica, ReplicaError};
+use crate::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, System};
+use crate::domain::{gateway_of, ClientMsg, Msg};
+use crate::ids::NodeId;
+use crate::mutation::{self, Mutation};
+
+/// The address of `node`'s replicas actor.
+pub fn replicas_of(node: NodeId) -> ActorRef {
+    ActorRef::new(node, ActorKind::REPLICAS, ActorKey::Unit)
+}
+
+/// One group as this node holds it.
+struct Group {
+    replica: Replica,
+    /// The Raft ids of its voters.
+    voters: Vec<u64>,
+    /// Rejoining: the commit index to reach (0: no leader heard yet).
+    rejoining: Option<u64>,
+    /// The term in which it last told the gateway it leads.
+    announced: u64,
+}
+
+/// Every group this node replicates.
+pub struct Replicas {
+    config: Replication,
+    /// The cluster, sorted.
+    nodes: Arc<[NodeId]>,
+    me: u64,
+    groups: BTreeMap<u64, Group>,
+    /// Groups whose stored log did not verify: repaired at the next turn.
+    corrupt: std::collections::BTreeSet<u64>,
+}
+
+/// Why a turn of the replicas actor failed (its groups are then opened again
+/// from the store, as after a restart).
+#[derive(Debug, thiserror::Error)]
+enum TurnError {
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] conclave_storage::StoreError),
+}
+
+impl Replicas {
+    /// Opens every group `cx.node()` replicates of the cluster `nodes` (sorted).
+    /// `None` if this node is not in `nodes`. The clock starts with the first
+    /// [`ReplicasMsg::Tick`], which [`crate::domain::Domain::boot`] sends.
+    pub fn activate<S: System<Msg = Msg>>(
+        config: Replication,
+        nodes: Arc<[NodeId]>,
+        cx: &mut Context<'_, S>,
+    ) -> Option<Self> {
+        let me = raft_id(&nodes, cx.node())?;
+        let mut replicas = Replicas {
+            config,
+            nodes,
+            me,
+            groups: BTreeMap::new(),
+            corrupt: Default::default(),
+        };
+        replicas.open(cx);
+        Some(replicas)
+    }
+
+    /// (Re)opens every group from the store. A group whose log does not verify
+    /// is left out, reported and counted, and repaired at the next turn
+    /// ([`Replicas::repair`]); one that cannot be opened otherwise is tried again
+    /// at the next activation.
+    fn open<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        let groups = self.config.groups_of(&self.nodes, cx.node());
+        self.groups.clear();
+        self.open_groups(&groups, cx);
+    }
+
+    fn open_groups<S: System<Msg = Msg>>(&mut self, groups: &[u64], cx: &mut Context<'_, S>) {
+        let txn = match cx.store().read() {
+            Ok(txn) => txn,
+            Err(error) => {
+                tracing::error!(%error, "replicas: the store cannot be read; no group runs");
+                return;
+            }
+        };
+        for &group in groups {
+            let voters: Vec<u64> = self
+                .config
+                .replicas(&self.nodes, group)
+                .into_iter()
+                .filter_map(|n| raft_id(&self.nodes, n))
+                .collect();
+            let opened = Replica::open(&*txn, group, self.me, &voters, cx.rng())
+                .and_then(|replica| Ok((replica, log::rejoining(&*txn, group)?)));
+            match opened {
+                Ok((replica, rejoining)) => {
+                    let group_state = Group {
+                        replica,
+                        voters,
+                        rejoining,
+                        announced: 0,
+                    };
+                    self.groups.insert(group, group_state);
+                }
+                Err(ReplicaError::Log(error @ LogError::Corrupt { .. })) => {
+                    tracing::error!(group, %error, "replicas: a group's log does not verify; it is repaired from the other replicas");
+                    metrics::counter!("conclave_raft_corrupt_logs_total").increment(1);
+                    self.corrupt.insert(group);
+                }
+                Err(error) => {
+                    tracing::error!(group, %error, "replicas: a group cannot be opened; it does not run");
+                    metrics::counter!("conclave_raft_groups_unopened_total").increment(1);
+                }
+            }
+        }
+    }
+
+    /// Repairs the groups whose logs did not verify ([`log::repair`]: what
+    /// verifies is kept, the rest comes again from the leader) and opens them.
+    fn repair<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        let groups: Vec<u64> = std::mem::take(&mut self.corrupt).into_iter().collect();
+        let repaired = cx.store().write().map_err(LogError::from).and_then(|mut txn| {
+            for &group in &groups {
+                let from = log::repair(&mut *txn, group)?;
+                tracing::warn!(group, from, "replicas: a log repaired: entries from this index on come again from the leader");
+            }
+            txn.commit().map_err(LogError::from)
+        });
+        if let Err(error) = repaired {
+            tracing::error!(%error, "replicas: a repair failed; tried again at the next turn");
+            self.corrupt.extend(groups);
+            return;
+        }
+        self.open_groups(&groups, cx);
+    }
+
+    /// The Raft id of the node that sent the current message, if it is another
+    /// node's replicas actor.
+    fn remote_sender<S: System>(&self, cx: &Context<'_, S>) -> Option<u64> {
+        let sender = cx.sender()?;
+        let remote = sender.kind == ActorKind::REPLICAS && sender.node != cx.node();
+        remote.then(|| raft_id(&self.nodes, sender.node)).flatten()
+    }
+
+    fn tick(&mut self, rng: &mut dyn rand_core::CryptoRng) {
+        for group in self.groups.values_mut() {
+            // Broken on purpose under the mutation: a rejoining replica campaigns.
+            if group.rejoining.is_none() || mutation::active(Mutation::RaftRejoinVotes) {
+                group.replica.tick();
+                group.replica.redraw_timeout(rng);
+            }
+        }
+    }
+
+    /// Steps what another node sent; what does not check out is dropped and
+    /// counted. Returns the groups whose leader (`from`) must be told that this
+    /// node lost what it acknowledged.
+    fn receive(
+        &mut self,
+        from: u64,
+        packets: Vec<Packet>,
+        rng: &mut dyn rand_core::CryptoRng,
+    ) -> Vec<u64> {
+        let mut rejoined = Vec::new();
+        for packet in packets {
+            let group = packet.group;
+            match self.step(from, packet, rng) {
+                Ok(true) if !rejoined.contains(&group) => rejoined.push(group),
+                Ok(_) => {}
+                Err(reason) => {
+                    tracing::warn!(from, group, reason, "replicas: a raft message dropped");
+                    metrics::counter!("conclave_raft_messages_refused_total", "reason" => reason)
+                        .increment(1);
+                }
+            }
+        }
+        rejoined
+    }
+
+    /// Steps one packet; `true` if its sender leads the group and must be told
+    /// that this node, rejoining, lacks what it acknowledged.
+    fn step(
+        &mut self,
+        from: u64,
+        packet: Packet,
+        rng: &mut dyn rand_core::CryptoRng,
+    ) -> Result<bool, &'static str> {
+        let group = self.groups.get_mut(&packet.group).ok_or("unknown_group")?;
+        let message = Message::decode(&packet.message[..]).map_err(|_| "malformed")?;
+        if message.from != from || message.to != self.me || !group.voters.contains(&from) {
+            return Err("misaddressed");
+        }
+        let mut lacking = false;
+        if let Some(target) = group.rejoining.as_mut() {
+            match message.msg_type() {
+                // It may have voted in these terms before its store was lost.
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                    if !mutation::active(Mutation::RaftRejoinVotes) =>
+                {
+                    return Ok(false)
+                }
+                MessageType::MsgAppend => *target = (*target).max(message.commit),
+                MessageType::MsgHeartbeat => {
+                    lacking = message.commit > group.replica.last_index();
+                }
+                _ => {}
+            }
+        }
+        let stepped = group.replica.step(message);
+        group.replica.redraw_timeout(rng);
+        stepped.map_err(|_| "refused")?;
+        Ok(lacking)
+    }
+
+    /// `from` lost its store: the groups it names that this node leads send it
+    /// their logs again from the start.
+    fn rejoined(&mut self, from: u64, groups: &[u64]) {
+        for id in groups.iter().take(usize::from(SHARDS_MAX) + 1) {
+            if let Some(group) = self.groups.get_mut(id) {
+                if group.voters.contains(&from) && group.replica.reset_follower(from) {
+                    tracing::info!(
+                        group = id,
+                        from,
+                        "replicas: a follower rejoined with an empty store"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Proposes `data` to `group` (a proposal changes neither term nor role, so
+    /// no timeout is drawn).
+    fn propose(&mut self, group: u64, data: Vec<u8>) {
+        let refused = match self.groups.get_mut(&group) {
+            None => Some("unknown_group"),
+            Some(g) if g.rejoining.is_some() => Some("rejoining"),
+            Some(g) => g.replica.propose(data).err().map(|_| "no_leader"),
+        };
+        if let Some(reason) = refused {
+            tracing::debug!(group, reason, "replicas: a proposal refused");
+            metrics::counter!("conclave_raft_proposals_refused_total", "reason" => reason)
+                .increment(1);
+        }
+    }
+
+    /// Persists what every group has ready in one transaction, then sends the
+    /// groups' messages, batched per node (released after the batch's commit).
+    fn drive<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        match self.persist(cx) {
+            Ok(messages) => self.send(messages, cx),
+            Err(error) => {
+                // What the replicas hold in memory is ahead of the store: start
+                // again from the store, as after a crash.
+                tracing::error!(%error, "replicas: a turn failed; the groups are opened again");
+                metrics::counter!("conclave_raft_turns_failed_total").increment(1);
+                self.open(cx);
+            }
+        }
+    }
+
+    fn persist<S: System<Msg = Msg>>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+    ) -> Result<Vec<(u64, Packet)>, TurnError> {
+        let mut txn = cx.store().write()?;
+        let mut messages = Vec::new();
+        let mut led = Vec::new();
+        for (&id, group) in &mut self.groups {
+            // Before the drive, so that a vote it records is persisted with it.
+            caught_up(&mut *txn, id, group)?;
+            let out = group.replica.drive(&mut *txn)?;
+            log::apply(&mut *txn, id, &out.committed)?;
+            messages.extend(out.messages.into_iter().map(|m| {
+                let packet = Packet {
+                    group: id,
+                    message: m.encode_to_vec(),
+                };
+                (m.to, packet)
+            }));
+            let term = group.replica.term();
+            if group.replica.is_leader() && group.announced != term {
+                group.announced = term;
+                led.push((id, term));
+            }
+        }
+        txn.commit()?;
+        for (group, term) in led {
+            tracing::debug!(group, term, "replicas: leading");
+            metrics::counter!("conclave_raft_leader_terms_total").increment(1);
+            cx.send(gateway_of(cx.node()), ClientMsg::Leading { group, term });
+        }
+        Ok(messages)
+    }
+
+    /// Sends `messages`, one [`ReplicasMsg::Raft`] per node and at most
+    /// [`PACKETS_BYTES_MAX`] bytes of packets.
+    fn send<S: System<Msg = Msg>>(&self, messages: Vec<(u64, Packet)>, cx: &mut Context<'_, S>) {
+        let mut by_node: BTreeMap<u64, Vec<Vec<Packet>>> = BTreeMap::new();
+        let mut bytes: BTreeMap<u64, usize> = BTreeMap::new();
+        for (to, packet) in messages {
+            let batches = by_node.entry(to).or_default();
+            let size = bytes.entry(to).or_default();
+            if batches.is_empty() || *size + packet.message.len() > PACKETS_BYTES_MAX {
+                batches.push(Vec::new());
+                *size = 0;
+            }
+            *size += packet.message.len();
+            if let Some(batch) = batches.last_mut() {
+                batch.push(packet);
+            }
+        }
+        for (to, batches) in by_node {
+            let Some(node) = node_of(&self.nodes, to) else {
+                continue;
+            };
+            for packets in batches {
+                cx.send(replicas_of(node), ReplicasMsg::Raft { packets });
+            }
+        }
+    }
+}
+
+/// Ends `group`'s rejoining once its commit index reached what a leader
+/// announced (recording a vote for that leader first; see the module docs), or
+/// records the target it has learned.
+fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<(), LogError> {
+    let Some(target) = group.rejoining else {
+        return Ok(());
+    };
+    if target > 0 && group.replica.commit() >= target {
+        group.replica.vote_for_leader();
+        group.rejoining = None;
+        tracing::info!(
+            group = id,
+            commit = target,
+            "replicas: caught up after rejoining"
+        );
+    }
+    log::set_rejoining(txn, id, group.rejoining)
+}
+
+impl<S: System<Msg = Msg>> Actor<S> for Replicas {
+    type Msg = ReplicasMsg;
+
+    fn handle(&mut self, msg: ReplicasMsg, cx: &mut Context<'_, S>) {
+        if !self.corrupt.is_empty() {
+            self.repair(cx);
+        }
+        match msg {
+            ReplicasMsg::Tick => {
+                if cx.sender().is_some() {
+                    return; // only its own timer ticks it
+                }
+                self.tick(cx.rng());
+                cx.timer(self.config.tick, ReplicasMsg::Tick);
+            }
+            ReplicasMsg::Raft { packets } => {
+                let Some(from) = self.remote_sender(cx) else {
+                    tracing::warn!(sender = ?cx.sender(), "replicas: raft messages not from another node's replicas; dropped");
+                    metrics::counter!("conclave_raft_messages_refused_total", "reason" => "sender")
+                        .increment(1);
+                    return;
+                };
+                let rejoined = self.receive(from, packets, cx.rng());
+                if let (false, Some(leader)) = (rejoined.is_empty(), cx.sender().copied()) {
+                    cx.send(leader, ReplicasMsg::Rejoined { groups: rejoined });
+                }
+            }
+            ReplicasMsg::Rejoined { groups } => {
+                let Some(from) = self.remote_sender(cx) else {
+                    return;
+                };
+                self.rejoined(from, &groups);
+            }
+            ReplicasMsg::Propose { group, data } => {
+                if cx.sender().is_some_and(|s| s.node != cx.node()) {
+                    return; // another node cannot propose through this one
+                }
+                self.propose(group, data);
+            }
+        }
+        self.drive(cx);
+    }
+}

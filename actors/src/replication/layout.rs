@@ -1,0 +1,179 @@
+//! Which nodes replicate which Raft group, and what replicas send each other.
+//! Compiled in every build (the domain's message union carries [`ReplicasMsg`]);
+//! the replicas themselves need the `replication` feature.
+
+use core::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+
+/// The group holding what the whole cluster shares (node membership, the user
+/// registry, the room → shard directory, in later steps).
+pub const META_GROUP: u64 = 0;
+
+/// The most shard groups a cluster may have.
+pub const SHARDS_MAX: u16 = 1_024;
+
+/// The most nodes one group may be replicated on.
+pub const FACTOR_MAX: u8 = 7;
+
+/// The most bytes of one proposal (an entry alone must fit in one message
+/// between replicas, under [`crate::wire::ENVELOPE_BYTES_MAX`]).
+pub const PROPOSAL_BYTES_MAX: usize = 256 * 1024;
+
+/// The most bytes of Raft messages one [`ReplicasMsg::Raft`] carries (more wait
+/// for the next one), well under [`crate::wire::ENVELOPE_BYTES_MAX`].
+pub const PACKETS_BYTES_MAX: usize = 512 * 1024;
+
+/// How replication is laid out over a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replication {
+    /// How many shard groups there are (besides [`META_GROUP`]).
+    pub shards: u16,
+    /// How many nodes replicate each group (fewer when the cluster is smaller).
+    pub factor: u8,
+    /// One tick of every group's clock: heartbeats go out every
+    /// [`HEARTBEAT_TICKS`] ticks, elections start after 10 to 20.
+    pub tick: Duration,
+}
+
+/// How many ticks a leader waits between heartbeats.
+pub const HEARTBEAT_TICKS: usize = 2;
+
+/// One tick, by default.
+pub const TICK_MS: u64 = 100;
+
+impl Default for Replication {
+    fn default() -> Self {
+        Self {
+            shards: 8,
+            factor: 3,
+            tick: Duration::from_millis(TICK_MS),
+        }
+    }
+}
+
+impl Replication {
+    /// Every group: the meta group, then the shards.
+    pub fn groups(&self) -> impl Iterator<Item = u64> {
+        assert!(self.shards <= SHARDS_MAX, "at most {SHARDS_MAX} shards");
+        META_GROUP..=u64::from(self.shards)
+    }
+
+    /// The nodes that replicate `group`, of the cluster `nodes` (sorted, without
+    /// duplicates): `factor` consecutive nodes from the group's own offset, so
+    /// that groups, and with them leaders, spread over the nodes.
+    pub fn replicas(&self, nodes: &[NodeId], group: u64) -> Vec<NodeId> {
+        debug_assert!(nodes.windows(2).all(|w| w[0] < w[1]), "sorted nodes");
+        assert!(
+            (1..=FACTOR_MAX).contains(&self.factor),
+            "a factor of 1 to {FACTOR_MAX}"
+        );
+        let n = nodes.len();
+        let k = usize::from(self.factor).min(n);
+        let offset = usize::try_from(group % n.max(1) as u64).unwrap_or(0);
+        (0..k).map(|i| nodes[(offset + i) % n]).collect()
+    }
+
+    /// The groups `node` replicates.
+    pub fn groups_of(&self, nodes: &[NodeId], node: NodeId) -> Vec<u64> {
+        self.groups()
+            .filter(|&g| self.replicas(nodes, g).contains(&node))
+            .collect()
+    }
+}
+
+/// A node's id within every Raft group: its place in the sorted cluster, from 1
+/// (raft-rs reserves 0).
+pub fn raft_id(nodes: &[NodeId], node: NodeId) -> Option<u64> {
+    nodes.binary_search(&node).ok().map(|i| i as u64 + 1)
+}
+
+/// The node with Raft id `id`.
+pub fn node_of(nodes: &[NodeId], id: u64) -> Option<NodeId> {
+    let i = usize::try_from(id.checked_sub(1)?).ok()?;
+    nodes.get(i).copied()
+}
+
+/// One Raft message of one group, encoded as raft-rs encodes it (protobuf).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Packet {
+    /// The group.
+    pub group: u64,
+    /// The encoded message.
+    #[serde(with = "serde_bytes")]
+    pub message: Vec<u8>,
+}
+
+/// What a node's replicas actor handles.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ReplicasMsg {
+    /// Its clock: every group ticks once.
+    Tick,
+    /// Raft messages from the replicas actor of another node, for any of the
+    /// groups both replicate (batched: one message per node pair and turn).
+    Raft {
+        /// The messages, in the order sent.
+        packets: Vec<Packet>,
+    },
+    /// From a node back with an empty store to the leaders it heard from: it
+    /// acknowledged entries it no longer has; send it the log again from the
+    /// start.
+    Rejoined {
+        /// The groups (that the receiver leads).
+        groups: Vec<u64>,
+    },
+    /// Append `data` to `group`'s log (local senders only; refused unless a
+    /// leader is known).
+    Propose {
+        /// The group.
+        group: u64,
+        /// What to append.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: u8) -> Vec<NodeId> {
+        (0..n).map(|i| NodeId([i; 32])).collect()
+    }
+
+    #[test]
+    fn each_group_has_factor_replicas_and_groups_spread_over_the_nodes() {
+        let config = Replication::default();
+        let cluster = nodes(5);
+        let mut firsts = std::collections::BTreeSet::new();
+        for group in config.groups() {
+            let replicas = config.replicas(&cluster, group);
+            assert_eq!(replicas.len(), 3);
+            let distinct: std::collections::BTreeSet<_> = replicas.iter().collect();
+            assert_eq!(distinct.len(), 3, "three distinct nodes");
+            firsts.insert(replicas[0]);
+        }
+        assert_eq!(firsts.len(), 5, "every node comes first for some group");
+        let small = nodes(2);
+        assert_eq!(
+            config.replicas(&small, 3).len(),
+            2,
+            "two nodes: two replicas"
+        );
+    }
+
+    #[test]
+    fn raft_ids_count_from_one_and_map_back() {
+        let cluster = nodes(3);
+        for (i, &node) in cluster.iter().enumerate() {
+            let id = raft_id(&cluster, node).unwrap();
+            assert_eq!(id, i as u64 + 1);
+            assert_eq!(node_of(&cluster, id), Some(node));
+        }
+        assert_eq!(node_of(&cluster, 0), None);
+        assert_eq!(node_of(&cluster, 4), None);
+        assert_eq!(raft_id(&cluster, NodeId([9; 32])), None);
+    }
+}

@@ -88,11 +88,14 @@ pub enum Mutation {
     /// A Raft log is read back without checking its entries' checksums: a
     /// flipped bit is served as if it were the entry.
     RaftSkipChecksum,
+    /// A node acknowledges a proposal as soon as a leader appended it to its
+    /// own log, before a quorum holds it: a leader change can then replace it.
+    RaftAckBeforeCommit,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 21] = [
+    pub const ALL: [Mutation; 22] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -114,6 +117,7 @@ impl Mutation {
         Mutation::RaftApplyUncommitted,
         Mutation::RaftRejoinVotes,
         Mutation::RaftSkipChecksum,
+        Mutation::RaftAckBeforeCommit,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -140,6 +144,7 @@ impl Mutation {
             Mutation::RaftApplyUncommitted => "raft_apply_uncommitted",
             Mutation::RaftRejoinVotes => "raft_rejoin_votes",
             Mutation::RaftSkipChecksum => "raft_skip_checksum",
+            Mutation::RaftAckBeforeCommit => "raft_ack_before_commit",
         }
     }
 

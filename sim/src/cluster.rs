@@ -43,7 +43,7 @@ use conclave_actors::domain::{
 use conclave_actors::ids::{Epoch, MessageId, NodeId, RoomId, Seq};
 use conclave_actors::lifecycle::{batch_full, Incarnation, Lifecycles, Phase, Turn};
 use conclave_actors::mutation::{self, Mutation};
-use conclave_actors::replication::{Packet, ReplicasMsg};
+use conclave_actors::replication::{Packet, ProposalId, ReplicasMsg};
 use conclave_actors::wire::Envelope;
 use conclave_actors::{Identity, UserId};
 use conclave_storage::{Batch, MemStore, ReadTxn, Store, StoreError};
@@ -377,6 +377,9 @@ pub struct Cluster {
     pub leading: Vec<(usize, u64, u64)>,
     /// The (node, group) whose stored Raft log took a flipped bit.
     pub flipped: BTreeSet<(usize, u64)>,
+    /// Every proposal the workload made to a Raft group, as (node, request,
+    /// group, id).
+    pub proposed: Vec<(usize, u64, u64, ProposalId)>,
     next_request: u64,
     /// Every cross-node message delivered, in order (only if [`Cluster::carry_log`]).
     pub carried: Vec<Carried>,
@@ -466,6 +469,7 @@ impl Cluster {
             replies: BTreeMap::new(),
             leading: Vec::new(),
             flipped: BTreeSet::new(),
+            proposed: Vec::new(),
             next_request: 0,
             carried: Vec::new(),
             carry_log: true,
@@ -1440,6 +1444,12 @@ impl Cluster {
             },
         );
         request.request
+    }
+
+    /// A new request number (for a request the caller sends itself).
+    pub fn new_request(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
     }
 
     fn reply_to(&mut self, i: usize) -> ReplyTo {

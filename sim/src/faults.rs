@@ -439,6 +439,17 @@ pub fn plan(o: &Options) -> Vec<(Duration, Fault)> {
             faults.push((at + down, Fault::Restart(victim)));
         }
     }
+    if o.power_loss {
+        // A stream of its own. Every node at the same instant, then all back.
+        let mut rng = derive_rng(o.seed, 0, "power-loss-plan");
+        let chaos = u64::try_from(o.chaos.as_micros()).unwrap_or(0);
+        let at = Duration::from_micros(between(&mut rng, chaos / 4, chaos * 3 / 4));
+        let down = Duration::from_millis(between(&mut rng, 10, 2_000));
+        for node in 0..o.nodes {
+            faults.push((at, Fault::Crash(node)));
+            faults.push((at + down, Fault::Restart(node)));
+        }
+    }
     if let Some(lies) = o.lies {
         let mut t = Duration::ZERO;
         loop {

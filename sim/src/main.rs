@@ -238,6 +238,8 @@ impl Sweep {
         t.partitions += s.partitions;
         t.raft_terms += s.raft_terms;
         t.raft_entries += s.raft_entries;
+        t.raft_acked += s.raft_acked;
+        t.raft_refused += s.raft_refused;
         if report.options.wipe {
             self.wiped += 1;
         }
@@ -265,8 +267,8 @@ impl Sweep {
             t.crashes, t.partitions, self.wiped, t.lies, t.refused
         );
         println!(
-            "raft: {} leader terms, {} entries committed (through every node's groups)",
-            t.raft_terms, t.raft_entries
+            "raft: {} leader terms, {} entries committed (through every node's groups); proposals: {} acknowledged, {} refused",
+            t.raft_terms, t.raft_entries, t.raft_acked, t.raft_refused
         );
         println!(
             "speed: {:.1} seeds/s; {:.0} virtual seconds in {:.1} wall seconds = {:.0} virtual s per wall s; {:.0} events/s ({:.0} messages handled/s)",
@@ -348,8 +350,8 @@ fn replay(
         s.refused
     );
     println!(
-        "raft: {} leader terms, {} entries committed",
-        s.raft_terms, s.raft_entries
+        "raft: {} leader terms, {} entries committed; proposals: {} acknowledged, {} refused",
+        s.raft_terms, s.raft_entries, s.raft_acked, s.raft_refused
     );
     for note in &report.notes {
         println!("note: {note}");

@@ -88,6 +88,9 @@ pub struct Options {
     /// The node whose disk flips a bit in a stored Raft entry each time it
     /// restarts (it must repair its log from the other replicas), if any.
     pub bitflips: Option<usize>,
+    /// Whether every node loses power at the same instant once during the
+    /// chaos (and comes back): nothing acknowledged may be lost.
+    pub power_loss: bool,
     /// Nodes lying to their own clients, if on.
     pub lies: Option<Lies>,
     /// Whether nodes' admins revoke users now and then (their rooms must evict
@@ -411,6 +414,7 @@ impl Options {
             wipe,
             reborn: draw_reborn(seed, nodes),
             bitflips: draw_bitflips(seed, nodes, wipe || draw_reborn(seed, nodes)),
+            power_loss: between(&mut derive_rng(seed, 0, "power-loss"), 0, 4) == 0,
             lies: draw_lies(seed),
             revocations: draw_revocations(seed),
             hostile: hostile.is_some(),
@@ -505,6 +509,11 @@ impl Options {
             f,
             "  node back with an empty disk under its identity: {}",
             on_off(self.reborn)
+        )?;
+        writeln!(
+            f,
+            "  every node loses power at once (and comes back): {}",
+            on_off(self.power_loss)
         )?;
         match self.bitflips {
             Some(n) => writeln!(f, "  bit flips in the Raft log of n{n} at each restart")?,

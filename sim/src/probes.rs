@@ -4,7 +4,7 @@
 //! so the rest of the workload stays what it was.
 
 use conclave_actors::replication::host::replicas_of;
-use conclave_actors::replication::ReplicasMsg;
+use conclave_actors::replication::{ProposalId, ReplicasMsg};
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 
@@ -29,7 +29,7 @@ impl Probes {
     }
 
     /// Proposes one entry to a group, through a node picked at random (a node
-    /// that does not replicate the group, or knows no leader, drops it).
+    /// that does not replicate the group, or knows no leader, refuses it).
     pub fn step(&mut self, c: &mut Cluster) {
         let Some(config) = c.config().replication else {
             return;
@@ -39,9 +39,22 @@ impl Probes {
         }
         let node = (self.rng.next_u64() % c.nodes.len() as u64) as usize;
         let group = self.rng.next_u64() % (u64::from(config.shards) + 1);
+        let mut id = [0; 16];
+        self.rng.fill_bytes(&mut id);
+        let id = ProposalId(id);
         self.sent += 1;
         let data = format!("probe {}", self.sent).into_bytes();
+        let request = c.new_request();
+        c.proposed.push((node, request, group, id));
         let to = replicas_of(c.nodes[node].id);
-        c.tell(to, ReplicasMsg::Propose { group, data });
+        c.tell(
+            to,
+            ReplicasMsg::Propose {
+                group,
+                id,
+                data,
+                request,
+            },
+        );
     }
 }

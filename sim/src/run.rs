@@ -24,7 +24,9 @@ use core::time::Duration;
 use conclave_actors::actor::{ActorKey, ActorKind, Time};
 use conclave_actors::domain::{self, Op, Outcome, UserRole};
 use conclave_actors::ids::RoomId;
+use conclave_actors::replication::log;
 use conclave_actors::Identity;
+use conclave_storage::Store as _;
 
 use crate::cluster::{derive_rng, Cluster, Observation, Stepped, START};
 use crate::draw::{around, between};
@@ -34,8 +36,6 @@ use crate::options::Options;
 use crate::oracle::{durability, Checks, Phase, View};
 use crate::probes::Probes;
 use crate::workload::{Env, Roster, User, Workload};
-use conclave_actors::replication::log;
-use conclave_storage::Store as _;
 
 pub use crate::oracle;
 pub use crate::oracle::liveness::LIVENESS_BOUND;
@@ -101,6 +101,10 @@ pub struct Stats {
     pub raft_terms: u64,
     /// Raft entries committed (every group's highest stored commit index).
     pub raft_entries: u64,
+    /// Proposals acknowledged as appended.
+    pub raft_acked: u64,
+    /// Proposals refused (mostly `no_quorum`).
+    pub raft_refused: u64,
 }
 
 /// The result of one run.
@@ -276,7 +280,22 @@ impl Sim {
             refused: self.workload.refused,
             raft_terms: self.c.leading.len() as u64,
             raft_entries: raft_committed(&self.c),
+            raft_acked: self.proposal_outcomes(|o| matches!(o, Outcome::Appended { .. })),
+            raft_refused: self.proposal_outcomes(|o| matches!(o, Outcome::Denied(_))),
         }
+    }
+
+    /// How many of the workload's proposals were answered with an outcome
+    /// that `counts`.
+    fn proposal_outcomes(&self, counts: impl Fn(&Outcome) -> bool) -> u64 {
+        let answered = self.c.proposed.iter().map(|&(node, request, _, _)| {
+            self.c
+                .outcomes(node, request)
+                .iter()
+                .filter(|o| counts(o))
+                .count() as u64
+        });
+        answered.sum()
     }
 
     fn failed(&self) -> bool {

@@ -228,6 +228,10 @@ pub enum Denial {
         /// Its bound.
         max_bytes: u64,
     },
+    /// No quorum of the replicas that must agree is reachable (no leader is
+    /// known): nothing was sequenced; retry later or through another node.
+    #[error("no quorum: retry later or through another node")]
+    NoQuorum,
 }
 
 impl Denial {
@@ -252,6 +256,7 @@ impl Denial {
             Denial::RekeyNeeded => "rekey_needed",
             Denial::Storage => "storage",
             Denial::StoreFull { .. } => "store_full",
+            Denial::NoQuorum => "no_quorum",
         }
     }
 
@@ -551,6 +556,14 @@ pub enum Outcome {
     Room(RoomInfo),
     /// Refused.
     Denied(Denial),
+    /// A proposal was committed in Raft group `group` at `index` (and applied
+    /// on the node that answers).
+    Appended {
+        /// The group.
+        group: u64,
+        /// The log index.
+        index: u64,
+    },
 }
 
 /// What actors tell a gateway.

@@ -26,12 +26,13 @@ use prost::Message as _;
 use raft::prelude::{Message, MessageType};
 
 use super::layout::{
-    node_of, raft_id, Packet, ReplicasMsg, Replication, PACKETS_BYTES_MAX, SHARDS_MAX,
+    node_of, raft_id, Packet, ProposalId, ReplicasMsg, Replication, PACKETS_BYTES_MAX,
+    PENDING_PROPOSALS_MAX, PROPOSAL_BYTES_MAX, PROPOSAL_TICKS_MAX, SHARDS_MAX,
 };
 use super::log::{self, LogError};
 use super::replica::{Replica, ReplicaError};
 use crate::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, System};
-use crate::domain::{gateway_of, ClientMsg, Msg};
+use crate::domain::{gateway_of, ClientMsg, Denial, Msg, Outcome};
 use crate::ids::NodeId;
 use crate::mutation::{self, Mutation};
 
@@ -60,6 +61,18 @@ pub struct Replicas {
     groups: BTreeMap<u64, Group>,
     /// Groups whose stored log did not verify: repaired at the next turn.
     corrupt: std::collections::BTreeSet<u64>,
+    /// Proposals made through this node and not applied here yet.
+    pending: BTreeMap<ProposalId, Waiting>,
+    /// Ticks since activation (the clock of [`Waiting::until`]).
+    ticks: u64,
+}
+
+/// A proposal made through this node: its group, the caller's request number
+/// at the gateway, and the tick after which it is no longer waited on.
+struct Waiting {
+    group: u64,
+    request: u64,
+    until: u64,
 }
 
 /// Why a turn of the replicas actor failed (its groups are then opened again
@@ -90,6 +103,8 @@ impl Replicas {
             me,
             groups: BTreeMap::new(),
             corrupt: Default::default(),
+            pending: BTreeMap::new(),
+            ticks: 0,
         };
         replicas.open(cx);
         Some(replicas)
@@ -258,18 +273,58 @@ impl Replicas {
         }
     }
 
-    /// Proposes `data` to `group` (a proposal changes neither term nor role, so
-    /// no timeout is drawn).
-    fn propose(&mut self, group: u64, data: Vec<u8>) {
-        let refused = match self.groups.get_mut(&group) {
-            None => Some("unknown_group"),
-            Some(g) if g.rejoining.is_some() => Some("rejoining"),
-            Some(g) => g.replica.propose(data).err().map(|_| "no_leader"),
+    /// Proposes `data` to `group` as `id` for the gateway's request `request`;
+    /// refused at once when it cannot be sequenced now (a proposal changes
+    /// neither term nor role, so no timeout is drawn).
+    fn propose(
+        &mut self,
+        group: u64,
+        id: ProposalId,
+        data: Vec<u8>,
+        request: u64,
+    ) -> Option<Denial> {
+        if self.pending.len() >= PENDING_PROPOSALS_MAX {
+            return Some(Denial::Limit {
+                what: format!("{PENDING_PROPOSALS_MAX} proposals waiting on this node"),
+            });
+        }
+        if data.len() > PROPOSAL_BYTES_MAX {
+            return Some(Denial::Limit {
+                what: format!("a proposal of at most {PROPOSAL_BYTES_MAX} bytes"),
+            });
+        }
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Some(Denial::NotFound {
+                what: format!("raft group {group} on this node"),
+            });
         };
-        if let Some(reason) = refused {
-            tracing::debug!(group, reason, "replicas: a proposal refused");
-            metrics::counter!("conclave_raft_proposals_refused_total", "reason" => reason)
-                .increment(1);
+        if g.rejoining.is_some() || g.replica.leader().is_none() {
+            return Some(Denial::NoQuorum);
+        }
+        if g.replica.propose(id.0.to_vec(), data).is_err() {
+            return Some(Denial::NoQuorum);
+        }
+        let until = self.ticks + PROPOSAL_TICKS_MAX;
+        self.pending.insert(
+            id,
+            Waiting {
+                group,
+                request,
+                until,
+            },
+        );
+        None
+    }
+
+    /// Stops waiting on proposals past their deadline (they may still commit:
+    /// their callers retry).
+    fn expire(&mut self) {
+        let now = self.ticks;
+        let before = self.pending.len();
+        self.pending.retain(|_, w| w.until >= now);
+        let expired = before - self.pending.len();
+        if expired > 0 {
+            metrics::counter!("conclave_raft_proposals_expired_total").increment(expired as u64);
         }
     }
 
@@ -295,11 +350,25 @@ impl Replicas {
         let mut txn = cx.store().write()?;
         let mut messages = Vec::new();
         let mut led = Vec::new();
+        let mut replies = Vec::new();
         for (&id, group) in &mut self.groups {
             // Before the drive, so that a vote it records is persisted with it.
             caught_up(&mut *txn, id, group)?;
             let out = group.replica.drive(&mut *txn)?;
             log::apply(&mut *txn, id, &out.committed)?;
+            // Broken on purpose under the mutation: what is appended counts.
+            for entry in out.appended.iter().chain(&out.committed) {
+                let Ok(key) = <[u8; 16]>::try_from(&entry.context[..]) else {
+                    continue;
+                };
+                if let Some(w) = self.pending.remove(&ProposalId(key)) {
+                    let outcome = Outcome::Appended {
+                        group: w.group,
+                        index: entry.index,
+                    };
+                    replies.push((w.request, outcome));
+                }
+            }
             messages.extend(out.messages.into_iter().map(|m| {
                 let packet = Packet {
                     group: id,
@@ -314,6 +383,9 @@ impl Replicas {
             }
         }
         txn.commit()?;
+        for (request, outcome) in replies {
+            cx.send(gateway_of(cx.node()), ClientMsg::Reply { request, outcome });
+        }
         for (group, term) in led {
             tracing::debug!(group, term, "replicas: leading");
             metrics::counter!("conclave_raft_leader_terms_total").increment(1);
@@ -381,7 +453,9 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                 if cx.sender().is_some() {
                     return; // only its own timer ticks it
                 }
+                self.ticks += 1;
                 self.tick(cx.rng());
+                self.expire();
                 cx.timer(self.config.tick, ReplicasMsg::Tick);
             }
             ReplicasMsg::Raft { packets } => {
@@ -402,11 +476,26 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                 };
                 self.rejoined(from, &groups);
             }
-            ReplicasMsg::Propose { group, data } => {
+            ReplicasMsg::Propose {
+                group,
+                id,
+                data,
+                request,
+            } => {
                 if cx.sender().is_some_and(|s| s.node != cx.node()) {
                     return; // another node cannot propose through this one
                 }
-                self.propose(group, data);
+                if let Some(denial) = self.propose(group, id, data, request) {
+                    tracing::debug!(
+                        group,
+                        reason = denial.reason(),
+                        "replicas: a proposal refused"
+                    );
+                    metrics::counter!("conclave_raft_proposals_refused_total", "reason" => denial.reason())
+                        .increment(1);
+                    let outcome = Outcome::Denied(denial);
+                    cx.send(gateway_of(cx.node()), ClientMsg::Reply { request, outcome });
+                }
             }
         }
         self.drive(cx);

@@ -124,16 +124,37 @@ pub enum ReplicasMsg {
         /// The groups (that the receiver leads).
         groups: Vec<u64>,
     },
-    /// Append `data` to `group`'s log (local senders only; refused unless a
-    /// leader is known).
+    /// Append `data` to `group`'s log (local senders only). The outcome goes to
+    /// this node's gateway as request `request`: refused at once when the
+    /// group is not replicated here or no leader is known ([`crate::domain::Denial::NoQuorum`]),
+    /// else [`crate::domain::Outcome::Appended`] once this node applied it. A
+    /// proposal whose leader is lost before it commits gets no answer: the
+    /// caller retries, and what it proposes must be idempotent (rooms refuse a
+    /// message id twice).
     Propose {
         /// The group.
         group: u64,
+        /// The proposal's id, unique per proposal (kept with the entry).
+        id: ProposalId,
         /// What to append.
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
+        /// The caller's request number at this node's gateway.
+        request: u64,
     },
 }
+
+/// A proposal's id: drawn at random by the proposer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProposalId(pub [u8; 16]);
+
+/// The most proposals a node waits on at once (more are refused with
+/// [`crate::domain::Denial::Limit`]).
+pub const PENDING_PROPOSALS_MAX: usize = 4_096;
+
+/// How many ticks a node waits for its proposal to be applied before it stops
+/// waiting (the proposal may still commit; its caller retries).
+pub const PROPOSAL_TICKS_MAX: u64 = 200;
 
 #[cfg(test)]
 mod tests {

@@ -74,6 +74,9 @@ pub struct Output {
     pub messages: Vec<Message>,
     /// Committed, not yet applied (leaders' empty entries included).
     pub committed: Vec<Entry>,
+    /// Appended to this replica's log, committed or not (only under the
+    /// `raft_ack_before_commit` mutation; empty otherwise).
+    pub appended: Vec<Entry>,
 }
 
 /// One replica: its `RawNode` and the in-memory view of its log that raft-rs
@@ -188,13 +191,14 @@ impl Replica {
         true
     }
 
-    /// Proposes `data` (forwarded to the leader by a follower that knows one;
-    /// refused when no leader is known or `data` is too large).
-    pub fn propose(&mut self, data: Vec<u8>) -> Result<(), ReplicaError> {
+    /// Proposes `data`, with `context` kept beside it in the entry (forwarded
+    /// to the leader by a follower that knows one; refused when no leader is
+    /// known or `data` is too large).
+    pub fn propose(&mut self, context: Vec<u8>, data: Vec<u8>) -> Result<(), ReplicaError> {
         if data.len() > PROPOSAL_BYTES_MAX {
             return Err(ReplicaError::Raft(raft::Error::ProposalDropped));
         }
-        Ok(self.node.propose(Vec::new(), data)?)
+        Ok(self.node.propose(context, data)?)
     }
 
     /// The highest index it knows committed.
@@ -263,6 +267,9 @@ impl Replica {
             let _ = ready.take_committed_entries();
         } else {
             out.committed.extend(ready.take_committed_entries());
+        }
+        if mutation::active(Mutation::RaftAckBeforeCommit) {
+            out.appended.extend(ready.entries().iter().cloned());
         }
         log::append(txn, self.group, ready.entries())?;
         self.memory.wl().append(ready.entries())?;
@@ -422,7 +429,7 @@ mod tests {
             group.replicas[leader]
                 .as_mut()
                 .unwrap()
-                .propose(vec![n])
+                .propose(Vec::new(), vec![n])
                 .unwrap();
             group.drive(leader);
             group.round();
@@ -448,7 +455,7 @@ mod tests {
         group.replicas[leader]
             .as_mut()
             .unwrap()
-            .propose(b"before".to_vec())
+            .propose(Vec::new(), b"before".to_vec())
             .unwrap();
         for _ in 0..3 {
             group.round();
@@ -458,7 +465,7 @@ mod tests {
         group.replicas[leader]
             .as_mut()
             .unwrap()
-            .propose(b"while down".to_vec())
+            .propose(Vec::new(), b"while down".to_vec())
             .unwrap();
         for _ in 0..3 {
             group.round();

@@ -20,9 +20,10 @@
 use std::collections::BTreeMap;
 
 use conclave_actors::actor::Time;
+use conclave_actors::domain::Outcome;
 use conclave_actors::replication::layout::raft_id;
 use conclave_actors::replication::log::{self, Applied};
-use conclave_actors::replication::Replication;
+use conclave_actors::replication::{ProposalId, Replication};
 use conclave_storage::{ReadTxn, Store};
 use prost::Message as _;
 use raft::prelude::{Message, MessageType};
@@ -53,8 +54,13 @@ pub struct RaftOracle {
     votes: BTreeMap<(usize, u64, u64), u64>,
     /// What each (node, group) said since it last started.
     said: BTreeMap<(usize, u64), Said>,
-    /// Every committed entry seen: (group, index) → (term, hash of its data).
+    /// Every committed entry seen: (group, index) → (term, hash of its context
+    /// and data).
     committed: BTreeMap<(u64, u64), (u64, [u8; 32])>,
+    /// Where each proposal id was seen committed: (group, index), first seen.
+    committed_ids: BTreeMap<ProposalId, (u64, u64)>,
+    /// The proposal id of each committed entry that has one.
+    id_at: BTreeMap<(u64, u64), ProposalId>,
     /// When the groups must have converged.
     deadline: Option<Time>,
 }
@@ -167,7 +173,16 @@ impl RaftOracle {
                     hard.commit
                 )));
             };
-            let seen = (entry.term, hash(&entry.data));
+            let seen = (
+                entry.term,
+                hash(&[&entry.context[..], &entry.data[..]].concat()),
+            );
+            if let Ok(id) = <[u8; 16]>::try_from(&entry.context[..]) {
+                self.committed_ids
+                    .entry(ProposalId(id))
+                    .or_insert((group, index));
+                self.id_at.insert((group, index), ProposalId(id));
+            }
             match self.committed.insert((group, index), seen) {
                 Some(before) if before != seen => {
                     return Err(Checked::Fails(format!(
@@ -224,6 +239,37 @@ impl RaftOracle {
             }
         }
         Verdict::Holds
+    }
+
+    /// Every proposal acknowledged as appended at (group, index) is committed
+    /// there; none refused is committed anywhere.
+    fn check_proposals(&self, c: &Cluster) -> Result<(), String> {
+        for &(node, request, group, id) in &c.proposed {
+            for outcome in c.outcomes(node, request) {
+                let at = self.committed_ids.get(&id);
+                match outcome {
+                    Outcome::Appended { group: g, index } => {
+                        if g != group || self.id_at.get(&(g, index)) != Some(&id) {
+                            return Err(format!(
+                                "a proposal to group {group} through n{node} was acknowledged at index {index} of group {g}, which does not hold it committed"
+                            ));
+                        }
+                    }
+                    Outcome::Denied(denial) => {
+                        if let Some((g, index)) = at {
+                            return Err(format!(
+                                "a proposal to group {group} through n{node} was refused ({}) yet committed at index {index} of group {g}",
+                                denial.reason()
+                            ));
+                        }
+                    }
+                    other => {
+                        return Err(format!("a proposal was answered {other:?}"));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The replicas of `group` that count towards its liveness: up, and not
@@ -389,6 +435,9 @@ impl Oracle for RaftOracle {
                 return v;
             }
         }
-        Verdict::Holds
+        match self.check_proposals(view.cluster) {
+            Ok(()) => Verdict::Holds,
+            Err(detail) => fails(detail),
+        }
     }
 }

@@ -132,7 +132,16 @@ impl Faults {
         else {
             return;
         };
-        let index = 1 + self.flip_rng.next_u64() % hard.commit.max(1);
+        // Any stored entry, committed or not.
+        let Ok(txn) = store.read() else {
+            return;
+        };
+        let last = (hard.commit + 1..)
+            .take_while(|&k| matches!(log::entry(&*txn, group, k), Ok(Some(_))))
+            .last()
+            .unwrap_or(hard.commit);
+        drop(txn);
+        let index = 1 + self.flip_rng.next_u64() % last.max(1);
         let bit = self.flip_rng.next_u64() as u32;
         let flipped = store.write().map_err(|_| ()).and_then(|mut txn| {
             let flipped = log::flip_bit(&mut *txn, group, index, bit).map_err(|_| ())?;

@@ -1,8 +1,8 @@
 //! A node's replicas actor (`REPLICAS`, unit): every Raft group the node
 //! replicates, in one actor.
 //!
-//! - **Clock.** A timer ([`Replication::tick`]) ticks every group; a group whose
-//!   store was lost (rejoining) is not ticked, so it never campaigns.
+//! - **Clock.** A timer ([`Replication::tick`]) ticks every group but those
+//!   rejoining (below).
 //! - **Persistence.** Each turn drives every group into one write transaction of
 //!   the driver's batch: entries, hard states and what was applied go to disk in
 //!   the batch's one commit.
@@ -14,9 +14,18 @@
 //!   replicate, it names this node as receiver and its sender is the node the
 //!   transport authenticated.
 //! - **Rejoining.** A node whose store was lost under the same identity
-//!   ([`log::begin_rejoin`]) neither votes nor campaigns in a group until its
-//!   commit index reaches the one a leader announced to it, and records a vote for
-//!   that leader, so that it never votes twice in a term it may have voted in.
+//!   ([`log::begin_rejoin`]), or whose log was repaired ([`log::repair`]), may
+//!   have acknowledged entries and voted in terms it no longer remembers. It
+//!   takes no vote request and does not tick (so it does not campaign) in such a
+//!   group until a leader confirmed that it forgot what the node acknowledged
+//!   ([`ReplicasMsg::Rejoined`], [`ReplicasMsg::Reset`]) and the node holds the
+//!   commit index that leader (and any since) announced. It then records a vote
+//!   for that leader, so that it cannot vote twice in that term. Known gap: a
+//!   term *later* than the leader's, in which it voted before its loss, is not
+//!   covered (asking a quorum for their terms would be).
+//! - **Input from other nodes.** Only the messages replicas exchange are
+//!   stepped, and an append only if raft-rs can take it without panicking (see
+//!   [`Replica::step`]); the rest is dropped and counted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,6 +50,10 @@ pub fn replicas_of(node: NodeId) -> ActorRef {
     ActorRef::new(node, ActorKind::REPLICAS, ActorKey::Unit)
 }
 
+/// How many ticks a rejoining replica waits for a leader to confirm that it
+/// forgot what the replica acknowledged before it asks again.
+const REJOIN_ASK_TICKS: u64 = 20;
+
 /// One group as this node holds it.
 struct Group {
     replica: Replica,
@@ -48,6 +61,11 @@ struct Group {
     voters: Vec<u64>,
     /// Rejoining: the commit index to reach (0: no leader heard yet).
     rejoining: Option<u64>,
+    /// Rejoining: the (leader, term) that confirmed it forgot what this node
+    /// had acknowledged (kept in memory only: after a restart it is asked again).
+    reset_by: Option<(u64, u64)>,
+    /// Rejoining: the (leader, term) last asked to forget, and when (in ticks).
+    asked: Option<(u64, u64, u64)>,
     /// The term in which it last told the gateway it leads.
     announced: u64,
 }
@@ -143,6 +161,8 @@ impl Replicas {
                         replica,
                         voters,
                         rejoining,
+                        reset_by: None,
+                        asked: None,
                         announced: 0,
                     };
                     self.groups.insert(group, group_state);
@@ -230,6 +250,7 @@ impl Replicas {
         packet: Packet,
         rng: &mut dyn rand_core::CryptoRng,
     ) -> Result<bool, &'static str> {
+        let ticks = self.ticks;
         let group = self.groups.get_mut(&packet.group).ok_or("unknown_group")?;
         let message = Message::decode(&packet.message[..]).map_err(|_| "malformed")?;
         if message.from != from || message.to != self.me || !group.voters.contains(&from) {
@@ -237,16 +258,26 @@ impl Replicas {
         }
         let mut lacking = false;
         if let Some(target) = group.rejoining.as_mut() {
-            match message.msg_type() {
+            let kind = message.msg_type();
+            match kind {
                 // It may have voted in these terms before its store was lost.
                 MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
                     if !mutation::active(Mutation::RaftRejoinVotes) =>
                 {
                     return Ok(false)
                 }
-                MessageType::MsgAppend => *target = (*target).max(message.commit),
-                MessageType::MsgHeartbeat => {
-                    lacking = message.commit > group.replica.last_index();
+                MessageType::MsgAppend | MessageType::MsgHeartbeat => {
+                    if kind == MessageType::MsgAppend {
+                        *target = (*target).max(message.commit);
+                    }
+                    let leader = (from, message.term);
+                    let asked_lately = group.asked.is_some_and(|(l, t, at)| {
+                        (l, t) == leader && ticks < at + REJOIN_ASK_TICKS
+                    });
+                    lacking = group.reset_by != Some(leader) && !asked_lately;
+                    if lacking {
+                        group.asked = Some((from, message.term, ticks));
+                    }
                 }
                 _ => {}
             }
@@ -258,17 +289,36 @@ impl Replicas {
     }
 
     /// `from` lost its store: the groups it names that this node leads send it
-    /// their logs again from the start.
-    fn rejoined(&mut self, from: u64, groups: &[u64]) {
-        for id in groups.iter().take(usize::from(SHARDS_MAX) + 1) {
-            if let Some(group) = self.groups.get_mut(id) {
-                if group.voters.contains(&from) && group.replica.reset_follower(from) {
-                    tracing::info!(
-                        group = id,
-                        from,
-                        "replicas: a follower rejoined with an empty store"
-                    );
-                }
+    /// their logs again from the start. Returns, for each, the term and the
+    /// commit index at the reset, which `from` must reach before it votes.
+    fn rejoined(&mut self, from: u64, groups: &[u64]) -> Vec<(u64, u64, u64)> {
+        let mut reset = Vec::new();
+        for &id in groups.iter().take(usize::from(SHARDS_MAX) + 1) {
+            let Some(group) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            if group.voters.contains(&from) && group.replica.reset_follower(from) {
+                tracing::info!(
+                    group = id,
+                    from,
+                    "replicas: a follower rejoined with a store that lost entries"
+                );
+                reset.push((id, group.replica.term(), group.replica.commit()));
+            }
+        }
+        reset
+    }
+
+    /// The leader `from` forgot what this node had acknowledged in `reset`'s
+    /// groups, as of (term, commit).
+    fn reset(&mut self, from: u64, reset: &[(u64, u64, u64)]) {
+        for &(id, term, commit) in reset.iter().take(usize::from(SHARDS_MAX) + 1) {
+            let Some(group) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            if let (Some(target), true) = (group.rejoining.as_mut(), group.voters.contains(&from)) {
+                *target = (*target).max(commit);
+                group.reset_by = Some((from, term));
             }
         }
     }
@@ -301,8 +351,14 @@ impl Replicas {
         if g.rejoining.is_some() || g.replica.leader().is_none() {
             return Some(Denial::NoQuorum);
         }
-        if g.replica.propose(id.0.to_vec(), data).is_err() {
-            return Some(Denial::NoQuorum);
+        match g.replica.propose(id.0.to_vec(), data) {
+            Ok(()) => {}
+            Err(ReplicaError::Log(LogError::Full { .. })) => {
+                return Some(Denial::Limit {
+                    what: format!("{} entries in a raft log", log::LOG_ENTRIES_MAX),
+                });
+            }
+            Err(_) => return Some(Denial::NoQuorum),
         }
         let until = self.ticks + PROPOSAL_TICKS_MAX;
         self.pending.insert(
@@ -422,14 +478,15 @@ impl Replicas {
     }
 }
 
-/// Ends `group`'s rejoining once its commit index reached what a leader
-/// announced (recording a vote for that leader first; see the module docs), or
-/// records the target it has learned.
+/// Ends `group`'s rejoining once a leader confirmed it forgot what this node
+/// had acknowledged and its commit index reached what that leader (and every
+/// leader heard since) announced, recording a vote for the leader first (see
+/// the module docs); else records the target it has learned.
 fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<(), LogError> {
     let Some(target) = group.rejoining else {
         return Ok(());
     };
-    if target > 0 && group.replica.commit() >= target {
+    if group.reset_by.is_some() && target > 0 && group.replica.commit() >= target {
         group.replica.vote_for_leader();
         group.rejoining = None;
         tracing::info!(
@@ -474,7 +531,16 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                 let Some(from) = self.remote_sender(cx) else {
                     return;
                 };
-                self.rejoined(from, &groups);
+                let reset = self.rejoined(from, &groups);
+                if let (false, Some(follower)) = (reset.is_empty(), cx.sender().copied()) {
+                    cx.send(follower, ReplicasMsg::Reset { groups: reset });
+                }
+            }
+            ReplicasMsg::Reset { groups } => {
+                let Some(from) = self.remote_sender(cx) else {
+                    return;
+                };
+                self.reset(from, &groups);
             }
             ReplicasMsg::Propose {
                 group,

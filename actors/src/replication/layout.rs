@@ -117,12 +117,19 @@ pub enum ReplicasMsg {
         /// The messages, in the order sent.
         packets: Vec<Packet>,
     },
-    /// From a node back with an empty store to the leaders it heard from: it
-    /// acknowledged entries it no longer has; send it the log again from the
-    /// start.
+    /// From a node whose store lost entries (emptied, or repaired) to the
+    /// leaders it hears from: it may have acknowledged entries it no longer
+    /// has; forget that, and send it the log again from the start.
     Rejoined {
         /// The groups (that the receiver leads).
         groups: Vec<u64>,
+    },
+    /// A leader's answer to [`ReplicasMsg::Rejoined`]: it forgot what the node
+    /// had acknowledged, as of (group, term, commit index); the node votes
+    /// again only once it holds that commit index.
+    Reset {
+        /// (group, term, commit index at the reset).
+        groups: Vec<(u64, u64, u64)>,
     },
     /// Append `data` to `group`'s log (local senders only). The outcome goes to
     /// this node's gateway as request `request`: refused at once when the

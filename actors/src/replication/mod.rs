@@ -7,9 +7,9 @@
 //! apply. The messages leave only after that transaction committed (the driver
 //! releases effects after the group commit), which satisfies raft-rs's rule that
 //! messages of a `Ready` be sent only after its entries and hard state are
-//! durable. Nothing here reads a clock or the OS's randomness: raft-rs draws an
-//! election timeout from `[min_election_tick, max_election_tick)`, and a replica is
-//! given a range of one value, drawn from the actor's `cx.rng()`.
+//! durable. raft-rs draws an election timeout (in 10..20 ticks) from the OS at
+//! every change of term or role; the replica replaces it at once with one drawn
+//! from the actor's `cx.rng()`, so a seed decides every timeout in force.
 //!
 //! - [`layout`]: the groups (one meta group, a fixed number of shards), which
 //!   nodes replicate each, and the messages between replicas actors. Compiled in
@@ -18,8 +18,8 @@
 //!   replica, and the actor hosting a node's replicas.
 //!
 //! Not yet here (the next steps of the issue): rooms and the user registry on
-//! the groups, log compaction and snapshots, membership changes, repair of a
-//! corrupt entry from other replicas.
+//! the groups, log compaction and snapshots, membership changes, nodes outside
+//! the simulator running the groups.
 
 #[cfg(feature = "replication")]
 pub mod host;

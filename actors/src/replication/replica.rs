@@ -163,14 +163,42 @@ impl Replica {
     /// which only a replica that lost its log (or a node that lies) would see.
     /// Snapshots are refused (none is ever sent yet).
     pub fn step(&mut self, mut message: Message) -> Result<(), ReplicaError> {
+        use MessageType::*;
         match message.msg_type() {
-            MessageType::MsgSnapshot => return Err(ReplicaError::Unsupported("snapshots")),
-            MessageType::MsgHeartbeat => {
-                message.commit = message.commit.min(self.last_index());
+            MsgHeartbeat => message.commit = message.commit.min(self.last_index()),
+            MsgAppend => self.check_append(&message)?,
+            MsgPropose if message.entries.is_empty() => {
+                return Err(ReplicaError::Unsupported("an empty proposal"))
             }
-            _ => {}
+            MsgPropose => check_entries(&message.entries)?,
+            MsgAppendResponse
+            | MsgRequestVote
+            | MsgRequestVoteResponse
+            | MsgRequestPreVote
+            | MsgRequestPreVoteResponse
+            | MsgHeartbeatResponse => {}
+            // Snapshots, leadership transfer, read index and the local kinds:
+            // nothing this node takes from another yet.
+            _ => return Err(ReplicaError::Unsupported("this kind of message")),
         }
         Ok(self.node.step(message)?)
+    }
+
+    /// An append raft-rs can take without panicking: its entries follow its
+    /// index one by one, are normal entries of bounded size, and none it
+    /// carries for an index this replica holds committed has another term.
+    fn check_append(&self, message: &Message) -> Result<(), ReplicaError> {
+        check_entries(&message.entries)?;
+        let log = &self.node.raft.raft_log;
+        for (entry, index) in message.entries.iter().zip(message.index + 1..) {
+            let conflicts = index <= log.committed && log.term(index).ok() != Some(entry.term);
+            if entry.index != index || conflicts {
+                return Err(ReplicaError::Unsupported(
+                    "an append that does not fit the log",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The index of the last entry of its log.
@@ -197,6 +225,9 @@ impl Replica {
     pub fn propose(&mut self, context: Vec<u8>, data: Vec<u8>) -> Result<(), ReplicaError> {
         if data.len() > PROPOSAL_BYTES_MAX {
             return Err(ReplicaError::Raft(raft::Error::ProposalDropped));
+        }
+        if self.last_index() >= log::LOG_ENTRIES_MAX {
+            return Err(ReplicaError::Log(LogError::Full { group: self.group }));
         }
         Ok(self.node.propose(context, data)?)
     }
@@ -300,6 +331,24 @@ impl Replica {
         Ok(())
     }
 }
+
+/// Entries another node may hand this one: normal (membership changes are not
+/// supported yet), none larger than a proposal may be, at most what one message
+/// between replicas carries.
+fn check_entries(entries: &[Entry]) -> Result<(), ReplicaError> {
+    let normal = entries.iter().all(|e| {
+        e.entry_type() == EntryType::EntryNormal
+            && e.data.len() <= PROPOSAL_BYTES_MAX
+            && e.context.len() <= CONTEXT_BYTES_MAX
+    });
+    if !normal {
+        return Err(ReplicaError::Unsupported("entries of another kind or size"));
+    }
+    Ok(())
+}
+
+/// The most bytes of an entry's context (a proposal id).
+const CONTEXT_BYTES_MAX: usize = 16;
 
 /// Writes `hard` as `group`'s hard state.
 fn persist_hard_state(
@@ -498,6 +547,63 @@ mod tests {
         assert_ne!(second, first);
         assert!(group.replicas[second].as_ref().unwrap().term() > term);
         group.assert_one_leader_per_term();
+    }
+
+    #[test]
+    fn messages_that_would_make_raft_rs_panic_are_refused_not_stepped() {
+        let mut group = Group::new(4);
+        for _ in 0..60 {
+            group.round();
+        }
+        let leader = group.leader().expect("a leader");
+        group.replicas[leader]
+            .as_mut()
+            .unwrap()
+            .propose(Vec::new(), b"committed".to_vec())
+            .unwrap();
+        for _ in 0..5 {
+            group.round();
+        }
+        let follower = (leader + 1) % VOTERS.len();
+        let replica = group.replicas[follower].as_mut().unwrap();
+        let committed = replica.commit();
+        assert!(committed >= 2, "the leader's entry and the proposal");
+        let term = replica.term();
+        let from = VOTERS[leader];
+        let to = VOTERS[follower];
+        let message = |kind: MessageType| Message {
+            msg_type: kind as i32,
+            from,
+            to,
+            term,
+            ..Message::default()
+        };
+        let entry = |index: u64, term: u64| Entry {
+            index,
+            term,
+            data: b"forged".to_vec(),
+            ..Entry::default()
+        };
+        // An empty proposal: raft-rs's fatal "stepped empty MsgProp".
+        let empty = message(MessageType::MsgPropose);
+        // An append whose entries do not follow its index.
+        let mut gap = message(MessageType::MsgAppend);
+        gap.index = committed;
+        gap.log_term = term;
+        gap.entries = vec![entry(committed + 3, term)];
+        // An append rewriting a committed entry with another term.
+        let mut rewrite = message(MessageType::MsgAppend);
+        rewrite.index = committed - 1;
+        rewrite.log_term = 0;
+        rewrite.entries = vec![entry(committed, term + 7)];
+        // Leadership transfer and read index: not taken from other nodes.
+        let transfer = message(MessageType::MsgTimeoutNow);
+        let read = message(MessageType::MsgReadIndex);
+        for forged in [empty, gap, rewrite, transfer, read] {
+            let kind = forged.msg_type();
+            assert!(replica.step(forged).is_err(), "{kind:?} was stepped");
+        }
+        assert_eq!(replica.commit(), committed);
     }
 
     #[test]

@@ -205,6 +205,19 @@ impl RaftOracle {
         Ok(())
     }
 
+    /// The leaders announced, then every node's stores.
+    fn check_everything_stored(&mut self, view: &View<'_>) -> Verdict {
+        if let v @ Verdict::Fails { .. } = self.check_leaders(view.cluster) {
+            return v;
+        }
+        for i in 0..view.cluster.nodes.len() {
+            if let v @ Verdict::Fails { .. } = self.check_stores(view, i) {
+                return v;
+            }
+        }
+        Verdict::Holds
+    }
+
     /// After node `i` restarted: its stored term, vote and commit are at least
     /// what it said before.
     fn check_restart(&mut self, view: &View<'_>, i: usize) -> Verdict {
@@ -397,13 +410,8 @@ impl Oracle for RaftOracle {
     }
 
     fn on_settling(&mut self, view: &View<'_>) -> Verdict {
-        if let v @ Verdict::Fails { .. } = self.check_leaders(view.cluster) {
+        if let v @ Verdict::Fails { .. } = self.check_everything_stored(view) {
             return v;
-        }
-        for i in 0..view.cluster.nodes.len() {
-            if let v @ Verdict::Fails { .. } = self.check_stores(view, i) {
-                return v;
-            }
         }
         let Some(config) = Self::config(view) else {
             return Verdict::Holds;
@@ -427,13 +435,8 @@ impl Oracle for RaftOracle {
     }
 
     fn check_final(&mut self, view: &View<'_>) -> Verdict {
-        if let v @ Verdict::Fails { .. } = self.check_leaders(view.cluster) {
+        if let v @ Verdict::Fails { .. } = self.check_everything_stored(view) {
             return v;
-        }
-        for i in 0..view.cluster.nodes.len() {
-            if let v @ Verdict::Fails { .. } = self.check_stores(view, i) {
-                return v;
-            }
         }
         match self.check_proposals(view.cluster) {
             Ok(()) => Verdict::Holds,

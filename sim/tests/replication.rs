@@ -207,3 +207,20 @@ fn a_proposal_is_answered_once_committed_and_refused_without_a_quorum() {
         assert_ne!(entry.data, b"without", "a refused proposal was appended");
     }
 }
+
+#[test]
+fn leaders_spread_each_group_led_by_its_first_replica() {
+    let mut c = cluster(6);
+    c.run_for(Duration::from_secs(10));
+    let config = c.config().replication.unwrap();
+    let mut nodes: Vec<_> = c.nodes.iter().map(|n| n.id).collect();
+    nodes.sort();
+    let mut leaders = std::collections::BTreeSet::new();
+    for group in config.groups() {
+        let first = config.replicas(&nodes, group)[0];
+        let (leader, _) = leader(&c, group).expect("a leader");
+        assert_eq!(c.id(leader), first, "group {group}");
+        leaders.insert(leader);
+    }
+    assert_eq!(leaders.len(), 3, "three groups, three nodes, three leaders");
+}

@@ -50,6 +50,10 @@ pub fn replicas_of(node: NodeId) -> ActorRef {
     ActorRef::new(node, ActorKind::REPLICAS, ActorKey::Unit)
 }
 
+/// How often, in ticks, a leader checks whether to hand its group over to the
+/// group's first replica.
+const HAND_OVER_TICKS: u64 = 10;
+
 /// How many ticks a rejoining replica waits for a leader to confirm that it
 /// forgot what the replica acknowledged before it asks again.
 const REJOIN_ASK_TICKS: u64 = 20;
@@ -79,6 +83,9 @@ pub struct Replicas {
     groups: BTreeMap<u64, Group>,
     /// Groups whose stored log did not verify: repaired at the next turn.
     corrupt: std::collections::BTreeSet<u64>,
+    /// Groups that could not be opened otherwise (the store failed): tried
+    /// again at the next tick.
+    unopened: std::collections::BTreeSet<u64>,
     /// Proposals made through this node and not applied here yet.
     pending: BTreeMap<ProposalId, Waiting>,
     /// Ticks since activation (the clock of [`Waiting::until`]).
@@ -93,8 +100,17 @@ struct Waiting {
     until: u64,
 }
 
-/// Why a turn of the replicas actor failed (its groups are then opened again
-/// from the store, as after a restart).
+/// What one turn of the replicas actor sends once its writes are durable: Raft
+/// messages (to Raft ids), answers to proposals, and terms it started to lead.
+#[derive(Default)]
+struct Turn {
+    messages: Vec<(u64, Packet)>,
+    replies: Vec<(u64, Outcome)>,
+    led: Vec<(u64, u64)>,
+}
+
+/// Why a group's turn failed (it is then opened again from the store, as after
+/// a restart).
 #[derive(Debug, thiserror::Error)]
 enum TurnError {
     #[error(transparent)]
@@ -121,6 +137,7 @@ impl Replicas {
             me,
             groups: BTreeMap::new(),
             corrupt: Default::default(),
+            unopened: Default::default(),
             pending: BTreeMap::new(),
             ticks: 0,
         };
@@ -131,10 +148,11 @@ impl Replicas {
     /// (Re)opens every group from the store. A group whose log does not verify
     /// is left out, reported and counted, and repaired at the next turn
     /// ([`Replicas::repair`]); one that cannot be opened otherwise is tried again
-    /// at the next activation.
+    /// at the next tick.
     fn open<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         let groups = self.config.groups_of(&self.nodes, cx.node());
         self.groups.clear();
+        self.unopened.clear();
         self.open_groups(&groups, cx);
     }
 
@@ -142,7 +160,8 @@ impl Replicas {
         let txn = match cx.store().read() {
             Ok(txn) => txn,
             Err(error) => {
-                tracing::error!(%error, "replicas: the store cannot be read; no group runs");
+                tracing::error!(%error, "replicas: the store cannot be read; the groups are tried again at the next tick");
+                self.unopened.extend(groups);
                 return;
             }
         };
@@ -173,8 +192,9 @@ impl Replicas {
                     self.corrupt.insert(group);
                 }
                 Err(error) => {
-                    tracing::error!(group, %error, "replicas: a group cannot be opened; it does not run");
+                    tracing::error!(group, %error, "replicas: a group cannot be opened; it is tried again at the next tick");
                     metrics::counter!("conclave_raft_groups_unopened_total").increment(1);
+                    self.unopened.insert(group);
                 }
             }
         }
@@ -205,6 +225,26 @@ impl Replicas {
         let sender = cx.sender()?;
         let remote = sender.kind == ActorKind::REPLICAS && sender.node != cx.node();
         remote.then(|| raft_id(&self.nodes, sender.node)).flatten()
+    }
+
+    /// Every [`HAND_OVER_TICKS`], each group this node leads but is not the
+    /// first replica of goes to that replica if it holds the whole log: so
+    /// leaders stay spread over the nodes as the layout spreads the groups.
+    fn spread_leaders(&mut self) {
+        if !self.ticks.is_multiple_of(HAND_OVER_TICKS) {
+            return;
+        }
+        for (&id, group) in &mut self.groups {
+            let preferred = group.voters[0];
+            if preferred != self.me && group.replica.hand_over(preferred) {
+                tracing::debug!(
+                    group = id,
+                    to = preferred,
+                    "replicas: handing a group over to its first replica"
+                );
+                metrics::counter!("conclave_raft_hand_overs_total").increment(1);
+            }
+        }
     }
 
     fn tick(&mut self, rng: &mut dyn rand_core::CryptoRng) {
@@ -261,7 +301,9 @@ impl Replicas {
             let kind = message.msg_type();
             match kind {
                 // It may have voted in these terms before its store was lost.
-                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                MessageType::MsgRequestVote
+                | MessageType::MsgRequestPreVote
+                | MessageType::MsgTimeoutNow
                     if !mutation::active(Mutation::RaftRejoinVotes) =>
                 {
                     return Ok(false)
@@ -384,70 +426,77 @@ impl Replicas {
         }
     }
 
-    /// Persists what every group has ready in one transaction, then sends the
-    /// groups' messages, batched per node (released after the batch's commit).
+    /// Persists what every group has ready, each group in a transaction of its
+    /// own (all of them in the driver's batch), then sends the groups' messages,
+    /// batched per node, the answers to proposals applied and the terms led (all
+    /// released after the batch's commit). A group whose turn fails is opened
+    /// again from the store, as after a crash; the others go on.
     fn drive<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
-        match self.persist(cx) {
-            Ok(messages) => self.send(messages, cx),
-            Err(error) => {
-                // What the replicas hold in memory is ahead of the store: start
-                // again from the store, as after a crash.
-                tracing::error!(%error, "replicas: a turn failed; the groups are opened again");
+        let mut turn = Turn::default();
+        let ids: Vec<u64> = self.groups.keys().copied().collect();
+        for id in ids {
+            if let Err(error) = self.persist(id, cx, &mut turn) {
+                // What the replica holds in memory is ahead of the store.
+                tracing::error!(group = id, %error, "replicas: a group's turn failed; it is opened again");
                 metrics::counter!("conclave_raft_turns_failed_total").increment(1);
-                self.open(cx);
+                self.groups.remove(&id);
+                self.open_groups(&[id], cx);
             }
         }
-    }
-
-    fn persist<S: System<Msg = Msg>>(
-        &mut self,
-        cx: &mut Context<'_, S>,
-    ) -> Result<Vec<(u64, Packet)>, TurnError> {
-        let mut txn = cx.store().write()?;
-        let mut messages = Vec::new();
-        let mut led = Vec::new();
-        let mut replies = Vec::new();
-        for (&id, group) in &mut self.groups {
-            // Before the drive, so that a vote it records is persisted with it.
-            caught_up(&mut *txn, id, group)?;
-            let out = group.replica.drive(&mut *txn)?;
-            log::apply(&mut *txn, id, &out.committed)?;
-            // Broken on purpose under the mutation: what is appended counts.
-            for entry in out.appended.iter().chain(&out.committed) {
-                let Ok(key) = <[u8; 16]>::try_from(&entry.context[..]) else {
-                    continue;
-                };
-                if let Some(w) = self.pending.remove(&ProposalId(key)) {
-                    let outcome = Outcome::Appended {
-                        group: w.group,
-                        index: entry.index,
-                    };
-                    replies.push((w.request, outcome));
-                }
-            }
-            messages.extend(out.messages.into_iter().map(|m| {
-                let packet = Packet {
-                    group: id,
-                    message: m.encode_to_vec(),
-                };
-                (m.to, packet)
-            }));
-            let term = group.replica.term();
-            if group.replica.is_leader() && group.announced != term {
-                group.announced = term;
-                led.push((id, term));
-            }
-        }
-        txn.commit()?;
-        for (request, outcome) in replies {
+        for (request, outcome) in turn.replies {
             cx.send(gateway_of(cx.node()), ClientMsg::Reply { request, outcome });
         }
-        for (group, term) in led {
+        for (group, term) in turn.led {
             tracing::debug!(group, term, "replicas: leading");
             metrics::counter!("conclave_raft_leader_terms_total").increment(1);
             cx.send(gateway_of(cx.node()), ClientMsg::Leading { group, term });
         }
-        Ok(messages)
+        self.send(turn.messages, cx);
+    }
+
+    /// Persists and applies what group `id` has ready, adding what it sends and
+    /// answers to `turn` once its transaction committed.
+    fn persist<S: System<Msg = Msg>>(
+        &mut self,
+        id: u64,
+        cx: &mut Context<'_, S>,
+        turn: &mut Turn,
+    ) -> Result<(), TurnError> {
+        let Some(group) = self.groups.get_mut(&id) else {
+            return Ok(());
+        };
+        let mut txn = cx.store().write()?;
+        // Before the drive, so that a vote it records is persisted with it.
+        caught_up(&mut *txn, id, group)?;
+        let out = group.replica.drive(&mut *txn)?;
+        log::apply(&mut *txn, id, &out.committed)?;
+        txn.commit()?;
+        // Broken on purpose under the mutation: what is appended counts.
+        for entry in out.appended.iter().chain(&out.committed) {
+            let Ok(key) = <[u8; 16]>::try_from(&entry.context[..]) else {
+                continue;
+            };
+            if let Some(w) = self.pending.remove(&ProposalId(key)) {
+                let outcome = Outcome::Appended {
+                    group: w.group,
+                    index: entry.index,
+                };
+                turn.replies.push((w.request, outcome));
+            }
+        }
+        turn.messages.extend(out.messages.into_iter().map(|m| {
+            let packet = Packet {
+                group: id,
+                message: m.encode_to_vec(),
+            };
+            (m.to, packet)
+        }));
+        let term = group.replica.term();
+        if group.replica.is_leader() && group.announced != term {
+            group.announced = term;
+            turn.led.push((id, term));
+        }
+        Ok(())
     }
 
     /// Sends `messages`, one [`ReplicasMsg::Raft`] per node and at most
@@ -511,7 +560,12 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                     return; // only its own timer ticks it
                 }
                 self.ticks += 1;
+                if !self.unopened.is_empty() {
+                    let groups: Vec<u64> = std::mem::take(&mut self.unopened).into_iter().collect();
+                    self.open_groups(&groups, cx);
+                }
                 self.tick(cx.rng());
+                self.spread_leaders();
                 self.expire();
                 cx.timer(self.config.tick, ReplicasMsg::Tick);
             }

@@ -177,7 +177,11 @@ impl Replica {
             | MsgRequestPreVote
             | MsgRequestPreVoteResponse
             | MsgHeartbeatResponse => {}
-            // Snapshots, leadership transfer, read index and the local kinds:
+            // A leader handing its group over (see `hand_over`): only from the
+            // leader this replica follows, in its term.
+            MsgTimeoutNow if self.leader() == Some(message.from) && message.term == self.term() => {
+            }
+            // Snapshots, other leadership transfers, read index and the local kinds:
             // nothing this node takes from another yet.
             _ => return Err(ReplicaError::Unsupported("this kind of message")),
         }
@@ -199,6 +203,23 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// As leader: hands the group over to replica `to` if `to` holds its whole
+    /// log and no hand-over is under way (raft-rs then tells `to` to start an
+    /// election at once). Returns whether it started one.
+    pub fn hand_over(&mut self, to: u64) -> bool {
+        let raft = &self.node.raft;
+        let caught_up = raft
+            .prs()
+            .get(to)
+            .is_some_and(|p| p.matched == raft.raft_log.last_index());
+        let started =
+            self.is_leader() && to != raft.id && raft.lead_transferee.is_none() && caught_up;
+        if started {
+            self.node.transfer_leader(to);
+        }
+        started
     }
 
     /// The index of the last entry of its log.
@@ -596,8 +617,10 @@ mod tests {
         rewrite.index = committed - 1;
         rewrite.log_term = 0;
         rewrite.entries = vec![entry(committed, term + 7)];
-        // Leadership transfer and read index: not taken from other nodes.
-        let transfer = message(MessageType::MsgTimeoutNow);
+        // A hand-over from a replica that does not lead, and a read index: not
+        // taken from other nodes.
+        let mut transfer = message(MessageType::MsgTimeoutNow);
+        transfer.from = VOTERS[(leader + 2) % VOTERS.len()];
         let read = message(MessageType::MsgReadIndex);
         for forged in [empty, gap, rewrite, transfer, read] {
             let kind = forged.msg_type();

@@ -655,7 +655,7 @@ impl Cluster {
                         key_users: key_users_in(&envelope.msg),
                         publisher: publisher_in(&envelope.msg),
                         raft: match &envelope.msg {
-                            Msg::Replicas(ReplicasMsg::Raft { packets }) => packets.clone(),
+                            Msg::Replicas(ReplicasMsg::Raft { packets, .. }) => packets.clone(),
                             _ => Vec::new(),
                         },
                     });

@@ -70,6 +70,9 @@ struct Group {
     reset_by: Option<(u64, u64)>,
     /// Rejoining: the (leader, term) last asked to forget, and when (in ticks).
     asked: Option<(u64, u64, u64)>,
+    /// The term in which it last handed the group over (see
+    /// [`Replicas::spread_leaders`]).
+    handed_over: u64,
     /// The term in which it last told the gateway it leads.
     announced: u64,
 }
@@ -90,6 +93,12 @@ pub struct Replicas {
     pending: BTreeMap<ProposalId, Waiting>,
     /// Ticks since activation (the clock of [`Waiting::until`]).
     ticks: u64,
+    /// This run of the actor (drawn at activation), sent with every message.
+    run: u64,
+    /// As leader: (group, follower) that rejoined → the run that did. Until
+    /// the follower holds the whole log, acknowledgements of its other runs
+    /// are dropped: one sent before its loss could claim what it lost.
+    fences: BTreeMap<(u64, u64), u64>,
 }
 
 /// A proposal made through this node: its group, the caller's request number
@@ -140,6 +149,8 @@ impl Replicas {
             unopened: Default::default(),
             pending: BTreeMap::new(),
             ticks: 0,
+            run: cx.rng().next_u64(),
+            fences: BTreeMap::new(),
         };
         replicas.open(cx);
         Some(replicas)
@@ -182,6 +193,7 @@ impl Replicas {
                         rejoining,
                         reset_by: None,
                         asked: None,
+                        handed_over: 0,
                         announced: 0,
                     };
                     self.groups.insert(group, group_state);
@@ -236,7 +248,14 @@ impl Replicas {
         }
         for (&id, group) in &mut self.groups {
             let preferred = group.voters[0];
-            if preferred != self.me && group.replica.hand_over(preferred) {
+            let term = group.replica.term();
+            // Once per term: a hand-over that failed (the replica did not win)
+            // is not tried again until the term changes.
+            if preferred == self.me || group.handed_over == term {
+                continue;
+            }
+            if group.replica.hand_over(preferred) {
+                group.handed_over = term;
                 tracing::debug!(
                     group = id,
                     to = preferred,
@@ -263,13 +282,14 @@ impl Replicas {
     fn receive(
         &mut self,
         from: u64,
+        run: u64,
         packets: Vec<Packet>,
         rng: &mut dyn rand_core::CryptoRng,
     ) -> Vec<u64> {
         let mut rejoined = Vec::new();
         for packet in packets {
             let group = packet.group;
-            match self.step(from, packet, rng) {
+            match self.step(from, run, packet, rng) {
                 Ok(true) if !rejoined.contains(&group) => rejoined.push(group),
                 Ok(_) => {}
                 Err(reason) => {
@@ -287,14 +307,20 @@ impl Replicas {
     fn step(
         &mut self,
         from: u64,
+        run: u64,
         packet: Packet,
         rng: &mut dyn rand_core::CryptoRng,
     ) -> Result<bool, &'static str> {
         let ticks = self.ticks;
+        let fence = self.fences.get(&(packet.group, from)).copied();
         let group = self.groups.get_mut(&packet.group).ok_or("unknown_group")?;
-        let message = Message::decode(&packet.message[..]).map_err(|_| "malformed")?;
+        let mut message = Message::decode(&packet.message[..]).map_err(|_| "malformed")?;
         if message.from != from || message.to != self.me || !group.voters.contains(&from) {
             return Err("misaddressed");
+        }
+        let stale = fence.is_some_and(|f| f != run);
+        if stale && message.msg_type() == MessageType::MsgAppendResponse {
+            return Err("fenced");
         }
         let mut lacking = false;
         if let Some(target) = group.rejoining.as_mut() {
@@ -311,6 +337,11 @@ impl Replicas {
                 MessageType::MsgAppend | MessageType::MsgHeartbeat => {
                     if kind == MessageType::MsgAppend {
                         *target = (*target).max(message.commit);
+                    } else if group.reset_by != Some((from, message.term)) {
+                        // Until this leader forgot, its idea of what this
+                        // replica holds may predate the loss: only appends
+                        // move the commit.
+                        message.commit = message.commit.min(group.replica.commit());
                     }
                     let leader = (from, message.term);
                     let asked_lately = group.asked.is_some_and(|(l, t, at)| {
@@ -333,13 +364,14 @@ impl Replicas {
     /// `from` lost its store: the groups it names that this node leads send it
     /// their logs again from the start. Returns, for each, the term and the
     /// commit index at the reset, which `from` must reach before it votes.
-    fn rejoined(&mut self, from: u64, groups: &[u64]) -> Vec<(u64, u64, u64)> {
+    fn rejoined(&mut self, from: u64, run: u64, groups: &[u64]) -> Vec<(u64, u64, u64)> {
         let mut reset = Vec::new();
         for &id in groups.iter().take(usize::from(SHARDS_MAX) + 1) {
             let Some(group) = self.groups.get_mut(&id) else {
                 continue;
             };
             if group.voters.contains(&from) && group.replica.reset_follower(from) {
+                self.fences.insert((id, from), run);
                 tracing::info!(
                     group = id,
                     from,
@@ -358,7 +390,9 @@ impl Replicas {
             let Some(group) = self.groups.get_mut(&id) else {
                 continue;
             };
-            if let (Some(target), true) = (group.rejoining.as_mut(), group.voters.contains(&from)) {
+            // Only the answer of the leader asked, in the term asked.
+            let asked = group.asked.is_some_and(|(l, t, _)| (l, t) == (from, term));
+            if let (Some(target), true) = (group.rejoining.as_mut(), asked) {
                 *target = (*target).max(commit);
                 group.reset_by = Some((from, term));
             }
@@ -443,6 +477,12 @@ impl Replicas {
                 self.open_groups(&[id], cx);
             }
         }
+        let groups = &self.groups;
+        self.fences.retain(|&(id, follower), _| {
+            groups
+                .get(&id)
+                .is_some_and(|g| g.replica.is_leader() && !g.replica.holds_whole_log(follower))
+        });
         for (request, outcome) in turn.replies {
             cx.send(gateway_of(cx.node()), ClientMsg::Reply { request, outcome });
         }
@@ -465,6 +505,9 @@ impl Replicas {
         let Some(group) = self.groups.get_mut(&id) else {
             return Ok(());
         };
+        if !group.replica.has_ready() && group.rejoining.is_none() {
+            return Ok(()); // nothing to write, send or apply
+        }
         let mut txn = cx.store().write()?;
         // Before the drive, so that a vote it records is persisted with it.
         caught_up(&mut *txn, id, group)?;
@@ -521,7 +564,8 @@ impl Replicas {
                 continue;
             };
             for packets in batches {
-                cx.send(replicas_of(node), ReplicasMsg::Raft { packets });
+                let run = self.run;
+                cx.send(replicas_of(node), ReplicasMsg::Raft { packets, run });
             }
         }
     }
@@ -535,7 +579,13 @@ fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<(), L
     let Some(target) = group.rejoining else {
         return Ok(());
     };
-    if group.reset_by.is_some() && target > 0 && group.replica.commit() >= target {
+    // The leader it follows now, in this term, is the one that forgot.
+    let current = group.replica.leader().map(|l| (l, group.replica.term()));
+    if current.is_some()
+        && group.reset_by == current
+        && target > 0
+        && group.replica.commit() >= target
+    {
         group.replica.vote_for_leader();
         group.rejoining = None;
         tracing::info!(
@@ -569,23 +619,30 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                 self.expire();
                 cx.timer(self.config.tick, ReplicasMsg::Tick);
             }
-            ReplicasMsg::Raft { packets } => {
+            ReplicasMsg::Raft { packets, run } => {
                 let Some(from) = self.remote_sender(cx) else {
                     tracing::warn!(sender = ?cx.sender(), "replicas: raft messages not from another node's replicas; dropped");
                     metrics::counter!("conclave_raft_messages_refused_total", "reason" => "sender")
                         .increment(1);
                     return;
                 };
-                let rejoined = self.receive(from, packets, cx.rng());
+                let rejoined = self.receive(from, run, packets, cx.rng());
                 if let (false, Some(leader)) = (rejoined.is_empty(), cx.sender().copied()) {
-                    cx.send(leader, ReplicasMsg::Rejoined { groups: rejoined });
+                    let run = self.run;
+                    cx.send(
+                        leader,
+                        ReplicasMsg::Rejoined {
+                            groups: rejoined,
+                            run,
+                        },
+                    );
                 }
             }
-            ReplicasMsg::Rejoined { groups } => {
+            ReplicasMsg::Rejoined { groups, run } => {
                 let Some(from) = self.remote_sender(cx) else {
                     return;
                 };
-                let reset = self.rejoined(from, &groups);
+                let reset = self.rejoined(from, run, &groups);
                 if let (false, Some(follower)) = (reset.is_empty(), cx.sender().copied()) {
                     cx.send(follower, ReplicasMsg::Reset { groups: reset });
                 }

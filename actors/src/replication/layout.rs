@@ -116,6 +116,10 @@ pub enum ReplicasMsg {
     Raft {
         /// The messages, in the order sent.
         packets: Vec<Packet>,
+        /// The sender's run (drawn when its replicas actor starts): a leader
+        /// takes from a node that rejoined only the acknowledgements of the run
+        /// that rejoined (see [`ReplicasMsg::Rejoined`]).
+        run: u64,
     },
     /// From a node whose store lost entries (emptied, or repaired) to the
     /// leaders it hears from: it may have acknowledged entries it no longer
@@ -123,6 +127,9 @@ pub enum ReplicasMsg {
     Rejoined {
         /// The groups (that the receiver leads).
         groups: Vec<u64>,
+        /// The sender's run: acknowledgements of its earlier runs, still on
+        /// their way, are dropped until it has caught up.
+        run: u64,
     },
     /// A leader's answer to [`ReplicasMsg::Rejoined`]: it forgot what the node
     /// had acknowledged, as of (group, term, commit index); the node votes

@@ -166,13 +166,14 @@ impl Replica {
         use MessageType::*;
         match message.msg_type() {
             MsgHeartbeat => message.commit = message.commit.min(self.last_index()),
+            // A request for a snapshot is no concern of ours (none is sent).
+            MsgAppendResponse => message.request_snapshot = raft::INVALID_INDEX,
             MsgAppend => self.check_append(&message)?,
             MsgPropose if message.entries.is_empty() => {
                 return Err(ReplicaError::Unsupported("an empty proposal"))
             }
             MsgPropose => check_entries(&message.entries)?,
-            MsgAppendResponse
-            | MsgRequestVote
+            MsgRequestVote
             | MsgRequestVoteResponse
             | MsgRequestPreVote
             | MsgRequestPreVoteResponse
@@ -193,10 +194,19 @@ impl Replica {
     /// carries for an index this replica holds committed has another term.
     fn check_append(&self, message: &Message) -> Result<(), ReplicaError> {
         check_entries(&message.entries)?;
+        let unfit = ReplicaError::Unsupported("an append that does not fit the log");
+        // raft-rs reads the term of an index past the log as 0: a previous
+        // entry of term 0, or entries of term 0, would "match" what this
+        // replica does not hold, and it would commit past its log (a panic).
+        if message.index > 0 && message.log_term == 0 {
+            return Err(unfit);
+        }
+        let first = message.index.checked_add(1).ok_or(unfit)?;
         let log = &self.node.raft.raft_log;
-        for (entry, index) in message.entries.iter().zip(message.index + 1..) {
+        for (entry, index) in message.entries.iter().zip(first..) {
             let conflicts = index <= log.committed && log.term(index).ok() != Some(entry.term);
-            if entry.index != index || conflicts {
+            let term_ok = entry.term > 0 && entry.term <= message.term;
+            if entry.index != index || conflicts || !term_ok {
                 return Err(ReplicaError::Unsupported(
                     "an append that does not fit the log",
                 ));
@@ -210,16 +220,34 @@ impl Replica {
     /// election at once). Returns whether it started one.
     pub fn hand_over(&mut self, to: u64) -> bool {
         let raft = &self.node.raft;
-        let caught_up = raft
-            .prs()
-            .get(to)
-            .is_some_and(|p| p.matched == raft.raft_log.last_index());
+        // Caught up and taking appends as they come. (Not `recent_active`:
+        // check_quorum clears it every election timeout, in step with this
+        // check.) A hand-over to a replica that went down meanwhile fails after
+        // an election timeout, and is not tried again in the term.
+        let caught_up = raft.prs().get(to).is_some_and(|p| {
+            p.matched == raft.raft_log.last_index() && p.state == raft::ProgressState::Replicate
+        });
         let started =
             self.is_leader() && to != raft.id && raft.lead_transferee.is_none() && caught_up;
         if started {
             self.node.transfer_leader(to);
         }
         started
+    }
+
+    /// Whether raft-rs has anything to persist, send or apply.
+    pub fn has_ready(&self) -> bool {
+        self.node.has_ready()
+    }
+
+    /// As leader: whether replica `id` holds its whole log.
+    pub fn holds_whole_log(&self, id: u64) -> bool {
+        let raft = &self.node.raft;
+        self.is_leader()
+            && raft
+                .prs()
+                .get(id)
+                .is_some_and(|p| p.matched == raft.raft_log.last_index())
     }
 
     /// The index of the last entry of its log.

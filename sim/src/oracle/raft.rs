@@ -127,6 +127,9 @@ impl RaftOracle {
             return Verdict::Holds;
         };
         for group in config.groups_of(&nodes, c.nodes[i].id) {
+            if Self::beyond_tolerance(c, group) {
+                continue;
+            }
             let flipped = c.flipped.contains(&(i, group));
             match self.check_group(&*txn, i, group, flipped) {
                 Ok(()) => {}
@@ -205,6 +208,21 @@ impl RaftOracle {
         Ok(())
     }
 
+    /// Whether a majority of `group`'s replicas lost their disks (for good, or
+    /// came back empty): Raft keeps what a majority holds, so past that it
+    /// promises nothing about what was committed.
+    fn beyond_tolerance(c: &Cluster, group: u64) -> bool {
+        let Some(config) = c.config().replication else {
+            return false;
+        };
+        let replicas = config.replicas(&Self::nodes(c), group);
+        let lost = replicas
+            .iter()
+            .filter(|id| Self::index(c, **id).is_some_and(|i| c.nodes[i].wiped))
+            .count();
+        lost > replicas.len() / 2
+    }
+
     /// The leaders announced, then every node's stores.
     fn check_everything_stored(&mut self, view: &View<'_>) -> Verdict {
         if let v @ Verdict::Fails { .. } = self.check_leaders(view.cluster) {
@@ -258,6 +276,9 @@ impl RaftOracle {
     /// there; none refused is committed anywhere.
     fn check_proposals(&self, c: &Cluster) -> Result<(), String> {
         for &(node, request, group, id) in &c.proposed {
+            if Self::beyond_tolerance(c, group) {
+                continue;
+            }
             for outcome in c.outcomes(node, request) {
                 let at = self.committed_ids.get(&id);
                 match outcome {
@@ -438,9 +459,22 @@ impl Oracle for RaftOracle {
         if let v @ Verdict::Fails { .. } = self.check_everything_stored(view) {
             return v;
         }
-        match self.check_proposals(view.cluster) {
-            Ok(()) => Verdict::Holds,
-            Err(detail) => fails(detail),
+        if let Err(detail) = self.check_proposals(view.cluster) {
+            return fails(detail);
         }
+        let c = view.cluster;
+        let beyond: Vec<String> = Self::config(view)
+            .into_iter()
+            .flat_map(|config| config.groups())
+            .filter(|&g| Self::beyond_tolerance(c, g))
+            .map(|g| g.to_string())
+            .collect();
+        if beyond.is_empty() {
+            return Verdict::Holds;
+        }
+        Verdict::Note(format!(
+            "raft group(s) {} lost a majority of their replicas' disks: what they committed was not checked",
+            beyond.join(", ")
+        ))
     }
 }

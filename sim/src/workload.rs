@@ -572,6 +572,7 @@ impl Workload {
             return;
         };
         env.c.mark(&format!("trespass u{HOSTILE_USER} n{node}"));
+        env.seen(&Seen::Trespassed { id: frame.id });
         env.c.publish_frame(node, frame);
     }
 

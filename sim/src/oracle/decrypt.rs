@@ -2,7 +2,7 @@
 //! client may take it is the chain oracle's), and every frame
 //! a member may read verifies and decrypts, to what was sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use conclave_actors::domain::chain::KeyRefusal;
 use conclave_actors::ids::MessageId;
@@ -14,6 +14,9 @@ use super::{short, Oracle, Seen, Verdict, View, DECRYPT};
 pub struct Decrypt {
     /// What each published frame was sealed from.
     texts: BTreeMap<MessageId, Vec<u8>>,
+    /// Frames a hostile user sealed with a key of their own (see
+    /// [`Seen::Trespassed`]): no member can open them.
+    junk: BTreeSet<MessageId>,
 }
 
 fn fails(detail: String) -> Verdict {
@@ -47,6 +50,10 @@ impl Oracle for Decrypt {
                 epoch.0,
                 short(&view.roster.user(user).uid.0)
             )),
+            Seen::Trespassed { id } => {
+                self.junk.insert(id);
+                Verdict::Holds
+            }
             Seen::NoKey { .. } => no_key(view, seen),
             Seen::Opened { .. } => self.opened(seen),
             Seen::Sent { .. }
@@ -80,6 +87,7 @@ impl Decrypt {
                 seq.0
             )),
             Ok(_) => Verdict::Holds,
+            Err(_) if self.junk.contains(&id) => Verdict::Holds,
             Err(error) => fails(format!(
                 "seq {} of room {r} does not open for member u{user} on n{node}: {error}",
                 seq.0

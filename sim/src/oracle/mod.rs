@@ -189,6 +189,14 @@ pub enum Seen<'a> {
         /// The frame's message id.
         id: MessageId,
     },
+    /// A hostile user published `id`, sealed with a key of their own, to a room
+    /// they were not a member of as their node's disk said. If they became a
+    /// member again before their node took it, it is a member's frame nobody
+    /// can open: a node cannot see what a frame is sealed with.
+    Trespassed {
+        /// The frame's message id.
+        id: MessageId,
+    },
     /// A hostile user handed their node `requests`, publishes all at once: at
     /// most `allowance` of them may pass their publish quota.
     Flood {

@@ -19,10 +19,11 @@
 //!   takes no vote request and does not tick (so it does not campaign) in such a
 //!   group until a leader confirmed that it forgot what the node acknowledged
 //!   ([`ReplicasMsg::Rejoined`], [`ReplicasMsg::Reset`]) and the node holds the
-//!   commit index that leader (and any since) announced. It then records a vote
-//!   for that leader, so that it cannot vote twice in that term. Known gap: a
-//!   term *later* than the leader's, in which it voted before its loss, is not
-//!   covered (asking a quorum for their terms would be).
+//!   commit index that leader (and any since) announced, and a majority of the
+//!   group among the other voters said they are at no later term than its own
+//!   ([`ReplicasMsg::Terms`]: a term whose election its lost vote helped win is
+//!   at most what they hold). It then records a vote for that leader, so that
+//!   it cannot vote twice in that term.
 //! - **Input from other nodes.** Only the messages replicas exchange are
 //!   stepped, and an append only if raft-rs can take it without panicking (see
 //!   [`Replica::step`]); the rest is dropped and counted.
@@ -70,6 +71,8 @@ struct Group {
     reset_by: Option<(u64, u64)>,
     /// Rejoining: the (leader, term) last asked to forget, and when (in ticks).
     asked: Option<(u64, u64, u64)>,
+    /// Rejoining: the highest term each other voter said it is at.
+    terms: BTreeMap<u64, u64>,
     /// The term in which it last handed the group over (see
     /// [`Replicas::spread_leaders`]).
     handed_over: u64,
@@ -193,6 +196,7 @@ impl Replicas {
                         rejoining,
                         reset_by: None,
                         asked: None,
+                        terms: BTreeMap::new(),
                         handed_over: 0,
                         announced: 0,
                     };
@@ -262,6 +266,55 @@ impl Replicas {
                     "replicas: handing a group over to its first replica"
                 );
                 metrics::counter!("conclave_raft_hand_overs_total").increment(1);
+            }
+        }
+    }
+
+    /// Every [`REJOIN_ASK_TICKS`], asks the other voters of the groups it is
+    /// rejoining what terms they are at (one message per node).
+    fn ask_terms<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        if !self.ticks.is_multiple_of(REJOIN_ASK_TICKS) {
+            return;
+        }
+        let mut by_node: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (&id, group) in &self.groups {
+            if group.rejoining.is_none() {
+                continue;
+            }
+            for &voter in group.voters.iter().filter(|&&v| v != self.me) {
+                by_node.entry(voter).or_default().push(id);
+            }
+        }
+        for (voter, groups) in by_node {
+            if let Some(node) = node_of(&self.nodes, voter) {
+                cx.send(replicas_of(node), ReplicasMsg::Terms { groups });
+            }
+        }
+    }
+
+    /// The terms of the groups `from` asked about that it shares with this node.
+    fn terms_of(&self, from: u64, groups: &[u64]) -> Vec<(u64, u64)> {
+        let shared = groups.iter().take(usize::from(SHARDS_MAX) + 1);
+        shared
+            .filter_map(|id| {
+                let group = self.groups.get(id)?;
+                group
+                    .voters
+                    .contains(&from)
+                    .then(|| (*id, group.replica.term()))
+            })
+            .collect()
+    }
+
+    /// `from` said what terms it is at.
+    fn heard_terms(&mut self, from: u64, terms: &[(u64, u64)]) {
+        for &(id, term) in terms.iter().take(usize::from(SHARDS_MAX) + 1) {
+            let Some(group) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            if group.rejoining.is_some() && group.voters.contains(&from) && from != self.me {
+                let heard = group.terms.entry(from).or_insert(term);
+                *heard = (*heard).max(term);
             }
         }
     }
@@ -580,11 +633,13 @@ fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<(), L
         return Ok(());
     };
     // The leader it follows now, in this term, is the one that forgot.
-    let current = group.replica.leader().map(|l| (l, group.replica.term()));
+    let term = group.replica.term();
+    let current = group.replica.leader().map(|l| (l, term));
     if current.is_some()
         && group.reset_by == current
         && target > 0
         && group.replica.commit() >= target
+        && no_later_term(group, term)
     {
         group.replica.vote_for_leader();
         group.rejoining = None;
@@ -595,6 +650,18 @@ fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<(), L
         );
     }
     log::set_rejoining(txn, id, group.rejoining)
+}
+
+/// Whether enough of the other voters answered [`ReplicasMsg::Terms`], all at
+/// `term` or below: a term in which this node's lost vote helped elect a leader
+/// is at most what any majority of the group holds now, and at least one of
+/// those answered (a majority of the group among the others meets every
+/// majority that elected). So it never votes again in such a term: terms below
+/// `term` are past, and in `term` it records a vote for the leader.
+fn no_later_term(group: &Group, term: u64) -> bool {
+    let others = group.voters.len().saturating_sub(1);
+    let needed = (group.voters.len() / 2 + 1).min(others);
+    group.terms.len() >= needed && group.terms.values().all(|&t| t <= term)
 }
 
 impl<S: System<Msg = Msg>> Actor<S> for Replicas {
@@ -616,6 +683,7 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                 }
                 self.tick(cx.rng());
                 self.spread_leaders();
+                self.ask_terms(cx);
                 self.expire();
                 cx.timer(self.config.tick, ReplicasMsg::Tick);
             }
@@ -646,6 +714,21 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                 if let (false, Some(follower)) = (reset.is_empty(), cx.sender().copied()) {
                     cx.send(follower, ReplicasMsg::Reset { groups: reset });
                 }
+            }
+            ReplicasMsg::Terms { groups } => {
+                let Some(from) = self.remote_sender(cx) else {
+                    return;
+                };
+                let terms = self.terms_of(from, &groups);
+                if let (false, Some(asker)) = (terms.is_empty(), cx.sender().copied()) {
+                    cx.send(asker, ReplicasMsg::TermsAre { groups: terms });
+                }
+            }
+            ReplicasMsg::TermsAre { groups } => {
+                let Some(from) = self.remote_sender(cx) else {
+                    return;
+                };
+                self.heard_terms(from, &groups);
             }
             ReplicasMsg::Reset { groups } => {
                 let Some(from) = self.remote_sender(cx) else {

@@ -138,6 +138,19 @@ pub enum ReplicasMsg {
         /// (group, term, commit index at the reset).
         groups: Vec<(u64, u64, u64)>,
     },
+    /// From a rejoining node to the other replicas of its groups: what term is
+    /// each at? (It must not vote in a term it may have voted in before its
+    /// loss; any term whose election it helped win is at most what a majority
+    /// of the others answer.)
+    Terms {
+        /// The groups.
+        groups: Vec<u64>,
+    },
+    /// The answer to [`ReplicasMsg::Terms`]: (group, current term).
+    TermsAre {
+        /// The groups and their terms here.
+        groups: Vec<(u64, u64)>,
+    },
     /// Append `data` to `group`'s log (local senders only). The outcome goes to
     /// this node's gateway as request `request`: refused at once when the
     /// group is not replicated here or no leader is known ([`crate::domain::Denial::NoQuorum`]),

@@ -497,6 +497,13 @@ impl Cluster {
         domain::begin_run(node.store.as_ref(), incarnation).expect("a run begins");
     }
 
+    /// The nodes' ids, sorted: the cluster as the replicas actors lay it out.
+    pub fn sorted_ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort();
+        ids
+    }
+
     /// The current virtual time.
     pub fn now(&self) -> Time {
         self.now

@@ -117,30 +117,20 @@ impl Faults {
         let Some(config) = c.config().replication else {
             return;
         };
-        let mut nodes: Vec<_> = c.nodes.iter().map(|n| n.id).collect();
-        nodes.sort();
-        let groups = config.groups_of(&nodes, c.nodes[i].id);
+        let groups = config.groups_of(&c.sorted_ids(), c.nodes[i].id);
         if groups.is_empty() {
             return;
         }
         let group = groups[(self.flip_rng.next_u64() % groups.len() as u64) as usize];
         let store = &c.nodes[i].store;
-        let Ok(hard) = store
+        // Any stored entry, committed or not.
+        let Ok(last) = store
             .read()
             .map_err(|_| ())
-            .and_then(|t| log::hard_state(&*t, group).map_err(|_| ()))
+            .and_then(|t| log::last_index(&*t, group).map_err(|_| ()))
         else {
             return;
         };
-        // Any stored entry, committed or not.
-        let Ok(txn) = store.read() else {
-            return;
-        };
-        let last = (hard.commit + 1..)
-            .take_while(|&k| matches!(log::entry(&*txn, group, k), Ok(Some(_))))
-            .last()
-            .unwrap_or(hard.commit);
-        drop(txn);
         let index = 1 + self.flip_rng.next_u64() % last.max(1);
         let bit = self.flip_rng.next_u64() as u32;
         let flipped = store.write().map_err(|_| ()).and_then(|mut txn| {

@@ -213,8 +213,7 @@ fn leaders_spread_each_group_led_by_its_first_replica() {
     let mut c = cluster(6);
     c.run_for(Duration::from_secs(10));
     let config = c.config().replication.unwrap();
-    let mut nodes: Vec<_> = c.nodes.iter().map(|n| n.id).collect();
-    nodes.sort();
+    let nodes = c.sorted_ids();
     let mut leaders = std::collections::BTreeSet::new();
     for group in config.groups() {
         let first = config.replicas(&nodes, group)[0];

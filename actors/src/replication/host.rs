@@ -672,70 +672,9 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
             self.repair(cx);
         }
         match msg {
-            ReplicasMsg::Tick => {
-                if cx.sender().is_some() {
-                    return; // only its own timer ticks it
-                }
-                self.ticks += 1;
-                if !self.unopened.is_empty() {
-                    let groups: Vec<u64> = std::mem::take(&mut self.unopened).into_iter().collect();
-                    self.open_groups(&groups, cx);
-                }
-                self.tick(cx.rng());
-                self.spread_leaders();
-                self.ask_terms(cx);
-                self.expire();
-                cx.timer(self.config.tick, ReplicasMsg::Tick);
-            }
-            ReplicasMsg::Raft { packets, run } => {
-                let Some(from) = self.remote_sender(cx) else {
-                    tracing::warn!(sender = ?cx.sender(), "replicas: raft messages not from another node's replicas; dropped");
-                    metrics::counter!("conclave_raft_messages_refused_total", "reason" => "sender")
-                        .increment(1);
-                    return;
-                };
-                let rejoined = self.receive(from, run, packets, cx.rng());
-                if let (false, Some(leader)) = (rejoined.is_empty(), cx.sender().copied()) {
-                    let run = self.run;
-                    cx.send(
-                        leader,
-                        ReplicasMsg::Rejoined {
-                            groups: rejoined,
-                            run,
-                        },
-                    );
-                }
-            }
-            ReplicasMsg::Rejoined { groups, run } => {
-                let Some(from) = self.remote_sender(cx) else {
-                    return;
-                };
-                let reset = self.rejoined(from, run, &groups);
-                if let (false, Some(follower)) = (reset.is_empty(), cx.sender().copied()) {
-                    cx.send(follower, ReplicasMsg::Reset { groups: reset });
-                }
-            }
-            ReplicasMsg::Terms { groups } => {
-                let Some(from) = self.remote_sender(cx) else {
-                    return;
-                };
-                let terms = self.terms_of(from, &groups);
-                if let (false, Some(asker)) = (terms.is_empty(), cx.sender().copied()) {
-                    cx.send(asker, ReplicasMsg::TermsAre { groups: terms });
-                }
-            }
-            ReplicasMsg::TermsAre { groups } => {
-                let Some(from) = self.remote_sender(cx) else {
-                    return;
-                };
-                self.heard_terms(from, &groups);
-            }
-            ReplicasMsg::Reset { groups } => {
-                let Some(from) = self.remote_sender(cx) else {
-                    return;
-                };
-                self.reset(from, &groups);
-            }
+            // Only its own timer ticks it.
+            ReplicasMsg::Tick if cx.sender().is_none() => self.on_tick(cx),
+            ReplicasMsg::Tick => return,
             ReplicasMsg::Propose {
                 group,
                 id,
@@ -745,19 +684,99 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                 if cx.sender().is_some_and(|s| s.node != cx.node()) {
                     return; // another node cannot propose through this one
                 }
-                if let Some(denial) = self.propose(group, id, data, request) {
-                    tracing::debug!(
-                        group,
-                        reason = denial.reason(),
-                        "replicas: a proposal refused"
-                    );
-                    metrics::counter!("conclave_raft_proposals_refused_total", "reason" => denial.reason())
+                self.on_propose(group, id, data, request, cx);
+            }
+            from_peer => {
+                let Some(from) = self.remote_sender(cx) else {
+                    tracing::warn!(sender = ?cx.sender(), "replicas: a replicas message not from another node's replicas; dropped");
+                    metrics::counter!("conclave_raft_messages_refused_total", "reason" => "sender")
                         .increment(1);
-                    let outcome = Outcome::Denied(denial);
-                    cx.send(gateway_of(cx.node()), ClientMsg::Reply { request, outcome });
+                    return;
+                };
+                let answer = self.on_peer(from, from_peer, cx.rng());
+                if let (Some(answer), Some(to)) = (answer, cx.sender().copied()) {
+                    cx.send(to, answer);
                 }
             }
         }
         self.drive(cx);
+    }
+}
+
+impl Replicas {
+    /// One tick: groups that could not be opened are tried again, every group
+    /// not rejoining ticks, leaders spread, rejoining groups ask for terms, and
+    /// proposals past their deadline are given up.
+    fn on_tick<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        self.ticks += 1;
+        if !self.unopened.is_empty() {
+            let groups: Vec<u64> = std::mem::take(&mut self.unopened).into_iter().collect();
+            self.open_groups(&groups, cx);
+        }
+        self.tick(cx.rng());
+        self.spread_leaders();
+        self.ask_terms(cx);
+        self.expire();
+        cx.timer(self.config.tick, ReplicasMsg::Tick);
+    }
+
+    /// A proposal through this node; a refusal is answered at once.
+    fn on_propose<S: System<Msg = Msg>>(
+        &mut self,
+        group: u64,
+        id: ProposalId,
+        data: Vec<u8>,
+        request: u64,
+        cx: &mut Context<'_, S>,
+    ) {
+        let Some(denial) = self.propose(group, id, data, request) else {
+            return;
+        };
+        let reason = denial.reason();
+        tracing::debug!(group, reason, "replicas: a proposal refused");
+        metrics::counter!("conclave_raft_proposals_refused_total", "reason" => reason).increment(1);
+        let outcome = Outcome::Denied(denial);
+        cx.send(gateway_of(cx.node()), ClientMsg::Reply { request, outcome });
+    }
+
+    /// A message from the replicas actor of node `from` (Raft id); returns the
+    /// answer to send back, if any.
+    fn on_peer(
+        &mut self,
+        from: u64,
+        msg: ReplicasMsg,
+        rng: &mut dyn rand_core::CryptoRng,
+    ) -> Option<ReplicasMsg> {
+        let run = self.run;
+        match msg {
+            ReplicasMsg::Raft {
+                packets,
+                run: theirs,
+            } => {
+                let groups = self.receive(from, theirs, packets, rng);
+                (!groups.is_empty()).then_some(ReplicasMsg::Rejoined { groups, run })
+            }
+            ReplicasMsg::Rejoined {
+                groups,
+                run: theirs,
+            } => {
+                let groups = self.rejoined(from, theirs, &groups);
+                (!groups.is_empty()).then_some(ReplicasMsg::Reset { groups })
+            }
+            ReplicasMsg::Reset { groups } => {
+                self.reset(from, &groups);
+                None
+            }
+            ReplicasMsg::Terms { groups } => {
+                let groups = self.terms_of(from, &groups);
+                (!groups.is_empty()).then_some(ReplicasMsg::TermsAre { groups })
+            }
+            ReplicasMsg::TermsAre { groups } => {
+                self.heard_terms(from, &groups);
+                None
+            }
+            // Local only (see `handle`).
+            ReplicasMsg::Tick | ReplicasMsg::Propose { .. } => None,
+        }
     }
 }

@@ -287,6 +287,14 @@ pub fn hard_state(txn: &dyn ReadTxn, group: u64) -> Result<HardState, LogError> 
     })
 }
 
+/// The index of `group`'s last stored entry (0: none); its bytes are not
+/// read, so an entry that no longer verifies still counts.
+pub fn last_index(txn: &dyn ReadTxn, group: u64) -> Result<u64, LogError> {
+    let range = (group, 0)..=(group, u64::MAX);
+    let last = ENTRIES.scan(txn, range, Order::Descending, 1)?;
+    Ok(last.first().map_or(0, |((_, index), _)| *index))
+}
+
 /// `group`'s stored entry at `index`, verified.
 pub fn entry(txn: &dyn ReadTxn, group: u64, index: u64) -> Result<Option<Entry>, LogError> {
     let Some(stored) = ENTRIES.get(txn, &(group, index))? else {
@@ -386,11 +394,13 @@ mod tests {
         };
         set_hard_state(&mut *txn, 1, &hard).unwrap();
         assert!(flip_bit(&mut *txn, 1, 2, 13).unwrap());
+        assert_eq!(last_index(&*txn, 1).unwrap(), 3, "a flipped entry still counts");
         assert!(load(&*txn, 1).is_err(), "entry 2 no longer verifies");
         assert_eq!(repair(&mut *txn, 1).unwrap(), 2, "dropped from entry 2");
         let memory = load(&*txn, 1).unwrap().expect("stored");
         use raft::Storage as _;
         assert_eq!(memory.last_index().unwrap(), 1);
+        assert_eq!(last_index(&*txn, 1).unwrap(), 1);
         let repaired = hard_state(&*txn, 1).unwrap();
         assert_eq!((repaired.term, repaired.vote, repaired.commit), (1, 2, 1));
         assert_eq!(rejoining(&*txn, 1).unwrap(), Some(0));

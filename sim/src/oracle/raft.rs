@@ -89,13 +89,6 @@ impl RaftOracle {
         view.cluster.config().replication
     }
 
-    /// The nodes of the cluster, sorted (as the replicas actors see them).
-    fn nodes(c: &Cluster) -> Vec<conclave_actors::ids::NodeId> {
-        let mut nodes: Vec<_> = c.nodes.iter().map(|n| n.id).collect();
-        nodes.sort();
-        nodes
-    }
-
     fn check_leaders(&mut self, c: &Cluster) -> Verdict {
         for &(node, group, term) in &c.leading[self.leading_seen..] {
             if let Some(&other) = self.leaders.get(&(group, term)) {
@@ -122,7 +115,7 @@ impl RaftOracle {
             return Verdict::Holds;
         };
         let c = view.cluster;
-        let nodes = Self::nodes(c);
+        let nodes = c.sorted_ids();
         let Ok(txn) = c.nodes[i].store.read() else {
             return Verdict::Holds;
         };
@@ -215,7 +208,7 @@ impl RaftOracle {
         let Some(config) = c.config().replication else {
             return false;
         };
-        let replicas = config.replicas(&Self::nodes(c), group);
+        let replicas = config.replicas(&c.sorted_ids(), group);
         let lost = replicas
             .iter()
             .filter(|id| Self::index(c, **id).is_some_and(|i| c.nodes[i].wiped))
@@ -315,7 +308,7 @@ impl RaftOracle {
         group: u64,
     ) -> Result<Result<(), String>, String> {
         let c = view.cluster;
-        let nodes = Self::nodes(c);
+        let nodes = c.sorted_ids();
         let replicas = config.replicas(&nodes, group);
         let mut states = Vec::new();
         let mut rejoining = 0;
@@ -336,10 +329,7 @@ impl RaftOracle {
             }
             let hard = log::hard_state(&*txn, group).map_err(|e| e.to_string())?;
             let applied = log::applied(&*txn, group).map_err(|e| e.to_string())?;
-            let last = (hard.commit + 1..)
-                .take_while(|&k| matches!(log::entry(&*txn, group, k), Ok(Some(_))))
-                .last()
-                .unwrap_or(hard.commit);
+            let last = log::last_index(&*txn, group).map_err(|e| e.to_string())?;
             states.push((i, hard.term, hard.commit, last, applied));
         }
         if states.len() - rejoining <= replicas.len() / 2 {
@@ -386,7 +376,7 @@ impl Oracle for RaftOracle {
         let Some(i) = Self::index(c, carried.from) else {
             return Verdict::Holds;
         };
-        let nodes = Self::nodes(c);
+        let nodes = c.sorted_ids();
         let Some(me) = raft_id(&nodes, carried.from) else {
             return Verdict::Holds;
         };

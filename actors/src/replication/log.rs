@@ -394,7 +394,11 @@ mod tests {
         };
         set_hard_state(&mut *txn, 1, &hard).unwrap();
         assert!(flip_bit(&mut *txn, 1, 2, 13).unwrap());
-        assert_eq!(last_index(&*txn, 1).unwrap(), 3, "a flipped entry still counts");
+        assert_eq!(
+            last_index(&*txn, 1).unwrap(),
+            3,
+            "a flipped entry still counts"
+        );
         assert!(load(&*txn, 1).is_err(), "entry 2 no longer verifies");
         assert_eq!(repair(&mut *txn, 1).unwrap(), 2, "dropped from entry 2");
         let memory = load(&*txn, 1).unwrap().expect("stored");

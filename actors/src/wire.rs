@@ -17,7 +17,7 @@ use crate::actor::ActorRef;
 /// membership changes carry signed chain links, and rooms send their chain; 4:
 /// deliveries carry their outbox's stream and acknowledgements its incarnation; 5:
 /// a room's home reports late outcomes to the asking node, and clients ask for them).
-pub const WIRE_VERSION: u8 = 7;
+pub const WIRE_VERSION: u8 = 8;
 
 /// The hard upper bound on one encoded envelope, version byte included.
 pub const ENVELOPE_BYTES_MAX: usize = 1024 * 1024;

@@ -16,6 +16,8 @@ use conclave::{
 };
 use conclave_actors::domain::DomainConfig;
 use conclave_actors::ids::{MessageId, RoomId, Seq};
+use conclave_actors::replication::layout::{FACTOR_MAX, SHARDS_MAX};
+use conclave_actors::replication::Replication;
 use serde::{Deserialize, Serialize};
 
 use crate::bench::BenchArgs;
@@ -161,11 +163,34 @@ struct NodeArgs {
     /// node (default 64), in bursts of two seconds' worth; past it: limit.
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=PUBLISH_MIB_PER_S_CEILING))]
     publish_mib_per_s: Option<u64>,
+    /// Run without the cluster's Raft groups (they run by default). Every node
+    /// of a cluster must agree on this, on the three settings below and on the
+    /// peers: a node laid out otherwise has its Raft messages dropped (counted
+    /// as reason `layout`).
+    #[arg(long)]
+    no_replication: bool,
+    /// How many shard groups the cluster has, besides the meta group (default 8).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=i64::from(SHARDS_MAX)))]
+    replication_shards: Option<u16>,
+    /// How many nodes replicate each group (default 3; fewer in a smaller
+    /// cluster; 5 tolerates two nodes down).
+    #[arg(long, value_name = "F", value_parser = clap::value_parser!(u8).range(1..=i64::from(FACTOR_MAX)))]
+    replication_factor: Option<u8>,
+    /// One Raft tick, in milliseconds (default 100): leaders send heartbeats
+    /// every 2 ticks, and an election starts after 10 to 20 ticks without one.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(RAFT_TICK_MS_RANGE))]
+    raft_tick_ms: Option<u64>,
     /// A TOML file with data, listen, metrics, store_max_gib, publish_per_s,
-    /// publish_mib_per_s and [[peer]] id/addr entries (flags given too override it).
+    /// publish_mib_per_s, replication (true/false), replication_shards,
+    /// replication_factor, raft_tick_ms and [[peer]] id/addr entries (flags
+    /// given too override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
+
+/// The Raft tick `--raft-tick-ms` may set, in milliseconds: from 10 (elections
+/// in 100 ms) to 10 s.
+const RAFT_TICK_MS_RANGE: std::ops::RangeInclusive<u64> = 10..=10_000;
 
 /// The largest `--store-max-gib` (1 TiB).
 const STORE_MAX_GIB_CEILING: u64 = 1024;
@@ -193,11 +218,45 @@ fn domain_config(args: &NodeArgs, config: &NodeConfig) -> anyhow::Result<DomainC
         }
         domain.publish_quota.bytes_per_s = mib << 20;
     }
+    domain.replication = replication(args, config)?;
     Ok(domain)
+}
+
+/// The Raft layout the flags or the config file set (flags first); `None` when
+/// replication is switched off.
+fn replication(args: &NodeArgs, config: &NodeConfig) -> anyhow::Result<Option<Replication>> {
+    if args.no_replication || config.replication == Some(false) {
+        return Ok(None);
+    }
+    let mut layout = Replication::default();
+    if let Some(shards) = args.replication_shards.or(config.replication_shards) {
+        if !(1..=SHARDS_MAX).contains(&shards) {
+            bail!("replication_shards must be between 1 and {SHARDS_MAX}, not {shards}");
+        }
+        layout.shards = shards;
+    }
+    if let Some(factor) = args.replication_factor.or(config.replication_factor) {
+        if !(1..=FACTOR_MAX).contains(&factor) {
+            bail!("replication_factor must be between 1 and {FACTOR_MAX}, not {factor}");
+        }
+        layout.factor = factor;
+    }
+    if let Some(ms) = args.raft_tick_ms.or(config.raft_tick_ms) {
+        if !RAFT_TICK_MS_RANGE.contains(&ms) {
+            bail!(
+                "raft_tick_ms must be between {} and {}, not {ms}",
+                RAFT_TICK_MS_RANGE.start(),
+                RAFT_TICK_MS_RANGE.end()
+            );
+        }
+        layout.tick = std::time::Duration::from_millis(ms);
+    }
+    Ok(Some(layout))
 }
 
 /// What `--config` holds.
 #[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct NodeConfig {
     data: Option<PathBuf>,
     listen: Option<SocketAddr>,
@@ -205,11 +264,16 @@ struct NodeConfig {
     store_max_gib: Option<u64>,
     publish_per_s: Option<u64>,
     publish_mib_per_s: Option<u64>,
+    replication: Option<bool>,
+    replication_shards: Option<u16>,
+    replication_factor: Option<u8>,
+    raft_tick_ms: Option<u64>,
     #[serde(default)]
     peer: Vec<PeerConfig>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct PeerConfig {
     id: String,
     addr: SocketAddr,

@@ -40,6 +40,9 @@ pub struct ClusterArgs {
     /// The first node's port.
     #[arg(long, value_name = "P", default_value_t = 7400)]
     pub base_port: u16,
+    /// Start the nodes without the cluster's Raft groups (they run by default).
+    #[arg(long)]
+    pub no_replication: bool,
 }
 
 /// `DIR/cluster.toml`.
@@ -155,7 +158,7 @@ pub async fn cluster_up(args: &ClusterArgs) -> anyhow::Result<Cluster> {
         children: Vec::new(),
     };
     for i in 0..nodes.len() {
-        match spawn(&exe, &nodes, i) {
+        match spawn(&exe, &nodes, i, args.no_replication) {
             Ok((node, child)) => {
                 cluster.file.node.push(node);
                 cluster.children.push(child);
@@ -214,7 +217,12 @@ fn prepare(dir: &Path, i: usize, args: &ClusterArgs) -> anyhow::Result<Prepared>
 }
 
 /// Starts node `i` of `nodes` as `exe node …`, its output going to its log.
-fn spawn(exe: &Path, nodes: &[Prepared], i: usize) -> anyhow::Result<(ClusterNode, Child)> {
+fn spawn(
+    exe: &Path,
+    nodes: &[Prepared],
+    i: usize,
+    no_replication: bool,
+) -> anyhow::Result<(ClusterNode, Child)> {
     let node = &nodes[i];
     let mut node_args = vec![
         "node".to_string(),
@@ -225,6 +233,9 @@ fn spawn(exe: &Path, nodes: &[Prepared], i: usize) -> anyhow::Result<(ClusterNod
         "--metrics".into(),
         node.metrics.to_string(),
     ];
+    if no_replication {
+        node_args.push("--no-replication".into());
+    }
     for (j, peer) in nodes.iter().enumerate().filter(|(j, _)| *j != i) {
         debug_assert_ne!(j, i);
         node_args.push("--peer".into());
@@ -256,14 +267,16 @@ fn spawn(exe: &Path, nodes: &[Prepared], i: usize) -> anyhow::Result<(ClusterNod
     Ok((entry, child))
 }
 
-/// Ready when every node answers `/healthz` with 200; a node that exits first is
-/// reported with the end of its log.
+/// Ready when every node answers `/healthz` with 200 and each of its Raft groups
+/// knows a leader; a node that exits first is reported with the end of its log.
 async fn wait_ready(cluster: &mut Cluster) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_millis(READY_WAIT_MS);
     for (node, child) in cluster.file.node.iter().zip(cluster.children.iter_mut()) {
         loop {
-            if let Ok((200, _)) = observe::http_get(node.metrics, "/healthz").await {
-                break;
+            if let Ok((200, body)) = observe::http_get(node.metrics, "/healthz").await {
+                if serde_json::from_str::<observe::Health>(&body).is_ok_and(|h| led(&h)) {
+                    break;
+                }
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let log = std::fs::read_to_string(&node.log).unwrap_or_default();
@@ -276,7 +289,7 @@ async fn wait_ready(cluster: &mut Cluster) -> anyhow::Result<()> {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not become ready within {READY_WAIT_MS} ms (see {})",
+                    "{} did not become ready (healthy, every Raft group led) within {READY_WAIT_MS} ms (see {})",
                     node.name,
                     node.log.display()
                 );
@@ -287,22 +300,34 @@ async fn wait_ready(cluster: &mut Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints one line per node: id, addresses, pid and connected/known peers.
+/// Whether every Raft group of the node knows a leader (or replication is off).
+fn led(health: &observe::Health) -> bool {
+    health
+        .replication
+        .is_none_or(|r| r.without_leader == 0 && r.unopened == 0)
+}
+
+/// Prints one line per node: id, addresses, pid, connected/known peers and
+/// its Raft groups (led/replicated, and how many have no leader it knows of).
 pub async fn print_status(cluster: &Cluster) {
     println!(
-        "{:<7} {:<18} {:<16} {:<16} {:>8} {:>6}",
+        "{:<7} {:<18} {:<16} {:<16} {:>8} {:>6}  raft groups",
         "node", "id", "addr", "metrics", "pid", "peers"
     );
     for node in &cluster.file.node {
-        let peers = match observe::http_get(node.metrics, "/healthz").await {
-            Ok((_, body)) => serde_json::from_str::<observe::Health>(&body)
-                .map(|h| format!("{}/{}", h.peers_connected, h.peers_known))
-                .unwrap_or_else(|_| "?".into()),
-            Err(_) => "down".into(),
+        let (peers, raft) = match observe::http_get(node.metrics, "/healthz").await {
+            Ok((_, body)) => match serde_json::from_str::<observe::Health>(&body) {
+                Ok(h) => (
+                    format!("{}/{}", h.peers_connected, h.peers_known),
+                    raft_summary(h.replication.as_ref()),
+                ),
+                Err(_) => ("?".into(), "?".into()),
+            },
+            Err(_) => ("down".into(), String::new()),
         };
         let id_prefix = node.id.get(..16).unwrap_or(&node.id);
         println!(
-            "{:<7} {:<18} {:<16} {:<16} {:>8} {:>6}",
+            "{:<7} {:<18} {:<16} {:<16} {:>8} {:>6}  {raft}",
             node.name,
             format!("{id_prefix}…"),
             node.addr,
@@ -311,4 +336,22 @@ pub async fn print_status(cluster: &Cluster) {
             peers
         );
     }
+}
+
+/// `leads 3 of 9` (and what is not well), or `off`.
+fn raft_summary(status: Option<&conclave::ReplicationStatus>) -> String {
+    let Some(s) = status else {
+        return "off".into();
+    };
+    let mut text = format!("leads {} of {}", s.leading, s.groups);
+    for (count, what) in [
+        (s.without_leader, "without leader"),
+        (s.rejoining, "rejoining"),
+        (s.unopened, "unopened"),
+    ] {
+        if count > 0 {
+            text.push_str(&format!(", {count} {what}"));
+        }
+    }
+    text
 }

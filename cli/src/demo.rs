@@ -64,6 +64,7 @@ pub(crate) async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         nodes: DEMO_NODES,
         dir: args.dir.clone(),
         base_port: args.base_port,
+        no_replication: false,
     })
     .await?;
     print_status(&cluster).await;

@@ -42,6 +42,7 @@ use conclave_actors::domain::{
     Outcome, ReplyTo, SignedRequest,
 };
 use conclave_actors::ids::{Epoch, NodeId, RoomId, Seq, UserId};
+use conclave_actors::replication::{Replication, ReplicationStatus};
 use conclave_actors::{Identity, PublicIdentity};
 use conclave_storage::{LmdbOptions, LmdbStore, Store, StoreError};
 use conclave_transports::quic::{QuicConfig, QuicTransport};
@@ -87,6 +88,9 @@ pub enum StartError {
     /// The actor runtime did not start.
     #[error(transparent)]
     Runtime(#[from] crate::host::StartError),
+    /// The Raft groups could not be marked rejoining on a lost store.
+    #[error("marking the Raft groups rejoining: {0}")]
+    Rejoin(#[from] conclave_actors::replication::LogError),
 }
 
 /// Configures and starts a [`Node`].
@@ -141,6 +145,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Replicates the cluster's Raft groups with this layout (off by default;
+    /// every node of a cluster must be given the same layout and the same peers,
+    /// or its replicas' messages are dropped). Set after
+    /// [`NodeBuilder::domain_config`], which replaces it.
+    pub fn replication(mut self, replication: Replication) -> Self {
+        self.domain.replication = Some(replication);
+        self
+    }
+
     /// How long a call waits for the node's answer (default 10 s).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -173,22 +186,38 @@ impl NodeBuilder {
         })?;
         // Held until shutdown: one node per directory (see `data_dir`).
         let lock = DataDirLock::acquire(&dir)?;
-        let (identity, _) = identity_file::load_or_create(&dir.join("node.id"))?;
+        let (identity, created) = identity_file::load_or_create(&dir.join("node.id"))?;
         let id = identity.node_id();
         let store = Arc::new(LmdbStore::open(&store_dir(&dir), self.lmdb.clone())?);
-        domain::state::ensure_format(store.as_ref())?;
-        // A new run: the streams this node sends start afresh.
-        domain::begin_run(store.as_ref(), random_u64())?;
         // The domain signs evictions of this node's revoked users with it.
         let domain = Domain::new(self.domain)
             .with_nodes(self.peers.keys().copied())
             .with_identity(identity.clone());
+        // Before the format is recorded: a crash in between marks it again.
+        if !created && domain::state::is_new(store.as_ref())? {
+            rejoin(&domain, id, store.as_ref())?;
+        }
+        domain::state::ensure_format(store.as_ref())?;
+        // A new run: the streams this node sends start afresh.
+        domain::begin_run(store.as_ref(), random_u64())?;
         let mut quic = QuicConfig::new(identity, self.listen);
         quic.peers = self.peers.clone();
         quic.accept_clients = true;
         let (transport, channels) = QuicTransport::<Msg>::start(quic)?;
         let local_addr = transport.local_addr().ok();
         let gateway = Arc::new(Gateway::new(id));
+        if let (Some(layout), Some(cluster)) = (domain.config.replication, domain.cluster()) {
+            // Until the replicas actor reports: every group, none with a leader.
+            let groups = layout.groups_of(&cluster, id).len() as u32;
+            *gateway
+                .replication
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(ReplicationStatus {
+                groups,
+                without_leader: groups,
+                ..ReplicationStatus::default()
+            });
+        }
         let boot = domain.boot(id, store.as_ref())?;
         let runtime = Runtime::start(HostConfig {
             node: id,
@@ -240,6 +269,18 @@ impl NodeBuilder {
             .push(clients);
         Ok(node)
     }
+}
+
+/// The store is new but the identity is not (`Node::init` and every first
+/// start create both): the store was lost or deleted. This node may have voted
+/// and acknowledged entries in its Raft groups that it no longer remembers, so
+/// it rejoins them: it votes again only once a leader has caught it up.
+fn rejoin(domain: &Domain, id: NodeId, store: &dyn Store) -> Result<(), StartError> {
+    if domain.config.replication.is_none() {
+        return Ok(());
+    }
+    tracing::warn!(node = %id, "the store is new but the node identity is not: the store was lost; rejoining the Raft groups (this node votes again once a leader has caught it up)");
+    Ok(domain.rejoin(id, store)?)
 }
 
 /// Tells each peer actor what the transport sees of its node.
@@ -317,6 +358,13 @@ impl Node {
             source,
         })?;
         let (identity, _) = identity_file::load_or_create(&dir.join("node.id"))?;
+        // The store is created with the identity: an identity without a store
+        // later means the store was lost (see `rejoin`).
+        if !store_dir(dir).join("data.mdb").exists() {
+            let _lock = DataDirLock::acquire(dir)?;
+            let store = LmdbStore::open(&store_dir(dir), LmdbOptions::default())?;
+            domain::state::ensure_format(&store)?;
+        }
         Ok(identity.node_id())
     }
 
@@ -367,6 +415,12 @@ impl Node {
             peers_known: self.inner.peers.len(),
             tls: true,
             data_dir: self.inner.dir.display().to_string(),
+            replication: *self
+                .inner
+                .gateway
+                .replication
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
         }
     }
 
@@ -855,6 +909,9 @@ struct Gateway {
     /// Users of this node just revoked: the client protocol closes their
     /// connections.
     revoked: broadcast::Sender<UserId>,
+    /// What this node's Raft groups looked like when its replicas actor last
+    /// said (`None`: replication is off, or nothing said yet).
+    replication: Mutex<Option<ReplicationStatus>>,
 }
 
 /// At this many watched rooms, rooms nobody watches any more are forgotten before
@@ -924,6 +981,7 @@ impl Gateway {
             pending: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(BTreeMap::new()),
             revoked: broadcast::channel(REVOCATIONS_QUEUED_MAX).0,
+            replication: Mutex::new(None),
         }
     }
 
@@ -996,6 +1054,14 @@ impl Gateway {
             ClientMsg::Revoked { .. } => false,
             // Counted where it is decided (the replicas actor).
             ClientMsg::Leading { .. } => from == self.me,
+            ClientMsg::Replication(status) if from == self.me => {
+                *self
+                    .replication
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(status);
+                true
+            }
+            ClientMsg::Replication(_) => false,
         };
         if !accepted {
             tracing::warn!(node = %from, "gateway message from a node that may not send it; dropped");

@@ -1,6 +1,6 @@
 //! The client protocol: users talking to their node over QUIC.
 //!
-//! A client connects to the node's QUIC port with ALPN `conclave-client/7` (the wire version) and
+//! A client connects to the node's QUIC port with ALPN `conclave-client/8` (the wire version) and
 //! authenticates as a **user** with the same identity binding nodes use (an RFC
 //! 7250 raw Ed25519 key, proven in the TLS handshake). The node then checks its
 //! registry: an unknown user is refused with `not_found`, a revoked one with

@@ -27,6 +27,7 @@ pub mod user;
 pub use admin::{seed_admin_offline, AdminError, Seeded};
 pub use api::{LocalFrames, Node, NodeBuilder, StartError};
 pub use conclave_actors::domain::{Asked, Denial, History, Outcome, Policy, RoomRole, UserRole};
+pub use conclave_actors::replication::{Replication, ReplicationStatus};
 pub use conclave_actors::{
     Epoch, Identity, MessageId, NodeId, PublicIdentity, RoomId, Seq, UserId,
 };

@@ -50,6 +50,46 @@ pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
 /// Counters the node exports, with their HELP text.
 const COUNTERS: &[(&str, &str)] = &[
     (
+        "conclave_raft_leader_terms_total",
+        "Terms in which this node became leader of one of its Raft groups.",
+    ),
+    (
+        "conclave_raft_term_changes_total",
+        "Term changes seen in this node's Raft groups (elections, won or not).",
+    ),
+    (
+        "conclave_raft_hand_overs_total",
+        "Raft groups this node handed to their first replica, so that leaders spread.",
+    ),
+    (
+        "conclave_raft_proposals_refused_total",
+        "Proposals refused at once, by reason (no_quorum: no leader known or rejoining).",
+    ),
+    (
+        "conclave_raft_proposals_expired_total",
+        "Proposals no longer waited on after 200 ticks (they may still commit).",
+    ),
+    (
+        "conclave_raft_messages_refused_total",
+        "Raft messages from other nodes dropped, by reason (sender, layout, unknown_group, malformed, misaddressed, fenced, refused).",
+    ),
+    (
+        "conclave_raft_rejoins_total",
+        "Raft groups this node rejoined (after its store was lost or a log repaired) and votes in again.",
+    ),
+    (
+        "conclave_raft_corrupt_logs_total",
+        "Raft logs that failed their checksum and were repaired from the other replicas.",
+    ),
+    (
+        "conclave_raft_groups_unopened_total",
+        "Times a Raft group could not be opened from the store (tried again at the next tick).",
+    ),
+    (
+        "conclave_raft_turns_failed_total",
+        "Raft group turns whose persistence failed (the group is reopened from the store).",
+    ),
+    (
         "conclave_frames_published_total",
         "Frames handed to this node by its users for publishing.",
     ),
@@ -181,6 +221,14 @@ const COUNTERS: &[(&str, &str)] = &[
 
 /// Gauges the node exports, with their HELP text.
 const GAUGES: &[(&str, &str)] = &[
+    (
+        "conclave_raft_groups",
+        "This node's Raft groups by role: leader, follower, without_leader (proposals refused no_quorum), rejoining, unopened.",
+    ),
+    (
+        "conclave_raft_lag_entries",
+        "As leader: the most log entries any voter of one of this node's groups lacks.",
+    ),
     (
         "conclave_outbox_depth",
         "Messages waiting in this node's outboxes for acknowledgement.",
@@ -351,6 +399,11 @@ pub struct Health {
     pub tls: bool,
     /// The data directory.
     pub data_dir: String,
+    /// This node's Raft groups, as its replicas actor last reported them
+    /// (`null`: replication is off, or nothing reported yet). A group without
+    /// a leader refuses what is proposed to it (`no_quorum`).
+    #[serde(default)]
+    pub replication: Option<conclave_actors::replication::ReplicationStatus>,
 }
 
 fn response(

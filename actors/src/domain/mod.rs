@@ -595,6 +595,8 @@ pub enum ClientMsg {
         /// The term.
         term: u64,
     },
+    /// What this node's replicas hold now (from its replicas actor only).
+    Replication(crate::replication::ReplicationStatus),
 }
 
 /// What travels through an outbox: the messages that change state on another node.

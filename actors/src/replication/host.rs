@@ -36,8 +36,8 @@ use prost::Message as _;
 use raft::prelude::{Message, MessageType};
 
 use super::layout::{
-    node_of, raft_id, Packet, ProposalId, ReplicasMsg, Replication, PACKETS_BYTES_MAX,
-    PENDING_PROPOSALS_MAX, PROPOSAL_BYTES_MAX, PROPOSAL_TICKS_MAX, SHARDS_MAX,
+    node_of, raft_id, Packet, ProposalId, ReplicasMsg, Replication, ReplicationStatus,
+    PACKETS_BYTES_MAX, PENDING_PROPOSALS_MAX, PROPOSAL_BYTES_MAX, PROPOSAL_TICKS_MAX, SHARDS_MAX,
 };
 use super::log::{self, LogError};
 use super::replica::{Replica, ReplicaError};
@@ -78,11 +78,15 @@ struct Group {
     handed_over: u64,
     /// The term in which it last told the gateway it leads.
     announced: u64,
+    /// The term it was at at the last tick (term changes are counted).
+    ticked_term: u64,
 }
 
 /// Every group this node replicates.
 pub struct Replicas {
     config: Replication,
+    /// [`Replication::fingerprint`] of this node's layout.
+    layout: u64,
     /// The cluster, sorted.
     nodes: Arc<[NodeId]>,
     me: u64,
@@ -102,6 +106,8 @@ pub struct Replicas {
     /// the follower holds the whole log, acknowledgements of its other runs
     /// are dropped: one sent before its loss could claim what it lost.
     fences: BTreeMap<(u64, u64), u64>,
+    /// What the gateway was last told ([`Replicas::report`]).
+    reported: Option<ReplicationStatus>,
 }
 
 /// A proposal made through this node: its group, the caller's request number
@@ -145,6 +151,7 @@ impl Replicas {
         let me = raft_id(&nodes, cx.node())?;
         let mut replicas = Replicas {
             config,
+            layout: config.fingerprint(&nodes),
             nodes,
             me,
             groups: BTreeMap::new(),
@@ -154,6 +161,7 @@ impl Replicas {
             ticks: 0,
             run: cx.rng().next_u64(),
             fences: BTreeMap::new(),
+            reported: None,
         };
         replicas.open(cx);
         Some(replicas)
@@ -199,6 +207,7 @@ impl Replicas {
                         terms: BTreeMap::new(),
                         handed_over: 0,
                         announced: 0,
+                        ticked_term: 0,
                     };
                     self.groups.insert(group, group_state);
                 }
@@ -287,7 +296,8 @@ impl Replicas {
         }
         for (voter, groups) in by_node {
             if let Some(node) = node_of(&self.nodes, voter) {
-                cx.send(replicas_of(node), ReplicasMsg::Terms { groups });
+                let layout = self.layout;
+                cx.send(replicas_of(node), ReplicasMsg::Terms { groups, layout });
             }
         }
     }
@@ -563,10 +573,17 @@ impl Replicas {
         }
         let mut txn = cx.store().write()?;
         // Before the drive, so that a vote it records is persisted with it.
-        caught_up(&mut *txn, id, group)?;
+        let rejoined = caught_up(&mut *txn, id, group)?;
         let out = group.replica.drive(&mut *txn)?;
         log::apply(&mut *txn, id, &out.committed)?;
         txn.commit()?;
+        if rejoined {
+            tracing::info!(
+                group = id,
+                "replicas: caught up after rejoining; voting again"
+            );
+            metrics::counter!("conclave_raft_rejoins_total").increment(1);
+        }
         // Broken on purpose under the mutation: what is appended counts.
         for entry in out.appended.iter().chain(&out.committed) {
             let Ok(key) = <[u8; 16]>::try_from(&entry.context[..]) else {
@@ -617,8 +634,15 @@ impl Replicas {
                 continue;
             };
             for packets in batches {
-                let run = self.run;
-                cx.send(replicas_of(node), ReplicasMsg::Raft { packets, run });
+                let (run, layout) = (self.run, self.layout);
+                cx.send(
+                    replicas_of(node),
+                    ReplicasMsg::Raft {
+                        packets,
+                        run,
+                        layout,
+                    },
+                );
             }
         }
     }
@@ -628,9 +652,10 @@ impl Replicas {
 /// had acknowledged and its commit index reached what that leader (and every
 /// leader heard since) announced, recording a vote for the leader first (see
 /// the module docs); else records the target it has learned.
-fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<(), LogError> {
+/// Returns whether it ended now.
+fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<bool, LogError> {
     let Some(target) = group.rejoining else {
-        return Ok(());
+        return Ok(false);
     };
     // The leader it follows now, in this term, is the one that forgot.
     let term = group.replica.term();
@@ -643,13 +668,9 @@ fn caught_up(txn: &mut dyn WriteTxn, id: u64, group: &mut Group) -> Result<(), L
     {
         group.replica.vote_for_leader();
         group.rejoining = None;
-        tracing::info!(
-            group = id,
-            commit = target,
-            "replicas: caught up after rejoining"
-        );
     }
-    log::set_rejoining(txn, id, group.rejoining)
+    log::set_rejoining(txn, id, group.rejoining)?;
+    Ok(group.rejoining.is_none())
 }
 
 /// Whether enough of the other voters answered [`ReplicasMsg::Terms`], all at
@@ -693,6 +714,12 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
                         .increment(1);
                     return;
                 };
+                if from_peer.layout().is_some_and(|l| l != self.layout) {
+                    tracing::warn!(from, "replicas: a node laid out otherwise (other shards, factor or peers); its message dropped");
+                    metrics::counter!("conclave_raft_messages_refused_total", "reason" => "layout")
+                        .increment(1);
+                    return;
+                }
                 let answer = self.on_peer(from, from_peer, cx.rng());
                 if let (Some(answer), Some(to)) = (answer, cx.sender().copied()) {
                     cx.send(to, answer);
@@ -717,7 +744,60 @@ impl Replicas {
         self.spread_leaders();
         self.ask_terms(cx);
         self.expire();
+        self.report(cx);
         cx.timer(self.config.tick, ReplicasMsg::Tick);
+    }
+
+    /// What the groups look like now; counts the terms that changed since the
+    /// last tick.
+    fn status(&mut self) -> ReplicationStatus {
+        let mut status = ReplicationStatus {
+            unopened: (self.corrupt.len() + self.unopened.len()) as u32,
+            ..ReplicationStatus::default()
+        };
+        let mut term_changes = 0;
+        for group in self.groups.values_mut() {
+            status.groups += 1;
+            let replica = &group.replica;
+            if group.rejoining.is_some() {
+                status.rejoining += 1;
+            } else if replica.is_leader() {
+                status.leading += 1;
+            } else if replica.leader().is_some() {
+                status.following += 1;
+            } else {
+                status.without_leader += 1;
+            }
+            status.lag_entries = status.lag_entries.max(replica.lag());
+            if replica.term() != group.ticked_term {
+                group.ticked_term = replica.term();
+                term_changes += 1;
+            }
+        }
+        status.groups += status.unopened;
+        metrics::counter!("conclave_raft_term_changes_total").increment(term_changes);
+        status
+    }
+
+    /// Sets the replication gauges and tells this node's gateway (for
+    /// `/healthz`) when what the groups look like changed.
+    fn report<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        let status = self.status();
+        let roles = [
+            ("leader", status.leading),
+            ("follower", status.following),
+            ("without_leader", status.without_leader),
+            ("rejoining", status.rejoining),
+            ("unopened", status.unopened),
+        ];
+        for (role, count) in roles {
+            metrics::gauge!("conclave_raft_groups", "role" => role).set(f64::from(count));
+        }
+        metrics::gauge!("conclave_raft_lag_entries").set(status.lag_entries as f64);
+        if self.reported != Some(status) {
+            self.reported = Some(status);
+            cx.send(gateway_of(cx.node()), ClientMsg::Replication(status));
+        }
     }
 
     /// A proposal through this node; a refusal is answered at once.
@@ -752,13 +832,20 @@ impl Replicas {
             ReplicasMsg::Raft {
                 packets,
                 run: theirs,
+                ..
             } => {
                 let groups = self.receive(from, theirs, packets, rng);
-                (!groups.is_empty()).then_some(ReplicasMsg::Rejoined { groups, run })
+                let layout = self.layout;
+                (!groups.is_empty()).then_some(ReplicasMsg::Rejoined {
+                    groups,
+                    run,
+                    layout,
+                })
             }
             ReplicasMsg::Rejoined {
                 groups,
                 run: theirs,
+                ..
             } => {
                 let groups = self.rejoined(from, theirs, &groups);
                 (!groups.is_empty()).then_some(ReplicasMsg::Reset { groups })
@@ -767,7 +854,7 @@ impl Replicas {
                 self.reset(from, &groups);
                 None
             }
-            ReplicasMsg::Terms { groups } => {
+            ReplicasMsg::Terms { groups, .. } => {
                 let groups = self.terms_of(from, &groups);
                 (!groups.is_empty()).then_some(ReplicasMsg::TermsAre { groups })
             }

@@ -76,6 +76,26 @@ impl Replication {
         (0..k).map(|i| nodes[(offset + i) % n]).collect()
     }
 
+    /// What every node of a cluster must agree on, hashed: the shard count, the
+    /// factor and the sorted nodes (the tick may differ). Every request between
+    /// replicas carries it, and one with another fingerprint is dropped: nodes
+    /// given different settings or peers would otherwise disagree on which
+    /// nodes vote in a group, and two leaders could be elected in one term.
+    pub fn fingerprint(&self, nodes: &[NodeId]) -> u64 {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"conclave raft layout v1");
+        hash.update(self.shards.to_be_bytes());
+        hash.update([self.factor]);
+        for node in nodes {
+            hash.update(node.0);
+        }
+        let digest = hash.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_be_bytes(first)
+    }
+
     /// The groups `node` replicates.
     pub fn groups_of(&self, nodes: &[NodeId], node: NodeId) -> Vec<u64> {
         self.groups()
@@ -120,6 +140,9 @@ pub enum ReplicasMsg {
         /// takes from a node that rejoined only the acknowledgements of the run
         /// that rejoined (see [`ReplicasMsg::Rejoined`]).
         run: u64,
+        /// The sender's [`Replication::fingerprint`]: nodes laid out otherwise
+        /// would disagree on who votes in a group, so what they send is dropped.
+        layout: u64,
     },
     /// From a node whose store lost entries (emptied, or repaired) to the
     /// leaders it hears from: it may have acknowledged entries it no longer
@@ -130,6 +153,8 @@ pub enum ReplicasMsg {
         /// The sender's run: acknowledgements of its earlier runs, still on
         /// their way, are dropped until it has caught up.
         run: u64,
+        /// The sender's [`Replication::fingerprint`].
+        layout: u64,
     },
     /// A leader's answer to [`ReplicasMsg::Rejoined`]: it forgot what the node
     /// had acknowledged, as of (group, term, commit index); the node votes
@@ -145,6 +170,8 @@ pub enum ReplicasMsg {
     Terms {
         /// The groups.
         groups: Vec<u64>,
+        /// The sender's [`Replication::fingerprint`].
+        layout: u64,
     },
     /// The answer to [`ReplicasMsg::Terms`]: (group, current term).
     TermsAre {
@@ -169,6 +196,45 @@ pub enum ReplicasMsg {
         /// The caller's request number at this node's gateway.
         request: u64,
     },
+}
+
+impl ReplicasMsg {
+    /// The sender's layout fingerprint, on the requests between replicas (the
+    /// answers, [`ReplicasMsg::Reset`] and [`ReplicasMsg::TermsAre`], are taken
+    /// only as answers to a request of this node's).
+    pub fn layout(&self) -> Option<u64> {
+        match self {
+            ReplicasMsg::Raft { layout, .. }
+            | ReplicasMsg::Rejoined { layout, .. }
+            | ReplicasMsg::Terms { layout, .. } => Some(*layout),
+            ReplicasMsg::Tick
+            | ReplicasMsg::Reset { .. }
+            | ReplicasMsg::TermsAre { .. }
+            | ReplicasMsg::Propose { .. } => None,
+        }
+    }
+}
+
+/// What a node's replicas hold, as `/healthz` shows it (sent to the node's
+/// gateway whenever it changes, checked at every tick).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// The groups this node replicates.
+    pub groups: u32,
+    /// Of them, those it leads.
+    pub leading: u32,
+    /// Those it follows a known leader in.
+    pub following: u32,
+    /// Those with no leader it knows of: proposals to them are refused
+    /// `no_quorum`.
+    pub without_leader: u32,
+    /// Those it is rejoining (its store lost entries): it does not vote there
+    /// until a leader has caught it up.
+    pub rejoining: u32,
+    /// Those that could not be opened or whose log is being repaired.
+    pub unopened: u32,
+    /// As leader, the most entries any voter of one of its groups lacks.
+    pub lag_entries: u64,
 }
 
 /// A proposal's id: drawn at random by the proposer.
@@ -223,5 +289,27 @@ mod tests {
         assert_eq!(node_of(&cluster, 0), None);
         assert_eq!(node_of(&cluster, 4), None);
         assert_eq!(raft_id(&cluster, NodeId([9; 32])), None);
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_shards_factor_and_nodes_but_not_the_tick() {
+        let config = Replication::default();
+        let base = config.fingerprint(&nodes(3));
+        let slower = Replication {
+            tick: Duration::from_secs(1),
+            ..config
+        };
+        assert_eq!(slower.fingerprint(&nodes(3)), base);
+        let more = Replication {
+            shards: config.shards + 1,
+            ..config
+        };
+        assert_ne!(more.fingerprint(&nodes(3)), base);
+        let wider = Replication {
+            factor: 5,
+            ..config
+        };
+        assert_ne!(wider.fingerprint(&nodes(3)), base);
+        assert_ne!(config.fingerprint(&nodes(4)), base);
     }
 }

@@ -29,7 +29,7 @@ pub mod log;
 #[cfg(feature = "replication")]
 pub mod replica;
 
-pub use layout::{Packet, ProposalId, ReplicasMsg, Replication, META_GROUP};
+pub use layout::{Packet, ProposalId, ReplicasMsg, Replication, ReplicationStatus, META_GROUP};
 #[cfg(feature = "replication")]
 pub use log::LogError;
 #[cfg(feature = "replication")]

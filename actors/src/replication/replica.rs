@@ -250,6 +250,18 @@ impl Replica {
                 .is_some_and(|p| p.matched == raft.raft_log.last_index())
     }
 
+    /// As leader: how many entries of its log the furthest-behind voter lacks
+    /// (0 otherwise).
+    pub fn lag(&self) -> u64 {
+        let raft = &self.node.raft;
+        if !self.is_leader() {
+            return 0;
+        }
+        let last = raft.raft_log.last_index();
+        let matched = raft.prs().iter().map(|(_, p)| p.matched);
+        matched.map(|m| last.saturating_sub(m)).max().unwrap_or(0)
+    }
+
     /// The index of the last entry of its log.
     pub fn last_index(&self) -> u64 {
         self.node.raft.raft_log.last_index()

@@ -60,6 +60,7 @@ async fn conclave_cluster(args: &BenchArgs, name: &str) -> anyhow::Result<(Clust
         nodes: 3,
         dir,
         base_port: args.base_port,
+        no_replication: false,
     })
     .await?;
     let pids = cluster.file.node.iter().map(|n| n.pid).collect();

@@ -72,6 +72,12 @@ pub fn ensure_format(store: &dyn Store) -> Result<(), FormatError> {
     Ok(())
 }
 
+/// Whether `store` is new: [`ensure_format`] has never recorded a layout in it.
+pub fn is_new(store: &dyn Store) -> Result<bool, StoreError> {
+    let txn = store.read()?;
+    Ok(FORMAT.get(&*txn, &[0])?.is_none())
+}
+
 #[cfg(test)]
 mod tests {
     use conclave_storage::MemStore;

@@ -191,6 +191,9 @@ pub struct SimNode {
     arrivals: u64,
     /// When the node is done with the message it handles last.
     busy_until: Time,
+    /// Until when its process is paused ([`Cluster::pause`]): it handles
+    /// nothing and releases nothing before then.
+    paused_until: Time,
     /// When the `Process` event for this node that counts is due, if one is queued.
     scheduled: Option<Time>,
     /// Bumped by every (re)scheduling and every crash: a `Process` event with
@@ -445,6 +448,7 @@ impl Cluster {
                     queued: 0,
                     arrivals: 0,
                     busy_until: START,
+                    paused_until: START,
                     scheduled: None,
                     token: 0,
                     cost: Duration::ZERO,
@@ -843,6 +847,11 @@ impl Cluster {
                 return Stepped::Other;
             }
             node.scheduled = None;
+            if node.paused_until > self.now {
+                let until = node.paused_until;
+                self.wake(i, until);
+                return Stepped::Other;
+            }
             if node.committing.is_some() && batch_full(&node.batch) {
                 // A full batch waits for the one before to be durable: `released`
                 // schedules the next message.
@@ -1238,6 +1247,12 @@ impl Cluster {
         if node.life != life || !node.up {
             return;
         }
+        if node.paused_until > self.now {
+            // Durable, but the paused process sends nothing until it goes on.
+            let until = node.paused_until;
+            self.push(until, Event::Released { node: i, life });
+            return;
+        }
         let released = node
             .committing
             .take()
@@ -1306,6 +1321,17 @@ impl Cluster {
         );
     }
 
+    /// Pauses node `i`'s process for `length` (see
+    /// [`crate::faults::Fault::Pause`]): it handles no message and releases
+    /// nothing until then; what arrives meanwhile waits in its mailboxes.
+    pub fn pause(&mut self, i: usize, length: Duration) {
+        let until = self.now.saturating_add(length);
+        let node = &mut self.nodes[i];
+        node.paused_until = node.paused_until.max(until);
+        node.busy_until = node.busy_until.max(until);
+        self.mark(&format!("pause n{i} {length:?}"));
+    }
+
     /// Crashes node `i`: its actors, its mailbox and unsynced writes are gone, and it
     /// receives nothing until [`Cluster::restart`].
     pub fn crash(&mut self, i: usize) {
@@ -1372,6 +1398,7 @@ impl Cluster {
     fn start(&mut self, i: usize) {
         self.nodes[i].up = true;
         self.nodes[i].busy_until = self.now;
+        self.nodes[i].paused_until = self.now;
         self.begin_run(i);
         self.boot(i);
     }

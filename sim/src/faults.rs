@@ -56,6 +56,16 @@ pub enum Fault {
     },
     /// Heal links, as (from, to).
     Heal(Vec<(usize, usize)>),
+    /// The node's process stops for a while (a stop signal, a long GC, a VM
+    /// frozen): it handles nothing and sends nothing, its peers see no
+    /// disconnection, and then it goes on where it was, its clock and timers
+    /// past due.
+    Pause {
+        /// The node.
+        node: usize,
+        /// For how long.
+        length: Duration,
+    },
     /// A node lies to one of its own users: it writes into its own store, beside
     /// the keys its rooms gave it, a key of a room the user is a member of, sealed
     /// to the user's real X25519 key by an identity the node controls (its own),
@@ -90,6 +100,8 @@ pub struct Faults {
     pub partitions: u64,
     /// Keys nodes slipped their users ([`Fault::Lie`]).
     pub lies: u64,
+    /// Process pauses ([`Fault::Pause`]).
+    pub pauses: u64,
     /// Whom a lie goes to, which epoch it names, and the key itself.
     liar_rng: ChaCha20Rng,
     /// Which group and entry a bit flip hits.
@@ -106,6 +118,7 @@ impl Faults {
             crashes: 0,
             partitions: 0,
             lies: 0,
+            pauses: 0,
             liar_rng: derive_rng(o.seed, 0, "liar"),
             flip_rng: derive_rng(o.seed, 0, "bitflip-at"),
         }
@@ -187,6 +200,12 @@ impl Faults {
                     c.cut_link(a, b, false);
                     c.connected(a, b);
                     c.connected(b, a);
+                }
+            }
+            Fault::Pause { node, length } => {
+                if live(c, node) {
+                    self.pauses += 1;
+                    c.pause(node, length);
                 }
             }
             Fault::Lie => self.lie(c, roster),
@@ -395,6 +414,13 @@ fn connect_to_live(c: &mut Cluster, o: &Options, i: usize) {
     }
 }
 
+/// How many process pauses a seed with pauses has.
+const PAUSES: usize = 3;
+
+/// The shortest and the longest process pause.
+const PAUSE_MS_MIN: u64 = 100;
+const PAUSE_MS_MAX: u64 = 5_000;
+
 /// How many times the node whose disk flips bits crashes and comes back.
 const BITFLIP_CRASHES: usize = 3;
 
@@ -447,6 +473,18 @@ pub fn plan(o: &Options) -> Vec<(Duration, Fault)> {
         for node in 0..o.nodes {
             faults.push((at, Fault::Crash(node)));
             faults.push((at + down, Fault::Restart(node)));
+        }
+    }
+    if o.pauses {
+        // A stream of its own. Each pause outlasts the longest election
+        // timeout (20 ticks of at most 100 ms) now and then.
+        let mut rng = derive_rng(o.seed, 0, "pause-plan");
+        let chaos = u64::try_from(o.chaos.as_micros()).unwrap_or(0);
+        for _ in 0..PAUSES {
+            let node = (rng.next_u64() % o.nodes as u64) as usize;
+            let at = Duration::from_micros(between(&mut rng, chaos / 8, chaos * 7 / 8));
+            let length = Duration::from_millis(between(&mut rng, PAUSE_MS_MIN, PAUSE_MS_MAX));
+            faults.push((at, Fault::Pause { node, length }));
         }
     }
     if let Some(lies) = o.lies {

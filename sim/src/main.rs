@@ -236,6 +236,7 @@ impl Sweep {
         t.read += s.read;
         t.crashes += s.crashes;
         t.partitions += s.partitions;
+        t.pauses += s.pauses;
         t.raft_terms += s.raft_terms;
         t.raft_entries += s.raft_entries;
         t.raft_acked += s.raft_acked;
@@ -263,8 +264,8 @@ impl Sweep {
             t.published, t.committed, t.read, t.invites, t.removals, t.rekeys, t.evictions
         );
         println!(
-            "faults: {} crashes, {} partitions; {} seeds lost a node for good (what it took is stated in their replay); {} keys slipped to users by their own node, {} keys refused by clients",
-            t.crashes, t.partitions, self.wiped, t.lies, t.refused
+            "faults: {} crashes, {} partitions, {} process pauses; {} seeds lost a node for good (what it took is stated in their replay); {} keys slipped to users by their own node, {} keys refused by clients",
+            t.crashes, t.partitions, t.pauses, self.wiped, t.lies, t.refused
         );
         println!(
             "raft: {} leader terms, {} entries committed (through every node's groups); proposals: {} acknowledged, {} refused",
@@ -333,7 +334,7 @@ fn replay(
     let report = run_with(&options, trace.is_some());
     let s = report.stats;
     println!(
-        "ran {:.3} virtual seconds: {} events, {} messages handled; {} frames published, {} committed, {} read; {} invites, {} removals, {} rekeys, {} evictions; {} crashes, {} partitions; {} lies, {} keys refused",
+        "ran {:.3} virtual seconds: {} events, {} messages handled; {} frames published, {} committed, {} read; {} invites, {} removals, {} rekeys, {} evictions; {} crashes, {} partitions, {} pauses; {} lies, {} keys refused",
         report.virtual_time.as_secs_f64(),
         report.events,
         report.handled,
@@ -346,6 +347,7 @@ fn replay(
         s.evictions,
         s.crashes,
         s.partitions,
+        s.pauses,
         s.lies,
         s.refused
     );

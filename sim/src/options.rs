@@ -91,6 +91,9 @@ pub struct Options {
     /// Whether every node loses power at the same instant once during the
     /// chaos (and comes back): nothing acknowledged may be lost.
     pub power_loss: bool,
+    /// Whether nodes' processes pause now and then (three times in the chaos,
+    /// 0.1 to 5 s each: a paused leader wakes up believing it still leads).
+    pub pauses: bool,
     /// Nodes lying to their own clients, if on.
     pub lies: Option<Lies>,
     /// Whether nodes' admins revoke users now and then (their rooms must evict
@@ -415,6 +418,7 @@ impl Options {
             reborn: draw_reborn(seed, nodes),
             bitflips: draw_bitflips(seed, nodes, wipe || draw_reborn(seed, nodes)),
             power_loss: between(&mut derive_rng(seed, 0, "power-loss"), 0, 4) == 0,
+            pauses: between(&mut derive_rng(seed, 0, "pauses"), 0, 4) == 0,
             lies: draw_lies(seed),
             revocations: draw_revocations(seed),
             hostile: hostile.is_some(),
@@ -514,6 +518,11 @@ impl Options {
             f,
             "  every node loses power at once (and comes back): {}",
             on_off(self.power_loss)
+        )?;
+        writeln!(
+            f,
+            "  process pauses (three, 0.1 to 5 s, nodes drawn): {}",
+            on_off(self.pauses)
         )?;
         match self.bitflips {
             Some(n) => writeln!(f, "  bit flips in the Raft log of n{n} at each restart")?,

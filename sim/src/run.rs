@@ -95,6 +95,8 @@ pub struct Stats {
     pub partitions: u64,
     /// Keys nodes slipped their own users (see [`crate::faults::Fault::Lie`]).
     pub lies: u64,
+    /// Process pauses (see [`crate::faults::Fault::Pause`]).
+    pub pauses: u64,
     /// Keys clients refused (lies, and keys that came before their chain).
     pub refused: u64,
     /// Terms in which some node led a Raft group.
@@ -277,6 +279,7 @@ impl Sim {
             crashes: self.faults.crashes,
             partitions: self.faults.partitions,
             lies: self.faults.lies,
+            pauses: self.faults.pauses,
             refused: self.workload.refused,
             raft_terms: self.c.leading.len() as u64,
             raft_entries: raft_committed(&self.c),

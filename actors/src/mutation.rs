@@ -91,11 +91,17 @@ pub enum Mutation {
     /// A node acknowledges a proposal as soon as a leader appended it to its
     /// own log, before a quorum holds it: a leader change can then replace it.
     RaftAckBeforeCommit,
+    /// A node proposes each room command it owes once: one whose proposal was
+    /// lost (a leader changed, the node restarted) is never proposed again.
+    ShardForgetsOwed,
+    /// A node refuses a room command `no_quorum` when it finds no leader, even
+    /// one it proposed before, which may still commit.
+    ShardRefusesProposed,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 22] = [
+    pub const ALL: [Mutation; 24] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -118,6 +124,8 @@ impl Mutation {
         Mutation::RaftRejoinVotes,
         Mutation::RaftSkipChecksum,
         Mutation::RaftAckBeforeCommit,
+        Mutation::ShardForgetsOwed,
+        Mutation::ShardRefusesProposed,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -145,6 +153,8 @@ impl Mutation {
             Mutation::RaftRejoinVotes => "raft_rejoin_votes",
             Mutation::RaftSkipChecksum => "raft_skip_checksum",
             Mutation::RaftAckBeforeCommit => "raft_ack_before_commit",
+            Mutation::ShardForgetsOwed => "shard_forgets_owed",
+            Mutation::ShardRefusesProposed => "shard_refuses_proposed",
         }
     }
 

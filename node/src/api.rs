@@ -88,6 +88,19 @@ pub enum StartError {
     /// The actor runtime did not start.
     #[error(transparent)]
     Runtime(#[from] crate::host::StartError),
+    /// The replication layout cannot place every node's rooms: some node
+    /// replicates no shard.
+    #[error("replication: {shards} shards of {factor} replicas leave rooms homed on some of the {nodes} nodes without a shard (give at least {needed} shards, or fewer nodes per shard: shards + factor - 1 >= nodes)")]
+    Layout {
+        /// Shards configured.
+        shards: u16,
+        /// Replicas per group.
+        factor: u8,
+        /// Nodes in the cluster.
+        nodes: usize,
+        /// The fewest shards that place every node's rooms.
+        needed: usize,
+    },
     /// The Raft groups could not be marked rejoining on a lost store.
     #[error("marking the Raft groups rejoining: {0}")]
     Rejoin(#[from] conclave_actors::replication::LogError),
@@ -205,6 +218,7 @@ impl NodeBuilder {
         quic.accept_clients = true;
         let (transport, channels) = QuicTransport::<Msg>::start(quic)?;
         let local_addr = transport.local_addr().ok();
+        check_layout(&domain)?;
         let gateway = Arc::new(Gateway::new(id));
         if let (Some(layout), Some(cluster)) = (domain.config.replication, domain.cluster()) {
             // Until the replicas actor reports: every group, none with a leader.
@@ -269,6 +283,24 @@ impl NodeBuilder {
             .push(clients);
         Ok(node)
     }
+}
+
+/// Refuses a layout with rooms on shard groups that leaves some node without
+/// a shard for the rooms it homes.
+fn check_layout(domain: &Domain) -> Result<(), StartError> {
+    let (Some(layout), Some(cluster)) = (domain.config.replication, domain.cluster()) else {
+        return Ok(());
+    };
+    if !layout.rooms || layout.covers(&cluster) {
+        return Ok(());
+    }
+    let needed = (cluster.len() + 1).saturating_sub(usize::from(layout.factor.max(1)));
+    Err(StartError::Layout {
+        shards: layout.shards,
+        factor: layout.factor,
+        nodes: cluster.len(),
+        needed: needed.max(1),
+    })
 }
 
 /// The store is new but the identity is not (`Node::init` and every first
@@ -1046,6 +1078,13 @@ impl Gateway {
                 true
             }
             ClientMsg::Changed { .. } => false,
+            ClientMsg::Applied { entries } if from == self.me => {
+                for entry in entries.iter().filter(|e| e.changed) {
+                    self.changed(entry.room);
+                }
+                true
+            }
+            ClientMsg::Applied { .. } => false,
             ClientMsg::Revoked { user } if from == self.me => {
                 // No open connection is fine.
                 let _ = self.revoked.send(user);

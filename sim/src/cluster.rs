@@ -327,8 +327,12 @@ enum Watch {
 /// One decision of a room (see [`Observed`]).
 #[derive(Clone, Debug)]
 pub struct Observation {
-    /// The node whose room decided.
+    /// The node whose room decided (with rooms on shard groups: the room's
+    /// home, whichever replica applied the entry first).
     pub node: usize,
+    /// With rooms on shard groups: the entry (group, index) decided; only the
+    /// first replica to apply it is observed.
+    pub entry: Option<(u64, u64)>,
     /// The room.
     pub room: RoomId,
     /// What it decided.
@@ -395,6 +399,9 @@ pub struct Cluster {
     pub observe: bool,
     /// Rooms' decisions, in order (only if [`Cluster::observe`]).
     pub observed: Vec<Observation>,
+    /// Shard entries (group, index) observed applied (the first replica to
+    /// apply one is its observation).
+    entries_seen: BTreeSet<(u64, u64)>,
     /// How many events have run.
     pub events: u64,
     /// How many messages nodes have handled.
@@ -480,6 +487,7 @@ impl Cluster {
             carry_text: true,
             observe: false,
             observed: Vec::new(),
+            entries_seen: BTreeSet::new(),
             events: 0,
             handled: 0,
             trace: TraceHasher::new(),
@@ -974,6 +982,9 @@ impl Cluster {
         // Chain links this turn's evictions were matched to (a run may carry two
         // evictions of one user, and only one of them evicts).
         let mut claimed = BTreeSet::new();
+        if self.observe && to.kind == ActorKind::REPLICAS {
+            self.observe_applied(i, &effects);
+        }
         for (watch, effects) in observing.into_iter().zip(per_message(&effects)) {
             match watch {
                 Some(Watch::Reply(what)) => self.observe_decision(i, to, what, effects),
@@ -1081,11 +1092,41 @@ impl Cluster {
             claimed.insert(index);
             let seen = Observation {
                 node: i,
+                entry: None,
                 room,
                 what: Observed::Evicted { user },
             };
             self.nodes[i].decided.push(seen);
         }
+    }
+
+    /// Where rooms are sequenced, when they are on shard groups.
+    pub fn sharding(&self) -> Option<conclave_actors::domain::room::shard::Sharding> {
+        self.domain.sharding()
+    }
+
+    /// Records what node `i`'s replicas applied to rooms this turn (see
+    /// [`ClientMsg::Applied`]): each entry as the decision of its room's home.
+    fn observe_applied(&mut self, i: usize, effects: &[Effect<Msg>]) {
+        let applied = effects.iter().filter_map(|e| match e {
+            Effect::Send {
+                msg: Msg::Client(ClientMsg::Applied { entries }),
+                ..
+            } => Some(entries),
+            _ => None,
+        });
+        let mut seen = Vec::new();
+        {
+            let Ok(txn) = self.nodes[i].batch.read() else {
+                return;
+            };
+            for entry in applied.flatten() {
+                if let Some(obs) = shard_observation(&*txn, &self.nodes, entry) {
+                    seen.push(obs);
+                }
+            }
+        }
+        self.nodes[i].decided.extend(seen);
     }
 
     /// Records what room `to` on node `i` decided, if it answered its client.
@@ -1113,6 +1154,7 @@ impl Cluster {
             }
             let seen = Observation {
                 node: i,
+                entry: None,
                 room,
                 what,
             };
@@ -1231,7 +1273,11 @@ impl Cluster {
             .map(|owed| std::mem::take(&mut owed.decided))
             .unwrap_or_default();
         let delay = node.release_delay;
-        self.observed.extend(decided);
+        let seen = &mut self.entries_seen;
+        let first = decided
+            .into_iter()
+            .filter(|o| o.entry.is_none_or(|e| seen.insert(e)));
+        self.observed.extend(first);
         self.mark(&format!("flush n{i}"));
         if delay.is_zero() {
             return self.released(i, life);
@@ -1770,4 +1816,61 @@ fn epochs_in(msg: &Msg) -> Vec<(RoomId, Epoch)> {
         }
         _ => Vec::new(),
     }
+}
+
+/// The decision a replica applied as shard entry `applied`, read from its log:
+/// what the room's home decided (a frame applied before, or an eviction
+/// refused, decides nothing new and is not one).
+fn shard_observation(
+    txn: &dyn conclave_storage::ReadTxn,
+    nodes: &[SimNode],
+    applied: &conclave_actors::domain::AppliedEntry,
+) -> Option<Observation> {
+    use conclave_actors::domain::room::shard::{ShardCommand, ShardEntry};
+    let raft_entry =
+        conclave_actors::replication::log::entry(txn, applied.group, applied.index).ok()??;
+    let max = conclave_actors::replication::layout::PROPOSAL_BYTES_MAX;
+    let entry: ShardEntry = conclave_actors::wire::decode_bounded(&raft_entry.data, max).ok()?;
+    let outcome = applied.outcome.clone();
+    let (what, home) = match entry.command {
+        ShardCommand::Request(req) => {
+            let home = match &req.request.op {
+                Op::CreateRoom { link, .. } => match &link.link.change {
+                    Change::Create { home, .. } => Some(*home),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let what = Observed::Request {
+                request: Box::new(req.request.clone()),
+                outcome,
+            };
+            (what, home)
+        }
+        ShardCommand::Publish(frame)
+            if applied.changed || !matches!(outcome, Outcome::Committed { .. }) =>
+        {
+            let what = Observed::Publish {
+                frame: FrameHeader::from(&frame),
+                outcome,
+            };
+            (what, None)
+        }
+        ShardCommand::Evict(link) if applied.changed => match link.link.change {
+            Change::Evict { user, .. } => (Observed::Evicted { user }, None),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let home = match home {
+        Some(home) => home,
+        None => domain::state::rooms::meta(txn, applied.room).ok()??.home,
+    };
+    let node = nodes.iter().position(|n| n.id == home)?;
+    Some(Observation {
+        node,
+        entry: Some((applied.group, applied.index)),
+        room: applied.room,
+        what,
+    })
 }

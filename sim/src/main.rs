@@ -2,8 +2,8 @@
 //! caught.
 //!
 //! ```text
-//! conclave-sim run --seeds A..B [--nodes N] [--mutation NAME] [--revocations]
-//! conclave-sim replay --seed N [--trace FILE] [--print-hash] [--nodes N] [--mutation NAME] [--revocations]
+//! conclave-sim run --seeds A..B [--nodes N] [--mutation NAME] [--revocations] [--rooms-on-shards]
+//! conclave-sim replay --seed N [--trace FILE] [--print-hash] [--nodes N] [--mutation NAME] [--revocations] [--rooms-on-shards]
 //! conclave-sim mutations [--seeds A..B] [--nodes N]
 //! ```
 //!
@@ -44,10 +44,9 @@ enum Command {
         /// Switch a mutation on (needs a build with `--features mutations`).
         #[arg(long)]
         mutation: Option<String>,
-        /// Let nodes' admins revoke users in every seed (by default a third of the
-        /// seeds do).
-        #[arg(long)]
-        revocations: bool,
+        /// What every seed does that only some would.
+        #[command(flatten)]
+        forced: Forced,
     },
     /// Replay one seed exactly.
     Replay {
@@ -66,9 +65,9 @@ enum Command {
         /// The mutation, as given to `run`.
         #[arg(long)]
         mutation: Option<String>,
-        /// Revocations, as given to `run`.
-        #[arg(long)]
-        revocations: bool,
+        /// As given to `run`.
+        #[command(flatten)]
+        forced: Forced,
     },
     /// Run every mutation over the seeds until an oracle catches it.
     Mutations {
@@ -150,14 +149,24 @@ fn parse_mutation(name: Option<&str>) -> Result<Option<Mutation>, String> {
 }
 
 /// The options of `seed`, as the command line shapes them.
-fn options(
-    seed: u64,
-    nodes: Option<usize>,
-    mutation: Option<Mutation>,
+/// What the command line makes every seed do, that the seed draws for some.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct Forced {
+    /// Let nodes' admins revoke users in every seed (by default a third of the
+    /// seeds do).
+    #[arg(long)]
     revocations: bool,
-) -> Options {
+    /// Put rooms on shard groups in every seed (by default half the seeds do).
+    #[arg(long)]
+    rooms_on_shards: bool,
+}
+
+fn options(seed: u64, nodes: Option<usize>, mutation: Option<Mutation>, forced: Forced) -> Options {
     let mut options = Options::derive(seed, nodes, mutation);
-    options.revocations |= revocations;
+    options.revocations |= forced.revocations;
+    if forced.rooms_on_shards {
+        options.put_rooms_on_shards();
+    }
     options
 }
 
@@ -290,6 +299,9 @@ impl Sweep {
             if report.options.revocations {
                 replay.push_str(" --revocations");
             }
+            if report.options.domain.replication.is_some_and(|r| r.rooms) {
+                replay.push_str(" --rooms-on-shards");
+            }
             println!("    replay: {replay}");
             for line in report.options.to_string().lines().skip(1) {
                 println!("    {}", line.trim_start());
@@ -302,14 +314,14 @@ fn sweep(
     seeds: Seeds,
     nodes: Option<usize>,
     mutation: Option<Mutation>,
-    revocations: bool,
+    forced: Forced,
 ) -> ExitCode {
     let progress = Progress::new(seeds.len());
     let watch = Stopwatch::start();
     let mut sweep = Sweep::default();
     for (k, seed) in (seeds.start..seeds.end).enumerate() {
         progress.show(k as u64, sweep.failures.len(), "run");
-        sweep.add(run(&options(seed, nodes, mutation, revocations)));
+        sweep.add(run(&options(seed, nodes, mutation, forced)));
     }
     progress.clear();
     let wall = watch.elapsed().as_secs_f64().max(1e-9);
@@ -325,11 +337,11 @@ fn replay(
     seed: u64,
     nodes: Option<usize>,
     mutation: Option<Mutation>,
-    revocations: bool,
+    forced: Forced,
     trace: Option<PathBuf>,
     print_hash: bool,
 ) -> ExitCode {
-    let options = options(seed, nodes, mutation, revocations);
+    let options = options(seed, nodes, mutation, forced);
     println!("{options}");
     let report = run_with(&options, trace.is_some());
     let s = report.stats;
@@ -496,9 +508,9 @@ fn main() -> ExitCode {
             seeds,
             nodes,
             mutation,
-            revocations,
+            forced,
         } => match parse_mutation(mutation.as_deref()) {
-            Ok(m) => sweep(seeds, nodes, m, revocations),
+            Ok(m) => sweep(seeds, nodes, m, forced),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)
@@ -510,9 +522,9 @@ fn main() -> ExitCode {
             print_hash,
             nodes,
             mutation,
-            revocations,
+            forced,
         } => match parse_mutation(mutation.as_deref()) {
-            Ok(m) => replay(seed, nodes, m, revocations, trace, print_hash),
+            Ok(m) => replay(seed, nodes, m, forced, trace, print_hash),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)

@@ -380,6 +380,7 @@ mod tests {
     fn publish(node: usize, id: u128, seq: u64) -> Observation {
         Observation {
             node,
+            entry: None,
             room: ROOM,
             what: Observed::Publish {
                 frame: frame(id),

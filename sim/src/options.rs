@@ -330,15 +330,33 @@ fn draw_history_page(seed: u64) -> usize {
 /// before replication: every seed runs Raft groups (one meta group and 1 to 4
 /// shards, each on three nodes, or on five in a fifth of the seeds), ticking
 /// every 20 to 100 ms.
-fn draw_replication(seed: u64) -> Replication {
+fn draw_replication(seed: u64, nodes: usize) -> Replication {
     let mut rng = derive_rng(seed, 0, "replication");
     let shards = between(&mut rng, 1, 4) as u16;
     let factor = if between(&mut rng, 0, 4) == 0 { 5 } else { 3 };
-    Replication {
+    let mut replication = Replication {
         shards,
         factor,
         tick: ms(&mut rng, 20, 100),
+        rooms: false,
+    };
+    // A stream of its own: rooms on shard groups in half the seeds, with
+    // enough shards that every node replicates one.
+    let mut rng = derive_rng(seed, 0, "replicated-rooms");
+    if between(&mut rng, 0, 1) == 0 {
+        rooms_on_shards(&mut replication, nodes);
     }
+    replication
+}
+
+/// Rooms on shard groups, with enough shards that each of `nodes` nodes
+/// replicates one.
+fn rooms_on_shards(replication: &mut Replication, nodes: usize) {
+    replication.rooms = true;
+    let needed = (nodes + 1)
+        .saturating_sub(usize::from(replication.factor))
+        .max(1);
+    replication.shards = replication.shards.max(needed as u16);
 }
 
 /// Drawn from a stream of its own, so that every other option stays what it was
@@ -383,6 +401,14 @@ fn draw_scheduling(seed: u64) -> Scheduling {
 }
 
 impl Options {
+    /// Puts rooms on shard groups, with enough shards that every node
+    /// replicates one (what half the seeds draw).
+    pub fn put_rooms_on_shards(&mut self) {
+        if let Some(replication) = self.domain.replication.as_mut() {
+            rooms_on_shards(replication, self.nodes);
+        }
+    }
+
     /// The options of `seed`; `nodes` fixes the node count (else the seed picks 3 to 5).
     pub fn derive(seed: u64, nodes: Option<usize>, mutation: Option<Mutation>) -> Self {
         // The draws happen in this order, from one stream: changing it changes
@@ -399,7 +425,7 @@ impl Options {
             draw_workload(&mut rng);
         let mut domain = draw_domain(&mut rng);
         domain.history_page_frames = draw_history_page(seed);
-        domain.replication = Some(draw_replication(seed));
+        domain.replication = Some(draw_replication(seed, nodes));
         let hostile = draw_hostile(seed);
         if let Some(quota) = hostile {
             domain.publish_quota = quota;
@@ -599,8 +625,15 @@ impl Options {
         if let Some(r) = self.domain.replication {
             writeln!(
                 f,
-                "  replication: a meta group and {} shards, each on {} nodes, a Raft tick every {:?}",
-                r.shards, r.factor, r.tick
+                "  replication: a meta group and {} shards, each on {} nodes, a Raft tick every {:?}; rooms {}",
+                r.shards,
+                r.factor,
+                r.tick,
+                if r.rooms {
+                    "on the shard groups"
+                } else {
+                    "sequenced by their homes"
+                }
             )?;
         }
         Ok(())

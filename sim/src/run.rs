@@ -20,6 +20,7 @@
 
 use core::fmt;
 use core::time::Duration;
+use std::collections::BTreeSet;
 
 use conclave_actors::actor::{ActorKey, ActorKind, Time};
 use conclave_actors::domain::{self, Op, Outcome, UserRole};
@@ -428,12 +429,36 @@ impl Sim {
         if self.failed() {
             return;
         }
+        self.await_leaders();
+        if self.failed() {
+            return;
+        }
         for _ in 0..self.o.rooms {
             self.setup_room();
             if self.failed() {
                 return;
             }
         }
+    }
+
+    /// With rooms on shard groups, runs until every group has had a leader
+    /// (a room's commands are refused `no_quorum` before).
+    fn await_leaders(&mut self) {
+        let Some(layout) = self.o.domain.replication.filter(|r| r.rooms) else {
+            return;
+        };
+        let end = self.c.now().saturating_add(SETUP_BOUND);
+        loop {
+            let led: BTreeSet<u64> = self.c.leading.iter().map(|&(_, g, _)| g).collect();
+            if layout.groups().all(|g| led.contains(&g)) || self.failed() {
+                return;
+            }
+            match self.c.step(end) {
+                Some(stepped) => self.after_step(stepped),
+                None => break,
+            }
+        }
+        self.fail(oracle::SETUP, "a Raft group had no leader".into());
     }
 
     /// Each node's admin, and the users they add.

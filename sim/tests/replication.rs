@@ -19,6 +19,7 @@ fn cluster(seed: u64) -> Cluster {
             shards: 2,
             factor: 3,
             tick: Duration::from_millis(50),
+            rooms: false,
         }),
         ..DomainConfig::default()
     };

@@ -45,12 +45,20 @@ pub enum MembersMsg {
 pub struct Members {
     /// What each user may still publish.
     quotas: Quotas,
+    /// Where rooms are sequenced when they are on shard groups: a node that
+    /// replicates a room's shard takes its users' commands itself.
+    sharding: Option<super::room::shard::Sharding>,
 }
 
 impl Members {
-    pub(crate) fn activate<S: System>(quota: PublishQuota, _cx: &mut Context<'_, S>) -> Self {
+    pub(crate) fn activate<S: System>(
+        quota: PublishQuota,
+        sharding: Option<super::room::shard::Sharding>,
+        _cx: &mut Context<'_, S>,
+    ) -> Self {
         Members {
             quotas: Quotas::new(quota),
+            sharding,
         }
     }
 }
@@ -205,7 +213,11 @@ impl Members {
             }
             home
         };
-        if home == me {
+        let replicated_here = self
+            .sharding
+            .as_ref()
+            .is_some_and(|s| s.replicas(home, room).contains(&me));
+        if home == me || replicated_here {
             cx.send(room_of(me, room), msg);
             return Ok(None);
         }

@@ -582,6 +582,13 @@ pub enum ClientMsg {
         /// The room.
         room: RoomId,
     },
+    /// This node applied entries of its shard groups to their rooms (from its
+    /// replicas actor only, once per turn): subscribers of the rooms that
+    /// changed read the store again.
+    Applied {
+        /// Each entry, in the order applied.
+        entries: Vec<AppliedEntry>,
+    },
     /// `user` was revoked: their open connections are closed.
     Revoked {
         /// The user.
@@ -597,6 +604,21 @@ pub enum ClientMsg {
     },
     /// What this node's replicas hold now (from its replicas actor only).
     Replication(crate::replication::ReplicationStatus),
+}
+
+/// One entry of a shard group as a replica applied it to its room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedEntry {
+    /// The shard group.
+    pub group: u64,
+    /// The entry's index in the group's log.
+    pub index: u64,
+    /// The room.
+    pub room: RoomId,
+    /// What was decided.
+    pub outcome: Outcome,
+    /// Whether the room changed (a refusal, or a frame applied before, did not).
+    pub changed: bool,
 }
 
 /// What travels through an outbox: the messages that change state on another node.
@@ -773,13 +795,15 @@ impl Domain {
     {
         match (addr.kind, addr.key) {
             (ActorKind::MEMBERS, ActorKey::Unit) => {
-                Some(Box::new(Members::activate(self.config.publish_quota, cx)))
+                let quota = self.config.publish_quota;
+                Some(Box::new(Members::activate(quota, self.sharding(), cx)))
             }
             (ActorKind::ROOM, ActorKey::Room(room)) => Some(Box::new(Room::activate(
                 room,
                 self.config,
                 self.nodes.clone(),
                 self.identities.get(&addr.node).cloned(),
+                self.sharding(),
                 cx,
             ))),
             (ActorKind::PEER, ActorKey::Node(remote)) if remote != addr.node => {
@@ -792,7 +816,13 @@ impl Domain {
             (ActorKind::REPLICAS, ActorKey::Unit) => {
                 let config = self.config.replication?;
                 let nodes = self.cluster()?;
-                let replicas = crate::replication::host::Replicas::activate(config, nodes, cx)?;
+                let rooms = crate::replication::host::Rooms::new(
+                    &self.config,
+                    self.sharding(),
+                    self.nodes.clone(),
+                );
+                let replicas =
+                    crate::replication::host::Replicas::activate(config, nodes, rooms, cx)?;
                 Some(Box::new(replicas))
             }
             _ => None,
@@ -835,6 +865,16 @@ impl Domain {
         let mut txn = store.write()?;
         crate::replication::log::begin_rejoin(&mut *txn, config.groups_of(&nodes, node))?;
         Ok(txn.commit()?)
+    }
+
+    /// Where rooms are sequenced when they are on shard groups (`None`: each
+    /// by its home).
+    pub fn sharding(&self) -> Option<room::shard::Sharding> {
+        let layout = self.config.replication.filter(|r| r.rooms)?;
+        Some(room::shard::Sharding {
+            layout,
+            nodes: self.cluster()?,
+        })
     }
 
     /// The whole cluster, sorted: the known nodes and this one (`None` when the

@@ -41,15 +41,16 @@ use super::layout::{
 };
 use super::log::{self, LogError};
 use super::replica::{Replica, ReplicaError};
-use crate::actor::{Actor, ActorKey, ActorKind, ActorRef, Context, System};
+use crate::actor::{Actor, ActorKind, Context, System};
 use crate::domain::{gateway_of, ClientMsg, Denial, Msg, Outcome};
 use crate::ids::NodeId;
 use crate::mutation::{self, Mutation};
 
-/// The address of `node`'s replicas actor.
-pub fn replicas_of(node: NodeId) -> ActorRef {
-    ActorRef::new(node, ActorKind::REPLICAS, ActorKey::Unit)
-}
+mod rooms;
+
+pub use rooms::Rooms;
+
+pub use super::layout::replicas_of;
 
 /// How often, in ticks, a leader checks whether to hand its group over to the
 /// group's first replica.
@@ -108,13 +109,22 @@ pub struct Replicas {
     fences: BTreeMap<(u64, u64), u64>,
     /// What the gateway was last told ([`Replicas::report`]).
     reported: Option<ReplicationStatus>,
+    /// Rooms on shard groups, if they are.
+    rooms: Option<Rooms>,
+    /// Owed room commands proposed at least once (in this run, or before a
+    /// restart): never refused since, as they may commit.
+    tried: std::collections::BTreeSet<ProposalId>,
+    /// Owed room commands a client waits for that could not be proposed yet
+    /// (no leader known), and since when (in ticks).
+    unproposed: BTreeMap<ProposalId, u64>,
 }
 
 /// A proposal made through this node: its group, the caller's request number
-/// at the gateway, and the tick after which it is no longer waited on.
+/// at the gateway (none for an owed room command, answered when applied, see
+/// [`rooms`]), and the tick after which it is no longer waited on.
 struct Waiting {
     group: u64,
-    request: u64,
+    request: Option<u64>,
     until: u64,
 }
 
@@ -125,6 +135,7 @@ struct Turn {
     messages: Vec<(u64, Packet)>,
     replies: Vec<(u64, Outcome)>,
     led: Vec<(u64, u64)>,
+    rooms: rooms::RoomsTurn,
 }
 
 /// Why a group's turn failed (it is then opened again from the store, as after
@@ -137,6 +148,8 @@ enum TurnError {
     Log(#[from] LogError),
     #[error(transparent)]
     Store(#[from] conclave_storage::StoreError),
+    #[error(transparent)]
+    Rooms(#[from] crate::domain::room::shard::ApplyError),
 }
 
 impl Replicas {
@@ -146,6 +159,7 @@ impl Replicas {
     pub fn activate<S: System<Msg = Msg>>(
         config: Replication,
         nodes: Arc<[NodeId]>,
+        rooms: Option<Rooms>,
         cx: &mut Context<'_, S>,
     ) -> Option<Self> {
         let me = raft_id(&nodes, cx.node())?;
@@ -162,7 +176,11 @@ impl Replicas {
             run: cx.rng().next_u64(),
             fences: BTreeMap::new(),
             reported: None,
+            rooms,
+            tried: Default::default(),
+            unproposed: BTreeMap::new(),
         };
+        replicas.tried_before(cx);
         replicas.open(cx);
         Some(replicas)
     }
@@ -171,6 +189,22 @@ impl Replicas {
     /// is left out, reported and counted, and repaired at the next turn
     /// ([`Replicas::repair`]); one that cannot be opened otherwise is tried again
     /// at the next tick.
+    /// Every command owed at activation may have been proposed before.
+    fn tried_before<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
+        if self.rooms.is_none() {
+            return;
+        }
+        let owed = cx.store().read().and_then(|txn| {
+            crate::domain::room::shard::owed(&*txn, crate::domain::room::shard::OWED_MAX as usize)
+        });
+        match owed {
+            Ok(owed) => self.tried.extend(owed.into_iter().map(|(id, _)| id)),
+            Err(error) => {
+                tracing::error!(%error, "replicas: owed commands cannot be read at activation");
+            }
+        }
+    }
+
     fn open<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         let groups = self.config.groups_of(&self.nodes, cx.node());
         self.groups.clear();
@@ -462,7 +496,8 @@ impl Replicas {
         }
     }
 
-    /// Proposes `data` to `group` as `id` for the gateway's request `request`;
+    /// Proposes `data` to `group` as `id` for the gateway's request `request`
+    /// (if any);
     /// refused at once when it cannot be sequenced now (a proposal changes
     /// neither term nor role, so no timeout is drawn).
     fn propose(
@@ -470,7 +505,7 @@ impl Replicas {
         group: u64,
         id: ProposalId,
         data: Vec<u8>,
-        request: u64,
+        request: Option<u64>,
     ) -> Option<Denial> {
         if self.pending.len() >= PENDING_PROPOSALS_MAX {
             return Some(Denial::Limit {
@@ -499,7 +534,13 @@ impl Replicas {
             }
             Err(_) => return Some(Denial::NoQuorum),
         }
-        let until = self.ticks + PROPOSAL_TICKS_MAX;
+        // An owed room command is proposed again sooner: a proposal forwarded
+        // to a leader is lost with the message, and proposing twice is safe.
+        let wait = match request {
+            Some(_) => PROPOSAL_TICKS_MAX,
+            None => rooms::OWED_RETRY_TICKS,
+        };
+        let until = self.ticks + wait;
         self.pending.insert(
             id,
             Waiting {
@@ -555,6 +596,7 @@ impl Replicas {
             cx.send(gateway_of(cx.node()), ClientMsg::Leading { group, term });
         }
         self.send(turn.messages, cx);
+        rooms::release(turn.rooms, cx);
     }
 
     /// Persists and applies what group `id` has ready, adding what it sends and
@@ -576,7 +618,15 @@ impl Replicas {
         let rejoined = caught_up(&mut *txn, id, group)?;
         let out = group.replica.drive(&mut *txn)?;
         log::apply(&mut *txn, id, &out.committed)?;
+        let applied = rooms::apply(
+            self.rooms.as_ref(),
+            cx.node(),
+            id,
+            &mut *txn,
+            &out.committed,
+        )?;
         txn.commit()?;
+        turn.rooms.merge(applied);
         if rejoined {
             tracing::info!(
                 group = id,
@@ -589,12 +639,15 @@ impl Replicas {
             let Ok(key) = <[u8; 16]>::try_from(&entry.context[..]) else {
                 continue;
             };
-            if let Some(w) = self.pending.remove(&ProposalId(key)) {
+            let Some(w) = self.pending.remove(&ProposalId(key)) else {
+                continue;
+            };
+            if let Some(request) = w.request {
                 let outcome = Outcome::Appended {
                     group: w.group,
                     index: entry.index,
                 };
-                turn.replies.push((w.request, outcome));
+                turn.replies.push((request, outcome));
             }
         }
         turn.messages.extend(out.messages.into_iter().map(|m| {
@@ -696,6 +749,10 @@ impl<S: System<Msg = Msg>> Actor<S> for Replicas {
             // Only its own timer ticks it.
             ReplicasMsg::Tick if cx.sender().is_none() => self.on_tick(cx),
             ReplicasMsg::Tick => return,
+            ReplicasMsg::Kick if cx.sender().is_none_or(|s| s.node == cx.node()) => {
+                self.propose_owed(cx);
+            }
+            ReplicasMsg::Kick => return,
             ReplicasMsg::Propose {
                 group,
                 id,
@@ -744,6 +801,7 @@ impl Replicas {
         self.spread_leaders();
         self.ask_terms(cx);
         self.expire();
+        self.propose_owed(cx);
         self.report(cx);
         cx.timer(self.config.tick, ReplicasMsg::Tick);
     }
@@ -809,7 +867,7 @@ impl Replicas {
         request: u64,
         cx: &mut Context<'_, S>,
     ) {
-        let Some(denial) = self.propose(group, id, data, request) else {
+        let Some(denial) = self.propose(group, id, data, Some(request)) else {
             return;
         };
         let reason = denial.reason();
@@ -863,7 +921,7 @@ impl Replicas {
                 None
             }
             // Local only (see `handle`).
-            ReplicasMsg::Tick | ReplicasMsg::Propose { .. } => None,
+            ReplicasMsg::Tick | ReplicasMsg::Kick | ReplicasMsg::Propose { .. } => None,
         }
     }
 }

@@ -6,7 +6,7 @@ use core::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::NodeId;
+use crate::ids::{NodeId, RoomId};
 
 /// The group holding what the whole cluster shares (node membership, the user
 /// registry, the room → shard directory, in later steps).
@@ -36,6 +36,9 @@ pub struct Replication {
     /// One tick of every group's clock: heartbeats go out every
     /// [`HEARTBEAT_TICKS`] ticks, elections start after 10 to 20.
     pub tick: Duration,
+    /// Whether rooms are sequenced by shard groups ([`Replication::shard_of`])
+    /// rather than by their home node alone. Needs [`Replication::covers`].
+    pub rooms: bool,
 }
 
 /// How many ticks a leader waits between heartbeats.
@@ -50,6 +53,7 @@ impl Default for Replication {
             shards: 8,
             factor: 3,
             tick: Duration::from_millis(TICK_MS),
+            rooms: true,
         }
     }
 }
@@ -96,12 +100,58 @@ impl Replication {
         u64::from_be_bytes(first)
     }
 
+    /// The shard group that sequences room `room`, homed on `home`, in the
+    /// cluster `nodes` (sorted): a shard `home` replicates, so that the home can
+    /// always propose for its rooms, preferably one `home` comes first in (the
+    /// group's leader once leaders spread: a room is sequenced where it was
+    /// created), picked among those by the room id. `None` if `home` is not in
+    /// `nodes` or replicates no shard (see [`Replication::covers`]).
+    pub fn shard_of(&self, nodes: &[NodeId], home: NodeId, room: RoomId) -> Option<u64> {
+        let shards = (META_GROUP + 1)..=u64::from(self.shards);
+        let held: Vec<(u64, bool)> = shards
+            .filter_map(|g| {
+                let replicas = self.replicas(nodes, g);
+                let at = replicas.iter().position(|&n| n == home)?;
+                Some((g, at == 0))
+            })
+            .collect();
+        let led: Vec<u64> = held
+            .iter()
+            .filter(|(_, first)| *first)
+            .map(|(g, _)| *g)
+            .collect();
+        let candidates: Vec<u64> = if led.is_empty() {
+            held.iter().map(|(g, _)| *g).collect()
+        } else {
+            led
+        };
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&room.0[..8]);
+        let pick = u64::from_be_bytes(first) % (candidates.len().max(1) as u64);
+        candidates.get(usize::try_from(pick).ok()?).copied()
+    }
+
+    /// Whether every node of `nodes` replicates at least one shard, so that
+    /// rooms homed anywhere have a shard ([`Replication::shard_of`]): true when
+    /// `shards + factor - 1 >= nodes`.
+    pub fn covers(&self, nodes: &[NodeId]) -> bool {
+        nodes
+            .iter()
+            .all(|&n| self.groups_of(nodes, n).iter().any(|&g| g != META_GROUP))
+    }
+
     /// The groups `node` replicates.
     pub fn groups_of(&self, nodes: &[NodeId], node: NodeId) -> Vec<u64> {
         self.groups()
             .filter(|&g| self.replicas(nodes, g).contains(&node))
             .collect()
     }
+}
+
+/// The address of `node`'s replicas actor.
+pub fn replicas_of(node: NodeId) -> crate::actor::ActorRef {
+    use crate::actor::{ActorKey, ActorKind, ActorRef};
+    ActorRef::new(node, ActorKind::REPLICAS, ActorKey::Unit)
 }
 
 /// A node's id within every Raft group: its place in the sorted cluster, from 1
@@ -131,6 +181,9 @@ pub struct Packet {
 pub enum ReplicasMsg {
     /// Its clock: every group ticks once.
     Tick,
+    /// Room commands were added to this node's owed table
+    /// ([`crate::domain::room::shard::owe`]): propose them (local senders only).
+    Kick,
     /// Raft messages from the replicas actor of another node, for any of the
     /// groups both replicate (batched: one message per node pair and turn).
     Raft {
@@ -208,6 +261,7 @@ impl ReplicasMsg {
             | ReplicasMsg::Rejoined { layout, .. }
             | ReplicasMsg::Terms { layout, .. } => Some(*layout),
             ReplicasMsg::Tick
+            | ReplicasMsg::Kick
             | ReplicasMsg::Reset { .. }
             | ReplicasMsg::TermsAre { .. }
             | ReplicasMsg::Propose { .. } => None,
@@ -289,6 +343,42 @@ mod tests {
         assert_eq!(node_of(&cluster, 0), None);
         assert_eq!(node_of(&cluster, 4), None);
         assert_eq!(raft_id(&cluster, NodeId([9; 32])), None);
+    }
+
+    #[test]
+    fn a_room_goes_to_a_shard_its_home_replicates_and_leads_when_one_exists() {
+        let config = Replication::default();
+        let cluster = nodes(5);
+        for (i, &home) in cluster.iter().enumerate() {
+            for r in 0..32u8 {
+                let room = RoomId([r; 16]);
+                let shard = config.shard_of(&cluster, home, room).unwrap();
+                assert_ne!(shard, META_GROUP);
+                let replicas = config.replicas(&cluster, shard);
+                assert_eq!(replicas[0], home, "n{i} leads shard {shard}");
+                assert_eq!(config.shard_of(&cluster, home, room), Some(shard));
+            }
+        }
+        // One shard on five nodes is held by three of them.
+        let one = Replication {
+            shards: 1,
+            ..config
+        };
+        assert!(!one.covers(&cluster));
+        let holders = one.replicas(&cluster, 1);
+        for &home in &cluster {
+            let shard = one.shard_of(&cluster, home, RoomId([1; 16]));
+            assert_eq!(shard.is_some(), holders.contains(&home));
+        }
+        let three = Replication {
+            shards: 3,
+            ..config
+        };
+        assert!(
+            three.covers(&cluster),
+            "3 shards of 3 replicas cover 5 nodes"
+        );
+        assert!(config.covers(&cluster));
     }
 
     #[test]

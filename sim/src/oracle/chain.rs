@@ -153,18 +153,18 @@ impl ChainOracle {
         let Some(m) = view.model.rooms.get(&room) else {
             return Ok(None);
         };
-        if view.wiped(m.home) {
+        // With rooms on shard groups, the replica furthest on.
+        let Some(home) = view.reference(room, m.home) else {
             return Ok(None);
-        }
-        let links = read_chain(view, m.home, room)
-            .map_err(|e| format!("n{} cannot read the chain of room {r}: {e}", m.home))?;
+        };
+        let links = read_chain(view, home, room)
+            .map_err(|e| format!("n{home} cannot read the chain of room {r}: {e}"))?;
         let hashes = self.hashes.entry(room).or_default();
         let kept = links.len() >= hashes.len()
             && links.iter().zip(hashes.iter()).all(|(l, h)| l.hash() == *h);
         if !kept {
             return Err(format!(
-                "home n{} of room {r} holds {} chain links that are not the {} it held",
-                m.home,
+                "home n{home} of room {r} holds {} chain links that are not the {} it held",
                 links.len(),
                 hashes.len()
             ));
@@ -178,8 +178,7 @@ impl ChainOracle {
             };
             verified.map_err(|e| {
                 format!(
-                    "the chain of room {r} at its home n{} does not verify at link {index}: {e}",
-                    m.home
+                    "the chain of room {r} at its home n{home} does not verify at link {index}: {e}",
                 )
             })?;
             hashes.push(link.hash());
@@ -210,7 +209,10 @@ impl ChainOracle {
                     home.len()
                 ));
             }
-            if hosting.contains(&i) && links.len() < home.len() {
+            // With rooms on shard groups, a node outside the shard takes the
+            // room's updates from its home only: none once it is lost.
+            let fed = view.sequences(room, m.home, i) || !view.wiped(m.home);
+            if hosting.contains(&i) && links.len() < home.len() && fed {
                 return Err(format!(
                     "n{i} hosts a member of room {r} but holds {} of its {} chain links",
                     links.len(),
@@ -240,21 +242,23 @@ fn members_agree(
 ) -> Result<(), String> {
     let r = short(&room.0);
     let in_chain: BTreeSet<UserId> = chain.members.keys().copied().collect();
-    let table: BTreeSet<UserId> = view.cluster.nodes[m.home]
+    // Where the chain was read (with rooms on shard groups, the replica
+    // furthest on).
+    let home = view.reference(room, m.home).unwrap_or(m.home);
+    let table: BTreeSet<UserId> = view.cluster.nodes[home]
         .store
         .read()
         .map_err(|e| e.to_string())
         .and_then(|txn| domain::state::rooms::members(&*txn, room).map_err(|e| e.to_string()))
-        .map_err(|e| format!("n{} cannot read the members of room {r}: {e}", m.home))?
+        .map_err(|e| format!("n{home} cannot read the members of room {r}: {e}"))?
         .into_iter()
         .map(|member| member.user)
         .collect();
     let decided: BTreeSet<UserId> = m.members.keys().copied().collect();
     if in_chain != table || in_chain != decided {
         return Err(format!(
-            "room {r}: its chain lists {} members, its home n{}'s table {}, its home's decisions {} (not the same users)",
+            "room {r}: its chain lists {} members, its home n{home}'s table {}, its home's decisions {} (not the same users)",
             in_chain.len(),
-            m.home,
             table.len(),
             decided.len()
         ));

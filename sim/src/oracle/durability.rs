@@ -7,16 +7,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use conclave_actors::domain::Outcome;
+use conclave_actors::domain::{Denial, Outcome};
 use conclave_actors::ids::{MessageId, RoomId, Seq};
 use conclave_storage::Store;
 
-use super::{ranges, short, Oracle, Verdict, View, DURABILITY};
+use super::{ranges, short, Oracle, Seen, Verdict, View, DURABILITY};
 use crate::cluster::{Observation, Observed};
 use crate::model::{room_frames, Landing};
 
 /// See the module docs.
-pub struct Durability;
+#[derive(Default)]
+pub struct Durability {
+    /// Every publish a client made: (node, request, room, message id).
+    published: Vec<(usize, u64, RoomId, MessageId)>,
+}
 
 fn fails(detail: String) -> Verdict {
     Verdict::Fails {
@@ -56,13 +60,58 @@ impl Oracle for Durability {
         ))
     }
 
+    fn on_client(&mut self, _view: &View<'_>, seen: &Seen<'_>) -> Verdict {
+        if let Seen::Published {
+            node,
+            request,
+            room,
+            id,
+            ..
+        } = *seen
+        {
+            self.published.push((node, request, room, id));
+        }
+        Verdict::Holds
+    }
+
+    /// What a client was told of its publish is what became of it: a frame
+    /// reported refused committed nowhere, one reported committed is at the
+    /// sequence number it was told (a publish is committed once or refused,
+    /// never both).
+    fn check_final(&mut self, view: &View<'_>) -> Verdict {
+        for &(node, request, room, id) in &self.published {
+            let Some(m) = view.model.rooms.get(&room) else {
+                continue;
+            };
+            let held = m.ids.get(&id).copied();
+            let told = view.cluster.outcomes(node, request);
+            let told = told.iter().rfind(|o| **o != Outcome::Forwarded);
+            let agrees = match told {
+                Some(Outcome::Committed { seq, .. }) => held.is_none_or(|h| h == seq.0),
+                Some(Outcome::Denied(Denial::Duplicate { .. })) | None => true,
+                Some(Outcome::Denied(_)) => held.is_none(),
+                Some(_) => true,
+            };
+            if !agrees {
+                return fails(format!(
+                    "room {}: n{node} told its client {told:?} for message {}, which committed at seq {held:?}",
+                    short(&room.0),
+                    id.0
+                ));
+            }
+        }
+        Verdict::Holds
+    }
+
     /// The home (if not lost for good) holds every frame it committed, as
-    /// committed.
+    /// committed; with rooms on shard groups, the replica furthest on does.
     fn on_home(&mut self, view: &View<'_>, room: RoomId) -> Verdict {
         let Some(m) = view.model.rooms.get(&room) else {
             return Verdict::Holds;
         };
-        let home = m.home;
+        let Some(home) = view.reference(room, m.home) else {
+            return Verdict::Holds;
+        };
         let Some(stored) = home_frames(view, home, room) else {
             return Verdict::Holds;
         };

@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use conclave_actors::actor::Time;
 use conclave_actors::domain::{self, Asked, Outcome};
 use conclave_actors::ids::{RoomId, Seq};
+use conclave_actors::replication::log;
 use conclave_actors::UserId;
 use conclave_storage::Store;
 
@@ -171,6 +172,8 @@ impl Liveness {
             state: Vec::new(),
         };
         pending.transport.extend(self.unforwarded(view));
+        pending.transport.extend(raft_behind(view));
+        pending.transport.extend(owed(view));
         for (&room, m) in &view.model.rooms {
             if view.wiped(m.home) {
                 continue;
@@ -193,7 +196,8 @@ impl Liveness {
             let Some(verdicts) = view.model.verdicts.get(&s.key) else {
                 continue;
             };
-            if m.home == s.node || !view.live(s.node) || view.wiped(s.node) || view.wiped(m.home) {
+            let local = view.sequences(s.room, m.home, s.node);
+            if local || !view.live(s.node) || view.wiped(s.node) || view.wiped(m.home) {
                 continue;
             }
             let Ok(txn) = view.cluster.nodes[s.node].store.read() else {
@@ -279,6 +283,57 @@ impl Liveness {
         }
         items
     }
+}
+
+/// Room commands live nodes still owe their shard groups (proposed until
+/// applied): work under way.
+fn owed(view: &View<'_>) -> Vec<String> {
+    use conclave_actors::domain::room::shard;
+    let mut items = Vec::new();
+    for i in (0..view.cluster.nodes.len()).filter(|&i| view.live(i)) {
+        let Ok(txn) = view.cluster.nodes[i].store.read() else {
+            continue;
+        };
+        let owed = shard::owed(&*txn, shard::OWED_MAX as usize).unwrap_or_default();
+        let owed = owed
+            .iter()
+            .filter(|(_, o)| !view.group_lost(o.group))
+            .count();
+        if owed > 0 {
+            items.push(format!(
+                "n{i} owes {owed} room commands to its shard groups"
+            ));
+        }
+    }
+    items
+}
+
+/// With rooms on shard groups, the groups whose live replicas have not all
+/// applied as far as the one furthest on: rooms' state is still moving there.
+fn raft_behind(view: &View<'_>) -> Vec<String> {
+    let Some(sharding) = view.cluster.sharding() else {
+        return Vec::new();
+    };
+    let mut items = Vec::new();
+    for group in sharding.layout.groups().filter(|&g| !view.group_lost(g)) {
+        let replicas = sharding.layout.replicas(&sharding.nodes, group);
+        let applied: Vec<(usize, u64)> = replicas
+            .iter()
+            .filter_map(|&id| view.cluster.index(id))
+            .filter(|&i| view.live(i) || view.cluster.nodes[i].reborn && view.cluster.nodes[i].up)
+            .filter_map(|i| {
+                let txn = view.cluster.nodes[i].store.read().ok()?;
+                Some((i, log::applied(&*txn, group).ok()?.index))
+            })
+            .collect();
+        let furthest = applied.iter().map(|&(_, a)| a).max().unwrap_or(0);
+        for (i, a) in applied.into_iter().filter(|&(_, a)| a < furthest) {
+            items.push(format!(
+                "raft group {group}: n{i} applied {a} of {furthest}"
+            ));
+        }
+    }
+    items
 }
 
 /// Live nodes' outboxes that still hold messages for nodes not lost for good, or

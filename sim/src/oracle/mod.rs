@@ -90,6 +90,57 @@ impl View<'_> {
     pub fn wiped(&self, i: usize) -> bool {
         self.cluster.nodes[i].wiped
     }
+
+    /// The nodes holding the state `room`'s commands are decided on: its home
+    /// `home`, or with rooms on shard groups, the replicas of its shard.
+    pub fn sequencers(&self, room: RoomId, home: usize) -> Vec<usize> {
+        let Some(sharding) = self.cluster.sharding() else {
+            return vec![home];
+        };
+        let replicas = sharding.replicas(self.cluster.id(home), room);
+        replicas
+            .into_iter()
+            .filter_map(|n| self.cluster.index(n))
+            .collect()
+    }
+
+    /// Whether node `i` decides `room`'s commands itself (its users' are not
+    /// forwarded).
+    pub fn sequences(&self, room: RoomId, home: usize, i: usize) -> bool {
+        i == home || self.sequencers(room, home).contains(&i)
+    }
+
+    /// Whether Raft group `group` lost the disks of a majority of its
+    /// replicas (lost for good, or back empty): it keeps only what the others
+    /// hold, and cannot elect a leader again (a replica back empty votes only
+    /// once a leader caught it up).
+    pub fn group_lost(&self, group: u64) -> bool {
+        let Some(sharding) = self.cluster.sharding() else {
+            return false;
+        };
+        let replicas = sharding.layout.replicas(&sharding.nodes, group);
+        let lost = replicas
+            .iter()
+            .filter_map(|&id| self.cluster.index(id))
+            .filter(|&i| self.wiped(i))
+            .count();
+        2 * lost >= replicas.len()
+    }
+
+    /// Of the nodes holding `room`'s sequencer state and not lost for good,
+    /// the one furthest on (its home without shards): what the room committed
+    /// is judged against it, a replica may lag behind.
+    pub fn reference(&self, room: RoomId, home: usize) -> Option<usize> {
+        let progress = |i: usize| {
+            let txn = conclave_storage::Store::read(self.cluster.nodes[i].store.as_ref()).ok()?;
+            let meta = conclave_actors::domain::state::rooms::meta(&*txn, room).ok()??;
+            Some((meta.next_seq, meta.members_version))
+        };
+        let candidates = self.sequencers(room, home).into_iter();
+        candidates
+            .filter(|&i| !self.wiped(i))
+            .max_by_key(|&i| (progress(i), i == home))
+    }
 }
 
 /// A phase of the run (see [`crate::run`]).
@@ -339,7 +390,7 @@ impl Checks {
     /// All of [`ORACLES`], in order.
     pub fn new() -> Self {
         let oracles: Vec<Box<dyn Oracle>> = vec![
-            Box::new(durability::Durability),
+            Box::new(durability::Durability::default()),
             Box::new(order::Order::default()),
             Box::new(leak::Leak),
             Box::new(epoch::EpochOracle),
@@ -509,6 +560,7 @@ mod tests {
         model.rooms.insert(ROOM, room);
         let first = Observation {
             node: 0,
+            entry: None,
             room: ROOM,
             what: Observed::Publish {
                 frame: FrameHeader {
@@ -526,6 +578,7 @@ mod tests {
         model.take(&c, &first, true);
         let decision = Observation {
             node,
+            entry: None,
             room: ROOM,
             what: Observed::Publish {
                 frame: FrameHeader {

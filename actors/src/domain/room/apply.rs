@@ -143,12 +143,14 @@ fn apply_removed(
     rooms::put_visibility(txn, removed.user, room, &visible)
 }
 
-/// The nodes other than `me` hosting at least one of `members`.
-pub(super) fn member_nodes(members: &[RoomMember], me: NodeId) -> BTreeSet<NodeId> {
+/// The nodes hosting at least one of `members`, but for the `holders` of the
+/// room's sequencer state (its home; with replication, its shard's replicas),
+/// which learn of changes by applying them.
+pub(super) fn member_nodes(members: &[RoomMember], holders: &BTreeSet<NodeId>) -> BTreeSet<NodeId> {
     members
         .iter()
         .map(|m| m.home)
-        .filter(|&n| n != me)
+        .filter(|n| !holders.contains(n))
         .collect()
 }
 
@@ -160,12 +162,13 @@ fn send(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId, update: Update) -> R
     )
 }
 
-/// Queues, after `apply`, what member nodes must learn of `event`; returns the
-/// nodes whose outboxes now hold something.
+/// Queues, after `apply`, what member nodes other than the `holders` (see
+/// [`member_nodes`]) must learn of `event`; returns the nodes whose outboxes now
+/// hold something.
 pub(super) fn fan_out(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    me: NodeId,
+    holders: &BTreeSet<NodeId>,
     (now, page): (Time, usize),
     event: &Event,
 ) -> Result<BTreeSet<NodeId>, Denial> {
@@ -176,7 +179,7 @@ pub(super) fn fan_out(
             meta, member, key, ..
         } => {
             let new = (member, key);
-            fan_out_invited(txn, room, me, (now, page), meta, new)
+            fan_out_invited(txn, room, holders, (now, page), meta, new)
         }
         Event::Removed {
             meta,
@@ -185,12 +188,14 @@ pub(super) fn fan_out(
             ..
         } => {
             end_owed(txn, room, removed.home, meta.next_seq)?;
-            fan_out_epoch(txn, room, me, meta, Some(removed), bundle)
+            fan_out_epoch(txn, room, holders, meta, Some(removed), bundle)
         }
-        Event::Rekeyed { meta, bundle, .. } => fan_out_epoch(txn, room, me, meta, None, bundle),
+        Event::Rekeyed { meta, bundle, .. } => {
+            fan_out_epoch(txn, room, holders, meta, None, bundle)
+        }
         Event::Evicted { meta, removed, .. } => {
             end_owed(txn, room, removed.home, meta.next_seq)?;
-            let nodes = snapshot(txn, room, me, meta, Some(removed.home))?;
+            let nodes = snapshot(txn, room, holders, meta, Some(removed.home))?;
             for &node in &nodes {
                 chain_to(txn, room, node, None)?;
             }
@@ -202,7 +207,7 @@ pub(super) fn fan_out(
             committed,
             ..
         } => {
-            let mut nodes = member_nodes(&rooms::members(&*txn, room)?, me);
+            let mut nodes = member_nodes(&rooms::members(&*txn, room)?, holders);
             // A node catching up on the history gets this frame in its turn.
             if !mutation::active(Mutation::LiveBeforeCaughtUp) {
                 let catching_up = rooms::nodes_catching_up(&*txn, room)?;
@@ -231,14 +236,14 @@ pub(super) fn fan_out(
 fn fan_out_invited(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    me: NodeId,
+    holders: &BTreeSet<NodeId>,
     at: (Time, usize),
     meta: &rooms::RoomMeta,
     (member, key): (&RoomMember, &SealedKey),
 ) -> Result<BTreeSet<NodeId>, Denial> {
-    let nodes = snapshot(txn, room, me, meta, None)?;
+    let nodes = snapshot(txn, room, holders, meta, None)?;
     let members = rooms::members(&*txn, room)?;
-    let new_node = member.home != me
+    let new_node = !holders.contains(&member.home)
         && !members
             .iter()
             .any(|m| m.user != member.user && m.home == member.home);
@@ -246,7 +251,7 @@ fn fan_out_invited(
         let from = (new_node && node == member.home).then_some(0);
         chain_to(txn, room, node, from)?;
     }
-    if member.home == me {
+    if holders.contains(&member.home) {
         return Ok(nodes);
     }
     debug_assert!(
@@ -278,12 +283,12 @@ fn fan_out_invited(
 fn fan_out_epoch(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    me: NodeId,
+    holders: &BTreeSet<NodeId>,
     meta: &rooms::RoomMeta,
     removed: Option<&RoomMember>,
     bundle: &[(UserId, SealedKey)],
 ) -> Result<BTreeSet<NodeId>, Denial> {
-    let nodes = snapshot(txn, room, me, meta, removed.map(|r| r.home))?;
+    let nodes = snapshot(txn, room, holders, meta, removed.map(|r| r.home))?;
     for &node in &nodes {
         chain_to(txn, room, node, None)?;
     }
@@ -291,7 +296,7 @@ fn fan_out_epoch(
     debug_assert!(members
         .iter()
         .all(|m| Some(m.user) != removed.map(|r| r.user)));
-    for node in member_nodes(&members, me) {
+    for node in member_nodes(&members, holders) {
         let keys: Vec<_> = bundle
             .iter()
             .filter(|(u, _)| {
@@ -343,7 +348,7 @@ fn chain_to(
 fn snapshot(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    me: NodeId,
+    holders: &BTreeSet<NodeId>,
     meta: &rooms::RoomMeta,
     also: Option<NodeId>,
 ) -> Result<BTreeSet<NodeId>, Denial> {
@@ -351,8 +356,8 @@ fn snapshot(
     let create: Box<SignedLink> = rooms::creation(&*txn, room)?
         .map(Box::new)
         .ok_or_else(|| Denial::not_found(format!("the creation of room {room}")))?;
-    let mut nodes = member_nodes(&members, me);
-    nodes.extend(also.filter(|&n| n != me));
+    let mut nodes = member_nodes(&members, holders);
+    nodes.extend(also.filter(|n| !holders.contains(n)));
     for &node in &nodes {
         let update = Update::Members {
             meta: *meta,
@@ -687,7 +692,7 @@ mod tests {
             rekey_due: false,
         };
         let mut txn = store.write().expect("write");
-        snapshot(&mut *txn, room, HOME, &meta, None).expect("snapshot");
+        snapshot(&mut *txn, room, &BTreeSet::from([HOME]), &meta, None).expect("snapshot");
         txn.commit().expect("commit");
         assert_eq!(take(&store), (Vec::new(), Some(next)));
     }

@@ -16,17 +16,19 @@ use crate::domain::chain::{
     check_eviction, may_invite, may_remove, ChainError, ChainHash, ChainState, Change, Link,
     SignedLink, Signer, CHAIN_LINKS_MAX,
 };
-use crate::domain::state::{registry, rooms, rooms::RoomMeta};
+use crate::domain::state::registry::{self, UserRecord};
+use crate::domain::state::{rooms, rooms::RoomMeta};
 use crate::domain::{
-    Denial, History, Invitee, Outcome, RoomInfo, RoomMember, RoomRole, SignedRequest,
+    Denial, History, Invitee, Outcome, RoomInfo, RoomMember, RoomRole, SignedRequest, UserStatus,
     ROOM_MEMBERS_MAX,
 };
 use crate::identity::Identity;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
 
-/// Who decides and for whom: the room, this node (its sequencer), the node the
-/// request came from, the time, and the cluster's nodes when known.
+/// Who decides and for whom: the room, the node deciding (the room's home, or
+/// on a shard replica the node that proposed the entry), the node the request
+/// came from, the time, and the cluster's nodes when known.
 pub(super) struct Home<'a> {
     pub room: RoomId,
     pub me: NodeId,
@@ -34,14 +36,44 @@ pub(super) struct Home<'a> {
     pub now: Time,
     pub nodes: Option<&'a BTreeSet<NodeId>>,
     pub epoch_frames_max: u64,
+    /// Where `me`'s users are looked up.
+    pub registry: Registry<'a>,
+}
+
+/// Where a decision looks up the users of the deciding node (`me`): a creator,
+/// an invitee homed there.
+#[derive(Clone, Copy)]
+pub(super) enum Registry<'a> {
+    /// This node's registry: the room's home decides alone.
+    Store,
+    /// What the proposing node said of its users, carried by a shard entry:
+    /// every replica decides alike whatever its own registry holds.
+    Given(&'a [(UserId, UserRecord)]),
 }
 
 impl Home<'_> {
-    /// The room's record, which must say this node sequences it.
+    /// The record of `user`, one of `me`'s users, if they may act.
+    fn active_user(&self, txn: &dyn ReadTxn, user: UserId) -> Result<UserRecord, Denial> {
+        let Registry::Given(users) = self.registry else {
+            return registry::check_active(txn, user);
+        };
+        let record = users
+            .iter()
+            .find(|(u, _)| *u == user)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| Denial::not_found(format!("user {user}")))?;
+        match record.status {
+            UserStatus::Active => Ok(record),
+            UserStatus::Revoked => Err(Denial::Revoked),
+        }
+    }
+
+    /// The room's record, which must say this node sequences it (a shard
+    /// replica holds it because it replicates the room's shard).
     fn meta(&self, txn: &dyn ReadTxn) -> Result<RoomMeta, Denial> {
         let meta = rooms::meta(txn, self.room)?
             .ok_or_else(|| Denial::not_found(format!("room {}", self.room)))?;
-        if meta.sequencer() != self.me {
+        if matches!(self.registry, Registry::Store) && meta.sequencer() != self.me {
             return Err(Denial::malformed(format!(
                 "room {} is sequenced by {}, not here",
                 self.room,
@@ -134,7 +166,7 @@ pub(super) fn create(
             what: format!("room {} exists", h.room),
         });
     }
-    let creator = registry::check_active(txn, acting)?;
+    let creator = h.active_user(txn, acting)?;
     if rooms::created_by(txn, acting)? >= rooms::ROOMS_CREATED_PER_USER_MAX {
         return Err(Denial::Limit {
             what: format!(
@@ -253,7 +285,7 @@ fn check_invitee(txn: &dyn ReadTxn, h: &Home<'_>, invitee: &Invitee) -> Result<(
     let user = UserId(invitee.user.signing);
     if invitee.home == h.me {
         // This node's registry speaks for its own users: no revoked one joins.
-        registry::check_active(txn, user)?;
+        h.active_user(txn, user)?;
     }
     if rooms::member(txn, h.room, user)?.is_some() {
         return Err(Denial::Conflict {
@@ -357,13 +389,6 @@ pub(super) fn evict(
     attestation: &SignatureBytes,
 ) -> Result<Event, Denial> {
     assert_eq!(home.node_id(), h.me, "the home signs with its own identity");
-    let meta = h.meta(txn)?;
-    let removed = rooms::member(txn, h.room, user)?
-        .ok_or_else(|| Denial::not_found(format!("member {user}")))?;
-    if removed.home != h.from {
-        return Err(Denial::NotAMember);
-    }
-    check_eviction(removed.home, h.room, user, attestation).map_err(chain_denial)?;
     let (_, head) = chain_head_with_room(txn, h.room)?;
     let link = SignedLink::sign(
         home,
@@ -377,6 +402,33 @@ pub(super) fn evict(
             },
         },
     );
+    evicted(txn, h, link)
+}
+
+/// An eviction recorded in `link`, signed by the room's home: the room's
+/// record must name that home, the link follow the chain's head, and the word
+/// come from the evicted user's node (`h.from`), signed by it.
+pub(super) fn evicted(txn: &dyn ReadTxn, h: &Home<'_>, link: SignedLink) -> Result<Event, Denial> {
+    let meta = h.meta(txn)?;
+    let Change::Evict { user, attestation } = &link.link.change else {
+        return Err(Denial::malformed("an eviction's link is not an eviction"));
+    };
+    if link.link.room != h.room || link.link.by != Signer::Node(meta.home) {
+        return Err(Denial::malformed(
+            "an eviction's link is for another room or not signed by its home",
+        ));
+    }
+    link.verify().map_err(|_| Denial::BadSignature)?;
+    let removed = rooms::member(txn, h.room, *user)?
+        .ok_or_else(|| Denial::not_found(format!("member {user}")))?;
+    if removed.home != h.from {
+        return Err(Denial::NotAMember);
+    }
+    check_eviction(removed.home, h.room, *user, attestation).map_err(chain_denial)?;
+    let (len, head) = chain_head_with_room(txn, h.room)?;
+    if link.link.prev != head {
+        return Err(Denial::StaleChain { len });
+    }
     let meta = RoomMeta {
         members_version: meta.members_version + 1,
         rekey_due: true,
@@ -455,13 +507,25 @@ pub(super) fn publish(
     if frame.room != h.room {
         return Err(Denial::malformed("frame names another room"));
     }
+    // Committed before (offered again, proposed again): a duplicate, whatever
+    // changed since (a removal, a rekey), so that its sender is never told it
+    // was refused.
+    if let Some(seq) = rooms::seq_of_id(txn, h.room, frame.id)? {
+        let stored = rooms::frames(txn, h.room, seq, 1)?;
+        let same = stored
+            .first()
+            .is_none_or(|(s, f)| *s != seq || f.sender == frame.sender);
+        if same {
+            return Err(Denial::Duplicate { seq });
+        }
+    }
     let carried = meta.next_seq.0.saturating_sub(meta.epoch_start.0);
     if meta.rekey_due || carried >= h.epoch_frames_max {
         return Err(Denial::RekeyNeeded);
     }
     h.acting_member(txn, frame.sender)?;
-    if let Some(seq) = rooms::seq_of_id(txn, h.room, frame.id)? {
-        return Err(Denial::Duplicate { seq });
+    if rooms::seq_of_id(txn, h.room, frame.id)?.is_some() {
+        return Err(Denial::malformed("a message id another sender committed"));
     }
     if frame.epoch != meta.epoch && !mutation::active(Mutation::AcceptStaleEpoch) {
         return Err(Denial::StaleEpoch {

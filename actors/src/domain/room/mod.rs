@@ -33,11 +33,14 @@ use crate::crypto::{Frame, SealedKey, SignatureBytes};
 use crate::identity::Identity;
 use crate::ids::{Epoch, NodeId, RoomId, Seq, UserId};
 use crate::mutation::{self, Mutation};
+use crate::replication::layout::replicas_of;
+use crate::replication::{ProposalId, ReplicasMsg};
 use conclave_storage::StoreError;
 
 mod apply;
 pub mod decide;
 pub mod replica;
+pub mod shard;
 
 pub use decide::validate_bundle;
 pub use replica::UpdateError;
@@ -271,6 +274,8 @@ pub struct Room {
     epoch_frames_max: u64,
     /// How many frames of history one page to a new member node holds.
     history_page_frames: usize,
+    /// Where rooms are sequenced when they are on shard groups ([`shard`]).
+    sharding: Option<shard::Sharding>,
 }
 
 impl Room {
@@ -279,6 +284,7 @@ impl Room {
         config: DomainConfig,
         nodes: Option<std::sync::Arc<BTreeSet<NodeId>>>,
         signer: Option<Identity>,
+        sharding: Option<shard::Sharding>,
         cx: &mut Context<'_, S>,
     ) -> Self {
         cx.timer(config.idle, RoomMsg::Tick);
@@ -291,6 +297,7 @@ impl Room {
             signer,
             epoch_frames_max: config.epoch_frames_max,
             history_page_frames: config.history_page_frames,
+            sharding,
         }
     }
 }
@@ -367,10 +374,14 @@ impl Room {
                         nonce: req.request.nonce,
                     },
                 });
-                let outcome = self
-                    .request(&req, from, asker, cx)
-                    .unwrap_or_else(|denial| denied("room", Some(user), denial));
-                self.answer(cx, from, to, asker, outcome)
+                match self.request(&req, from, asker, to, cx) {
+                    Ok(None) => false, // taken: answered once applied
+                    Ok(Some(outcome)) => self.answer(cx, from, to, asker, outcome),
+                    Err(denial) => {
+                        let outcome = denied("room", Some(user), denial);
+                        self.answer(cx, from, to, asker, outcome)
+                    }
+                }
             }
             RoomMsg::Publish { frame, reply: to } => {
                 let asker = Asker {
@@ -378,11 +389,16 @@ impl Room {
                     user: frame.sender,
                     asked: Asked::Frame { id: frame.id },
                 };
-                let outcome = self.publish(frame, from, cx).unwrap_or_else(|denial| {
-                    metrics::counter!("conclave_frames_rejected_total", "reason" => denial.reason())
-                        .increment(1);
-                    denied("room", Some(asker.user), denial)
-                });
+                let outcome = match self.publish(frame, from, to, cx) {
+                    Ok(None) => return self.handled(false), // taken: answered once applied
+                    Ok(Some(outcome)) => outcome,
+                    Err(denial) => {
+                        let reason = denial.reason();
+                        metrics::counter!("conclave_frames_rejected_total", "reason" => reason)
+                            .increment(1);
+                        denied("room", Some(asker.user), denial)
+                    }
+                };
                 self.answer(cx, from, to, Some(asker), outcome)
             }
             RoomMsg::Decided {
@@ -419,6 +435,12 @@ impl Room {
                 }
             },
         };
+        self.handled(retry)
+    }
+
+    /// Marks the room busy (a message arrived since the last idle check) and
+    /// passes `retry` on.
+    fn handled(&mut self, retry: bool) -> bool {
         self.busy = true;
         retry
     }
@@ -578,6 +600,7 @@ impl Room {
             now: cx.now(),
             nodes: self.nodes.as_deref(),
             epoch_frames_max: self.epoch_frames_max,
+            registry: decide::Registry::Store,
         }
     }
 
@@ -641,7 +664,20 @@ impl Room {
             .clone()
             .ok_or_else(|| Denial::missing("this node's identity (to sign the eviction)"))?;
         let txn = cx.store().write()?;
+        // Made again here after it lost a race on a shard: on the word of the
+        // member's node, which the attestation proves.
+        let from = match rooms::member(&*txn, self.room, user)? {
+            Some(member) if from == cx.node() => member.home,
+            _ => from,
+        };
         let event = decide::evict(&*txn, &self.home(from, cx), &signer, user, attestation)?;
+        if let Some(group) = self.shard_here(None, cx)? {
+            let Event::Evicted { link, .. } = event else {
+                return Err(Denial::malformed("an eviction that is none"));
+            };
+            drop(txn);
+            return self.take(shard::ShardCommand::Evict(link), from, None, group, cx);
+        }
         tracing::info!(room = ?self.room, ?user, "revoked member evicted");
         self.commit(event, txn, None, cx).map(|_| ())
     }
@@ -652,8 +688,25 @@ impl Room {
         req: &SignedRequest,
         from: NodeId,
         asker: Option<Asker>,
+        reply: ReplyTo,
         cx: &mut Context<'_, S>,
-    ) -> Result<Outcome, Denial> {
+    ) -> Result<Option<Outcome>, Denial> {
+        let created_on = match &req.request.op {
+            Op::CreateRoom { link, .. } => match &link.link.change {
+                super::chain::Change::Create { home, .. } => Some(*home),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(group) = self.shard_here(created_on, cx)? {
+            if let Op::RoomInfo { .. } = req.request.op {
+                return self.info_here(req, from, cx).map(Some);
+            }
+            let command = shard::ShardCommand::Request(Box::new(req.clone()));
+            return self
+                .take(command, from, Some(reply), group, cx)
+                .map(|()| None);
+        }
         let txn = cx.store().write()?;
         // The requester's node checked its registry; this node checks the signature
         // and the clock itself, and its own registry when the requester is local.
@@ -677,13 +730,13 @@ impl Room {
             Op::Invite { link, key } => decide::invite(&*txn, &h, req, link, key)?,
             Op::Remove { link, bundle } => decide::remove(&*txn, &h, req, link, bundle)?,
             Op::Rekey { link, bundle } => decide::rekey(&*txn, &h, req, link, bundle)?,
-            Op::RoomInfo { .. } => return decide::info(&*txn, &h, acting),
+            Op::RoomInfo { .. } => return decide::info(&*txn, &h, acting).map(Some),
             Op::AddUser { .. } | Op::RevokeUser { .. } | Op::ListUsers | Op::ListRooms { .. } => {
                 return Err(Denial::malformed("not a room request"));
             }
         };
         tracing::info!(room = ?self.room, user = ?acting, op = event.name(), "room changed");
-        self.commit(event, txn, asker, cx)
+        self.commit(event, txn, asker, cx).map(Some)
     }
 
     /// Decides a frame and, if it is accepted, sequences and commits it.
@@ -691,8 +744,15 @@ impl Room {
         &mut self,
         frame: Frame,
         from: NodeId,
+        reply: ReplyTo,
         cx: &mut Context<'_, S>,
-    ) -> Result<Outcome, Denial> {
+    ) -> Result<Option<Outcome>, Denial> {
+        if let Some(group) = self.shard_here(None, cx)? {
+            let command = shard::ShardCommand::Publish(frame);
+            return self
+                .take(command, from, Some(reply), group, cx)
+                .map(|()| None);
+        }
         super::room_for_more(cx.store())?;
         let txn = cx.store().write()?;
         // Mutation: the sequence number comes from memory.
@@ -702,7 +762,145 @@ impl Room {
         let event = decide::publish(&*txn, &self.home(from, cx), frame, next)?;
         let outcome = self.commit(event, txn, None, cx)?;
         metrics::counter!("conclave_frames_committed_total").increment(1);
-        Ok(outcome)
+        Ok(Some(outcome))
+    }
+
+    /// The shard group this node proposes the room's commands to: when rooms
+    /// are on shard groups and this node replicates the room's shard (its home
+    /// being `home`, or as the room's record here says).
+    fn shard_here<S: System<Msg = Msg>>(
+        &self,
+        home: Option<NodeId>,
+        cx: &Context<'_, S>,
+    ) -> Result<Option<u64>, Denial> {
+        let Some(sharding) = &self.sharding else {
+            return Ok(None);
+        };
+        let home = match home {
+            Some(home) => home,
+            None => match rooms::meta(&*cx.store().read()?, self.room)? {
+                Some(meta) => meta.home,
+                None => return Ok(None),
+            },
+        };
+        let Some(group) = sharding.shard(home, self.room) else {
+            return Ok(None);
+        };
+        let here = sharding
+            .layout
+            .replicas(&sharding.nodes, group)
+            .contains(&cx.node());
+        Ok(here.then_some(group))
+    }
+
+    /// The room as this node's replica of its shard holds it, to a member.
+    fn info_here<S: System<Msg = Msg>>(
+        &self,
+        req: &SignedRequest,
+        from: NodeId,
+        cx: &Context<'_, S>,
+    ) -> Result<Outcome, Denial> {
+        let txn = cx.store().read()?;
+        if from == cx.node() {
+            registry::authenticate(&*txn, req, cx.now())?;
+        } else {
+            req.verify()?;
+        }
+        let h = decide::Home {
+            registry: decide::Registry::Given(&[]),
+            ..self.home(from, cx)
+        };
+        decide::info(&*txn, &h, req.request.user)
+    }
+
+    /// Takes `command` for the room's shard `group`: checks what only this
+    /// node can (its user's signature and registry, its disk), checks it
+    /// against this node's replica, and owes it (proposed by the replicas
+    /// actor until applied here, then answered to `reply`).
+    fn take<S: System<Msg = Msg>>(
+        &mut self,
+        command: shard::ShardCommand,
+        from: NodeId,
+        reply: Option<ReplyTo>,
+        group: u64,
+        cx: &mut Context<'_, S>,
+    ) -> Result<(), Denial> {
+        use shard::ShardCommand;
+        let me = cx.node();
+        let grows = match &command {
+            ShardCommand::Request(req) => {
+                matches!(req.request.op, Op::CreateRoom { .. } | Op::Invite { .. })
+            }
+            ShardCommand::Publish(_) => true,
+            ShardCommand::Evict(_) => false,
+        };
+        if grows {
+            super::room_for_more(cx.store())?;
+        }
+        let mut txn = cx.store().write()?;
+        let users = match &command {
+            ShardCommand::Request(req) => self.users_here(&*txn, req, from, cx)?,
+            _ => Vec::new(),
+        };
+        let entry = shard::ShardEntry {
+            room: self.room,
+            at: cx.now(),
+            proposer: me,
+            via: from,
+            users,
+            command,
+        };
+        let replicas: BTreeSet<NodeId> = BTreeSet::new();
+        let at = shard::Replica {
+            me,
+            replicas: &replicas,
+            nodes: self.nodes.as_deref(),
+            epoch_frames_max: self.epoch_frames_max,
+            history_page_frames: self.history_page_frames,
+        };
+        shard::check(&*txn, &at, &entry)?;
+        let mut id = [0u8; 16];
+        cx.rng().fill_bytes(&mut id);
+        shard::owe(&mut *txn, ProposalId(id), group, &entry, reply)?;
+        txn.commit()?;
+        cx.send(replicas_of(me), ReplicasMsg::Kick);
+        Ok(())
+    }
+
+    /// Checks a request as the node it came from can, and returns the records
+    /// of this node's users its decision looks up (the acting user, an
+    /// invitee homed here).
+    fn users_here<S: System<Msg = Msg>>(
+        &self,
+        txn: &dyn conclave_storage::ReadTxn,
+        req: &SignedRequest,
+        from: NodeId,
+        cx: &Context<'_, S>,
+    ) -> Result<Vec<(UserId, registry::UserRecord)>, Denial> {
+        let me = cx.node();
+        if from == me {
+            registry::authenticate(txn, req, cx.now())?;
+        } else {
+            req.verify()?;
+        }
+        if req.request.op.room() != Some(self.room) {
+            return Err(Denial::malformed("request for another room"));
+        }
+        let mut users = vec![req.request.user];
+        if let Op::Invite { link, .. } = &req.request.op {
+            if let super::chain::Change::Invite { invitee, .. } = &link.link.change {
+                if invitee.home == me {
+                    users.push(UserId(invitee.user.signing));
+                }
+            }
+        }
+        let mut records = Vec::new();
+        for user in users {
+            if let Some(record) = registry::user(txn, user)? {
+                records.push((user, record));
+            }
+        }
+        Ok(records)
     }
 
     /// Applies `event`, queues its fan-out and its report to `asker`'s node,
@@ -717,7 +915,7 @@ impl Room {
         let me = cx.node();
         apply::apply(&mut *txn, self.room, me, &event)?;
         let at = (cx.now(), self.history_page_frames);
-        let mut nodes = apply::fan_out(&mut *txn, self.room, me, at, &event)?;
+        let mut nodes = apply::fan_out(&mut *txn, self.room, &BTreeSet::from([me]), at, &event)?;
         if let Some(asker) = asker {
             if self.report(&mut *txn, me, asker, &event.outcome())? {
                 nodes.insert(asker.node);
@@ -828,6 +1026,18 @@ impl Room {
 }
 
 impl Event {
+    /// The room's record after it.
+    fn meta(&self) -> &RoomMeta {
+        match self {
+            Event::Created { meta, .. }
+            | Event::Invited { meta, .. }
+            | Event::Removed { meta, .. }
+            | Event::Rekeyed { meta, .. }
+            | Event::Evicted { meta, .. }
+            | Event::Published { meta, .. } => meta,
+        }
+    }
+
     /// A short name for logs.
     fn name(&self) -> &'static str {
         match self {
@@ -863,7 +1073,7 @@ mod tests {
         let (me, peer) = (room_of(HERE, id), peer_of(HERE, HOME));
         let mut cx =
             Context::<Domain>::new(me, None, Time::default(), &mut rng, store, &mut effects);
-        let mut room = Room::activate(id, DomainConfig::default(), None, None, &mut cx);
+        let mut room = Room::activate(id, DomainConfig::default(), None, None, None, &mut cx);
         let mut cx = Context::<Domain>::new(
             me,
             Some(peer),

@@ -95,11 +95,11 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     (
         "conclave_frames_committed_total",
-        "Frames this node sequenced and persisted as a room's home.",
+        "Frames this node sequenced as a room's home, or (rooms on shard groups) took from its users and saw committed by the room's shard.",
     ),
     (
         "conclave_frames_delivered_total",
-        "Frames this node stored as a member node of their room.",
+        "Frames this node stored as a member node of their room (rooms on shard groups: as a replica of its shard).",
     ),
     (
         "conclave_frames_rejected_total",
@@ -267,7 +267,7 @@ const HISTOGRAMS_SECONDS: &[(&str, &str)] = &[
     ),
     (
         "conclave_commit_to_deliver_seconds",
-        "From a frame's commit on the room's home to its storage on a member node.",
+        "From a frame's commit on the room's home to its storage on a member node (rooms on shard groups: from its proposal to its storage on each replica).",
     ),
     (
         "conclave_storage_commit_seconds",

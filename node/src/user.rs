@@ -104,15 +104,17 @@ pub enum Position {
 /// The result of a publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Receipt {
-    /// The room's home has persisted the frame at `seq`.
+    /// The room's sequencer has persisted the frame at `seq`: its home, or
+    /// with rooms on shard groups a majority of its shard's replicas.
     Committed {
         /// The message id.
         id: MessageId,
         /// Its place in the room.
         seq: Seq,
     },
-    /// The frame is durably queued for the room's home, which has not confirmed yet
-    /// (unreachable, or slow); it commits when the home is back.
+    /// The frame is durably queued for the room's home (or owed to its shard
+    /// group), which has not confirmed yet (unreachable, slow, or without a
+    /// leader for now); it commits when it is back.
     Queued {
         /// The message id.
         id: MessageId,

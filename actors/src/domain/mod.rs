@@ -816,11 +816,7 @@ impl Domain {
             (ActorKind::REPLICAS, ActorKey::Unit) => {
                 let config = self.config.replication?;
                 let nodes = self.cluster()?;
-                let rooms = crate::replication::host::Rooms::new(
-                    &self.config,
-                    self.sharding(),
-                    self.nodes.clone(),
-                );
+                let rooms = crate::replication::host::Rooms::new(&self.config, self.sharding());
                 let replicas =
                     crate::replication::host::Replicas::activate(config, nodes, rooms, cx)?;
                 Some(Box::new(replicas))

@@ -618,13 +618,8 @@ impl Replicas {
         let rejoined = caught_up(&mut *txn, id, group)?;
         let out = group.replica.drive(&mut *txn)?;
         log::apply(&mut *txn, id, &out.committed)?;
-        let applied = rooms::apply(
-            self.rooms.as_ref(),
-            cx.node(),
-            id,
-            &mut *txn,
-            &out.committed,
-        )?;
+        let at = (cx.node(), cx.now());
+        let applied = rooms::apply(self.rooms.as_ref(), at, id, &mut *txn, &out.committed)?;
         txn.commit()?;
         turn.rooms.merge(applied);
         if rejoined {

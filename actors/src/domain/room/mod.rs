@@ -851,10 +851,15 @@ impl Room {
             command,
         };
         let replicas: BTreeSet<NodeId> = BTreeSet::new();
+        // As every replica will decide: the whole cluster, not this node's peers.
+        let cluster: Option<BTreeSet<NodeId>> = self
+            .sharding
+            .as_ref()
+            .map(|s| s.nodes.iter().copied().collect());
         let at = shard::Replica {
             me,
             replicas: &replicas,
-            nodes: self.nodes.as_deref(),
+            nodes: cluster.as_ref(),
             epoch_frames_max: self.epoch_frames_max,
             history_page_frames: self.history_page_frames,
         };

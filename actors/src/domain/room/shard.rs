@@ -132,6 +132,8 @@ pub struct Applied {
     pub changed: bool,
     /// The nodes whose outboxes now hold something (this node being the home).
     pub kick: BTreeSet<NodeId>,
+    /// When the node that took the command proposed it.
+    pub at: Time,
 }
 
 /// Why an entry could not be applied: the turn fails and is tried again.
@@ -184,6 +186,7 @@ pub fn apply_entry(
                 outcome: Outcome::Committed { id, seq },
                 changed: false,
                 kick: BTreeSet::new(),
+                at: entry.at,
             }
         }
         Err(denial) => refuse(txn, at, &entry, denial)?,
@@ -254,6 +257,7 @@ fn apply_event(
         outcome,
         changed: true,
         kick,
+        at: entry.at,
     })
 }
 
@@ -276,6 +280,7 @@ fn refuse(
         outcome,
         changed: false,
         kick,
+        at: entry.at,
     })
 }
 

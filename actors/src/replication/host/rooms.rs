@@ -10,7 +10,7 @@ use conclave_storage::WriteTxn;
 use raft::prelude::{Entry, EntryType};
 
 use super::Replicas;
-use crate::actor::{Context, System};
+use crate::actor::{Context, System, Time};
 use crate::crypto::SignatureBytes;
 use crate::domain::chain::Change;
 use crate::domain::room::shard::{self, ApplyError, ShardCommand, ShardEntry, Sharding};
@@ -36,14 +36,14 @@ pub struct Rooms {
 }
 
 impl Rooms {
-    /// From the domain's configuration, if rooms are on shard groups.
-    pub fn new(
-        config: &DomainConfig,
-        sharding: Option<Sharding>,
-        nodes: Option<Arc<BTreeSet<NodeId>>>,
-    ) -> Option<Self> {
+    /// From the domain's configuration, if rooms are on shard groups. Every
+    /// replica must decide alike, so invitees are checked against the whole
+    /// cluster (never against a node's own list of its peers).
+    pub fn new(config: &DomainConfig, sharding: Option<Sharding>) -> Option<Self> {
+        let sharding = sharding?;
+        let nodes = Some(Arc::new(sharding.nodes.iter().copied().collect()));
         Some(Rooms {
-            sharding: sharding?,
+            sharding,
             nodes,
             epoch_frames_max: config.epoch_frames_max,
             history_page_frames: config.history_page_frames,
@@ -80,7 +80,7 @@ impl RoomsTurn {
 /// node owed.
 pub(super) fn apply(
     rooms: Option<&Rooms>,
-    me: NodeId,
+    (me, now): (NodeId, Time),
     group: u64,
     txn: &mut dyn WriteTxn,
     entries: &[Entry],
@@ -109,6 +109,13 @@ pub(super) fn apply(
         let Some(applied) = shard::apply_entry(txn, &at, &entry.data)? else {
             continue;
         };
+        let stored = applied.changed && matches!(applied.outcome, Outcome::Committed { .. });
+        if stored {
+            // As a member node stores what its room's home committed.
+            metrics::counter!("conclave_frames_delivered_total").increment(1);
+            metrics::histogram!("conclave_commit_to_deliver_seconds")
+                .record(now.saturating_since(applied.at).as_secs_f64());
+        }
         turn.kicks.extend(applied.kick);
         turn.applied.push(AppliedEntry {
             group,
@@ -123,6 +130,12 @@ pub(super) fn apply(
         let Some(owed) = shard::settle(txn, ProposalId(id))? else {
             continue;
         };
+        if let (true, Outcome::Committed { id, .. }) = (stored, &applied.outcome) {
+            let created = Time::from_unix_micros(id.unix_ms().saturating_mul(1_000));
+            metrics::counter!("conclave_frames_committed_total").increment(1);
+            metrics::histogram!("conclave_publish_to_commit_seconds")
+                .record(now.saturating_since(created).as_secs_f64());
+        }
         if let Some(again) = lost_race(&entry.data, &applied.outcome) {
             turn.evict_again.push(again);
         }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::{Args, ValueEnum};
 use conclave::{
-    identity_file, ApiError, Identity, NodeId, Policy, Position, Receipt, RemoteNode, RoomRole,
-    User, UserRole,
+    identity_file, ApiError, Identity, NodeId, Policy, Position, Receipt, RemoteNode, Replication,
+    RoomRole, User, UserRole,
 };
 use conclave_actors::ids::{RoomId, Seq};
 
@@ -268,7 +268,8 @@ async fn publish(args: &CheckArgs, room: RoomId, members: &[Member], seen: &[Sha
         );
         if args.mode == CheckMode::Loop && last_tick.elapsed() >= Duration::from_millis(TICK_MS) {
             last_tick = Instant::now();
-            print_tick(started, members, seen, &sent);
+            let leader = room_leader(members, room).await;
+            print_tick(started, members, seen, &sent, &leader);
         }
         if !interval.is_zero() {
             tokio::time::sleep(interval).await;
@@ -403,9 +404,45 @@ impl Tally {
     }
 }
 
-fn print_tick(started: Instant, members: &[Member], seen: &[SharedSeen], sent: &Sent) {
+/// Which node leads the room's shard group now, as the nodes' `/healthz` say
+/// (the room is on the default layout `cluster up` starts nodes with, homed on
+/// the first member's node); `no leader`, or `off` without replication.
+async fn room_leader(members: &[Member], room: RoomId) -> String {
+    let mut nodes: Vec<NodeId> = members.iter().map(|m| m.node_id).collect();
+    nodes.sort();
+    let Some(shard) = Replication::default().shard_of(&nodes, members[0].node_id, room) else {
+        return "off".into();
+    };
+    let mut replicated = false;
+    for m in members {
+        let Ok((_, body)) = conclave::observe::http_get(m.node.metrics, "/healthz").await else {
+            continue;
+        };
+        let health: Option<conclave::observe::Health> = serde_json::from_str(&body).ok();
+        let Some(status) = health.and_then(|h| h.replication) else {
+            continue;
+        };
+        replicated = true;
+        if status.led.contains(&shard) {
+            return format!("led by {}", m.node.name);
+        }
+    }
+    if replicated {
+        "no leader".into()
+    } else {
+        "off".into()
+    }
+}
+
+fn print_tick(
+    started: Instant,
+    members: &[Member],
+    seen: &[SharedSeen],
+    sent: &Sent,
+    leader: &str,
+) {
     let mut line = format!(
-        "t={:>4.0}s sent: {} committed, {} queued, {} failed |",
+        "t={:>4.0}s room {leader}; sent: {} committed, {} queued, {} failed |",
         started.elapsed().as_secs_f64(),
         sent.committed.len(),
         sent.queued.len(),

@@ -304,6 +304,7 @@ async fn wait_ready(cluster: &mut Cluster) -> anyhow::Result<()> {
 fn led(health: &observe::Health) -> bool {
     health
         .replication
+        .as_ref()
         .is_none_or(|r| r.without_leader == 0 && r.unopened == 0)
 }
 

@@ -447,12 +447,13 @@ impl Node {
             peers_known: self.inner.peers.len(),
             tls: true,
             data_dir: self.inner.dir.display().to_string(),
-            replication: *self
+            replication: self
                 .inner
                 .gateway
                 .replication
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner),
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 

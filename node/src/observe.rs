@@ -226,6 +226,10 @@ const GAUGES: &[(&str, &str)] = &[
         "This node's Raft groups by role: leader, follower, without_leader (proposals refused no_quorum), rejoining, unopened.",
     ),
     (
+        "conclave_raft_log_entries_max",
+        "The most entries one of this node's Raft group logs holds (no compaction yet: at 1,048,576 the group refuses proposals, limit).",
+    ),
+    (
         "conclave_raft_lag_entries",
         "As leader: the most log entries any voter of one of this node's groups lacks.",
     ),

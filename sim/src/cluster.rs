@@ -402,6 +402,11 @@ pub struct Cluster {
     /// Shard entries (group, index) observed applied (the first replica to
     /// apply one is its observation).
     entries_seen: BTreeSet<(u64, u64)>,
+    /// What the first replica to apply each shard entry decided (outcome,
+    /// whether the room changed): every other replica must decide alike.
+    applied_as: BTreeMap<(u64, u64), (Outcome, bool)>,
+    /// Replicas that decided a shard entry otherwise than the first one did.
+    pub divergences: Vec<String>,
     /// How many events have run.
     pub events: u64,
     /// How many messages nodes have handled.
@@ -488,6 +493,8 @@ impl Cluster {
             observe: false,
             observed: Vec::new(),
             entries_seen: BTreeSet::new(),
+            applied_as: BTreeMap::new(),
+            divergences: Vec::new(),
             events: 0,
             handled: 0,
             trace: TraceHasher::new(),
@@ -1121,6 +1128,18 @@ impl Cluster {
                 return;
             };
             for entry in applied.flatten() {
+                let key = (entry.group, entry.index);
+                let decided = (entry.outcome.clone(), entry.changed);
+                match self.applied_as.get(&key) {
+                    None => {
+                        self.applied_as.insert(key, decided);
+                    }
+                    Some(first) if *first != decided => self.divergences.push(format!(
+                        "n{i} decided entry {} of group {} as {decided:?}, another replica as {first:?}",
+                        entry.index, entry.group
+                    )),
+                    Some(_) => {}
+                }
                 if let Some(obs) = shard_observation(&*txn, &self.nodes, entry) {
                     seen.push(obs);
                 }

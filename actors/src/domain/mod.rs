@@ -890,7 +890,7 @@ impl Domain {
     /// Which local actors another node may address (see
     /// [`System::accepts_remote`]): a node's outbox talks to the peer actor that
     /// stands for it here, that peer acknowledges to the outbox towards it, and room
-    /// homes answer callers' gateways. Everything else (members, rooms, and
+    /// homes (their rooms, or their replicas actors) answer callers' gateways. Everything else (members, rooms, and
     /// the timers and transport events of peers and outboxes) is only reached
     /// locally, through the peer's in-order hand-off.
     pub fn accepts_remote(&self, from: &ActorRef, to: &ActorRef) -> bool {
@@ -898,7 +898,9 @@ impl Domain {
             (ActorKind::OUTBOX, ActorKind::PEER) | (ActorKind::PEER, ActorKind::OUTBOX) => {
                 to.key == ActorKey::Node(from.node) && from.key == ActorKey::Node(to.node)
             }
-            (ActorKind::ROOM, ActorKind::GATEWAY) => to.key == ActorKey::Unit,
+            // A room's home answers the callers of requests it decided; with
+            // rooms on shard groups, its replicas actor does, once applied.
+            (ActorKind::ROOM | ActorKind::REPLICAS, ActorKind::GATEWAY) => to.key == ActorKey::Unit,
             (ActorKind::REPLICAS, ActorKind::REPLICAS) => {
                 from.key == ActorKey::Unit && to.key == ActorKey::Unit
             }
@@ -1056,6 +1058,31 @@ pub(crate) fn reply<S: System<Msg = Msg>>(
         );
     } else {
         tracing::warn!(to = ?reply.to, "reply address is not a gateway on the requesting node; reply dropped");
+    }
+}
+
+/// [`enqueue`] for what a shard's replicas decided already (a committed entry
+/// applied on the room's home): it cannot be refused for a full outbox, since
+/// the others applied it, so it takes no room's share and may use the
+/// outbox's reserve ([`crate::outbox::OUTBOX_CONTROL_RESERVE`]). Past that too
+/// the home's turn fails and is tried again, holding the shard's entries on
+/// the home until the destination drains.
+pub(crate) fn enqueue_decided(
+    txn: &mut dyn conclave_storage::WriteTxn,
+    to: ActorRef,
+    msg: Deliverable,
+) -> Result<(), Denial> {
+    let routed = Routed { to, msg };
+    let bytes = crate::wire::encode_bounded(&routed, crate::wire::ENVELOPE_BYTES_MAX / 2)
+        .map_err(|e| Denial::malformed(format!("message does not fit an envelope: {e}")))?;
+    match crate::outbox::enqueue_control(txn, to.node, bytes) {
+        Ok(_) => Ok(()),
+        Err(crate::outbox::OutboxError::Store(e)) => Err(e.into()),
+        Err(
+            crate::outbox::OutboxError::Full { dest, .. }
+            | crate::outbox::OutboxError::ShareFull { dest, .. },
+        ) => Err(Denial::OutboxFull { node: dest }),
+        Err(e) => Err(Denial::malformed(e.to_string())),
     }
 }
 

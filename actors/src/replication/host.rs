@@ -117,6 +117,12 @@ pub struct Replicas {
     /// Owed room commands a client waits for that could not be proposed yet
     /// (no leader known), and since when (in ticks).
     unproposed: BTreeMap<ProposalId, u64>,
+    /// The owed table could not be read at activation: every owed command may
+    /// have been proposed before, so none is refused.
+    all_tried: bool,
+    /// Whether some owed command may not be waited on (new, given up on, or
+    /// from before a restart): the owed table is read again at the next tick.
+    owed_due: bool,
 }
 
 /// A proposal made through this node: its group, the caller's request number
@@ -165,7 +171,7 @@ impl Replicas {
         let me = raft_id(&nodes, cx.node())?;
         let mut replicas = Replicas {
             config,
-            layout: config.fingerprint(&nodes),
+            layout: config.fingerprint(&nodes, rooms.as_ref().map_or(0, |r| r.epoch_frames_max)),
             nodes,
             me,
             groups: BTreeMap::new(),
@@ -179,6 +185,8 @@ impl Replicas {
             rooms,
             tried: Default::default(),
             unproposed: BTreeMap::new(),
+            all_tried: false,
+            owed_due: true,
         };
         replicas.tried_before(cx);
         replicas.open(cx);
@@ -200,7 +208,8 @@ impl Replicas {
         match owed {
             Ok(owed) => self.tried.extend(owed.into_iter().map(|(id, _)| id)),
             Err(error) => {
-                tracing::error!(%error, "replicas: owed commands cannot be read at activation");
+                tracing::error!(%error, "replicas: owed commands cannot be read at activation; none of them is refused");
+                self.all_tried = true;
             }
         }
     }
@@ -557,7 +566,14 @@ impl Replicas {
     fn expire(&mut self) {
         let now = self.ticks;
         let before = self.pending.len();
-        self.pending.retain(|_, w| w.until >= now);
+        let mut owed = false;
+        self.pending.retain(|_, w| {
+            let waits = w.until >= now;
+            owed |= !waits && w.request.is_none();
+            waits
+        });
+        // An owed command given up on is proposed again.
+        self.owed_due |= owed;
         let expired = before - self.pending.len();
         if expired > 0 {
             metrics::counter!("conclave_raft_proposals_expired_total").increment(expired as u64);
@@ -596,6 +612,10 @@ impl Replicas {
             cx.send(gateway_of(cx.node()), ClientMsg::Leading { group, term });
         }
         self.send(turn.messages, cx);
+        for id in &turn.rooms.settled {
+            self.tried.remove(id);
+            self.unproposed.remove(id);
+        }
         rooms::release(turn.rooms, cx);
     }
 
@@ -617,9 +637,15 @@ impl Replicas {
         // Before the drive, so that a vote it records is persisted with it.
         let rejoined = caught_up(&mut *txn, id, group)?;
         let out = group.replica.drive(&mut *txn)?;
+        // A repaired log may hand back entries applied before: rooms take
+        // each entry once.
+        let applied_before = log::applied(&*txn, id)?.index;
         log::apply(&mut *txn, id, &out.committed)?;
+        // Committed entries come in index order.
+        let first_new = out.committed.partition_point(|e| e.index <= applied_before);
+        let fresh = &out.committed[first_new..];
         let at = (cx.node(), cx.now());
-        let applied = rooms::apply(self.rooms.as_ref(), at, id, &mut *txn, &out.committed)?;
+        let applied = rooms::apply(self.rooms.as_ref(), at, id, &mut *txn, fresh)?;
         txn.commit()?;
         turn.rooms.merge(applied);
         if rejoined {
@@ -796,7 +822,9 @@ impl Replicas {
         self.spread_leaders();
         self.ask_terms(cx);
         self.expire();
-        self.propose_owed(cx);
+        if self.owed_due || !self.unproposed.is_empty() {
+            self.propose_owed(cx);
+        }
         self.report(cx);
         cx.timer(self.config.tick, ReplicasMsg::Tick);
     }
@@ -848,6 +876,8 @@ impl Replicas {
             metrics::gauge!("conclave_raft_groups", "role" => role).set(f64::from(count));
         }
         metrics::gauge!("conclave_raft_lag_entries").set(status.lag_entries as f64);
+        let longest = self.groups.values().map(|g| g.replica.last_index()).max();
+        metrics::gauge!("conclave_raft_log_entries_max").set(longest.unwrap_or(0) as f64);
         if self.reported.as_ref() != Some(&status) {
             self.reported = Some(status.clone());
             cx.send(gateway_of(cx.node()), ClientMsg::Replication(status));

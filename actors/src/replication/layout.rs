@@ -81,16 +81,19 @@ impl Replication {
     }
 
     /// What every node of a cluster must agree on, hashed: the shard count, the
-    /// factor and the sorted nodes (the tick may differ). Every request between
+    /// factor, whether rooms are on the shards, the sorted nodes and
+    /// `decisions`, the settings replicas decide rooms' commands with (how many
+    /// frames an epoch carries); the tick may differ. Every request between
     /// replicas carries it, and one with another fingerprint is dropped: nodes
     /// given different settings or peers would otherwise disagree on which
     /// nodes vote in a group, and two leaders could be elected in one term.
-    pub fn fingerprint(&self, nodes: &[NodeId]) -> u64 {
+    pub fn fingerprint(&self, nodes: &[NodeId], decisions: u64) -> u64 {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         hash.update(b"conclave raft layout v1");
         hash.update(self.shards.to_be_bytes());
-        hash.update([self.factor]);
+        hash.update([self.factor, u8::from(self.rooms)]);
+        hash.update(decisions.to_be_bytes());
         for node in nodes {
             hash.update(node.0);
         }
@@ -386,24 +389,30 @@ mod tests {
     }
 
     #[test]
-    fn the_fingerprint_changes_with_shards_factor_and_nodes_but_not_the_tick() {
+    fn the_fingerprint_changes_with_what_replicas_must_agree_on_but_not_the_tick() {
         let config = Replication::default();
-        let base = config.fingerprint(&nodes(3));
+        let base = config.fingerprint(&nodes(3), 7);
         let slower = Replication {
             tick: Duration::from_secs(1),
             ..config
         };
-        assert_eq!(slower.fingerprint(&nodes(3)), base);
+        assert_eq!(slower.fingerprint(&nodes(3), 7), base);
         let more = Replication {
             shards: config.shards + 1,
             ..config
         };
-        assert_ne!(more.fingerprint(&nodes(3)), base);
+        assert_ne!(more.fingerprint(&nodes(3), 7), base);
         let wider = Replication {
             factor: 5,
             ..config
         };
-        assert_ne!(wider.fingerprint(&nodes(3)), base);
-        assert_ne!(config.fingerprint(&nodes(4)), base);
+        assert_ne!(wider.fingerprint(&nodes(3), 7), base);
+        let homed = Replication {
+            rooms: !config.rooms,
+            ..config
+        };
+        assert_ne!(homed.fingerprint(&nodes(3), 7), base);
+        assert_ne!(config.fingerprint(&nodes(4), 7), base);
+        assert_ne!(config.fingerprint(&nodes(3), 8), base, "another epoch bound");
     }
 }

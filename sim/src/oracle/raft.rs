@@ -446,6 +446,10 @@ impl Oracle for RaftOracle {
     }
 
     fn check_final(&mut self, view: &View<'_>) -> Verdict {
+        // Replicas decide each committed entry alike (rooms on shard groups).
+        if let Some(divergence) = view.cluster.divergences.first() {
+            return fails(format!("replicas diverged: {divergence}"));
+        }
         if let v @ Verdict::Fails { .. } = self.check_everything_stored(view) {
             return v;
         }

@@ -154,12 +154,44 @@ pub(super) fn member_nodes(members: &[RoomMember], holders: &BTreeSet<NodeId>) -
         .collect()
 }
 
-fn send(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId, update: Update) -> Result<(), Denial> {
-    enqueue(
-        txn,
-        room_of(node, room),
-        Deliverable::Room(RoomMsg::Update(update)),
-    )
+/// Where a room's fan-out goes and how it is queued.
+#[derive(Clone, Copy)]
+pub(super) struct Fanout<'a> {
+    /// The nodes holding the room's sequencer state (its home; with rooms on
+    /// shard groups, its shard's replicas), which learn of changes by applying
+    /// them.
+    pub holders: &'a BTreeSet<NodeId>,
+    /// Whether the change is already decided elsewhere (applied from a shard's
+    /// log): it cannot be refused for a full outbox, so its fan-out takes no
+    /// room's share and may use the outbox's reserve (see
+    /// [`crate::domain::enqueue_decided`]).
+    pub decided: bool,
+}
+
+impl<'a> Fanout<'a> {
+    /// A room's home deciding alone.
+    pub fn home(holders: &'a BTreeSet<NodeId>) -> Self {
+        Fanout {
+            holders,
+            decided: false,
+        }
+    }
+}
+
+fn send(
+    txn: &mut dyn WriteTxn,
+    out: Fanout<'_>,
+    room: RoomId,
+    node: NodeId,
+    update: Update,
+) -> Result<(), Denial> {
+    let to = room_of(node, room);
+    let msg = Deliverable::Room(RoomMsg::Update(update));
+    if out.decided {
+        crate::domain::enqueue_decided(txn, to, msg)
+    } else {
+        enqueue(txn, to, msg)
+    }
 }
 
 /// Queues, after `apply`, what member nodes other than the `holders` (see
@@ -168,7 +200,7 @@ fn send(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId, update: Update) -> R
 pub(super) fn fan_out(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    holders: &BTreeSet<NodeId>,
+    out: Fanout<'_>,
     (now, page): (Time, usize),
     event: &Event,
 ) -> Result<BTreeSet<NodeId>, Denial> {
@@ -179,7 +211,7 @@ pub(super) fn fan_out(
             meta, member, key, ..
         } => {
             let new = (member, key);
-            fan_out_invited(txn, room, holders, (now, page), meta, new)
+            fan_out_invited(txn, room, out, (now, page), meta, new)
         }
         Event::Removed {
             meta,
@@ -188,16 +220,14 @@ pub(super) fn fan_out(
             ..
         } => {
             end_owed(txn, room, removed.home, meta.next_seq)?;
-            fan_out_epoch(txn, room, holders, meta, Some(removed), bundle)
+            fan_out_epoch(txn, room, out, meta, Some(removed), bundle)
         }
-        Event::Rekeyed { meta, bundle, .. } => {
-            fan_out_epoch(txn, room, holders, meta, None, bundle)
-        }
+        Event::Rekeyed { meta, bundle, .. } => fan_out_epoch(txn, room, out, meta, None, bundle),
         Event::Evicted { meta, removed, .. } => {
             end_owed(txn, room, removed.home, meta.next_seq)?;
-            let nodes = snapshot(txn, room, holders, meta, Some(removed.home))?;
+            let nodes = snapshot(txn, room, out, meta, Some(removed.home))?;
             for &node in &nodes {
-                chain_to(txn, room, node, None)?;
+                chain_to(txn, out, room, node, None)?;
             }
             Ok(nodes)
         }
@@ -207,7 +237,7 @@ pub(super) fn fan_out(
             committed,
             ..
         } => {
-            let mut nodes = member_nodes(&rooms::members(&*txn, room)?, holders);
+            let mut nodes = member_nodes(&rooms::members(&*txn, room)?, out.holders);
             // A node catching up on the history gets this frame in its turn.
             if !mutation::active(Mutation::LiveBeforeCaughtUp) {
                 let catching_up = rooms::nodes_catching_up(&*txn, room)?;
@@ -223,7 +253,7 @@ pub(super) fn fan_out(
                     frame: frame.clone(),
                     committed: *committed,
                 };
-                send(txn, room, node, update)?;
+                send(txn, out, room, node, update)?;
             }
             Ok(nodes)
         }
@@ -236,22 +266,22 @@ pub(super) fn fan_out(
 fn fan_out_invited(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    holders: &BTreeSet<NodeId>,
+    out: Fanout<'_>,
     at: (Time, usize),
     meta: &rooms::RoomMeta,
     (member, key): (&RoomMember, &SealedKey),
 ) -> Result<BTreeSet<NodeId>, Denial> {
-    let nodes = snapshot(txn, room, holders, meta, None)?;
+    let nodes = snapshot(txn, room, out, meta, None)?;
     let members = rooms::members(&*txn, room)?;
-    let new_node = !holders.contains(&member.home)
+    let new_node = !out.holders.contains(&member.home)
         && !members
             .iter()
             .any(|m| m.user != member.user && m.home == member.home);
     for &node in &nodes {
         let from = (new_node && node == member.home).then_some(0);
-        chain_to(txn, room, node, from)?;
+        chain_to(txn, out, room, node, from)?;
     }
-    if holders.contains(&member.home) {
+    if out.holders.contains(&member.home) {
         return Ok(nodes);
     }
     debug_assert!(
@@ -261,6 +291,7 @@ fn fan_out_invited(
     let keys = vec![(member.user, key.clone())];
     send(
         txn,
+        out,
         room,
         member.home,
         Update::Keys {
@@ -270,9 +301,16 @@ fn fan_out_invited(
     )?;
     if new_node && meta.policy.persist {
         let from = kept_from(meta, member.since);
-        owe_history(txn, room, member.home, from, at)?;
+        owe_history(txn, out, room, member.home, from, at)?;
     } else if new_node {
-        send_kept(txn, room, member.home, kept_from(meta, member.since), at.0)?;
+        send_kept(
+            txn,
+            out,
+            room,
+            member.home,
+            kept_from(meta, member.since),
+            at.0,
+        )?;
     }
     Ok(nodes)
 }
@@ -283,20 +321,20 @@ fn fan_out_invited(
 fn fan_out_epoch(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    holders: &BTreeSet<NodeId>,
+    out: Fanout<'_>,
     meta: &rooms::RoomMeta,
     removed: Option<&RoomMember>,
     bundle: &[(UserId, SealedKey)],
 ) -> Result<BTreeSet<NodeId>, Denial> {
-    let nodes = snapshot(txn, room, holders, meta, removed.map(|r| r.home))?;
+    let nodes = snapshot(txn, room, out, meta, removed.map(|r| r.home))?;
     for &node in &nodes {
-        chain_to(txn, room, node, None)?;
+        chain_to(txn, out, room, node, None)?;
     }
     let members = rooms::members(&*txn, room)?;
     debug_assert!(members
         .iter()
         .all(|m| Some(m.user) != removed.map(|r| r.user)));
-    for node in member_nodes(&members, holders) {
+    for node in member_nodes(&members, out.holders) {
         let keys: Vec<_> = bundle
             .iter()
             .filter(|(u, _)| {
@@ -308,6 +346,7 @@ fn fan_out_epoch(
             .collect();
         send(
             txn,
+            out,
             room,
             node,
             Update::Keys {
@@ -323,6 +362,7 @@ fn fan_out_epoch(
 /// last link only (what a node that holds the rest lacks after a change).
 fn chain_to(
     txn: &mut dyn WriteTxn,
+    out: Fanout<'_>,
     room: RoomId,
     node: NodeId,
     from: Option<u64>,
@@ -336,7 +376,7 @@ fn chain_to(
         if count == 0 {
             break;
         }
-        send(txn, room, node, Update::Chain { from: next, links })?;
+        send(txn, out, room, node, Update::Chain { from: next, links })?;
         next += count;
     }
     Ok(())
@@ -348,7 +388,7 @@ fn chain_to(
 fn snapshot(
     txn: &mut dyn WriteTxn,
     room: RoomId,
-    holders: &BTreeSet<NodeId>,
+    out: Fanout<'_>,
     meta: &rooms::RoomMeta,
     also: Option<NodeId>,
 ) -> Result<BTreeSet<NodeId>, Denial> {
@@ -356,21 +396,21 @@ fn snapshot(
     let create: Box<SignedLink> = rooms::creation(&*txn, room)?
         .map(Box::new)
         .ok_or_else(|| Denial::not_found(format!("the creation of room {room}")))?;
-    let mut nodes = member_nodes(&members, holders);
-    nodes.extend(also.filter(|n| !holders.contains(n)));
+    let mut nodes = member_nodes(&members, out.holders);
+    nodes.extend(also.filter(|n| !out.holders.contains(n)));
     for &node in &nodes {
         let update = Update::Members {
             meta: *meta,
             members: members.clone(),
             create: create.clone(),
         };
-        send(txn, room, node, update)?;
+        send(txn, out, room, node, update)?;
         // A node still owed history is told again where it goes on: a request
         // for it that was lost (the node came back with an empty store) or
         // refused is made again, and one made already finds its page sent and
         // is ignored.
         if let Some(owed) = rooms::catch_ups(&*txn, room, node)?.first() {
-            send(txn, room, node, Update::More { next: owed.next })?;
+            send(txn, out, room, node, Update::More { next: owed.next })?;
         }
     }
     Ok(nodes)
@@ -381,6 +421,7 @@ fn snapshot(
 /// for that already), after it.
 fn owe_history(
     txn: &mut dyn WriteTxn,
+    out: Fanout<'_>,
     room: RoomId,
     node: NodeId,
     from: Seq,
@@ -403,7 +444,7 @@ fn owe_history(
     let next = owed.iter().filter_map(|s| s.until).fold(from, Seq::max);
     let stretch = rooms::CatchUp { next, until: None };
     if owed.is_empty() {
-        send_page(txn, room, node, stretch, (now, page))
+        send_page(txn, out, room, node, stretch, (now, page))
     } else {
         Ok(rooms::put_catch_up(txn, room, node, stretch)?)
     }
@@ -415,6 +456,7 @@ fn owe_history(
 /// sent pages as it asked, the room could drop frames it was still owed.
 fn send_kept(
     txn: &mut dyn WriteTxn,
+    out: Fanout<'_>,
     room: RoomId,
     node: NodeId,
     from: Seq,
@@ -443,7 +485,7 @@ fn send_kept(
             frame,
             committed: now,
         };
-        send(txn, room, node, update)?;
+        send(txn, out, room, node, update)?;
     }
     Ok(())
 }
@@ -478,6 +520,7 @@ fn end_owed(txn: &mut dyn WriteTxn, room: RoomId, node: NodeId, until: Seq) -> R
 /// live frame, so its frames arrive in order; once it is owed nothing, it is live.
 pub(super) fn send_page(
     txn: &mut dyn WriteTxn,
+    out: Fanout<'_>,
     room: RoomId,
     node: NodeId,
     stretch: rooms::CatchUp,
@@ -502,7 +545,7 @@ pub(super) fn send_page(
             frame,
             committed: now,
         };
-        send(txn, room, node, update)?;
+        send(txn, out, room, node, update)?;
     }
     let following = if ended || next >= end {
         rooms::catch_ups(&*txn, room, node)?.first().copied()
@@ -512,7 +555,7 @@ pub(super) fn send_page(
         Some(rest)
     };
     if let Some(owed) = following {
-        send(txn, room, node, Update::More { next: owed.next })?;
+        send(txn, out, room, node, Update::More { next: owed.next })?;
     }
     Ok(())
 }
@@ -603,7 +646,15 @@ mod tests {
     fn pull(store: &MemStore) -> Vec<Vec<u64>> {
         let at = (Time::default(), PAGE);
         let mut txn = store.write().expect("write");
-        owe_history(&mut *txn, ROOM, NEW, Seq(1), at).expect("owed");
+        owe_history(
+            &mut *txn,
+            Fanout::home(&BTreeSet::new()),
+            ROOM,
+            NEW,
+            Seq(1),
+            at,
+        )
+        .expect("owed");
         txn.commit().expect("commit");
         let mut pages = Vec::new();
         loop {
@@ -613,7 +664,15 @@ mod tests {
             let mut txn = store.write().expect("write");
             let owed = rooms::catch_ups(&*txn, ROOM, NEW).expect("owed");
             assert_eq!(owed.first().map(|s| s.next), Some(next));
-            send_page(&mut *txn, ROOM, NEW, owed[0], at).expect("page");
+            send_page(
+                &mut *txn,
+                Fanout::home(&BTreeSet::new()),
+                ROOM,
+                NEW,
+                owed[0],
+                at,
+            )
+            .expect("page");
             txn.commit().expect("commit");
         }
         let txn = store.read().expect("read");
@@ -675,7 +734,15 @@ mod tests {
         for seq in 1..=2 * PAGE as u64 {
             rooms::put_frame(&mut *txn, room, &policy, Seq(seq), &frame(seq)).expect("frame");
         }
-        owe_history(&mut *txn, room, NEW, Seq(1), (Time::default(), PAGE)).expect("owed");
+        owe_history(
+            &mut *txn,
+            Fanout::home(&BTreeSet::new()),
+            room,
+            NEW,
+            Seq(1),
+            (Time::default(), PAGE),
+        )
+        .expect("owed");
         txn.commit().expect("commit");
         let next = Seq(PAGE as u64 + 1);
         let (_, more) = take(&store);
@@ -692,7 +759,8 @@ mod tests {
             rekey_due: false,
         };
         let mut txn = store.write().expect("write");
-        snapshot(&mut *txn, room, &BTreeSet::from([HOME]), &meta, None).expect("snapshot");
+        let holders = BTreeSet::from([HOME]);
+        snapshot(&mut *txn, room, Fanout::home(&holders), &meta, None).expect("snapshot");
         txn.commit().expect("commit");
         assert_eq!(take(&store), (Vec::new(), Some(next)));
     }
@@ -715,7 +783,15 @@ mod tests {
                 };
                 rooms::put_frame(&mut *txn, ROOM, &ephemeral, Seq(seq), &frame).expect("frame");
             }
-            send_kept(&mut *txn, ROOM, NEW, Seq(1), Time::default()).expect("sent");
+            send_kept(
+                &mut *txn,
+                Fanout::home(&BTreeSet::new()),
+                ROOM,
+                NEW,
+                Seq(1),
+                Time::default(),
+            )
+            .expect("sent");
             txn.commit().expect("commit");
             let fit = (rooms::EPHEMERAL_HISTORY_BYTES_MAX / bytes) as u64;
             let kept = count.min(rooms::EPHEMERAL_FRAMES_KEPT).min(fit);

@@ -57,6 +57,10 @@ impl Home<'_> {
         let Registry::Given(users) = self.registry else {
             return registry::check_active(txn, user);
         };
+        // Broken on purpose under the mutation: this node's own registry.
+        if mutation::active(Mutation::ShardOwnRegistry) {
+            return registry::check_active(txn, user);
+        }
         let record = users
             .iter()
             .find(|(u, _)| *u == user)
@@ -167,13 +171,10 @@ pub(super) fn create(
         });
     }
     let creator = h.active_user(txn, acting)?;
-    if rooms::created_by(txn, acting)? >= rooms::ROOMS_CREATED_PER_USER_MAX {
-        return Err(Denial::Limit {
-            what: format!(
-                "rooms created: {} per user",
-                rooms::ROOMS_CREATED_PER_USER_MAX
-            ),
-        });
+    // A node-wide count: only the creator's node judges it (a shard replica
+    // counts the rooms of the shards it holds; see `check_room_quota`).
+    if matches!(h.registry, Registry::Store) {
+        check_room_quota(txn, acting)?;
     }
     let owner = genesis.members[&acting];
     if owner.identity.exchange != creator.exchange {
@@ -213,6 +214,20 @@ pub(super) fn create(
         key: key.clone(),
         link: Box::new(link.clone()),
     })
+}
+
+/// Refuses a creation by `user` past the rooms one user may create
+/// ([`rooms::ROOMS_CREATED_PER_USER_MAX`]), as their node counts them.
+pub(super) fn check_room_quota(txn: &dyn ReadTxn, user: UserId) -> Result<(), Denial> {
+    if rooms::created_by(txn, user)? >= rooms::ROOMS_CREATED_PER_USER_MAX {
+        return Err(Denial::Limit {
+            what: format!(
+                "rooms created: {} per user",
+                rooms::ROOMS_CREATED_PER_USER_MAX
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// An invitation by an owner or admin, with the current epoch's key sealed by the

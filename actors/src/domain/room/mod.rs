@@ -899,6 +899,11 @@ impl Room {
                 }
             }
         }
+        if let Op::CreateRoom { .. } = &req.request.op {
+            // The creator's node counts its users' rooms (every room it homes
+            // is on a shard it replicates); the replicas do not.
+            decide::check_room_quota(txn, req.request.user)?;
+        }
         let mut records = Vec::new();
         for user in users {
             if let Some(record) = registry::user(txn, user)? {
@@ -920,7 +925,9 @@ impl Room {
         let me = cx.node();
         apply::apply(&mut *txn, self.room, me, &event)?;
         let at = (cx.now(), self.history_page_frames);
-        let mut nodes = apply::fan_out(&mut *txn, self.room, &BTreeSet::from([me]), at, &event)?;
+        let holders = BTreeSet::from([me]);
+        let out = apply::Fanout::home(&holders);
+        let mut nodes = apply::fan_out(&mut *txn, self.room, out, at, &event)?;
         if let Some(asker) = asker {
             if self.report(&mut *txn, me, asker, &event.outcome())? {
                 nodes.insert(asker.node);
@@ -966,7 +973,13 @@ impl Room {
             return Ok(());
         };
         let at = (cx.now(), self.history_page_frames);
-        apply::send_page(&mut *txn, self.room, node, stretch, at)?;
+        // With rooms on shard groups too: what it sends was decided before.
+        let holders = BTreeSet::from([me]);
+        let out = apply::Fanout {
+            holders: &holders,
+            decided: self.sharding.is_some(),
+        };
+        apply::send_page(&mut *txn, out, self.room, node, stretch, at)?;
         txn.commit()?;
         cx.send(outbox_of(me, node), super::OutboxMsg::Kick);
         Ok(())

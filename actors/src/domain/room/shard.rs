@@ -29,7 +29,7 @@ use crate::actor::Time;
 use crate::crypto::Frame;
 use crate::domain::chain::SignedLink;
 use crate::domain::state::registry::UserRecord;
-use crate::domain::{enqueue, room_of, Asked, Deliverable, Denial, Op, Outcome, ReplyTo};
+use crate::domain::{room_of, Asked, Deliverable, Denial, Op, Outcome, ReplyTo};
 use crate::domain::{SignedRequest, UserId};
 use crate::ids::{NodeId, RoomId};
 use crate::replication::layout::{ProposalId, PROPOSAL_BYTES_MAX};
@@ -246,7 +246,11 @@ fn apply_event(
     let mut kick = BTreeSet::new();
     if event.meta().home == at.me {
         let page = (entry.at, at.history_page_frames);
-        kick = apply::fan_out(txn, room, at.replicas, page, event).map_err(ApplyError)?;
+        let out = apply::Fanout {
+            holders: at.replicas,
+            decided: true,
+        };
+        kick = apply::fan_out(txn, room, out, page, event).map_err(ApplyError)?;
         let change = matches!(entry.command, ShardCommand::Request(_));
         if change && report(txn, at, entry, &outcome)? {
             kick.insert(entry.via);
@@ -304,7 +308,7 @@ fn report(
         outcome: outcome.clone(),
     };
     let to = room_of(entry.via, entry.room);
-    enqueue(txn, to, Deliverable::Room(msg)).map_err(ApplyError)?;
+    crate::domain::enqueue_decided(txn, to, Deliverable::Room(msg)).map_err(ApplyError)?;
     Ok(true)
 }
 

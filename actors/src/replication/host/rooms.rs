@@ -64,6 +64,8 @@ pub(super) struct RoomsTurn {
     /// Evictions this node proposed that lost a race with another change: made
     /// again on the new chain head.
     pub evict_again: Vec<(RoomId, UserId, SignatureBytes)>,
+    /// Owed commands applied here (no longer tracked).
+    pub settled: Vec<ProposalId>,
 }
 
 impl RoomsTurn {
@@ -72,6 +74,7 @@ impl RoomsTurn {
         self.kicks.extend(other.kicks);
         self.applied.extend(other.applied);
         self.evict_again.extend(other.evict_again);
+        self.settled.extend(other.settled);
     }
 }
 
@@ -130,6 +133,7 @@ pub(super) fn apply(
         let Some(owed) = shard::settle(txn, ProposalId(id))? else {
             continue;
         };
+        turn.settled.push(ProposalId(id));
         if let (true, Outcome::Committed { id, .. }) = (stored, &applied.outcome) {
             let created = Time::from_unix_micros(id.unix_ms().saturating_mul(1_000));
             metrics::counter!("conclave_frames_committed_total").increment(1);
@@ -184,6 +188,7 @@ impl Replicas {
         if self.rooms.is_none() {
             return;
         }
+        self.owed_due = false;
         let room = PENDING_PROPOSALS_MAX.saturating_sub(self.pending.len());
         let rows = cx
             .store()
@@ -193,16 +198,19 @@ impl Replicas {
             Ok(rows) => rows,
             Err(error) => {
                 tracing::warn!(%error, "replicas: owed commands cannot be read; tried again at the next tick");
+                self.owed_due = true;
                 return;
             }
         };
         let me = cx.node();
+        // More are owed than were read: the rest at the next tick.
+        self.owed_due |= rows.len() >= PENDING_PROPOSALS_MAX;
         let mut refused = BTreeMap::new();
         for (id, owed) in rows {
             if self.pending.contains_key(&id) {
                 continue;
             }
-            let fresh = !self.tried.contains(&id);
+            let fresh = !self.all_tried && !self.tried.contains(&id);
             // Broken on purpose under the mutations: a lost proposal is not
             // made again; one proposed before is refused like a fresh one.
             if !fresh && mutation::active(Mutation::ShardForgetsOwed) {
@@ -222,7 +230,8 @@ impl Replicas {
                         refused.insert(id, denial);
                     }
                 }
-                Some(_) => {}
+                // Proposed again at the next tick.
+                Some(_) => self.owed_due = true,
             }
         }
         self.refuse_owed(refused, cx);

@@ -413,6 +413,10 @@ mod tests {
         };
         assert_ne!(homed.fingerprint(&nodes(3), 7), base);
         assert_ne!(config.fingerprint(&nodes(4), 7), base);
-        assert_ne!(config.fingerprint(&nodes(3), 8), base, "another epoch bound");
+        assert_ne!(
+            config.fingerprint(&nodes(3), 8),
+            base,
+            "another epoch bound"
+        );
     }
 }

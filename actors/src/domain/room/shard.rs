@@ -134,6 +134,10 @@ pub struct Applied {
     pub kick: BTreeSet<NodeId>,
     /// When the node that took the command proposed it.
     pub at: Time,
+    /// A user of this node, revoked here, that the command made a member
+    /// (the revocation evicted them only from the rooms they were in then):
+    /// to be evicted now.
+    pub revoked_member: Option<UserId>,
 }
 
 /// Why an entry could not be applied: the turn fails and is tried again.
@@ -187,6 +191,7 @@ pub fn apply_entry(
                 changed: false,
                 kick: BTreeSet::new(),
                 at: entry.at,
+                revoked_member: None,
             }
         }
         Err(denial) => refuse(txn, at, &entry, denial)?,
@@ -262,7 +267,26 @@ fn apply_event(
         changed: true,
         kick,
         at: entry.at,
+        revoked_member: revoked_member(&*txn, at.me, event)?,
     })
+}
+
+/// The member `event` added, if they are a user of this node that its registry
+/// shows revoked (read only to act here, never to decide).
+fn revoked_member(
+    txn: &dyn ReadTxn,
+    me: NodeId,
+    event: &Event,
+) -> Result<Option<UserId>, StoreError> {
+    let Event::Invited { member, .. } = event else {
+        return Ok(None);
+    };
+    if member.home != me {
+        return Ok(None);
+    }
+    let record = crate::domain::state::registry::user(txn, member.user)?;
+    let revoked = record.is_some_and(|r| r.status == crate::domain::UserStatus::Revoked);
+    Ok(revoked.then_some(member.user))
 }
 
 /// A refusal: nothing changes; the room's home reports it to the node that
@@ -285,6 +309,7 @@ fn refuse(
         changed: false,
         kick,
         at: entry.at,
+        revoked_member: None,
     })
 }
 

@@ -66,6 +66,9 @@ pub(super) struct RoomsTurn {
     pub evict_again: Vec<(RoomId, UserId, SignatureBytes)>,
     /// Owed commands applied here (no longer tracked).
     pub settled: Vec<ProposalId>,
+    /// Users of this node, revoked here, that an entry made members of a room:
+    /// the room has them evicted.
+    pub revoked: Vec<(RoomId, UserId)>,
 }
 
 impl RoomsTurn {
@@ -75,6 +78,7 @@ impl RoomsTurn {
         self.applied.extend(other.applied);
         self.evict_again.extend(other.evict_again);
         self.settled.extend(other.settled);
+        self.revoked.extend(other.revoked);
     }
 }
 
@@ -120,6 +124,9 @@ pub(super) fn apply(
                 .record(now.saturating_since(applied.at).as_secs_f64());
         }
         turn.kicks.extend(applied.kick);
+        if let Some(user) = applied.revoked_member {
+            turn.revoked.push((applied.room, user));
+        }
         turn.applied.push(AppliedEntry {
             group,
             index: entry.index,
@@ -288,5 +295,8 @@ pub(super) fn release<S: System<Msg = Msg>>(turn: RoomsTurn, cx: &mut Context<'_
     }
     for (room, user, attestation) in turn.evict_again {
         cx.send(room_of(me, room), RoomMsg::Evict { user, attestation });
+    }
+    for (room, user) in turn.revoked {
+        cx.send(room_of(me, room), RoomMsg::Revoked { user });
     }
 }

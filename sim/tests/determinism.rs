@@ -15,8 +15,13 @@ fn short(seed: u64, nodes: Option<usize>) -> Options {
 
 #[test]
 fn the_same_seed_gives_the_same_trace_hash() {
-    for seed in [7, 42] {
-        let options = short(seed, None);
+    // Each seed as drawn, and with rooms on the shard groups.
+    let runs = [7, 42].into_iter().flat_map(|seed| {
+        let mut sharded = short(seed, None);
+        sharded.put_rooms_on_shards();
+        [(seed, short(seed, None)), (seed, sharded)]
+    });
+    for (seed, options) in runs {
         let first = run(&options);
         let second = run(&options);
         assert_eq!(first.hash, second.hash, "seed {seed} ran differently twice");

@@ -162,16 +162,7 @@ pub fn apply_entry(
         tracing::warn!("a shard entry that does not decode skipped");
         return Ok(None);
     };
-    let h = Home {
-        room: entry.room,
-        me: entry.proposer,
-        from: entry.via,
-        now: entry.at,
-        nodes: at.nodes,
-        epoch_frames_max: at.epoch_frames_max,
-        registry: Registry::Given(&entry.users),
-    };
-    let decided = decide_entry(&*txn, &h, &entry);
+    let decided = decide_entry(&*txn, &deciding(&entry, at), &entry);
     let applied = match decided {
         Ok(event) => apply_event(txn, at, &entry, &event)?,
         Err(Denial::Storage) => return Err(ApplyError(Denial::Storage)),
@@ -204,7 +195,12 @@ pub fn apply_entry(
 /// than sent through the log (it may still be refused when applied, if the
 /// room changed meanwhile).
 pub fn check(txn: &dyn ReadTxn, at: &Replica<'_>, entry: &ShardEntry) -> Result<(), Denial> {
-    let h = Home {
+    decide_entry(txn, &deciding(entry, at), entry).map(|_| ())
+}
+
+/// Who decides `entry` and with what: as its proposer would, on any replica.
+fn deciding<'a>(entry: &'a ShardEntry, at: &Replica<'a>) -> Home<'a> {
+    Home {
         room: entry.room,
         me: entry.proposer,
         from: entry.via,
@@ -212,8 +208,7 @@ pub fn check(txn: &dyn ReadTxn, at: &Replica<'_>, entry: &ShardEntry) -> Result<
         nodes: at.nodes,
         epoch_frames_max: at.epoch_frames_max,
         registry: Registry::Given(&entry.users),
-    };
-    decide_entry(txn, &h, entry).map(|_| ())
+    }
 }
 
 /// The decision on `entry`'s command, as every replica makes it.

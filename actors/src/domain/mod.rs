@@ -816,7 +816,9 @@ impl Domain {
             (ActorKind::REPLICAS, ActorKey::Unit) => {
                 let config = self.config.replication?;
                 let nodes = self.cluster()?;
-                let rooms = crate::replication::host::Rooms::new(&self.config, self.sharding());
+                let signer = self.identities.get(&addr.node).cloned();
+                let rooms =
+                    crate::replication::host::Rooms::new(&self.config, self.sharding(), signer);
                 let replicas =
                     crate::replication::host::Replicas::activate(config, nodes, rooms, cx)?;
                 Some(Box::new(replicas))

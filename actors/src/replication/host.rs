@@ -616,6 +616,7 @@ impl Replicas {
             self.tried.remove(id);
             self.unproposed.remove(id);
         }
+        self.owed_due |= turn.rooms.owed_again;
         rooms::release(turn.rooms, cx);
     }
 

@@ -175,7 +175,7 @@ impl Liveness {
         pending.transport.extend(raft_behind(view));
         pending.transport.extend(owed(view));
         for (&room, m) in &view.model.rooms {
-            if view.wiped(m.home) {
+            if view.wiped(m.home) || view.room_lost(room, m.home) {
                 continue;
             }
             members(view, room, m, &mut pending.state);
@@ -197,7 +197,8 @@ impl Liveness {
                 continue;
             };
             let local = view.sequences(s.room, m.home, s.node);
-            if local || !view.live(s.node) || view.wiped(s.node) || view.wiped(m.home) {
+            let lost = view.wiped(m.home) || view.room_lost(s.room, m.home);
+            if local || !view.live(s.node) || view.wiped(s.node) || lost {
                 continue;
             }
             let Ok(txn) = view.cluster.nodes[s.node].store.read() else {
@@ -245,6 +246,7 @@ impl Liveness {
             };
             let evicted = view.model.evictions.contains(&(room, u.uid));
             if view.wiped(m.home)
+                || view.room_lost(room, m.home)
                 || view.wiped(u.node)
                 || evicted
                 || !m.members.contains_key(&u.uid)
@@ -270,7 +272,8 @@ impl Liveness {
             let Some(home) = view.model.rooms.get(&s.room).map(|m| m.home) else {
                 continue;
             };
-            if !view.live(s.node) || view.wiped(home) || view.model.decided.contains(&s.key) {
+            let lost = view.wiped(home) || view.room_lost(s.room, home);
+            if !view.live(s.node) || lost || view.model.decided.contains(&s.key) {
                 continue;
             }
             let outcomes = view.cluster.outcomes(s.node, s.request);

@@ -140,8 +140,13 @@ impl View<'_> {
 
     /// Of the nodes holding `room`'s sequencer state and not lost for good,
     /// the one furthest on (its home without shards): what the room committed
-    /// is judged against it, a replica may lag behind.
+    /// is judged against it, a replica may lag behind. `None` if the room is
+    /// lost ([`View::room_lost`]).
     pub fn reference(&self, room: RoomId, home: usize) -> Option<usize> {
+        // Lost (a majority of its shard's disks): nothing left to judge against.
+        if self.room_lost(room, home) {
+            return None;
+        }
         let progress = |i: usize| {
             let txn = conclave_storage::Store::read(self.cluster.nodes[i].store.as_ref()).ok()?;
             let meta = conclave_actors::domain::state::rooms::meta(&*txn, room).ok()??;

@@ -670,14 +670,25 @@ impl Room {
             Some(member) if from == cx.node() => member.home,
             _ => from,
         };
-        let event = decide::evict(&*txn, &self.home(from, cx), &signer, user, attestation)?;
         if let Some(group) = self.shard_here(None, cx)? {
-            let Event::Evicted { link, .. } = event else {
-                return Err(Denial::malformed("an eviction that is none"));
+            // Decided when applied: this replica may not have applied yet what
+            // made the user a member. A link that no longer follows the head
+            // then is signed again there (see the replicas actor).
+            let (_, head) = rooms::chain_head(&*txn, self.room)?;
+            let link = super::chain::Link {
+                room: self.room,
+                prev: head,
+                by: super::chain::Signer::Node(cx.node()),
+                change: super::chain::Change::Evict {
+                    user,
+                    attestation: *attestation,
+                },
             };
+            let link = Box::new(SignedLink::sign(&signer, link));
             drop(txn);
             return self.take(shard::ShardCommand::Evict(link), from, None, group, cx);
         }
+        let event = decide::evict(&*txn, &self.home(from, cx), &signer, user, attestation)?;
         tracing::info!(room = ?self.room, ?user, "revoked member evicted");
         self.commit(event, txn, None, cx).map(|_| ())
     }
@@ -863,7 +874,10 @@ impl Room {
             epoch_frames_max: self.epoch_frames_max,
             history_page_frames: self.history_page_frames,
         };
-        shard::check(&*txn, &at, &entry)?;
+        // An eviction is judged only when applied (see `evict`).
+        if !matches!(entry.command, ShardCommand::Evict(_)) {
+            shard::check(&*txn, &at, &entry)?;
+        }
         let mut id = [0u8; 16];
         cx.rng().fill_bytes(&mut id);
         shard::owe(&mut *txn, ProposalId(id), group, &entry, reply)?;

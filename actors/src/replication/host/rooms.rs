@@ -33,13 +33,20 @@ pub struct Rooms {
     pub epoch_frames_max: u64,
     /// How many frames of history one page to a new member node holds.
     pub history_page_frames: usize,
+    /// This node's identity: as a room's home, it signs an eviction again
+    /// when another change took the chain's head first.
+    pub signer: Option<crate::identity::Identity>,
 }
 
 impl Rooms {
     /// From the domain's configuration, if rooms are on shard groups. Every
     /// replica must decide alike, so invitees are checked against the whole
     /// cluster (never against a node's own list of its peers).
-    pub fn new(config: &DomainConfig, sharding: Option<Sharding>) -> Option<Self> {
+    pub fn new(
+        config: &DomainConfig,
+        sharding: Option<Sharding>,
+        signer: Option<crate::identity::Identity>,
+    ) -> Option<Self> {
         let sharding = sharding?;
         let nodes = Some(Arc::new(sharding.nodes.iter().copied().collect()));
         Some(Rooms {
@@ -47,6 +54,7 @@ impl Rooms {
             nodes,
             epoch_frames_max: config.epoch_frames_max,
             history_page_frames: config.history_page_frames,
+            signer,
         })
     }
 }
@@ -66,6 +74,8 @@ pub(super) struct RoomsTurn {
     pub evict_again: Vec<(RoomId, UserId, SignatureBytes)>,
     /// Owed commands applied here (no longer tracked).
     pub settled: Vec<ProposalId>,
+    /// An eviction was owed again: the owed table is read at the next tick.
+    pub owed_again: bool,
     /// Users of this node, revoked here, that an entry made members of a room:
     /// the room has them evicted.
     pub revoked: Vec<(RoomId, UserId)>,
@@ -78,6 +88,7 @@ impl RoomsTurn {
         self.applied.extend(other.applied);
         self.evict_again.extend(other.evict_again);
         self.settled.extend(other.settled);
+        self.owed_again |= other.owed_again;
         self.revoked.extend(other.revoked);
     }
 }
@@ -148,13 +159,71 @@ pub(super) fn apply(
                 .record(now.saturating_since(created).as_secs_f64());
         }
         if let Some(again) = lost_race(&entry.data, &applied.outcome) {
-            turn.evict_again.push(again);
+            // In this transaction, so that a crash cannot lose it: the
+            // eviction, signed again on the chain head as it is now, is owed.
+            let again_id = again_id(ProposalId(id), entry.index);
+            match evict_again(txn, rooms, (me, now), group, again, again_id)? {
+                true => turn.owed_again = true,
+                false => turn.evict_again.push(again),
+            }
         }
         if let Some(to) = owed.reply {
             turn.answers.push((to, applied.outcome));
         }
     }
     Ok(turn)
+}
+
+/// The id of the eviction made again for the owed eviction `id` refused at
+/// `index`: unique, and the same on every run.
+fn again_id(id: ProposalId, index: u64) -> ProposalId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"conclave evict again")
+        .chain_update(id.0)
+        .chain_update(index.to_be_bytes())
+        .finalize();
+    let mut again = [0u8; 16];
+    again.copy_from_slice(&digest[..16]);
+    ProposalId(again)
+}
+
+/// Owes, as `id`, eviction `again` signed anew on the room's chain head (this
+/// node being its home); false if it cannot sign (no identity).
+fn evict_again(
+    txn: &mut dyn WriteTxn,
+    rooms: &Rooms,
+    (me, now): (NodeId, Time),
+    group: u64,
+    (room, user, attestation): (RoomId, UserId, SignatureBytes),
+    id: ProposalId,
+) -> Result<bool, ApplyError> {
+    let Some(signer) = rooms.signer.as_ref() else {
+        return Ok(false);
+    };
+    let Some(meta) = crate::domain::state::rooms::meta(&*txn, room)? else {
+        return Ok(true);
+    };
+    let (_, head) = crate::domain::state::rooms::chain_head(&*txn, room)?;
+    let link = crate::domain::chain::Link {
+        room,
+        prev: head,
+        by: crate::domain::chain::Signer::Node(me),
+        change: Change::Evict { user, attestation },
+    };
+    let entry = ShardEntry {
+        room,
+        at: now,
+        proposer: me,
+        // The member's node, whose word the attestation is.
+        via: crate::domain::state::rooms::member(&*txn, room, user)?.map_or(meta.home, |m| m.home),
+        users: Vec::new(),
+        command: ShardCommand::Evict(Box::new(crate::domain::chain::SignedLink::sign(
+            signer, link,
+        ))),
+    };
+    shard::owe(txn, id, group, &entry, None).map_err(ApplyError)?;
+    Ok(true)
 }
 
 /// An eviction refused because another change took the chain's head first:

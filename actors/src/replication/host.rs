@@ -117,9 +117,10 @@ pub struct Replicas {
     /// Owed room commands a client waits for that could not be proposed yet
     /// (no leader known), and since when (in ticks).
     unproposed: BTreeMap<ProposalId, u64>,
-    /// The owed table could not be read at activation: every owed command may
-    /// have been proposed before, so none is refused.
-    all_tried: bool,
+    /// Not read since activation: every command the owed table holds at its
+    /// first read may have been proposed before a restart, so none of them is
+    /// refused (the first read, which covers the whole table, counts them tried).
+    restarted: bool,
     /// Whether some owed command may not be waited on (new, given up on, or
     /// from before a restart): the owed table is read again at the next tick.
     owed_due: bool,
@@ -185,10 +186,9 @@ impl Replicas {
             rooms,
             tried: Default::default(),
             unproposed: BTreeMap::new(),
-            all_tried: false,
+            restarted: true,
             owed_due: true,
         };
-        replicas.tried_before(cx);
         replicas.open(cx);
         Some(replicas)
     }
@@ -197,23 +197,6 @@ impl Replicas {
     /// is left out, reported and counted, and repaired at the next turn
     /// ([`Replicas::repair`]); one that cannot be opened otherwise is tried again
     /// at the next tick.
-    /// Every command owed at activation may have been proposed before.
-    fn tried_before<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
-        if self.rooms.is_none() {
-            return;
-        }
-        let owed = cx.store().read().and_then(|txn| {
-            crate::domain::room::shard::owed(&*txn, crate::domain::room::shard::OWED_MAX as usize)
-        });
-        match owed {
-            Ok(owed) => self.tried.extend(owed.into_iter().map(|(id, _)| id)),
-            Err(error) => {
-                tracing::error!(%error, "replicas: owed commands cannot be read at activation; none of them is refused");
-                self.all_tried = true;
-            }
-        }
-    }
-
     fn open<S: System<Msg = Msg>>(&mut self, cx: &mut Context<'_, S>) {
         let groups = self.config.groups_of(&self.nodes, cx.node());
         self.groups.clear();

@@ -281,12 +281,15 @@ impl Replicas {
         let me = cx.node();
         // More are owed than were read: the rest at the next tick.
         self.owed_due |= rows.len() >= PENDING_PROPOSALS_MAX;
+        if std::mem::take(&mut self.restarted) {
+            self.tried.extend(rows.iter().map(|(id, _)| *id));
+        }
         let mut refused = BTreeMap::new();
         for (id, owed) in rows {
             if self.pending.contains_key(&id) {
                 continue;
             }
-            let fresh = !self.all_tried && !self.tried.contains(&id);
+            let fresh = !self.tried.contains(&id);
             // Broken on purpose under the mutations: a lost proposal is not
             // made again; one proposed before is refused like a fresh one.
             if !fresh && mutation::active(Mutation::ShardForgetsOwed) {
